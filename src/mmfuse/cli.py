@@ -1,0 +1,300 @@
+"""The ``mmfuse`` command: one subcommand per verb, each a plain function over the library.
+
+Flags are generated from the config dataclasses (one group per dataclass), so ``--help`` always matches them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import logging
+import os
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from .config import PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .errors import MmfuseError
+
+log = logging.getLogger("mmfuse")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The one-line docstrings written under each dataclass field (Python keeps them only in the source)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev.target.id] = str(node.value.value)
+    return docs
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field; unset flags stay absent from the namespace so presets and YAML can fill them."""
+    group = parser.add_argument_group(title)
+    docs = field_docs(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if kind == "bool":
+            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)
+        elif kind.startswith("list"):
+            group.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_)
+        else:
+            typ = int if kind.startswith("int") else float if kind.startswith("float") else str
+            group.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
+
+
+def given(args: argparse.Namespace, cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """Config from (lowest first): defaults, --config YAML, --preset, explicit flags."""
+    base = RunConfig.from_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    model = {**vars(base.model), **PRESETS.get(getattr(args, "preset", None) or "", {}), **given(args, ModelConfig)}
+    data = {**vars(base.data), **given(args, DataConfig)}
+    train = {**vars(base.train), **given(args, TrainConfig)}
+    if "tune" in given(args, TrainConfig) and base.train.tune != train["tune"]:
+        # epochs/lr defaults depend on --tune: re-derive them unless the user set them.
+        for key in ("epochs", "lr"):
+            if key not in given(args, TrainConfig):
+                train[key] = None
+    return RunConfig(DataConfig(**data), ModelConfig(**model), TrainConfig(**train))
+
+
+def _training_flags(p: argparse.ArgumentParser, skip_data: tuple[str, ...] = ("train",)) -> None:
+    p.add_argument("--config", help="a config.yaml (e.g. from an earlier run) to start from; flags override it")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="seed: the reference towers, google/vit-base-patch16-224-in21k + roberta-base cut to 8 "
+        "layers (needs the hub or local copies; pass local directories with --vision/--text)",
+    )
+    add_dataclass_flags(p, DataConfig, "data", skip=skip_data)
+    add_dataclass_flags(p, ModelConfig, "model")
+    add_dataclass_flags(p, TrainConfig, "training")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verbs
+
+
+def cmd_train(args) -> int:
+    from .train import fit
+
+    cfg = run_config(args)
+    cfg.data.train = args.data
+    result = fit(cfg, args.out)
+    if result is not None:
+        print_summary({"validation": result["val"]}, f"trained {args.out} (best epoch {result['best_epoch']})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .predict import evaluate_file
+
+    report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad)
+    print_report(report)
+    out = args.out or Path(args.run) / "eval"
+    print(f"wrote {out}/metrics.json, confusion_matrix.csv and confusion_matrix.png")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_file
+
+    path = predict_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from .ablate import ablate
+
+    cfg = run_config(args)
+    cfg.data.train = args.data
+    results = ablate(cfg, args.out, test=args.test, test_captions=args.test_captions)
+    print_summary(results, f"modality ablation ({next(iter(results.values()))['evaluated_on']})")
+    print(f"wrote {args.out}/ablation.json and ablation.png")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import quickstart
+
+    results = quickstart(args.out, rebuild_data=args.rebuild_data)
+    print_summary(results, "emoji quickstart: test split, 9 classes")
+    print(f"wrote the fusion run to {args.out}, the ablation to {args.out}/ablation.json and ablation.png")
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .datasets.emoji import build_emoji
+
+    out = build_emoji(args.out, seed=args.seed)
+    print(f"wrote {out}/train.csv, val.csv, test.csv and images/")
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from .captioning import caption_file
+
+    path = caption_file(
+        args.data,
+        args.out,
+        model=args.model,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        skip_bad=args.skip_bad,
+        device=args.device,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def print_summary(results: dict[str, dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("", "accuracy", "weighted F1", "macro F1"):
+        table.add_column(col, justify="right" if col else "left")
+    for name, r in results.items():
+        table.add_row(name, f"{r['accuracy']:.4f}", f"{r['weighted_f1']:.4f}", f"{r['macro_f1']:.4f}")
+    Console().print(table)
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"evaluation on {report['n']} rows")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, r in report["per_class"].items():
+        table.add_row(name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"]))
+    table.add_section()
+    for key in ("accuracy", "weighted_f1", "macro_f1"):
+        table.add_row(key.replace("_", " "), "", "", f"{report[key]:.4f}", "")
+    Console().print(table)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmfuse", description="Image+text classifiers from fused pretrained towers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser(
+        "train",
+        help="train a classifier on a folder or manifest",
+        formatter_class=fmt,
+        description="Train a classifier. Defaults suit a CPU: frozen offline towers "
+        "(efficientnet-lite0 + minilm) with cached features and a head trained on them (--tune head); "
+        "--tune all fine-tunes both towers as the reference does, which wants a GPU.",
+    )
+    p.add_argument("data", help="training data: folder ROOT/<label>/<images> or .csv/.jsonl/.parquet manifest")
+    p.add_argument("--out", required=True, help="run directory to write")
+    _training_flags(p)
+    p.set_defaults(fn=cmd_train)
+
+    for verb, fn, helptext in (
+        ("evaluate", cmd_evaluate, "score a run on labelled data"),
+        ("predict", cmd_predict, "predict labels for (unlabelled) data"),
+    ):
+        p = sub.add_parser(verb, help=helptext, formatter_class=fmt)
+        p.add_argument("run", help="run directory made by mmfuse train")
+        p.add_argument("data", help="folder or manifest")
+        if verb == "evaluate":
+            p.add_argument("--out", help="directory for metrics.json and the confusion matrix (default RUN/eval)")
+        else:
+            p.add_argument("--out", required=True, help="predictions CSV to write")
+        p.add_argument("--captions", help="captions CSV (image,text) for folder data")
+        p.add_argument(
+            "--skip-bad", action="store_true", help="skip bad rows (listed beside the output) instead of stopping"
+        )
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("ablate", help="image-only vs text-only vs fusion on the same split", formatter_class=fmt)
+    p.add_argument("data", help="training data (folder or manifest)")
+    p.add_argument("--out", required=True, help="directory for the three runs, ablation.json and ablation.png")
+    p.add_argument("--test", help="held-out data to score the three runs on (default: the validation split)")
+    p.add_argument("--test-captions", help="captions CSV for a --test folder")
+    _training_flags(p)
+    p.set_defaults(fn=cmd_ablate)
+
+    p = sub.add_parser("quickstart", help="train and ablate on the built-in emoji data (offline)", formatter_class=fmt)
+    p.add_argument("--out", default="runs/quickstart", help="run directory")
+    p.add_argument("--rebuild-data", action="store_true", help="re-render the emoji dataset")
+    p.set_defaults(fn=cmd_quickstart)
+
+    p = sub.add_parser("datasets", help="export a built-in dataset as manifests plus images", formatter_class=fmt)
+    p.add_argument("name", choices=["emoji"])
+    p.add_argument("--out", required=True, help="directory to write train.csv, val.csv, test.csv and images/")
+    p.add_argument("--seed", type=int, default=0, help="seed of the 70/15/15 stratified split")
+    p.set_defaults(fn=cmd_datasets)
+
+    from .captioning import DEFAULT_CAPTIONER, packaged_captioners
+
+    p = sub.add_parser(
+        "caption",
+        help="caption images into a CSV usable as --captions (resumable)",
+        formatter_class=fmt,
+        description="Caption every image of a folder (searched recursively) or "
+        "manifest. Rows are flushed after every batch; a rerun skips images already captioned.",
+    )
+    p.add_argument("data", help="folder of images (searched recursively) or a .csv/.jsonl/.parquet manifest")
+    p.add_argument("--out", required=True, help="captions CSV (image,text,...) to write or resume")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_CAPTIONER,
+        help="Hugging Face image-to-text model (hub id or local "
+        f"directory: ViT-GPT2, BLIP), or an offline captioner: {', '.join(packaged_captioners())}",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="longest caption, in tokens")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy, the fast path)")
+    p.add_argument("--device", help="torch device, e.g. cuda:1 or cpu (None: cuda when available)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad images and images the model gives no text (listed in OUT.skipped.csv) instead of stopping",
+    )
+    p.set_defaults(fn=cmd_caption)
+    return parser
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    quiet_libraries()
+    try:
+        return args.fn(args)
+    except MmfuseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Typed configs, one per concern. YAML is only their file format: a run directory's ``config.yaml``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import MmfuseError
+from .fusion import head_names
+from .towers import POOLINGS
+
+MODALITIES = ("image", "text")
+PRESETS = {
+    # The reference design: ViT-B/16 (in21k) + RoBERTa-base cut to 8 layers, CLS pooling on both.
+    "seed": {
+        "vision": "google/vit-base-patch16-224-in21k",
+        "text": "roberta-base",
+        "text_layers": 8,
+        "vision_pooling": "cls",
+        "text_pooling": "cls",
+    },
+}
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    """Training data: a folder ROOT/<label>/<images> or a .csv/.jsonl/.parquet manifest."""
+    val: str | None = None
+    """Validation data in the same forms; without it, a stratified slice of train is held out."""
+    captions: str | None = None
+    """For folder data: a CSV with columns image,text (image relative to the folder, or a unique file name)."""
+    val_captions: str | None = None
+    """Captions CSV for a folder given as --val (defaults to --captions)."""
+    val_split: float = 0.15
+    """Fraction of train held out for validation when no --val is given."""
+    skip_bad: bool = False
+    """Skip bad rows (recorded in RUN/skipped.csv) instead of stopping with an error that lists them."""
+    caption_missing: str | None = None
+    """Captioner for rows without text (e.g. imagenet-tags); captions are cached in the run."""
+    num_workers: int = 0
+    """DataLoader worker processes for image decoding when towers are tuned (0: in the main process)."""
+
+    def __post_init__(self):
+        if not 0.0 < self.val_split < 0.9:
+            raise MmfuseError(f"--val-split must be between 0 and 0.9, got {self.val_split}")
+        if self.num_workers < 0:
+            raise MmfuseError("--num-workers must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    vision: str = "efficientnet-lite0"
+    """Vision tower: a packaged name (efficientnet-lite0, efficientnet-lite2), a hub id or a local directory."""
+    text: str = "minilm"
+    """Text tower: minilm (packaged), a hub id or a local directory."""
+    vision_pooling: str = "cls"
+    """cls (CLS token, or the model's pooler for CNNs) or mean."""
+    text_pooling: str | None = None
+    """cls or mean; default mean for minilm (its native pooling), cls otherwise."""
+    text_layers: int | None = None
+    """Keep only the first N encoder layers of the text tower (the reference keeps 8 of RoBERTa's 12)."""
+    max_length: int = 128
+    """Maximum text length in tokens."""
+    fusion: str = "concat"
+    """Fusion head: concat (the reference), gated or attention."""
+    hidden: int = 256
+    """Width of the head's hidden layer."""
+    dropout: float = 0.5
+    """Dropout before the classifier layer."""
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    """Which modalities the model uses: image, text or both (the ablation trains each)."""
+    modality_dropout: float = 0.0
+    """Probability of blanking one modality per training sample, so the model copes when one is missing."""
+    trust_remote_code: bool = False
+    """Allow hub models that ship their own code. Off unless asked: it runs code from the model repository."""
+
+    def __post_init__(self):
+        if self.vision_pooling not in POOLINGS or (self.text_pooling and self.text_pooling not in POOLINGS):
+            raise MmfuseError(f"pooling must be one of {POOLINGS}")
+        if self.fusion not in head_names():
+            raise MmfuseError(f"--fusion must be one of {head_names()}, got {self.fusion!r}")
+        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
+            raise MmfuseError(f"modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise MmfuseError("--modality-dropout must be in [0, 1)")
+        if self.text_layers is not None and self.text_layers < 1:
+            raise MmfuseError("--text-layers must be >= 1")
+        if self.max_length < 2:
+            raise MmfuseError("--max-length must be >= 2")
+
+
+@dataclass
+class TrainConfig:
+    tune: str = "head"
+    """head: train the fusion head on frozen, cached tower features (fast on CPU); all: fine-tune both towers."""
+    epochs: int | None = None
+    """Epochs; default 8 with --tune all (the reference), 40 with --tune head (each epoch costs milliseconds)."""
+    batch_size: int = 16
+    """Batch size per process."""
+    lr: float | None = None
+    """Peak learning rate; default 1e-4 with --tune all (the reference), 1e-3 for a head on frozen features."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps spent warming the learning rate up, before cosine decay."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0 turns clipping off)."""
+    seed: int = 0
+    """Seed for the split, initialisation and shuffling."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), no, bf16 or fp16."""
+    compile: bool = False
+    """torch.compile the model (GPU; pays a compile once)."""
+
+    def __post_init__(self):
+        if self.tune not in ("head", "all"):
+            raise MmfuseError(f"--tune must be head or all, got {self.tune!r}")
+        if self.epochs is None:
+            self.epochs = 8 if self.tune == "all" else 40
+        if self.lr is None:
+            self.lr = 1e-4 if self.tune == "all" else 1e-3
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise MmfuseError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise MmfuseError("--mixed-precision must be auto, no, bf16 or fp16")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_yaml(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> RunConfig:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        parts = {}
+        for f in fields(cls):
+            sub = raw.get(f.name) or {}
+            known = {x.name for x in fields(f.default_factory())}
+            unknown = set(sub) - known
+            if unknown:
+                raise MmfuseError(f"{path}: unknown keys in '{f.name}': {sorted(unknown)}")
+            parts[f.name] = type(f.default_factory())(**sub)
+        return cls(**parts)

@@ -1,0 +1,254 @@
+"""Reading user data into records, and checking every row before any work starts.
+
+Two layouts:
+
+- a folder ``ROOT/<label>/<image files>`` (labels from sub-folder names; a flat folder of images is unlabeled),
+  with text from a captions CSV (columns ``image``, ``text``) matched by relative path or unique file name;
+- a manifest ``.csv``, ``.jsonl`` or ``.parquet`` with columns ``image``, ``text`` and (optionally) ``label``,
+  image paths relative to the manifest's folder or absolute.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, MmfuseError
+from .images import IMAGE_SUFFIXES, MAX_PIXELS, check_image
+
+log = logging.getLogger(__name__)
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+# Lone surrogates are what surrogateescape turns undecodable bytes into: their presence means "not UTF-8".
+_SURROGATES = {chr(c) for c in range(0xDC80, 0xDD00)}
+
+
+@dataclass
+class Record:
+    image: Path
+    text: str
+    label: str | None
+    row: int
+    """Where the row came from: the manifest's 1-based data row, or the file's position in a folder listing."""
+    source: str
+    """The image as the user wrote it (relative path), for reports and predictions."""
+
+
+@dataclass
+class Problem:
+    row: int
+    image: str
+    reason: str
+
+
+def _is_not_utf8(value: str) -> bool:
+    return any(ch in _SURROGATES for ch in value)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """Reads a manifest as strings; text that is not UTF-8 survives as surrogates so each row can be reported."""
+    try:
+        if path.suffix == ".csv":
+            return pd.read_csv(
+                path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="surrogateescape"
+            )
+        if path.suffix == ".jsonl":
+            rows = []
+            for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    rows.append(json.loads(raw.decode("utf-8", errors="surrogateescape")))
+                except json.JSONDecodeError as e:
+                    raise MmfuseError(f"{path}: line {n} is not valid JSON ({e})") from None
+            return pd.DataFrame(rows).astype(object)
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+            for col in df.columns:
+                df[col] = df[col].map(
+                    lambda v: v.decode("utf-8", errors="surrogateescape") if isinstance(v, bytes) else v
+                )
+            return df
+    except (pd.errors.ParserError, OSError, ValueError) as e:
+        raise MmfuseError(f"Could not read manifest {path}: {e}") from None
+    raise MmfuseError(f"{path}: manifests must be {', '.join(MANIFEST_SUFFIXES)}")
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _require_columns(df: pd.DataFrame, path: Path, needed: list[str]) -> None:
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise MmfuseError(
+            f"{path} is missing column(s) {missing}; it has {list(df.columns)}. "
+            "Manifests need columns image, text and label (label is optional for predict)."
+        )
+
+
+def read_manifest(path: Path, need_label: bool) -> list[Record]:
+    df = _read_table(path)
+    _require_columns(df, path, ["image", "text"] + (["label"] if need_label else []))
+    has_label = "label" in df.columns
+    records = []
+    for i, row in enumerate(df.to_dict("records"), start=1):
+        source = _cell(row["image"])
+        image = Path(source) if Path(source).is_absolute() else path.parent / source
+        label = _cell(row["label"]).strip() if has_label else None
+        records.append(Record(image, _cell(row["text"]), label or None, i, source))
+    return records
+
+
+def read_captions(path: Path) -> dict[str, str]:
+    """A captions CSV as {relative path or file name: text}."""
+    df = _read_table(Path(path))
+    _require_columns(df, Path(path), ["image", "text"])
+    return {_cell(r["image"]).replace("\\", "/").lstrip("./"): _cell(r["text"]) for r in df.to_dict("records")}
+
+
+def read_folder(root: Path, captions: dict[str, str] | None) -> tuple[list[Record], list[Problem]]:
+    """ROOT/<label>/<images> (labelled) or ROOT/<images> (unlabeled)."""
+    problems: list[Problem] = []
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    groups = [(d.name, sorted(p for p in d.rglob("*") if p.is_file())) for d in subdirs] or [
+        (None, sorted(p for p in root.iterdir() if p.is_file()))
+    ]
+    files, ignored = [], []
+    for label, paths in groups:
+        images = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES]
+        ignored += [p for p in paths if p.suffix.lower() not in IMAGE_SUFFIXES and not p.name.startswith(".")]
+        if label is not None and not images:
+            problems.append(Problem(0, f"{label}/", f"class '{label}' has no images"))
+        files += [(label, p) for p in images]
+    if ignored:
+        log.warning(
+            "ignored %d file(s) that are not images (%s), e.g. %s",
+            len(ignored),
+            ", ".join(sorted(IMAGE_SUFFIXES)),
+            ignored[0],
+        )
+    if not files and not problems:
+        raise MmfuseError(f"No images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
+    by_name = Counter(p.name for _, p in files)
+    records = []
+    for i, (label, p) in enumerate(files, start=1):
+        rel = p.relative_to(root).as_posix()
+        text = ""
+        if captions is not None:
+            text = captions.get(rel, captions.get(p.name, "") if by_name[p.name] == 1 else "")
+        records.append(Record(p, text, label, i, rel))
+    return records, problems
+
+
+def read_data(path: str | Path, captions: str | Path | None = None, need_label: bool = True):
+    """Reads a folder or manifest into records, plus problems found while listing (empty classes)."""
+    path = Path(path)
+    if not path.exists():
+        raise MmfuseError(f"Data not found: {path}")
+    if path.is_dir():
+        return read_folder(path, read_captions(Path(captions)) if captions else None)
+    if captions:
+        raise MmfuseError("--captions is for folder data; a manifest carries its own text column.")
+    if path.suffix not in MANIFEST_SUFFIXES:
+        raise MmfuseError(f"{path}: expected a folder or a manifest ending in {', '.join(MANIFEST_SUFFIXES)}")
+    return read_manifest(path, need_label), []
+
+
+def find_problems(
+    records: list[Record],
+    *,
+    labels: list[str] | None = None,
+    need_label: bool = True,
+    need_text: bool = True,
+    max_pixels: int = MAX_PIXELS,
+    workers: int = 4,
+) -> list[Problem]:
+    """Checks every row in one pass: image readable and sane in size, text present and UTF-8, label known."""
+    known = set(labels) if labels is not None else None
+    problems = []
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
+        image_reasons = list(pool.map(lambda r: check_image(r.image, max_pixels), records))
+    for rec, image_reason in zip(records, image_reasons):
+        if image_reason:
+            problems.append(Problem(rec.row, rec.source, image_reason))
+        if _is_not_utf8(rec.text):
+            problems.append(Problem(rec.row, rec.source, "text is not valid UTF-8"))
+        elif need_text and not rec.text.strip():
+            problems.append(Problem(rec.row, rec.source, "no text"))
+        if need_label and not rec.label:
+            problems.append(Problem(rec.row, rec.source, "no label"))
+        elif rec.label and known is not None and rec.label not in known:
+            problems.append(
+                Problem(
+                    rec.row, rec.source, f"unknown label '{rec.label}' (the model knows: {', '.join(sorted(known))})"
+                )
+            )
+    return problems
+
+
+def load_checked(
+    path: str | Path,
+    *,
+    captions=None,
+    labels=None,
+    need_label=True,
+    need_text=True,
+    skip_bad=False,
+    skipped_csv: Path | None = None,
+) -> list[Record]:
+    """Reads and checks data; raises one DataError listing every bad row, or skips and records them."""
+    records, problems = read_data(path, captions, need_label)
+    problems += find_problems(records, labels=labels, need_label=need_label, need_text=need_text)
+    if problems and not skip_bad:
+        raise DataError([(p.row, p.image, p.reason) for p in problems], str(path))
+    if problems:
+        bad_rows = {p.row for p in problems}
+        records = [r for r in records if r.row not in bad_rows]
+        if skipped_csv is not None:
+            write_skipped(skipped_csv, problems, str(path))
+        log.warning(
+            "skipped %d bad row(s) of %s%s", len(bad_rows), path, f", listed in {skipped_csv}" if skipped_csv else ""
+        )
+    if not records:
+        raise MmfuseError(f"No usable rows left in {path}.")
+    return records
+
+
+def write_skipped(path: Path, problems: list[Problem], source: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["source", "row", "image", "reason"])
+        w.writerows([source, p.row, p.image, p.reason] for p in problems)
+
+
+def label_list(records: list[Record]) -> list[str]:
+    return sorted({r.label for r in records if r.label})
+
+
+def stratified_split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Holds out about ``fraction`` of each class; classes with a single row stay in train."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[Record]] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    train, val = [], []
+    for label in sorted(by_label):
+        group = by_label[label]
+        order = rng.permutation(len(group))
+        n_val = 0 if len(group) < 2 else max(1, int(round(len(group) * fraction)))
+        val += [group[i] for i in order[:n_val]]
+        train += [group[i] for i in order[n_val:]]
+    return sorted(train, key=lambda r: r.row), sorted(val, key=lambda r: r.row)

@@ -1,0 +1,85 @@
+"""Fusion heads: turn one pooled vector per modality into class logits.
+
+Every head normalises each modality on its own first (LayerNorm). Raw concatenation lets the wider or larger-valued
+modality swamp the other: on the emoji data, 1280-d image features drowned 384-d text features (shared/QUALITY.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_HEADS: dict[str, type[nn.Module]] = {}
+
+
+def register_head(name: str):
+    def wrap(cls):
+        _HEADS[name] = cls
+        return cls
+
+    return wrap
+
+
+def head_names() -> list[str]:
+    return sorted(_HEADS)
+
+
+def build_head(name: str, dims: list[int], num_classes: int, hidden: int = 256, dropout: float = 0.5) -> nn.Module:
+    return _HEADS[name](dims, num_classes, hidden, dropout)
+
+
+@register_head("concat")
+class ConcatHead(nn.Module):
+    """The reference design: concatenate, Linear(hidden), ReLU, Dropout, Linear(classes)."""
+
+    def __init__(self, dims: list[int], num_classes: int, hidden: int, dropout: float):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+        self.mlp = nn.Sequential(
+            nn.Linear(sum(dims), hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.mlp(torch.cat([n(f) for n, f in zip(self.norms, feats)], dim=-1))
+
+
+@register_head("gated")
+class GatedHead(nn.Module):
+    """A gated multimodal unit: each modality is projected, and a learned per-sample gate mixes them."""
+
+    def __init__(self, dims: list[int], num_classes: int, hidden: int, dropout: float):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+        self.projs = nn.ModuleList(nn.Linear(d, hidden) for d in dims)
+        self.gate = nn.Linear(sum(dims), len(dims) * hidden)
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.n, self.hidden = len(dims), hidden
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        normed = [n(f) for n, f in zip(self.norms, feats)]
+        h = torch.stack([torch.tanh(p(f)) for p, f in zip(self.projs, normed)], dim=1)  # B, M, H
+        g = self.gate(torch.cat(normed, dim=-1)).view(-1, self.n, self.hidden).softmax(dim=1)
+        return self.out((g * h).sum(1))
+
+
+@register_head("attention")
+class AttentionHead(nn.Module):
+    """A small transformer over one token per modality plus a learned CLS token."""
+
+    def __init__(self, dims: list[int], num_classes: int, hidden: int, dropout: float, heads: int = 4):
+        super().__init__()
+        self.projs = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden)) for d in dims)
+        self.modality = nn.Parameter(torch.zeros(len(dims), hidden))
+        self.cls = nn.Parameter(torch.zeros(1, 1, hidden))
+        nn.init.normal_(self.modality, std=0.02)
+        nn.init.normal_(self.cls, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            hidden, heads, dim_feedforward=2 * hidden, dropout=0.1, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        tokens = torch.stack([p(f) for p, f in zip(self.projs, feats)], dim=1) + self.modality
+        tokens = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return self.out(self.encoder(tokens)[:, 0])

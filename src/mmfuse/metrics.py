@@ -1,0 +1,121 @@
+"""Metrics as pure functions over arrays (scikit-learn), and the files and plots made from them."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+
+def summary(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Accuracy, weighted F1 and macro F1: the numbers compared everywhere."""
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "weighted_f1": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def full_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
+    """The summary plus per-class precision/recall/F1/support and the confusion matrix (rows: true)."""
+    idx = list(range(len(labels)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
+    report = summary(y_true, y_pred)
+    report["n"] = int(len(y_true))
+    report["per_class"] = {
+        name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, name in enumerate(labels)
+    }
+    report["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=idx).tolist()
+    report["labels"] = labels
+    return report
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    """metrics.json, confusion_matrix.csv and confusion_matrix.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    labels, cm = report["labels"], report["confusion_matrix"]
+    with open(out_dir / "confusion_matrix.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *labels])
+        w.writerows([labels[i], *row] for i, row in enumerate(cm))
+    plot_confusion(np.array(cm), labels, out_dir / "confusion_matrix.png")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never open a window, never need a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(cm: np.ndarray, labels: list[str], path: Path) -> None:
+    plt = _plt()
+    size = max(4.0, 0.45 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    if len(labels) <= 30:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                if cm[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [h["train_loss"] for h in history], label="train")
+    a.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    a.set_xlabel("epoch")
+    a.set_ylabel("cross-entropy")
+    a.legend()
+    b.plot(epochs, [h["val_weighted_f1"] for h in history], label="weighted F1")
+    b.plot(epochs, [h["val_accuracy"] for h in history], label="accuracy")
+    b.set_xlabel("epoch")
+    b.set_ylim(0, 1)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(results: dict[str, dict], path: Path, title: str = "modality ablation") -> None:
+    plt = _plt()
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    x = np.arange(len(names))
+    for k, metric in enumerate(("accuracy", "weighted_f1")):
+        vals = [results[n][metric] for n in names]
+        bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=metric.replace("_", " "))
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.08)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""Loading a run directory and predicting: the Python API (``mmfuse.load``) and the predict/evaluate verbs."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from . import metrics
+from .data import Record, load_checked
+from .errors import MmfuseError
+from .features import FeatureCache, make_dataset
+from .images import load_image, to_rgb
+from .model import load_model
+
+
+@dataclass
+class Prediction:
+    labels: list[str]
+    """The predicted class of each input."""
+    probs: np.ndarray
+    """(N, classes) softmax probabilities, columns in ``classes`` order."""
+    classes: list[str]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(axis=1)
+
+
+class Predictor:
+    """A trained model loaded from its run directory, with no network."""
+
+    def __init__(self, run_dir: str | Path, device: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.model, self.cfg, self.classes = load_model(self.run_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+
+    @property
+    def accepts_missing_text(self) -> bool:
+        """Only a model trained with modality dropout has learned what to do when the text is absent."""
+        return "text" not in self.model.modalities or self.cfg.model.modality_dropout > 0
+
+    def _check_texts(self, texts: Sequence[str]) -> None:
+        empty = [i for i, t in enumerate(texts) if not (t or "").strip()]
+        if empty and "text" in self.model.modalities and not self.accepts_missing_text:
+            raise MmfuseError(
+                f"{len(empty)} input(s) have no text (first: #{empty[0]}), and this model was trained without "
+                "--modality-dropout, so it cannot predict without text. Give every image its text, caption the "
+                "images (mmfuse caption, or --caption-missing), or retrain with --modality-dropout 0.2."
+            )
+
+    @torch.inference_mode()
+    def predict(
+        self, images: Sequence[str | Path | Image.Image], texts: Sequence[str] | None = None, batch_size: int = 32
+    ) -> Prediction:
+        """Classifies image+text pairs.
+
+        Args:
+            images: file paths or PIL images.
+            texts: one string per image; empty strings only for models trained with modality dropout.
+        """
+        texts = list(texts) if texts is not None else [""] * len(images)
+        if len(texts) != len(images):
+            raise MmfuseError(f"got {len(images)} images but {len(texts)} texts")
+        self._check_texts(texts)
+        out = []
+        for s in range(0, len(images), batch_size):
+            imgs = [to_rgb(im) if isinstance(im, Image.Image) else load_image(im) for im in images[s : s + batch_size]]
+            txt = texts[s : s + batch_size]
+            batch = {
+                "present": torch.tensor(
+                    [[True if m == "image" else bool(t.strip()) for m in self.model.modalities] for t in txt],
+                    device=self.device,
+                )
+            }
+            for m, tower in self.model.towers.items():
+                batch[m] = {k: v.to(self.device) for k, v in tower.preprocess(imgs if m == "image" else txt).items()}
+            out.append(self.model(**batch).float().softmax(-1).cpu().numpy())
+        probs = np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+        return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
+
+    def predict_records(self, records: list[Record], batch_size: int = 64, show: bool = True) -> np.ndarray:
+        """Probabilities for checked records, through the feature cache when the towers were frozen."""
+        self._check_texts([r.text for r in records])
+        frozen = self.cfg.train.tune == "head"
+        ds, collate = make_dataset(
+            self.model, records, None, frozen, FeatureCache() if frozen else None, self.device, show
+        )
+        probs = []
+        with torch.inference_mode():
+            for batch in DataLoader(ds, batch_size, collate_fn=collate):
+                batch = {
+                    k: ({kk: vv.to(self.device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(self.device))
+                    for k, v in batch.items()
+                }
+                probs.append(self.model(**batch).float().softmax(-1).cpu().numpy())
+        return np.concatenate(probs)
+
+    def load_data(self, data, captions=None, need_label=False, skip_bad=False, skipped_csv=None) -> list[Record]:
+        records = load_checked(
+            data,
+            captions=captions,
+            labels=self.classes,
+            need_label=need_label,
+            need_text=not (self.accepts_missing_text or self.cfg.data.caption_missing),
+            skip_bad=skip_bad,
+            skipped_csv=skipped_csv,
+        )
+        if self.cfg.data.caption_missing and any(not r.text.strip() for r in records):
+            from .captioning import fill_missing_captions
+
+            records = fill_missing_captions(records, self.cfg.data.caption_missing, self.run_dir / "captions.csv")
+        return records
+
+
+def load(run_dir: str | Path, device: str | None = None) -> Predictor:
+    """Loads a run directory for prediction: ``mmfuse.load(RUN).predict(images, texts)``."""
+    return Predictor(run_dir, device)
+
+
+def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False) -> Path:
+    """Writes one row per input image, in input order: image, label, confidence, p_<class>..."""
+    predictor = Predictor(run_dir)
+    out_csv = Path(out_csv)
+    skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
+    skipped.unlink(missing_ok=True)
+    records = predictor.load_data(data, captions, skip_bad=skip_bad, skipped_csv=skipped)
+    probs = predictor.predict_records(records)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_csv, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "confidence", *(f"p_{c}" for c in predictor.classes)])
+        for rec, p in zip(records, probs):
+            w.writerow([rec.source, predictor.classes[int(p.argmax())], f"{p.max():.6f}", *(f"{x:.6f}" for x in p)])
+    return out_csv
+
+
+def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False) -> dict:
+    """Scores a run on labelled data; writes metrics.json and the confusion matrix (CSV, PNG) to ``out_dir``."""
+    predictor = Predictor(run_dir)
+    out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
+    (out_dir / "skipped.csv").unlink(missing_ok=True)
+    records = predictor.load_data(
+        data, captions, need_label=True, skip_bad=skip_bad, skipped_csv=out_dir / "skipped.csv"
+    )
+    probs = predictor.predict_records(records)
+    index = {c: i for i, c in enumerate(predictor.classes)}
+    y = np.array([index[r.label] for r in records])
+    report = metrics.full_report(y, probs.argmax(1), predictor.classes)
+    metrics.write_report(report, out_dir)
+    return report

@@ -1,0 +1,224 @@
+"""Training: one explicit loop on Hugging Face Accelerate, the same code on CPU, one GPU or many.
+
+    mmfuse train DATA --out RUN                                   # CPU or one GPU
+    accelerate launch --num_processes 4 -m mmfuse train DATA --out RUN --tune all   # 4 GPUs, one node
+    accelerate launch --cpu --num_processes 2 -m mmfuse train DATA --out RUN        # 2 CPU processes (gloo)
+
+Accelerate handles device placement, mixed precision, backward and gathering; everything else is in ``fit``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import metrics
+from .config import RunConfig
+from .data import Record, label_list, load_checked, stratified_split
+from .errors import MmfuseError
+from .features import FeatureCache, make_dataset
+from .model import MultimodalClassifier, build_model, save_model
+
+log = logging.getLogger(__name__)
+LOSS_EVERY = 25  # read the loss back to the host only this often: each read is a device sync
+
+
+def make_accelerator(mixed_precision: str = "auto", tune_towers: bool = False) -> Accelerator:
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # Fine-tuned towers carry poolers that CLS pooling never uses; DDP must be told to expect them idle.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=tune_towers)
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp])
+
+
+def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], list[str]]:
+    """Train and validation records, checked; bad rows stop here, or are skipped into RUN/skipped.csv."""
+    d = cfg.data
+    need_text = cfg.model.modality_dropout == 0 and "text" in cfg.model.modalities and not d.caption_missing
+    common = {"need_text": need_text, "skip_bad": d.skip_bad, "skipped_csv": out / "skipped.csv"}
+    records = load_checked(d.train, captions=d.captions, **common)
+    if d.val:
+        val = load_checked(d.val, captions=d.val_captions or d.captions, labels=label_list(records), **common)
+        train = records
+    else:
+        train, val = stratified_split(records, d.val_split, cfg.train.seed)
+    labels = label_list(train)
+    if len(labels) < 2:
+        raise MmfuseError(f"Training needs at least 2 classes; found {labels} in {d.train}.")
+    if d.caption_missing and "text" in cfg.model.modalities:
+        from .captioning import fill_missing_captions
+
+        filled = fill_missing_captions(train + val, d.caption_missing, out / "captions.csv")
+        train, val = filled[: len(train)], filled[len(train) :]
+    return train, val, labels
+
+
+def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: FeatureCache | None):
+    frozen = cfg.train.tune == "head"
+    index = {name: i for i, name in enumerate(labels)}
+    y = [torch.tensor([index[r.label] for r in recs]) for recs in (train, val)]
+    with acc.main_process_first():  # the main process fills the feature cache; the others then read it
+        train_ds, collate = make_dataset(model, train, y[0], frozen, cache, acc.device, acc.is_main_process)
+        val_ds, _ = make_dataset(model, val, y[1], frozen, cache, acc.device, acc.is_main_process)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    workers = 0 if frozen else cfg.data.num_workers
+    common = {
+        "collate_fn": collate,
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": workers > 0,
+    }
+    # drop_last keeps shapes static (no recompiles); only when that loses little of an epoch.
+    drop_last = len(train_ds) >= 8 * cfg.train.batch_size * acc.num_processes
+    train_dl = DataLoader(
+        train_ds, cfg.train.batch_size, shuffle=True, drop_last=drop_last, generator=generator, **common
+    )
+    val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common)
+    return train_dl, val_dl
+
+
+@torch.no_grad()
+def predict_loader(model, loader, acc: Accelerator) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probabilities (and labels) for every row exactly once: gather_for_metrics drops the padding that evens
+    out the last batch across processes."""
+    model.eval()
+    probs, ys = [], []
+    for batch in loader:
+        labels = batch.pop("labels", None)
+        p = model(**batch).float().softmax(-1)
+        probs.append(acc.gather_for_metrics(p).cpu())
+        if labels is not None:
+            ys.append(acc.gather_for_metrics(labels).cpu())
+    return torch.cat(probs).numpy(), (torch.cat(ys).numpy() if ys else None)
+
+
+def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None) -> dict:
+    """Trains a model on ``cfg.data`` into the run directory ``out``; returns the best validation metrics."""
+    out = Path(out)
+    acc = make_accelerator(cfg.train.mixed_precision, cfg.train.tune == "all")
+    set_seed(cfg.train.seed)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "skipped.csv").unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    train, val, labels = load_splits(cfg, out)
+    model = build_model(cfg.model, len(labels))
+    tune = cfg.train.tune == "all"
+    if not tune:
+        model.freeze_towers()
+    cache = cache if cache is not None else FeatureCache()
+    train_dl, val_dl = loaders(model, train, val, labels, cfg, acc, cache if not tune else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=acc.device.type == "cuda"
+    )
+    steps = cfg.train.epochs * math.ceil(len(train_dl) / acc.num_processes)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model, optimizer, train_dl, val_dl, scheduler = acc.prepare(model, optimizer, train_dl, val_dl, scheduler)
+
+    history, best, best_state = [], None, None
+    start, threads = time.perf_counter(), torch.get_num_threads()
+    if not tune and acc.device.type == "cpu":
+        # A head on cached features does matrix products of a few hundred kFLOPs: thread hand-offs cost more than
+        # they save (one thread ran 4x faster here, 20x when another process shared the cores).
+        torch.set_num_threads(1)
+    try:
+        for epoch in range(1, cfg.train.epochs + 1):
+            model.train()
+            total, seen, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
+            bar = tqdm(
+                train_dl,
+                desc=f"epoch {epoch}/{cfg.train.epochs}",
+                leave=False,
+                disable=None if acc.is_main_process else True,
+            )  # None: only on a terminal
+            for step, batch in enumerate(bar, start=1):
+                labels_b = batch.pop("labels")
+                loss = F.cross_entropy(model(**batch), labels_b)
+                acc.backward(loss)
+                if cfg.train.grad_clip > 0:
+                    acc.clip_grad_norm_(params, cfg.train.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                total += loss.detach() * len(labels_b)
+                seen += len(labels_b)
+                if step % LOSS_EVERY == 0:
+                    bar.set_postfix(
+                        loss=f"{total.item() / seen:.4f}",
+                        samples_s=f"{seen * acc.num_processes / (time.perf_counter() - t0):.0f}",
+                    )
+            train_loss = acc.reduce(total, "sum").item() / (seen * acc.num_processes)
+            probs, y = predict_loader(model, val_dl, acc)
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean()),
+                **{f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()},
+                "samples_per_s": seen * acc.num_processes / (time.perf_counter() - t0),
+            }
+            history.append(row)
+            if acc.is_main_process:
+                log.info(
+                    "epoch %d: train loss %.4f, val loss %.4f, val weighted F1 %.4f",
+                    epoch,
+                    train_loss,
+                    row["val_loss"],
+                    row["val_weighted_f1"],
+                )
+            if best is None or row["val_weighted_f1"] > best["val_weighted_f1"]:
+                best = row
+                best_state = {k: v.detach().cpu().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
+    except KeyboardInterrupt:
+        if best_state is None:
+            raise
+        log.warning("interrupted: saving the best epoch so far (%d) to %s", best["epoch"], out)
+    finally:
+        torch.set_num_threads(threads)
+    # Only now restore the best weights: evaluating is cheap, writing a checkpoint every epoch is not.
+    unwrapped: MultimodalClassifier = acc.unwrap_model(model)
+    unwrapped.load_state_dict(best_state)
+    probs, y = predict_loader(model, val_dl, acc)
+    result = {
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        "n_train": len(train),
+        "n_val": len(val),
+        "train_seconds": time.perf_counter() - start,
+        "num_processes": acc.num_processes,
+        "val": metrics.full_report(y, probs.argmax(1), labels),
+    }
+    if acc.is_main_process:
+        write_run(out, cfg, labels, unwrapped, tune, history, result)
+    acc.wait_for_everyone()
+    return result
+
+
+def write_run(out: Path, cfg: RunConfig, labels, model, tuned: bool, history: list[dict], result: dict) -> None:
+    cfg.to_yaml(out / "config.yaml")
+    (out / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
+    save_model(model, out, tuned_towers=tuned)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    with open(out / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    metrics.plot_history(history, out / "training_curves.png")
+    report = result["val"]
+    metrics.plot_confusion(np.array(report["confusion_matrix"]), labels, out / "val_confusion_matrix.png")

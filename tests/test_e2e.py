@@ -1,0 +1,116 @@
+"""End to end through the CLI: train -> evaluate -> predict, reload, determinism, ablation, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import read_csv
+
+from mmfuse import load
+from mmfuse.cli import main
+
+FAST = ["--epochs", "30", "--batch-size", "8"]
+
+
+def test_train_evaluate_predict_and_reload(toy_manifest, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), "--out", str(run),
+                 *FAST]) == 0
+    for name in ("config.yaml", "labels.json", "model.safetensors", "towers.json", "metrics.json", "history.csv",
+                 "training_curves.png", "val_confusion_matrix.png", "text_tower/tokenizer_config.json"):
+        assert (run / name).exists(), name
+    assert len(read_csv(run / "history.csv")) == 30
+
+    assert main(["evaluate", str(run), str(toy_manifest / "test.csv")]) == 0
+    report = json.loads((run / "eval" / "metrics.json").read_text())
+    assert {"accuracy", "weighted_f1", "macro_f1", "per_class", "confusion_matrix"} <= set(report)
+    assert report["weighted_f1"] > 0.8  # 4 classes: chance is 0.25, and either modality alone caps at 0.5
+    assert (run / "eval" / "confusion_matrix.png").exists() and (run / "eval" / "confusion_matrix.csv").exists()
+
+    # Predict on unlabeled rows: one output row per input, in input order.
+    rows = read_csv(toy_manifest / "test.csv")
+    unlabeled = tmp_path / "unlabeled.csv"
+    unlabeled.write_text("image,text\n" + "".join(f"{toy_manifest / r['image']},{r['text']}\n" for r in rows))
+    preds = tmp_path / "preds.csv"
+    assert main(["predict", str(run), str(unlabeled), "--out", str(preds)]) == 0
+    out = read_csv(preds)
+    labels = json.loads((run / "labels.json").read_text())
+    assert [r["image"] for r in out] == [str(toy_manifest / r["image"]) for r in rows]
+    assert set(out[0]) == {"image", "label", "confidence", *(f"p_{c}" for c in labels)}
+    probs = np.array([[float(r[f"p_{c}"]) for c in labels] for r in out])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+
+    # The Python API on a reloaded run gives the same probabilities as the CLI, from paths or PIL images.
+    from PIL import Image
+
+    predictor = load(run)
+    result = predictor.predict([toy_manifest / r["image"] for r in rows], [r["text"] for r in rows])
+    np.testing.assert_allclose(result.probs, probs, atol=1e-5)
+    again = load(run).predict([Image.open(toy_manifest / r["image"]) for r in rows], [r["text"] for r in rows])
+    np.testing.assert_array_equal(again.probs, result.probs)
+    assert result.labels == [r["label"] for r in out]
+
+
+def test_same_seed_same_metrics(toy_manifest, tmp_path):
+    args = ["train", str(toy_manifest / "train.csv"), "--epochs", "5"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / x / "metrics.json").read_text())["val"] for x in "ab")
+    assert a["weighted_f1"] == b["weighted_f1"] and a["confusion_matrix"] == b["confusion_matrix"]
+    history = [read_csv(tmp_path / x / "history.csv") for x in "ab"]
+    for row in history[0] + history[1]:
+        row.pop("samples_per_s")  # wall-clock speed is the one column allowed to differ
+    assert history[0] == history[1]
+
+
+def test_ablation_fusion_beats_each_modality(toy_manifest, tmp_path):
+    out = tmp_path / "ablate"
+    code = main(["ablate", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"),
+                 "--test", str(toy_manifest / "test.csv"), "--out", str(out), *FAST])
+    assert code == 0
+    results = json.loads((out / "ablation.json").read_text())
+    assert set(results) == {"image", "text", "fusion"}
+    assert (out / "ablation.png").exists()
+    assert results["fusion"]["weighted_f1"] > 0.8
+    assert results["fusion"]["accuracy"] > results["image"]["accuracy"] + 0.2
+    assert results["fusion"]["accuracy"] > results["text"]["accuracy"] + 0.2
+
+
+@pytest.mark.parametrize("fusion", ["gated", "attention"])
+def test_other_fusion_heads_train(toy_manifest, tmp_path, fusion):
+    run = tmp_path / fusion
+    assert main(["train", str(toy_manifest / "all.csv"), "--out", str(run), "--fusion", fusion, *FAST]) == 0
+    assert json.loads((run / "metrics.json").read_text())["val"]["accuracy"] > 0.5  # chance is 0.25
+
+
+def test_fine_tune_hf_towers_and_reload(toy_manifest, tmp_path, tiny_vit_dir, tiny_roberta_dir):
+    """--tune all through tiny random HF towers loaded from directories (the code path a hub id takes)."""
+    run = tmp_path / "run"
+    code = main(["train", str(toy_manifest / "all.csv"), "--out", str(run), "--vision", str(tiny_vit_dir),
+                 "--text", str(tiny_roberta_dir), "--text-layers", "2", "--max-length", "16", "--tune", "all",
+                 "--epochs", "2", "--batch-size", "16"])
+    assert code == 0
+    towers = json.loads((run / "towers.json").read_text())
+    assert towers["text"]["layers"] == 2 and towers["image"]["type"] == "hf-vision"
+    # Fine-tuned towers are stored with the run, so it reloads without the original directories.
+    rows = read_csv(toy_manifest / "test.csv")
+    images, texts = [toy_manifest / r["image"] for r in rows], [r["text"] for r in rows]
+    first = load(run).predict(images, texts)
+    for d in (tiny_vit_dir, tiny_roberta_dir):
+        for f in d.iterdir():
+            f.rename(f.with_name(f.name + ".moved"))
+    try:
+        np.testing.assert_array_equal(load(run).predict(images, texts).probs, first.probs)
+    finally:
+        for d in (tiny_vit_dir, tiny_roberta_dir):
+            for f in d.iterdir():
+                f.rename(f.with_name(f.name.removesuffix(".moved")))
+
+
+def test_missing_hub_model_names_both_options(toy_manifest, tmp_path, capsys):
+    code = main(["train", str(toy_manifest / "train.csv"), "--out", str(tmp_path / "r"), "--preset", "seed"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "google/vit-base-patch16-224-in21k" in err and "local directory" in err and "--local-dir" in err
