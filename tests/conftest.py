@@ -30,8 +30,9 @@ def tiny_vit_dir(tmp_path_factory):
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     d = tmp_path_factory.mktemp("tiny-vit")
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64)
+    cfg = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     ViTModel(cfg).save_pretrained(d)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
     return d
@@ -46,8 +47,15 @@ def tiny_roberta_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny-roberta")
     tok = AutoTokenizer.from_pretrained(minilm_path())
-    cfg = RobertaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=80, pad_token_id=tok.pad_token_id)
+    cfg = RobertaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+        pad_token_id=tok.pad_token_id,
+    )
     RobertaModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d

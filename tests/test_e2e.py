@@ -16,10 +16,23 @@ FAST = ["--epochs", "30", "--batch-size", "8"]
 
 def test_train_evaluate_predict_and_reload(toy_manifest, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), "--out", str(run),
-                 *FAST]) == 0
-    for name in ("config.yaml", "labels.json", "model.safetensors", "towers.json", "metrics.json", "history.csv",
-                 "training_curves.png", "val_confusion_matrix.png", "text_tower/tokenizer_config.json"):
+    assert (
+        main(
+            ["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), "--out", str(run), *FAST]
+        )
+        == 0
+    )
+    for name in (
+        "config.yaml",
+        "labels.json",
+        "model.safetensors",
+        "towers.json",
+        "metrics.json",
+        "history.csv",
+        "training_curves.png",
+        "val_confusion_matrix.png",
+        "text_tower/tokenizer_config.json",
+    ):
         assert (run / name).exists(), name
     assert len(read_csv(run / "history.csv")) == 30
 
@@ -67,8 +80,19 @@ def test_same_seed_same_metrics(toy_manifest, tmp_path):
 
 def test_ablation_fusion_beats_each_modality(toy_manifest, tmp_path):
     out = tmp_path / "ablate"
-    code = main(["ablate", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"),
-                 "--test", str(toy_manifest / "test.csv"), "--out", str(out), *FAST])
+    code = main(
+        [
+            "ablate",
+            str(toy_manifest / "train.csv"),
+            "--val",
+            str(toy_manifest / "val.csv"),
+            "--test",
+            str(toy_manifest / "test.csv"),
+            "--out",
+            str(out),
+            *FAST,
+        ]
+    )
     assert code == 0
     results = json.loads((out / "ablation.json").read_text())
     assert set(results) == {"image", "text", "fusion"}
@@ -88,9 +112,28 @@ def test_other_fusion_heads_train(toy_manifest, tmp_path, fusion):
 def test_fine_tune_hf_towers_and_reload(toy_manifest, tmp_path, tiny_vit_dir, tiny_roberta_dir):
     """--tune all through tiny random HF towers loaded from directories (the code path a hub id takes)."""
     run = tmp_path / "run"
-    code = main(["train", str(toy_manifest / "all.csv"), "--out", str(run), "--vision", str(tiny_vit_dir),
-                 "--text", str(tiny_roberta_dir), "--text-layers", "2", "--max-length", "16", "--tune", "all",
-                 "--epochs", "2", "--batch-size", "16"])
+    code = main(
+        [
+            "train",
+            str(toy_manifest / "all.csv"),
+            "--out",
+            str(run),
+            "--vision",
+            str(tiny_vit_dir),
+            "--text",
+            str(tiny_roberta_dir),
+            "--text-layers",
+            "2",
+            "--max-length",
+            "16",
+            "--tune",
+            "all",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+        ]
+    )
     assert code == 0
     towers = json.loads((run / "towers.json").read_text())
     assert towers["text"]["layers"] == 2 and towers["image"]["type"] == "hf-vision"

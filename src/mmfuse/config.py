@@ -42,6 +42,9 @@ class DataConfig:
     """Captioner for rows without text (e.g. imagenet-tags); captions are cached in the run."""
     num_workers: int = 0
     """DataLoader worker processes for image decoding when towers are tuned (0: in the main process)."""
+    decode_each_epoch: bool = False
+    """With --tune all, decode images every epoch instead of once into a uint8 cache ($MMFUSE_HOME/pixels)
+    (towers whose preprocessing crops or pads always decode every epoch)."""
 
     def __post_init__(self):
         if not 0.0 < self.val_split < 0.9:

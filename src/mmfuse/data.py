@@ -11,6 +11,7 @@ Two layouts:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections import Counter
@@ -56,9 +57,12 @@ def _read_table(path: Path) -> pd.DataFrame:
     """Reads a manifest as strings; text that is not UTF-8 survives as surrogates so each row can be reported."""
     try:
         if path.suffix == ".csv":
-            return pd.read_csv(
-                path, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="surrogateescape"
-            )
+            # The csv module, unlike pandas' C parser, keeps undecodable bytes as surrogates we can report per row.
+            text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+            reader = csv.reader(io.StringIO(text, newline=""))
+            header = next(reader, [])
+            return pd.DataFrame([row + [""] * (len(header) - len(row)) for row in reader if row],
+                                columns=header, dtype=object)
         if path.suffix == ".jsonl":
             rows = []
             for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
@@ -76,7 +80,7 @@ def _read_table(path: Path) -> pd.DataFrame:
                     lambda v: v.decode("utf-8", errors="surrogateescape") if isinstance(v, bytes) else v
                 )
             return df
-    except (pd.errors.ParserError, OSError, ValueError) as e:
+    except (csv.Error, OSError, ValueError) as e:
         raise MmfuseError(f"Could not read manifest {path}: {e}") from None
     raise MmfuseError(f"{path}: manifests must be {', '.join(MANIFEST_SUFFIXES)}")
 

@@ -9,6 +9,7 @@ concurrent or interrupted runs never leave a partial file behind.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from .data import Record
 from .images import load_image
 from .model import MultimodalClassifier
 from .paths import mmfuse_home
+
+log = logging.getLogger(__name__)
 
 
 def content_key(rec: Record, modality: str) -> str:
@@ -179,8 +182,24 @@ def make_dataset(
     cache: FeatureCache | None,
     device="cpu",
     show: bool = True,
+    pixel_cache: bool = False,
 ):
-    """The dataset and collate function for either path: cached features (frozen) or raw inputs (tuned)."""
+    """The dataset and collate function for either path: cached features (frozen) or raw inputs (tuned).
+
+    With ``pixel_cache``, tuned towers read images decoded once to uint8 (``mmfuse.fastdata``) where the vision
+    tower's preprocessing allows it; the tower normalises them on the device.
+    """
+    if not frozen and pixel_cache and "image" in model.modalities:
+        from .errors import MmfuseError
+        from .fastdata import PixelDataset, PixelSpec, load_pixels, pixel_collate
+
+        try:
+            spec = PixelSpec.from_tower(model.towers["image"])
+        except MmfuseError as e:
+            log.info("decoding images every epoch: %s", e)
+        else:
+            pixels = load_pixels([r.image for r in records], spec)
+            return PixelDataset(records, model.modalities, labels, pixels), pixel_collate(model)
     if not frozen:
         return RawDataset(records, model.modalities, labels), raw_collate(model)
     present = present_mask(records, model.modalities)

@@ -94,7 +94,9 @@ class Predictor:
             self.model, records, None, frozen, FeatureCache() if frozen else None, self.device, show
         )
         probs = []
-        with torch.inference_mode():
+        # bf16 on a GPU, as training uses; bench/train_throughput.py checks its logits stay within 1e-2 of fp32.
+        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
             for batch in DataLoader(ds, batch_size, collate_fn=collate):
                 batch = {
                     k: ({kk: vv.to(self.device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(self.device))

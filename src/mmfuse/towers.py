@@ -129,6 +129,10 @@ class HFVisionTower(Tower):
         return {"pixel_values": self.processor(list(images), return_tensors="pt")["pixel_values"]}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dtype == torch.uint8:  # decoded once by mmfuse.fastdata: normalise here, on the device
+            from .fastdata import PixelSpec, normalize
+
+            pixel_values = normalize(pixel_values, PixelSpec.from_tower(self))
         out = self.model(pixel_values=pixel_values)
         return _pool(out.last_hidden_state, self.pooling, pooled=getattr(out, "pooler_output", None))
 
@@ -240,6 +244,10 @@ class EfficientNetLiteTower(Tower):
         return {"pixel_values": torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dtype == torch.uint8:
+            from .fastdata import PixelSpec, normalize
+
+            pixel_values = normalize(pixel_values, PixelSpec.from_tower(self))
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         return self.model.extract_features(x).mean((2, 3))
 

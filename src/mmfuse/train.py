@@ -2,7 +2,7 @@
 
     mmfuse train DATA --out RUN                                   # CPU or one GPU
     accelerate launch --num_processes 4 -m mmfuse train DATA --out RUN --tune all   # 4 GPUs, one node
-    accelerate launch --cpu --num_processes 2 -m mmfuse train DATA --out RUN        # 2 CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 2 -m mmfuse train DATA --out RUN  # 2 CPU processes (gloo)
 
 Accelerate handles device placement, mixed precision, backward and gathering; everything else is in ``fit``.
 """
@@ -28,6 +28,7 @@ from . import metrics
 from .config import RunConfig
 from .data import Record, label_list, load_checked, stratified_split
 from .errors import MmfuseError
+from .fastdata import PixelDataset
 from .features import FeatureCache, make_dataset
 from .model import MultimodalClassifier, build_model, save_model
 
@@ -40,7 +41,8 @@ def make_accelerator(mixed_precision: str = "auto", tune_towers: bool = False) -
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # Fine-tuned towers carry poolers that CLS pooling never uses; DDP must be told to expect them idle.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=tune_towers)
-    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp])
+    # cpu=True on a machine without CUDA is what lets several launched processes join a gloo process group.
+    return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
 
 
 def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], list[str]]:
@@ -70,10 +72,12 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
     index = {name: i for i, name in enumerate(labels)}
     y = [torch.tensor([index[r.label] for r in recs]) for recs in (train, val)]
     with acc.main_process_first():  # the main process fills the feature cache; the others then read it
-        train_ds, collate = make_dataset(model, train, y[0], frozen, cache, acc.device, acc.is_main_process)
-        val_ds, _ = make_dataset(model, val, y[1], frozen, cache, acc.device, acc.is_main_process)
+        px = not cfg.data.decode_each_epoch
+        train_ds, collate = make_dataset(model, train, y[0], frozen, cache, acc.device, acc.is_main_process, px)
+        val_ds, _ = make_dataset(model, val, y[1], frozen, cache, acc.device, acc.is_main_process, px)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    workers = 0 if frozen else cfg.data.num_workers
+    # uint8 images only need indexing: workers would only copy them between processes.
+    workers = 0 if frozen or isinstance(train_ds, PixelDataset) else cfg.data.num_workers
     common = {
         "collate_fn": collate,
         "num_workers": workers,

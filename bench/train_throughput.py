@@ -1,0 +1,591 @@
+"""Fine-tuning and inference throughput of the reference architecture, built through mmfuse's own model code.
+
+ViT-B/16 (224 px) + RoBERTa-base cut to 8 layers (128 tokens) + the concat head, 11 classes, random weights
+(throughput does not depend on weight values), every variant measured in the same run on the same device:
+
+    python bench/train_throughput.py                    # GPU: full size; bf16 where mmfuse uses it
+    python bench/train_throughput.py --compile          # also time torch.compile (pays about a minute once)
+    python bench/train_throughput.py --small            # CPU: tiny towers, fp32, well under a minute; what tests/ runs
+
+Rows:
+- naive: fp32, eager attention, ``torch.optim.Adam``, batch 16, ``loss.item()`` every step (a typical first loop).
+- tuned: the training step of ``mmfuse.train.fit`` with ``--tune all``. ``fit`` reads data files and validates every
+  epoch, so it cannot time a synthetic batch; ``TunedTrainer`` mirrors its step line for line instead: the same
+  Accelerator (``make_accelerator``: bf16 autocast on a GPU, fp32 on CPU), AdamW (fused on CUDA), gradient clipping
+  through ``acc.clip_grad_norm_``, the cosine schedule, the loss summed on the device and no per-step host sync. SDPA
+  attention (transformers' default). Shapes are static, as ``drop_last`` makes them in ``fit``.
+- from files: the same tuned step fed by a DataLoader over JPEG files on disk, prepared by the same Accelerator:
+  (1) mmfuse's current path (``RawDataset``: PIL decode and the HF processor in DataLoader workers every step) and
+  (2) ``mmfuse.fastdata``: images decoded once into a uint8 cache, normalised on the device (the cache fill is timed
+  on its own line). On a GPU with a working torchvision, (3) nvJPEG decodes each batch on the device.
+- inference: the predict path as it is (``Predictor`` loaded from a run directory written by ``save_model``, fp32,
+  batch 64, probabilities copied to the host per batch, as ``predict_records`` does), and with bf16 autocast at a
+  larger batch (on a GPU; the proposed change to predict.py). bf16 logits are checked against fp32 first.
+
+MFU counts 150 GFLOP per trained sample and 50 per inferred one against 790 TFLOP/s of bf16 (shared/PERF.md); it is
+only given at full size and at 128 tokens. The table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+NUM_CLASSES = 11
+PEAK_BF16 = 790e12  # measured bf16 matmul FLOP/s on H100/H200 (shared/PERF.md)
+TRAIN_FLOP, INFER_FLOP = 150e9, 50e9  # per sample at full size and 128 tokens (shared/PERF.md)
+BF16_TOLERANCE = 1e-2
+
+# Short texts for generated data; a label's colour and noun go together so the data is learnable.
+NOUNS = ["apple", "boat", "car", "dog", "kite", "lamp", "moon", "pear", "sock", "tree", "vase"]
+ADJECTIVES = ["small", "old", "shiny", "quiet", "big", "bright", "wooden", "red", "blue", "green", "tiny"]
+PLACES = ["table", "street", "window", "garden", "beach", "shelf", "road", "field"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reference architecture with random weights, and generated data
+
+
+def build_reference(root: Path, small: bool) -> tuple[Path, Path]:
+    """Saves a random ViT (with its processor) and a random RoBERTa (with MiniLM's tokenizer) as local directories.
+
+    Full size is ViT-B/16 at 224 px and RoBERTa-base (12 layers, of which mmfuse keeps 8). The tokenizer is MiniLM's,
+    the only one on hand offline: its 30,522 ids all exist in RoBERTa's 50,265-row embedding.
+    """
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    from mmfuse.towers import minilm_path
+
+    if small:
+        vit = ViTConfig(
+            image_size=64,
+            patch_size=16,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+        )
+        roberta = RobertaConfig(
+            vocab_size=30522,
+            hidden_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            pad_token_id=1,
+        )
+    else:
+        vit = ViTConfig()
+        roberta = RobertaConfig(
+            vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_hidden_layers=12, pad_token_id=1
+        )
+    torch.manual_seed(0)
+    vision_dir, text_dir = root / "vit", root / "roberta"
+    ViTModel(vit).save_pretrained(vision_dir)
+    ViTImageProcessor(size={"height": vit.image_size, "width": vit.image_size}).save_pretrained(vision_dir)
+    RobertaModel(roberta).save_pretrained(text_dir)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(text_dir)
+    return vision_dir, text_dir
+
+
+def model_config(vision_dir: Path, text_dir: Path, small: bool):
+    from mmfuse.config import ModelConfig
+
+    return ModelConfig(
+        vision=str(vision_dir),
+        text=str(text_dir),
+        text_layers=2 if small else 8,
+        vision_pooling="cls",
+        text_pooling="cls",
+        max_length=128,
+    )
+
+
+def short_text(label: int, rng: random.Random) -> str:
+    return f"a {rng.choice(ADJECTIVES)} {NOUNS[label]} near the {rng.choice(PLACES)}"
+
+
+def _draw(path: Path, label: int, size: tuple[int, int], seed: int) -> None:
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = random.Random(seed)
+    w, h = size
+    hue = (label * 23) % 256
+    # A smooth background with a few shapes and some grain compresses like a photo (tens of kB at 640x480), so
+    # decoding costs what real files cost; pure noise would be several times larger and slower.
+    img = Image.linear_gradient("L").resize((w, h)).convert("RGB")
+    img = Image.blend(img, Image.new("RGB", (w, h), (hue, 255 - hue, (hue * 7) % 256)), 0.6)
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y, r = rng.randrange(w), rng.randrange(h), rng.randint(max(2, w // 20), max(3, w // 5))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randrange(256) for _ in range(3)))
+    img = img.filter(ImageFilter.GaussianBlur(1))
+    noise = Image.effect_noise((w, h), 12).convert("RGB")
+    Image.blend(img, noise, 0.08).save(path, quality=90)
+
+
+def write_jpegs(root: Path, n: int, size: tuple[int, int], seed: int = 0, workers: int = 8) -> list[dict]:
+    """Writes ``n`` JPEGs of ``size`` (width, height) under ``root/images``.
+
+    Returns:
+        One dict per image: image (relative path), text, label.
+    """
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % NUM_CLASSES
+        rows.append({"image": f"images/{i:05d}.jpg", "text": short_text(label, rng), "label": NOUNS[label]})
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while encoding
+        list(pool.map(lambda i: _draw(root / rows[i]["image"], i % NUM_CLASSES, size, seed * 100_003 + i), range(n)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def samples_per_s(step: Callable[[dict], None], batches: Iterator[dict], steps: int, warmup: int, device) -> float:
+    """Runs ``warmup`` untimed steps, then ``steps`` timed ones; fetching each batch counts as part of the step."""
+    batch_size = 0
+    for _ in range(warmup):
+        step(next(batches))
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        b = next(batches)
+        batch_size = len(b["labels"])
+        step(b)
+    sync(device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def repeat(batch: dict) -> Iterator[dict]:
+    while True:
+        yield batch
+
+
+def synthetic_batch(batch: int, image_size: int, tokens: int, vocab: int, device, seed: int = 0) -> dict:
+    """Random pixels and token ids (never zeros: some kernels take shortcuts on them), already on the device."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, tokens), generator=g)
+    ids[:, 0] = 101  # MiniLM's [CLS], the token CLS pooling reads
+    out = {
+        "image": {"pixel_values": torch.randn(batch, 3, image_size, image_size, generator=g)},
+        "text": {"input_ids": ids, "attention_mask": torch.ones(batch, tokens, dtype=torch.long)},
+        "present": torch.ones(batch, 2, dtype=torch.bool),
+        "labels": torch.randint(0, NUM_CLASSES, (batch,), generator=g),
+    }
+    return to(out, device)
+
+
+def to(batch: dict, device) -> dict:
+    return {k: to(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def set_attention(model, impl: str) -> None:
+    """Switches both towers' attention kernels (``eager`` or ``sdpa``) through transformers' own setter."""
+    for tower in model.towers.values():
+        tower.model.set_attn_implementation(impl)
+        if tower.model.config._attn_implementation != impl:
+            raise RuntimeError(f"{type(tower.model).__name__} kept {tower.model.config._attn_implementation}")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The variants
+
+
+def naive_rate(cfg, device, data: dict, steps: int, warmup: int) -> float:
+    from mmfuse.model import build_model
+
+    model = build_model(cfg, NUM_CLASSES).to(device)
+    set_attention(model, "eager")
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step(b: dict) -> None:
+        loss = F.cross_entropy(model(**model_inputs(b)), b["labels"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()  # what a loop that logs every step does: a host sync per step
+
+    return samples_per_s(step, repeat(data), steps, warmup, device)  # the caller frees the model: add() does
+
+
+class TunedTrainer:
+    """The step of ``mmfuse.train.fit`` with ``--tune all``, line for line, on a model built by mmfuse."""
+
+    def __init__(self, cfg, acc, total_steps: int, compile: bool = False, channels_last: bool = False):
+        from transformers import get_cosine_schedule_with_warmup
+
+        from mmfuse.model import build_model
+
+        self.acc, self.channels_last = acc, channels_last
+        model = build_model(cfg, NUM_CLASSES)
+        if channels_last:
+            model.vision.to(memory_format=torch.channels_last)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.01, fused=acc.device.type == "cuda")
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.1 * total_steps), total_steps)
+        if compile:
+            model = torch.compile(model)
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.model.train()
+        self.total = torch.zeros((), device=acc.device)
+        self.pixel_spec = None  # set for uint8 batches from fastdata: normalised here, on the device
+
+    def step(self, batch: dict) -> None:
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        if self.pixel_spec is not None:
+            from mmfuse.fastdata import normalize
+
+            batch["image"] = {"pixel_values": normalize(batch["image"]["pixel_values"], self.pixel_spec)}
+        if self.channels_last:
+            batch["image"] = {
+                "pixel_values": batch["image"]["pixel_values"].contiguous(memory_format=torch.channels_last)
+            }
+        loss = F.cross_entropy(self.model(**batch), labels)
+        self.acc.backward(loss)
+        self.acc.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.total += loss.detach() * len(labels)
+
+    def close(self) -> None:
+        if not torch.isfinite(self.total):  # read once, after timing: a diverged run would time NaN kernels
+            raise RuntimeError("the training loss went non-finite")
+        del self.model, self.optimizer, self.scheduler, self.params
+        self.acc.free_memory()
+
+
+def free(device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def file_loaders(model, rows: list[dict], root: Path, batch: int, workers: int, acc, total_batches: int):
+    """DataLoaders over the JPEG files: mmfuse's RawDataset path, and fastdata's uint8 cache (with its fill time).
+
+    One long shuffled epoch (``RandomSampler`` drawing ``total_batches`` batches) so that epoch restarts, which a
+    real run pays once per epoch of thousands of samples, do not count against a few timed steps here.
+    """
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from mmfuse.data import Record
+    from mmfuse.fastdata import PixelDataset, PixelSpec, load_pixels, pixel_collate
+    from mmfuse.features import make_dataset
+
+    records = [Record(root / r["image"], r["text"], r["label"], i, r["image"]) for i, r in enumerate(rows)]
+    labels = torch.tensor([NOUNS.index(r["label"]) for r in rows])
+    common = {"batch_size": batch, "drop_last": True, "pin_memory": torch.cuda.is_available()}
+
+    def loader(ds, collate, n_workers: int):
+        sampler = RandomSampler(ds, num_samples=total_batches * batch, generator=torch.Generator().manual_seed(0))
+        dl = DataLoader(
+            ds, sampler=sampler, collate_fn=collate, num_workers=n_workers, persistent_workers=n_workers > 0, **common
+        )
+        return acc.prepare(dl)
+
+    raw_ds, raw_collate = make_dataset(model, records, labels, frozen=False, cache=None)
+    spec = PixelSpec.from_tower(model.vision)
+    start = time.perf_counter()
+    pixels = load_pixels([r.image for r in records], spec, workers=max(1, workers))
+    fill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    load_pixels([r.image for r in records], spec, workers=max(1, workers))
+    reload_s = time.perf_counter() - start
+    px_ds = PixelDataset(records, model.modalities, labels, pixels)
+    # Indexing a uint8 tensor and tokenising are light: one worker overlaps them with a GPU step, while on a CPU a
+    # worker would only take cores from the step itself.
+    px_workers = 1 if acc.device.type == "cuda" else 0
+    return loader(raw_ds, raw_collate, workers), loader(px_ds, pixel_collate(model), px_workers), spec, fill_s, reload_s
+
+
+def nvjpeg_batches(paths: list[Path], texts: list[str], labels: torch.Tensor, batch: int, spec, model, device):
+    """Batches decoded on the GPU every step (torchvision nvJPEG), in the main process."""
+    from mmfuse.fastdata import decode_jpegs_gpu
+
+    g = torch.Generator().manual_seed(0)
+    while True:
+        idx = torch.randperm(len(paths), generator=g)[:batch].tolist()
+        pixels = decode_jpegs_gpu([paths[i] for i in idx], spec, device)
+        yield {
+            "image": {"pixel_values": pixels},
+            "text": to(model.text.preprocess([texts[i] for i in idx]), device),
+            "present": torch.ones(batch, 2, dtype=torch.bool, device=device),
+            "labels": labels[idx].to(device),
+        }
+
+
+def write_run_dir(cfg, run: Path) -> None:
+    """A run directory as ``fit`` leaves it (config, labels, towers, weights), so ``Predictor`` loads it."""
+    from mmfuse.config import RunConfig, TrainConfig
+    from mmfuse.model import build_model, save_model
+
+    run.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg, NUM_CLASSES)
+    save_model(model, run, tuned_towers=True)
+    RunConfig(model=cfg, train=TrainConfig(tune="all")).to_yaml(run / "config.yaml")
+    (run / "labels.json").write_text(json.dumps(NOUNS))
+
+
+def inference_rate(model, data: dict, steps: int, warmup: int, device, bf16: bool) -> float:
+    """The model call of ``Predictor.predict_records``: inference mode, softmax, probabilities to the host."""
+    inputs = model_inputs(data)
+
+    def step(_: dict) -> None:
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            model(**inputs).float().softmax(-1).cpu()
+
+    return samples_per_s(step, repeat(data), steps, warmup, device)
+
+
+@torch.inference_mode()
+def relative_error(model, data: dict, device, bf16: bool, reference_impl: str | None = None) -> float:
+    """||logits - fp32 SDPA logits|| / ||fp32 SDPA logits||, for bf16 autocast or another attention kernel."""
+    inputs = model_inputs(data)
+    ref = model(**inputs).float()
+    if reference_impl:
+        set_attention(model, reference_impl)
+    try:
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            out = model(**inputs).float()
+    finally:
+        if reference_impl:
+            set_attention(model, "sdpa")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="tiny towers on CPU in fp32 (well under a minute)")
+    p.add_argument("--batch-size", type=int, help="batch of the tuned rows (default 256; 32 with --small)")
+    p.add_argument("--steps", type=int, help="timed steps per row (default 20; 6 with --small)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 5; 2 with --small)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the tuned step")
+    p.add_argument("--no-files", action="store_true", help="skip the rows fed from JPEG files on disk")
+    p.add_argument("--files", type=int, help="JPEGs written for those rows (default 1,024; 96 with --small)")
+    p.add_argument("--workers", type=int, help="DataLoader workers for the PIL path (default: cores - 1, at most 16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    import transformers
+
+    from mmfuse.predict import Predictor
+    from mmfuse.train import make_accelerator
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.small and not cuda:
+        # Tiny ops gain nothing from threads, and their barriers stall when other jobs share the cores.
+        torch.set_num_threads(1)
+    full = not args.small
+    batch = args.batch_size or (32 if args.small else 256)
+    steps = args.steps or (6 if args.small else 20)
+    warmup = args.warmup or (2 if args.small else 5)
+    n_files = args.files or (96 if args.small else 1024)
+    workers = args.workers if args.workers is not None else max(1, min(16, (os.cpu_count() or 2) - 1))
+    image_size, tokens, vocab = (64, 32, 30522) if args.small else (224, 128, 30522)
+    t0 = time.perf_counter()
+    results: list[tuple[str, int, float | None, str]] = []  # variant, batch, samples/s (None: failed), MFU basis
+    checks: list[tuple[str, str, bool]] = []
+    notes: list[str] = []
+
+    def add(name: str, bs: int, fn: Callable[[], float], flop: float | None) -> None:
+        try:
+            results.append((name, bs, fn(), flop))
+        except Exception as e:  # one failing variant (e.g. out of memory) should not hide the others
+            results.append((name, bs, None, f"{type(e).__name__}: {str(e).splitlines()[0][:70]}"))
+        free(device)  # the variant's model and optimizer are unreachable now; give their memory back
+
+    with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as tmp:
+        tmp = Path(tmp)
+        vision_dir, text_dir = build_reference(tmp / "towers", args.small)
+        cfg = model_config(vision_dir, text_dir, args.small)
+        build_s = time.perf_counter() - t0
+        acc = make_accelerator("auto", tune_towers=True)
+        precision = acc.mixed_precision
+
+        # Checks first, on the predict path's model loaded from a run directory (fp32 weights).
+        write_run_dir(cfg, tmp / "run")
+        start = time.perf_counter()
+        predictor = Predictor(tmp / "run", device=str(device))
+        load_s = time.perf_counter() - start
+        model = predictor.model
+        check_data = synthetic_batch(8, image_size, tokens, vocab, device, seed=1)
+        err = relative_error(model, check_data, device, bf16=False, reference_impl="eager")
+        checks.append(("eager vs SDPA attention, fp32 logits", f"relative error {err:.1e}", err <= 1e-4))
+        try:
+            err = relative_error(model, check_data, device, bf16=True)
+            ok = err <= BF16_TOLERANCE
+            checks.append(("bf16 autocast vs fp32 logits", f"relative error {err:.1e} (limit {BF16_TOLERANCE:g})", ok))
+        except RuntimeError as e:  # CPU builds without bf16 kernels: only the GPU check gates
+            checks.append(("bf16 autocast vs fp32 logits", f"not run: {str(e).splitlines()[0][:60]}", not cuda))
+
+        # Training.
+        data16 = synthetic_batch(16, image_size, tokens, vocab, device)
+        add("naive: fp32, eager, Adam", 16, lambda: naive_rate(cfg, device, data16, steps, warmup), TRAIN_FLOP)
+        tuned_name = f"tuned: {'bf16' if precision == 'bf16' else 'fp32'}, SDPA, AdamW{' fused' if cuda else ''}"
+
+        def tuned(bs: int, n_tokens: int = tokens, **kw) -> float:
+            data = synthetic_batch(bs, image_size, n_tokens, vocab, device)
+            trainer = TunedTrainer(cfg, acc, total_steps=100, **kw)
+            try:
+                return samples_per_s(trainer.step, repeat(data), steps, warmup, device)
+            finally:
+                trainer.close()
+                free(device)
+
+        batches = [128, batch] if full and batch != 128 else [batch]
+        for bs in batches:
+            add(tuned_name, bs, lambda bs=bs: tuned(bs), TRAIN_FLOP)
+        if cuda:
+            add(tuned_name + ", channels_last", batch, lambda: tuned(batch, channels_last=True), TRAIN_FLOP)
+        if full:
+            add(tuned_name + ", 32 tokens", batch, lambda: tuned(batch, 32), None)
+        if args.compile:
+            add(tuned_name + ", torch.compile", batch, lambda: tuned(batch, compile=True), TRAIN_FLOP)
+        synthetic = next((r[2] for r in results if r[0] == tuned_name and r[1] == batch), None)
+
+        # From JPEG files on disk, the same tuned step.
+        if not args.no_files:
+            size = (128, 96) if args.small else (640, 480)
+            start = time.perf_counter()
+            rows = write_jpegs(tmp / "jpegs", n_files, size, workers=max(2, workers))
+            notes.append(f"wrote {n_files} JPEGs of {size[0]}x{size[1]} in {time.perf_counter() - start:.1f} s")
+            total_batches = warmup + steps + 8  # a few spare so prefetching never runs dry
+            from mmfuse.model import build_model
+
+            probe = build_model(cfg, NUM_CLASSES)
+            raw_dl, px_dl, spec, fill_s, reload_s = file_loaders(
+                probe, rows, tmp / "jpegs", batch, workers, acc, total_batches
+            )
+            notes.append(
+                f"uint8 cache ({spec.height}x{spec.width}): filled at {n_files / fill_s:,.0f} images/s "
+                f"({workers} thread(s)), reloaded from disk at {n_files / reload_s:,.0f} images/s"
+            )
+
+            def from_loader(dl, uint8: bool) -> float:
+                trainer = TunedTrainer(cfg, acc, total_steps=100)
+                trainer.pixel_spec = spec if uint8 else None
+                try:
+                    return samples_per_s(trainer.step, iter(dl), steps, warmup, device)
+                finally:
+                    trainer.close()
+                    free(device)
+
+            add(f"files: PIL + processor, {workers} worker(s)", batch, lambda: from_loader(raw_dl, False), TRAIN_FLOP)
+            add("files: uint8 cache (fastdata)", batch, lambda: from_loader(px_dl, True), TRAIN_FLOP)
+            from mmfuse.fastdata import nvjpeg_available
+
+            if nvjpeg_available(device):
+                paths = [tmp / "jpegs" / r["image"] for r in rows]
+                labels = torch.tensor([NOUNS.index(r["label"]) for r in rows])
+                texts = [r["text"] for r in rows]
+
+                def nvjpeg() -> float:
+                    trainer = TunedTrainer(cfg, acc, total_steps=100)
+                    trainer.pixel_spec = spec
+                    it = nvjpeg_batches(paths, texts, labels, batch, spec, probe, device)
+                    try:
+                        return samples_per_s(trainer.step, it, steps, warmup, device)
+                    finally:
+                        trainer.close()
+                        free(device)
+
+                add("files: nvJPEG on the GPU", batch, nvjpeg, TRAIN_FLOP)
+            else:
+                notes.append("nvJPEG row skipped: needs CUDA and a working torchvision")
+            del raw_dl, px_dl, probe
+
+        # Inference through the predict path's model.
+        data64 = synthetic_batch(64, image_size, tokens, vocab, device)
+        add(
+            "inference: predict path, fp32",
+            64,
+            lambda: inference_rate(model, data64, steps, warmup, device, False),
+            INFER_FLOP,
+        )
+        big = synthetic_batch(batch, image_size, tokens, vocab, device)
+        if cuda:
+            add(
+                "inference: bf16 autocast",
+                batch,
+                lambda: inference_rate(model, big, steps, warmup, device, True),
+                INFER_FLOP,
+            )
+        else:
+            add("inference: fp32", batch, lambda: inference_rate(model, big, steps, warmup, device, False), INFER_FLOP)
+
+    base = results[0][2]
+    card = (
+        torch.cuda.get_device_name(device)
+        if cuda
+        else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} thread(s))"
+    )
+    what = "tiny ViT + RoBERTa (--small)" if args.small else "ViT-B/16 224 px + RoBERTa-base 8 of 12 layers"
+    print(f"training/inference throughput: {what}, {tokens} tokens, {NUM_CLASSES} classes, random weights")
+    print(
+        f"device: {card}; torch {torch.__version__}, transformers {transformers.__version__}; mixed precision "
+        f"{precision}; {datetime.date.today()}; {time.perf_counter() - t0:.0f} s "
+        f"(towers built and saved in {build_s:.1f} s, run directory loaded by Predictor in {load_s:.1f} s)"
+    )
+    for note in notes:
+        print(f"note: {note}")
+    for name, result, ok in checks:
+        print(f"check {name}: {result}{'' if ok else '  FAILED'}")
+    files = {r[0]: r[2] for r in results if r[0].startswith("files:")}
+    for name, rate in files.items():
+        if rate and synthetic:
+            print(f"ratio {name} vs synthetic tensors (batch {batch}): {rate / synthetic:.2f}x (target >= 0.9x)")
+    print()
+    print(f"| {'variant':<44} | {'batch':>5} | {'samples/s':>10} | {'vs naive':>8} | {'MFU':>6} |")
+    print(f"|{'-' * 46}|{'-' * 7}|{'-' * 12}|{'-' * 10}|{'-' * 8}|")
+    for name, bs, rate, flop in results:
+        if rate is None:
+            print(f"| {name:<44} | {bs:>5} | failed: {flop} |")
+            continue
+        ratio = f"{rate / base:.2f}x" if base and not name.startswith("inference") else "-"
+        mfu = f"{rate * flop / PEAK_BF16:.1%}" if full and cuda and isinstance(flop, float) else "n/a"
+        print(f"| {name:<44} | {bs:>5} | {rate:>10,.1f} | {ratio:>8} | {mfu:>6} |")
+    return 0 if all(ok for _, _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

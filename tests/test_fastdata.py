@@ -1,0 +1,125 @@
+"""fastdata: the uint8 cache reproduces the towers' own preprocessing, and batches normalise on the device."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mmfuse.config import ModelConfig
+from mmfuse.data import Record
+from mmfuse.errors import MmfuseError
+from mmfuse.fastdata import (
+    PixelDataset,
+    PixelSpec,
+    decode_jpegs_gpu,
+    decode_resized,
+    load_pixels,
+    nvjpeg_available,
+    pixel_collate,
+    to_device,
+)
+from mmfuse.features import FeatureCache
+from mmfuse.model import build_model
+
+
+@pytest.fixture
+def model(tiny_vit_dir, tiny_roberta_dir):
+    cfg = ModelConfig(vision=str(tiny_vit_dir), text=str(tiny_roberta_dir), text_pooling="cls")
+    return build_model(cfg, 3).eval()
+
+
+@pytest.fixture
+def jpegs(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(80, 60), (40, 50), (32, 32), (64, 48)]):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
+        paths.append(path)
+    png = tmp_path / "rgba.png"  # a mode the tower's loader converts: alpha composited on white
+    Image.fromarray(rng.integers(0, 256, (30, 20, 4), dtype=np.uint8), mode="RGBA").save(png)
+    return [*paths, png]
+
+
+def test_cached_pixels_equal_the_towers_preprocessing(model, jpegs):
+    from mmfuse.images import load_image
+
+    spec = PixelSpec.from_tower(model.vision)
+    assert (spec.height, spec.width) == (32, 32)
+    ref = model.vision.preprocess([load_image(p) for p in jpegs])["pixel_values"]
+    pixels = load_pixels(jpegs, spec, workers=2)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, 32, 32)
+    from mmfuse.fastdata import normalize
+
+    torch.testing.assert_close(normalize(pixels, spec), ref, atol=1e-5, rtol=0)
+
+
+def test_packaged_efficientnet_spec_matches_its_preprocess():
+    from mmfuse.fastdata import normalize
+
+    class Lite:  # the attributes PixelSpec reads, without loading the packaged weights
+        image_size, MEAN, STD = 40, 0.5, 0.5
+
+    spec = PixelSpec.from_tower(Lite())
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    arr = np.asarray(img.resize((40, 40), Image.BICUBIC), dtype=np.float32)
+    ref = torch.from_numpy((arr / 255.0 - 0.5) / 0.5).permute(2, 0, 1)[None]
+    out = normalize(torch.from_numpy(decode_resized(img, spec))[None], spec)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_cache_hits_on_the_second_load_and_misses_a_changed_file(model, jpegs, tmp_path):
+    spec = PixelSpec.from_tower(model.vision)
+    cache = FeatureCache(tmp_path / "pixels")
+    first = load_pixels(jpegs, spec, cache)
+    assert (cache.hits, cache.misses) == (0, 5)
+    again = load_pixels(jpegs, spec, cache)
+    assert (cache.hits, cache.misses) == (5, 5)
+    assert torch.equal(first, again)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(jpegs[0])
+    changed = load_pixels(jpegs, spec, cache)
+    assert (cache.hits, cache.misses) == (9, 6)
+    assert changed[0, 0].float().mean() > 250 and torch.equal(changed[1:], first[1:])
+
+
+def test_unsupported_processor_is_refused():
+    class Tower:
+        class processor:  # noqa: N801 - a stand-in for an HF image processor that crops
+            size = {"shortest_edge": 224}
+            do_center_crop = True
+
+    with pytest.raises(MmfuseError, match="fixed-size resize"):
+        PixelSpec.from_tower(Tower())
+
+
+def test_pixel_batches_give_the_same_logits_as_the_raw_path(model, jpegs):
+    from mmfuse.features import make_dataset
+
+    spec = PixelSpec.from_tower(model.vision)
+    records = [Record(p, f"text number {i}", "a", i, p.name) for i, p in enumerate(jpegs)]
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    raw_ds, raw_collate = make_dataset(model, records, labels, frozen=False, cache=None)
+    px_ds = PixelDataset(records, model.modalities, labels, load_pixels(jpegs, spec))
+    raw = next(iter(DataLoader(raw_ds, 5, collate_fn=raw_collate)))
+    px = to_device(next(iter(DataLoader(px_ds, 5, collate_fn=pixel_collate(model)))), "cpu", spec)
+    assert torch.equal(px["labels"], raw["labels"]) and torch.equal(px["present"], raw["present"])
+    with torch.inference_mode():
+        a = model(**{k: v for k, v in raw.items() if k != "labels"})
+        b = model(**{k: v for k, v in px.items() if k != "labels"})
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_pixel_dataset_needs_one_image_per_record(model, jpegs):
+    records = [Record(p, "t", "a", i, p.name) for i, p in enumerate(jpegs)]
+    with pytest.raises(MmfuseError):
+        PixelDataset(records, model.modalities, None, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_gpu_decoding_reports_itself_unavailable_without_cuda(model, jpegs):
+    spec = PixelSpec.from_tower(model.vision)
+    if torch.cuda.is_available():
+        pytest.skip("covered by the benchmark on a GPU")
+    assert nvjpeg_available("cpu") is False
+    with pytest.raises(MmfuseError, match="torchvision"):
+        decode_jpegs_gpu(jpegs, spec, "cpu")
