@@ -61,8 +61,9 @@ def _read_table(path: Path) -> pd.DataFrame:
             text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
             reader = csv.reader(io.StringIO(text, newline=""))
             header = next(reader, [])
-            return pd.DataFrame([row + [""] * (len(header) - len(row)) for row in reader if row],
-                                columns=header, dtype=object)
+            return pd.DataFrame(
+                [row + [""] * (len(header) - len(row)) for row in reader if row], columns=header, dtype=object
+            )
         if path.suffix == ".jsonl":
             rows = []
             for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
@@ -176,6 +177,7 @@ def find_problems(
     need_text: bool = True,
     max_pixels: int = MAX_PIXELS,
     workers: int = 4,
+    no_text_reason: str = "no text",
 ) -> list[Problem]:
     """Checks every row in one pass: image readable and sane in size, text present and UTF-8, label known."""
     known = set(labels) if labels is not None else None
@@ -188,7 +190,7 @@ def find_problems(
         if _is_not_utf8(rec.text):
             problems.append(Problem(rec.row, rec.source, "text is not valid UTF-8"))
         elif need_text and not rec.text.strip():
-            problems.append(Problem(rec.row, rec.source, "no text"))
+            problems.append(Problem(rec.row, rec.source, no_text_reason))
         if need_label and not rec.label:
             problems.append(Problem(rec.row, rec.source, "no label"))
         elif rec.label and known is not None and rec.label not in known:
@@ -209,10 +211,13 @@ def load_checked(
     need_text=True,
     skip_bad=False,
     skipped_csv: Path | None = None,
+    no_text_reason: str = "no text",
 ) -> list[Record]:
     """Reads and checks data; raises one DataError listing every bad row, or skips and records them."""
     records, problems = read_data(path, captions, need_label)
-    problems += find_problems(records, labels=labels, need_label=need_label, need_text=need_text)
+    problems += find_problems(
+        records, labels=labels, need_label=need_label, need_text=need_text, no_text_reason=no_text_reason
+    )
     if problems and not skip_bad:
         raise DataError([(p.row, p.image, p.reason) for p in problems], str(path))
     if problems:

@@ -114,6 +114,8 @@ class Predictor:
             need_text=not (self.accepts_missing_text or self.cfg.data.caption_missing),
             skip_bad=skip_bad,
             skipped_csv=skipped_csv,
+            no_text_reason="no text, and this model was trained without --modality-dropout so it needs text "
+            "(give it text, caption the images, or retrain with --modality-dropout 0.2)",
         )
         if self.cfg.data.caption_missing and any(not r.text.strip() for r in records):
             from .captioning import fill_missing_captions
