@@ -20,35 +20,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from reference_models import random_captioner  # noqa: E402
 
 
 def build(small: bool, max_new_tokens: int):
-    from transformers import GPT2Config, GPT2LMHeadModel, VisionEncoderDecoderModel, ViTConfig, ViTModel
-
-    if small:
-        vit = ViTConfig(
-            image_size=64,
-            patch_size=16,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=256,
-        )
-        gpt = GPT2Config(
-            vocab_size=5000, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=4999, eos_token_id=4999
-        )
-    else:
-        vit, gpt = ViTConfig(), GPT2Config()  # the defaults are ViT-B/16 at 224 px and GPT-2 small
-    gpt.add_cross_attention = gpt.is_decoder = True
-    torch.manual_seed(0)
-    model = VisionEncoderDecoderModel(encoder=ViTModel(vit, add_pooling_layer=False), decoder=GPT2LMHeadModel(gpt))
-    eos = gpt.vocab_size - 1
-    model.config.decoder_start_token_id = model.config.pad_token_id = eos
-    gen = model.generation_config
-    gen.decoder_start_token_id = gen.pad_token_id = gen.eos_token_id = eos
-    # Random weights may pick EOS early and flatter either side: every image decodes all its tokens.
-    gen.min_new_tokens = max_new_tokens
-    return model.eval(), vit.image_size
+    model = random_captioner(small, max_new_tokens)
+    return model, model.config.encoder.image_size
 
 
 def hf_generate(model):

@@ -31,6 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from reference_models import random_captioner  # noqa: E402
 from train_throughput import build_reference, write_jpegs  # noqa: E402
 
 MAX_NEW_TOKENS = 20
@@ -53,37 +54,11 @@ def build_captioner(directory: Path, small: bool) -> Path:
     The word-level tokenizer stands in for GPT-2's BPE, which is not on hand offline: every id decodes to a word.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        PreTrainedTokenizerFast,
-        VisionEncoderDecoderModel,
-        ViTConfig,
-        ViTImageProcessor,
-        ViTModel,
-    )
+    from transformers import PreTrainedTokenizerFast, ViTImageProcessor
 
-    if small:
-        vit = ViTConfig(
-            image_size=64,
-            patch_size=16,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-        )
-        gpt = GPT2Config(vocab_size=2000, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-    else:
-        vit, gpt = ViTConfig(), GPT2Config()  # ViT-B/16 at 224 px and GPT-2 small (124M)
-    eos = gpt.vocab_size - 1
-    gpt.bos_token_id = gpt.eos_token_id = eos
-    gpt.add_cross_attention = gpt.is_decoder = True
-    torch.manual_seed(0)
-    model = VisionEncoderDecoderModel(encoder=ViTModel(vit, add_pooling_layer=False), decoder=GPT2LMHeadModel(gpt))
-    model.config.decoder_start_token_id = model.config.pad_token_id = eos
-    gen = model.generation_config
-    gen.decoder_start_token_id = gen.pad_token_id = gen.eos_token_id = eos
-    gen.min_new_tokens = MAX_NEW_TOKENS  # random weights must not stop early: every caption costs the full decode
+    # min_new_tokens: random weights must not stop early, so every caption costs the full decode.
+    model = random_captioner(small, MAX_NEW_TOKENS, vocab_size=2000)
+    vit, gpt = model.config.encoder, model.config.decoder
     model.save_pretrained(directory)
     ViTImageProcessor(size={"height": vit.image_size, "width": vit.image_size}).save_pretrained(directory)
     words = caption_words(gpt.vocab_size - 1) + ["<|endoftext|>"]

@@ -45,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from reference_models import vit_config  # noqa: E402
 
 NUM_CLASSES = 11
 PEAK_BF16 = 790e12  # measured bf16 matmul FLOP/s on H100/H200 (shared/PERF.md)
@@ -67,19 +68,12 @@ def build_reference(root: Path, small: bool) -> tuple[Path, Path]:
     Full size is ViT-B/16 at 224 px and RoBERTa-base (12 layers, of which mmfuse keeps 8). The tokenizer is MiniLM's,
     the only one on hand offline: its 30,522 ids all exist in RoBERTa's 50,265-row embedding.
     """
-    from transformers import AutoTokenizer, RobertaConfig, RobertaModel, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel, ViTImageProcessor, ViTModel
 
     from mmfuse.towers import minilm_path
 
+    vit = vit_config(small)
     if small:
-        vit = ViTConfig(
-            image_size=64,
-            patch_size=16,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-        )
         roberta = RobertaConfig(
             vocab_size=30522,
             hidden_size=64,
@@ -91,7 +85,6 @@ def build_reference(root: Path, small: bool) -> tuple[Path, Path]:
             pad_token_id=1,
         )
     else:
-        vit = ViTConfig()
         roberta = RobertaConfig(
             vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, num_hidden_layers=12, pad_token_id=1
         )
