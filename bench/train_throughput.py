@@ -31,13 +31,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import random
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -145,9 +146,15 @@ def write_jpegs(root: Path, n: int, size: tuple[int, int], seed: int = 0, worker
     for i in range(n):
         label = i % NUM_CLASSES
         rows.append({"image": f"images/{i:05d}.jpg", "text": short_text(label, rng), "label": NOUNS[label]})
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while encoding
-        list(pool.map(lambda i: _draw(root / rows[i]["image"], i % NUM_CLASSES, size, seed * 100_003 + i), range(n)))
+    # Processes: PIL's drawing and noise hold the GIL (threads took 72 s for 3,170 images on 16 cores).
+    jobs = [(root / rows[i]["image"], i % NUM_CLASSES, size, seed * 100_003 + i) for i in range(n)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        list(pool.map(_draw_job, jobs, chunksize=max(1, n // (4 * workers))))
     return rows
+
+
+def _draw_job(job: tuple) -> None:
+    _draw(*job)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -287,7 +294,17 @@ def free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def file_loaders(model, rows: list[dict], root: Path, batch: int, workers: int, acc, total_batches: int):
+def fixed_length(text: dict, tokens: int, pad_id: int) -> dict:
+    """Pads tokenised texts to ``tokens``, as the synthetic rows are, so that a files row differs from them only in
+    where the images come from (the generated texts are about 10 tokens; dynamic padding would flatter it)."""
+    extra = tokens - text["input_ids"].shape[1]
+    if extra <= 0:
+        return text
+    fill = {"input_ids": pad_id}
+    return {k: F.pad(v, (0, extra), value=fill.get(k, 0)) for k, v in text.items()}
+
+
+def file_loaders(model, rows: list[dict], root: Path, batch: int, workers: int, acc, total_batches: int, tokens: int):
     """DataLoaders over the JPEG files: mmfuse's RawDataset path, and fastdata's uint8 cache (with its fill time).
 
     One long shuffled epoch (``RandomSampler`` drawing ``total_batches`` batches) so that epoch restarts, which a
@@ -311,6 +328,15 @@ def file_loaders(model, rows: list[dict], root: Path, batch: int, workers: int, 
         return acc.prepare(dl)
 
     raw_ds, raw_collate = make_dataset(model, records, labels, frozen=False, cache=None)
+    pad_id = model.text.tokenizer.pad_token_id
+
+    def padded(collate):
+        def run(items: list[dict]) -> dict:
+            b = collate(items)
+            return {**b, "text": fixed_length(b["text"], tokens, pad_id)}
+
+        return run
+
     spec = PixelSpec.from_tower(model.vision)
     start = time.perf_counter()
     pixels = load_pixels([r.image for r in records], spec, workers=max(1, workers))
@@ -322,20 +348,24 @@ def file_loaders(model, rows: list[dict], root: Path, batch: int, workers: int, 
     # Indexing a uint8 tensor and tokenising are light: one worker overlaps them with a GPU step, while on a CPU a
     # worker would only take cores from the step itself.
     px_workers = 1 if acc.device.type == "cuda" else 0
-    return loader(raw_ds, raw_collate, workers), loader(px_ds, pixel_collate(model), px_workers), spec, fill_s, reload_s
+    raw_dl = loader(raw_ds, padded(raw_collate), workers)
+    px_dl = loader(px_ds, padded(pixel_collate(model)), px_workers)
+    return raw_dl, px_dl, spec, fill_s, reload_s
 
 
-def nvjpeg_batches(paths: list[Path], texts: list[str], labels: torch.Tensor, batch: int, spec, model, device):
+def nvjpeg_batches(paths, texts: list[str], labels: torch.Tensor, batch: int, spec, model, device, tokens: int):
     """Batches decoded on the GPU every step (torchvision nvJPEG), in the main process."""
     from mmfuse.fastdata import decode_jpegs_gpu
 
     g = torch.Generator().manual_seed(0)
+    pad_id = model.text.tokenizer.pad_token_id
     while True:
         idx = torch.randperm(len(paths), generator=g)[:batch].tolist()
         pixels = decode_jpegs_gpu([paths[i] for i in idx], spec, device)
+        text = fixed_length(model.text.preprocess([texts[i] for i in idx]), tokens, pad_id)
         yield {
             "image": {"pixel_values": pixels},
-            "text": to(model.text.preprocess([texts[i] for i in idx]), device),
+            "text": to(text, device),
             "present": torch.ones(batch, 2, dtype=torch.bool, device=device),
             "labels": labels[idx].to(device),
         }
@@ -424,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results.append((name, bs, fn(), flop))
         except Exception as e:  # one failing variant (e.g. out of memory) should not hide the others
-            results.append((name, bs, None, f"{type(e).__name__}: {str(e).splitlines()[0][:70]}"))
+            results.append((name, bs, None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
         free(device)  # the variant's model and optimizer are unreachable now; give their memory back
 
     with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as tmp:
@@ -487,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
 
             probe = build_model(cfg, NUM_CLASSES)
             raw_dl, px_dl, spec, fill_s, reload_s = file_loaders(
-                probe, rows, tmp / "jpegs", batch, workers, acc, total_batches
+                probe, rows, tmp / "jpegs", batch, workers, acc, total_batches, tokens
             )
             notes.append(
                 f"uint8 cache ({spec.height}x{spec.width}): filled at {n_files / fill_s:,.0f} images/s "
@@ -512,11 +542,27 @@ def main(argv: list[str] | None = None) -> int:
                 labels = torch.tensor([NOUNS.index(r["label"]) for r in rows])
                 texts = [r["text"] for r in rows]
 
+                from mmfuse.fastdata import decode_jpegs_gpu, load_pixels
+
+                gpu = decode_jpegs_gpu(paths[:64], spec, device).cpu().int()
+                diff = (gpu - load_pixels(paths[:64], spec, use_cache=False).int()).abs().float()
+                notes.append(
+                    f"nvJPEG vs PIL pixels on 64 files: mean |diff| {diff.mean():.2f}, max {diff.max():.0f} grey levels"
+                )
+
                 def nvjpeg() -> float:
                     trainer = TunedTrainer(cfg, acc, total_steps=100)
                     trainer.pixel_spec = spec
-                    it = nvjpeg_batches(paths, texts, labels, batch, spec, probe, device)
+                    it = nvjpeg_batches(paths, texts, labels, batch, spec, probe, device, tokens)
                     try:
+                        first = next(it)
+                        trainer.step(first)
+                        if not torch.isfinite(trainer.total):  # find out where, rather than only that it broke
+                            px = first["image"]["pixel_values"].float()
+                            raise RuntimeError(
+                                f"first nvJPEG step non-finite; pixels {px.min():.0f}..{px.max():.0f}, "
+                                f"finite {bool(torch.isfinite(px).all())}"
+                            )
                         return samples_per_s(trainer.step, it, steps, warmup, device)
                     finally:
                         trainer.close()

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CAPTIONER = "nlpconnect/vit-gpt2-image-captioning"
 COLUMNS = ["image", "text", "hash", "model"]
-LOAD_WORKERS = 4  # PIL releases the GIL while decoding, so threads overlap file reads with the model
+# PIL releases the GIL while decoding and resizing, so threads overlap file reads with the model.
+LOAD_WORKERS = max(1, min(32, os.cpu_count() or 1))
 _CAPTIONERS: dict[str, Callable[..., Captioner]] = {}
 
 
@@ -67,7 +68,15 @@ class Captioner:
 
     name: str = ""
 
-    def __call__(self, images: Sequence[Image.Image]) -> list[str]:
+    def prepare(self, image: Image.Image):
+        """Per-image work done before batching (a resize, say); ``__call__`` takes its results."""
+        return image
+
+    def load(self, path: Path):
+        """An image file read and prepared, in a loader thread."""
+        return self.prepare(load_image(path))
+
+    def __call__(self, images: Sequence) -> list[str]:
         raise NotImplementedError
 
 
@@ -379,6 +388,28 @@ class HFCaptioner(Captioner):
         self.model.to(self.device).eval()
         use_fast = fast and num_beams == 1 and GreedyGPT2Decoder.supports(self.model)
         self.fast = GreedyGPT2Decoder(self.model) if use_fast else None
+        from .fastdata import PixelSpec
+
+        try:  # a plain resize + normalise: resize in the loader threads, normalise on the device
+            self.pixel_spec = PixelSpec.from_tower(self)
+        except MmfuseError:  # the processor crops or pads: it runs on whole batches in __call__
+            self.pixel_spec = None
+
+    def prepare(self, image: Image.Image):
+        if self.pixel_spec is None:
+            return image
+        from .fastdata import decode_resized
+
+        return torch.from_numpy(decode_resized(image, self.pixel_spec))
+
+    def load(self, path: Path):
+        if self.pixel_spec is None:
+            return super().load(path)
+        from .fastdata import cached_pixels, pixel_cache
+
+        # Through the uint8 pixel cache: a classifier whose tower resizes the same way then reads these images
+        # back instead of decoding them again (e.g. ViT-GPT2 captions, then a ViT fine-tune at 224 px).
+        return torch.from_numpy(cached_pixels(path, self.pixel_spec, pixel_cache()))
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -390,8 +421,16 @@ class HFCaptioner(Captioner):
             pixel_values=pixel_values, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False
         )
 
-    def __call__(self, images: Sequence[Image.Image]) -> list[str]:
-        pixels = self.processor(list(images), return_tensors="pt")["pixel_values"]
+    def __call__(self, images: Sequence) -> list[str]:
+        if images and isinstance(images[0], torch.Tensor):  # uint8 from prepare()
+            from .fastdata import normalize
+
+            pixels = torch.stack(list(images))
+            if self.device.type == "cuda":
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            pixels = normalize(pixels, self.pixel_spec, self.dtype)
+        else:
+            pixels = self.processor(list(images), return_tensors="pt")["pixel_values"]
         texts = self.tokenizer.batch_decode(self.generate(pixels), skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]  # one line per caption, so a CSV row stays one line
 
@@ -411,21 +450,23 @@ def build_captioner(
 # Captioning files
 
 
-def _open(path: Path) -> tuple[Image.Image | None, str | None]:
+def _open(path: Path, load: Callable = load_image) -> tuple[Image.Image | None, str | None]:
     try:
-        return load_image(path), None
+        return load(path), None
     except ValueError as e:
         return None, str(e)
     except Exception as e:  # PIL raises a zoo of types for corrupt files; all mean the same thing here
         return None, f"unreadable image ({type(e).__name__}: {e})"
 
 
-def _loaded_batches(items: list, paths: list[Path], batch_size: int) -> Iterator[list[tuple]]:
-    """Batches of (item, image or None, error), decoding the next batches in threads while the model runs."""
+def _loaded_batches(items: list, paths: list[Path], batch_size: int, load: Callable) -> Iterator[list[tuple]]:
+    """Batches of (item, prepared image or None, error), decoding the next batches in threads while the model
+    runs."""
     with ThreadPoolExecutor(LOAD_WORKERS) as pool:
         pending: deque = deque()
         for i in range(0, len(items), batch_size):
-            pending.append((items[i : i + batch_size], [pool.submit(_open, p) for p in paths[i : i + batch_size]]))
+            futures = [pool.submit(_open, p, load) for p in paths[i : i + batch_size]]
+            pending.append((items[i : i + batch_size], futures))
             if len(pending) > 2:
                 chunk, futures = pending.popleft()
                 yield [(it, *f.result()) for it, f in zip(chunk, futures)]
@@ -458,9 +499,9 @@ def caption_images(
         batch = []
         for item in images[i : i + batch_size]:
             if isinstance(item, Image.Image):
-                batch.append(to_rgb(item))
+                batch.append(captioner.prepare(to_rgb(item)))
                 continue
-            image, error = _open(item.image if isinstance(item, Record) else Path(item))
+            image, error = _open(item.image if isinstance(item, Record) else Path(item), captioner.load)
             if error:
                 raise MmfuseError(f"{item.image if isinstance(item, Record) else item}: {error}")
             batch.append(image)
@@ -557,7 +598,7 @@ def _append_rows(
         w = csv.writer(f)
         if new:
             w.writerow(COLUMNS)
-        for batch in _loaded_batches(items, [r.image for r, _ in items], batch_size):
+        for batch in _loaded_batches(items, [r.image for r, _ in items], batch_size, captioner.load):
             good = [(it, im) for it, im, err in batch if err is None]
             problems += [Problem(r.row, r.source, err) for (r, _), _, err in batch if err is not None]
             texts = captioner([im for _, im in good]) if good else []

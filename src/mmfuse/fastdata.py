@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -45,7 +46,8 @@ from .features import FeatureCache, present_mask
 from .images import load_image
 from .paths import mmfuse_home
 
-DECODE_WORKERS = 4  # PIL releases the GIL while decoding and resizing, so threads scale on the cores there are
+# PIL releases the GIL while decoding and resizing, so threads scale on the cores there are.
+DECODE_WORKERS = max(1, min(32, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,25 @@ def file_key(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def pixel_cache() -> FeatureCache:
+    return FeatureCache(mmfuse_home() / "pixels")
+
+
+def cached_pixels(path: str | Path, spec: PixelSpec, cache: FeatureCache | None) -> np.ndarray:
+    """One image as (3, height, width) uint8, from ``cache`` when it holds this file's content at this spec."""
+    if cache is None:
+        return decode_resized(path, spec)
+    fp, key = spec.fingerprint, file_key(path)
+    hit = cache.get(fp, key)
+    if hit is None or hit.shape != (3, spec.height, spec.width) or hit.dtype != np.uint8:
+        hit = decode_resized(path, spec)
+        cache.put(fp, key, hit)
+        cache.misses += 1
+    else:
+        cache.hits += 1
+    return hit
+
+
 def load_pixels(
     paths: Sequence[str | Path],
     spec: PixelSpec,
@@ -146,21 +167,11 @@ def load_pixels(
         workers: decoding threads for images not cached yet.
         use_cache: False decodes everything and writes nothing (for timing the decode itself).
     """
-    cache = (cache or FeatureCache(mmfuse_home() / "pixels")) if use_cache else None
+    cache = (cache or pixel_cache()) if use_cache else None
     out = torch.empty((len(paths), 3, spec.height, spec.width), dtype=torch.uint8)
-    fp = spec.fingerprint
 
     def one(i: int) -> None:
-        key = file_key(paths[i]) if cache else ""
-        hit = cache.get(fp, key) if cache else None
-        if hit is None or hit.shape != tuple(out.shape[1:]) or hit.dtype != np.uint8:
-            hit = decode_resized(paths[i], spec)
-            if cache:
-                cache.put(fp, key, hit)
-                cache.misses += 1
-        elif cache:
-            cache.hits += 1
-        out[i] = torch.from_numpy(hit)
+        out[i] = torch.from_numpy(cached_pixels(paths[i], spec, cache))
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(one, range(len(paths))))  # list() re-raises the first worker error here
@@ -274,8 +285,13 @@ def decode_jpegs_gpu(
                 out[i] = torch.from_numpy(decode_resized(paths[i], spec)).to(device)
         if not datas:
             continue
+        # nvJPEG decodes on a stream of its own, into memory the caching allocator may have just freed from work
+        # still queued on the current stream (a training step in flight): without these waits it overwrote live
+        # activations, and training went NaN after a few steps on an H200. Wait before, and again after.
+        torch.cuda.synchronize(device)
         try:
             decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+            torch.cuda.synchronize(device)
         except Exception:  # one bad or unusual stream (e.g. CMYK) fails the batch: fall back per image
             decoded = [None] * len(datas)
         for i, img in zip(jpeg_idx, decoded):
