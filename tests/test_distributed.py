@@ -52,3 +52,6 @@ def test_two_process_training_gathers_each_row_once(tmp_path):
     support = sum(c["support"] for c in metrics["val"]["per_class"].values())
     assert support == metrics["val"]["n"] == 35
     assert metrics["val"]["accuracy"] > 0.6  # 4 classes, chance 0.25
+    # Accelerate steps the scheduler once per process per optimizer step: the schedule must still span all epochs.
+    lrs = [float(r["lr"]) for r in read_csv(run / "history.csv")]
+    assert lrs[len(lrs) // 2] > 0.3e-3 and lrs[-1] < 1e-6

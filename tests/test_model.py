@@ -66,11 +66,61 @@ def test_packaged_efficientnet_knows_a_cat():
 
 
 def test_packaged_minilm_embeds_offline():
-    tower = build_text("minilm")
+    tower = build_text("minilm", pooling="mean")
     with torch.no_grad():
         a, b, c = tower(**tower.preprocess(["a red apple", "a green apple", "a steam train"]))
     cos = torch.nn.functional.cosine_similarity
     assert tower.dim == 384 and cos(a, b, dim=0) > cos(a, c, dim=0)
+
+
+def test_packaged_minilm_loads_its_weights_only_when_used():
+    from mmfuse.towers import HFTextTower, minilm_path
+
+    lazy = build_text("minilm")
+    assert "model" not in lazy._modules and lazy.dim == 384 and lazy.layers == 6
+    eager = HFTextTower(minilm_path(), pooling="attention")
+    eager.name = "minilm"
+    assert lazy.fingerprint == eager.fingerprint  # the same cache entries either way
+    lazy.freeze()
+    with torch.no_grad():
+        states = lazy(**lazy.preprocess(["a red apple"]))
+    assert "model" in lazy._modules and not any(p.requires_grad for p in lazy.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(states, eager(**eager.preprocess(["a red apple"])))
+
+
+def test_attention_pooling_gives_token_states_and_the_model_pools_them(tiny_roberta_dir):
+    tower = build_text(str(tiny_roberta_dir), pooling="attention", layer_mean=2)
+    batch = tower.preprocess(["a short one", "a somewhat longer sentence here"])
+    with torch.no_grad():
+        states = tower(**batch)
+    assert tower.sequence and states.shape == (2, batch["input_ids"].shape[1], 32)
+    with pytest.raises(MmfuseError, match="text-layer-mean"):
+        build_text(str(tiny_roberta_dir), layer_mean=9)
+
+    cfg = ModelConfig(vision="efficientnet-lite0", text=str(tiny_roberta_dir), text_pooling="attention")
+    model = build_model(cfg, num_classes=3).eval()
+    feats = torch.randn(2, 1280)
+    # Token states of two texts, the second padded; its padding must not change its pooled result.
+    tokens, mask = torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    out = model(image_feats=feats, text_feats=tokens, text_mask=mask)
+    trimmed = model(image_feats=feats[1:], text_feats=tokens[1:, :2], text_mask=mask[1:, :2])
+    torch.testing.assert_close(out[1:], trimmed)
+    # A row with no tokens at all (missing text) stays finite, forwards and backwards.
+    model.train()
+    empty = model(image_feats=feats, text_feats=tokens, text_mask=torch.zeros(2, 5, dtype=torch.long))
+    empty.sum().backward()
+    assert torch.isfinite(empty).all() and torch.isfinite(model.poolers["text"].score.weight.grad).all()
+
+
+def test_packaged_efficientnet_image_size_is_its_input_and_its_fingerprint():
+    small, native = build_vision("efficientnet-lite0", image_size=128), build_vision("efficientnet-lite0")
+    from PIL import Image
+
+    assert small.preprocess([Image.new("RGB", (136, 128))])["pixel_values"].shape == (1, 3, 128, 128)
+    assert native.image_size == 224 and small.fingerprint != native.fingerprint
+    with pytest.raises(MmfuseError, match="image-size"):
+        build_vision("no-such-org/no-such-vit", image_size=128)
 
 
 @pytest.mark.parametrize("name", head_names())

@@ -11,6 +11,7 @@ Two layouts:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -169,6 +170,21 @@ def read_data(path: str | Path, captions: str | Path | None = None, need_label: 
     return read_manifest(path, need_label), []
 
 
+def _check_unchanged(path: Path, max_pixels: int) -> str | None:
+    """``check_image``, remembered for a file whose size and modification time have not changed: the ablation
+    and evaluation check the same files several times in one process."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return check_image(path, max_pixels)
+    return _check_cached(str(path), st.st_size, st.st_mtime_ns, max_pixels)
+
+
+@functools.lru_cache(maxsize=200_000)
+def _check_cached(path: str, size: int, mtime_ns: int, max_pixels: int) -> str | None:
+    return check_image(path, max_pixels)
+
+
 def find_problems(
     records: list[Record],
     *,
@@ -183,7 +199,7 @@ def find_problems(
     known = set(labels) if labels is not None else None
     problems = []
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        image_reasons = list(pool.map(lambda r: check_image(r.image, max_pixels), records))
+        image_reasons = list(pool.map(lambda r: _check_unchanged(r.image, max_pixels), records))
     for rec, image_reason in zip(records, image_reasons):
         if image_reason:
             problems.append(Problem(rec.row, rec.source, image_reason))

@@ -85,15 +85,21 @@ def embed(
     device: torch.device | str = "cpu",
     show: bool = True,
 ) -> torch.Tensor:
-    """Features of one modality for every record, from the cache where possible."""
+    """Features of one modality for every record, from the cache where possible.
+
+    Returns:
+        (N, dim) float32, or for towers that give token states (``tower.sequence``) a list of N (tokens, dim)
+        float16 tensors, padding dropped.
+    """
     tower = model.towers[modality]
     fp = tower.fingerprint
     keys = [content_key(r, modality) for r in records]
-    out = np.zeros((len(records), tower.dim), dtype=np.float32)
+    seq = tower.sequence
+    out: list | np.ndarray = [None] * len(records) if seq else np.zeros((len(records), tower.dim), dtype=np.float32)
     todo = []
     for i, key in enumerate(keys):
         hit = cache.get(fp, key) if cache else None
-        if hit is not None and hit.shape == (tower.dim,):
+        if hit is not None and (hit.shape[-1:] == (tower.dim,) and hit.ndim == (2 if seq else 1)):
             out[i] = hit
         else:
             todo.append(i)
@@ -106,13 +112,16 @@ def embed(
         idx = todo[start : start + batch_size]
         inputs = tower.preprocess(_load_inputs([records[i] for i in idx], modality))
         feats = tower(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy()
+        if seq:  # keep only real tokens, in half precision: token states are 10-100x a pooled vector
+            lengths = inputs["attention_mask"].sum(1).tolist()
+            feats = [f[: int(n)].astype(np.float16) for f, n in zip(feats, lengths)]
         for i, f in zip(idx, feats):
             out[i] = f
             if cache:
                 cache.put(fp, keys[i], f)
         bar.update(len(idx))
     bar.close()
-    return torch.from_numpy(out)
+    return [torch.from_numpy(f) for f in out] if seq else torch.from_numpy(out)
 
 
 def present_mask(records: list[Record], modalities: list[str]) -> torch.Tensor:
@@ -121,21 +130,60 @@ def present_mask(records: list[Record], modalities: list[str]) -> torch.Tensor:
     return torch.tensor(cols, dtype=torch.bool).T.contiguous()
 
 
-class FeatureDataset(Dataset):
-    """Precomputed features: the head trains from these in milliseconds per epoch."""
+class TokenStates:
+    """Variable-length token states of N items, stored flat ((total tokens, dim), float16) with offsets.
 
-    def __init__(self, feats: dict[str, torch.Tensor], present: torch.Tensor, labels: torch.Tensor | None):
+    A batch is gathered in a few tensor operations and padded only to its own longest item; padding every item to
+    the longest overall would cost memory in proportion to the largest text.
+    """
+
+    def __init__(self, items: list[torch.Tensor], dim: int):
+        lengths = torch.tensor([len(t) for t in items], dtype=torch.long)
+        self.flat = torch.cat([t.to(torch.float16) for t in items]) if lengths.sum() else torch.zeros(1, dim)
+        self.offsets = torch.cumsum(lengths, 0) - lengths
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, dim) float32 states and (B, T) mask for items ``idx``; T is the longest of them (at least 1)."""
+        lengths = self.lengths[idx]
+        steps = torch.arange(max(1, int(lengths.max())))
+        mask = steps[None, :] < lengths[:, None]
+        positions = torch.where(mask, self.offsets[idx][:, None] + steps[None, :], 0)
+        states = self.flat[positions].float() * mask[..., None]
+        return states, mask.long()
+
+
+class FeatureDataset(Dataset):
+    """Precomputed features: the head trains from these in milliseconds per epoch.
+
+    A modality's features are an (N, dim) tensor, or ``TokenStates``. Batches are gathered whole
+    (``__getitems__``): per-item indexing and collation cost more than the head's own step here.
+    """
+
+    def __init__(self, feats: dict[str, torch.Tensor | TokenStates], present: torch.Tensor, labels):
         self.feats, self.present, self.labels = feats, present, labels
 
     def __len__(self) -> int:
         return len(self.present)
 
-    def __getitem__(self, i: int) -> dict:
-        item = {f"{m}_feats": f[i] for m, f in self.feats.items()}
-        item["present"] = self.present[i]
+    def __getitems__(self, indices: list[int]) -> dict:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        batch = {}
+        for m, f in self.feats.items():
+            if isinstance(f, TokenStates):
+                batch[f"{m}_feats"], batch[f"{m}_mask"] = f.batch(idx)
+            else:
+                batch[f"{m}_feats"] = f[idx]
+        batch["present"] = self.present[idx]
         if self.labels is not None:
-            item["labels"] = self.labels[i]
-        return item
+            batch["labels"] = self.labels[idx]
+        return batch
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])
 
 
 class RawDataset(Dataset):
@@ -174,6 +222,11 @@ def raw_collate(model: MultimodalClassifier) -> Callable[[list[dict]], dict]:
     return collate
 
 
+def feature_collate(batch: dict) -> dict:
+    """``FeatureDataset.__getitems__`` already returns whole batches."""
+    return batch
+
+
 def make_dataset(
     model: MultimodalClassifier,
     records: list[Record],
@@ -205,11 +258,19 @@ def make_dataset(
     present = present_mask(records, model.modalities)
     feats = {}
     for j, m in enumerate(model.modalities):
-        # Rows missing a modality are not embedded (an empty string is not a caption): they get zeros, and
-        # the model swaps in its learned placeholder.
+        # Rows missing a modality are not embedded (an empty string is not a caption): they get zeros (no tokens),
+        # and the model swaps in its learned placeholder.
         have = [i for i in range(len(records)) if present[i, j]]
-        full = torch.zeros(len(records), model.towers[m].dim)
-        if have:
-            full[have] = embed(model, m, [records[i] for i in have], cache, device=device, show=show)
+        dim = model.towers[m].dim
+        got = embed(model, m, [records[i] for i in have], cache, device=device, show=show) if have else []
+        if model.towers[m].sequence:
+            items = [torch.zeros(0, dim, dtype=torch.float16)] * len(records)
+            for i, f in zip(have, got):
+                items[i] = f
+            full = TokenStates(items, dim)
+        else:
+            full = torch.zeros(len(records), dim)
+            if have:
+                full[have] = got
         feats[m] = full
-    return FeatureDataset(feats, present, labels), None
+    return FeatureDataset(feats, present, labels), feature_collate

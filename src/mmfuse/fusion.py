@@ -24,17 +24,24 @@ def head_names() -> list[str]:
     return sorted(_HEADS)
 
 
-def build_head(name: str, dims: list[int], num_classes: int, hidden: int = 256, dropout: float = 0.5) -> nn.Module:
-    return _HEADS[name](dims, num_classes, hidden, dropout)
+def build_head(
+    name: str, dims: list[int], num_classes: int, hidden: int = 256, dropout: float = 0.5, input_dropout: float = 0.0
+) -> nn.Module:
+    return _HEADS[name](dims, num_classes, hidden, dropout, input_dropout)
+
+
+def normalisers(dims: list[int], input_dropout: float) -> nn.ModuleList:
+    """Per-modality LayerNorm, then dropout on the normalised features (a regulariser for small heads)."""
+    return nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Dropout(input_dropout)) for d in dims)
 
 
 @register_head("concat")
 class ConcatHead(nn.Module):
     """The reference design: concatenate, Linear(hidden), ReLU, Dropout, Linear(classes)."""
 
-    def __init__(self, dims: list[int], num_classes: int, hidden: int, dropout: float):
+    def __init__(self, dims: list[int], num_classes: int, hidden: int, dropout: float, input_dropout: float = 0.0):
         super().__init__()
-        self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+        self.norms = normalisers(dims, input_dropout)
         self.mlp = nn.Sequential(
             nn.Linear(sum(dims), hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
         )
@@ -47,9 +54,9 @@ class ConcatHead(nn.Module):
 class GatedHead(nn.Module):
     """A gated multimodal unit: each modality is projected, and a learned per-sample gate mixes them."""
 
-    def __init__(self, dims: list[int], num_classes: int, hidden: int, dropout: float):
+    def __init__(self, dims: list[int], num_classes: int, hidden: int, dropout: float, input_dropout: float = 0.0):
         super().__init__()
-        self.norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
+        self.norms = normalisers(dims, input_dropout)
         self.projs = nn.ModuleList(nn.Linear(d, hidden) for d in dims)
         self.gate = nn.Linear(sum(dims), len(dims) * hidden)
         self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
@@ -70,9 +77,13 @@ class AttentionHead(nn.Module):
     learned a simple two-modality task to only 70% where the concatenation reached 100%.
     """
 
-    def __init__(self, dims: list[int], num_classes: int, hidden: int, dropout: float, heads: int = 4):
+    def __init__(
+        self, dims: list[int], num_classes: int, hidden: int, dropout: float, input_dropout: float = 0.0, heads: int = 4
+    ):
         super().__init__()
-        self.projs = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden)) for d in dims)
+        self.projs = nn.ModuleList(
+            nn.Sequential(*normalisers([d], input_dropout)[0], nn.Linear(d, hidden)) for d in dims
+        )
         self.modality = nn.Parameter(torch.zeros(len(dims), hidden))
         nn.init.normal_(self.modality, std=0.02)
         layer = nn.TransformerEncoderLayer(
