@@ -12,27 +12,53 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 
 def run_quickstart(home: Path, out: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of one `mmfuse quickstart` process."""
+    """Wall seconds and peak resident memory (GB) of one `mmfuse quickstart` process and its workers.
+
+    The quickstart trains its three heads in forked worker processes, so memory is sampled every 0.1 s as the
+    sum of the RSS of the whole process tree. Pages the workers share with their parent count once per process:
+    the figure is an upper bound.
+    """
+    import psutil
+
     env = {**os.environ, "MMFUSE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "mmfuse", "quickstart", "--out", str(out)], env=env, capture_output=True, text=True
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmfuse", "quickstart", "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not stop.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree))
+            except psutil.Error:  # a worker ended between listing and reading it
+                pass
+            stop.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = proc.communicate()
     wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
     if proc.returncode != 0:
-        sys.exit(f"mmfuse quickstart failed:\n{proc.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux; a max over all children so far
-    return wall, max(peak, before) / 1024**2
+        sys.exit(f"mmfuse quickstart failed:\n{stderr[-3000:]}")
+    return wall, peak[0] / 1024**3
 
 
 def main() -> None:
@@ -59,11 +85,10 @@ def main() -> None:
         ),
         ("cold wall s", f"{cold:.1f}", "<= 180 " + ("met" if cold <= 180 else "NOT met")),
         ("warm wall s", f"{warm:.1f}", "<= 20 " + ("met" if warm <= 20 else "NOT met")),
-        # getrusage keeps the largest child so far, so the second figure covers both runs.
         (
-            "peak RSS GB (cold; both)",
+            "peak RSS GB, process tree (cold; warm)",
             f"{cold_rss:.2f}; {warm_rss:.2f}",
-            "<= 3 " + ("met" if warm_rss <= 3 else "NOT met"),
+            "<= 3 " + ("met" if max(cold_rss, warm_rss) <= 3 else "NOT met"),
         ),
     ]
     width = max(len(r[0]) for r in rows)

@@ -41,6 +41,9 @@ def ablate(
             use two threads well, so processes roughly halve the wall time on two cores; the results are the same.
     """
     out = Path(out)
+    frozen = cfg.train.tune == "head"
+    if parallel is None:
+        parallel = frozen and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
     jobs = []
     for name, modalities in VARIANTS.items():
         run_cfg = copy.deepcopy(cfg)
@@ -49,9 +52,6 @@ def ablate(
             run_cfg.model.modality_dropout = 0.0
         run_dir = Path(fusion_dir) if name == "fusion" and fusion_dir else out / name
         jobs.append((name, run_cfg, run_dir, test, test_captions, cache))
-    frozen = cfg.train.tune == "head"
-    if parallel is None:
-        parallel = frozen and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
     # Frozen towers are identical in all three runs: build them once. Fine-tuned ones are changed by each run.
     global _TOWERS
     _TOWERS = {} if frozen else None
@@ -64,6 +64,11 @@ def ablate(
         model.freeze_towers()
         make_dataset(model, train + val, None, True, cache if cache is not None else FeatureCache())
     if parallel:
+        # Import here what every worker needs (the schedule, plotting), so the forked workers inherit it instead of
+        # importing it three times over on the same cores.
+        from transformers import get_cosine_schedule_with_warmup  # noqa: F401
+
+        metrics._plt()
         context = multiprocessing.get_context("fork")  # workers inherit the towers and imports: no reload
         with ProcessPoolExecutor(len(jobs), mp_context=context) as pool:
             results = dict(zip(VARIANTS, pool.map(_run_variant, jobs, [1] * len(jobs))))

@@ -116,7 +116,7 @@ class TrainConfig:
     tune: str = "head"
     """head: train the fusion head on frozen, cached tower features (fast on CPU); all: fine-tune both towers."""
     epochs: int | None = None
-    """Epochs; default 8 with --tune all (the reference), 20 with --tune head (each epoch costs milliseconds)."""
+    """Epochs; default 8 with --tune all (the reference), 15 with --tune head (each epoch costs milliseconds)."""
     batch_size: int | None = None
     """Batch size per process; default 16 with --tune all (the reference; on a GPU 128-256 keeps it busy), 64 with
     --tune head (cached features: larger batches train the head in a fraction of the steps)."""
@@ -142,11 +142,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.tune not in ("head", "all"):
             raise MmfuseError(f"--tune must be head or all, got {self.tune!r}")
-        # Head defaults from the emoji data (bench/RESULTS.md): 20 epochs at batch 64 and 2e-3 scored at least as
-        # well as 40 at batch 16 and 1e-3, in a sixth of the optimizer steps.
+        # Head defaults from the emoji data (bench/RESULTS.md): 15 epochs at batch 64 and 2e-3 scored at least as
+        # well as 40 at batch 16 and 1e-3, in an eighth of the optimizer steps.
         tune_all = self.tune == "all"
         if self.epochs is None:
-            self.epochs = 8 if tune_all else 20
+            self.epochs = 8 if tune_all else 15
         if self.batch_size is None:
             self.batch_size = 16 if tune_all else 64
         if self.lr is None:
