@@ -30,9 +30,13 @@ def build_head(
     return _HEADS[name](dims, num_classes, hidden, dropout, input_dropout)
 
 
+def normaliser(dim: int, input_dropout: float) -> nn.Sequential:
+    """One modality's LayerNorm, then dropout on the normalised features (a regulariser for small heads)."""
+    return nn.Sequential(nn.LayerNorm(dim), nn.Dropout(input_dropout))
+
+
 def normalisers(dims: list[int], input_dropout: float) -> nn.ModuleList:
-    """Per-modality LayerNorm, then dropout on the normalised features (a regulariser for small heads)."""
-    return nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Dropout(input_dropout)) for d in dims)
+    return nn.ModuleList(normaliser(d, input_dropout) for d in dims)
 
 
 @register_head("concat")
@@ -81,9 +85,7 @@ class AttentionHead(nn.Module):
         self, dims: list[int], num_classes: int, hidden: int, dropout: float, input_dropout: float = 0.0, heads: int = 4
     ):
         super().__init__()
-        self.projs = nn.ModuleList(
-            nn.Sequential(*normalisers([d], input_dropout)[0], nn.Linear(d, hidden)) for d in dims
-        )
+        self.projs = nn.ModuleList(nn.Sequential(*normaliser(d, input_dropout), nn.Linear(d, hidden)) for d in dims)
         self.modality = nn.Parameter(torch.zeros(len(dims), hidden))
         nn.init.normal_(self.modality, std=0.02)
         layer = nn.TransformerEncoderLayer(

@@ -131,18 +131,15 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
     set_seed(cfg.train.seed)  # the head's initialisation must not depend on whether the towers were built just now
     model = build_model(cfg.model, len(labels), towers)
     tune = cfg.train.tune == "all"
-    if tune:
+    if tune or acc.num_processes > 1:
+        # Towers that defer loading their weights load them now: the optimizer must see every weight it trains,
+        # and DDP checks that every process holds the same weights (otherwise only the one that embeds loads them).
         for tower in model.towers.values():
-            tower.materialise()  # the optimizer must see every weight it trains
-    else:
+            tower.materialise()
+    if not tune:
         model.freeze_towers()
     cache = cache if cache is not None else FeatureCache()
     train_dl, val_dl = loaders(model, train, val, labels, cfg, acc, cache if not tune else None)
-    if acc.num_processes > 1:
-        # DDP checks that every process holds the same weights; only the process that embedded has loaded a
-        # tower that defers its loading.
-        for tower in model.towers.values():
-            tower.materialise()
     params = [p for p in model.parameters() if p.requires_grad]
     # Decay only weight matrices: shrinking biases, norm scales and the missing-modality placeholders towards
     # zero regularises nothing useful.
