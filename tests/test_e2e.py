@@ -62,7 +62,8 @@ def test_train_evaluate_predict_and_reload(toy_manifest, tmp_path):
 
     predictor = load(run)
     result = predictor.predict([toy_manifest / r["image"] for r in rows], [r["text"] for r in rows])
-    np.testing.assert_allclose(result.probs, probs, atol=1e-5)
+    # The CLI read cached token states (layer-normalised, stored in float16); the API embedded afresh in float32.
+    np.testing.assert_allclose(result.probs, probs, atol=1e-4)
     again = load(run).predict([Image.open(toy_manifest / r["image"]) for r in rows], [r["text"] for r in rows])
     np.testing.assert_array_equal(again.probs, result.probs)
     assert result.labels == [r["label"] for r in out]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import multiprocessing
 import os
@@ -44,6 +45,8 @@ def ablate(
     frozen = cfg.train.tune == "head"
     if parallel is None:
         parallel = frozen and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
+    # One cache object for the three runs, holding what it reads: each feature file is read once, not per run.
+    cache = cache if cache is not None else FeatureCache(memory=True)
     jobs = []
     for name, modalities in VARIANTS.items():
         run_cfg = copy.deepcopy(cfg)
@@ -62,12 +65,12 @@ def ablate(
         train, val, labels = load_splits(fusion_cfg, fusion_out)
         model = build_model(fusion_cfg.model, len(labels), _TOWERS)
         model.freeze_towers()
-        make_dataset(model, train + val, None, True, cache if cache is not None else FeatureCache())
+        make_dataset(model, train + val, None, True, cache)
     if parallel:
-        # Import here what every worker needs (the schedule, plotting), so the forked workers inherit it instead of
-        # importing it three times over on the same cores.
-        from transformers import get_cosine_schedule_with_warmup  # noqa: F401
-
+        # Import here what every worker needs, so the forked workers inherit it instead of importing it three times
+        # over on the same cores: plotting, and torch._dynamo, which torch.optim imports on an optimizer's first
+        # use (2 s of CPU on this machine).
+        importlib.import_module("torch._dynamo")  # a plain import here would make `torch` a local name
         metrics._plt()
         context = multiprocessing.get_context("fork")  # workers inherit the towers and imports: no reload
         with ProcessPoolExecutor(len(jobs), mp_context=context) as pool:

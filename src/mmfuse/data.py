@@ -11,19 +11,17 @@ Two layouts:
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .errors import DataError, MmfuseError
+from .filestats import file_index
 from .images import IMAGE_SUFFIXES, MAX_PIXELS, check_image
 
 log = logging.getLogger(__name__)
@@ -54,35 +52,50 @@ def _is_not_utf8(value: str) -> bool:
     return any(ch in _SURROGATES for ch in value)
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    """Reads a manifest as strings; text that is not UTF-8 survives as surrogates so each row can be reported."""
+def _read_table(path: Path) -> tuple[list[str], list[dict]]:
+    """A manifest's columns and rows; text that is not UTF-8 survives as surrogates so each row can be reported.
+
+    pandas only for parquet: importing it costs half a second of every command.
+    """
     try:
         if path.suffix == ".csv":
             # The csv module, unlike pandas' C parser, keeps undecodable bytes as surrogates we can report per row.
             text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
             reader = csv.reader(io.StringIO(text, newline=""))
             header = next(reader, [])
-            return pd.DataFrame(
-                [row + [""] * (len(header) - len(row)) for row in reader if row], columns=header, dtype=object
-            )
+            rows = []
+            for row in reader:
+                if len(row) > len(header):
+                    raise MmfuseError(
+                        f"{path}: line {reader.line_num} has {len(row)} cells but the header names {len(header)} "
+                        "columns (a text with an unquoted comma?)"
+                    )
+                if row:
+                    rows.append(dict(zip(header, row)))
+            return header, rows
         if path.suffix == ".jsonl":
             rows = []
             for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
                 if not raw.strip():
                     continue
                 try:
-                    rows.append(json.loads(raw.decode("utf-8", errors="surrogateescape")))
+                    row = json.loads(raw.decode("utf-8", errors="surrogateescape"))
                 except json.JSONDecodeError as e:
                     raise MmfuseError(f"{path}: line {n} is not valid JSON ({e})") from None
-            return pd.DataFrame(rows).astype(object)
+                if not isinstance(row, dict):
+                    raise MmfuseError(f"{path}: line {n} is not a JSON object with image, text and label keys")
+                rows.append(row)
+            return list(dict.fromkeys(k for row in rows for k in row)), rows
         if path.suffix == ".parquet":
+            import pandas as pd
+
             df = pd.read_parquet(path)
             for col in df.columns:
                 df[col] = df[col].map(
                     lambda v: v.decode("utf-8", errors="surrogateescape") if isinstance(v, bytes) else v
                 )
-            return df
-    except (csv.Error, OSError, ValueError) as e:
+            return [str(c) for c in df.columns], df.to_dict("records")
+    except (csv.Error, OSError, ValueError, ImportError) as e:
         raise MmfuseError(f"Could not read manifest {path}: {e}") from None
     raise MmfuseError(f"{path}: manifests must be {', '.join(MANIFEST_SUFFIXES)}")
 
@@ -93,33 +106,33 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _require_columns(df: pd.DataFrame, path: Path, needed: list[str]) -> None:
-    missing = [c for c in needed if c not in df.columns]
+def _require_columns(columns: list[str], path: Path, needed: list[str]) -> None:
+    missing = [c for c in needed if c not in columns]
     if missing:
         raise MmfuseError(
-            f"{path} is missing column(s) {missing}; it has {list(df.columns)}. "
+            f"{path} is missing column(s) {missing}; it has {columns}. "
             "Manifests need columns image, text and label (label is optional for predict)."
         )
 
 
 def read_manifest(path: Path, need_label: bool) -> list[Record]:
-    df = _read_table(path)
-    _require_columns(df, path, ["image", "text"] + (["label"] if need_label else []))
-    has_label = "label" in df.columns
+    columns, rows = _read_table(path)
+    _require_columns(columns, path, ["image", "text"] + (["label"] if need_label else []))
+    has_label = "label" in columns
     records = []
-    for i, row in enumerate(df.to_dict("records"), start=1):
-        source = _cell(row["image"])
+    for i, row in enumerate(rows, start=1):
+        source = _cell(row.get("image"))
         image = Path(source) if Path(source).is_absolute() else path.parent / source
-        label = _cell(row["label"]).strip() if has_label else None
-        records.append(Record(image, _cell(row["text"]), label or None, i, source))
+        label = _cell(row.get("label")).strip() if has_label else None
+        records.append(Record(image, _cell(row.get("text")), label or None, i, source))
     return records
 
 
 def read_captions(path: Path) -> dict[str, str]:
     """A captions CSV as {relative path or file name: text}."""
-    df = _read_table(Path(path))
-    _require_columns(df, Path(path), ["image", "text"])
-    return {_cell(r["image"]).replace("\\", "/").lstrip("./"): _cell(r["text"]) for r in df.to_dict("records")}
+    columns, rows = _read_table(Path(path))
+    _require_columns(columns, Path(path), ["image", "text"])
+    return {_cell(r.get("image")).replace("\\", "/").lstrip("./"): _cell(r.get("text")) for r in rows}
 
 
 def read_folder(root: Path, captions: dict[str, str] | None) -> tuple[list[Record], list[Problem]]:
@@ -170,21 +183,6 @@ def read_data(path: str | Path, captions: str | Path | None = None, need_label: 
     return read_manifest(path, need_label), []
 
 
-def _check_unchanged(path: Path, max_pixels: int) -> str | None:
-    """``check_image``, remembered for a file whose size and modification time have not changed: the ablation
-    and evaluation check the same files several times in one process."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return check_image(path, max_pixels)
-    return _check_cached(str(path), st.st_size, st.st_mtime_ns, max_pixels)
-
-
-@functools.lru_cache(maxsize=200_000)
-def _check_cached(path: str, size: int, mtime_ns: int, max_pixels: int) -> str | None:
-    return check_image(path, max_pixels)
-
-
 def find_problems(
     records: list[Record],
     *,
@@ -198,8 +196,10 @@ def find_problems(
     """Checks every row in one pass: image readable and sane in size, text present and UTF-8, label known."""
     known = set(labels) if labels is not None else None
     problems = []
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        image_reasons = list(pool.map(lambda r: _check_unchanged(r.image, max_pixels), records))
+    # Remembered per file across runs while its size and mtime hold: a warm run decodes nothing.
+    image_reasons = file_index().values(
+        f"check-v1:{max_pixels}", [str(r.image) for r in records], lambda p: check_image(p, max_pixels), workers
+    )
     for rec, image_reason in zip(records, image_reasons):
         if image_reason:
             problems.append(Problem(rec.row, rec.source, image_reason))

@@ -18,44 +18,64 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .data import Record
+from .filestats import file_index
 from .images import load_image
-from .model import MultimodalClassifier
+from .model import LAYER_NORM_EPS, MultimodalClassifier
 from .paths import mmfuse_home
 
 log = logging.getLogger(__name__)
 
 
-def content_key(rec: Record, modality: str) -> str:
-    if modality == "text":
-        return hashlib.sha256(rec.text.encode("utf-8")).hexdigest()
+def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
-    with open(rec.image, "rb") as f:
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-class FeatureCache:
-    """One .npy file per (tower, item), under ``root/<tower fingerprint>/<key[:2]>/<key>.npy``."""
+def content_keys(records: list[Record], modality: str) -> list[str]:
+    """What a feature depends on besides the tower: the text, or the image file's bytes (hashes of unchanged
+    files are remembered across runs)."""
+    if modality == "text":
+        return [hashlib.sha256(r.text.encode("utf-8")).hexdigest() for r in records]
+    return file_index().values("sha256", [str(r.image) for r in records], _sha256_file, workers=4)
 
-    def __init__(self, root: Path | None = None):
+
+class FeatureCache:
+    """One .npy file per (tower, item), under ``root/<tower fingerprint>/<key[:2]>/<key>.npy``.
+
+    With ``memory``, entries read or written are also kept in this process (and in processes forked from it):
+    runs that share a cache object, like the ablation's three, then read each file once.
+    """
+
+    def __init__(self, root: Path | None = None, memory: bool = False):
         self.root = Path(root) if root else mmfuse_home() / "features"
         self.hits = self.misses = 0
+        self.memory: dict[tuple[str, str], np.ndarray] | None = {} if memory else None
 
     def _path(self, fingerprint: str, key: str) -> Path:
         return self.root / fingerprint / key[:2] / f"{key}.npy"
 
     def get(self, fingerprint: str, key: str) -> np.ndarray | None:
+        if self.memory is not None and (fingerprint, key) in self.memory:
+            return self.memory[fingerprint, key]
         try:
-            return np.load(self._path(fingerprint, key))
+            value = np.load(self._path(fingerprint, key))
         except (OSError, ValueError):  # absent, or unreadable for any reason: recompute rather than fail
             return None
+        if self.memory is not None:
+            self.memory[fingerprint, key] = value
+        return value
 
     def put(self, fingerprint: str, key: str, value: np.ndarray) -> None:
+        if self.memory is not None:
+            self.memory[fingerprint, key] = value
         path = self._path(fingerprint, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -93,7 +113,7 @@ def embed(
     """
     tower = model.towers[modality]
     fp = tower.fingerprint
-    keys = [content_key(r, modality) for r in records]
+    keys = content_keys(records, modality)
     seq = tower.sequence
     out: list | np.ndarray = [None] * len(records) if seq else np.zeros((len(records), tower.dim), dtype=np.float32)
     todo = []
@@ -135,11 +155,18 @@ class TokenStates:
 
     A batch is gathered in a few tensor operations and padded only to its own longest item; padding every item to
     the longest overall would cost memory in proportion to the largest text.
+
+    The states are stored layer-normalised (without an affine), once: ``model.AttentionPool`` starts with exactly
+    that, and doing it per batch was a tenth of a head's training step.
     """
 
     def __init__(self, items: list[torch.Tensor], dim: int):
         lengths = torch.tensor([len(t) for t in items], dtype=torch.long)
-        self.flat = torch.cat([t.to(torch.float16) for t in items]) if lengths.sum() else torch.zeros(1, dim)
+        # One zero row last, which padding positions point at: a batch is then one gather, with no masking pass.
+        self.flat = torch.cat([*(t.to(torch.float16) for t in items), torch.zeros(1, dim, dtype=torch.float16)])
+        for start in range(0, len(self.flat) - 1, 1 << 16):  # in chunks: float32 copies of all tokens can be large
+            rows = self.flat[start : min(start + (1 << 16), len(self.flat) - 1)]
+            rows.copy_(F.layer_norm(rows.float(), (dim,), eps=LAYER_NORM_EPS))
         self.offsets = torch.cumsum(lengths, 0) - lengths
         self.lengths = lengths
 
@@ -147,13 +174,12 @@ class TokenStates:
         return len(self.lengths)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, dim) float32 states and (B, T) mask for items ``idx``; T is the longest of them (at least 1)."""
+        """(B, T, dim) float32 normalised states and (B, T) mask for items ``idx``; T: their longest (at least 1)."""
         lengths = self.lengths[idx]
         steps = torch.arange(max(1, int(lengths.max())))
         mask = steps[None, :] < lengths[:, None]
-        positions = torch.where(mask, self.offsets[idx][:, None] + steps[None, :], 0)
-        states = self.flat[positions].float() * mask[..., None]
-        return states, mask.long()
+        positions = torch.where(mask, self.offsets[idx][:, None] + steps[None, :], len(self.flat) - 1)
+        return self.flat[positions].float(), mask.long()
 
 
 class FeatureDataset(Dataset):

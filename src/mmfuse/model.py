@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -13,6 +14,8 @@ from .config import ModelConfig, RunConfig
 from .errors import MmfuseError
 from .fusion import build_head
 from .towers import Tower, build_text, build_vision, rebuild
+
+LAYER_NORM_EPS = 1e-5
 
 
 class AttentionPool(nn.Module):
@@ -24,19 +27,26 @@ class AttentionPool(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.score = nn.Linear(dim, 1)
         self.dim = 2 * dim
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.norm(states)
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, normalised: bool = False) -> torch.Tensor:
+        """``normalised``: the states are already layer-normalised without an affine (as cached features are)."""
+        # LayerNorm's affine is applied after pooling: both poolings' weights sum to 1 over the tokens, so
+        # pool(g * x + b) = g * pool(x) + b. Then on frozen token states nothing (B, T, D)-sized needs a backward
+        # pass.
+        x = states if normalised else F.layer_norm(states, (states.shape[-1],), eps=self.norm.eps)
         m = mask.bool()
         m = m | ~m.any(-1, keepdim=True)  # a row with no tokens (missing text) must not softmax over nothing: NaN
-        weights = self.score(x).squeeze(-1).float().masked_fill(~m, float("-inf")).softmax(-1).to(x.dtype)
+        w = self.score.weight[0]
+        scores = x @ (w * self.norm.weight).to(x.dtype) + (w @ self.norm.bias + self.score.bias)
+        weights = scores.float().masked_fill(~m, float("-inf")).softmax(-1).to(x.dtype)
         mf = m.to(x.dtype)
         mean = mf / mf.sum(1, keepdim=True).clamp(min=1.0)
         # Both poolings as one batched matrix product: elementwise products over (B, T, D) cost 3x more on a CPU.
-        return torch.bmm(torch.stack([mean, weights], 1), x).flatten(1)
+        pooled = torch.bmm(torch.stack([mean, weights], 1), x)
+        return (pooled * self.norm.weight + self.norm.bias).flatten(1)
 
 
 class MultimodalClassifier(nn.Module):
@@ -73,8 +83,8 @@ class MultimodalClassifier(nn.Module):
         """Tower features of one modality: one vector per item, or token states when the model pools them."""
         return self.towers[modality](**inputs)
 
-    def pool(self, modality: str, feats: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.poolers[modality](feats, mask) if modality in self.poolers else feats
+    def pool(self, modality: str, feats: torch.Tensor, mask: torch.Tensor | None, normalised: bool) -> torch.Tensor:
+        return self.poolers[modality](feats, mask, normalised) if modality in self.poolers else feats
 
     def forward(
         self,
@@ -91,6 +101,8 @@ class MultimodalClassifier(nn.Module):
             image: the vision tower's inputs (from its ``preprocess``), unless ``image_feats`` are given.
             text: the text tower's inputs, unless ``text_feats`` are given.
             present: (B, len(modalities)) booleans; False marks a modality missing for that sample.
+            text_feats: pooled text features, or token states that are layer-normalised without an affine
+                (``features.TokenStates``) for a model that pools them.
             text_mask: (B, T) for ``text_feats`` that are token states (attention pooling).
         """
         feats = []
@@ -98,7 +110,7 @@ class MultimodalClassifier(nn.Module):
             raw, pre = (image, image_feats) if m == "image" else (text, text_feats)
             f = pre if pre is not None else self.encode(m, raw)
             mask = text_mask if pre is not None else (raw or {}).get("attention_mask")
-            feats.append(self.pool(m, f, mask))
+            feats.append(self.pool(m, f, mask, normalised=pre is not None))
         if self.training and self.cfg.modality_dropout > 0 and len(self.modalities) > 1:
             present = self._drop_modalities(present, feats[0].shape[0])
         if present is not None:

@@ -27,12 +27,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import Pool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from mmfuse.errors import MmfuseError
 from mmfuse.paths import mmfuse_home
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +329,8 @@ def build_emoji(
             raise MmfuseError(f"no emoji could be rendered with {font}; see the reasons in the log")
         if skipped:
             log.warning("%d emoji skipped (listed in skipped.csv), e.g. %s: %s", len(skipped), *_first(skipped))
+
+        import pandas as pd  # only when building: a cached dataset never needs it
 
         frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         splits = _split(frame, seed)
