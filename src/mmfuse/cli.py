@@ -275,11 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_libraries() -> None:
+    # Through the environment rather than transformers' own setters: importing transformers costs 1 s, and many
+    # commands (a warm quickstart among them) never load a Hugging Face model.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars follow this
 
 
 def main(argv: list[str] | None = None) -> int:

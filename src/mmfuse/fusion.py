@@ -30,9 +30,24 @@ def build_head(
     return _HEADS[name](dims, num_classes, hidden, dropout, input_dropout)
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU mask is drawn as random bytes, so p is rounded to a multiple of 1/256.
+
+    torch's CPU dropout draws through ``bernoulli_`` at about 14 ns an element: 15% of a fusion head's training step
+    on cached features (1.9 ms of 13 for a 64 x 2048 batch; random bytes take 0.7 ms). GPUs keep torch's own.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        cut = round(self.p * 256)
+        keep = torch.empty(x.shape, dtype=torch.uint8).random_() >= cut  # kept with probability 1 - cut / 256
+        return x * keep * (256 / max(256 - cut, 1))
+
+
 def normaliser(dim: int, input_dropout: float) -> nn.Sequential:
     """One modality's LayerNorm, then dropout on the normalised features (a regulariser for small heads)."""
-    return nn.Sequential(nn.LayerNorm(dim), nn.Dropout(input_dropout))
+    return nn.Sequential(nn.LayerNorm(dim), Dropout(input_dropout))
 
 
 def normalisers(dims: list[int], input_dropout: float) -> nn.ModuleList:
@@ -47,7 +62,7 @@ class ConcatHead(nn.Module):
         super().__init__()
         self.norms = normalisers(dims, input_dropout)
         self.mlp = nn.Sequential(
-            nn.Linear(sum(dims), hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+            nn.Linear(sum(dims), hidden), nn.ReLU(), Dropout(dropout), nn.Linear(hidden, num_classes)
         )
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -63,7 +78,7 @@ class GatedHead(nn.Module):
         self.norms = normalisers(dims, input_dropout)
         self.projs = nn.ModuleList(nn.Linear(d, hidden) for d in dims)
         self.gate = nn.Linear(sum(dims), len(dims) * hidden)
-        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.out = nn.Sequential(Dropout(dropout), nn.Linear(hidden, num_classes))
         self.n, self.hidden = len(dims), hidden
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -93,7 +108,7 @@ class AttentionHead(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
         self.out = nn.Sequential(
-            nn.LayerNorm(len(dims) * hidden), nn.Dropout(dropout), nn.Linear(len(dims) * hidden, num_classes)
+            nn.LayerNorm(len(dims) * hidden), Dropout(dropout), nn.Linear(len(dims) * hidden, num_classes)
         )
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
