@@ -1,6 +1,10 @@
 """The quickstart's targets: quality, cold and warm wall time, and peak memory, measured in one run.
 
-    python bench/quickstart.py            # cold run (fresh $MMFUSE_HOME), then warm run (features cached)
+    python bench/quickstart.py            # cold run (fresh $MMFUSE_HOME), then warm runs (features cached)
+
+The warm time is the median of --warm-runs timed runs (default 3), each without the memory sampler, which would
+otherwise compete for the two cores; one more warm run measures memory. This VM's speed drifts by 15% or more
+from run to run, so all warm times are printed.
 
 Each run is a separate `mmfuse quickstart` process, so imports and model loading are counted, as a user sees them.
 Targets (shared/PERF.md, issue 5): fusion weighted F1 >= 0.93 and above both single modalities; cold <= 180 s,
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,7 +25,7 @@ import time
 from pathlib import Path
 
 
-def run_quickstart(home: Path, out: Path) -> tuple[float, float]:
+def run_quickstart(home: Path, out: Path, sample_memory: bool = True) -> tuple[float, float]:
     """Wall seconds and peak resident memory (GB) of one `mmfuse quickstart` process and its workers.
 
     The quickstart trains its three heads in forked worker processes, so memory is sampled every 0.5 s as the
@@ -51,11 +56,13 @@ def run_quickstart(home: Path, out: Path) -> tuple[float, float]:
             stop.wait(0.5)  # reading every process's page map is not free: sample gently
 
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    if sample_memory:
+        sampler.start()
     _, stderr = proc.communicate()
     wall = time.perf_counter() - t0
     stop.set()
-    sampler.join()
+    if sample_memory:
+        sampler.join()
     if proc.returncode != 0:
         sys.exit(f"mmfuse quickstart failed:\n{stderr[-3000:]}")
     return wall, peak[0] / 1024**3
@@ -66,11 +73,14 @@ def main() -> None:
     parser.add_argument(
         "--home", help="cache directory to use (default: a fresh temporary one, so the first run is cold)"
     )
+    parser.add_argument("--warm-runs", type=int, default=3, help="timed warm runs; their median is reported")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(args.home) if args.home else Path(tmp) / "home"
         cold, cold_rss = run_quickstart(home, Path(tmp) / "cold")
-        warm, warm_rss = run_quickstart(home, Path(tmp) / "warm")
+        _, warm_rss = run_quickstart(home, Path(tmp) / "warm")
+        warms = [run_quickstart(home, Path(tmp) / "warm", sample_memory=False)[0] for _ in range(args.warm_runs)]
+        warm = statistics.median(warms)
         results = json.loads((Path(tmp) / "warm" / "ablation.json").read_text())
     fusion = results["fusion"]["weighted_f1"]
     best_single = max(results["image"]["weighted_f1"], results["text"]["weighted_f1"])
@@ -84,7 +94,11 @@ def main() -> None:
             "> 0 " + ("met" if fusion > best_single else "NOT met"),
         ),
         ("cold wall s", f"{cold:.1f}", "<= 180 " + ("met" if cold <= 180 else "NOT met")),
-        ("warm wall s", f"{warm:.1f}", "<= 20 " + ("met" if warm <= 20 else "NOT met")),
+        (
+            f"warm wall s, median of {len(warms)} ({', '.join(f'{w:.1f}' for w in warms)})",
+            f"{warm:.1f}",
+            "<= 20 " + ("met" if warm <= 20 else "NOT met"),
+        ),
         (
             "peak memory GB, process tree PSS (cold; warm)",
             f"{cold_rss:.2f}; {warm_rss:.2f}",
