@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .data import Record
 from .filestats import file_index
 from .images import load_image
-from .model import LAYER_NORM_EPS, MultimodalClassifier
+from .model import MultimodalClassifier, normalise_tokens
 from .paths import mmfuse_home
 
 log = logging.getLogger(__name__)
@@ -164,9 +163,8 @@ class TokenStates:
         lengths = torch.tensor([len(t) for t in items], dtype=torch.long)
         # One zero row last, which padding positions point at: a batch is then one gather, with no masking pass.
         self.flat = torch.cat([*(t.to(torch.float16) for t in items), torch.zeros(1, dim, dtype=torch.float16)])
-        for start in range(0, len(self.flat) - 1, 1 << 16):  # in chunks: float32 copies of all tokens can be large
-            rows = self.flat[start : min(start + (1 << 16), len(self.flat) - 1)]
-            rows.copy_(F.layer_norm(rows.float(), (dim,), eps=LAYER_NORM_EPS))
+        for rows in self.flat[:-1].split(1 << 16):  # views, in chunks: float32 copies of all tokens can be large
+            rows.copy_(normalise_tokens(rows.float()))
         self.offsets = torch.cumsum(lengths, 0) - lengths
         self.lengths = lengths
 

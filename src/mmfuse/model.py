@@ -18,6 +18,12 @@ from .towers import Tower, build_text, build_vision, rebuild
 LAYER_NORM_EPS = 1e-5
 
 
+def normalise_tokens(states: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the feature dimension without an affine: what ``AttentionPool`` applies to token states first,
+    and how ``features.TokenStates`` caches them."""
+    return F.layer_norm(states, (states.shape[-1],), eps=LAYER_NORM_EPS)
+
+
 class AttentionPool(nn.Module):
     """Pools token states (B, T, D) with one learned score per token: [masked mean, attention-weighted sum], 2D wide.
 
@@ -36,7 +42,7 @@ class AttentionPool(nn.Module):
         # LayerNorm's affine is applied after pooling: both poolings' weights sum to 1 over the tokens, so
         # pool(g * x + b) = g * pool(x) + b. Then on frozen token states nothing (B, T, D)-sized needs a backward
         # pass.
-        x = states if normalised else F.layer_norm(states, (states.shape[-1],), eps=self.norm.eps)
+        x = states if normalised else normalise_tokens(states)
         m = mask.bool()
         m = m | ~m.any(-1, keepdim=True)  # a row with no tokens (missing text) must not softmax over nothing: NaN
         w = self.score.weight[0]
