@@ -4,7 +4,7 @@ ViT-B/16 (224 px) + RoBERTa-base cut to 8 layers (128 tokens) + the concat head,
 (throughput does not depend on weight values), every variant measured in the same run on the same device:
 
     python bench/train_throughput.py                    # GPU: full size; bf16 where mmfuse uses it
-    python bench/train_throughput.py --compile          # also time torch.compile (pays about a minute once)
+    python bench/train_throughput.py --compile regional,model --infer-compile regional   # + compiled variants
     python bench/train_throughput.py --small            # CPU: tiny towers, fp32, well under a minute; what tests/ runs
 
 Rows:
@@ -13,14 +13,23 @@ Rows:
   epoch, so it cannot time a synthetic batch; ``TunedTrainer`` mirrors its step line for line instead: the same
   Accelerator (``make_accelerator``: bf16 autocast on a GPU, fp32 on CPU), AdamW (fused on CUDA), gradient clipping
   through ``acc.clip_grad_norm_``, the cosine schedule, the loss summed on the device and no per-step host sync. SDPA
-  attention (transformers' default). Shapes are static, as ``drop_last`` makes them in ``fit``.
+  attention (transformers' default). Shapes are static, as ``drop_last`` makes them in ``fit``. Timed at
+  ``--batch-size`` and at each of ``--big-batches`` (a batch that does not fit fails its row with the OOM error).
 - from files: the same tuned step fed by a DataLoader over JPEG files on disk, prepared by the same Accelerator:
   (1) mmfuse's current path (``RawDataset``: PIL decode and the HF processor in DataLoader workers every step) and
   (2) ``mmfuse.fastdata``: images decoded once into a uint8 cache, normalised on the device (the cache fill is timed
   on its own line). On a GPU with a working torchvision, (3) nvJPEG decodes each batch on the device.
-- inference: the predict path as it is (``Predictor`` loaded from a run directory written by ``save_model``, fp32,
-  batch 64, probabilities copied to the host per batch, as ``predict_records`` does), and with bf16 autocast at a
-  larger batch (on a GPU; the proposed change to predict.py). bf16 logits are checked against fp32 first.
+- inference: ``Predictor.probs``, the call ``predict_records`` makes per batch (a ``Predictor`` loaded from a run
+  directory written by ``save_model``; inputs cast to its dtype, softmax in fp32, probabilities copied to the host),
+  for each of its dtypes: fp32 at batch 64, then bf16 autocast (predict's default on a GPU) and bf16 weights at each
+  of ``--infer-batches``. Both bf16 paths' logits are checked against fp32 first.
+- compiled (``mmfuse.speed.compile_model``), last, since each pays its compile first (the first step's time is
+  printed): the tuned step with ``--compile regional`` (each encoder layer, fit's ``--compile``) and/or ``model``
+  (whole model), and bf16-weights inference with ``--infer-compile``. On CPU the backend is ``aot_eager``: it traces
+  what Inductor would compile, without minutes of C++ builds.
+
+Each row is printed as it finishes, so a run cut short by a time limit still reports what it measured, and a row
+that raises (out of memory, a compile error) is reported as failed without stopping the others.
 
 MFU counts 150 GFLOP per trained sample and 50 per inferred one against 790 TFLOP/s of bf16 (shared/PERF.md); it is
 only given at full size and at 128 tokens. The table is printed last.
@@ -166,11 +175,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def samples_per_s(step: Callable[[dict], None], batches: Iterator[dict], steps: int, warmup: int, device) -> float:
-    """Runs ``warmup`` untimed steps, then ``steps`` timed ones; fetching each batch counts as part of the step."""
+def samples_per_s(
+    step: Callable[[dict], None], batches: Iterator[dict], steps: int, warmup: int, device, timing: dict | None = None
+) -> float:
+    """Runs ``warmup`` untimed steps, then ``steps`` timed ones; fetching each batch counts as part of the step.
+
+    ``timing`` gets ``first_step_s``: what compiling costs, for the compiled variants.
+    """
     batch_size = 0
-    for _ in range(warmup):
+    start = time.perf_counter()
+    for i in range(warmup):
         step(next(batches))
+        if i == 0 and timing is not None:
+            sync(device)
+            timing["first_step_s"] = time.perf_counter() - start
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -241,10 +259,13 @@ def naive_rate(cfg, device, data: dict, steps: int, warmup: int) -> float:
 class TunedTrainer:
     """The step of ``mmfuse.train.fit`` with ``--tune all``, line for line, on a model built by mmfuse."""
 
-    def __init__(self, cfg, acc, total_steps: int, compile: bool = False, channels_last: bool = False):
+    def __init__(
+        self, cfg, acc, total_steps: int, compile: str | None = None, backend: str = "inductor", channels_last=False
+    ):
         from transformers import get_cosine_schedule_with_warmup
 
         from mmfuse.model import build_model
+        from mmfuse.speed import compile_model
 
         self.acc, self.channels_last = acc, channels_last
         model = build_model(cfg, NUM_CLASSES)
@@ -253,8 +274,8 @@ class TunedTrainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.01, fused=acc.device.type == "cuda")
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.1 * total_steps), total_steps)
-        if compile:
-            model = torch.compile(model)
+        if compile:  # "regional" or "model", where fit compiles: after the optimizer, before prepare
+            model = compile_model(model, compile, backend=backend)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.model.train()
         self.total = torch.zeros((), device=acc.device)
@@ -383,15 +404,11 @@ def write_run_dir(cfg, run: Path) -> None:
     (run / "labels.json").write_text(json.dumps(NOUNS))
 
 
-def inference_rate(model, data: dict, steps: int, warmup: int, device, bf16: bool) -> float:
-    """The model call of ``Predictor.predict_records``: inference mode, softmax, probabilities to the host."""
+def inference_rate(predictor, data: dict, steps: int, warmup: int, device, timing: dict | None = None) -> float:
+    """``Predictor.probs``, the call ``predict_records`` makes per batch: inputs cast to the predictor's dtype,
+    inference mode, softmax in fp32, probabilities copied to the host."""
     inputs = model_inputs(data)
-
-    def step(_: dict) -> None:
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            model(**inputs).float().softmax(-1).cpu()
-
-    return samples_per_s(step, repeat(data), steps, warmup, device)
+    return samples_per_s(lambda _: predictor.probs(inputs), repeat(data), steps, warmup, device, timing)
 
 
 @torch.inference_mode()
@@ -413,22 +430,59 @@ def relative_error(model, data: dict, device, bf16: bool, reference_impl: str | 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def csv_modes(text: str) -> list[str]:
+    from mmfuse.speed import COMPILE_MODES
+
+    modes = [x.strip() for x in text.split(",") if x.strip()]
+    if any(m not in COMPILE_MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"compile modes are {', '.join(COMPILE_MODES)}")
+    return modes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="tiny towers on CPU in fp32 (well under a minute)")
-    p.add_argument("--batch-size", type=int, help="batch of the tuned rows (default 256; 32 with --small)")
+    p.add_argument("--batch-size", type=int, help="batch of the tuned rows and their variants (default 256; 32 small)")
+    p.add_argument(
+        "--big-batches", type=csv_ints, help="more tuned rows at these batches; OOM is reported (default 384,512; 64)"
+    )
     p.add_argument("--steps", type=int, help="timed steps per row (default 20; 6 with --small)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5; 2 with --small)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the tuned step")
+    p.add_argument(
+        "--compile",
+        type=csv_modes,
+        nargs="?",
+        const=["model"],
+        default=[],
+        help="time the tuned step compiled: regional (each encoder layer), model (whole), or both, comma-separated; "
+        "bare --compile: model (each pays a compile of 30-60 s on a GPU)",
+    )
+    p.add_argument(
+        "--infer-compile", type=csv_modes, default=[], help="time bf16-weights inference compiled the same ways"
+    )
+    p.add_argument(
+        "--compile-backend", help="torch.compile backend (default inductor on a GPU, aot_eager on CPU: no C++ builds)"
+    )
+    p.add_argument(
+        "--infer-batches", type=csv_ints, help="inference rows, autocast and bf16 weights (default 256,1024; 32)"
+    )
+    p.add_argument("--channels-last", action="store_true", help="also time the tuned step with channels_last images")
     p.add_argument("--no-files", action="store_true", help="skip the rows fed from JPEG files on disk")
     p.add_argument("--files", type=int, help="JPEGs written for those rows (default 1,024; 96 with --small)")
     p.add_argument("--workers", type=int, help="DataLoader workers for the PIL path (default: cores - 1, at most 16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
+    import traceback
+
     import transformers
 
     from mmfuse.predict import Predictor
+    from mmfuse.speed import compile_model
     from mmfuse.train import make_accelerator
 
     transformers.utils.logging.set_verbosity_error()
@@ -440,8 +494,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     full = not args.small
     batch = args.batch_size or (32 if args.small else 256)
+    big_batches = args.big_batches if args.big_batches is not None else ([64] if args.small else [384, 512])
+    infer_batches = args.infer_batches or ([32] if args.small else [256, 1024])
     steps = args.steps or (6 if args.small else 20)
-    warmup = args.warmup or (2 if args.small else 5)
+    warmup = max(2, args.warmup or (2 if args.small else 5))  # the first step compiles; the second may recompile
+    backend = args.compile_backend or ("inductor" if cuda else "aot_eager")
     n_files = args.files or (96 if args.small else 1024)
     workers = args.workers if args.workers is not None else max(1, min(16, (os.cpu_count() or 2) - 1))
     image_size, tokens, vocab = (64, 32, 30522) if args.small else (224, 128, 30522)
@@ -451,11 +508,24 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
 
     def add(name: str, bs: int, fn: Callable[[], float], flop: float | None) -> None:
+        """Times one variant; an exception (out of memory, a compile error) fails that row and the run goes on."""
         try:
-            results.append((name, bs, fn(), flop))
-        except Exception as e:  # one failing variant (e.g. out of memory) should not hide the others
+            rate = fn()
+            results.append((name, bs, rate, flop))
+            print(f"[{time.perf_counter() - t0:5.0f} s] {name}, batch {bs}: {rate:,.1f} samples/s", flush=True)
+        except Exception as e:
             results.append((name, bs, None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+            print(f"[{time.perf_counter() - t0:5.0f} s] {name}, batch {bs}: FAILED", flush=True)
+            print("\n".join(traceback.format_exc().splitlines()[-12:]), flush=True)
         free(device)  # the variant's model and optimizer are unreachable now; give their memory back
+
+    def check(name: str, fn: Callable[[], float], limit: float) -> None:
+        try:
+            err = fn()
+            checks.append((name, f"relative error {err:.1e} (limit {limit:g})", err <= limit))
+        except Exception as e:  # CPU builds without bf16 kernels: only the GPU checks gate
+            checks.append((name, f"not run: {type(e).__name__}: {str(e).splitlines()[0][:80]}", not cuda))
+        print(f"[{time.perf_counter() - t0:5.0f} s] check {name}: {checks[-1][1]}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as tmp:
         tmp = Path(tmp)
@@ -465,45 +535,50 @@ def main(argv: list[str] | None = None) -> int:
         acc = make_accelerator("auto", tune_towers=True)
         precision = acc.mixed_precision
 
-        # Checks first, on the predict path's model loaded from a run directory (fp32 weights).
+        # Checks first, on the predict path's models loaded from a run directory: fp32 weights (plain and under
+        # autocast) and bf16 weights.
         write_run_dir(cfg, tmp / "run")
         start = time.perf_counter()
-        predictor = Predictor(tmp / "run", device=str(device))
+        predictor = Predictor(tmp / "run", device=str(device), dtype="fp32")
         load_s = time.perf_counter() - start
+        autocast = Predictor(tmp / "run", device=str(device), dtype="autocast")
+        bf16_weights = Predictor(tmp / "run", device=str(device), dtype="bf16")
         model = predictor.model
         check_data = synthetic_batch(8, image_size, tokens, vocab, device, seed=1)
-        err = relative_error(model, check_data, device, bf16=False, reference_impl="eager")
-        checks.append(("eager vs SDPA attention, fp32 logits", f"relative error {err:.1e}", err <= 1e-4))
-        try:
-            err = relative_error(model, check_data, device, bf16=True)
-            ok = err <= BF16_TOLERANCE
-            checks.append(("bf16 autocast vs fp32 logits", f"relative error {err:.1e} (limit {BF16_TOLERANCE:g})", ok))
-        except RuntimeError as e:  # CPU builds without bf16 kernels: only the GPU check gates
-            checks.append(("bf16 autocast vs fp32 logits", f"not run: {str(e).splitlines()[0][:60]}", not cuda))
+        check(
+            "eager vs SDPA attention, fp32 logits",
+            lambda: relative_error(model, check_data, device, bf16=False, reference_impl="eager"),
+            1e-4,
+        )
+        check("bf16 autocast vs fp32 logits", lambda: relative_error(model, check_data, device, bf16=True), 1e-2)
+
+        def bf16_error(bf16_predictor) -> float:
+            ref = predictor.logits(model_inputs(check_data)).float()
+            out = bf16_predictor.logits(model_inputs(check_data)).float()
+            return ((out - ref).norm() / ref.norm()).item()
+
+        check("bf16 weights vs fp32 logits", lambda: bf16_error(bf16_weights), BF16_TOLERANCE)
 
         # Training.
         data16 = synthetic_batch(16, image_size, tokens, vocab, device)
         add("naive: fp32, eager, Adam", 16, lambda: naive_rate(cfg, device, data16, steps, warmup), TRAIN_FLOP)
         tuned_name = f"tuned: {'bf16' if precision == 'bf16' else 'fp32'}, SDPA, AdamW{' fused' if cuda else ''}"
 
-        def tuned(bs: int, n_tokens: int = tokens, **kw) -> float:
+        def tuned(bs: int, n_tokens: int = tokens, timing: dict | None = None, **kw) -> float:
             data = synthetic_batch(bs, image_size, n_tokens, vocab, device)
-            trainer = TunedTrainer(cfg, acc, total_steps=100, **kw)
+            trainer = TunedTrainer(cfg, acc, total_steps=100, backend=backend, **kw)
             try:
-                return samples_per_s(trainer.step, repeat(data), steps, warmup, device)
+                return samples_per_s(trainer.step, repeat(data), steps, warmup, device, timing)
             finally:
                 trainer.close()
                 free(device)
 
-        batches = [128, batch] if full and batch != 128 else [batch]
-        for bs in batches:
+        for bs in [batch, *(b for b in big_batches if b != batch)]:
             add(tuned_name, bs, lambda bs=bs: tuned(bs), TRAIN_FLOP)
-        if cuda:
+        if args.channels_last:
             add(tuned_name + ", channels_last", batch, lambda: tuned(batch, channels_last=True), TRAIN_FLOP)
         if full:
             add(tuned_name + ", 32 tokens", batch, lambda: tuned(batch, 32), None)
-        if args.compile:
-            add(tuned_name + ", torch.compile", batch, lambda: tuned(batch, compile=True), TRAIN_FLOP)
         synthetic = next((r[2] for r in results if r[0] == tuned_name and r[1] == batch), None)
 
         # From JPEG files on disk, the same tuned step.
@@ -573,24 +648,56 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append("nvJPEG row skipped: needs CUDA and a working torchvision")
             del raw_dl, px_dl, probe
 
-        # Inference through the predict path's model.
+        # Inference through Predictor.probs: fp32 weights (plain, then under bf16 autocast: predict's default on a
+        # GPU) and bf16 weights.
         data64 = synthetic_batch(64, image_size, tokens, vocab, device)
         add(
             "inference: predict path, fp32",
             64,
-            lambda: inference_rate(model, data64, steps, warmup, device, False),
+            lambda: inference_rate(predictor, data64, steps, warmup, device),
             INFER_FLOP,
         )
-        big = synthetic_batch(batch, image_size, tokens, vocab, device)
-        if cuda:
-            add(
-                "inference: bf16 autocast",
-                batch,
-                lambda: inference_rate(model, big, steps, warmup, device, True),
-                INFER_FLOP,
-            )
-        else:
-            add("inference: fp32", batch, lambda: inference_rate(model, big, steps, warmup, device, False), INFER_FLOP)
+        for bs in infer_batches:
+            data = synthetic_batch(bs, image_size, tokens, vocab, device)
+            for name, pred in (("inference: bf16 autocast", autocast), ("inference: bf16 weights", bf16_weights)):
+                add(
+                    name, bs, lambda pred=pred, data=data: inference_rate(pred, data, steps, warmup, device), INFER_FLOP
+                )
+            del data
+        autocast = bf16_weights = None  # their memory back before the compiled variants
+
+        # Compiled variants last: each pays its compile up front, and one that fails or hangs costs only itself.
+        # Order: regional training, compiled inference, then whole-model training (slower than eager before).
+        def compiled_training(mode: str) -> float:
+            torch._dynamo.reset()  # each variant pays its own compile, as a fresh process would
+            timing: dict = {}
+            try:
+                return tuned(batch, compile=mode, timing=timing)
+            finally:
+                if timing:
+                    notes.append(f"{mode} compile ({backend}), training: first step {timing['first_step_s']:.1f} s")
+
+        def compiled_inference(mode: str, bs: int) -> float:
+            torch._dynamo.reset()
+            pred = Predictor(tmp / "run", device=str(device), dtype="bf16")
+            pred.model = compile_model(pred.model, mode, backend=backend)
+            timing: dict = {}
+            try:
+                check(f"bf16 weights, {mode} compile vs fp32 logits", lambda: bf16_error(pred), BF16_TOLERANCE)
+                data = synthetic_batch(bs, image_size, tokens, vocab, device)
+                return inference_rate(pred, data, steps, warmup, device, timing)
+            finally:
+                if timing:
+                    notes.append(f"{mode} compile ({backend}), inference: first batch {timing['first_step_s']:.1f} s")
+
+        if "regional" in args.compile:
+            add(tuned_name + ", regional compile", batch, lambda: compiled_training("regional"), TRAIN_FLOP)
+        bs = max(infer_batches)
+        for mode in args.infer_compile:
+            add(f"inference: bf16 weights, {mode} compile", bs, lambda m=mode: compiled_inference(m, bs), INFER_FLOP)
+        if "model" in args.compile:
+            add(tuned_name + ", whole-model compile", batch, lambda: compiled_training("model"), TRAIN_FLOP)
+        torch._dynamo.reset()
 
     base = results[0][2]
     card = (
@@ -599,11 +706,13 @@ def main(argv: list[str] | None = None) -> int:
         else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} thread(s))"
     )
     what = "tiny ViT + RoBERTa (--small)" if args.small else "ViT-B/16 224 px + RoBERTa-base 8 of 12 layers"
+    print()
     print(f"training/inference throughput: {what}, {tokens} tokens, {NUM_CLASSES} classes, random weights")
     print(
         f"device: {card}; torch {torch.__version__}, transformers {transformers.__version__}; mixed precision "
         f"{precision}; {datetime.date.today()}; {time.perf_counter() - t0:.0f} s "
-        f"(towers built and saved in {build_s:.1f} s, run directory loaded by Predictor in {load_s:.1f} s)"
+        f"(towers built and saved in {build_s:.1f} s, run directory loaded by Predictor in {load_s:.1f} s); "
+        f"{steps} timed steps after {warmup} per row"
     )
     for note in notes:
         print(f"note: {note}")
@@ -614,15 +723,15 @@ def main(argv: list[str] | None = None) -> int:
         if rate and synthetic:
             print(f"ratio {name} vs synthetic tensors (batch {batch}): {rate / synthetic:.2f}x (target >= 0.9x)")
     print()
-    print(f"| {'variant':<44} | {'batch':>5} | {'samples/s':>10} | {'vs naive':>8} | {'MFU':>6} |")
-    print(f"|{'-' * 46}|{'-' * 7}|{'-' * 12}|{'-' * 10}|{'-' * 8}|")
+    print(f"| {'variant':<52} | {'batch':>5} | {'samples/s':>10} | {'vs naive':>8} | {'MFU':>6} |")
+    print(f"|{'-' * 54}|{'-' * 7}|{'-' * 12}|{'-' * 10}|{'-' * 8}|")
     for name, bs, rate, flop in results:
         if rate is None:
-            print(f"| {name:<44} | {bs:>5} | failed: {flop} |")
+            print(f"| {name:<52} | {bs:>5} | failed: {flop} |")
             continue
         ratio = f"{rate / base:.2f}x" if base and not name.startswith("inference") else "-"
         mfu = f"{rate * flop / PEAK_BF16:.1%}" if full and cuda and isinstance(flop, float) else "n/a"
-        print(f"| {name:<44} | {bs:>5} | {rate:>10,.1f} | {ratio:>8} | {mfu:>6} |")
+        print(f"| {name:<52} | {bs:>5} | {rate:>10,.1f} | {ratio:>8} | {mfu:>6} |")
     return 0 if all(ok for _, _, ok in checks) else 1
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -29,14 +31,36 @@ def table(lines: list[str]) -> dict[str, list[str]]:
 def test_train_throughput_small_checks_and_prints_the_table(tmp_path):
     lines = run_bench("train_throughput.py", tmp_path, "--steps", "3", "--warmup", "1")
     checks = [line for line in lines if line.startswith("check ")]
-    assert len(checks) == 2 and not any("FAILED" in c for c in checks), checks
+    assert len(checks) == 3 and not any("FAILED" in c for c in checks), checks
     assert any(line.startswith("ratio files: uint8 cache") for line in lines)
     rows = table(lines)
     assert "naive: fp32, eager, Adam" in rows and rows["naive: fp32, eager, Adam"][3] == "1.00x"
-    expected = {"tuned: fp32, SDPA, AdamW", "files: uint8 cache (fastdata)", "inference: predict path, fp32"}
+    expected = {
+        "tuned: fp32, SDPA, AdamW",
+        "files: uint8 cache (fastdata)",
+        "inference: predict path, fp32",
+        "inference: bf16 autocast",
+        "inference: bf16 weights",
+    }
     assert expected <= set(rows), rows
     for cells in rows.values():
         assert float(cells[2].replace(",", "")) > 0, cells
+
+
+@pytest.mark.slow
+def test_train_throughput_small_times_the_compiled_variants(tmp_path):
+    """What the one GPU run times after the eager rows, traced on CPU (aot_eager: no C++ builds)."""
+    args = ["--no-files", "--steps", "2", "--compile", "regional,model", "--infer-compile", "regional"]
+    lines = run_bench("train_throughput.py", tmp_path, *args)
+    checks = [line for line in lines if line.startswith("check ")]
+    assert len(checks) == 4 and not any("FAILED" in c for c in checks), checks
+    rows = table(lines)
+    for name in (
+        "tuned: fp32, SDPA, AdamW, regional compile",
+        "tuned: fp32, SDPA, AdamW, whole-model compile",
+        "inference: bf16 weights, regional compile",
+    ):
+        assert float(rows[name][2].replace(",", "")) > 0, rows
 
 
 def test_seed_pipeline_small_runs_every_stage(tmp_path):

@@ -14,7 +14,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import MmfuseError
 
 log = logging.getLogger("mmfuse")
@@ -96,10 +96,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def speed(args) -> dict:
+    return {"dtype": args.dtype, "compile": args.compile}
+
+
 def cmd_evaluate(args) -> int:
     from .predict import evaluate_file
 
-    report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad)
+    report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print_report(report)
     out = args.out or Path(args.run) / "eval"
     print(f"wrote {out}/metrics.json, confusion_matrix.csv and confusion_matrix.png")
@@ -109,7 +113,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import predict_file
 
-    path = predict_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad)
+    path = predict_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print(f"wrote {path}")
     return 0
 
@@ -222,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--captions", help="captions CSV (image,text) for folder data")
         p.add_argument(
             "--skip-bad", action="store_true", help="skip bad rows (listed beside the output) instead of stopping"
+        )
+        p.add_argument(
+            "--dtype",
+            choices=DTYPES,
+            default="auto",
+            help="auto: bf16 autocast on a GPU, fp32 on CPU; bf16: weights cast to bf16 once (faster on a GPU)",
+        )
+        p.add_argument(
+            "--compile", action="store_true", help="torch.compile each encoder layer (GPU; pays a compile once)"
         )
         p.set_defaults(fn=fn)
 

