@@ -125,6 +125,14 @@ def test_other_fusion_heads_train(toy_manifest, tmp_path, fusion):
     assert json.loads((run / "metrics.json").read_text())["val"]["accuracy"] > 0.5  # chance is 0.25
 
 
+def test_label_smoothing_learns_and_is_checked(toy_manifest, tmp_path, capsys):
+    run = tmp_path / "smooth"
+    assert main(["train", str(toy_manifest / "all.csv"), "--out", str(run), "--label-smoothing", "0.1", *FAST]) == 0
+    assert json.loads((run / "metrics.json").read_text())["val"]["accuracy"] > 0.5  # chance is 0.25
+    assert main(["train", str(toy_manifest / "all.csv"), "--out", str(run), "--label-smoothing", "1"]) == 2
+    assert "--label-smoothing must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_gradient_accumulation_learns_and_keeps_the_schedule(toy_manifest, tmp_path):
     run = tmp_path / "accum"
     args = ["train", str(toy_manifest / "all.csv"), "--out", str(run), "--grad-accum", "3", *FAST]

