@@ -202,10 +202,28 @@ def test_stratified_split_keeps_every_class(toy_manifest):
     assert [r.row for r in stratified_split(records, 0.25, seed=0)[1]] == [r.row for r in val]
 
 
+def test_unreadable_rows_are_all_listed_and_skippable(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    good = '{"image": "a.png", "text": "t", "label": "x"}'
+    (tmp_path / "m.jsonl").write_text(f"\ufeff{good}\n{{broken\n\n[1, 2]\n{good}\n")  # a BOM, a blank line
+    msg = str(pytest.raises(DataError, load_checked, tmp_path / "m.jsonl").value)
+    assert "2 bad row(s)" in msg and "line 2 is not valid JSON" in msg and "line 4 is not a JSON object" in msg
+    assert [r.row for r in load_checked(tmp_path / "m.jsonl", skip_bad=True)] == [1, 5]  # rows are file lines
+    (tmp_path / "m.csv").write_text("image,text,label\na.png,t,x\na.png,one, two,x\na.png\na.png,t,x\n")
+    msg = str(pytest.raises(DataError, load_checked, tmp_path / "m.csv").value)
+    assert "row 2: a.png: has 4 cell(s) but the header names 3 columns" in msg and "row 3: a.png: has 1 cell" in msg
+    skipped = tmp_path / "skipped.csv"
+    assert [r.row for r in load_checked(tmp_path / "m.csv", skip_bad=True, skipped_csv=skipped)] == [1, 4]
+    assert len(read_csv(skipped)) == 2
+
+
 def test_unreadable_manifest_is_a_clear_error(tmp_path):
-    (tmp_path / "m.jsonl").write_text('{"image": "a.png", "text": "t"}\n{broken\n')
-    with pytest.raises(MmfuseError, match="line 2 is not valid JSON"):
-        load_checked(tmp_path / "m.jsonl")
+    (tmp_path / "m.csv").write_text("image,text,label\n", encoding="utf-8")
+    with pytest.raises(MmfuseError, match="has no data rows"):
+        load_checked(tmp_path / "m.csv")
+    (tmp_path / "u.csv").write_text("image,text,label\na.png,t,x\n", encoding="utf-16")
+    with pytest.raises(MmfuseError, match="UTF-16"):
+        load_checked(tmp_path / "u.csv")
     with pytest.raises(MmfuseError, match="Data not found"):
         load_checked(tmp_path / "nothing.csv")
     buf = io.BytesIO()
@@ -213,3 +231,34 @@ def test_unreadable_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "m.txt").write_bytes(buf.getvalue())
     with pytest.raises(MmfuseError, match="manifest"):
         load_checked(tmp_path / "m.txt")
+
+
+def test_labels_and_paths_that_are_not_utf8(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path.joinpath(b"caf\xe9.png".decode("utf-8", "surrogateescape")))
+    (tmp_path / "m.csv").write_bytes(b"image,text,label\na.png,t,bleu caf\xe9\ncaf\xe9.png,t,x\n")
+    msg = str(pytest.raises(DataError, load_checked, tmp_path / "m.csv").value)
+    assert "1 bad row(s)" in msg and "label is not valid UTF-8" in msg  # the file with a Latin-1 name is fine
+    assert [r.row for r in load_checked(tmp_path / "m.csv", skip_bad=True)] == [2]
+
+
+def test_folder_stray_images_and_ambiguous_caption_names_are_reported(tmp_path):
+    for label in ("red", "blue"):
+        (tmp_path / "d" / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8), label).save(tmp_path / "d" / label / "x.png")
+        Image.new("RGB", (8, 8), label).save(tmp_path / "d" / label / f"{label}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "stray.png")
+    write_csv(
+        tmp_path / "c.csv", [{"image": n, "text": "t"} for n in ("x.png", "red.png", "blue.png")], ("image", "text")
+    )
+    msg = str(pytest.raises(DataError, load_checked, tmp_path / "d", captions=tmp_path / "c.csv").value)
+    assert "stray.png: image outside every class folder" in msg
+    assert "blue/x.png: its caption is keyed by the bare name 'x.png', which 2 images share" in msg
+    kept = load_checked(tmp_path / "d", captions=tmp_path / "c.csv", skip_bad=True)
+    assert sorted(r.source for r in kept) == ["blue/blue.png", "red/red.png"]
+
+
+def test_parquet_integer_labels_with_a_null_stay_integers(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    pd.DataFrame({"image": ["a.png"] * 3, "text": ["t"] * 3, "label": [1, None, 3]}).to_parquet(tmp_path / "m.parquet")
+    assert [r.label for r in load_checked(tmp_path / "m.parquet", skip_bad=True)] == ["1", "3"]

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import read_csv
+from conftest import read_csv, write_csv
 
 from mmfuse import load
 from mmfuse.cli import main
@@ -190,3 +190,35 @@ def test_missing_hub_model_names_both_options(toy_manifest, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "google/vit-base-patch16-224-in21k" in err and "local directory" in err and "--local-dir" in err
+
+
+def test_runs_and_outputs_that_cannot_be_used_are_clear_errors(toy_manifest, tmp_path, capsys):
+    data = str(toy_manifest / "train.csv")
+    run = tmp_path / "run"
+    assert main(["train", data, "--out", str(run), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    cases = [
+        (["predict", str(run), data, "--out", str(tmp_path)], "is a directory"),
+        (["predict", str(run), data, "--out", data], "overwrite it"),
+        (["evaluate", str(run), data, "--out", data], "is a file"),
+        (["train", data, "--out", data], "is a file"),
+        (["train", data, "--out", str(tmp_path / "x"), "--lr", "nan"], "--lr > 0"),
+        (["train", data, "--out", str(tmp_path / "x"), "--config", str(tmp_path / "nope.yaml")], "not found"),
+        (["train", data, "--out", str(tmp_path / "x"), "--text", "./no_such_dir"], "does not exist"),
+        (["evaluate", str(tmp_path / "nope"), data], "Run directory not found"),
+    ]
+    for args, expected in cases:
+        assert main(args) == 2, args
+        assert expected in capsys.readouterr().err, args
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["evaluate", str(run), data]) == 2
+    assert "unreadable or truncated" in capsys.readouterr().err
+
+
+def test_a_split_with_no_validation_rows_stops_before_training(toy_manifest, tmp_path, capsys):
+    rows = read_csv(toy_manifest / "train.csv")
+    one_each = list({r["label"]: r for r in rows}.values())
+    write_csv(toy_manifest / "single.csv", one_each)
+    assert main(["train", str(toy_manifest / "single.csv"), "--out", str(tmp_path / "r")]) == 2
+    assert "No validation rows" in capsys.readouterr().err and not (tmp_path / "r" / "history.csv").exists()

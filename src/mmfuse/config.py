@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -156,7 +157,7 @@ class TrainConfig:
             self.batch_size = 16 if tune_all else 64
         if self.lr is None:
             self.lr = 1e-4 if tune_all else 2e-3
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1 or not 0 < self.lr < math.inf:
             raise MmfuseError("--epochs, --batch-size and --grad-accum must be >= 1 and --lr > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise MmfuseError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -177,7 +178,14 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: Path) -> RunConfig:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise MmfuseError(f"Config file not found: {path}") from None
+        except (OSError, yaml.YAMLError) as e:
+            raise MmfuseError(f"{path} is not a readable YAML config: {e}") from None
+        if not isinstance(raw, dict):
+            raise MmfuseError(f"{path} is not an mmfuse config: expected sections data, model and train")
         parts = {}
         for f in fields(cls):
             sub = raw.get(f.name) or {}

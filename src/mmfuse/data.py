@@ -52,41 +52,54 @@ def _is_not_utf8(value: str) -> bool:
     return any(ch in _SURROGATES for ch in value)
 
 
-def _read_table(path: Path) -> tuple[list[str], list[dict]]:
-    """A manifest's columns and rows; text that is not UTF-8 survives as surrogates so each row can be reported.
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise MmfuseError(f"{path} is UTF-16 text; save it as UTF-8 (most editors and pandas' to_csv write UTF-8).")
+    # Undecodable bytes survive as surrogates, so the rows holding them can be reported one by one.
+    return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+
+
+def _read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
+    """A manifest's columns, its rows (each with ``_row``: the data row, or the line of a .jsonl) and the rows that
+    could not be read at all (a CSV row with more or fewer cells than the header, a line that is not JSON).
 
     pandas only for parquet: importing it costs half a second of every command.
     """
+    rows, problems = [], []
+    suffix = path.suffix.lower()
     try:
-        if path.suffix == ".csv":
+        if suffix == ".csv":
             # The csv module, unlike pandas' C parser, keeps undecodable bytes as surrogates we can report per row.
-            text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-            reader = csv.reader(io.StringIO(text, newline=""))
+            reader = csv.reader(io.StringIO(_decode(path), newline=""))
             header = next(reader, [])
-            rows = []
+            n = 0
             for row in reader:
-                if len(row) > len(header):
-                    raise MmfuseError(
-                        f"{path}: line {reader.line_num} has {len(row)} cells but the header names {len(header)} "
-                        "columns (a text with an unquoted comma?)"
-                    )
-                if row:
-                    rows.append(dict(zip(header, row)))
-            return header, rows
-        if path.suffix == ".jsonl":
-            rows = []
-            for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
-                if not raw.strip():
+                if not row:
+                    continue
+                n += 1
+                if len(row) != len(header):
+                    first = row[0] if len(header) and header[0] == "image" else ""
+                    why = f"has {len(row)} cell(s) but the header names {len(header)} columns"
+                    problems.append(Problem(n, first, why + (" (a text with an unquoted comma?)" if row else "")))
+                    continue
+                rows.append({**dict(zip(header, row)), "_row": n})
+            return header, rows, problems
+        if suffix == ".jsonl":
+            for n, line in enumerate(_decode(path).splitlines(), start=1):
+                if not line.strip():
                     continue
                 try:
-                    row = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise MmfuseError(f"{path}: line {n} is not valid JSON ({e})") from None
+                    problems.append(Problem(n, "", f"line {n} is not valid JSON ({e.msg})"))
+                    continue
                 if not isinstance(row, dict):
-                    raise MmfuseError(f"{path}: line {n} is not a JSON object with image, text and label keys")
-                rows.append(row)
-            return list(dict.fromkeys(k for row in rows for k in row)), rows
-        if path.suffix == ".parquet":
+                    problems.append(Problem(n, "", f"line {n} is not a JSON object with image, text and label keys"))
+                    continue
+                rows.append({**row, "_row": n})
+            return list(dict.fromkeys(k for row in rows for k in row if k != "_row")), rows, problems
+        if suffix == ".parquet":
             import pandas as pd
 
             df = pd.read_parquet(path)
@@ -94,7 +107,8 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
                 df[col] = df[col].map(
                     lambda v: v.decode("utf-8", errors="surrogateescape") if isinstance(v, bytes) else v
                 )
-            return [str(c) for c in df.columns], df.to_dict("records")
+            records = df.to_dict("records")
+            return [str(c) for c in df.columns], [{**r, "_row": i} for i, r in enumerate(records, 1)], problems
     except (csv.Error, OSError, ValueError, ImportError) as e:
         raise MmfuseError(f"Could not read manifest {path}: {e}") from None
     raise MmfuseError(f"{path}: manifests must be {', '.join(MANIFEST_SUFFIXES)}")
@@ -103,6 +117,8 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
 def _cell(value) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # an integer column with a null in it comes back from parquet as floats: 1.0 is 1
     return str(value)
 
 
@@ -115,24 +131,34 @@ def _require_columns(columns: list[str], path: Path, needed: list[str]) -> None:
         )
 
 
-def read_manifest(path: Path, need_label: bool) -> list[Record]:
-    columns, rows = _read_table(path)
+def read_manifest(path: Path, need_label: bool) -> tuple[list[Record], list[Problem]]:
+    columns, rows, problems = _read_table(path)
+    if not rows and not problems:
+        raise MmfuseError(f"{path} has no data rows.")
     _require_columns(columns, path, ["image", "text"] + (["label"] if need_label else []))
     has_label = "label" in columns
     records = []
-    for i, row in enumerate(rows, start=1):
-        source = _cell(row.get("image"))
+    for row in rows:
+        source = _cell(row.get("image")).strip()
         image = Path(source) if Path(source).is_absolute() else path.parent / source
         label = _cell(row.get("label")).strip() if has_label else None
-        records.append(Record(image, _cell(row.get("text")), label or None, i, source))
-    return records
+        records.append(Record(image, _cell(row.get("text")), label or None, row["_row"], source))
+    return records, problems
 
 
 def read_captions(path: Path) -> dict[str, str]:
     """A captions CSV as {relative path or file name: text}."""
-    columns, rows = _read_table(Path(path))
+    columns, rows, problems = _read_table(Path(path))
+    if problems:
+        raise DataError([(p.row, p.image, p.reason) for p in problems], str(path))
     _require_columns(columns, Path(path), ["image", "text"])
-    return {_cell(r.get("image")).replace("\\", "/").lstrip("./"): _cell(r.get("text")) for r in rows}
+    captions = {}
+    for r in rows:
+        key = _cell(r.get("image")).replace("\\", "/").lstrip("./")
+        if key in captions and captions[key] != _cell(r.get("text")):
+            raise MmfuseError(f"{path}: '{key}' has two different captions (rows {r['_row']} and an earlier one).")
+        captions[key] = _cell(r.get("text"))
+    return captions
 
 
 def read_folder(root: Path, captions: dict[str, str] | None) -> tuple[list[Record], list[Problem]]:
@@ -143,6 +169,9 @@ def read_folder(root: Path, captions: dict[str, str] | None) -> tuple[list[Recor
         (None, sorted(p for p in root.iterdir() if p.is_file()))
     ]
     files, ignored = [], []
+    if subdirs:
+        stray = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        problems += [Problem(0, p.name, "image outside every class folder, so it has no label") for p in stray]
     for label, paths in groups:
         images = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES]
         ignored += [p for p in paths if p.suffix.lower() not in IMAGE_SUFFIXES and not p.name.startswith(".")]
@@ -159,13 +188,28 @@ def read_folder(root: Path, captions: dict[str, str] | None) -> tuple[list[Recor
     if not files and not problems:
         raise MmfuseError(f"No images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
     by_name = Counter(p.name for _, p in files)
-    records = []
+    records, used = [], set()
     for i, (label, p) in enumerate(files, start=1):
         rel = p.relative_to(root).as_posix()
         text = ""
         if captions is not None:
-            text = captions.get(rel, captions.get(p.name, "") if by_name[p.name] == 1 else "")
+            key = rel if rel in captions else p.name
+            if key == p.name and key in captions and by_name[p.name] > 1:
+                problems.append(
+                    Problem(
+                        i,
+                        rel,
+                        f"its caption is keyed by the bare name '{p.name}', which {by_name[p.name]} "
+                        "images share; key it by the path relative to the folder",
+                    )
+                )
+            else:
+                text = captions.get(key, "")
+                used.add(key)
         records.append(Record(p, text, label, i, rel))
+    unused = sorted(set(captions or ()) - used)
+    if unused:
+        log.warning("%d caption(s) match no image in %s, e.g. '%s'", len(unused), root, unused[0])
     return records, problems
 
 
@@ -178,9 +222,9 @@ def read_data(path: str | Path, captions: str | Path | None = None, need_label: 
         return read_folder(path, read_captions(Path(captions)) if captions else None)
     if captions:
         raise MmfuseError("--captions is for folder data; a manifest carries its own text column.")
-    if path.suffix not in MANIFEST_SUFFIXES:
+    if path.suffix.lower() not in MANIFEST_SUFFIXES:
         raise MmfuseError(f"{path}: expected a folder or a manifest ending in {', '.join(MANIFEST_SUFFIXES)}")
-    return read_manifest(path, need_label), []
+    return read_manifest(path, need_label)
 
 
 def find_problems(
@@ -201,6 +245,9 @@ def find_problems(
         f"check-v1:{max_pixels}", [str(r.image) for r in records], lambda p: check_image(p, max_pixels), workers
     )
     for rec, image_reason in zip(records, image_reasons):
+        if not rec.source:
+            problems.append(Problem(rec.row, rec.source, "no image path"))
+            continue
         if image_reason:
             problems.append(Problem(rec.row, rec.source, image_reason))
         if _is_not_utf8(rec.text):
@@ -209,6 +256,8 @@ def find_problems(
             problems.append(Problem(rec.row, rec.source, no_text_reason))
         if need_label and not rec.label:
             problems.append(Problem(rec.row, rec.source, "no label"))
+        elif rec.label and _is_not_utf8(rec.label):
+            problems.append(Problem(rec.row, rec.source, "label is not valid UTF-8"))
         elif rec.label and known is not None and rec.label not in known:
             problems.append(
                 Problem(
@@ -236,6 +285,9 @@ def load_checked(
     )
     if problems and not skip_bad:
         raise DataError([(p.row, p.image, p.reason) for p in problems], str(path))
+    repeats = len(records) - len({r.image for r in records})
+    if repeats:
+        log.warning("%d row(s) of %s list an image that an earlier row lists too", repeats, path)
     if problems:
         bad_rows = {p.row for p in problems}
         records = [r for r in records if r.row not in bad_rows]

@@ -10,11 +10,15 @@ class DataError(MmfuseError):
 
     def __init__(self, problems: list[tuple[int, str, str]], source: str, limit: int = 20):
         self.problems, self.source, self.limit = problems, source, limit
-        lines = [f"{len(problems)} bad row(s) in {source}:"]
-        for row, image, reason in problems[:limit]:
-            lines.append(f"  row {row}: {image}: {reason}")
-        if len(problems) > limit:
-            lines.append(f"  ... and {len(problems) - limit} more")
+        # One line a row, with all of its reasons: the count and the cap are of rows, as --skip-bad counts them.
+        by_row: dict[tuple[int, str], list[str]] = {}
+        for row, image, reason in problems:
+            by_row.setdefault((row, image), []).append(reason)
+        lines = [f"{len(by_row)} bad row(s) in {source}:"]
+        for (row, image), reasons in list(by_row.items())[:limit]:
+            lines.append(f"  {'row ' + str(row) + ': ' if row else ''}{image}: {'; '.join(reasons)}")
+        if len(by_row) > limit:
+            lines.append(f"  ... and {len(by_row) - limit} more row(s)")
         lines.append("Fix these rows, or pass --skip-bad to skip them (each skipped row is listed in a skipped.csv).")
         super().__init__("\n".join(lines))
 

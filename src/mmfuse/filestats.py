@@ -69,7 +69,8 @@ class FileIndex:
                 stats.append(None)  # missing: compute says what is wrong, and nothing is remembered
         out: list[str | None] = [None] * len(paths)
         todo = []
-        known = self._lookup(kind, [p for p, st in zip(paths, stats) if st is not None])
+        # SQLite takes UTF-8 text only: a path that is not (undecodable bytes in a file name) is computed every time.
+        known = self._lookup(kind, [p for p, st in zip(paths, stats) if st is not None and _utf8(p)])
         for i, (p, st) in enumerate(zip(paths, stats)):
             hit = known.get(p)
             if st is not None and hit is not None and hit[:2] == (st.st_size, st.st_mtime_ns):
@@ -87,7 +88,7 @@ class FileIndex:
             for i, value in zip(todo, computed):
                 out[i] = value
                 st = stats[i]
-                if st is not None and st.st_mtime < settled:
+                if st is not None and st.st_mtime < settled and _utf8(paths[i]) and _utf8(value or ""):
                     rows.append((kind, paths[i], st.st_size, st.st_mtime_ns, _NONE if value is None else value))
             self._store(rows)
         return out
@@ -122,6 +123,14 @@ class FileIndex:
                     db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", rows)
             except sqlite3.Error as e:
                 self._give_up(e)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _INDEXES: dict[Path, FileIndex] = {}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -196,20 +197,36 @@ def save_model(model: MultimodalClassifier, run_dir: Path, tuned_towers: bool) -
 def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, list[str]]:
     """Rebuilds a trained model from its run directory, with no network."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MmfuseError(f"Run directory not found: {run_dir} (make one with mmfuse train DATA --out {run_dir}).")
     for name in ("config.yaml", "labels.json", "towers.json", "model.safetensors"):
         if not (run_dir / name).exists():
             raise MmfuseError(f"{run_dir} is not an mmfuse run directory: {name} is missing.")
     cfg = RunConfig.from_yaml(run_dir / "config.yaml")
-    labels = json.loads((run_dir / "labels.json").read_text())
-    specs = json.loads((run_dir / "towers.json").read_text())
+    try:
+        labels = json.loads((run_dir / "labels.json").read_text())
+        specs = json.loads((run_dir / "towers.json").read_text())
+    except (ValueError, OSError) as e:
+        raise MmfuseError(f"{run_dir}: labels.json or towers.json is damaged ({e}); train the run again.") from None
     vision = rebuild(specs["image"], run_dir / "image_tower") if "image" in specs else None
     text = rebuild(specs["text"], run_dir / "text_tower") if "text" in specs else None
     model = MultimodalClassifier(vision, text, len(labels), cfg.model)
-    state = load_file(str(run_dir / "model.safetensors"))
+    try:
+        state = load_file(str(run_dir / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise MmfuseError(
+            f"{run_dir}/model.safetensors is unreadable or truncated ({e}); train the run again."
+        ) from None
     for prefix, tower in (("vision.", vision), ("text.", text)):
         if tower is not None and any(k.startswith(prefix) for k in state):
             tower.materialise()  # its (fine-tuned) weights are in this file
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ: e.g. labels.json lists another number of classes than were trained
+        raise MmfuseError(
+            f"{run_dir}/model.safetensors does not fit its config.yaml and labels.json ({len(labels)} classes): "
+            f"{str(e).splitlines()[-1].strip()}"
+        ) from None
     stored_elsewhere = tuple(
         p for m, p in (("image", "vision."), ("text", "text.")) if m in specs and model.towers[m].packaged
     )

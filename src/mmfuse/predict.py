@@ -183,6 +183,13 @@ def load(run_dir: str | Path, device: str | None = None, dtype: str = "auto", co
 
 def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False) -> Path:
     """Writes one row per input image, in input order: image, label, confidence, p_<class>..."""
+    out_csv = Path(out_csv)
+    if out_csv.is_dir():
+        raise MmfuseError(
+            f"--out {out_csv} is a directory; give the path of the CSV to write, e.g. {out_csv}/preds.csv"
+        )
+    if out_csv.exists() and Path(data).exists() and out_csv.resolve() == Path(data).resolve():
+        raise MmfuseError(f"--out {out_csv} is the input data itself; writing there would overwrite it.")
     predictor = Predictor(run_dir, dtype=dtype, compile=compile)
     out_csv = Path(out_csv)
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
@@ -200,6 +207,8 @@ def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="a
 
 def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dtype="auto", compile=False) -> dict:
     """Scores a run on labelled data; writes metrics.json and the confusion matrix (CSV, PNG) to ``out_dir``."""
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise MmfuseError(f"--out {out_dir} is a file; evaluate writes a directory of reports there.")
     predictor = Predictor(run_dir, dtype=dtype, compile=compile)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     (out_dir / "skipped.csv").unlink(missing_ok=True)

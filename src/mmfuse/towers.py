@@ -104,6 +104,11 @@ def _pool(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, 
 
 def _hf_load(loader, name: str, what: str, **kwargs):
     """Calls ``loader.from_pretrained`` with an error that names both ways of getting the model."""
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise MmfuseError(
+            f"The {what} '{name}' looks like a local directory, but it does not exist. Pass an existing directory "
+            f"holding the model, a Hugging Face hub id, or a packaged model ({', '.join(packaged_towers())})."
+        )
     try:
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:

@@ -64,6 +64,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
     return LambdaLR(optimizer, factor)
 
 
+def check_out_dir(out: Path, data: str | None) -> None:
+    """Stops before any work when the run directory cannot be written where asked."""
+    if out.exists() and not out.is_dir():
+        raise MmfuseError(f"--out {out} is a file; the run directory must be a new or existing directory.")
+    if data and Path(data).is_dir() and out.resolve().is_relative_to(Path(data).resolve()):
+        raise MmfuseError(
+            f"--out {out} is inside the data folder {data}, where it would be read as a class; put it elsewhere."
+        )
+
+
 def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], list[str]]:
     """Train and validation records, checked; bad rows stop here, or are skipped into RUN/skipped.csv."""
     d = cfg.data
@@ -75,6 +85,11 @@ def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], 
         train = records
     else:
         train, val = stratified_split(records, d.val_split, cfg.train.seed)
+        if not val:
+            raise MmfuseError(
+                f"No validation rows could be held out of {d.train}: every class has a single row. "
+                "Pass --val with validation data, or add rows."
+            )
     labels = label_list(train)
     if len(labels) < 2:
         raise MmfuseError(f"Training needs at least 2 classes; found {labels} in {d.train}.")
@@ -134,6 +149,7 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
     ``towers`` shares already built towers between runs of the same config (only sensible with frozen towers).
     """
     out = Path(out)
+    check_out_dir(out, cfg.data.train)
     acc = make_accelerator(cfg.train.mixed_precision, cfg.train.tune == "all", cfg.train.grad_accum)
     set_seed(cfg.train.seed)
     if acc.is_main_process:
