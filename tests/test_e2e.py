@@ -202,7 +202,7 @@ def test_runs_and_outputs_that_cannot_be_used_are_clear_errors(toy_manifest, tmp
         (["predict", str(run), data, "--out", data], "overwrite it"),
         (["evaluate", str(run), data, "--out", data], "is a file"),
         (["train", data, "--out", data], "is a file"),
-        (["train", data, "--out", str(tmp_path / "x"), "--lr", "nan"], "--lr > 0"),
+        (["train", data, "--out", str(tmp_path / "x"), "--lr", "nan"], "--lr a finite number > 0"),
         (["train", data, "--out", str(tmp_path / "x"), "--config", str(tmp_path / "nope.yaml")], "not found"),
         (["train", data, "--out", str(tmp_path / "x"), "--text", "./no_such_dir"], "does not exist"),
         (["evaluate", str(tmp_path / "nope"), data], "Run directory not found"),

@@ -123,3 +123,18 @@ def test_gpu_decoding_reports_itself_unavailable_without_cuda(model, jpegs):
     assert nvjpeg_available("cpu") is False
     with pytest.raises(MmfuseError, match="torchvision"):
         decode_jpegs_gpu(jpegs, spec, "cpu")
+
+
+def test_jpegs_bound_for_a_small_size_decode_at_a_reduced_scale(tmp_path):
+    from mmfuse.fastdata import PixelSpec, decode_resized
+    from mmfuse.images import load_image
+
+    x = np.linspace(0, 255, 640)[None, :, None] * np.ones((480, 1, 3))
+    Image.fromarray(x.astype(np.uint8)).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(x.astype(np.uint8)).save(tmp_path / "a.png")
+    assert load_image(tmp_path / "a.jpg", at_least=224).size == (320, 240)  # 1/2 scale keeps both sides >= 224
+    assert load_image(tmp_path / "a.jpg", at_least=300).size == (640, 480)  # 1/2 would cut 480 to 240 < 300
+    assert load_image(tmp_path / "a.png", at_least=224).size == (640, 480)  # only JPEGs have a reduced scale
+    spec = PixelSpec(224, 224, Image.BILINEAR, 1 / 255, (0.5,) * 3, (0.5,) * 3)
+    full = np.asarray(load_image(tmp_path / "a.jpg").resize((224, 224), Image.BILINEAR)).transpose(2, 0, 1)
+    assert np.abs(decode_resized(tmp_path / "a.jpg", spec).astype(float) - full).mean() < 2

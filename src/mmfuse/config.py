@@ -158,7 +158,7 @@ class TrainConfig:
         if self.lr is None:
             self.lr = 1e-4 if tune_all else 2e-3
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1 or not 0 < self.lr < math.inf:
-            raise MmfuseError("--epochs, --batch-size and --grad-accum must be >= 1 and --lr > 0")
+            raise MmfuseError("--epochs, --batch-size and --grad-accum must be >= 1, and --lr a finite number > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise MmfuseError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.keep not in ("best", "last"):

@@ -112,6 +112,7 @@ class PixelSpec:
     def fingerprint(self) -> str:
         """Names the cache folder: only the size and filter change the stored uint8 values."""
         ident = {"height": self.height, "width": self.width, "resample": self.resample, "layout": "uint8-chw"}
+        ident["decode"] = "jpeg-draft"  # JPEGs decoded at a reduced scale first (images.load_image's at_least)
         return "px-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -120,7 +121,10 @@ class PixelSpec:
 
 def decode_resized(image: str | Path | Image.Image, spec: PixelSpec) -> np.ndarray:
     """One image as (3, height, width) uint8, resized exactly as the tower's processor resizes it."""
-    img = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    if isinstance(image, Image.Image):
+        img = image.convert("RGB")
+    else:
+        img = load_image(image, at_least=max(spec.height, spec.width))
     if img.size != (spec.width, spec.height):
         img = img.resize((spec.width, spec.height), spec.resample)
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))

@@ -32,8 +32,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, at_least: int | None = None) -> Image.Image:
     """Opens an image file as RGB (first frame of animations).
+
+    ``at_least``: the image is about to be resized to fit this many pixels a side, so a JPEG may be decoded at a
+    reduced scale (1/2, 1/4 or 1/8, in the DCT) as long as both sides stay at least this long: a 640x480 photo bound
+    for 224 px decodes at 320x240, several times faster.
 
     Raises:
         ValueError: the image is larger than ``max_pixels``.
@@ -41,6 +45,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """
     with Image.open(path) as img:
         check_size(img, max_pixels)
+        if at_least and img.format == "JPEG":
+            img.draft(img.mode, (at_least, at_least))
         img.load()
         return to_rgb(img)
 
