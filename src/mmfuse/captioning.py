@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import MANIFEST_SUFFIXES, Problem, Record, find_problems, read_data, write_skipped
-from .errors import DataError, MmfuseError
+from .data import MANIFEST_SUFFIXES, Problem, Record, data_error, find_problems, read_data, write_skipped
+from .errors import MmfuseError
 from .images import IMAGE_SUFFIXES, load_image, to_rgb
 from .towers import _hf_load
 
@@ -643,7 +643,7 @@ def caption_file(
     records = list_images(data)
     problems = find_problems(records, need_label=False, need_text=False)
     if problems and not skip_bad:
-        raise DataError([(p.row, p.image, p.reason) for p in problems], str(data))
+        raise data_error(problems, data)
     if problems:
         bad = {p.row for p in problems}
         records = [r for r in records if r.row not in bad]

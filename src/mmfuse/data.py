@@ -48,6 +48,10 @@ class Problem:
     reason: str
 
 
+def data_error(problems: list[Problem], source) -> DataError:
+    return DataError([(p.row, p.image, p.reason) for p in problems], str(source))
+
+
 def _is_not_utf8(value: str) -> bool:
     return any(ch in _SURROGATES for ch in value)
 
@@ -79,9 +83,11 @@ def _read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
                     continue
                 n += 1
                 if len(row) != len(header):
-                    first = row[0] if len(header) and header[0] == "image" else ""
+                    at = header.index("image") if "image" in header else len(row)
                     why = f"has {len(row)} cell(s) but the header names {len(header)} columns"
-                    problems.append(Problem(n, first, why + (" (a text with an unquoted comma?)" if row else "")))
+                    if len(row) > len(header):
+                        why += " (a text with an unquoted comma?)"
+                    problems.append(Problem(n, row[at] if at < len(row) else "", why))
                     continue
                 rows.append({**dict(zip(header, row)), "_row": n})
             return header, rows, problems
@@ -150,7 +156,7 @@ def read_captions(path: Path) -> dict[str, str]:
     """A captions CSV as {relative path or file name: text}."""
     columns, rows, problems = _read_table(Path(path))
     if problems:
-        raise DataError([(p.row, p.image, p.reason) for p in problems], str(path))
+        raise data_error(problems, path)
     _require_columns(columns, Path(path), ["image", "text"])
     captions = {}
     for r in rows:
@@ -284,7 +290,7 @@ def load_checked(
         records, labels=labels, need_label=need_label, need_text=need_text, no_text_reason=no_text_reason
     )
     if problems and not skip_bad:
-        raise DataError([(p.row, p.image, p.reason) for p in problems], str(path))
+        raise data_error(problems, path)
     repeats = len(records) - len({r.image for r in records})
     if repeats:
         log.warning("%d row(s) of %s list an image that an earlier row lists too", repeats, path)

@@ -110,9 +110,15 @@ class PixelSpec:
 
     @property
     def fingerprint(self) -> str:
-        """Names the cache folder: only the size and filter change the stored uint8 values."""
-        ident = {"height": self.height, "width": self.width, "resample": self.resample, "layout": "uint8-chw"}
-        ident["decode"] = "jpeg-draft"  # JPEGs decoded at a reduced scale first (images.load_image's at_least)
+        """Names the cache folder: only the size, the filter and how JPEGs are decoded (at a reduced scale first:
+        ``images.load_image``'s ``at_least``) change the stored uint8 values."""
+        ident = {
+            "height": self.height,
+            "width": self.width,
+            "resample": self.resample,
+            "layout": "uint8-chw",
+            "decode": "jpeg-draft",
+        }
         return "px-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

@@ -191,7 +191,6 @@ def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="a
     if out_csv.exists() and Path(data).exists() and out_csv.resolve() == Path(data).resolve():
         raise MmfuseError(f"--out {out_csv} is the input data itself; writing there would overwrite it.")
     predictor = Predictor(run_dir, dtype=dtype, compile=compile)
-    out_csv = Path(out_csv)
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
     skipped.unlink(missing_ok=True)
     records = predictor.load_data(data, captions, skip_bad=skip_bad, skipped_csv=skipped)

@@ -143,6 +143,11 @@ def predict_loader(model, loader, acc: Accelerator) -> tuple[np.ndarray, np.ndar
     return torch.cat(probs).numpy(), (torch.cat(ys).numpy() if ys else None)
 
 
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights on the host: the epoch to keep, while training goes on changing the model's own."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towers: dict | None = None) -> dict:
     """Trains a model on ``cfg.data`` into the run directory ``out``; returns the best validation metrics.
 
@@ -246,13 +251,11 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
                 better = best is None or row["val_weighted_f1"] > best["val_weighted_f1"]
             if better:
                 best = row
-                best_state = {
-                    k: v.detach().to("cpu", copy=True) for k, v in acc.unwrap_model(model).state_dict().items()
-                }
+                best_state = cpu_state(acc.unwrap_model(model))
     except KeyboardInterrupt:
         if best_state is None and history and cfg.train.keep == "last":  # the last finished epoch is the one to keep
             best = history[-1]
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in acc.unwrap_model(model).state_dict().items()}
+            best_state = cpu_state(acc.unwrap_model(model))
         if best_state is None:
             raise
         log.warning("interrupted: saving the best epoch so far (%d) to %s", best["epoch"], out)
