@@ -348,7 +348,7 @@ def file_loaders(model, rows: list[dict], root: Path, batch: int, workers: int, 
         )
         return acc.prepare(dl)
 
-    raw_ds, raw_collate = make_dataset(model, records, labels, frozen=False, cache=None)
+    raw_ds, raw_collate = make_dataset(model, records, labels, tuned=model.modalities, cache=None)
     pad_id = model.text.tokenizer.pad_token_id
 
     def padded(collate):
@@ -399,7 +399,7 @@ def write_run_dir(cfg, run: Path) -> None:
 
     run.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg, NUM_CLASSES)
-    save_model(model, run, tuned_towers=True)
+    save_model(model, run, model.modalities)
     RunConfig(model=cfg, train=TrainConfig(tune="all")).to_yaml(run / "config.yaml")
     (run / "labels.json").write_text(json.dumps(NOUNS))
 

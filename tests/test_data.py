@@ -146,11 +146,11 @@ def test_cli_skip_bad_writes_skipped_csv(tmp_path, toy_manifest, capsys):
     merged = tmp_path / "bad" / "merged.csv"
     merged.write_bytes(bad.read_bytes() + "".join(f"{r['image']},{r['text']},{r['label']}\n" for r in rows).encode())
     run = tmp_path / "run"
-    assert main(["train", str(merged), "--out", str(run), "--epochs", "2"]) == 2
+    assert main(["train", str(merged), "--out", str(run), "--tune", "head", "--epochs", "2"]) == 2
     assert "bad row(s)" in capsys.readouterr().err
     assert not (run / "model.safetensors").exists()  # nothing trained on bad input
 
-    assert main(["train", str(merged), "--out", str(run), "--epochs", "2", "--skip-bad"]) == 0
+    assert main(["train", str(merged), "--out", str(run), "--tune", "head", "--epochs", "2", "--skip-bad"]) == 0
     skipped = read_csv(run / "skipped.csv")
     assert len(skipped) == 5 and {"source", "row", "image", "reason"} <= set(skipped[0])
     assert (
@@ -175,7 +175,7 @@ def test_missing_column_and_unknown_label(tmp_path, toy_manifest):
 
 def test_evaluate_reports_unknown_labels(tmp_path, toy_manifest, capsys):
     run = tmp_path / "run"
-    assert main(["train", str(toy_manifest / "train.csv"), "--out", str(run), "--epochs", "2"]) == 0
+    assert main(["train", str(toy_manifest / "train.csv"), "--out", str(run), "--tune", "head", "--epochs", "2"]) == 0
     rows = read_csv(toy_manifest / "test.csv")
     rows[1]["label"] = "purple-boat"
     write_csv(toy_manifest / "unknown.csv", rows)

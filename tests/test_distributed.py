@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import read_csv, write_csv, write_toy
 
 
-def test_two_process_training_gathers_each_row_once(tmp_path):
+@pytest.mark.parametrize("tune", ["head", "text"])
+def test_two_process_training_gathers_each_row_once(tmp_path, tune):
+    """The head on cached features, and MiniLM fine-tuned beside cached image features (DDP over the tuned tower)."""
     # --multi_gpu picks accelerate's torchrun launcher; without CUDA the processes join over gloo on the CPU.
     # 35 validation rows do not split evenly over 2 processes: the last batch is padded, and gather_for_metrics
     # must drop the padding. (Three classes of 21 rows give 9 validation rows each at 0.45, one of 18 gives 8.)
@@ -39,6 +42,8 @@ def test_two_process_training_gathers_each_row_once(tmp_path):
         str(data / "all.csv"),
         "--out",
         str(run),
+        "--tune",
+        tune,
         "--epochs",
         "15",
         "--val-split",
@@ -54,4 +59,4 @@ def test_two_process_training_gathers_each_row_once(tmp_path):
     assert metrics["val"]["accuracy"] > 0.6  # 4 classes, chance 0.25
     # Accelerate steps the scheduler once per process per optimizer step: the schedule must still span all epochs.
     lrs = [float(r["lr"]) for r in read_csv(run / "history.csv")]
-    assert lrs[len(lrs) // 2] > 0.3e-3 and lrs[-1] < 1e-6
+    assert lrs[len(lrs) // 2] > 0.15 * max(lrs) and lrs[-1] < 1e-3 * max(lrs)

@@ -6,12 +6,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from conftest import read_csv, write_csv
+from safetensors.torch import load_file
 
 from mmfuse import load
 from mmfuse.cli import main
+from mmfuse.towers import build_text
 
-FAST = ["--epochs", "30", "--batch-size", "8"]
+FAST = ["--tune", "head", "--epochs", "30", "--batch-size", "8"]  # the head on cached features
 
 
 def test_train_evaluate_predict_and_reload(toy_manifest, tmp_path):
@@ -111,7 +115,7 @@ def test_parallel_ablation_gives_the_sequential_results(toy_manifest, tmp_path):
 
     cfg = RunConfig()
     cfg.data.train, cfg.data.val = str(toy_manifest / "train.csv"), str(toy_manifest / "val.csv")
-    cfg.train.epochs, cfg.train.batch_size = 5, 8
+    cfg.train.tune, cfg.train.epochs, cfg.train.batch_size = "head", 5, 8
     scores = [
         {k: v["weighted_f1"] for k, v in ablate(cfg, tmp_path / str(p), parallel=p).items()} for p in (True, False)
     ]
@@ -183,6 +187,30 @@ def test_fine_tune_hf_towers_and_reload(toy_manifest, tmp_path, tiny_vit_dir, ti
         for d in (tiny_vit_dir, tiny_roberta_dir):
             for f in d.iterdir():
                 f.rename(f.with_name(f.name.removesuffix(".moved")))
+
+
+def test_tune_text_fine_tunes_only_the_text_tower_beside_cached_image_features(toy_manifest, tmp_path):
+    """--tune text (the default): MiniLM is fine-tuned and stored with the run; EfficientNet stays frozen, read from
+    the feature cache in training and in predict_file, and is rebuilt from its wheel; both predict paths agree."""
+    run = tmp_path / "run"
+    argv = ["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), "--out", str(run)]
+    assert main([*argv, "--epochs", "4", "--batch-size", "16"]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (cfg["tune"], cfg["lr"], cfg["head_lr"]) == ("text", 5e-5, 2e-3)  # the default
+    state = load_file(str(run / "model.safetensors"))
+    assert not any(k.startswith("vision.") for k in state)  # frozen and packaged: rebuilt from the wheel
+    tuned = {k: v for k, v in state.items() if k.startswith("text.")}
+    packaged = build_text("minilm", "attention", layer_mean=2)
+    packaged.materialise()
+    packaged = packaged.state_dict()
+    assert tuned and any(not torch.equal(v, packaged[k.removeprefix("text.")]) for k, v in tuned.items())
+    assert json.loads((run / "metrics.json").read_text())["val"]["accuracy"] > 0.5  # chance is 0.25
+    preds = tmp_path / "preds.csv"
+    assert main(["predict", str(run), str(toy_manifest / "test.csv"), "--out", str(preds)]) == 0
+    rows = read_csv(toy_manifest / "test.csv")
+    direct = load(run).predict([toy_manifest / r["image"] for r in rows], [r["text"] for r in rows])
+    from_file = np.array([[float(r[f"p_{c}"]) for c in direct.classes] for r in read_csv(preds)])
+    np.testing.assert_allclose(from_file, direct.probs, atol=1e-4)
 
 
 def test_missing_hub_model_names_both_options(toy_manifest, tmp_path, capsys):

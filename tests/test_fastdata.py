@@ -99,7 +99,7 @@ def test_pixel_batches_give_the_same_logits_as_the_raw_path(model, jpegs):
     spec = PixelSpec.from_tower(model.vision)
     records = [Record(p, f"text number {i}", "a", i, p.name) for i, p in enumerate(jpegs)]
     labels = torch.tensor([0, 1, 2, 0, 1])
-    raw_ds, raw_collate = make_dataset(model, records, labels, frozen=False, cache=None)
+    raw_ds, raw_collate = make_dataset(model, records, labels, tuned=model.modalities, cache=None)
     px_ds = PixelDataset(records, model.modalities, labels, load_pixels(jpegs, spec))
     raw = next(iter(DataLoader(raw_ds, 5, collate_fn=raw_collate)))
     px = to_device(next(iter(DataLoader(px_ds, 5, collate_fn=pixel_collate(model)))), "cpu", spec)

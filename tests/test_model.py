@@ -17,7 +17,7 @@ from mmfuse.errors import MmfuseError
 from mmfuse.features import FeatureCache, embed
 from mmfuse.fusion import build_head, head_names
 from mmfuse.model import build_model
-from mmfuse.towers import EfficientNetLiteTower, build_text, build_vision
+from mmfuse.towers import EfficientNetLiteTower, build_text, build_vision, repeated_blocks
 
 
 def test_hf_towers_load_from_a_directory_and_truncate(tiny_vit_dir, tiny_roberta_dir):
@@ -39,6 +39,34 @@ def test_hf_towers_load_from_a_directory_and_truncate(tiny_vit_dir, tiny_roberta
     assert batch["input_ids"].shape == (2, 8)
     for pooling in ("cls", "mean"):
         assert build_text(str(tiny_roberta_dir), pooling=pooling)(**batch).shape == (2, 32)
+
+
+@pytest.mark.parametrize("kind", ["text", "vision"])
+def test_freeze_below_tunes_only_the_top_layers_and_keeps_the_rest_in_eval(tiny_vit_dir, tiny_roberta_dir, kind):
+    """--tune-layers 1: gradients reach the last encoder layer (and what follows it), nothing below; the frozen part
+    computes with dropout off, as a cache of its outputs would."""
+    from PIL import Image
+
+    if kind == "text":
+        tower = build_text(str(tiny_roberta_dir), pooling="mean")
+        inputs = tower.preprocess(["a short one", "another sentence"])
+    else:
+        tower = build_vision(str(tiny_vit_dir))
+        inputs = tower.preprocess([Image.new("RGB", (40, 40), "red")] * 2)
+    tower.freeze_below(1)
+    tower.train()
+    tower(**inputs).sum().backward()
+    blocks = repeated_blocks(tower)
+    embeddings = next(m for name, m in tower.named_modules() if name.endswith("embeddings"))
+    last, below = blocks[-1], [*embeddings.parameters(), *blocks[0].parameters()]
+    assert all(p.grad is not None for p in last.parameters() if p.requires_grad) and any(
+        p.requires_grad for p in last.parameters()
+    )
+    assert all(not p.requires_grad and p.grad is None for p in below)
+    assert not embeddings.training and not blocks[0].training
+    assert last.training
+    with pytest.raises(MmfuseError, match="repeated layers"):
+        EfficientNetLiteTower("efficientnet-lite0", pretrained=False).freeze_below(1)
 
 
 def test_unavailable_model_error_names_both_options():
@@ -152,7 +180,7 @@ def test_modality_dropout_lets_a_model_predict_without_text(toy_manifest, tmp_pa
     write_csv(no_text, [{**r, "image": str(toy_manifest / r["image"]), "text": ""} for r in rows])
 
     plain = tmp_path / "plain"
-    assert main(["train", str(toy_manifest / "train.csv"), "--out", str(plain), "--epochs", "3"]) == 0
+    assert main(["train", str(toy_manifest / "train.csv"), "--out", str(plain), "--tune", "head", "--epochs", "3"]) == 0
     assert main(["predict", str(plain), str(no_text), "--out", str(tmp_path / "p.csv")]) == 2
     assert "--modality-dropout" in capsys.readouterr().err
 
@@ -164,6 +192,8 @@ def test_modality_dropout_lets_a_model_predict_without_text(toy_manifest, tmp_pa
                 str(toy_manifest / "train.csv"),
                 "--out",
                 str(robust),
+                "--tune",
+                "head",
                 "--epochs",
                 "20",
                 "--modality-dropout",

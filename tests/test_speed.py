@@ -27,12 +27,13 @@ def write_run(run, cfg: ModelConfig, tune: str) -> None:
     """A run directory as ``fit`` leaves it, with random weights."""
     run.mkdir(parents=True)
     torch.manual_seed(0)
-    save_model(build_model(cfg, len(LABELS)), run, tuned_towers=tune == "all")
-    RunConfig(model=cfg, train=TrainConfig(tune=tune)).to_yaml(run / "config.yaml")
+    run_cfg = RunConfig(model=cfg, train=TrainConfig(tune=tune))
+    save_model(build_model(cfg, len(LABELS)), run, run_cfg.tuned)
+    run_cfg.to_yaml(run / "config.yaml")
     (run / "labels.json").write_text(json.dumps(LABELS))
 
 
-@pytest.mark.parametrize("tune", ["all", "head"])
+@pytest.mark.parametrize("tune", ["all", "text", "head"])
 def test_bf16_predictor_runs_the_whole_model_in_bf16_close_to_fp32(
     toy_manifest, tmp_path, tiny_vit_dir, tiny_roberta_dir, tune
 ):

@@ -42,7 +42,7 @@ def ablate(
             use two threads well, so processes roughly halve the wall time on two cores; the results are the same.
     """
     out = Path(out)
-    frozen = cfg.train.tune == "head"
+    frozen = not cfg.tuned
     if parallel is None:
         parallel = frozen and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
     # One cache object for the three runs, holding what it reads: each feature file is read once, not per run.
@@ -65,7 +65,7 @@ def ablate(
         train, val, labels = load_splits(fusion_cfg, fusion_out)
         model = build_model(fusion_cfg.model, len(labels), _TOWERS)
         model.freeze_towers()
-        make_dataset(model, train + val, None, True, cache)
+        make_dataset(model, train + val, None, [], cache)
     if parallel:
         # Import here what every worker needs, so the forked workers inherit it instead of importing it three times
         # over on the same cores: plotting, and torch._dynamo, which torch.optim imports on an optimizer's first

@@ -61,8 +61,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     data = {**vars(base.data), **given(args, DataConfig)}
     train = {**vars(base.train), **given(args, TrainConfig)}
     if "tune" in given(args, TrainConfig) and base.train.tune != train["tune"]:
-        # epochs/lr defaults depend on --tune: re-derive them unless the user set them.
-        for key in ("epochs", "lr"):
+        # epochs, batch size and learning rate defaults depend on --tune: re-derive them unless the user set them.
+        for key in ("epochs", "batch_size", "lr", "head_lr"):
             if key not in given(args, TrainConfig):
                 train[key] = None
     return RunConfig(DataConfig(**data), ModelConfig(**model), TrainConfig(**train))
@@ -203,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a classifier on a folder or manifest",
         formatter_class=fmt,
-        description="Train a classifier. Defaults suit a CPU: frozen offline towers "
-        "(efficientnet-lite0 + minilm) with cached features and a head trained on them (--tune head); "
-        "--tune all fine-tunes both towers as the reference does, which wants a GPU.",
+        description="Train a classifier. Defaults suit a CPU: the offline towers efficientnet-lite0 + minilm, with "
+        "MiniLM fine-tuned beside cached image features (--tune text: minutes on 2 cores for a few thousand rows); "
+        "--tune head trains only a head on cached features of both (seconds); --tune all fine-tunes both towers "
+        "as the reference does, which wants a GPU.",
     )
     p.add_argument("data", help="training data: folder ROOT/<label>/<images> or .csv/.jsonl/.parquet manifest")
     p.add_argument("--out", required=True, help="run directory to write")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,9 +221,9 @@ class PixelDataset(Dataset):
         return item
 
 
-def pixel_collate(model) -> Callable[[list[dict]], dict]:
+def pixel_collate(model, modalities: Collection[str] | None = None) -> Callable[[list[dict]], dict]:
     """Stacks uint8 images as ``image.pixel_values`` (still uint8) and runs the text tower's tokenizer."""
-    towers = model.towers
+    towers = {m: t for m, t in model.towers.items() if modalities is None or m in modalities}
 
     def collate(items: list[dict]) -> dict:
         batch = {"present": torch.stack([it["present"] for it in items])}

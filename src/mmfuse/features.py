@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -232,8 +232,8 @@ class RawDataset(Dataset):
         return item
 
 
-def raw_collate(model: MultimodalClassifier) -> Callable[[list[dict]], dict]:
-    towers = model.towers
+def raw_collate(model: MultimodalClassifier, modalities: Collection[str] | None = None) -> Callable[[list[dict]], dict]:
+    towers = {m: t for m, t in model.towers.items() if modalities is None or m in modalities}
 
     def collate(items: list[dict]) -> dict:
         batch = {"present": torch.stack([it["present"] for it in items])}
@@ -246,6 +246,27 @@ def raw_collate(model: MultimodalClassifier) -> Callable[[list[dict]], dict]:
     return collate
 
 
+class PartlyTunedDataset(Dataset):
+    """Cached features of the frozen towers beside raw inputs for the tuned ones (``--tune text``, ``--tune image``).
+
+    Batches are gathered whole, like ``FeatureDataset``'s; the raw part is collated by ``collate``.
+    """
+
+    def __init__(self, features: FeatureDataset, raw: Dataset, collate: Callable[[list[dict]], dict]):
+        self.features, self.raw, self.collate = features, raw, collate
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        batch = self.collate([self.raw[i] for i in indices])
+        batch.update(self.features.__getitems__(indices))  # its presence mask covers every modality
+        return batch
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])
+
+
 def feature_collate(batch: dict) -> dict:
     """``FeatureDataset.__getitems__`` already returns whole batches."""
     return batch
@@ -255,36 +276,31 @@ def make_dataset(
     model: MultimodalClassifier,
     records: list[Record],
     labels: torch.Tensor | None,
-    frozen: bool,
+    tuned: Collection[str],
     cache: FeatureCache | None,
     device="cpu",
     show: bool = True,
     pixel_cache: bool = False,
 ):
-    """The dataset and collate function for either path: cached features (frozen) or raw inputs (tuned).
+    """The dataset and collate function for the ``tuned`` modalities' towers on raw inputs, the others' on features
+    cached once (all frozen: the head's fast path).
 
-    With ``pixel_cache``, tuned towers read images decoded once to uint8 (``mmfuse.fastdata``) where the vision
-    tower's preprocessing allows it; the tower normalises them on the device.
+    With ``pixel_cache``, a tuned vision tower reads images decoded once to uint8 (``mmfuse.fastdata``) where its
+    preprocessing allows it; the tower normalises them on the device.
     """
-    if not frozen and pixel_cache and "image" in model.modalities:
-        from .errors import MmfuseError
-        from .fastdata import PixelDataset, PixelSpec, load_pixels, pixel_collate
-
-        try:
-            spec = PixelSpec.from_tower(model.towers["image"])
-        except MmfuseError as e:
-            log.info("decoding images every epoch: %s", e)
-        else:
-            pixels = load_pixels([r.image for r in records], spec)
-            return PixelDataset(records, model.modalities, labels, pixels), pixel_collate(model)
-    if not frozen:
-        return RawDataset(records, model.modalities, labels), raw_collate(model)
+    tuned = [m for m in model.modalities if m in tuned]
+    frozen = [m for m in model.modalities if m not in tuned]
+    raw = None
+    if tuned:
+        raw, collate = _raw_dataset(model, records, labels, tuned, pixel_cache)
+        if not frozen:
+            return raw, collate
     present = present_mask(records, model.modalities)
     feats = {}
-    for j, m in enumerate(model.modalities):
+    for m in frozen:
         # Rows missing a modality are not embedded (an empty string is not a caption): they get zeros (no tokens),
         # and the model swaps in its learned placeholder.
-        have = [i for i in range(len(records)) if present[i, j]]
+        have = [i for i in range(len(records)) if present[i, model.modalities.index(m)]]
         dim = model.towers[m].dim
         got = embed(model, m, [records[i] for i in have], cache, device=device, show=show) if have else []
         if model.towers[m].sequence:
@@ -297,4 +313,22 @@ def make_dataset(
             if have:
                 full[have] = got
         feats[m] = full
-    return FeatureDataset(feats, present, labels), feature_collate
+    features = FeatureDataset(feats, present, labels)
+    if raw is None:
+        return features, feature_collate
+    return PartlyTunedDataset(features, raw, collate), feature_collate
+
+
+def _raw_dataset(model: MultimodalClassifier, records: list[Record], labels, tuned: list[str], pixel_cache: bool):
+    if pixel_cache and "image" in tuned:
+        from .errors import MmfuseError
+        from .fastdata import PixelDataset, PixelSpec, load_pixels, pixel_collate
+
+        try:
+            spec = PixelSpec.from_tower(model.towers["image"])
+        except MmfuseError as e:
+            log.info("decoding images every epoch: %s", e)
+        else:
+            pixels = load_pixels([r.image for r in records], spec)
+            return PixelDataset(records, tuned, labels, pixels), pixel_collate(model, tuned)
+    return RawDataset(records, tuned, labels), raw_collate(model, tuned)

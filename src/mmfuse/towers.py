@@ -36,6 +36,23 @@ def packaged_towers() -> list[str]:
     return sorted(_TOWERS)
 
 
+def repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """The blocks of every ``nn.ModuleList`` under ``module`` that holds two or more modules of one class with the same
+    parameter shapes: the encoder layers of a ViT, BERT or RoBERTa.
+
+    Blocks whose shapes differ (EfficientNet's stages) would each need a graph of their own, so they are left out.
+    """
+    found = []
+    for sub in module.modules():
+        if not isinstance(sub, nn.ModuleList) or len(sub) < 2:
+            continue
+        first = sub[0]
+        shapes = [p.shape for p in first.parameters()]
+        if all(type(m) is type(first) and [p.shape for p in m.parameters()] == shapes for m in sub):
+            found.extend(sub)
+    return found
+
+
 class Tower(nn.Module):
     """Turns a batch into pooled features of width ``dim``; ``preprocess`` makes that batch from raw inputs."""
 
@@ -53,6 +70,36 @@ class Tower(nn.Module):
         self.requires_grad_(False)
         self.eval()
         self.frozen = True
+
+    def freeze_below(self, top: int) -> None:
+        """Freezes all but the last ``top`` repeated blocks and what follows them (a final norm, a pooler).
+
+        The frozen part (embeddings, lower blocks) also stays in eval mode, so it computes what a cache of its
+        outputs would hold; backward then stops at the first tuned block.
+        """
+        self.materialise()
+        blocks = repeated_blocks(self)
+        if not blocks:
+            raise MmfuseError(f"--tune-layers needs a tower built from repeated layers; {self.spec()['name']} has none")
+        if top >= len(blocks):
+            return
+        first = next(blocks[-top].parameters())
+        for p in self.parameters():  # in registration order: embeddings, blocks, then what follows them
+            if p is first:
+                break
+            p.requires_grad_(False)
+        self._frozen_parts = [
+            m
+            for m in self.modules()
+            if m is not self and list(m.parameters()) and not any(p.requires_grad for p in m.parameters())
+        ]
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in getattr(self, "_frozen_parts", ()):
+            m.eval()
+        return self
 
     def spec(self) -> dict:
         """What rebuilds this tower's architecture and preprocessing in a run directory."""

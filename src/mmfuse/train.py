@@ -102,17 +102,17 @@ def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], 
 
 
 def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: FeatureCache | None):
-    frozen = cfg.train.tune == "head"
+    tuned = cfg.tuned
     index = {name: i for i, name in enumerate(labels)}
     y = [torch.tensor([index[r.label] for r in recs]) for recs in (train, val)]
     with acc.main_process_first():  # the main process fills the feature cache; the others then read it
         px = not cfg.data.decode_each_epoch
-        train_ds, collate = make_dataset(model, train, y[0], frozen, cache, acc.device, acc.is_main_process, px)
-        val_ds, _ = make_dataset(model, val, y[1], frozen, cache, acc.device, acc.is_main_process, px)
+        train_ds, collate = make_dataset(model, train, y[0], tuned, cache, acc.device, acc.is_main_process, px)
+        val_ds, _ = make_dataset(model, val, y[1], tuned, cache, acc.device, acc.is_main_process, px)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     # uint8 images only need indexing: workers would only copy them between processes (a worker on an H200 did not
     # make the seed job faster: bench/RESULTS.md).
-    workers = 0 if frozen or isinstance(train_ds, PixelDataset) else cfg.data.num_workers
+    workers = 0 if not tuned or isinstance(train_ds, PixelDataset) else cfg.data.num_workers
     common = {
         "collate_fn": collate,
         "num_workers": workers,
@@ -155,7 +155,8 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
     """
     out = Path(out)
     check_out_dir(out, cfg.data.train)
-    acc = make_accelerator(cfg.train.mixed_precision, cfg.train.tune == "all", cfg.train.grad_accum)
+    tuned = cfg.tuned
+    acc = make_accelerator(cfg.train.mixed_precision, bool(tuned), cfg.train.grad_accum)
     set_seed(cfg.train.seed)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -165,22 +166,27 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
     towers = build_towers(cfg.model, towers)
     set_seed(cfg.train.seed)  # the head's initialisation must not depend on whether the towers were built just now
     model = build_model(cfg.model, len(labels), towers)
-    tune = cfg.train.tune == "all"
-    if tune or acc.num_processes > 1:
-        # Towers that defer loading their weights load them now: the optimizer must see every weight it trains,
-        # and DDP checks that every process holds the same weights (otherwise only the one that embeds loads them).
-        for tower in model.towers.values():
+    for m, tower in model.towers.items():
+        if m in tuned or acc.num_processes > 1:
+            # Towers that defer loading their weights load them now: the optimizer must see every weight it trains,
+            # and DDP checks that every process holds the same weights (else only the one that embeds loads them).
             tower.materialise()
-    if not tune:
-        model.freeze_towers()
+        if m not in tuned:
+            tower.freeze()
+        elif cfg.train.tune_layers:
+            tower.freeze_below(cfg.train.tune_layers)
     cache = cache if cache is not None else FeatureCache()
-    train_dl, val_dl = loaders(model, train, val, labels, cfg, acc, cache if not tune else None)
+    train_dl, val_dl = loaders(model, train, val, labels, cfg, acc, cache)
     params = [p for p in model.parameters() if p.requires_grad]
+    in_towers = {id(p) for t in model.towers.values() for p in t.parameters()}
+    head_lr = cfg.train.head_lr or cfg.train.lr
     # Decay only weight matrices: shrinking biases, norm scales and the missing-modality placeholders towards
-    # zero regularises nothing useful.
+    # zero regularises nothing useful. The head starts from scratch, so it may learn faster than tuned towers.
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": ps, "weight_decay": cfg.train.weight_decay if matrix else 0.0, "lr": lr}
+        for matrix in (True, False)
+        for lr, tower in ((cfg.train.lr, True), (head_lr, False))
+        if (ps := [p for p in params if (p.ndim >= 2) == matrix and (id(p) in in_towers) == tower])
     ]
     # Fused AdamW is also the fast one on CPU: 12x faster per step for a small head (0.43 vs 5.2 ms).
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)
@@ -195,7 +201,7 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
 
     history, best, best_state = [], None, None
     start, threads = time.perf_counter(), torch.get_num_threads()
-    if not tune and acc.device.type == "cpu":
+    if not tuned and acc.device.type == "cpu":
         # A head on cached features does matrix products of a few hundred kFLOPs: thread hand-offs cost more than
         # they save (one thread ran 4x faster here, 20x when another process shared the cores).
         torch.set_num_threads(1)
@@ -275,15 +281,15 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
         "val": metrics.full_report(y, probs.argmax(1), labels),
     }
     if acc.is_main_process:
-        write_run(out, cfg, labels, unwrapped, tune, history, result)
+        write_run(out, cfg, labels, unwrapped, tuned, history, result)
     acc.wait_for_everyone()
     return result
 
 
-def write_run(out: Path, cfg: RunConfig, labels, model, tuned: bool, history: list[dict], result: dict) -> None:
+def write_run(out: Path, cfg: RunConfig, labels, model, tuned: list[str], history: list[dict], result: dict) -> None:
     cfg.to_yaml(out / "config.yaml")
     (out / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
-    save_model(model, out, tuned_towers=tuned)
+    save_model(model, out, tuned)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     with open(out / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))

@@ -1,0 +1,104 @@
+"""k-fold cross-validation of `mmfuse train` recipes against the logistic-regression probe of shared/QUALITY.md.
+
+All rows of the emoji data (train + val + test of ``mmfuse datasets emoji``) are split into stratified folds. Each
+recipe is trained with ``mmfuse.train.fit`` on a fold's train (no ``--val``: its 15% validation slice comes out of
+that train, as a user's run would) and scored with ``evaluate_file`` on the fold's test. The probe (C=4, L2-normalised
+pooled Lite0 and mean-pooled MiniLM features) trains on the whole fold's train.
+
+    python bench/cross_validate.py                                   # the defaults and the probe, 5 folds
+    python bench/cross_validate.py '{"head": {"train.tune": "head"}}' --no-probe
+    python bench/cross_validate.py '{"lr1e-4": {"train.lr": 1e-4}}' --folds 0,1
+
+Recipes are JSON objects of ``section.field`` overrides of a default ``RunConfig``. Prints mean ± sd over folds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("recipes", nargs="?", default='{"defaults": {}}', help="JSON: name -> {section.field: value}")
+    p.add_argument("--k", type=int, default=5, help="number of folds")
+    p.add_argument("--folds", help="run only these folds, e.g. 0,1 (default: all)")
+    p.add_argument("--no-probe", action="store_true", help="skip the logistic-regression probe")
+    p.add_argument("--out", help="keep the fold manifests and runs here (default: a temporary directory)")
+    args = p.parse_args(argv)
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedKFold
+
+    from mmfuse.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from mmfuse.data import load_checked
+    from mmfuse.datasets.emoji import emoji_dataset
+    from mmfuse.features import FeatureCache, make_dataset
+    from mmfuse.model import build_model
+    from mmfuse.predict import evaluate_file
+    from mmfuse.train import fit
+
+    logging.disable(logging.INFO)
+    data = emoji_dataset()
+    recs = sum((load_checked(str(data / f"{s}.csv")) for s in ("train", "val", "test")), [])
+    y = np.array([r.label for r in recs])
+    folds = list(StratifiedKFold(args.k, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
+    chosen = [int(k) for k in args.folds.split(",")] if args.folds else list(range(args.k))
+    with tempfile.TemporaryDirectory(prefix="mmfuse-cv-") as tmp:
+        root = Path(args.out or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for k in chosen:
+            for part, idx in (("train", folds[k][0]), ("test", folds[k][1])):
+                with open(root / f"{part}{k}.csv", "w", newline="", encoding="utf-8") as f:
+                    w = csv.writer(f)
+                    w.writerow(["image", "text", "label"])
+                    w.writerows([str(recs[i].image), recs[i].text, recs[i].label] for i in idx)
+        print(f"emoji data: {len(recs)} rows, {len(set(y))} classes, folds {chosen} of {args.k}", flush=True)
+        if not args.no_probe:
+            model = build_model(ModelConfig(text_pooling="mean"), 2)
+            model.freeze_towers()
+            ds, _ = make_dataset(model, recs, None, [], FeatureCache(), show=False)
+            x = np.hstack([torch.nn.functional.normalize(ds.feats[m].float(), dim=1).numpy() for m in model.modalities])
+            scores = []
+            for k in chosen:
+                train, test = folds[k]
+                clf = LogisticRegression(C=4, max_iter=3000).fit(x[train], y[train])
+                scores.append(f1_score(y[test], clf.predict(x[test]), average="weighted"))
+            report("probe (LR C=4, concat)", scores, 0.0)
+        for name, overrides in json.loads(args.recipes).items():
+            scores, start = [], time.perf_counter()
+            for k in chosen:
+                parts: dict[str, dict] = {"data": {"train": str(root / f"train{k}.csv")}, "model": {}, "train": {}}
+                for key, value in overrides.items():
+                    section, field = key.split(".")
+                    parts[section][field] = value
+                # Built from the overrides, so defaults that depend on them (--tune's epochs and rates) follow.
+                sections = (DataConfig(**parts["data"]), ModelConfig(**parts["model"]), TrainConfig(**parts["train"]))
+                cfg = RunConfig(*sections)
+                run = root / "runs" / f"{name}-{k}"
+                fit(cfg, run)
+                scores.append(evaluate_file(run, root / f"test{k}.csv", run / "test")["weighted_f1"])
+            report(name, scores, time.perf_counter() - start)
+    return 0
+
+
+def report(name: str, scores: list[float], seconds: float) -> None:
+    folds = ", ".join(f"{s:.3f}" for s in scores)
+    mean, sd = np.mean(scores), np.std(scores)
+    print(f"{name:<28} weighted F1 {mean:.4f} ± {sd:.4f}  [{folds}]  {seconds:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
