@@ -38,7 +38,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: 
         if f.name in skip:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
-        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         if kind == "bool":
