@@ -213,6 +213,30 @@ def test_tune_text_fine_tunes_only_the_text_tower_beside_cached_image_features(t
     np.testing.assert_allclose(from_file, direct.probs, atol=1e-4)
 
 
+def test_tune_image_beside_cached_text_token_states(toy_manifest, tmp_path, tiny_vit_dir, tiny_roberta_dir):
+    """--tune image: the ViT changes, the RoBERTa (attention pooling over cached token states) does not, and
+    evaluating the validation data reproduces the validation metrics training reported."""
+    run = tmp_path / "run"
+    towers = ["--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir), "--text-pooling", "attention"]
+    data = [str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), "--out", str(run)]
+    assert main(["train", *data, *towers, "--tune", "image", "--epochs", "2", "--head-lr", "2e-3"]) == 0
+    state = load_file(str(run / "model.safetensors"))
+    before = {
+        **load_file(str(tiny_vit_dir / "model.safetensors")),
+        **load_file(str(tiny_roberta_dir / "model.safetensors")),
+    }
+
+    def changed(prefix: str) -> bool:
+        own = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(prefix)}  # e.g. vision.model.<key>
+        return any(not torch.equal(v, before[k]) for k, v in own.items() if k in before)
+
+    assert changed("vision.") and not changed("text.")
+    assert main(["evaluate", str(run), str(toy_manifest / "val.csv"), "--out", str(tmp_path / "ev")]) == 0
+    trained = json.loads((run / "metrics.json").read_text())["val"]
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["accuracy"] == trained["accuracy"] and again["weighted_f1"] == trained["weighted_f1"]
+
+
 def test_missing_hub_model_names_both_options(toy_manifest, tmp_path, capsys):
     code = main(["train", str(toy_manifest / "train.csv"), "--out", str(tmp_path / "r"), "--preset", "seed"])
     assert code == 2
