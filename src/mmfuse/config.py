@@ -13,7 +13,7 @@ from .fusion import head_names
 from .towers import POOLINGS, TEXT_POOLINGS
 
 MODALITIES = ("image", "text")
-DTYPES = ("auto", "fp32", "autocast", "bf16")
+DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: predict.Predictor says which is which
 TUNES = ("head", "text", "image", "all")
 # Per --tune: epochs, batch size, learning rate (towers, or the head alone), head learning rate.
 # head: on the emoji data 15 epochs at batch 64 and 2e-3 scored at least as well as 40 at batch 16 and 1e-3, in an
@@ -24,7 +24,7 @@ TUNE_DEFAULTS = {
     "text": (4, 32, 5e-5, 2e-3),
     "image": (8, 16, 1e-4, None),
     "all": (8, 16, 1e-4, None),
-}  # how a loaded model predicts: predict.Predictor says which is which
+}
 PRESETS = {
     # The reference design: ViT-B/16 (in21k) + RoBERTa-base cut to 8 layers, CLS pooling on both.
     "seed": {
