@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             "train", str(root / "data" / "train.csv"), "--out", str(root / "run"),
             "--vision", str(vision_dir), "--text", str(text_dir), "--text-layers", "2" if small else "8",
             "--vision-pooling", "cls", "--text-pooling", "cls", "--tune", "all", "--epochs", str(epochs),
-            "--batch-size", str(batch), "--num-workers", str(workers),
+            "--batch-size", str(batch), "--num-workers", str(workers), "--overwrite",  # --keep DIR may hold a run
         ])
         # fmt: on
         run(

@@ -18,6 +18,19 @@ from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainCo
 from .errors import MmfuseError
 
 log = logging.getLogger("mmfuse")
+# What mmfuse train writes into a run directory; predict and evaluate must never write over them.
+RUN_FILES = {
+    "config.yaml",
+    "labels.json",
+    "model.safetensors",
+    "towers.json",
+    "metrics.json",
+    "history.csv",
+    "skipped.csv",
+    "captions.csv",
+    "training_curves.png",
+    "val_confusion_matrix.png",
+}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -56,7 +69,13 @@ def given(args: argparse.Namespace, cls) -> dict:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     """Config from (lowest first): defaults, --config YAML, --preset, explicit flags."""
-    base = RunConfig.from_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    try:
+        base = RunConfig.from_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    except TypeError as e:  # a value of the wrong type, e.g. epochs: ten, or lr: 1e-3 (YAML reads that as text)
+        raise MmfuseError(
+            f"{args.config}: a value has the wrong type ({e}). Write numbers as numbers (lr: 0.001 or 1.0e-3, "
+            "not 1e-3, which YAML reads as text) and lists as [a, b]."
+        ) from None
     model = {**vars(base.model), **PRESETS.get(getattr(args, "preset", None) or "", {}), **given(args, ModelConfig)}
     data = {**vars(base.data), **given(args, DataConfig)}
     train = {**vars(base.train), **given(args, TrainConfig)}
@@ -70,6 +89,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 def _training_flags(p: argparse.ArgumentParser, skip_data: tuple[str, ...] = ("train",)) -> None:
     p.add_argument("--config", help="a config.yaml (e.g. from an earlier run) to start from; flags override it")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run already in --out")
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -85,11 +105,25 @@ def _training_flags(p: argparse.ArgumentParser, skip_data: tuple[str, ...] = ("t
 # verbs
 
 
+def keep_earlier_run(out: str, overwrite: bool, finished: tuple[str, ...]) -> None:
+    """A finished run is work that took time: training into its directory again must be asked for, not happen
+    because a name was reused (fit rewrites the weights, config and metrics there)."""
+    done = [name for name in finished if (Path(out) / name).exists()]
+    if done and not overwrite:
+        raise MmfuseError(
+            f"--out {out} already holds a finished run ({done[0]}); choose another --out, or pass --overwrite to "
+            "replace it."
+        )
+
+
 def cmd_train(args) -> int:
     from .train import fit
 
     cfg = run_config(args)
+    keep_earlier_run(args.out, args.overwrite, ("model.safetensors", "metrics.json"))
     cfg.data.train = args.data
+    if cfg.data.val and Path(cfg.data.val).resolve() == Path(args.data).resolve():
+        log.warning("--val is the training data itself: the validation scores will flatter the model")
     result = fit(cfg, args.out)
     if result is not None:
         print_summary({"validation": result["val"]}, f"trained {args.out} (best epoch {result['best_epoch']})")
@@ -100,9 +134,55 @@ def speed(args) -> dict:
     return {"dtype": args.dtype, "compile": args.compile}
 
 
+def keep_inputs(out: str, args) -> None:
+    """Stops before an output would be written over an input: the run's own files, or the captions."""
+    target = Path(out).resolve()
+    run = Path(args.run).resolve()
+    if target == run and args.fn is cmd_evaluate:  # predict's --out is a file: predict_file says so
+        raise MmfuseError(f"--out {out} is the run directory itself; its metrics.json would be overwritten.")
+    if target.parent == run and target.name in RUN_FILES:
+        raise MmfuseError(f"--out {out} is one of the run's own files; writing there would destroy the run.")
+    if args.fn is cmd_evaluate and Path(args.data).is_dir() and target.is_relative_to(Path(args.data).resolve()):
+        # Its confusion_matrix.png would be read as an image of a class named after the folder next time.
+        raise MmfuseError(f"--out {out} is inside the data folder {args.data}; put the reports elsewhere.")
+    if args.captions and target == Path(args.captions).resolve():
+        raise MmfuseError(f"--out {out} is the --captions file; writing there would overwrite it.")
+
+
+def check_run_files(run: str) -> None:
+    """A run directory's towers.json and labels.json, checked for shape before the model is rebuilt from them:
+    a hand-edited or damaged file would otherwise fail deep inside with a KeyError."""
+    import json
+
+    from .towers import packaged_towers
+
+    run_dir = Path(run)
+    try:
+        specs = json.loads((run_dir / "towers.json").read_text())
+        labels = json.loads((run_dir / "labels.json").read_text())
+    except (OSError, ValueError):
+        return  # missing or not JSON: load_model says which, in its own words
+    if not (
+        isinstance(specs, dict)
+        and specs
+        and set(specs) <= {"image", "text"}
+        and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in specs.values())
+    ):
+        raise MmfuseError(f"{run_dir}/towers.json is damaged (expected image and text towers, each with a name).")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(c, str) for c in labels)):
+        raise MmfuseError(f"{run_dir}/labels.json is damaged (expected a list of at least 2 class names).")
+    for modality, spec in specs.items():
+        folder = run_dir / f"{modality}_tower"
+        if spec["name"] not in packaged_towers() and not folder.is_dir():
+            raise MmfuseError(f"{folder} is missing: the run needs it to rebuild its {modality} tower.")
+
+
 def cmd_evaluate(args) -> int:
     from .predict import evaluate_file
 
+    check_run_files(args.run)
+    if args.out:
+        keep_inputs(args.out, args)
     report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print_report(report)
     out = args.out or Path(args.run) / "eval"
@@ -113,6 +193,15 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import predict_file
 
+    check_run_files(args.run)
+    keep_inputs(args.out, args)
+    # Found now rather than after every row is predicted: a place for --out that cannot be made or written.
+    folder = Path(args.out).absolute().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise MmfuseError(f"--out {args.out}: {existing} is a file, so no folder can be made there.")
+    if not os.access(existing, os.W_OK):
+        raise MmfuseError(f"--out {args.out}: the folder {existing} is not writable.")
     path = predict_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print(f"wrote {path}")
     return 0
@@ -122,6 +211,13 @@ def cmd_ablate(args) -> int:
     from .ablate import ablate
 
     cfg = run_config(args)
+    keep_earlier_run(args.out, args.overwrite, ("ablation.json", "fusion/model.safetensors"))
+    if args.test:
+        from .data import read_data
+
+        # Read (not yet checked row by row) before three models are trained: a missing or malformed --test file
+        # would otherwise stop the ablation only at its end.
+        read_data(args.test, args.test_captions, need_label=True)
     cfg.data.train = args.data
     results = ablate(cfg, args.out, test=args.test, test_captions=args.test_captions)
     print_summary(results, f"modality ablation ({next(iter(results.values()))['evaluated_on']})")
@@ -149,6 +245,8 @@ def cmd_datasets(args) -> int:
 def cmd_caption(args) -> int:
     from .captioning import caption_file
 
+    if Path(args.out).is_dir():
+        raise MmfuseError(f"--out {args.out} is a directory; give the CSV to write, e.g. {args.out}/captions.csv")
     path = caption_file(
         args.data,
         args.out,
@@ -304,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except MmfuseError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A file that cannot be read or written (no permission, a full disk, a read-only place): the user's to fix,
+        # so a line that names the file, not a traceback (-v shows it).
+        log.debug("details", exc_info=True)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,13 @@ from .images import IMAGE_SUFFIXES, MAX_PIXELS, check_image
 
 log = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+COLUMNS = ("image", "text", "label")
+# Names other tools give these columns: named in the error as renames to make, never read silently in their place.
+_ALIASES = {
+    "image": {"path", "file", "filename", "file_name", "filepath", "image_path", "img", "img_path", "image_file"},
+    "text": {"caption", "captions", "description", "sentence", "prompt", "title", "txt"},
+    "label": {"labels", "class", "category", "target", "y", "class_name", "label_name"},
+}
 # Lone surrogates are what surrogateescape turns undecodable bytes into: their presence means "not UTF-8".
 _SURROGATES = {chr(c) for c in range(0xDC80, 0xDD00)}
 
@@ -60,6 +68,14 @@ def _decode(path: Path) -> str:
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise MmfuseError(f"{path} is UTF-16 text; save it as UTF-8 (most editors and pandas' to_csv write UTF-8).")
+    # Files that are not text at all would otherwise be parsed into a header of garbage.
+    head = raw[:400]
+    if len(head) >= 8 and head[1::2].count(0) > len(head) // 4 and head[::2].count(0) == 0:
+        raise MmfuseError(f"{path} is UTF-16 text (without a byte-order mark); save it as UTF-8.")
+    if raw.startswith(b"PAR1"):
+        raise MmfuseError(f"{path} is a parquet file; name it with the .parquet suffix.")
+    if raw.startswith(b"PK\x03\x04"):
+        raise MmfuseError(f"{path} is a zip archive (an Excel workbook?), not text; export it as CSV (UTF-8).")
     # Undecodable bytes survive as surrogates, so the rows holding them can be reported one by one.
     return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
@@ -77,22 +93,47 @@ def _read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
             # The csv module, unlike pandas' C parser, keeps undecodable bytes as surrogates we can report per row.
             reader = csv.reader(io.StringIO(_decode(path), newline=""))
             header = next(reader, [])
-            n = 0
+            if header and header[0].startswith("sep=") and not any(c.strip() for c in header[1:]):
+                header = next(reader, [])  # Excel's "sep=," delimiter hint, not the header
+            header = _columns(header, path)
+            n, widths = 0, set()
             for row in reader:
                 if not row:
                     continue
                 n += 1
                 if len(row) != len(header):
+                    widths.add(len(row))
                     at = header.index("image") if "image" in header else len(row)
                     why = f"has {len(row)} cell(s) but the header names {len(header)} columns"
-                    if len(row) > len(header):
+                    if any("\n" in cell for cell in row):
+                        why += " (a quote left open, running on over the following lines?)"
+                    elif len(row) > len(header):
                         why += " (a text with an unquoted comma?)"
                     problems.append(Problem(n, row[at] if at < len(row) else "", why))
                     continue
                 rows.append({**dict(zip(header, row)), "_row": n})
+            if not rows and n > 1 and len(widths) == 1:
+                # Every row disagrees with the header the same way: the header is what is wrong, not the rows.
+                raise MmfuseError(
+                    f"{path}: its header names {len(header)} column(s) {header} but every row has {widths.pop()} "
+                    "cells; fix the header line (image,text,label)."
+                )
             return header, rows, problems
         if suffix == ".jsonl":
-            for n, line in enumerate(_decode(path).splitlines(), start=1):
+            text = _decode(path)
+            if text.lstrip().startswith("["):
+                # One JSON array of objects (pandas' to_json default, or a .json renamed) is not JSON Lines: every
+                # line would be reported as broken, which hides what is wrong with the file as a whole.
+                try:
+                    whole = json.loads(text)
+                except json.JSONDecodeError:
+                    whole = None
+                if isinstance(whole, list):
+                    raise MmfuseError(
+                        f"{path} is one JSON array, not JSON Lines: write one JSON object per line "
+                        "(pandas: df.to_json(path, orient='records', lines=True))."
+                    )
+            for n, line in enumerate(text.splitlines(), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -103,64 +144,151 @@ def _read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
                 if not isinstance(row, dict):
                     problems.append(Problem(n, "", f"line {n} is not a JSON object with image, text and label keys"))
                     continue
-                rows.append({**row, "_row": n})
+                keys = [_column(k) for k in row]
+                if len(set(keys)) < len(keys):
+                    twice = sorted({k for k in keys if keys.count(k) > 1})
+                    problems.append(Problem(n, "", f"line {n} gives key(s) {twice} twice, in different spellings"))
+                    continue
+                rows.append({**dict(zip(keys, row.values())), "_row": n})
             return list(dict.fromkeys(k for row in rows for k in row if k != "_row")), rows, problems
         if suffix == ".parquet":
             import pandas as pd
 
             df = pd.read_parquet(path)
-            for col in df.columns:
-                df[col] = df[col].map(
-                    lambda v: v.decode("utf-8", errors="surrogateescape") if isinstance(v, bytes) else v
-                )
-            records = df.to_dict("records")
-            return [str(c) for c in df.columns], [{**r, "_row": i} for i, r in enumerate(records, 1)], problems
+            columns = _columns([str(c) for c in df.columns], path)
+            # Bytes are decoded per cell, not written back into the frame: pandas' Arrow-backed strings refuse the
+            # surrogates that mark undecodable bytes, which made one bad cell fail the whole file.
+            for i, values in enumerate(df.itertuples(index=False, name=None), 1):
+                rows.append({**dict(zip(columns, values)), "_row": i})
+            return columns, rows, problems
     except (csv.Error, OSError, ValueError, ImportError) as e:
         raise MmfuseError(f"Could not read manifest {path}: {e}") from None
     raise MmfuseError(f"{path}: manifests must be {', '.join(MANIFEST_SUFFIXES)}")
 
 
+def _columns(header: list[str], path: Path) -> list[str]:
+    """The header with the columns mmfuse reads spelled its way (' Image' is image); a column named twice is an
+    error rather than one of the two being read and the other silently ignored."""
+    columns = [_column(c) for c in header]
+    twice = sorted({c for c in columns if c and columns.count(c) > 1})
+    if twice:
+        raise MmfuseError(
+            f"{path}: column(s) {twice} appear more than once in the header {header}; keep one of each "
+            "(mmfuse would not know which to read)."
+        )
+    return columns
+
+
+def _column(name) -> str:
+    name = str(name)
+    return name.strip().lower() if name.strip().lower() in COLUMNS else name
+
+
 def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="surrogateescape")  # parquet binary columns
+    if value is None or (isinstance(value, float) and np.isnan(value)) or type(value).__name__ in ("NAType", "NaTType"):
+        return ""  # pandas' own missing values (nullable Int64, string columns) read as "<NA>" otherwise
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # an integer column with a null in it comes back from parquet as floats: 1.0 is 1
     return str(value)
 
 
-def _require_columns(columns: list[str], path: Path, needed: list[str]) -> None:
+def _require_columns(columns: list[str], path: Path, needed: list[str], what: str = "") -> None:
     missing = [c for c in needed if c not in columns]
     if missing:
-        raise MmfuseError(
-            f"{path} is missing column(s) {missing}; it has {columns}. "
-            "Manifests need columns image, text and label (label is optional for predict)."
+        what = what or (
+            "Manifests need columns image, text and label (label is optional for predict; text for a model that "
+            "uses no text, or was trained with --modality-dropout)."
         )
+        renames = [
+            f"{found} to {want}"
+            for want in missing
+            for found in columns
+            if str(found).strip().lower() in _ALIASES[want]
+        ]
+        hint = f" Rename {', '.join(renames)}?" if renames else _header_hint(columns)
+        raise MmfuseError(f"{path} is missing column(s) {missing}; it has {columns}.{hint} {what}")
 
 
-def read_manifest(path: Path, need_label: bool) -> tuple[list[Record], list[Problem]]:
+def _header_hint(columns: list[str]) -> str:
+    """Why a header may lack the columns it seems to have: another delimiter, or no header line at all."""
+    if len(columns) == 1:
+        for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "'|'")):
+            if sep in columns[0]:
+                return f" The file looks separated by {name}: save it comma-separated (pandas: df.to_csv(path))."
+    if any(Path(c.strip()).suffix.lower() in IMAGE_SUFFIXES for c in columns):
+        return " Its first line looks like a data row: add a header line naming the columns."
+    return ""
+
+
+def read_manifest(path: Path, need_label: bool, need_text: bool = False) -> tuple[list[Record], list[Problem]]:
+    """``need_text``: the text column must be there (captioning, an image-only model or one trained with modality
+    dropout can do without it)."""
     columns, rows, problems = _read_table(path)
     if not rows and not problems:
         raise MmfuseError(f"{path} has no data rows.")
-    _require_columns(columns, path, ["image", "text"] + (["label"] if need_label else []))
+    if rows or not problems:  # a .jsonl with no readable line has no columns to check: its lines are the error
+        _require_columns(columns, path, ["image"] + (["text"] if need_text else []) + (["label"] if need_label else []))
+    if rows and all(isinstance(r.get("image"), (bytes, dict)) for r in rows):
+        raise MmfuseError(
+            f"{path}: column image holds the images themselves (bytes), as Hugging Face datasets export them, not "
+            "paths to image files. Save each image to a file and list its path (relative to the manifest's folder, "
+            "or absolute) in the image column."
+        )
     has_label = "label" in columns
     records = []
     for row in rows:
+        n = row["_row"]
+        if isinstance(row.get("image"), (bytes, dict)):
+            problems.append(Problem(n, "", "image holds embedded image data, not the path of an image file"))
+            continue
         source = _cell(row.get("image")).strip()
-        image = Path(source) if Path(source).is_absolute() else path.parent / source
+        # A list or an object would otherwise be trained on as its Python repr, "['a', 'b']".
+        odd = [c for c in COLUMNS if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
+        if odd:
+            kind = {dict: "an object"}
+            problems += [Problem(n, source, f"{c} is {kind.get(type(row[c]), 'a list')}, not one value") for c in odd]
+            continue
         label = _cell(row.get("label")).strip() if has_label else None
-        records.append(Record(image, _cell(row.get("text")), label or None, row["_row"], source))
+        records.append(Record(_image_path(source, path.parent), _cell(row.get("text")), label or None, n, source))
     return records, problems
 
 
+def _image_path(source: str, folder: Path) -> Path:
+    """Where a manifest's image lies: relative to the manifest's folder, or absolute. A manifest written on Windows
+    separates folders with backslashes, which name no folder here; they are read as slashes when that finds the file.
+    """
+    image = Path(source) if Path(source).is_absolute() else folder / source
+    if "\\" in source and not os.path.exists(image):
+        posix = source.replace("\\", "/")
+        alt = Path(posix) if Path(posix).is_absolute() else folder / posix
+        if os.path.exists(alt):
+            return alt
+    return image
+
+
+def _caption_key(image: str) -> str:
+    key = image.strip().replace("\\", "/")
+    while key.startswith("./"):  # not lstrip("./"), which also ate the dot of ".hidden/x.png" and the / of /abs
+        key = key[2:]
+    return key
+
+
 def read_captions(path: Path) -> dict[str, str]:
-    """A captions CSV as {relative path or file name: text}."""
-    columns, rows, problems = _read_table(Path(path))
+    """A captions CSV as {relative path, absolute path or file name: text}."""
+    path = Path(path)
+    if not path.exists():
+        raise MmfuseError(f"Captions file not found: {path}")
+    if path.is_dir():
+        raise MmfuseError(f"--captions {path} is a folder; give the captions CSV (columns image, text).")
+    columns, rows, problems = _read_table(path)
     if problems:
         raise data_error(problems, path)
-    _require_columns(columns, Path(path), ["image", "text"])
+    _require_columns(columns, path, ["image", "text"], what="A captions file needs columns image and text.")
     captions = {}
     for r in rows:
-        key = _cell(r.get("image")).replace("\\", "/").lstrip("./")
+        key = _caption_key(_cell(r.get("image")))
         if key in captions and captions[key] != _cell(r.get("text")):
             raise MmfuseError(f"{path}: '{key}' has two different captions (rows {r['_row']} and an earlier one).")
         captions[key] = _cell(r.get("text"))
@@ -171,8 +299,21 @@ def read_folder(root: Path, captions: dict[str, str] | None) -> tuple[list[Recor
     """ROOT/<label>/<images> (labelled) or ROOT/<images> (unlabeled)."""
     problems: list[Problem] = []
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    groups = [(d.name, sorted(p for p in d.rglob("*") if p.is_file())) for d in subdirs] or [
-        (None, sorted(p for p in root.iterdir() if p.is_file()))
+    splits = {"train", "training", "val", "valid", "validation", "test", "testing", "eval"}
+    if (
+        subdirs
+        and {d.name.lower() for d in subdirs} <= splits
+        and all(any(c.is_dir() for c in d.iterdir()) for d in subdirs)
+    ):
+        # ROOT/train/<label>/..., ROOT/val/<label>/...: the split names would become the classes.
+        names = ", ".join(d.name for d in subdirs)
+        raise MmfuseError(
+            f"{root} holds the splits {names}, each with its own class folders; pass one split as DATA "
+            f"(e.g. {root / subdirs[0].name}) and the validation split with --val."
+        )
+    # Hidden files and folders are the system's, not data: macOS's ._x.jpg beside x.jpg is not an image at all.
+    groups = [(d.name, sorted(p for p in d.rglob("*") if p.is_file() and not _hidden(p, d))) for d in subdirs] or [
+        (None, sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")))
     ]
     files, ignored = [], []
     if subdirs:
@@ -199,7 +340,8 @@ def read_folder(root: Path, captions: dict[str, str] | None) -> tuple[list[Recor
         rel = p.relative_to(root).as_posix()
         text = ""
         if captions is not None:
-            key = rel if rel in captions else p.name
+            absolute = Path(os.path.abspath(p)).as_posix()
+            key = rel if rel in captions else absolute if absolute in captions else p.name
             if key == p.name and key in captions and by_name[p.name] > 1:
                 problems.append(
                     Problem(
@@ -219,18 +361,39 @@ def read_folder(root: Path, captions: dict[str, str] | None) -> tuple[list[Recor
     return records, problems
 
 
-def read_data(path: str | Path, captions: str | Path | None = None, need_label: bool = True):
+def _hidden(path: Path, top: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(top).parts)
+
+
+def read_data(path: str | Path, captions: str | Path | None = None, need_label: bool = True, need_text: bool = False):
     """Reads a folder or manifest into records, plus problems found while listing (empty classes)."""
     path = Path(path)
     if not path.exists():
         raise MmfuseError(f"Data not found: {path}")
+    if path.is_dir() and path.suffix.lower() == ".parquet":
+        return read_manifest(path, need_label, need_text)  # a partitioned parquet dataset is a folder of parts
     if path.is_dir():
         return read_folder(path, read_captions(Path(captions)) if captions else None)
     if captions:
         raise MmfuseError("--captions is for folder data; a manifest carries its own text column.")
     if path.suffix.lower() not in MANIFEST_SUFFIXES:
-        raise MmfuseError(f"{path}: expected a folder or a manifest ending in {', '.join(MANIFEST_SUFFIXES)}")
-    return read_manifest(path, need_label)
+        hint = {
+            ".tsv": " Save it comma-separated as .csv.",
+            ".txt": " A comma-separated file with a header image,text,label can be renamed to .csv.",
+            ".json": " Write JSON Lines (.jsonl), one object per line: df.to_json(path, orient='records', lines=True).",
+            ".xlsx": " Save the sheet as CSV.",
+        }.get(path.suffix.lower(), "")
+        raise MmfuseError(f"{path}: expected a folder or a manifest ending in {', '.join(MANIFEST_SUFFIXES)}.{hint}")
+    return read_manifest(path, need_label, need_text)
+
+
+def _check_image(path: str, max_pixels: int) -> str | None:
+    # A path the OS refuses to even look up (over 255 bytes a name, e.g. an embedded image's bytes written out as
+    # its "path") makes exists() raise rather than answer: that is one bad row, not a crash.
+    try:
+        return check_image(path, max_pixels)
+    except OSError as e:
+        return f"image path cannot be opened ({e.strerror or e})"
 
 
 def find_problems(
@@ -248,12 +411,23 @@ def find_problems(
     problems = []
     # Remembered per file across runs while its size and mtime hold: a warm run decodes nothing.
     image_reasons = file_index().values(
-        f"check-v1:{max_pixels}", [str(r.image) for r in records], lambda p: check_image(p, max_pixels), workers
+        f"check-v1:{max_pixels}", [str(r.image) for r in records], lambda p: _check_image(p, max_pixels), workers
     )
     for rec, image_reason in zip(records, image_reasons):
         if not rec.source:
             problems.append(Problem(rec.row, rec.source, "no image path"))
             continue
+        if image_reason and rec.source.lower().startswith(("http://", "https://", "s3://", "gs://")):
+            image_reason = "image is a URL; mmfuse reads local files: download the images and list their paths"
+        elif image_reason == "image file not found" and rec.source[1:3] in (":\\", ":/") and rec.source[0].isalpha():
+            image_reason += " (a Windows path: list where the image is on this machine, relative to the manifest)"
+        elif image_reason == "image file not found" and rec.source.startswith("~"):
+            image_reason += " (~ is not expanded here: write the path in full, or relative to the manifest)"
+        elif image_reason == "image file not found" and os.path.isfile(rec.source):
+            image_reason += (
+                f" at {rec.image}: paths are relative to the manifest's folder, and this one is relative to the "
+                "current directory instead"
+            )
         if image_reason:
             problems.append(Problem(rec.row, rec.source, image_reason))
         if _is_not_utf8(rec.text):
@@ -285,12 +459,43 @@ def load_checked(
     no_text_reason: str = "no text",
 ) -> list[Record]:
     """Reads and checks data; raises one DataError listing every bad row, or skips and records them."""
-    records, problems = read_data(path, captions, need_label)
+    records, problems = read_data(path, captions, need_label, need_text)
+    folder = Path(path).is_dir() and Path(path).suffix.lower() != ".parquet"
+    if folder and need_label and records and not any(r.label for r in records):
+        raise MmfuseError(
+            f"{path} is a flat folder of images, so none has a label: put each class's images in a sub-folder "
+            f"named after the class ({Path(path) / '<label>'}/...), or give a manifest with a label column."
+        )
+    if folder and need_text:
+        if not captions and records:
+            # Every row would be listed as "no text", and --skip-bad would skip them all: say what is missing once.
+            advice = (
+                ", caption the images (--caption-missing imagenet-tags, or mmfuse caption), or train on images "
+                "alone (--modalities image)."
+                if no_text_reason == "no text"
+                else f". Every image has {no_text_reason}."
+            )
+            tables = sorted(p.name for p in Path(path).iterdir() if p.suffix.lower() in MANIFEST_SUFFIXES)
+            if tables:  # e.g. data/emoji given for data/emoji/train.csv
+                advice += f" It holds {', '.join(tables[:3])}: pass a manifest itself as DATA, or as --captions."
+            raise MmfuseError(
+                f"{path} is a folder of images with no text: give the texts with --captions FILE (a CSV with "
+                f"columns image, text; --val-captions for a --val folder){advice}"
+            )
+        if captions and no_text_reason == "no text":
+            no_text_reason = f"no text: {Path(captions).name} has no caption (or an empty one) for this image"
     problems += find_problems(
         records, labels=labels, need_label=need_label, need_text=need_text, no_text_reason=no_text_reason
     )
     if problems and not skip_bad:
         raise data_error(problems, path)
+    folded: dict[str, set[str]] = {}
+    for r in records:
+        if r.label:
+            folded.setdefault(r.label.casefold(), set()).add(r.label)
+    clashes = [sorted(v) for v in folded.values() if len(v) > 1]
+    if clashes:  # almost always a typo, and each spelling would become a class of its own
+        log.warning("labels that differ only in case are separate classes in %s: %s", path, clashes[:5])
     repeats = len(records) - len({r.image for r in records})
     if repeats:
         log.warning("%d row(s) of %s list an image that an earlier row lists too", repeats, path)
@@ -303,7 +508,8 @@ def load_checked(
             "skipped %d bad row(s) of %s%s", len(bad_rows), path, f", listed in {skipped_csv}" if skipped_csv else ""
         )
     if not records:
-        raise MmfuseError(f"No usable rows left in {path}.")
+        where = f", listed with their reasons in {skipped_csv}" if problems and skipped_csv else ""
+        raise MmfuseError(f"No usable rows left in {path}: every row was bad{where}.")
     return records
 
 

@@ -16,7 +16,8 @@ class DataError(MmfuseError):
             by_row.setdefault((row, image), []).append(reason)
         lines = [f"{len(by_row)} bad row(s) in {source}:"]
         for (row, image), reasons in list(by_row.items())[:limit]:
-            lines.append(f"  {'row ' + str(row) + ': ' if row else ''}{image}: {'; '.join(reasons)}")
+            where = [f"row {row}"] * bool(row) + [image] * bool(image)  # a row with no image path names none
+            lines.append(f"  {': '.join(where + ['; '.join(reasons)])}")
         if len(by_row) > limit:
             lines.append(f"  ... and {len(by_row) - limit} more row(s)")
         lines.append("Fix these rows, or pass --skip-bad to skip them (each skipped row is listed in a skipped.csv).")

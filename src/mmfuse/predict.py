@@ -96,9 +96,15 @@ class Predictor:
         if len(texts) != len(images):
             raise MmfuseError(f"got {len(images)} images but {len(texts)} texts")
         self._check_texts(texts)
+        # Missing files are found before any batch runs: a long call should not fail at its end for one bad path.
+        missing = [
+            f"#{i} {im}" for i, im in enumerate(images) if not isinstance(im, Image.Image) and not Path(im).is_file()
+        ]
+        if missing:
+            raise MmfuseError(f"{len(missing)} image file(s) not found: {', '.join(missing[:5])}")
         out = []
         for s in range(0, len(images), batch_size):
-            imgs = [to_rgb(im) if isinstance(im, Image.Image) else load_image(im) for im in images[s : s + batch_size]]
+            imgs = [_open(im, i) for i, im in enumerate(images[s : s + batch_size], start=s)]
             txt = texts[s : s + batch_size]
             batch = {
                 "present": torch.tensor(
@@ -173,6 +179,15 @@ class Predictor:
 
             records = fill_missing_captions(records, self.cfg.data.caption_missing, self.run_dir / "captions.csv")
         return records
+
+
+def _open(image: str | Path | Image.Image, i: int) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    try:
+        return load_image(image)
+    except (OSError, ValueError) as e:
+        raise MmfuseError(f"image #{i} ({image}) cannot be read: {e}") from None
 
 
 def load(run_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False) -> Predictor:
