@@ -84,6 +84,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         for key in ("epochs", "batch_size", "lr", "head_lr"):
             if key not in given(args, TrainConfig):
                 train[key] = None
+        if train["tune"] == "head" and "tune_layers" not in given(args, TrainConfig):
+            train["tune_layers"] = None  # a --config's tune_layers meant its tuned towers; --tune head tunes none
     return RunConfig(DataConfig(**data), ModelConfig(**model), TrainConfig(**train))
 
 
@@ -117,14 +119,49 @@ def keep_earlier_run(out: str, overwrite: bool, finished: tuple[str, ...]) -> No
 
 
 def cmd_train(args) -> int:
-    from .train import fit
+    from .train import TrainingInterrupted, fit
 
     cfg = run_config(args)
+    tune, modalities = cfg.train.tune, " ".join(cfg.model.modalities)
+    if tune in ("text", "image") and tune not in cfg.model.modalities:
+        # Nothing would be tuned: a head alone, with the epochs and rates chosen for a tower. (ablate's
+        # single-modality runs do that on purpose, to give all three one budget.)
+        if "tune" in given(args, TrainConfig):
+            raise MmfuseError(
+                f"--tune {tune} fine-tunes the {tune} tower, which --modalities {modalities} leaves out: pass "
+                f"--tune head (a head on frozen features) or --tune {modalities}."
+            )
+        log.warning(
+            "--modalities %s has no %s tower for --tune %s to fine-tune: training with --tune head",
+            modalities,
+            tune,
+            tune,
+        )
+        args.tune = "head"
+        cfg = run_config(args)
     keep_earlier_run(args.out, args.overwrite, ("model.safetensors", "metrics.json"))
+    # Files a run writes, found in an --out that holds no finished run (--out . in a project with its own
+    # config.yaml): they are someone's, to be replaced only when asked. skipped.csv and captions.csv are what an
+    # unfinished run leaves behind for the next.
+    theirs = sorted(n for n in RUN_FILES - {"skipped.csv", "captions.csv"} if (Path(args.out) / n).exists())
+    if theirs and not args.overwrite:
+        raise MmfuseError(
+            f"--out {args.out} already holds {', '.join(theirs)}, which training would replace; choose another "
+            "--out (a new directory), or pass --overwrite."
+        )
     cfg.data.train = args.data
     if cfg.data.val and Path(cfg.data.val).resolve() == Path(args.data).resolve():
         log.warning("--val is the training data itself: the validation scores will flatter the model")
-    result = fit(cfg, args.out)
+    try:
+        result = fit(cfg, args.out)
+    except TrainingInterrupted as e:  # the best epoch so far is saved; the exit code still says it did not finish
+        result = e.result
+        print_summary({"validation": result["val"]}, f"trained {args.out} (best epoch {result['best_epoch']})")
+        print(
+            f"interrupted after {result['epochs_run']} epoch(s); saved epoch {result['best_epoch']} to {args.out}",
+            file=sys.stderr,
+        )
+        return 130
     if result is not None:
         print_summary({"validation": result["val"]}, f"trained {args.out} (best epoch {result['best_epoch']})")
     return 0
@@ -207,9 +244,18 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def out_dir(out: str) -> None:
+    """--out of ablate and quickstart is a directory of runs: a file there would fail only when the first is saved."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise MmfuseError(f"--out {out} is a file; give a directory for the runs.")
+
+
 def cmd_ablate(args) -> int:
     from .ablate import ablate
 
+    if hasattr(args, "modalities"):  # each of the three runs sets its own; the flag would be ignored
+        raise MmfuseError("ablate trains image-only, text-only and fusion models itself: leave --modalities out.")
+    out_dir(args.out)
     cfg = run_config(args)
     keep_earlier_run(args.out, args.overwrite, ("ablation.json", "fusion/model.safetensors"))
     if args.test:
@@ -228,6 +274,7 @@ def cmd_ablate(args) -> int:
 def cmd_quickstart(args) -> int:
     from .quickstart import quickstart
 
+    out_dir(args.out)
     results = quickstart(args.out, rebuild_data=args.rebuild_data)
     print_summary(results, "emoji quickstart: test split, 9 classes")
     print(f"wrote the fusion run to {args.out}, the ablation to {args.out}/ablation.json and ablation.png")
@@ -237,6 +284,8 @@ def cmd_quickstart(args) -> int:
 def cmd_datasets(args) -> int:
     from .datasets.emoji import build_emoji
 
+    if not 0 <= args.seed < 2**32:
+        raise MmfuseError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     out = build_emoji(args.out, seed=args.seed)
     print(f"wrote {out}/train.csv, val.csv, test.csv and images/")
     return 0
@@ -247,6 +296,13 @@ def cmd_caption(args) -> int:
 
     if Path(args.out).is_dir():
         raise MmfuseError(f"--out {args.out} is a directory; give the CSV to write, e.g. {args.out}/captions.csv")
+    for flag in ("batch_size", "max_new_tokens", "num_beams"):
+        if getattr(args, flag) < 1:  # 0 failed inside range(), a negative batch size captioned nothing
+            raise MmfuseError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.device:
+        from .predict import check_device
+
+        check_device(args.device, "--device")
     path = caption_file(
         args.data,
         args.out,
@@ -395,7 +451,14 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # An empty path is the current directory to pathlib: --out "" would write a run into it, DATA "" read it.
+    empty = [name for name, value in vars(args).items() if isinstance(value, str) and not value.strip()]
+    if empty:
+        names = [name.upper() if name in ("data", "run") else "--" + name.replace("_", "-") for name in empty]
+        print(f"error: {', '.join(names)} is empty; give a path or value.", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     quiet_libraries()
     try:
@@ -413,6 +476,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        # torch.OutOfMemoryError on a GPU; on a CPU a RuntimeError from its allocator (e.g. --hidden 100000000).
+        if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "allocate memory" in str(e)):
+            raise
+        log.debug("details", exc_info=True)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        print(
+            f"error: out of memory ({first[:200]}). Lower --batch-size, --image-size, --max-length or --hidden, "
+            "or use a machine with more memory.",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

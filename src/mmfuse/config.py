@@ -15,6 +15,7 @@ from .towers import POOLINGS, TEXT_POOLINGS
 MODALITIES = ("image", "text")
 DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: predict.Predictor says which is which
 TUNES = ("head", "text", "image", "all")
+MAX_IMAGE_SIZE = 1024
 # Per --tune: epochs, batch size, learning rate (towers, or the head alone), head learning rate.
 # head: on the emoji data 15 epochs at batch 64 and 2e-3 scored at least as well as 40 at batch 16 and 1e-3, in an
 #     eighth of the optimizer steps. text: 5-fold cross-validation on the emoji data (bench/RESULTS.md); the head
@@ -110,15 +111,28 @@ class ModelConfig:
         if self.fusion not in head_names():
             raise MmfuseError(f"--fusion must be one of {head_names()}, got {self.fusion!r}")
         if not self.modalities or any(m not in MODALITIES for m in self.modalities):
-            raise MmfuseError(f"modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}")
+            raise MmfuseError(f"--modalities must be image, text or both, got {self.modalities}")
+        if len(set(self.modalities)) != len(self.modalities):  # a repeat would feed one tower's features twice
+            raise MmfuseError(f"--modalities names a modality twice: {self.modalities}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise MmfuseError("--modality-dropout must be in [0, 1)")
+        if self.modality_dropout > 0 and len(self.modalities) < 2:
+            # Nothing would be blanked in training, yet a text-only model would then accept rows without text and
+            # answer from an untrained placeholder.
+            raise MmfuseError(
+                f"--modality-dropout blanks one of two modalities; with --modalities {self.modalities[0]} alone it "
+                "cannot: leave it out (or set it to 0)."
+            )
         if self.text_layers is not None and self.text_layers < 1:
             raise MmfuseError("--text-layers must be >= 1")
         if self.text_layer_mean is not None and self.text_layer_mean < 1:
             raise MmfuseError("--text-layer-mean must be >= 1")
-        if self.image_size is not None and self.image_size < 32:
-            raise MmfuseError("--image-size must be at least 32 pixels")
+        # Above 1024 px a batch of images alone takes gigabytes (5000 px exhausted 128 GB of memory); the packaged
+        # towers were trained at 224-260.
+        if self.image_size is not None and not 32 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise MmfuseError(f"--image-size must be between 32 and {MAX_IMAGE_SIZE} pixels, got {self.image_size}")
+        if self.hidden < 1:
+            raise MmfuseError(f"--hidden must be >= 1, got {self.hidden}")
         if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.input_dropout < 1.0):
             raise MmfuseError("--dropout and --input-dropout must be in [0, 1)")
         if self.max_length < 2:
@@ -181,12 +195,23 @@ class TrainConfig:
             raise MmfuseError("--epochs, --batch-size and --grad-accum must be >= 1, and --lr a finite number > 0")
         if self.tune_layers is not None and self.tune_layers < 1:
             raise MmfuseError(f"--tune-layers must be >= 1, got {self.tune_layers}")
+        if self.tune_layers is not None and self.tune == "head":
+            raise MmfuseError("--tune-layers applies to tuned towers: pass --tune text, image or all with it")
         if self.head_lr is not None and not 0 < self.head_lr < math.inf:
             raise MmfuseError(f"--head-lr must be a finite number > 0, got {self.head_lr}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise MmfuseError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.keep not in ("best", "last"):
             raise MmfuseError(f"--keep must be best or last, got {self.keep!r}")
+        if not 0 <= self.seed < 2**32:  # numpy's seeding takes no more
+            raise MmfuseError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
+        # NaN fails each of these comparisons; a NaN --grad-clip would otherwise turn clipping off without a word.
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise MmfuseError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise MmfuseError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.grad_clip < math.inf:
+            raise MmfuseError(f"--grad-clip must be a finite number >= 0 (0 turns clipping off), got {self.grad_clip}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise MmfuseError("--mixed-precision must be auto, no, bf16 or fp16")
 
@@ -212,16 +237,52 @@ class RunConfig:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise MmfuseError(f"Config file not found: {path}") from None
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise MmfuseError(f"{path} is not a readable YAML config: {e}") from None
         if not isinstance(raw, dict):
             raise MmfuseError(f"{path} is not an mmfuse config: expected sections data, model and train")
+        sections = [f.name for f in fields(cls)]
+        unknown = set(raw) - set(sections)
+        if unknown:  # e.g. "training:" for "train:": its settings would otherwise be ignored without a word
+            raise MmfuseError(f"{path}: unknown sections {sorted(map(str, unknown))}; the sections are {sections}")
         parts = {}
         for f in fields(cls):
             sub = raw.get(f.name) or {}
-            known = {x.name for x in fields(f.default_factory())}
-            unknown = set(sub) - known
+            if not isinstance(sub, dict):
+                raise MmfuseError(f"{path}: '{f.name}' must be a mapping of settings (key: value), got {sub!r}")
+            part_fields = {x.name: x for x in fields(f.default_factory())}
+            unknown = set(sub) - set(part_fields)
             if unknown:
-                raise MmfuseError(f"{path}: unknown keys in '{f.name}': {sorted(unknown)}")
-            parts[f.name] = type(f.default_factory())(**sub)
+                raise MmfuseError(f"{path}: unknown keys in '{f.name}': {sorted(map(str, unknown))}")
+            for key, value in sub.items():
+                _check_type(path, f"{f.name}.{key}", value, str(part_fields[key].type))
+            try:
+                parts[f.name] = type(f.default_factory())(**sub)
+            except MmfuseError as e:  # the checks name flags: say which file the value came from
+                raise MmfuseError(f"{path}: {e}") from None
         return cls(**parts)
+
+
+def _check_type(path, key: str, value, kind: str) -> None:
+    """A YAML value against its field's annotation (``int | None``, ``list[str]``...): a wrong type would otherwise
+    fail later inside torch, with no word of which setting it was."""
+    if value is None:
+        ok = "None" in kind
+    elif kind.startswith("list"):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        base = kind.split(" |")[0]
+        ok = {
+            "bool": isinstance(value, bool),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "str": isinstance(value, str),
+        }.get(base, True)
+    if not ok:
+        hint = ""
+        if isinstance(value, str) and "float" in kind:
+            hint = " (YAML reads 1e-3 as text: write 0.001 or 1.0e-3)"
+        names = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}
+        want = "a list of names, as [a, b]" if kind.startswith("list") else names.get(kind.split(" |")[0], kind)
+        want += " (or null)" * ("None" in kind)
+        raise MmfuseError(f"{path}: a value has the wrong type: {key} must be {want}, got {value!r}{hint}")

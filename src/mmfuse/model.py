@@ -198,11 +198,16 @@ def save_model(model: MultimodalClassifier, run_dir: Path, tuned: Collection[str
 def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, list[str]]:
     """Rebuilds a trained model from its run directory, with no network."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise MmfuseError(f"{run_dir} is a file; give the run directory that mmfuse train --out wrote.")
     if not run_dir.is_dir():
         raise MmfuseError(f"Run directory not found: {run_dir} (make one with mmfuse train DATA --out {run_dir}).")
     for name in ("config.yaml", "labels.json", "towers.json", "model.safetensors"):
         if not (run_dir / name).exists():
-            raise MmfuseError(f"{run_dir} is not an mmfuse run directory: {name} is missing.")
+            # mmfuse ablate --out holds three runs, one per subfolder.
+            inner = [m for m in ("fusion", "image", "text") if (run_dir / m / "config.yaml").exists()]
+            hint = f" It holds the runs {', '.join(inner)}: pass one, e.g. {run_dir / inner[0]}." if inner else ""
+            raise MmfuseError(f"{run_dir} is not an mmfuse run directory: {name} is missing.{hint}")
     cfg = RunConfig.from_yaml(run_dir / "config.yaml")
     try:
         labels = json.loads((run_dir / "labels.json").read_text())

