@@ -14,6 +14,7 @@ import torch
 
 from . import metrics
 from .config import RunConfig
+from .errors import MmfuseError
 from .features import FeatureCache, make_dataset
 from .model import build_model
 from .predict import evaluate_file
@@ -42,6 +43,8 @@ def ablate(
             use two threads well, so processes roughly halve the wall time on two cores; the results are the same.
     """
     out = Path(out)
+    if test is not None and not cfg.data.skip_bad:
+        _check_test_labels(cfg, test, test_captions)
     frozen = not cfg.tuned
     if parallel is None:
         parallel = frozen and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
@@ -83,6 +86,21 @@ def ablate(
 
 
 _TOWERS: dict | None = None  # shared with the forked workers of ``ablate``
+
+
+def _check_test_labels(cfg: RunConfig, test: str | Path, test_captions: str | None) -> None:
+    """A --test label that the training data lacks stopped the ablation only after its three models were trained
+    (and a rerun then needed --overwrite): the labels are compared first, from the files alone."""
+    from .data import read_data
+
+    known = {r.label for r in read_data(cfg.data.train, cfg.data.captions, need_label=True)[0]}
+    unknown = sorted({r.label for r in read_data(test, test_captions, need_label=True)[0]} - known - {None, ""})
+    if unknown:
+        raise MmfuseError(
+            f"--test {test} has label(s) the training data {cfg.data.train} lacks: {', '.join(map(str, unknown[:10]))}"
+            f"{' ...' * (len(unknown) > 10)}. Fix the labels, or pass --skip-bad to score the test rows the models "
+            "know."
+        )
 
 
 def _run_variant(job: tuple, threads: int | None = None) -> dict:

@@ -435,10 +435,27 @@ class HFCaptioner(Captioner):
         return [" ".join(t.split()) for t in texts]  # one line per caption, so a CSV row stays one line
 
 
+def check_captioner_name(name: str) -> None:
+    """A name close to a packaged captioner's (``imagenet-tag``, ``ImageNet-Tags``) is a typo, not a hub id: said
+    at once, rather than after the images are read and a hub download fails (or, online, fetches something else)."""
+    import difflib
+
+    if name in _CAPTIONERS or "/" in name or Path(name).exists():
+        return
+    close = [c for c in _CAPTIONERS if c.lower() == name.lower().strip()]
+    close = close or difflib.get_close_matches(name.lower(), list(_CAPTIONERS), n=2, cutoff=0.75)
+    if close:
+        raise MmfuseError(
+            f"unknown captioner {name!r}; did you mean {' or '.join(close)}? "
+            f"(offline captioners: {', '.join(packaged_captioners())}; else a hub id or local directory)"
+        )
+
+
 def build_captioner(
     name: str, device: str | torch.device | None = None, max_new_tokens: int = 20, num_beams: int = 1
 ) -> Captioner:
     """A packaged captioner by name, else a Hugging Face image-to-text model by hub id or local directory."""
+    check_captioner_name(name)
     if name in _CAPTIONERS:
         captioner = _CAPTIONERS[name](device=device, max_new_tokens=max_new_tokens, num_beams=num_beams)
         captioner.name = name
@@ -554,21 +571,31 @@ def _read_captions_csv(path: Path) -> list[dict[str, str]]:
     if not path.exists() or path.stat().st_size == 0:
         return []
     raw = path.read_bytes()
+    # The header is checked before anything is cut: an --out that names someone's image or other file was
+    # truncated at its last newline byte, as if it were a captions file a kill had left half-written.
+    try:
+        header = next(csv.reader([raw.split(b"\n", 1)[0].decode("utf-8").rstrip("\r")]), [])
+    except UnicodeDecodeError:
+        header = None
+    if header != COLUMNS:
+        found = f"columns {header}" if header is not None else "not UTF-8 text"
+        raise MmfuseError(
+            f"{path} exists but is not a captions file written by mmfuse ({found}, expected columns {COLUMNS}). "
+            "Pass another --out, or move it away."
+        )
     if not raw.endswith(b"\n"):
         keep = raw.rfind(b"\n") + 1
         log.warning("%s: dropping a half-written last row (the previous run was killed mid-write)", path)
         with open(path, "r+b") as f:
             f.truncate(keep)
         raw = raw[:keep]
-    lines = raw.decode("utf-8").splitlines()
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise MmfuseError(f"{path} is a captions file with bytes that are not UTF-8 ({e}); move it away.") from None
     if not lines:
         return []
     reader = csv.DictReader(lines)
-    if reader.fieldnames != COLUMNS:
-        raise MmfuseError(
-            f"{path} exists but is not a captions file written by mmfuse (columns {reader.fieldnames}, "
-            f"expected {COLUMNS}). Pass another --out, or move it away."
-        )
     return [row for row in reader if None not in row.values()]
 
 
@@ -638,6 +665,10 @@ def caption_file(
         MmfuseError: the model returned no text for some images (the others are written).
     """
     out_csv = Path(out_csv)
+    if out_csv.suffix.lower() in IMAGE_SUFFIXES | {".parquet", ".jsonl", ".json"}:
+        # Captions are written as CSV (the format --captions reads), never into an image or another format.
+        raise MmfuseError(f"--out {out_csv}: captions are written as CSV; give a path ending in .csv")
+    check_captioner_name(model)
     skipped_csv = out_csv.with_name(out_csv.stem + ".skipped.csv")
     skipped_csv.unlink(missing_ok=True)
     records = list_images(data)
@@ -649,6 +680,10 @@ def caption_file(
         records = [r for r in records if r.row not in bad]
         write_skipped(skipped_csv, problems, str(data))
         log.warning("skipping %d bad image(s), listed in %s", len(bad), skipped_csv)
+        if not records:  # it said "wrote OUT" and wrote nothing
+            raise MmfuseError(
+                f"No usable images left in {data}: every image was bad, listed with their reasons in {skipped_csv}."
+            )
 
     hashes = dict(zip((r.source for r in records), _hashes([r.image for r in records])))
     rows = _read_captions_csv(out_csv)

@@ -16,21 +16,9 @@ from pathlib import Path
 
 from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import MmfuseError
+from .model import RUN_FILES
 
 log = logging.getLogger("mmfuse")
-# What mmfuse train writes into a run directory; predict and evaluate must never write over them.
-RUN_FILES = {
-    "config.yaml",
-    "labels.json",
-    "model.safetensors",
-    "towers.json",
-    "metrics.json",
-    "history.csv",
-    "skipped.csv",
-    "captions.csv",
-    "training_curves.png",
-    "val_confusion_matrix.png",
-}
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -282,10 +270,27 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_datasets(args) -> int:
-    from .datasets.emoji import build_emoji
+    import json
+
+    from .datasets.emoji import DATASET_NAME, build_emoji
 
     if not 0 <= args.seed < 2**32:
         raise MmfuseError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    # The build replaces --out as a whole: a file there, or a folder of someone's files, would be deleted with it.
+    # Only an earlier export (its info.json names the dataset), with nothing added to it, is replaced without asking.
+    target = Path(args.out)
+    if target.exists() and not target.is_dir():
+        raise MmfuseError(f"--out {args.out} is a file; give a new directory for the dataset.")
+    try:
+        ours = json.loads((target / "info.json").read_text(encoding="utf-8")).get("name") == DATASET_NAME
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    exported = {"all.csv", "train.csv", "val.csv", "test.csv", "skipped.csv", "info.json", "images"}
+    if target.is_dir() and (not ours and any(target.iterdir()) or {p.name for p in target.iterdir()} - exported):
+        raise MmfuseError(
+            f"--out {args.out} already holds other files, which the export would replace; give a new or empty "
+            "directory."
+        )
     out = build_emoji(args.out, seed=args.seed)
     print(f"wrote {out}/train.csv, val.csv, test.csv and images/")
     return 0

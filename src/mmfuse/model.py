@@ -18,6 +18,19 @@ from .fusion import build_head
 from .towers import Tower, build_text, build_vision, rebuild
 
 LAYER_NORM_EPS = 1e-5
+# What mmfuse train writes into a run directory; predict and evaluate must never write over them.
+RUN_FILES = {
+    "config.yaml",
+    "labels.json",
+    "model.safetensors",
+    "towers.json",
+    "metrics.json",
+    "history.csv",
+    "skipped.csv",
+    "captions.csv",
+    "training_curves.png",
+    "val_confusion_matrix.png",
+}
 
 
 def normalise_tokens(states: torch.Tensor) -> torch.Tensor:

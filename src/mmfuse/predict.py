@@ -18,7 +18,7 @@ from .data import Record, load_checked
 from .errors import MmfuseError
 from .features import FeatureCache, make_dataset
 from .images import load_image, to_rgb
-from .model import load_model
+from .model import RUN_FILES, load_model
 from .paths import mmfuse_home
 
 
@@ -95,27 +95,47 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(
-        self, images: Sequence[str | Path | Image.Image], texts: Sequence[str] | None = None, batch_size: int = 32
+        self,
+        images: Sequence[str | Path | Image.Image] | None,
+        texts: Sequence[str] | None = None,
+        batch_size: int = 32,
     ) -> Prediction:
-        """Classifies image+text pairs.
+        """Classifies image+text pairs, one result row per input, in input order.
 
         Args:
-            images: file paths or PIL images.
-            texts: one string per image; empty strings only for models trained with modality dropout.
+            images: a list (or any iterable) of file paths, PIL images or HxWx3 uint8 numpy arrays; None for a
+                text-only model (whose images are not read).
+            texts: one string per image; empty strings, None or NaN only for models trained with modality dropout.
         """
-        texts = list(texts) if texts is not None else [""] * len(images)
+        uses_images = "image" in self.model.modalities
+        if images is None:
+            # A text-only model reads no image: predict(None, texts) needs no files made up for it.
+            if uses_images or texts is None:
+                raise MmfuseError("images is None; give one image per input (only a text-only model needs none)")
+            texts = _as_list(texts, "texts", "text")
+            images = [None] * len(texts)
+        images = _as_list(images, "images", "image")
+        texts = _as_list(texts, "texts", "text") if texts is not None else [""] * len(images)
         if len(texts) != len(images):
             raise MmfuseError(f"got {len(images)} images but {len(texts)} texts")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            # 0 failed inside range(); a negative one predicted nothing and returned an empty result
+            raise MmfuseError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        texts = [_text(t, i) for i, t in enumerate(texts)]
         self._check_texts(texts)
-        # Missing files are found before any batch runs: a long call should not fail at its end for one bad path.
-        missing = [
-            f"#{i} {im}" for i, im in enumerate(images) if not isinstance(im, Image.Image) and not Path(im).is_file()
-        ]
-        if missing:
-            raise MmfuseError(f"{len(missing)} image file(s) not found: {', '.join(missing[:5])}")
+        if uses_images:
+            images = [_image(im, i) for i, im in enumerate(images)]
+            # Missing files are found before any batch runs: a long call should not fail at its end for one bad path.
+            missing = [
+                f"#{i} {im}"
+                for i, im in enumerate(images)
+                if not isinstance(im, Image.Image) and not Path(im).is_file()
+            ]
+            if missing:
+                raise MmfuseError(f"{len(missing)} image file(s) not found: {', '.join(missing[:5])}")
         out = []
         for s in range(0, len(images), batch_size):
-            imgs = [_open(im, i) for i, im in enumerate(images[s : s + batch_size], start=s)]
+            imgs = [_open(im, i) for i, im in enumerate(images[s : s + batch_size], start=s)] if uses_images else []
             txt = texts[s : s + batch_size]
             batch = {
                 "present": torch.tensor(
@@ -192,6 +212,51 @@ class Predictor:
         return records
 
 
+def _as_list(items, name: str, one: str) -> list:
+    """The inputs of ``predict`` as a list. A lone path or image is refused rather than iterated: a str is a
+    Sequence of characters, and would have been read as one image (or one text) per character."""
+    if isinstance(items, np.ndarray) and items.ndim in (1, 4):
+        return list(items)  # an array of paths or texts, or a batch of HxWxC images
+    if hasattr(items, "columns"):  # a DataFrame iterates over its column names
+        raise MmfuseError(f"{name} is a table; pass one of its columns, e.g. df[{one!r}]")
+    if isinstance(items, (str, bytes, Path, Image.Image, np.ndarray, torch.Tensor, dict)):
+        raise MmfuseError(
+            f"{name} must be a list with one {one} per input, got a {type(items).__name__}; "
+            f"wrap it in a list: predict([image], [text])."
+        )
+    try:
+        return list(items)  # a generator or any other iterable, read once
+    except TypeError:
+        raise MmfuseError(f"{name} must be a list, got {type(items).__name__}") from None
+
+
+def _text(text, i: int) -> str:
+    """A text as str: None and NaN (a missing value in a pandas column) are no text; other types are refused."""
+    if text is None or (isinstance(text, float) and np.isnan(text)):
+        return ""
+    if not isinstance(text, str):
+        raise MmfuseError(f"text #{i} is {text!r} ({type(text).__name__}), not a str")
+    return text
+
+
+def _image(image, i: int) -> str | Path | Image.Image:
+    """A path or PIL image; an HxW or HxWx3/4 uint8 numpy array becomes a PIL image."""
+    if isinstance(image, (str, Path, Image.Image)):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise MmfuseError(
+                f"image #{i} is a {image.dtype} array of shape {image.shape}; give an HxW or HxWx3 (RGB) uint8 "
+                "array, a PIL image or a file path."
+            )
+        return Image.fromarray(image)
+    hint = " (convert it with torchvision.transforms.functional.to_pil_image)" * isinstance(image, torch.Tensor)
+    raise MmfuseError(
+        f"image #{i} is of type {type(image).__name__}; give a file path, a PIL image or an HxWx3 uint8 numpy "
+        f"array{hint}."
+    )
+
+
 def _open(image: str | Path | Image.Image, i: int) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
@@ -206,6 +271,15 @@ def load(run_dir: str | Path, device: str | None = None, dtype: str = "auto", co
     return Predictor(run_dir, device, dtype, compile)
 
 
+# Extensions of formats predict_file does not write (it writes CSV, whatever the name).
+OTHER_FORMATS = {".parquet", ".jsonl", ".json", ".xlsx", ".xls", ".tsv", ".feather", ".arrow", ".pq"}
+
+
+def _is_run(folder: Path) -> bool:
+    """A directory mmfuse train wrote: predict and evaluate must not write into it (bar RUN/eval/)."""
+    return (folder / "model.safetensors").is_file() or (folder / "labels.json").is_file()
+
+
 def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False) -> Path:
     """Writes one row per input image, in input order: image, label, confidence, p_<class>..."""
     out_csv = Path(out_csv)
@@ -215,6 +289,14 @@ def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="a
         )
     if out_csv.exists() and Path(data).exists() and out_csv.resolve() == Path(data).resolve():
         raise MmfuseError(f"--out {out_csv} is the input data itself; writing there would overwrite it.")
+    if out_csv.suffix.lower() in OTHER_FORMATS:
+        # It wrote CSV under any name: a preds.parquet that no parquet reader could open.
+        raise MmfuseError(
+            f"--out {out_csv}: predictions are written as CSV; give a path ending in .csv, e.g. "
+            f"{out_csv.with_suffix('.csv')}"
+        )
+    if _is_run(out_csv.parent) and out_csv.name in RUN_FILES:  # another run's: keep_inputs guards the run's own
+        raise MmfuseError(f"--out {out_csv} is a file of the run in {out_csv.parent}; writing there would damage it.")
     predictor = Predictor(run_dir, dtype=dtype, compile=compile)
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
     skipped.unlink(missing_ok=True)
@@ -233,6 +315,9 @@ def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dt
     """Scores a run on labelled data; writes metrics.json and the confusion matrix (CSV, PNG) to ``out_dir``."""
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise MmfuseError(f"--out {out_dir} is a file; evaluate writes a directory of reports there.")
+    if out_dir is not None and _is_run(Path(out_dir)):
+        # Its metrics.json (and skipped.csv) would be replaced by this evaluation's: a run's record, lost.
+        raise MmfuseError(f"--out {out_dir} holds a trained run; give a new directory for the reports.")
     predictor = Predictor(run_dir, dtype=dtype, compile=compile)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     (out_dir / "skipped.csv").unlink(missing_ok=True)
