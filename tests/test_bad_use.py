@@ -65,6 +65,8 @@ def test_api_inputs_of_other_types(trained, predictor):
     )
     with pytest.raises(MmfuseError, match="to_pil_image"):
         predictor.predict([torch.zeros(3, 32, 32)], texts[:1])
+    with pytest.raises(MmfuseError, match=r"image #0 is empty \(0x0 pixels\)"):
+        predictor.predict([Image.new("RGB", (0, 0))], texts[:1])
     with pytest.raises(MmfuseError, match="image #1 is of type NoneType"):
         predictor.predict([paths[0], None], texts[:2])
     with pytest.raises(MmfuseError, match="text #0 is 5"):
@@ -103,6 +105,8 @@ def test_predict_duplicate_rows_keep_input_order(trained, tmp_path):
     out = read_csv(tmp_path / "p.csv")
     assert [r["image"] for r in out] == [r["image"] for r in dup]
     assert out[0]["confidence"] == out[2]["confidence"] == out[4]["confidence"]
+    # Written whole, then renamed: no partial file is left beside it.
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("p.")] == ["p.csv"]
 
 
 def test_evaluate_subset_of_classes_and_not_into_another_run(trained, tmp_path):

@@ -258,12 +258,13 @@ def _image(image, i: int) -> str | Path | Image.Image:
 
 
 def _open(image: str | Path | Image.Image, i: int) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
     try:
-        return load_image(image)
+        img = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
     except (OSError, ValueError) as e:
         raise MmfuseError(f"image #{i} ({image}) cannot be read: {e}") from None
+    if 0 in img.size:  # an empty image would be resized into a made-up one and classified
+        raise MmfuseError(f"image #{i} is empty ({img.size[0]}x{img.size[1]} pixels)")
+    return img
 
 
 def load(run_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False) -> Predictor:
@@ -303,11 +304,14 @@ def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="a
     records = predictor.load_data(data, captions, skip_bad=skip_bad, skipped_csv=skipped)
     probs = predictor.predict_records(records)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_csv, "w", newline="", encoding="utf-8") as f:
+    # Written beside, then renamed over: a failure while writing (a full disk) leaves an earlier file whole.
+    part = out_csv.with_name(out_csv.name + ".part")
+    with open(part, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["image", "label", "confidence", *(f"p_{c}" for c in predictor.classes)])
         for rec, p in zip(records, probs):
             w.writerow([rec.source, predictor.classes[int(p.argmax())], f"{p.max():.6f}", *(f"{x:.6f}" for x in p)])
+    part.replace(out_csv)
     return out_csv
 
 
