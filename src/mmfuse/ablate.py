@@ -43,8 +43,8 @@ def ablate(
             use two threads well, so processes roughly halve the wall time on two cores; the results are the same.
     """
     out = Path(out)
-    if test is not None and not cfg.data.skip_bad:
-        _check_test_labels(cfg, test, test_captions)
+    if test is not None:
+        _check_test_data(cfg, test, test_captions)
     frozen = not cfg.tuned
     if parallel is None:
         parallel = frozen and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
@@ -88,13 +88,17 @@ def ablate(
 _TOWERS: dict | None = None  # shared with the forked workers of ``ablate``
 
 
-def _check_test_labels(cfg: RunConfig, test: str | Path, test_captions: str | None) -> None:
-    """A --test label that the training data lacks stopped the ablation only after its three models were trained
-    (and a rerun then needed --overwrite): the labels are compared first, from the files alone."""
+def _check_test_data(cfg: RunConfig, test: str | Path, test_captions: str | None) -> None:
+    """--test is read (not yet checked row by row) before three models are trained: a missing or malformed file, or
+    a label the training data lacks, would otherwise stop the ablation only at its end (and a rerun then needed
+    --overwrite). Labels are compared from the files alone; with --skip-bad, rows of unknown labels are skipped."""
     from .data import read_data
 
+    test_labels = {r.label for r in read_data(test, test_captions, need_label=True)[0]}
+    if cfg.data.skip_bad:
+        return
     known = {r.label for r in read_data(cfg.data.train, cfg.data.captions, need_label=True)[0]}
-    unknown = sorted({r.label for r in read_data(test, test_captions, need_label=True)[0]} - known - {None, ""})
+    unknown = sorted(test_labels - known - {None, ""})
     if unknown:
         raise MmfuseError(
             f"--test {test} has label(s) the training data {cfg.data.train} lacks: {', '.join(map(str, unknown[:10]))}"

@@ -665,6 +665,8 @@ def caption_file(
         MmfuseError: the model returned no text for some images (the others are written).
     """
     out_csv = Path(out_csv)
+    if out_csv.is_dir():
+        raise MmfuseError(f"--out {out_csv} is a directory; give the CSV to write, e.g. {out_csv}/captions.csv")
     if out_csv.suffix.lower() in IMAGE_SUFFIXES | {".parquet", ".jsonl", ".json"}:
         # Captions are written as CSV (the format --captions reads), never into an image or another format.
         raise MmfuseError(f"--out {out_csv}: captions are written as CSV; give a path ending in .csv")

@@ -11,6 +11,7 @@ import inspect
 import logging
 import os
 import sys
+from collections.abc import Collection
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -95,14 +96,24 @@ def _training_flags(p: argparse.ArgumentParser, skip_data: tuple[str, ...] = ("t
 # verbs
 
 
-def keep_earlier_run(out: str, overwrite: bool, finished: tuple[str, ...]) -> None:
+def keep_earlier_work(out: str, overwrite: bool, finished: tuple[str, ...], replaced: Collection[str] = ()) -> None:
     """A finished run is work that took time: training into its directory again must be asked for, not happen
-    because a name was reused (fit rewrites the weights, config and metrics there)."""
+    because a name was reused (fit rewrites the weights, config and metrics there). Files a run writes, found in an
+    --out that holds no finished run (--out . in a project with its own config.yaml), are someone's: also replaced
+    only when asked."""
+    if overwrite:
+        return
     done = [name for name in finished if (Path(out) / name).exists()]
-    if done and not overwrite:
+    if done:
         raise MmfuseError(
             f"--out {out} already holds a finished run ({done[0]}); choose another --out, or pass --overwrite to "
             "replace it."
+        )
+    theirs = sorted(name for name in replaced if (Path(out) / name).exists())
+    if theirs:
+        raise MmfuseError(
+            f"--out {out} already holds {', '.join(theirs)}, which training would replace; choose another "
+            "--out (a new directory), or pass --overwrite."
         )
 
 
@@ -127,16 +138,9 @@ def cmd_train(args) -> int:
         )
         args.tune = "head"
         cfg = run_config(args)
-    keep_earlier_run(args.out, args.overwrite, ("model.safetensors", "metrics.json"))
-    # Files a run writes, found in an --out that holds no finished run (--out . in a project with its own
-    # config.yaml): they are someone's, to be replaced only when asked. skipped.csv and captions.csv are what an
-    # unfinished run leaves behind for the next.
-    theirs = sorted(n for n in RUN_FILES - {"skipped.csv", "captions.csv"} if (Path(args.out) / n).exists())
-    if theirs and not args.overwrite:
-        raise MmfuseError(
-            f"--out {args.out} already holds {', '.join(theirs)}, which training would replace; choose another "
-            "--out (a new directory), or pass --overwrite."
-        )
+    # skipped.csv and captions.csv are what an unfinished run leaves behind for the next: not someone else's.
+    ours = RUN_FILES - {"skipped.csv", "captions.csv"}
+    keep_earlier_work(args.out, args.overwrite, ("model.safetensors", "metrics.json"), ours)
     cfg.data.train = args.data
     if cfg.data.val and Path(cfg.data.val).resolve() == Path(args.data).resolve():
         log.warning("--val is the training data itself: the validation scores will flatter the model")
@@ -159,55 +163,9 @@ def speed(args) -> dict:
     return {"dtype": args.dtype, "compile": args.compile}
 
 
-def keep_inputs(out: str, args) -> None:
-    """Stops before an output would be written over an input: the run's own files, or the captions."""
-    target = Path(out).resolve()
-    run = Path(args.run).resolve()
-    if target == run and args.fn is cmd_evaluate:  # predict's --out is a file: predict_file says so
-        raise MmfuseError(f"--out {out} is the run directory itself; its metrics.json would be overwritten.")
-    if target.parent == run and target.name in RUN_FILES:
-        raise MmfuseError(f"--out {out} is one of the run's own files; writing there would destroy the run.")
-    if args.fn is cmd_evaluate and Path(args.data).is_dir() and target.is_relative_to(Path(args.data).resolve()):
-        # Its confusion_matrix.png would be read as an image of a class named after the folder next time.
-        raise MmfuseError(f"--out {out} is inside the data folder {args.data}; put the reports elsewhere.")
-    if args.captions and target == Path(args.captions).resolve():
-        raise MmfuseError(f"--out {out} is the --captions file; writing there would overwrite it.")
-
-
-def check_run_files(run: str) -> None:
-    """A run directory's towers.json and labels.json, checked for shape before the model is rebuilt from them:
-    a hand-edited or damaged file would otherwise fail deep inside with a KeyError."""
-    import json
-
-    from .towers import packaged_towers
-
-    run_dir = Path(run)
-    try:
-        specs = json.loads((run_dir / "towers.json").read_text())
-        labels = json.loads((run_dir / "labels.json").read_text())
-    except (OSError, ValueError):
-        return  # missing or not JSON: load_model says which, in its own words
-    if not (
-        isinstance(specs, dict)
-        and specs
-        and set(specs) <= {"image", "text"}
-        and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in specs.values())
-    ):
-        raise MmfuseError(f"{run_dir}/towers.json is damaged (expected image and text towers, each with a name).")
-    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(c, str) for c in labels)):
-        raise MmfuseError(f"{run_dir}/labels.json is damaged (expected a list of at least 2 class names).")
-    for modality, spec in specs.items():
-        folder = run_dir / f"{modality}_tower"
-        if spec["name"] not in packaged_towers() and not folder.is_dir():
-            raise MmfuseError(f"{folder} is missing: the run needs it to rebuild its {modality} tower.")
-
-
 def cmd_evaluate(args) -> int:
     from .predict import evaluate_file
 
-    check_run_files(args.run)
-    if args.out:
-        keep_inputs(args.out, args)
     report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print_report(report)
     out = args.out or Path(args.run) / "eval"
@@ -218,15 +176,6 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import predict_file
 
-    check_run_files(args.run)
-    keep_inputs(args.out, args)
-    # Found now rather than after every row is predicted: a place for --out that cannot be made or written.
-    folder = Path(args.out).absolute().parent
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise MmfuseError(f"--out {args.out}: {existing} is a file, so no folder can be made there.")
-    if not os.access(existing, os.W_OK):
-        raise MmfuseError(f"--out {args.out}: the folder {existing} is not writable.")
     path = predict_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print(f"wrote {path}")
     return 0
@@ -245,13 +194,7 @@ def cmd_ablate(args) -> int:
         raise MmfuseError("ablate trains image-only, text-only and fusion models itself: leave --modalities out.")
     out_dir(args.out)
     cfg = run_config(args)
-    keep_earlier_run(args.out, args.overwrite, ("ablation.json", "fusion/model.safetensors"))
-    if args.test:
-        from .data import read_data
-
-        # Read (not yet checked row by row) before three models are trained: a missing or malformed --test file
-        # would otherwise stop the ablation only at its end.
-        read_data(args.test, args.test_captions, need_label=True)
+    keep_earlier_work(args.out, args.overwrite, ("ablation.json", "fusion/model.safetensors"))
     cfg.data.train = args.data
     results = ablate(cfg, args.out, test=args.test, test_captions=args.test_captions)
     print_summary(results, f"modality ablation ({next(iter(results.values()))['evaluated_on']})")
@@ -299,8 +242,6 @@ def cmd_datasets(args) -> int:
 def cmd_caption(args) -> int:
     from .captioning import caption_file
 
-    if Path(args.out).is_dir():
-        raise MmfuseError(f"--out {args.out} is a directory; give the CSV to write, e.g. {args.out}/captions.csv")
     for flag in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, flag) < 1:  # 0 failed inside range(), a negative batch size captioned nothing
             raise MmfuseError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

@@ -15,7 +15,7 @@ from torch import nn
 from .config import ModelConfig, RunConfig
 from .errors import MmfuseError
 from .fusion import build_head
-from .towers import Tower, build_text, build_vision, rebuild
+from .towers import Tower, build_text, build_vision, packaged_towers, rebuild
 
 LAYER_NORM_EPS = 1e-5
 # What mmfuse train writes into a run directory; predict and evaluate must never write over them.
@@ -227,6 +227,20 @@ def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, li
         specs = json.loads((run_dir / "towers.json").read_text())
     except (ValueError, OSError) as e:
         raise MmfuseError(f"{run_dir}: labels.json or towers.json is damaged ({e}); train the run again.") from None
+    # Checked for shape: a hand-edited or damaged file would otherwise fail deep inside with a KeyError.
+    if not (
+        isinstance(specs, dict)
+        and specs
+        and set(specs) <= {"image", "text"}
+        and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in specs.values())
+    ):
+        raise MmfuseError(f"{run_dir}/towers.json is damaged (expected image and text towers, each with a name).")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(c, str) for c in labels)):
+        raise MmfuseError(f"{run_dir}/labels.json is damaged (expected a list of at least 2 class names).")
+    for modality, spec in specs.items():
+        folder = run_dir / f"{modality}_tower"
+        if spec["name"] not in packaged_towers() and not folder.is_dir():
+            raise MmfuseError(f"{folder} is missing: the run needs it to rebuild its {modality} tower.")
     vision = rebuild(specs["image"], run_dir / "image_tower") if "image" in specs else None
     text = rebuild(specs["text"], run_dir / "text_tower") if "text" in specs else None
     model = MultimodalClassifier(vision, text, len(labels), cfg.model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,14 +291,26 @@ def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="a
         )
     if out_csv.exists() and Path(data).exists() and out_csv.resolve() == Path(data).resolve():
         raise MmfuseError(f"--out {out_csv} is the input data itself; writing there would overwrite it.")
+    if _is_run(out_csv.parent) and out_csv.name in RUN_FILES:  # this run's or another's
+        raise MmfuseError(
+            f"--out {out_csv} is one of the run's own files (the run in {out_csv.parent}); writing there would destroy "
+            "the run."
+        )
     if out_csv.suffix.lower() in OTHER_FORMATS:
         # It wrote CSV under any name: a preds.parquet that no parquet reader could open.
         raise MmfuseError(
             f"--out {out_csv}: predictions are written as CSV; give a path ending in .csv, e.g. "
             f"{out_csv.with_suffix('.csv')}"
         )
-    if _is_run(out_csv.parent) and out_csv.name in RUN_FILES:  # another run's: keep_inputs guards the run's own
-        raise MmfuseError(f"--out {out_csv} is a file of the run in {out_csv.parent}; writing there would damage it.")
+    if captions and out_csv.resolve() == Path(captions).resolve():
+        raise MmfuseError(f"--out {out_csv} is the --captions file; writing there would overwrite it.")
+    # Found now rather than after every row is predicted: a place for --out that cannot be made or written.
+    folder = out_csv.absolute().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise MmfuseError(f"--out {out_csv}: {existing} is a file, so no folder can be made there.")
+    if not os.access(existing, os.W_OK):
+        raise MmfuseError(f"--out {out_csv}: the folder {existing} is not writable.")
     predictor = Predictor(run_dir, dtype=dtype, compile=compile)
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
     skipped.unlink(missing_ok=True)
@@ -319,9 +332,14 @@ def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dt
     """Scores a run on labelled data; writes metrics.json and the confusion matrix (CSV, PNG) to ``out_dir``."""
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise MmfuseError(f"--out {out_dir} is a file; evaluate writes a directory of reports there.")
+    if out_dir is not None and Path(out_dir).resolve() == Path(run_dir).resolve():
+        raise MmfuseError(f"--out {out_dir} is the run directory itself; its metrics.json would be overwritten.")
     if out_dir is not None and _is_run(Path(out_dir)):
         # Its metrics.json (and skipped.csv) would be replaced by this evaluation's: a run's record, lost.
         raise MmfuseError(f"--out {out_dir} holds a trained run; give a new directory for the reports.")
+    if out_dir is not None and Path(data).is_dir() and Path(out_dir).resolve().is_relative_to(Path(data).resolve()):
+        # Its confusion_matrix.png would be read as an image of a class named after the folder next time.
+        raise MmfuseError(f"--out {out_dir} is inside the data folder {data}; put the reports elsewhere.")
     predictor = Predictor(run_dir, dtype=dtype, compile=compile)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     (out_dir / "skipped.csv").unlink(missing_ok=True)
