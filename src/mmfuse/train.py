@@ -166,9 +166,19 @@ def predict_loader(model, loader, acc: Accelerator) -> tuple[np.ndarray, np.ndar
     return torch.cat(probs).numpy(), (torch.cat(ys).numpy() if ys else None)
 
 
-def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the weights on the host: the epoch to keep, while training goes on changing the model's own."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def kept_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights: the epoch to keep, while training goes on changing the model's own.
+
+    On a GPU with room for a second copy it stays there: a device-to-device copy queues behind the step without
+    stalling it, where a copy to the host waits for the GPU and then crawls through pageable memory, every epoch
+    that improves."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    device = next(iter(state.values())).device
+    if device.type == "cuda":
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        if torch.cuda.mem_get_info(device)[0] < 2 * size + (1 << 30):  # keep a margin for the steps to come
+            device = torch.device("cpu")
+    return {k: v.to(device, copy=True) for k, v in state.items()}
 
 
 def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towers: dict | None = None) -> dict:
@@ -291,7 +301,7 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
             else:
                 better = best is None or row["val_weighted_f1"] > best["val_weighted_f1"]
             if better:  # one assignment: an interrupt while the state is copied must not pair this row with the last
-                best, best_state = row, cpu_state(acc.unwrap_model(model))
+                best, best_state = row, kept_state(acc.unwrap_model(model))
     except KeyboardInterrupt:
         if best_state is None:
             raise
