@@ -476,15 +476,17 @@ def _open(path: Path, load: Callable = load_image) -> tuple[Image.Image | None, 
         return None, f"unreadable image ({type(e).__name__}: {e})"
 
 
-def _loaded_batches(items: list, paths: list[Path], batch_size: int, load: Callable) -> Iterator[list[tuple]]:
-    """Batches of (item, prepared image or None, error), decoding the next batches in threads while the model
-    runs."""
+def _loaded_batches(
+    items: list, paths: list[Path], batch_size: int, load: Callable, ahead: int = 2
+) -> Iterator[list[tuple]]:
+    """Batches of (item, prepared image or None, error), decoded by threads; ``ahead`` batches are decoded while the
+    model runs one."""
     with ThreadPoolExecutor(LOAD_WORKERS) as pool:
         pending: deque = deque()
         for i in range(0, len(items), batch_size):
             futures = [pool.submit(_open, p, load) for p in paths[i : i + batch_size]]
             pending.append((items[i : i + batch_size], futures))
-            if len(pending) > 2:
+            if len(pending) > ahead:
                 chunk, futures = pending.popleft()
                 yield [(it, *f.result()) for it, f in zip(chunk, futures)]
         while pending:
@@ -625,7 +627,12 @@ def _append_rows(
         w = csv.writer(f)
         if new:
             w.writerow(COLUMNS)
-        for batch in _loaded_batches(items, [r.image for r, _ in items], batch_size, captioner.load):
+        # On a GPU, batches are decoded and captioned by turns, not side by side: every torch call gives up the GIL
+        # and then waits to get it back behind the decoding threads. The seed job's first batch of 1,024 took 5-6 s
+        # beside 16 decoding threads on an H200 machine, 2-4 s by turns (bench/RESULTS.md).
+        on_gpu = getattr(captioner, "device", torch.device("cpu")).type == "cuda"
+        paths = [r.image for r, _ in items]
+        for batch in _loaded_batches(items, paths, batch_size, captioner.load, ahead=0 if on_gpu else 2):
             good = [(it, im) for it, im, err in batch if err is None]
             problems += [Problem(r.row, r.source, err) for (r, _), _, err in batch if err is not None]
             texts = captioner([im for _, im in good]) if good else []
