@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from mmfuse import load
 from mmfuse.cli import main
+from mmfuse.model import load_model
 from mmfuse.towers import build_text
 
 FAST = ["--tune", "head", "--epochs", "30", "--batch-size", "8"]  # the head on cached features
@@ -178,6 +179,11 @@ def test_fine_tune_hf_towers_and_reload(toy_manifest, tmp_path, tiny_vit_dir, ti
     rows = read_csv(toy_manifest / "test.csv")
     images, texts = [toy_manifest / r["image"] for r in rows], [r["text"] for r in rows]
     first = load(run).predict(images, texts)
+    # Rebuilt towers skip drawing random weights: every one of them must then come from the run's file.
+    model, _, _ = load_model(run)
+    saved, state = load_file(str(run / "model.safetensors")), model.state_dict()
+    assert {k for k in state if k.startswith(("vision.", "text."))} <= set(saved)
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
     for d in (tiny_vit_dir, tiny_roberta_dir):
         for f in d.iterdir():
             f.rename(f.with_name(f.name + ".moved"))

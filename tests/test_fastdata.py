@@ -10,6 +10,7 @@ from mmfuse.config import ModelConfig
 from mmfuse.data import Record
 from mmfuse.errors import MmfuseError
 from mmfuse.fastdata import (
+    PixelCache,
     PixelDataset,
     PixelSpec,
     decode_jpegs_gpu,
@@ -19,7 +20,6 @@ from mmfuse.fastdata import (
     pixel_collate,
     to_device,
 )
-from mmfuse.features import FeatureCache
 from mmfuse.model import build_model
 
 
@@ -71,7 +71,7 @@ def test_packaged_efficientnet_spec_matches_its_preprocess():
 
 def test_cache_hits_on_the_second_load_and_misses_a_changed_file(model, jpegs, tmp_path):
     spec = PixelSpec.from_tower(model.vision)
-    cache = FeatureCache(tmp_path / "pixels")
+    cache = PixelCache(tmp_path / "pixels")
     first = load_pixels(jpegs, spec, cache)
     assert (cache.hits, cache.misses) == (0, 5)
     again = load_pixels(jpegs, spec, cache)
@@ -81,6 +81,12 @@ def test_cache_hits_on_the_second_load_and_misses_a_changed_file(model, jpegs, t
     changed = load_pixels(jpegs, spec, cache)
     assert (cache.hits, cache.misses) == (9, 6)
     assert changed[0, 0].float().mean() > 250 and torch.equal(changed[1:], first[1:])
+    # A cut-off cache file (a full disk, say) is decoded again rather than read as a smaller image.
+    stored = sorted((tmp_path / "pixels").rglob("*.u8"))
+    assert len(stored) == 6
+    for f in stored:
+        f.write_bytes(f.read_bytes()[:100])
+    assert torch.equal(load_pixels(jpegs, spec, cache), changed) and cache.misses == 11
 
 
 def test_unsupported_processor_is_refused():
@@ -138,3 +144,31 @@ def test_jpegs_bound_for_a_small_size_decode_at_a_reduced_scale(tmp_path):
     spec = PixelSpec(224, 224, Image.BILINEAR, 1 / 255, (0.5,) * 3, (0.5,) * 3)
     full = np.asarray(load_image(tmp_path / "a.jpg").resize((224, 224), Image.BILINEAR)).transpose(2, 0, 1)
     assert np.abs(decode_resized(tmp_path / "a.jpg", spec).astype(float) - full).mean() < 2
+
+
+def test_texts_tokenized_once_give_what_the_tokenizer_gives(model, monkeypatch):
+    """Fine-tuning tokenizes each distinct text once and then only pads: the same ids and mask as the tower's own
+    preprocess, and with padding to a multiple of 8 (the GPU default) the same features."""
+    from mmfuse.towers import TokenizedTexts
+
+    tower = model.towers["text"]
+    texts = ["a red square", "", "a much longer text with many more words in it than the others", "a red square"]
+    calls = []
+    real = tower.tokenize
+    monkeypatch.setattr(tower, "tokenize", lambda t: calls.append(list(t)) or real(t))
+    tokens = TokenizedTexts(tower, texts)
+    got, want = tokens(texts), tower.preprocess(texts)
+    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(
+        got["attention_mask"], want["attention_mask"]
+    )
+    tokens(["a red square", "new words"])
+    assert calls == [
+        ["a red square", "", "a much longer text with many more words in it than the others"],
+        ["new words"],
+    ]
+
+    padded = TokenizedTexts(tower, multiple=8)(texts)
+    assert padded["input_ids"].shape[1] % 8 == 0 and padded["input_ids"].shape[1] > want["input_ids"].shape[1]
+    assert torch.equal(padded["attention_mask"].sum(1), want["attention_mask"].sum(1))
+    with torch.no_grad():
+        torch.testing.assert_close(tower(**padded), tower(**want), atol=1e-5, rtol=1e-4)

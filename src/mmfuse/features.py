@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from .filestats import file_index
 from .images import load_image
 from .model import MultimodalClassifier, normalise_tokens
 from .paths import mmfuse_home
+from .towers import TokenizedTexts
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,22 @@ class FeatureCache:
         self.hits = self.misses = 0
         self.memory: dict[tuple[str, str], np.ndarray] | None = {} if memory else None
 
+    suffix = ".npy"
+
     def _path(self, fingerprint: str, key: str) -> Path:
-        return self.root / fingerprint / key[:2] / f"{key}.npy"
+        return self.root / fingerprint / key[:2] / f"{key}{self.suffix}"
+
+    def _read(self, path: Path) -> np.ndarray:
+        return np.load(path)
+
+    def _write(self, f, value: np.ndarray) -> None:
+        np.save(f, value)
 
     def get(self, fingerprint: str, key: str) -> np.ndarray | None:
         if self.memory is not None and (fingerprint, key) in self.memory:
             return self.memory[fingerprint, key]
         try:
-            value = np.load(self._path(fingerprint, key))
+            value = self._read(self._path(fingerprint, key))
         except (OSError, ValueError):  # absent, or unreadable for any reason: recompute rather than fail
             return None
         if self.memory is not None:
@@ -80,7 +89,7 @@ class FeatureCache:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.save(f, value)
+                self._write(f, value)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -232,13 +241,17 @@ class RawDataset(Dataset):
         return item
 
 
-def raw_collate(model: MultimodalClassifier, modalities: Collection[str] | None = None) -> Callable[[list[dict]], dict]:
+def raw_collate(
+    model: MultimodalClassifier, modalities: Collection[str] | None = None, texts: Sequence[str] = (), pad_to: int = 1
+) -> Callable[[list[dict]], dict]:
+    """Runs the towers' preprocessing on a batch; each distinct text is tokenized once (``texts`` up front)."""
     towers = {m: t for m, t in model.towers.items() if modalities is None or m in modalities}
+    tokens = TokenizedTexts(towers["text"], texts, pad_to) if "text" in towers else None
 
     def collate(items: list[dict]) -> dict:
         batch = {"present": torch.stack([it["present"] for it in items])}
         for m, tower in towers.items():
-            batch[m] = tower.preprocess([it[m] for it in items])
+            batch[m] = tokens([it[m] for it in items]) if m == "text" else tower.preprocess([it[m] for it in items])
         if "labels" in items[0]:
             batch["labels"] = torch.stack([it["labels"] for it in items])
         return batch
@@ -292,7 +305,7 @@ def make_dataset(
     frozen = [m for m in model.modalities if m not in tuned]
     raw = None
     if tuned:
-        raw, collate = _raw_dataset(model, records, labels, tuned, pixel_cache)
+        raw, collate = _raw_dataset(model, records, labels, tuned, pixel_cache, device)
         if not frozen:
             return raw, collate
     present = present_mask(records, model.modalities)
@@ -319,7 +332,11 @@ def make_dataset(
     return PartlyTunedDataset(features, raw, collate), feature_collate
 
 
-def _raw_dataset(model: MultimodalClassifier, records: list[Record], labels, tuned: list[str], pixel_cache: bool):
+def _raw_dataset(
+    model: MultimodalClassifier, records: list[Record], labels, tuned: list[str], pixel_cache: bool, device
+):
+    texts = [r.text for r in records] if "text" in tuned else ()
+    pad_to = 8 if torch.device(device).type == "cuda" else 1  # on a CPU, padding is only more work
     if pixel_cache and "image" in tuned:
         from .errors import MmfuseError
         from .fastdata import PixelDataset, PixelSpec, load_pixels, pixel_collate
@@ -330,5 +347,5 @@ def _raw_dataset(model: MultimodalClassifier, records: list[Record], labels, tun
             log.info("decoding images every epoch: %s", e)
         else:
             pixels = load_pixels([r.image for r in records], spec)
-            return PixelDataset(records, tuned, labels, pixels), pixel_collate(model, tuned)
-    return RawDataset(records, tuned, labels), raw_collate(model, tuned)
+            return PixelDataset(records, tuned, labels, pixels), pixel_collate(model, tuned, texts, pad_to)
+    return RawDataset(records, tuned, labels), raw_collate(model, tuned, texts, pad_to)

@@ -6,6 +6,7 @@ the registry below, or any Hugging Face ``AutoModel`` named by hub id or local d
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import inspect
@@ -189,6 +190,16 @@ def _hf_load(loader, name: str, what: str, flag: str | None = None, **kwargs):
         ) from None
 
 
+def skipped_init():
+    """Builds a model without drawing random weights, for a run directory's towers whose weights are all loaded
+    next (``model.load_model`` refuses a file that misses any): drawing them cost ~1 s of a predict's start."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # another transformers layout: initialising is only slower
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def _check_takes(model: nn.Module, name: str, inputs: str, flag: str) -> None:
     """A checkpoint given to the wrong option (a RoBERTa as --vision) loads fine and fails only at its first batch,
     or asks for an image processor it never had: name the mix-up instead."""
@@ -241,7 +252,8 @@ class HFVisionTower(Tower):
                 AutoImageProcessor, name, "image processor", "--vision", trust_remote_code=trust_remote_code
             )
         else:  # rebuilding from a run directory: the weights come from model.safetensors
-            model = AutoModel.from_config(AutoConfig.from_pretrained(config), trust_remote_code=trust_remote_code)
+            with skipped_init():
+                model = AutoModel.from_config(AutoConfig.from_pretrained(config), trust_remote_code=trust_remote_code)
         self.model = _submodel(model, "vision_model")
         self.processor = processor
         cfg = getattr(model.config, "vision_config", model.config)
@@ -317,7 +329,8 @@ class HFTextTower(Tower):
             _check_takes(_submodel(model, "text_model"), name, "input_ids", "--text")
             tokenizer = _hf_load(AutoTokenizer, name, "tokenizer", "--text", trust_remote_code=trust_remote_code)
         else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(config), **kwargs)
+            with skipped_init():
+                model = AutoModel.from_config(AutoConfig.from_pretrained(config), **kwargs)
         self.model = _submodel(model, "text_model")
         self.tokenizer = tokenizer
         cfg = getattr(model.config, "text_config", model.config)
@@ -376,6 +389,29 @@ class HFTextTower(Tower):
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, truncated and unpadded: tokenized once, a text only needs padding per batch."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+
+    def pad(self, ids: Sequence[Sequence[int]], multiple: int = 1) -> dict[str, torch.Tensor]:
+        """Token ids from ``tokenize`` as ``preprocess`` returns them: padded to the batch's longest, rounded up to
+        ``multiple`` where ``max_length`` allows (on a GPU, 8: tensor cores work in such tiles, and fewer distinct
+        shapes leave fewer kernels to pick and warm up)."""
+        longest = max(1, max(len(row) for row in ids))
+        width = -(-longest // multiple) * multiple
+        width = width if width <= self.max_length else longest
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise MmfuseError(f"The text tower {self.name}'s tokenizer has no padding token, so it cannot batch texts.")
+        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        left = self.tokenizer.padding_side == "left"
+        for i, row in enumerate(ids):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         many = self.layer_mean > 1
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=many)
@@ -404,6 +440,28 @@ class HFTextTower(Tower):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Packaged offline towers
+
+
+class TokenizedTexts:
+    """A text tower's batch inputs for texts seen again and again (each epoch of fine-tuning): every distinct text is
+    tokenized once, and a batch only pads. Tokenizing per batch took 37 ms of the main process for 128 texts (a
+    profiled seed job on an H200 machine), half the GPU time of the reference model's training step."""
+
+    def __init__(self, tower: Tower, texts: Sequence[str] = (), multiple: int = 1):
+        self.tower, self.multiple = tower, multiple
+        self.ids: dict[str, list[int]] = {}
+        self.add(texts)
+
+    def add(self, texts: Sequence[str]) -> None:
+        new = list(dict.fromkeys(t for t in texts if t not in self.ids))
+        if new and hasattr(self.tower, "tokenize"):
+            self.ids.update(zip(new, self.tower.tokenize(new)))
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if not hasattr(self.tower, "tokenize"):  # a text tower without a tokenizer of its own
+            return self.tower.preprocess(texts)
+        self.add(texts)
+        return self.tower.pad([self.ids[t] for t in texts], self.multiple)
 
 
 class EfficientNetLiteTower(Tower):
