@@ -172,3 +172,21 @@ def test_texts_tokenized_once_give_what_the_tokenizer_gives(model, monkeypatch):
     assert torch.equal(padded["attention_mask"].sum(1), want["attention_mask"].sum(1))
     with torch.no_grad():
         torch.testing.assert_close(tower(**padded), tower(**want), atol=1e-5, rtol=1e-4)
+
+
+def test_images_too_large_for_memory_decode_every_epoch(model, jpegs, monkeypatch, caplog):
+    """The uint8 cache holds a dataset's images in memory whole; when that would take over half of what is free,
+    training decodes every epoch instead, and says so."""
+    import mmfuse.fastdata as fastdata
+    from mmfuse.features import RawDataset, make_dataset
+
+    records = [Record(p, f"text {i}", "a", i + 1, str(p)) for i, p in enumerate(jpegs)]
+    labels = torch.zeros(len(records), dtype=torch.long)
+    ds, _ = make_dataset(model, records, labels, model.modalities, None, pixel_cache=True)
+    assert isinstance(ds, PixelDataset)
+    monkeypatch.setattr(fastdata, "available_memory", lambda: 1_000)
+    with caplog.at_level("WARNING"):
+        ds, collate = make_dataset(model, records, labels, model.modalities, None, pixel_cache=True)
+    assert isinstance(ds, RawDataset) and "decoding images every epoch" in caplog.text
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert batch["image"]["pixel_values"].shape[0] == len(records)

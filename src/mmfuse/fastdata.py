@@ -177,6 +177,21 @@ def cached_pixels(path: str | Path, spec: PixelSpec, cache: FeatureCache | None)
     return hit
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def load_pixels(
     paths: Sequence[str | Path],
     spec: PixelSpec,

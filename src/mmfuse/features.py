@@ -338,14 +338,25 @@ def _raw_dataset(
     texts = [r.text for r in records] if "text" in tuned else ()
     pad_to = 8 if torch.device(device).type == "cuda" else 1  # on a CPU, padding is only more work
     if pixel_cache and "image" in tuned:
+        from . import fastdata
         from .errors import MmfuseError
-        from .fastdata import PixelDataset, PixelSpec, load_pixels, pixel_collate
 
         try:
-            spec = PixelSpec.from_tower(model.towers["image"])
+            spec = fastdata.PixelSpec.from_tower(model.towers["image"])
         except MmfuseError as e:
             log.info("decoding images every epoch: %s", e)
         else:
-            pixels = load_pixels([r.image for r in records], spec)
-            return PixelDataset(records, tuned, labels, pixels), pixel_collate(model, tuned, texts, pad_to)
+            # The decoded images are held in memory whole: a dataset too large for that decodes every epoch instead.
+            need, free = len(records) * 3 * spec.height * spec.width, fastdata.available_memory()
+            if free is None or need <= free // 2:
+                pixels = fastdata.load_pixels([r.image for r in records], spec)
+                ds = fastdata.PixelDataset(records, tuned, labels, pixels)
+                return ds, fastdata.pixel_collate(model, tuned, texts, pad_to)
+            log.warning(
+                "decoding images every epoch: %d decoded images would take %.1f GB, over half of the %.1f GB of memory "
+                "available (--num-workers N decodes in N processes)",
+                len(records),
+                need / 1e9,
+                free / 1e9,
+            )
     return RawDataset(records, tuned, labels), raw_collate(model, tuned, texts, pad_to)
