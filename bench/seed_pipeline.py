@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         f"training: {fitted['n_train']} rows x {epochs} epochs, {fitted['n_val']} held out for validation; the "
         f"epochs themselves took {fitted['train_seconds']:.1f} s of the train stage's {times['train']:.1f} s"
     )
-    # The first epoch carries the warm-up (cuBLAS handles, kernel choice, the allocator's first blocks).
+    # Apart, so the first epoch's warm-up shows beside the steady rate of the others.
     print(f"samples/s by epoch, validation included: {', '.join(f'{r:,.0f}' for r in rates)}")
     print()
     items = {"caption": n_images, "train": fitted["n_train"] * epochs, "predict": n_images - n_train}

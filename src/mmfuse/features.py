@@ -54,12 +54,12 @@ class FeatureCache:
     runs that share a cache object, like the ablation's three, then read each file once.
     """
 
+    suffix = ".npy"
+
     def __init__(self, root: Path | None = None, memory: bool = False):
         self.root = Path(root) if root else mmfuse_home() / "features"
         self.hits = self.misses = 0
         self.memory: dict[tuple[str, str], np.ndarray] | None = {} if memory else None
-
-    suffix = ".npy"
 
     def _path(self, fingerprint: str, key: str) -> Path:
         return self.root / fingerprint / key[:2] / f"{key}{self.suffix}"

@@ -438,10 +438,6 @@ class HFTextTower(Tower):
         self.tokenizer.save_pretrained(directory)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Packaged offline towers
-
-
 class TokenizedTexts:
     """A text tower's batch inputs for texts seen again and again (each epoch of fine-tuning): every distinct text is
     tokenized once, and a batch only pads. Tokenizing per batch took 37 ms of the main process for 128 texts (a
@@ -463,6 +459,10 @@ class TokenizedTexts:
             return self.tower.preprocess(texts)
         self.add(texts)
         return self.tower.pad([self.ids[t] for t in texts], self.multiple)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packaged offline towers
 
 
 class EfficientNetLiteTower(Tower):
