@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     from mmfuse.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from mmfuse.data import load_checked
     from mmfuse.datasets.emoji import emoji_dataset
-    from mmfuse.features import FeatureCache, make_dataset
     from mmfuse.model import build_model
     from mmfuse.predict import evaluate_file
+    from mmfuse.sources import FeatureCache, build_dataset
     from mmfuse.train import fit
 
     logging.disable(logging.INFO)
@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_probe:
             model = build_model(ModelConfig(text_pooling="mean"), 2)
             model.freeze_towers()
-            ds, _ = make_dataset(model, recs, None, [], FeatureCache(), show=False)
-            x = np.hstack([torch.nn.functional.normalize(ds.feats[m].float(), dim=1).numpy() for m in model.modalities])
+            ds = build_dataset(model, recs, None, [], FeatureCache(), show=False)
+            x = np.hstack(
+                [torch.nn.functional.normalize(ds.sources[m].feats.float(), dim=1).numpy() for m in model.modalities]
+            )
             scores = []
             for k in chosen:
                 train, test = folds[k]

@@ -9,16 +9,18 @@ ViT-B/16 (224 px) + RoBERTa-base cut to 8 layers (128 tokens) + the concat head,
 
 Rows:
 - naive: fp32, eager attention, ``torch.optim.Adam``, batch 16, ``loss.item()`` every step (a typical first loop).
-- tuned: the training step of ``mmfuse.train.fit`` with ``--tune all``. ``fit`` reads data files and validates every
-  epoch, so it cannot time a synthetic batch; ``TunedTrainer`` mirrors its step line for line instead: the same
-  Accelerator (``make_accelerator``: bf16 autocast on a GPU, fp32 on CPU), AdamW (fused on CUDA), gradient clipping
-  through ``acc.clip_grad_norm_``, the cosine schedule, the loss summed on the device and no per-step host sync. SDPA
-  attention (transformers' default). Shapes are static, as ``drop_last`` makes them in ``fit``. Timed at
+- tuned: ``mmfuse.train.train_step``, the step ``fit`` runs, with ``--tune all``. ``fit`` reads data files and
+  validates every epoch, so it cannot time a synthetic batch; ``TunedTrainer`` calls its pieces instead: the same
+  Accelerator (``make_accelerator``: bf16 autocast on a GPU, fp32 on CPU), optimizer (``make_optimizer``: fused
+  AdamW in head and tower groups), cosine schedule (``warmup_cosine``) and step (gradient clipping, accumulation,
+  the loss summed on the device and no per-step host sync). SDPA attention (transformers' default). Shapes are
+  static, as ``drop_last`` makes them in ``fit``. Timed at
   ``--batch-size`` and at each of ``--big-batches`` (a batch that does not fit fails its row with the OOM error).
 - from files: the same tuned step fed by a DataLoader over JPEG files on disk, prepared by the same Accelerator:
-  (1) mmfuse's current path (``RawDataset``: PIL decode and the HF processor in DataLoader workers every step) and
-  (2) ``mmfuse.fastdata``: images decoded once into a uint8 cache, normalised on the device (the cache fill is timed
-  on its own line). On a GPU with a working torchvision, (3) nvJPEG decodes each batch on the device.
+  (1) ``mmfuse.sources.ImageFileSource`` (PIL decode and the HF processor in DataLoader workers every step) and
+  (2) ``PixelSource``: images decoded once into the uint8 pixel cache, normalised on the device by the tower (the
+  cache fill is timed on its own line). On a GPU with a working torchvision, (3) nvJPEG decodes each batch on the
+  device (``bench/gpu_decode.py``).
 - inference: ``Predictor.probs``, the call ``predict_records`` makes per batch (a ``Predictor`` loaded from a run
   directory written by ``save_model``; inputs cast to its dtype, softmax in fp32, probabilities copied to the host),
   for each of its dtypes: fp32 at batch 64, then bf16 autocast (predict's default on a GPU) and bf16 weights at each
@@ -257,48 +259,42 @@ def naive_rate(cfg, device, data: dict, steps: int, warmup: int) -> float:
 
 
 class TunedTrainer:
-    """The step of ``mmfuse.train.fit`` with ``--tune all``, line for line, on a model built by mmfuse."""
+    """``mmfuse.train.train_step`` with ``--tune all``, on a model, optimizer and schedule built as ``fit`` builds
+    them."""
 
     def __init__(
         self, cfg, acc, total_steps: int, compile: str | None = None, backend: str = "inductor", channels_last=False
     ):
-        from transformers import get_cosine_schedule_with_warmup
-
+        from mmfuse.config import TrainConfig
         from mmfuse.model import build_model
         from mmfuse.speed import compile_model
+        from mmfuse.train import make_optimizer, warmup_cosine
 
         self.acc, self.channels_last = acc, channels_last
         model = build_model(cfg, NUM_CLASSES)
         if channels_last:
             model.vision.to(memory_format=torch.channels_last)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.01, fused=acc.device.type == "cuda")
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.1 * total_steps), total_steps)
+        # --tune all's defaults: one learning rate (1e-4) for towers and head, weight decay 0.01, clipping at 1.
+        self.train_cfg = TrainConfig(tune="all", lr=1e-4, head_lr=1e-4)
+        optimizer = make_optimizer(model, self.train_cfg)
+        scheduler = warmup_cosine(optimizer, int(0.1 * total_steps), total_steps)
         if compile:  # "regional" or "model", where fit compiles: after the optimizer, before prepare
             model = compile_model(model, compile, backend=backend)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.model.train()
         self.total = torch.zeros((), device=acc.device)
-        self.pixel_spec = None  # set for uint8 batches from fastdata: normalised here, on the device
 
     def step(self, batch: dict) -> None:
-        batch = dict(batch)
-        labels = batch.pop("labels")
-        if self.pixel_spec is not None:
-            from mmfuse.fastdata import normalize
+        from mmfuse.train import train_step
 
-            batch["image"] = {"pixel_values": normalize(batch["image"]["pixel_values"], self.pixel_spec)}
+        batch = dict(batch)
         if self.channels_last:
-            batch["image"] = {
-                "pixel_values": batch["image"]["pixel_values"].contiguous(memory_format=torch.channels_last)
-            }
-        loss = F.cross_entropy(self.model(**batch), labels)
-        self.acc.backward(loss)
-        self.acc.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.total += loss.detach() * len(labels)
+            pixels = batch["image"]["pixel_values"]
+            batch["image"] = {"pixel_values": pixels.contiguous(memory_format=torch.channels_last)}
+        t = self.train_cfg
+        loss, _ = train_step(self.model, batch, self.optimizer, self.scheduler, self.acc, self.params, t.grad_clip)
+        self.total += loss
 
     def close(self) -> None:
         if not torch.isfinite(self.total):  # read once, after timing: a diverged run would time NaN kernels
@@ -326,7 +322,8 @@ def fixed_length(text: dict, tokens: int, pad_id: int) -> dict:
 
 
 def file_loaders(model, rows: list[dict], root: Path, batch: int, workers: int, acc, total_batches: int, tokens: int):
-    """DataLoaders over the JPEG files: mmfuse's RawDataset path, and fastdata's uint8 cache (with its fill time).
+    """DataLoaders over the JPEG files: decoded every step (``ImageFileSource``), and decoded once into the uint8 pixel
+    cache (``PixelSource``, with its fill time).
 
     One long shuffled epoch (``RandomSampler`` drawing ``total_batches`` batches) so that epoch restarts, which a
     real run pays once per epoch of thousands of samples, do not count against a few timed steps here.
@@ -334,8 +331,7 @@ def file_loaders(model, rows: list[dict], root: Path, batch: int, workers: int, 
     from torch.utils.data import DataLoader, RandomSampler
 
     from mmfuse.data import Record
-    from mmfuse.fastdata import PixelDataset, PixelSpec, load_pixels, pixel_collate
-    from mmfuse.features import make_dataset
+    from mmfuse.sources import MultimodalDataset, PixelSource, batch_collate, build_dataset, load_pixels
 
     records = [Record(root / r["image"], r["text"], r["label"], i, r["image"]) for i, r in enumerate(rows)]
     labels = torch.tensor([NOUNS.index(r["label"]) for r in rows])
@@ -348,35 +344,31 @@ def file_loaders(model, rows: list[dict], root: Path, batch: int, workers: int, 
         )
         return acc.prepare(dl)
 
-    raw_ds, raw_collate = make_dataset(model, records, labels, tuned=model.modalities, cache=None)
+    raw_ds = build_dataset(model, records, labels, tuned=model.modalities, cache=None)
     pad_id = model.text.tokenizer.pad_token_id
 
-    def padded(collate):
-        def run(items: list[dict]) -> dict:
-            b = collate(items)
-            return {**b, "text": fixed_length(b["text"], tokens, pad_id)}
+    def padded(b: dict) -> dict:
+        return {**batch_collate(b), "text": fixed_length(b["text"], tokens, pad_id)}
 
-        return run
-
-    spec = PixelSpec.from_tower(model.vision)
+    spec = model.vision.pixel_spec
     start = time.perf_counter()
     pixels = load_pixels([r.image for r in records], spec, workers=max(1, workers))
     fill_s = time.perf_counter() - start
     start = time.perf_counter()
     load_pixels([r.image for r in records], spec, workers=max(1, workers))
     reload_s = time.perf_counter() - start
-    px_ds = PixelDataset(records, model.modalities, labels, pixels)
+    px_ds = MultimodalDataset({**raw_ds.sources, "image": PixelSource(pixels)}, raw_ds.present, labels)
     # Indexing a uint8 tensor and tokenising are light: one worker overlaps them with a GPU step, while on a CPU a
     # worker would only take cores from the step itself.
     px_workers = 1 if acc.device.type == "cuda" else 0
-    raw_dl = loader(raw_ds, padded(raw_collate), workers)
-    px_dl = loader(px_ds, padded(pixel_collate(model)), px_workers)
+    raw_dl = loader(raw_ds, padded, workers)
+    px_dl = loader(px_ds, padded, px_workers)
     return raw_dl, px_dl, spec, fill_s, reload_s
 
 
 def nvjpeg_batches(paths, texts: list[str], labels: torch.Tensor, batch: int, spec, model, device, tokens: int):
     """Batches decoded on the GPU every step (torchvision nvJPEG), in the main process."""
-    from mmfuse.fastdata import decode_jpegs_gpu
+    from gpu_decode import decode_jpegs_gpu
 
     g = torch.Generator().manual_seed(0)
     pad_id = model.text.tokenizer.pad_token_id
@@ -599,25 +591,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"({workers} thread(s)), reloaded from disk at {n_files / reload_s:,.0f} images/s"
             )
 
-            def from_loader(dl, uint8: bool) -> float:
-                trainer = TunedTrainer(cfg, acc, total_steps=100)
-                trainer.pixel_spec = spec if uint8 else None
+            def from_loader(dl) -> float:
+                trainer = TunedTrainer(cfg, acc, total_steps=100)  # uint8 pixels: the tower normalises them
                 try:
                     return samples_per_s(trainer.step, iter(dl), steps, warmup, device)
                 finally:
                     trainer.close()
                     free(device)
 
-            add(f"files: PIL + processor, {workers} worker(s)", batch, lambda: from_loader(raw_dl, False), TRAIN_FLOP)
-            add("files: uint8 cache (fastdata)", batch, lambda: from_loader(px_dl, True), TRAIN_FLOP)
-            from mmfuse.fastdata import nvjpeg_available
+            add(f"files: PIL + processor, {workers} worker(s)", batch, lambda: from_loader(raw_dl), TRAIN_FLOP)
+            add("files: uint8 cache (sources)", batch, lambda: from_loader(px_dl), TRAIN_FLOP)
+            from gpu_decode import nvjpeg_available
 
             if nvjpeg_available(device):
                 paths = [tmp / "jpegs" / r["image"] for r in rows]
                 labels = torch.tensor([NOUNS.index(r["label"]) for r in rows])
                 texts = [r["text"] for r in rows]
 
-                from mmfuse.fastdata import decode_jpegs_gpu, load_pixels
+                from gpu_decode import decode_jpegs_gpu
+
+                from mmfuse.sources import load_pixels
 
                 gpu = decode_jpegs_gpu(paths[:64], spec, device).cpu().int()
                 diff = (gpu - load_pixels(paths[:64], spec, use_cache=False).int()).abs().float()
@@ -627,7 +620,6 @@ def main(argv: list[str] | None = None) -> int:
 
                 def nvjpeg() -> float:
                     trainer = TunedTrainer(cfg, acc, total_steps=100)
-                    trainer.pixel_spec = spec
                     it = nvjpeg_batches(paths, texts, labels, batch, spec, probe, device, tokens)
                     try:
                         first = next(it)

@@ -37,7 +37,7 @@ def test_train_throughput_small_checks_and_prints_the_table(tmp_path):
     assert "naive: fp32, eager, Adam" in rows and rows["naive: fp32, eager, Adam"][3] == "1.00x"
     expected = {
         "tuned: fp32, SDPA, AdamW",
-        "files: uint8 cache (fastdata)",
+        "files: uint8 cache (sources)",
         "inference: predict path, fp32",
         "inference: bf16 autocast",
         "inference: bf16 weights",

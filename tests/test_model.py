@@ -14,9 +14,10 @@ from mmfuse.cli import main
 from mmfuse.config import ModelConfig
 from mmfuse.data import load_checked
 from mmfuse.errors import MmfuseError
-from mmfuse.features import FeatureCache, embed
 from mmfuse.fusion import build_head, head_names
 from mmfuse.model import build_model
+from mmfuse.pooling import NormalisedTokens
+from mmfuse.sources import FeatureCache, embed
 from mmfuse.towers import EfficientNetLiteTower, build_text, build_vision, repeated_blocks
 
 
@@ -101,20 +102,20 @@ def test_packaged_minilm_embeds_offline():
     assert tower.dim == 384 and cos(a, b, dim=0) > cos(a, c, dim=0)
 
 
-def test_packaged_minilm_loads_its_weights_only_when_used():
+def test_a_frozen_packaged_tower_is_built_only_when_an_input_needs_it():
     from mmfuse.towers import HFTextTower, minilm_path
 
-    lazy = build_text("minilm")
-    assert "model" not in lazy._modules and lazy.dim == 384 and lazy.layers == 6
+    model = build_model(ModelConfig(), num_classes=2, build=())
+    card = model.cards["text"]
+    assert model.text is None and card.dim == 384 and card.spec["layers"] == 6 and card.sequence
     eager = HFTextTower(minilm_path(), pooling="attention", layer_mean=2)  # the packaged default averages two layers
     eager.name = "minilm"
-    assert lazy.fingerprint == eager.fingerprint  # the same cache entries either way
-    lazy.freeze()
+    assert card.fingerprint == eager.fingerprint  # the same cache entries either way
     with torch.no_grad():
-        states = lazy(**lazy.preprocess(["a red apple"]))
-    assert "model" in lazy._modules and not any(p.requires_grad for p in lazy.parameters())
+        states = model.encode("text", eager.preprocess(["a red apple"]))
+    assert model.text is not None and not any(p.requires_grad for p in model.text.parameters())
     with torch.no_grad():
-        torch.testing.assert_close(states, eager(**eager.preprocess(["a red apple"])))
+        torch.testing.assert_close(states, eager.eval()(**eager.preprocess(["a red apple"])))
 
 
 def test_attention_pooling_gives_token_states_and_the_model_pools_them(tiny_roberta_dir):
@@ -131,12 +132,12 @@ def test_attention_pooling_gives_token_states_and_the_model_pools_them(tiny_robe
     feats = torch.randn(2, 1280)
     # Token states of two texts, the second padded; its padding must not change its pooled result.
     tokens, mask = torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    out = model(image_feats=feats, text_feats=tokens, text_mask=mask)
-    trimmed = model(image_feats=feats[1:], text_feats=tokens[1:, :2], text_mask=mask[1:, :2])
+    out = model(image_feats=feats, text_feats=NormalisedTokens(tokens, mask))
+    trimmed = model(image_feats=feats[1:], text_feats=NormalisedTokens(tokens[1:, :2], mask[1:, :2]))
     torch.testing.assert_close(out[1:], trimmed)
     # A row with no tokens at all (missing text) stays finite, forwards and backwards.
     model.train()
-    empty = model(image_feats=feats, text_feats=tokens, text_mask=torch.zeros(2, 5, dtype=torch.long))
+    empty = model(image_feats=feats, text_feats=NormalisedTokens(tokens, torch.zeros(2, 5, dtype=torch.long)))
     empty.sum().backward()
     assert torch.isfinite(empty).all() and torch.isfinite(model.poolers["text"].score.weight.grad).all()
 
@@ -239,7 +240,7 @@ def test_feature_cache_hits_misses_and_atomic_writes(tmp_path, monkeypatch):
     assert not torch.equal(changed[1], first[1]) and torch.equal(changed[0], first[0])
 
     # A different preprocessing (input size) is a different tower fingerprint: nothing is reused.
-    model.vision.image_size = 192
+    model = build_model(ModelConfig(image_size=192), num_classes=2)
     embed(model, "image", records, cache, show=False)
     assert cache.misses == 7
 
@@ -253,3 +254,21 @@ def test_feature_cache_hits_misses_and_atomic_writes(tmp_path, monkeypatch):
         cache.put("fp", "deadbeef", np.zeros(4, dtype=np.float32))
     assert not (cache.root / "fp" / "de").exists() or not os.listdir(cache.root / "fp" / "de")
     assert cache.get("fp", "deadbeef") is None
+
+
+def test_a_run_written_by_an_earlier_version_loads_and_predicts_the_same(tmp_path):
+    """tests/fixtures/old_run was written by mmfuse before the data-path restructure (see its README)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from conftest import write_toy
+
+    from mmfuse import load
+
+    fixture = Path(__file__).parent / "fixtures" / "old_run"
+    run = shutil.copytree(fixture, tmp_path / "run")
+    root = write_toy(tmp_path / "toy", per_class=6, seed=0)
+    expected = json.loads((run / "expected.json").read_text())
+    got = load(run).predict([root / name for name in expected["images"]], expected["texts"])
+    np.testing.assert_allclose(got.probs, np.array(expected["probs"]), rtol=0, atol=1e-6)

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from .data import MANIFEST_SUFFIXES, Problem, Record, data_error, find_problems, read_data, write_skipped
 from .errors import MmfuseError
 from .images import IMAGE_SUFFIXES, load_image, to_rgb
-from .towers import _hf_load
+from .sources import cached_pixels, decode_resized, pixel_cache
+from .towers import PixelSpec, _hf_load, normalize
 
 log = logging.getLogger(__name__)
 
@@ -388,25 +389,19 @@ class HFCaptioner(Captioner):
         self.model.to(self.device).eval()
         use_fast = fast and num_beams == 1 and GreedyGPT2Decoder.supports(self.model)
         self.fast = GreedyGPT2Decoder(self.model) if use_fast else None
-        from .fastdata import PixelSpec
-
         try:  # a plain resize + normalise: resize in the loader threads, normalise on the device
-            self.pixel_spec = PixelSpec.from_tower(self)
+            self.pixel_spec = PixelSpec.from_processor(self.processor)
         except MmfuseError:  # the processor crops or pads: it runs on whole batches in __call__
             self.pixel_spec = None
 
     def prepare(self, image: Image.Image):
         if self.pixel_spec is None:
             return image
-        from .fastdata import decode_resized
-
         return torch.from_numpy(decode_resized(image, self.pixel_spec))
 
     def load(self, path: Path):
         if self.pixel_spec is None:
             return super().load(path)
-        from .fastdata import cached_pixels, pixel_cache
-
         # Through the uint8 pixel cache: a classifier whose tower resizes the same way then reads these images
         # back instead of decoding them again (e.g. ViT-GPT2 captions, then a ViT fine-tune at 224 px).
         return torch.from_numpy(cached_pixels(path, self.pixel_spec, pixel_cache()))
@@ -423,8 +418,6 @@ class HFCaptioner(Captioner):
 
     def __call__(self, images: Sequence) -> list[str]:
         if images and isinstance(images[0], torch.Tensor):  # uint8 from prepare()
-            from .fastdata import normalize
-
             pixels = torch.stack(list(images))
             if self.device.type == "cuda":
                 pixels = pixels.pin_memory().to(self.device, non_blocking=True)

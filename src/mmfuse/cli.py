@@ -15,7 +15,7 @@ from collections.abc import Collection
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
 from .errors import MmfuseError
 from .model import RUN_FILES
 
@@ -65,17 +65,14 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             f"{args.config}: a value has the wrong type ({e}). Write numbers as numbers (lr: 0.001 or 1.0e-3, "
             "not 1e-3, which YAML reads as text) and lists as [a, b]."
         ) from None
-    model = {**vars(base.model), **PRESETS.get(getattr(args, "preset", None) or "", {}), **given(args, ModelConfig)}
-    data = {**vars(base.data), **given(args, DataConfig)}
-    train = {**vars(base.train), **given(args, TrainConfig)}
-    if "tune" in given(args, TrainConfig) and base.train.tune != train["tune"]:
-        # epochs, batch size and learning rate defaults depend on --tune: re-derive them unless the user set them.
-        for key in ("epochs", "batch_size", "lr", "head_lr"):
-            if key not in given(args, TrainConfig):
-                train[key] = None
-        if train["tune"] == "head" and "tune_layers" not in given(args, TrainConfig):
-            train["tune_layers"] = None  # a --config's tune_layers meant its tuned towers; --tune head tunes none
-    return RunConfig(DataConfig(**data), ModelConfig(**model), TrainConfig(**train))
+    preset = PRESETS.get(getattr(args, "preset", None) or "", {})
+    return base.updated(
+        {
+            "data": given(args, DataConfig),
+            "model": {**preset, **given(args, ModelConfig)},
+            "train": given(args, TrainConfig),
+        }
+    )
 
 
 def _training_flags(p: argparse.ArgumentParser, skip_data: tuple[str, ...] = ("train",)) -> None:
@@ -120,24 +117,7 @@ def keep_earlier_work(out: str, overwrite: bool, finished: tuple[str, ...], repl
 def cmd_train(args) -> int:
     from .train import TrainingInterrupted, fit
 
-    cfg = run_config(args)
-    tune, modalities = cfg.train.tune, " ".join(cfg.model.modalities)
-    if tune in ("text", "image") and tune not in cfg.model.modalities:
-        # Nothing would be tuned: a head alone, with the epochs and rates chosen for a tower. (ablate's
-        # single-modality runs do that on purpose, to give all three one budget.)
-        if "tune" in given(args, TrainConfig):
-            raise MmfuseError(
-                f"--tune {tune} fine-tunes the {tune} tower, which --modalities {modalities} leaves out: pass "
-                f"--tune head (a head on frozen features) or --tune {modalities}."
-            )
-        log.warning(
-            "--modalities %s has no %s tower for --tune %s to fine-tune: training with --tune head",
-            modalities,
-            tune,
-            tune,
-        )
-        args.tune = "head"
-        cfg = run_config(args)
+    cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
     # skipped.csv and captions.csv are what an unfinished run leaves behind for the next: not someone else's.
     ours = RUN_FILES - {"skipped.csv", "captions.csv"}
     keep_earlier_work(args.out, args.overwrite, ("model.safetensors", "metrics.json"), ours)

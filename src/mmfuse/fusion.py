@@ -9,11 +9,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import FUSION_HEADS
+
 _HEADS: dict[str, type[nn.Module]] = {}
 
 
 def register_head(name: str):
+    """Registers a fusion head class under a name from ``config.FUSION_HEADS`` (where the CLI's choices live)."""
+
     def wrap(cls):
+        if name not in FUSION_HEADS:
+            raise ValueError(f"{name} is not in config.FUSION_HEADS")
         _HEADS[name] = cls
         return cls
 

@@ -1,23 +1,28 @@
-"""The two-tower classifier: towers give pooled features, a fusion head turns them into logits."""
+"""The two-tower classifier: towers give pooled features, a fusion head turns them into logits; building it, and
+saving and loading it as a run directory.
+
+The classifier is sized from its towers' cards (``towers.TowerCard``), not their modules: a packaged tower that stays
+frozen, whose features come from the cache, is built only when something needs it (``build_tower``).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Collection
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ModelConfig, RunConfig
+from .config import MODALITIES, ModelConfig, RunConfig
 from .errors import MmfuseError
 from .fusion import build_head
-from .towers import Tower, build_text, build_vision, packaged_towers, rebuild
+from .pooling import AttentionPool
+from .towers import Tower, TowerCard, build_tower, packaged_card, packaged_towers, requested_spec
 
-LAYER_NORM_EPS = 1e-5
 # What mmfuse train writes into a run directory; predict and evaluate must never write over them.
 RUN_FILES = {
     "config.yaml",
@@ -33,68 +38,59 @@ RUN_FILES = {
 }
 
 
-def normalise_tokens(states: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the feature dimension without an affine: what ``AttentionPool`` applies to token states first,
-    and how ``features.TokenStates`` caches them."""
-    return F.layer_norm(states, (states.shape[-1],), eps=LAYER_NORM_EPS)
-
-
-class AttentionPool(nn.Module):
-    """Pools token states (B, T, D) with one learned score per token: [masked mean, attention-weighted sum], 2D wide.
-
-    Trained with the head on frozen token states, it learns which words carry the class (on the emoji data it
-    raised text-only weighted F1 from 0.89 to 0.91 over MiniLM's own mean pooling).
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.score = nn.Linear(dim, 1)
-        self.dim = 2 * dim
-
-    def forward(self, states: torch.Tensor, mask: torch.Tensor, normalised: bool = False) -> torch.Tensor:
-        """``normalised``: the states are already layer-normalised without an affine (as cached features are)."""
-        # LayerNorm's affine is applied after pooling: both poolings' weights sum to 1 over the tokens, so
-        # pool(g * x + b) = g * pool(x) + b. Then on frozen token states nothing (B, T, D)-sized needs a backward
-        # pass.
-        x = states if normalised else normalise_tokens(states)
-        m = mask.bool()
-        m = m | ~m.any(-1, keepdim=True)  # a row with no tokens (missing text) must not softmax over nothing: NaN
-        w = self.score.weight[0]
-        scores = x @ (w * self.norm.weight).to(x.dtype) + (w @ self.norm.bias + self.score.bias)
-        weights = scores.float().masked_fill(~m, float("-inf")).softmax(-1).to(x.dtype)
-        mf = m.to(x.dtype)
-        mean = mf / mf.sum(1, keepdim=True).clamp(min=1.0)
-        # Both poolings as one batched matrix product: elementwise products over (B, T, D) cost 3x more on a CPU.
-        pooled = torch.bmm(torch.stack([mean, weights], 1), x)
-        return (pooled * self.norm.weight + self.norm.bias).flatten(1)
-
-
 class MultimodalClassifier(nn.Module):
     """Vision tower + text tower + fusion head.
 
     ``forward`` takes either raw tower inputs or precomputed features (the frozen-feature fast path), and a
     per-sample mask of which modalities are present. A missing modality is replaced by a learned placeholder,
     which only means something when the model was trained with modality dropout.
+
+    Args:
+        cards: each modality's tower card (what sizes the head).
+        towers: the tower modules built so far; the others are built by ``build_tower`` when needed.
     """
 
-    def __init__(self, vision: Tower | None, text: Tower | None, num_classes: int, cfg: ModelConfig):
+    def __init__(
+        self, cards: dict[str, TowerCard], num_classes: int, cfg: ModelConfig, towers: dict[str, Tower] | None = None
+    ):
         super().__init__()
         self.cfg = cfg
-        self.vision, self.text = vision, text
         self.modalities = list(cfg.modalities)
-        towers = {"image": vision, "text": text}
+        self.cards = {m: cards[m] for m in self.modalities}
+        self.vision: Tower | None = None
+        self.text: Tower | None = None
+        for m, tower in (towers or {}).items():
+            if m in self.modalities:
+                self._attach(m, tower)
         # Towers that give token states get a pooling learned with the head.
-        self.poolers = nn.ModuleDict(
-            {m: AttentionPool(towers[m].dim) for m in self.modalities if getattr(towers[m], "sequence", False)}
-        )
-        dims = [self.poolers[m].dim if m in self.poolers else towers[m].dim for m in self.modalities]
+        self.poolers = nn.ModuleDict({m: AttentionPool(c.dim) for m, c in self.cards.items() if c.sequence})
+        dims = [self.poolers[m].dim if m in self.poolers else self.cards[m].dim for m in self.modalities]
         self.head = build_head(cfg.fusion, dims, num_classes, cfg.hidden, cfg.dropout, cfg.input_dropout)
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(d)) for m, d in zip(self.modalities, dims)})
 
+    def _attach(self, modality: str, tower: Tower) -> None:
+        setattr(self, "vision" if modality == "image" else "text", tower)
+
     @property
     def towers(self) -> dict[str, Tower]:
-        return {m: t for m, t in (("image", self.vision), ("text", self.text)) if m in self.modalities}
+        """The tower modules built so far, by modality."""
+        pairs = (("image", self.vision), ("text", self.text))
+        return {m: t for m, t in pairs if m in self.modalities and t is not None}
+
+    def build_tower(self, modality: str) -> Tower:
+        """The tower of ``modality``, built now from its card if it was not (a frozen packaged tower): frozen, on the
+        device and in the dtype of the rest of the model."""
+        tower = self.towers.get(modality)
+        if tower is None:
+            # Building draws initial weights, which must not move the global RNG (a cold run must match a warm one);
+            # and a tower first needed inside inference mode (embedding) must still hold ordinary tensors.
+            with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
+                tower = build_tower(self.cards[modality].spec)
+                tower.freeze()
+                ref = self.missing[modality]
+                tower.to(device=ref.device, dtype=ref.dtype)
+            self._attach(modality, tower)
+        return tower
 
     def freeze_towers(self) -> None:
         for tower in self.towers.values():
@@ -102,10 +98,7 @@ class MultimodalClassifier(nn.Module):
 
     def encode(self, modality: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tower features of one modality: one vector per item, or token states when the model pools them."""
-        return self.towers[modality](**inputs)
-
-    def pool(self, modality: str, feats: torch.Tensor, mask: torch.Tensor | None, normalised: bool) -> torch.Tensor:
-        return self.poolers[modality](feats, mask, normalised) if modality in self.poolers else feats
+        return self.build_tower(modality)(**inputs)
 
     def forward(
         self,
@@ -114,7 +107,6 @@ class MultimodalClassifier(nn.Module):
         image_feats: torch.Tensor | None = None,
         text_feats: torch.Tensor | None = None,
         present: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for a batch.
 
@@ -122,16 +114,16 @@ class MultimodalClassifier(nn.Module):
             image: the vision tower's inputs (from its ``preprocess``), unless ``image_feats`` are given.
             text: the text tower's inputs, unless ``text_feats`` are given.
             present: (B, len(modalities)) booleans; False marks a modality missing for that sample.
-            text_feats: pooled text features, or token states that are layer-normalised without an affine
-                (``features.TokenStates``) for a model that pools them.
-            text_mask: (B, T) for ``text_feats`` that are token states (attention pooling).
+            text_feats: pooled text features, or ``pooling.NormalisedTokens`` (cached token states and their mask)
+                for a model that pools them.
         """
         feats = []
         for m in self.modalities:
             raw, pre = (image, image_feats) if m == "image" else (text, text_feats)
             f = pre if pre is not None else self.encode(m, raw)
-            mask = text_mask if pre is not None else (raw or {}).get("attention_mask")
-            feats.append(self.pool(m, f, mask, normalised=pre is not None))
+            if m in self.poolers:  # cached token states come as pooling.NormalisedTokens, which carry their mask
+                f = self.poolers[m](f, (raw or {}).get("attention_mask"))
+            feats.append(f)
         if self.training and self.cfg.modality_dropout > 0 and len(self.modalities) > 1:
             present = self._drop_modalities(present, feats[0].shape[0])
         if present is not None:
@@ -163,23 +155,32 @@ class MultimodalClassifier(nn.Module):
         return self
 
 
-def build_towers(cfg: ModelConfig, towers: dict[str, Tower] | None = None) -> dict[str, Tower]:
-    """The towers ``cfg`` asks for, added to ``towers`` (modality -> tower) where not there already."""
+def tower_cards(
+    cfg: ModelConfig, towers: dict[str, Tower], build: Collection[str] = MODALITIES
+) -> dict[str, TowerCard]:
+    """The card of each tower ``cfg`` asks for (``config.resolve`` fills its defaults), building into ``towers`` the
+    ones in ``build`` and every Hugging Face tower (its dimension is known only then). A packaged tower left out is
+    built only if an input misses the feature cache (``MultimodalClassifier.build_tower``)."""
+    cards = {}
+    for m in cfg.modalities:
+        spec = requested_spec(m, cfg)
+        card = packaged_card(m, spec)
+        if m not in towers and (card is None or m in build):
+            towers[m] = build_tower(spec, trust_remote_code=cfg.trust_remote_code)
+        cards[m] = towers[m].card if m in towers else card
+    return cards
+
+
+def build_model(
+    cfg: ModelConfig, num_classes: int, towers: dict[str, Tower] | None = None, build: Collection[str] = MODALITIES
+) -> MultimodalClassifier:
+    """A new classifier for ``cfg``; ``towers`` shares towers already built for this config (the ablation's runs),
+    and receives those built now."""
     towers = towers if towers is not None else {}
-    if "image" in cfg.modalities and "image" not in towers:
-        towers["image"] = build_vision(cfg.vision, cfg.vision_pooling, cfg.trust_remote_code, cfg.image_size)
-    if "text" in cfg.modalities and "text" not in towers:
-        towers["text"] = build_text(
-            cfg.text, cfg.text_pooling, cfg.max_length, cfg.text_layers, cfg.trust_remote_code, cfg.text_layer_mean
-        )
-    return towers
+    return MultimodalClassifier(tower_cards(cfg, towers, build), num_classes, cfg, towers)
 
 
-def build_model(cfg: ModelConfig, num_classes: int, towers: dict[str, Tower] | None = None) -> MultimodalClassifier:
-    """A new classifier; ``towers`` (from ``build_towers``) reuses towers already built for this config."""
-    towers = build_towers(cfg, towers)
-    pick = {m: towers[m] if m in cfg.modalities else None for m in ("image", "text")}
-    return MultimodalClassifier(pick["image"], pick["text"], num_classes, cfg)
+PREFIXES = {"image": "vision.", "text": "text."}
 
 
 def save_model(model: MultimodalClassifier, run_dir: Path, tuned: Collection[str]) -> None:
@@ -191,14 +192,14 @@ def save_model(model: MultimodalClassifier, run_dir: Path, tuned: Collection[str
     """
     specs = {}
     skip = []
-    for modality, tower in model.towers.items():
-        specs[modality] = tower.spec()
-        if tower.packaged and modality not in tuned:  # rebuilt from the installed wheel by name
-            skip.append("vision." if modality == "image" else "text.")
+    for modality, card in model.cards.items():
+        specs[modality] = card.spec
+        if card.packaged and modality not in tuned:  # rebuilt from the installed wheel by name
+            skip.append(PREFIXES[modality])
             continue
         assets = run_dir / f"{modality}_tower"
         assets.mkdir(parents=True, exist_ok=True)
-        tower.save_assets(assets)
+        model.towers[modality].save_assets(assets)
     (run_dir / "towers.json").write_text(json.dumps(specs, indent=2, default=str))
     state = {
         k: v.detach().contiguous().cpu()
@@ -206,6 +207,11 @@ def save_model(model: MultimodalClassifier, run_dir: Path, tuned: Collection[str
         if not any(k.startswith(s) for s in skip)
     }
     save_file(state, str(run_dir / "model.safetensors"))
+    # safetensors writes the file 0600; every other run file follows the umask, and serving containers or other
+    # users must be able to read the model too.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(run_dir / "model.safetensors", 0o666 & ~umask)
 
 
 def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, list[str]]:
@@ -241,18 +247,21 @@ def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, li
         folder = run_dir / f"{modality}_tower"
         if spec["name"] not in packaged_towers() and not folder.is_dir():
             raise MmfuseError(f"{folder} is missing: the run needs it to rebuild its {modality} tower.")
-    vision = rebuild(specs["image"], run_dir / "image_tower") if "image" in specs else None
-    text = rebuild(specs["text"], run_dir / "text_tower") if "text" in specs else None
-    model = MultimodalClassifier(vision, text, len(labels), cfg.model)
     try:
         state = load_file(str(run_dir / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise MmfuseError(
             f"{run_dir}/model.safetensors is unreadable or truncated ({e}); train the run again."
         ) from None
-    for prefix, tower in (("vision.", vision), ("text.", text)):
-        if tower is not None and any(k.startswith(prefix) for k in state):
-            tower.materialise()  # its (fine-tuned) weights are in this file
+    cards, towers = {}, {}
+    for modality, spec in specs.items():
+        card = packaged_card(modality, spec)
+        # Towers whose (fine-tuned, or Hugging Face) weights are in the file are built to load them; a frozen
+        # packaged tower only when an input needs it.
+        if card is None or any(k.startswith(PREFIXES[modality]) for k in state):
+            towers[modality] = build_tower(spec, run_dir / f"{modality}_tower", cfg.model.trust_remote_code)
+        cards[modality] = card or towers[modality].card
+    model = MultimodalClassifier(cards, len(labels), cfg.model, towers)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes differ: e.g. labels.json lists another number of classes than were trained
@@ -260,9 +269,7 @@ def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, li
             f"{run_dir}/model.safetensors does not fit its config.yaml and labels.json ({len(labels)} classes): "
             f"{str(e).splitlines()[-1].strip()}"
         ) from None
-    stored_elsewhere = tuple(
-        p for m, p in (("image", "vision."), ("text", "text.")) if m in specs and model.towers[m].packaged
-    )
+    stored_elsewhere = tuple(PREFIXES[m] for m in specs if model.cards[m].packaged)
     missing = [k for k in missing if not k.startswith(stored_elsewhere)]
     if missing or unexpected:
         raise MmfuseError(

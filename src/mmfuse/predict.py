@@ -17,10 +17,10 @@ from . import metrics
 from .config import DTYPES
 from .data import Record, load_checked
 from .errors import MmfuseError
-from .features import FeatureCache, make_dataset
 from .images import load_image, to_rgb
 from .model import RUN_FILES, load_model
 from .paths import mmfuse_home
+from .sources import FeatureCache, MultimodalDataset, batch_collate, build_dataset
 
 
 @dataclass
@@ -72,9 +72,7 @@ class Predictor:
         self.weight_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         self.model.to(self.device)
         if dtype == "bf16":
-            for tower in self.model.towers.values():
-                tower.materialise()  # a tower that loads its weights later would load them in fp32
-            self.model.to(torch.bfloat16)
+            self.model.to(torch.bfloat16)  # a tower built later follows the model's dtype (build_tower)
         if compile:
             from .speed import compile_model
 
@@ -134,20 +132,18 @@ class Predictor:
             ]
             if missing:
                 raise MmfuseError(f"{len(missing)} image file(s) not found: {', '.join(missing[:5])}")
-        out = []
-        for s in range(0, len(images), batch_size):
-            imgs = [_open(im, i) for i, im in enumerate(images[s : s + batch_size], start=s)] if uses_images else []
-            txt = texts[s : s + batch_size]
-            batch = {
-                "present": torch.tensor(
-                    [[True if m == "image" else bool(t.strip()) for m in self.model.modalities] for t in txt]
-                )
-            }
-            for m, tower in self.model.towers.items():
-                batch[m] = tower.preprocess(imgs if m == "image" else txt)
-            out.append(self.probs(batch))
-        probs = np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+        # Inputs seen once go through every tower raw (no feature cache), on the one batch path below.
+        records = [Record(im, t, None, i, str(i)) for i, (im, t) in enumerate(zip(images, texts))]
+        ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=_open)
+        probs = self.predict_dataset(ds, batch_size)
         return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
+
+    def predict_dataset(self, ds: MultimodalDataset, batch_size: int) -> np.ndarray:
+        """Probabilities (N, classes) for every row of ``ds``, in order: the batch path of the API, predict and
+        evaluate alike."""
+        loader = DataLoader(ds, batch_size, collate_fn=batch_collate, pin_memory=self.device.type == "cuda")
+        out = [self.probs(batch) for batch in loader]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     @torch.inference_mode()
     def logits(self, batch: dict) -> torch.Tensor:
@@ -168,6 +164,8 @@ class Predictor:
     def _to_device(self, v):
         if isinstance(v, dict):
             return {k: self._to_device(x) for k, x in v.items()}
+        if isinstance(v, tuple):  # pooling.NormalisedTokens
+            return type(v)(*(self._to_device(x) for x in v))
         v = v.to(self.device, non_blocking=True)  # then cast on the device, not on the host
         return v.to(self.weight_dtype) if v.is_floating_point() else v
 
@@ -180,19 +178,9 @@ class Predictor:
         self._check_texts([r.text for r in records])
         # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
         cache = FeatureCache(mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None)
-        ds, collate = make_dataset(
-            self.model,
-            records,
-            None,
-            self.cfg.tuned,
-            cache,
-            self.device,
-            show,
-            pixel_cache=not self.cfg.data.decode_each_epoch,
-        )
-        batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
-        loader = DataLoader(ds, batch_size, collate_fn=collate, pin_memory=self.device.type == "cuda")
-        return np.concatenate([self.probs(batch) for batch in loader])
+        pixel_cache = not self.cfg.data.decode_each_epoch
+        ds = build_dataset(self.model, records, None, self.cfg.tuned, cache, self.device, show, pixel_cache)
+        return self.predict_dataset(ds, batch_size or (256 if self.device.type == "cuda" else 64))
 
     def load_data(self, data, captions=None, need_label=False, skip_bad=False, skipped_csv=None) -> list[Record]:
         records = load_checked(

@@ -34,9 +34,14 @@ def compile_model(model: nn.Module, mode: str = "regional", **compile_kwargs) ->
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     if mode == "regional":
         towers = getattr(model, "towers", {"model": model})
-        blocks = [b for t in towers.values() if not getattr(t, "frozen", False) for b in repeated_blocks(t)]
+        blocks = [b for t in towers.values() if not getattr(t, "frozen", False) for b in _layer_groups(t)]
         if blocks:
             for block in blocks:
                 block.compile(**compile_kwargs)
             return model
     return torch.compile(model, **compile_kwargs)
+
+
+def _layer_groups(module: nn.Module) -> list[nn.Module]:
+    """A tower's ``layer_groups`` (the blocks ``--tune-layers`` counts); for another module, its repeated blocks."""
+    return module.layer_groups() if hasattr(module, "layer_groups") else repeated_blocks(module)

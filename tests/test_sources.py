@@ -1,4 +1,5 @@
-"""fastdata: the uint8 cache reproduces the towers' own preprocessing, and batches normalise on the device."""
+"""sources: the uint8 pixel cache reproduces the towers' own preprocessing, batches normalise on the device, and
+each modality's source gives what the raw path gives."""
 
 import numpy as np
 import pytest
@@ -9,18 +10,17 @@ from torch.utils.data import DataLoader
 from mmfuse.config import ModelConfig
 from mmfuse.data import Record
 from mmfuse.errors import MmfuseError
-from mmfuse.fastdata import (
+from mmfuse.model import build_model
+from mmfuse.sources import (
+    ImageFileSource,
     PixelCache,
-    PixelDataset,
-    PixelSpec,
-    decode_jpegs_gpu,
+    PixelSource,
+    batch_collate,
+    build_dataset,
     decode_resized,
     load_pixels,
-    nvjpeg_available,
-    pixel_collate,
-    to_device,
 )
-from mmfuse.model import build_model
+from mmfuse.towers import PixelSpec, normalize
 
 
 @pytest.fixture
@@ -45,32 +45,29 @@ def jpegs(tmp_path):
 def test_cached_pixels_equal_the_towers_preprocessing(model, jpegs):
     from mmfuse.images import load_image
 
-    spec = PixelSpec.from_tower(model.vision)
+    spec = model.vision.pixel_spec
     assert (spec.height, spec.width) == (32, 32)
     ref = model.vision.preprocess([load_image(p) for p in jpegs])["pixel_values"]
     pixels = load_pixels(jpegs, spec, workers=2)
     assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, 32, 32)
-    from mmfuse.fastdata import normalize
-
     torch.testing.assert_close(normalize(pixels, spec), ref, atol=1e-5, rtol=0)
 
 
 def test_packaged_efficientnet_spec_matches_its_preprocess():
-    from mmfuse.fastdata import normalize
+    from mmfuse.towers import build_vision
 
-    class Lite:  # the attributes PixelSpec reads, without loading the packaged weights
-        image_size, MEAN, STD = 40, 0.5, 0.5
-
-    spec = PixelSpec.from_tower(Lite())
+    tower = build_vision("efficientnet-lite0", image_size=40)
+    spec = tower.pixel_spec
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     arr = np.asarray(img.resize((40, 40), Image.BICUBIC), dtype=np.float32)
     ref = torch.from_numpy((arr / 255.0 - 0.5) / 0.5).permute(2, 0, 1)[None]
     out = normalize(torch.from_numpy(decode_resized(img, spec))[None], spec)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tower.preprocess([img])["pixel_values"], ref, atol=1e-5, rtol=0)
 
 
 def test_cache_hits_on_the_second_load_and_misses_a_changed_file(model, jpegs, tmp_path):
-    spec = PixelSpec.from_tower(model.vision)
+    spec = model.vision.pixel_spec
     cache = PixelCache(tmp_path / "pixels")
     first = load_pixels(jpegs, spec, cache)
     assert (cache.hits, cache.misses) == (0, 5)
@@ -90,25 +87,23 @@ def test_cache_hits_on_the_second_load_and_misses_a_changed_file(model, jpegs, t
 
 
 def test_unsupported_processor_is_refused():
-    class Tower:
-        class processor:  # noqa: N801 - a stand-in for an HF image processor that crops
-            size = {"shortest_edge": 224}
-            do_center_crop = True
+    class Processor:  # a stand-in for an HF image processor that crops
+        size = {"shortest_edge": 224}
+        do_center_crop = True
 
     with pytest.raises(MmfuseError, match="fixed-size resize"):
-        PixelSpec.from_tower(Tower())
+        PixelSpec.from_processor(Processor())
 
 
 def test_pixel_batches_give_the_same_logits_as_the_raw_path(model, jpegs):
-    from mmfuse.features import make_dataset
-
-    spec = PixelSpec.from_tower(model.vision)
     records = [Record(p, f"text number {i}", "a", i, p.name) for i, p in enumerate(jpegs)]
     labels = torch.tensor([0, 1, 2, 0, 1])
-    raw_ds, raw_collate = make_dataset(model, records, labels, tuned=model.modalities, cache=None)
-    px_ds = PixelDataset(records, model.modalities, labels, load_pixels(jpegs, spec))
-    raw = next(iter(DataLoader(raw_ds, 5, collate_fn=raw_collate)))
-    px = to_device(next(iter(DataLoader(px_ds, 5, collate_fn=pixel_collate(model)))), "cpu", spec)
+    raw_ds = build_dataset(model, records, labels, tuned=model.modalities, cache=None)
+    px_ds = build_dataset(model, records, labels, tuned=model.modalities, cache=None, pixel_cache=True)
+    assert isinstance(raw_ds.sources["image"], ImageFileSource) and isinstance(px_ds.sources["image"], PixelSource)
+    raw = next(iter(DataLoader(raw_ds, 5, collate_fn=batch_collate)))
+    px = next(iter(DataLoader(px_ds, 5, collate_fn=batch_collate)))
+    assert px["image"]["pixel_values"].dtype == torch.uint8  # normalised by the tower, on the device
     assert torch.equal(px["labels"], raw["labels"]) and torch.equal(px["present"], raw["present"])
     with torch.inference_mode():
         a = model(**{k: v for k, v in raw.items() if k != "labels"})
@@ -116,23 +111,7 @@ def test_pixel_batches_give_the_same_logits_as_the_raw_path(model, jpegs):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_pixel_dataset_needs_one_image_per_record(model, jpegs):
-    records = [Record(p, "t", "a", i, p.name) for i, p in enumerate(jpegs)]
-    with pytest.raises(MmfuseError):
-        PixelDataset(records, model.modalities, None, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
-
-
-def test_gpu_decoding_reports_itself_unavailable_without_cuda(model, jpegs):
-    spec = PixelSpec.from_tower(model.vision)
-    if torch.cuda.is_available():
-        pytest.skip("covered by the benchmark on a GPU")
-    assert nvjpeg_available("cpu") is False
-    with pytest.raises(MmfuseError, match="torchvision"):
-        decode_jpegs_gpu(jpegs, spec, "cpu")
-
-
 def test_jpegs_bound_for_a_small_size_decode_at_a_reduced_scale(tmp_path):
-    from mmfuse.fastdata import PixelSpec, decode_resized
     from mmfuse.images import load_image
 
     x = np.linspace(0, 255, 640)[None, :, None] * np.ones((480, 1, 3))
@@ -177,16 +156,30 @@ def test_texts_tokenized_once_give_what_the_tokenizer_gives(model, monkeypatch):
 def test_images_too_large_for_memory_decode_every_epoch(model, jpegs, monkeypatch, caplog):
     """The uint8 cache holds a dataset's images in memory whole; when that would take over half of what is free,
     training decodes every epoch instead, and says so."""
-    import mmfuse.fastdata as fastdata
-    from mmfuse.features import RawDataset, make_dataset
+    import mmfuse.sources as sources
 
     records = [Record(p, f"text {i}", "a", i + 1, str(p)) for i, p in enumerate(jpegs)]
     labels = torch.zeros(len(records), dtype=torch.long)
-    ds, _ = make_dataset(model, records, labels, model.modalities, None, pixel_cache=True)
-    assert isinstance(ds, PixelDataset)
-    monkeypatch.setattr(fastdata, "available_memory", lambda: 1_000)
+    ds = build_dataset(model, records, labels, model.modalities, None, pixel_cache=True)
+    assert isinstance(ds.sources["image"], PixelSource) and not ds.decodes
+    monkeypatch.setattr(sources, "available_memory", lambda: 1_000)
     with caplog.at_level("WARNING"):
-        ds, collate = make_dataset(model, records, labels, model.modalities, None, pixel_cache=True)
-    assert isinstance(ds, RawDataset) and "decoding images every epoch" in caplog.text
-    batch = collate([ds[i] for i in range(len(ds))])
+        ds = build_dataset(model, records, labels, model.modalities, None, pixel_cache=True)
+    assert isinstance(ds.sources["image"], ImageFileSource) and ds.decodes
+    assert "decoding images every epoch" in caplog.text
+    batch = ds.__getitems__(list(range(len(ds))))
     assert batch["image"]["pixel_values"].shape[0] == len(records)
+
+
+def test_gpu_decoding_reports_itself_unavailable_without_cuda(model, jpegs):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from gpu_decode import decode_jpegs_gpu, nvjpeg_available
+
+    if torch.cuda.is_available():
+        pytest.skip("covered by the benchmark on a GPU")
+    assert nvjpeg_available("cpu") is False
+    with pytest.raises(MmfuseError, match="torchvision"):
+        decode_jpegs_gpu(jpegs, model.vision.pixel_spec, "cpu")

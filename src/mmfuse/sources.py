@@ -1,0 +1,444 @@
+"""The data path: what one batch of training or prediction is made of, modality by modality.
+
+Each modality of a model reads from one source, and the tune mode only chooses which:
+
+- image, tower frozen: ``FeatureSource``, pooled features embedded once;
+- image, tower tuned: ``PixelSource``, uint8 images decoded once and normalised on the device by the tower, or
+  ``ImageFileSource``, decoded and preprocessed every epoch (a processor that crops or pads, too little memory,
+  ``--decode-each-epoch``);
+- text, tower frozen: ``FeatureSource``, or ``TokenStateSource`` for a pooling learned with the head;
+- text, tower tuned: ``TokenSource``, each text tokenized once and padded per batch.
+
+``MultimodalDataset`` holds ``{modality: source}`` with the presence mask and the labels, and gathers a whole batch
+per call (``__getitems__``): each source fills its part of the model's keyword arguments. ``build_dataset`` makes one
+for a model, records and the tuned modalities; the DataLoader's collate is the identity (``batch_collate``).
+
+Two caches under ``$MMFUSE_HOME`` feed the sources, both keyed by what produced an entry and by the content hash of
+the item, and written to a temporary name then renamed, so concurrent or interrupted runs never leave a partial file:
+
+- ``FeatureCache`` (``features/<tower fingerprint>/``): a frozen tower makes the same features every epoch and every
+  run, so each image and text is embedded once (``embed``);
+- ``PixelCache`` (``pixels/<PixelSpec fingerprint>/``): fine-tuning sees every image once an epoch at the same size,
+  so each is decoded and resized once, exactly as the tower's processor would, and kept as uint8 (3 x H x W, 150 kB
+  at 224 px; a quarter of float32's bytes on the way to the GPU). At 2,000+ samples/s, PIL in a few CPU processes
+  cannot keep a GPU busy (shared/PERF.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .data import Record
+from .filestats import file_index
+from .images import load_image
+from .paths import mmfuse_home
+from .pooling import TokenStates
+from .towers import PixelSpec, TokenizedTexts, Tower
+
+if TYPE_CHECKING:
+    from .model import MultimodalClassifier
+
+log = logging.getLogger(__name__)
+# PIL releases the GIL while decoding and resizing, so threads scale on the cores there are.
+DECODE_WORKERS = max(1, min(32, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Caches
+
+
+def sha256_file(path: str | Path) -> str:
+    """The content hash both caches key files by, so a changed file misses and a moved one hits."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def content_keys(records: list[Record], modality: str) -> list[str]:
+    """What a feature depends on besides the tower: the text, or the image file's bytes (hashes of unchanged
+    files are remembered across runs)."""
+    if modality == "text":
+        return [hashlib.sha256(r.text.encode("utf-8")).hexdigest() for r in records]
+    return file_index().values("sha256", [str(r.image) for r in records], sha256_file, workers=4)
+
+
+class FeatureCache:
+    """One .npy file per (tower, item), under ``root/<tower fingerprint>/<key[:2]>/<key>.npy``.
+
+    With ``memory``, entries read or written are also kept in this process (and in processes forked from it):
+    runs that share a cache object, like the ablation's three, then read each file once.
+    """
+
+    suffix = ".npy"
+
+    def __init__(self, root: Path | None = None, memory: bool = False):
+        self.root = Path(root) if root else mmfuse_home() / "features"
+        self.hits = self.misses = 0
+        self.memory: dict[tuple[str, str], np.ndarray] | None = {} if memory else None
+
+    def _path(self, fingerprint: str, key: str) -> Path:
+        return self.root / fingerprint / key[:2] / f"{key}{self.suffix}"
+
+    def _read(self, path: Path) -> np.ndarray:
+        return np.load(path)
+
+    def _write(self, f, value: np.ndarray) -> None:
+        np.save(f, value)
+
+    def get(self, fingerprint: str, key: str) -> np.ndarray | None:
+        if self.memory is not None and (fingerprint, key) in self.memory:
+            return self.memory[fingerprint, key]
+        try:
+            value = self._read(self._path(fingerprint, key))
+        except (OSError, ValueError):  # absent, or unreadable for any reason: recompute rather than fail
+            return None
+        if self.memory is not None:
+            self.memory[fingerprint, key] = value
+        return value
+
+    def put(self, fingerprint: str, key: str, value: np.ndarray) -> None:
+        if self.memory is not None:
+            self.memory[fingerprint, key] = value
+        path = self._path(fingerprint, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self._write(f, value)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class PixelCache(FeatureCache):
+    """Decoded images as bare uint8 bytes, their shape known from the spec: reading one skips the .npy header,
+    whose parsing was most of a read's 0.33 ms (0.06 ms bare, on the development VM), and that part holds the
+    GIL that the decoding threads share."""
+
+    suffix = ".u8"
+
+    def _read(self, path: Path) -> np.ndarray:
+        return np.fromfile(path, dtype=np.uint8)
+
+    def _write(self, f, value: np.ndarray) -> None:
+        f.write(np.ascontiguousarray(value, dtype=np.uint8).data)
+
+
+def pixel_cache() -> PixelCache:
+    return PixelCache(mmfuse_home() / "pixels")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Filling them
+
+
+def _load_inputs(records: list[Record], modality: str) -> list:
+    if modality == "text":
+        return [r.text for r in records]
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda r: load_image(r.image), records))
+
+
+@torch.inference_mode()
+def embed(
+    model: MultimodalClassifier,
+    modality: str,
+    records: list[Record],
+    cache: FeatureCache | None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    show: bool = True,
+) -> torch.Tensor | list[torch.Tensor]:
+    """Features of one modality's frozen tower for every record, from the cache where possible; the tower is built
+    only when some record misses it.
+
+    Returns:
+        (N, dim) float32, or for towers that give token states (``sequence``) a list of N (tokens, dim) float16
+        tensors, padding dropped.
+    """
+    card = model.cards[modality]
+    fp, seq = card.fingerprint, card.sequence
+    keys = content_keys(records, modality)
+    out: list | np.ndarray = [None] * len(records) if seq else np.zeros((len(records), card.dim), dtype=np.float32)
+    todo = []
+    for i, key in enumerate(keys):
+        hit = cache.get(fp, key) if cache else None
+        if hit is not None and (hit.shape[-1:] == (card.dim,) and hit.ndim == (2 if seq else 1)):
+            out[i] = hit
+        else:
+            todo.append(i)
+    if cache:
+        cache.hits += len(records) - len(todo)
+        cache.misses += len(todo)
+    if todo:
+        tower = model.build_tower(modality)
+        tower.eval()
+    bar = tqdm(total=len(todo), desc=f"embedding {modality}s", unit=modality, disable=not show or not todo)
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        inputs = tower.preprocess(_load_inputs([records[i] for i in idx], modality))
+        feats = tower(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy()
+        if seq:  # keep only real tokens, in half precision: token states are 10-100x a pooled vector
+            lengths = inputs["attention_mask"].sum(1).tolist()
+            feats = [f[: int(n)].astype(np.float16) for f, n in zip(feats, lengths)]
+        for i, f in zip(idx, feats):
+            out[i] = f
+            if cache:
+                cache.put(fp, keys[i], f)
+        bar.update(len(idx))
+    bar.close()
+    return [torch.from_numpy(f) for f in out] if seq else torch.from_numpy(out)
+
+
+def decode_resized(image: str | Path | Image.Image, spec: PixelSpec) -> np.ndarray:
+    """One image as (3, height, width) uint8, resized exactly as the tower's processor resizes it."""
+    if isinstance(image, Image.Image):
+        img = image.convert("RGB")
+    else:
+        img = load_image(image, at_least=max(spec.height, spec.width))
+    if img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), spec.resample)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def cached_pixels(path: str | Path, spec: PixelSpec, cache: FeatureCache | None) -> np.ndarray:
+    """One image as (3, height, width) uint8, from ``cache`` when it holds this file's content at this spec."""
+    if cache is None:
+        return decode_resized(path, spec)
+    fp, key, shape = spec.fingerprint, sha256_file(path), (3, spec.height, spec.width)
+    hit = cache.get(fp, key)
+    if hit is None or hit.dtype != np.uint8 or hit.size != math.prod(shape):  # absent, truncated or foreign
+        hit = decode_resized(path, spec)
+        cache.put(fp, key, hit)
+        cache.misses += 1
+    else:
+        hit = hit.reshape(shape)
+        cache.hits += 1
+    return hit
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def load_pixels(
+    paths: Sequence[str | Path],
+    spec: PixelSpec,
+    cache: FeatureCache | None = None,
+    workers: int = DECODE_WORKERS,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Every image as uint8, stacked to (N, 3, height, width), from the on-disk cache where possible.
+
+    Args:
+        paths: image files.
+        spec: the tower's preprocessing (``Tower.pixel_spec``).
+        cache: where decoded images live (default ``$MMFUSE_HOME/pixels``).
+        workers: decoding threads for images not cached yet.
+        use_cache: False decodes everything and writes nothing (for timing the decode itself).
+    """
+    cache = (cache or pixel_cache()) if use_cache else None
+    out = torch.empty((len(paths), 3, spec.height, spec.width), dtype=torch.uint8)
+
+    def one(i: int) -> None:
+        out[i] = torch.from_numpy(cached_pixels(paths[i], spec, cache))
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(one, range(len(paths))))  # list() re-raises the first worker error here
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources: each gives its modality's part of a batch for the rows ``idx``
+
+
+class FeatureSource:
+    """Pooled features of a frozen tower, (N, dim)."""
+
+    def __init__(self, modality: str, feats: torch.Tensor):
+        self.key, self.feats = f"{modality}_feats", feats
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        return {self.key: self.feats[idx]}
+
+
+class TokenStateSource:
+    """Token states of a frozen text tower, stored normalised (``pooling.TokenStates``)."""
+
+    def __init__(self, states: TokenStates):
+        self.states = states
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        return {"text_feats": self.states.batch(idx)}
+
+
+class PixelSource:
+    """uint8 images decoded once, (N, 3, H, W): the tuned tower normalises them on the device (``float_pixels``)."""
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        return {"image": {"pixel_values": self.pixels[idx]}}  # one gather, not one view per row stacked
+
+
+def _load(image: str | Path, i: int) -> Image.Image:
+    return load_image(image)
+
+
+class ImageFileSource:
+    """Image files decoded and preprocessed by the tower for every batch (in DataLoader workers, if any).
+
+    ``open_image(image, row)`` opens one; the Python API passes one that also takes PIL images and names bad ones.
+    """
+
+    def __init__(self, paths: Sequence, tower: Tower, open_image: Callable[[object, int], Image.Image] = _load):
+        self.paths, self.tower, self.open_image = list(paths), tower, open_image
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        return {"image": self.tower.preprocess([self.open_image(self.paths[i], i) for i in idx.tolist()])}
+
+
+class TokenSource:
+    """Texts for a tuned text tower: each distinct text tokenized once, a batch only padded."""
+
+    def __init__(self, texts: Sequence[str], tokens: TokenizedTexts):
+        self.texts, self.tokens = list(texts), tokens
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        return {"text": self.tokens([self.texts[i] for i in idx.tolist()])}
+
+
+class MultimodalDataset(Dataset):
+    """``{modality: source}``, with which modalities each row has and its label; batches are gathered whole."""
+
+    def __init__(self, sources: dict, present: torch.Tensor, labels: torch.Tensor | None):
+        self.sources, self.present, self.labels = sources, present, labels
+
+    @property
+    def decodes(self) -> bool:
+        """Whether batches decode image files, the one source that DataLoader workers speed up."""
+        return any(isinstance(s, ImageFileSource) for s in self.sources.values())
+
+    def __len__(self) -> int:
+        return len(self.present)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        batch = {}
+        for source in self.sources.values():
+            batch.update(source.batch(idx))
+        batch["present"] = self.present[idx]
+        if self.labels is not None:
+            batch["labels"] = self.labels[idx]
+        return batch
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])
+
+
+def batch_collate(batch: dict) -> dict:
+    """``MultimodalDataset.__getitems__`` already returns whole batches."""
+    return batch
+
+
+def present_mask(records: list[Record], modalities: list[str]) -> torch.Tensor:
+    """Which modalities each record has: images always, text only when non-empty."""
+    cols = [[True] * len(records) if m == "image" else [bool(r.text.strip()) for r in records] for m in modalities]
+    return torch.tensor(cols, dtype=torch.bool).T.contiguous()
+
+
+def build_dataset(
+    model: MultimodalClassifier,
+    records: list[Record],
+    labels: torch.Tensor | None,
+    tuned: Collection[str],
+    cache: FeatureCache | None,
+    device: torch.device | str = "cpu",
+    show: bool = True,
+    pixel_cache: bool = False,
+    open_image: Callable[[object, int], Image.Image] = _load,
+) -> MultimodalDataset:
+    """A dataset with one source per modality of ``model``: features cached once for frozen towers, raw inputs for
+    the ``tuned`` ones (all of them, for inputs seen once: the Python API's).
+
+    With ``pixel_cache``, a tuned vision tower whose preprocessing is a plain resize (``Tower.pixel_spec``) reads
+    images decoded once to uint8, unless they would take over half the free memory. ``open_image`` opens images
+    read raw.
+    """
+    present = present_mask(records, model.modalities)
+    pad_to = 8 if torch.device(device).type == "cuda" else 1  # on a CPU, padding is only more work
+    sources = {}
+    for col, m in enumerate(model.modalities):
+        if m not in tuned:
+            sources[m] = _feature_source(model, m, records, present[:, col], cache, device, show)
+        elif m == "text":
+            texts = [r.text for r in records]
+            sources[m] = TokenSource(texts, TokenizedTexts(model.build_tower("text"), texts, pad_to))
+        else:
+            sources[m] = _image_source(model.build_tower("image"), records, pixel_cache, open_image)
+    return MultimodalDataset(sources, present, labels)
+
+
+def _feature_source(model, modality: str, records, present: torch.Tensor, cache, device, show):
+    # Rows missing a modality are not embedded (an empty string is not a caption): they get zeros (no tokens), and
+    # the model swaps in its learned placeholder.
+    have = present.nonzero().flatten().tolist()
+    card = model.cards[modality]
+    got = embed(model, modality, [records[i] for i in have], cache, device=device, show=show) if have else []
+    if card.sequence:
+        items = [torch.zeros(0, card.dim, dtype=torch.float16)] * len(records)
+        for i, f in zip(have, got):
+            items[i] = f
+        return TokenStateSource(TokenStates(items, card.dim))
+    full = torch.zeros(len(records), card.dim)
+    if have:
+        full[have] = got
+    return FeatureSource(modality, full)
+
+
+def _image_source(tower: Tower, records: list[Record], pixel_cache: bool, open_image):
+    paths = [r.image for r in records]
+    if not pixel_cache:
+        return ImageFileSource(paths, tower, open_image)
+    spec = tower.pixel_spec
+    if spec is None:
+        log.info("decoding images every epoch: %s", getattr(tower, "pixel_spec_problem", "no pixel spec"))
+        return ImageFileSource(paths, tower)
+    # The decoded images are held in memory whole: a dataset too large for that decodes every epoch instead.
+    need, free = len(records) * 3 * spec.height * spec.width, available_memory()
+    if free is not None and need > free // 2:
+        log.warning(
+            "decoding images every epoch: %d decoded images would take %.1f GB, over half of the %.1f GB of memory "
+            "available (--num-workers N decodes in N processes)",
+            len(records),
+            need / 1e9,
+            free / 1e9,
+        )
+        return ImageFileSource(paths, tower)
+    return PixelSource(load_pixels(paths, spec))
