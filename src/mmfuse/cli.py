@@ -169,7 +169,7 @@ def cmd_evaluate(args) -> int:
     report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print_report(report)
     out = args.out or Path(args.run) / "eval"
-    print(f"wrote {out}/metrics.json, confusion_matrix.csv and confusion_matrix.png")
+    print(f"wrote {out}/metrics.json, confusion_matrix.csv and .png, errors.csv and errors.html (the misclassified)")
     return 0
 
 

@@ -11,6 +11,7 @@ Two layouts:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -581,6 +582,20 @@ def load_checked(
         where = f", listed with their reasons in {skipped_csv}" if problems and skipped_csv else ""
         raise MmfuseError(f"No usable rows left in {path}: every row was bad{where}.")
     return records
+
+
+def _sha256(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except (OSError, ValueError):
+        return None
+
+
+def image_hashes(records: list[Record], workers: int = 4) -> list[str | None]:
+    """The SHA-256 of each record's image file (None where it cannot be read), remembered across runs under the
+    same key as the feature cache's, so images a run embedded are not read again."""
+    return file_index().values("sha256", [str(r.image) for r in records], _sha256, workers)
 
 
 def write_skipped(path: Path, problems: list[Problem], source: str) -> None:

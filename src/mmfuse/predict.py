@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,12 +16,15 @@ from torch.utils.data import DataLoader
 
 from . import metrics
 from .config import DTYPES
-from .data import Record, load_checked
+from .data import Record, image_hashes, load_checked, read_data
 from .errors import MmfuseError
 from .features import FeatureCache, make_dataset
 from .images import load_image, to_rgb
 from .model import RUN_FILES, load_model
 from .paths import mmfuse_home
+from .report import input_row, write_errors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -283,7 +287,8 @@ def _is_run(folder: Path) -> bool:
 
 
 def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False) -> Path:
-    """Writes one row per input image, in input order: image, label, confidence, p_<class>..."""
+    """Writes one row per input image, in input order: row (the input's row, from 0), image, true_label and correct
+    (when the input has labels), label, confidence, p_<class>..."""
     out_csv = Path(out_csv)
     if out_csv.is_dir():
         raise MmfuseError(
@@ -319,17 +324,26 @@ def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="a
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     # Written beside, then renamed over: a failure while writing (a full disk) leaves an earlier file whole.
     part = out_csv.with_name(out_csv.name + ".part")
-    with open(part, "w", newline="", encoding="utf-8") as f:
+    # row ties each prediction to its input row (skipped rows are the numbers missing); with labels in the input,
+    # true_label and correct make the file its own error list.
+    labelled = any(r.label is not None for r in records)
+    truth = ["true_label", "correct"] if labelled else []
+    with open(part, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         w = csv.writer(f)
-        w.writerow(["image", "label", "confidence", *(f"p_{c}" for c in predictor.classes)])
+        w.writerow(["row", "image", *truth, "label", "confidence", *(f"p_{c}" for c in predictor.classes)])
         for rec, p in zip(records, probs):
-            w.writerow([rec.source, predictor.classes[int(p.argmax())], f"{p.max():.6f}", *(f"{x:.6f}" for x in p)])
+            label = predictor.classes[int(p.argmax())]
+            known = [rec.label, rec.label == label] if rec.label is not None else ["", ""]
+            w.writerow(
+                [input_row(rec), rec.source, *known[: len(truth)], label, f"{p.max():.6f}", *(f"{x:.6f}" for x in p)]
+            )
     part.replace(out_csv)
     return out_csv
 
 
 def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dtype="auto", compile=False) -> dict:
-    """Scores a run on labelled data; writes metrics.json and the confusion matrix (CSV, PNG) to ``out_dir``."""
+    """Scores a run on labelled data; writes metrics.json, the confusion matrix (CSV, PNG) and the misclassified rows
+    (errors.csv, errors.html) to ``out_dir``."""
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise MmfuseError(f"--out {out_dir} is a file; evaluate writes a directory of reports there.")
     if out_dir is not None and Path(out_dir).resolve() == Path(run_dir).resolve():
@@ -346,9 +360,69 @@ def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dt
     records = predictor.load_data(
         data, captions, need_label=True, skip_bad=skip_bad, skipped_csv=out_dir / "skipped.csv"
     )
+    warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records)
     probs = predictor.predict_records(records)
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = np.array([index[r.label] for r in records])
     report = metrics.full_report(y, probs.argmax(1), predictor.classes)
     metrics.write_report(report, out_dir)
+    write_errors(out_dir, records, probs, predictor.classes)
     return report
+
+
+SAME_DATA_SAMPLE = 500  # rows of the evaluated data whose images are looked for among the training images
+
+
+def warn_if_trained_on(data_cfg, run_dir: Path, data, records: list[Record]) -> bool:
+    """Warns when ``data`` is what the run was trained on: the same file as its config's data.train, or over half
+    of its images (by content) among the training images. Scores on training data flatter the model.
+
+    Only training files of the same size as an evaluated image are hashed, so a large training set costs a stat
+    per file, not a read.
+    """
+    train = getattr(data_cfg, "train", None)
+    if not train or not records:
+        return False
+    # A config may hold the path as given at training time (relative to where train ran) or relative to the run.
+    places = [Path(train), run_dir / train]
+    where = next((p for p in places if p.exists()), None)
+    if where is not None and where.resolve() == Path(data).resolve():
+        log.warning(
+            "%s is the data this run was trained on (data.train in %s): the scores will flatter the model; "
+            "evaluate on held-out data.",
+            data,
+            run_dir / "config.yaml",
+        )
+        return True
+    if where is None:
+        return False
+    try:
+        trained, _ = read_data(where, getattr(data_cfg, "captions", None), need_label=False)
+    except MmfuseError:
+        return False  # the training data changed since: nothing to compare with
+    step = max(1, len(records) // SAME_DATA_SAMPLE)
+    sample = records[::step][:SAME_DATA_SAMPLE]
+    sizes = {_size(r.image) for r in sample} - {None}
+    candidates = [r for r in trained if _size(r.image) in sizes]
+    if not candidates:
+        return False
+    seen = set(image_hashes(candidates)) - {None}
+    same = sum(h in seen for h in image_hashes(sample))
+    if same * 2 > len(sample):
+        log.warning(
+            "%d of %d image(s) checked in %s are images this run was trained on (%s, by content): the scores "
+            "will flatter the model; evaluate on held-out data.",
+            same,
+            len(sample),
+            data,
+            where,
+        )
+        return True
+    return False
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except (OSError, ValueError):
+        return None
