@@ -238,7 +238,7 @@ def cmd_quickstart(args) -> int:
 def cmd_datasets(args) -> int:
     import json
 
-    from .datasets.emoji import DATASET_NAME, build_emoji
+    from .datasets.emoji import DATASET_NAME, build_emoji, export_summary
 
     if not 0 <= args.seed < 2**32:
         raise MmfuseError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
@@ -258,7 +258,7 @@ def cmd_datasets(args) -> int:
             "directory."
         )
     out = build_emoji(args.out, seed=args.seed)
-    print(f"wrote {out}/train.csv, val.csv, test.csv and images/")
+    print(export_summary(out))
     return 0
 
 
