@@ -55,8 +55,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: 
 
 
 def default_note(help_: str, default) -> str:
-    """ " (default: X)" to append to a help text, once: not when the text already says it (defaults that depend on
-    other flags), nor for None and off switches, where "(default: None)" says nothing."""
+    """What to append to a help text for its default, "(default: X)", or nothing: not when the text already says it
+    (defaults that depend on other flags), nor for None and off switches, where "(default: None)" says nothing."""
     if default is None or default is False or default == [] or "default" in help_.lower():
         return ""
     shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default  # as typed: image text

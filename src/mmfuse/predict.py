@@ -398,8 +398,8 @@ def warn_if_trained_on(data_cfg, run_dir: Path, data, records: list[Record]) -> 
         return False
     try:
         trained, _ = read_data(where, getattr(data_cfg, "captions", None), need_label=False)
-    except MmfuseError:
-        return False  # the training data changed since: nothing to compare with
+    except (MmfuseError, OSError):
+        return False  # the training data changed or moved since: nothing to compare with
     step = max(1, len(records) // SAME_DATA_SAMPLE)
     sample = records[::step][:SAME_DATA_SAMPLE]
     sizes = {_size(r.image) for r in sample} - {None}
