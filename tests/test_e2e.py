@@ -58,7 +58,7 @@ def test_train_evaluate_predict_and_reload(toy_manifest, tmp_path):
     out = read_csv(preds)
     labels = json.loads((run / "labels.json").read_text())
     assert [r["image"] for r in out] == [str(toy_manifest / r["image"]) for r in rows]
-    assert set(out[0]) == {"image", "label", "confidence", *(f"p_{c}" for c in labels)}
+    assert set(out[0]) == {"row", "image", "label", "confidence", *(f"p_{c}" for c in labels)}
     probs = np.array([[float(r[f"p_{c}"]) for c in labels] for r in out])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
 

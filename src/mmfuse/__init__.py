@@ -8,6 +8,9 @@ result.labels, result.probs
 
 from __future__ import annotations
 
+import tomllib
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import DataError, MmfuseError
@@ -16,7 +19,22 @@ if TYPE_CHECKING:
     from .predict import Prediction, Predictor, load
 
 __all__ = ["DataError", "MmfuseError", "Prediction", "Predictor", "load"]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed package's version, so it is written once (pyproject.toml); a source tree that was never
+    installed reads it from its pyproject.toml."""
+    try:
+        return version("mmfuse")
+    except PackageNotFoundError:
+        try:
+            with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+                return tomllib.load(f)["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "0+unknown"
+
+
+__version__ = _version()
 
 
 def __getattr__(name: str):

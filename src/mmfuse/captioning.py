@@ -1,6 +1,6 @@
 """Captioning images into text, so that a folder of images alone is enough for an image+text classifier.
 
-    mmfuse caption IMAGES --out captions.csv                          # ViT-GPT2 (hub id or local directory)
+    mmfuse caption IMAGES --out captions.csv                          # ViT-GPT2: needs the hub or a local copy
     mmfuse caption IMAGES --out captions.csv --model imagenet-tags    # offline: packaged EfficientNet-Lite tags
     mmfuse train IMAGES --out RUN --caption-missing imagenet-tags     # caption rows without text on the fly
 
@@ -17,11 +17,13 @@ stopped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
 import logging
 import os
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +39,7 @@ from .data import MANIFEST_SUFFIXES, Problem, Record, data_error, find_problems,
 from .errors import MmfuseError
 from .images import IMAGE_SUFFIXES, load_image, to_rgb
 from .sources import cached_pixels, decode_resized, pixel_cache
-from .towers import PixelSpec, _hf_load, normalize
+from .towers import PixelSpec, _hf_load, normalize, packaged_towers
 
 log = logging.getLogger(__name__)
 
@@ -383,8 +385,15 @@ class HFCaptioner(Captioner):
             self.processor = _hf_load(AutoImageProcessor, name, "image processor", **kw)
             self.tokenizer = _hf_load(AutoTokenizer, name, "tokenizer", **kw)
         except MmfuseError as e:
+            # The loader's message ends by naming the packaged *towers*, which cannot caption: name the captioners.
+            towers = f"Packaged models that always work offline: {', '.join(packaged_towers())}."
+            message = str(e).replace(towers, "").rstrip()
+            default = f"The default captioner, {name}, needs the hub or a local copy (--model DIR). " * (
+                name == DEFAULT_CAPTIONER
+            )
             raise MmfuseError(
-                f"{e}\nCaptioners that always work offline: {', '.join(packaged_captioners())}."
+                f"{message}\n{default}Captioners that always work offline: {', '.join(packaged_captioners())} "
+                "(ImageNet class names as text), e.g. --model imagenet-tags."
             ) from None
         self.model.to(self.device).eval()
         use_fast = fast and num_beams == 1 and GreedyGPT2Decoder.supports(self.model)
@@ -723,13 +732,49 @@ def caption_file(
     return out_csv
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``path`` itself (created empty if absent, removed again if left empty), so the
+    run directory gets no ``captions.csv.lock`` beside it. A lock file cannot be removed safely once released (a
+    waiting process would lock a file that no longer has a name), but the locked file is the cache, which stays.
+    """
+    if os.name != "posix":  # msvcrt's locks are mandatory and would stop the reads under the lock
+        from filelock import FileLock
+
+        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        with FileLock(Path(tempfile.gettempdir()) / f"mmfuse-captions-{key}.lock"):
+            yield
+        return
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                here = os.stat(path)
+            except FileNotFoundError:
+                here = None
+            held = os.fstat(fd)
+            if here is None or (here.st_dev, here.st_ino) != (held.st_dev, held.st_ino):
+                continue  # the holder before us removed the file it left empty: lock the one now at the path
+            try:
+                yield
+            finally:
+                if os.fstat(fd).st_size == 0:  # nothing was captioned (the captioner failed to load)
+                    path.unlink(missing_ok=True)
+            return
+        finally:
+            os.close(fd)  # releases the lock
+
+
 def fill_missing_captions(
     records: list[Record], model: str, cache_csv: Path, batch_size: int = 32, device: str | torch.device | None = None
 ) -> list[Record]:
     """The same records in the same order, with empty text replaced by a caption from ``model``.
 
     Captions are cached in ``cache_csv`` by image content and model, so a rerun (or another split holding the
-    same image) does not caption again. A file lock lets several training processes share the cache.
+    same image) does not caption again. A lock on the file lets several training processes share the cache.
 
     Raises:
         MmfuseError: the model gave no caption for some rows (those captioned are cached).
@@ -737,12 +782,10 @@ def fill_missing_captions(
     need = [i for i, r in enumerate(records) if not r.text.strip()]
     if not need:
         return records
-    from filelock import FileLock
-
     cache_csv = Path(cache_csv)
     cache_csv.parent.mkdir(parents=True, exist_ok=True)
     digests = _hashes([records[i].image for i in need])
-    with FileLock(str(cache_csv) + ".lock"):
+    with locked(cache_csv):
         cached = {r["hash"]: r["text"] for r in _read_captions_csv(cache_csv) if r["model"] == model}
         todo, queued = [], set()
         for i, digest in zip(need, digests):

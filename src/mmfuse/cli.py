@@ -15,6 +15,7 @@ from collections.abc import Collection
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from . import __version__
 from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
 from .errors import MmfuseError
 from .model import RUN_FILES
@@ -40,7 +41,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: 
         if f.name in skip:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
-        help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        doc = docs.get(f.name, "")
+        help_ = (doc + default_note(doc, default)).replace("%", "%%")  # argparse formats help with %
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         if kind == "bool":
@@ -50,6 +52,27 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: 
         else:
             typ = int if kind.startswith("int") else float if kind.startswith("float") else str
             group.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
+
+
+def default_note(help_: str, default) -> str:
+    """What to append to a help text for its default, "(default: X)", or nothing: not when the text already says it
+    (defaults that depend on other flags), nor for None and off switches, where "(default: None)" says nothing."""
+    if default is None or default is False or default == [] or "default" in help_.lower():
+        return ""
+    shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default  # as typed: image text
+    return f" (default: {shown})"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Hand-written flags get their default by the dataclass flags' rule (``default_note``), so each default shows
+    once; argparse's ArgumentDefaultsHelpFormatter also printed "(default: None)" for required flags, and a second
+    default beside the dataclass flags' own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if action.default is argparse.SUPPRESS or action.required or not action.option_strings:
+            return help_
+        return help_ + default_note(help_, action.default).replace("%", "%%")  # argparse formats help with %
 
 
 def given(args: argparse.Namespace, cls) -> dict:
@@ -149,7 +172,7 @@ def cmd_evaluate(args) -> int:
     report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print_report(report)
     out = args.out or Path(args.run) / "eval"
-    print(f"wrote {out}/metrics.json, confusion_matrix.csv and confusion_matrix.png")
+    print(f"wrote {out}/metrics.json, confusion_matrix.csv and .png, errors.csv and errors.html (the misclassified)")
     return 0
 
 
@@ -195,7 +218,7 @@ def cmd_quickstart(args) -> int:
 def cmd_datasets(args) -> int:
     import json
 
-    from .datasets.emoji import DATASET_NAME, build_emoji
+    from .datasets.emoji import DATASET_NAME, build_emoji, export_summary
 
     if not 0 <= args.seed < 2**32:
         raise MmfuseError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
@@ -215,7 +238,7 @@ def cmd_datasets(args) -> int:
             "directory."
         )
     out = build_emoji(args.out, seed=args.seed)
-    print(f"wrote {out}/train.csv, val.csv, test.csv and images/")
+    print(export_summary(out))
     return 0
 
 
@@ -276,8 +299,9 @@ def print_report(report: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfuse", description="Image+text classifiers from fused pretrained towers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"mmfuse {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     p = sub.add_parser(
         "train",
@@ -345,20 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="caption images into a CSV usable as --captions (resumable)",
         formatter_class=fmt,
         description="Caption every image of a folder (searched recursively) or "
-        "manifest. Rows are flushed after every batch; a rerun skips images already captioned.",
+        "manifest. Rows are flushed after every batch; a rerun skips images already captioned. The default "
+        f"captioner, {DEFAULT_CAPTIONER}, needs the Hugging Face hub or a local copy of it (--model DIR); "
+        "--model imagenet-tags works offline (ImageNet class names of the packaged EfficientNet-Lite0 as text).",
     )
     p.add_argument("data", help="folder of images (searched recursively) or a .csv/.jsonl/.parquet manifest")
     p.add_argument("--out", required=True, help="captions CSV (image,text,...) to write or resume")
     p.add_argument(
         "--model",
         default=DEFAULT_CAPTIONER,
-        help="Hugging Face image-to-text model (hub id or local "
-        f"directory: ViT-GPT2, BLIP), or an offline captioner: {', '.join(packaged_captioners())}",
+        help="Hugging Face image-to-text model (hub id or local directory: ViT-GPT2, BLIP; needs the hub or a local "
+        f"copy), or an offline captioner: {', '.join(packaged_captioners())}",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--max-new-tokens", type=int, default=20, help="longest caption, in tokens")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: greedy, the fast path)")
-    p.add_argument("--device", help="torch device, e.g. cuda:1 or cpu (None: cuda when available)")
+    p.add_argument("--device", help="torch device, e.g. cuda:1 or cpu (default: cuda when available)")
     p.add_argument(
         "--skip-bad",
         action="store_true",

@@ -11,10 +11,14 @@ Two layouts:
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
+import re
+import sys
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,21 @@ _ALIASES = {
 }
 # Lone surrogates are what surrogateescape turns undecodable bytes into: their presence means "not UTF-8".
 _SURROGATES = {chr(c) for c in range(0xDC80, 0xDD00)}
+# Any other lone surrogate comes from a JSON escape such as "\ud83d" whose pair was cut off (scraped text): no
+# tokenizer can encode it, so it must be a bad row, not a TypeError deep in the tokenizer.
+_ANY_SURROGATE = re.compile("[\ud800-\udfff]")
+# Characters every BERT-style tokenizer drops (controls, NUL, format characters, private use, lone combining marks):
+# a text made only of them is no text, though str.strip() keeps it.
+_INVISIBLE = {"Cc", "Cf", "Co", "Cs", "Mn", "Me", "Zs", "Zl", "Zp"}
+CHARS_PER_TOKEN = 16
+"""Texts are cut at ``max_length * CHARS_PER_TOKEN`` characters before tokenizing: a token averages about 4
+characters, so the cut lies far past what the tokenizer keeps, and a 50 MB cell never reaches it."""
+MAX_TEXT_CHARS = 8192 * CHARS_PER_TOKEN
+"""The cut made where records are loaded, before the model's max_length is known: enough for the longest text
+towers (8,192 positions)."""
+# A long product description or scraped page is one valid cell; csv's default refuses any over 128 KB. Python's
+# limit is a C long, which is 32 bits on Windows, so sys.maxsize would overflow there.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 @dataclass
@@ -62,6 +81,47 @@ def data_error(problems: list[Problem], source) -> DataError:
 
 def _is_not_utf8(value: str) -> bool:
     return any(ch in _SURROGATES for ch in value)
+
+
+def text_problem(text: str) -> str | None:
+    """Why a text cannot be given to a tokenizer as it is (the bad-row reason), or None for a usable one."""
+    if _is_not_utf8(text):
+        return "text is not valid UTF-8"
+    found = _ANY_SURROGATE.search(text)
+    if found:
+        return (
+            f"text holds a lone surrogate (\\u{ord(found.group()):04x} at character {found.start()}): half of a "
+            "UTF-16 pair, e.g. a JSON escape cut off from its partner; no tokenizer can encode it"
+        )
+    return None
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether a text holds anything a tokenizer reads: NUL, control and format characters or lone combining marks
+    alone are dropped by it, leaving an empty input the model was never trained on."""
+    return any(unicodedata.category(ch) not in _INVISIBLE for ch in text)
+
+
+def clip_text(text: str, max_chars: int) -> str:
+    """The text cut to ``max_chars`` characters: a tokenizer that truncates to N tokens still reads, and holds in
+    memory, all of its input first (a 50 MB text took 24 s and 3 GB for 128 tokens)."""
+    return text if len(text) <= max_chars else text[:max_chars]
+
+
+def clip_texts(records: list[Record], max_chars: int, source) -> None:
+    """Cuts over-long texts in place, with one warning for the file."""
+    cut = 0
+    for r in records:
+        if len(r.text) > max_chars:
+            r.text = clip_text(r.text, max_chars)
+            cut += 1
+    if cut:
+        log.warning(
+            "cut %d text(s) of %s to their first %d characters before tokenizing (the text tower reads far fewer)",
+            cut,
+            source,
+            max_chars,
+        )
 
 
 def _decode(path: Path) -> str:
@@ -430,14 +490,20 @@ def find_problems(
             )
         if image_reason:
             problems.append(Problem(rec.row, rec.source, image_reason))
-        if _is_not_utf8(rec.text):
-            problems.append(Problem(rec.row, rec.source, "text is not valid UTF-8"))
+        bad_text = text_problem(rec.text)
+        if bad_text:
+            problems.append(Problem(rec.row, rec.source, bad_text))
         elif need_text and not rec.text.strip():
             problems.append(Problem(rec.row, rec.source, no_text_reason))
+        elif rec.text.strip() and not has_visible_text(rec.text):
+            # Not read as empty: a row that seems to have text but gives the model none is worth a look.
+            dropped = "holds only control, format or combining characters, which the tokenizer drops"
+            why = f"{no_text_reason} (its text {dropped})" if need_text else f"text {dropped}; leave it empty instead"
+            problems.append(Problem(rec.row, rec.source, why))
         if need_label and not rec.label:
             problems.append(Problem(rec.row, rec.source, "no label"))
-        elif rec.label and _is_not_utf8(rec.label):
-            problems.append(Problem(rec.row, rec.source, "label is not valid UTF-8"))
+        elif rec.label and (_is_not_utf8(rec.label) or _ANY_SURROGATE.search(rec.label)):
+            problems.append(Problem(rec.row, rec.source, "label is not valid UTF-8 (or holds a lone surrogate)"))
         elif rec.label and known is not None and rec.label not in known:
             problems.append(
                 Problem(
@@ -457,9 +523,14 @@ def load_checked(
     skip_bad=False,
     skipped_csv: Path | None = None,
     no_text_reason: str = "no text",
+    max_chars: int = MAX_TEXT_CHARS,
 ) -> list[Record]:
-    """Reads and checks data; raises one DataError listing every bad row, or skips and records them."""
+    """Reads and checks data; raises one DataError listing every bad row, or skips and records them.
+
+    Texts longer than ``max_chars`` characters are cut (``clip_text``), with one warning.
+    """
     records, problems = read_data(path, captions, need_label, need_text)
+    clip_texts(records, max_chars, path)
     folder = Path(path).is_dir() and Path(path).suffix.lower() != ".parquet"
     if folder and need_label and records and not any(r.label for r in records):
         raise MmfuseError(
@@ -511,6 +582,20 @@ def load_checked(
         where = f", listed with their reasons in {skipped_csv}" if problems and skipped_csv else ""
         raise MmfuseError(f"No usable rows left in {path}: every row was bad{where}.")
     return records
+
+
+def _sha256(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except (OSError, ValueError):
+        return None
+
+
+def image_hashes(records: list[Record], workers: int = 4) -> list[str | None]:
+    """The SHA-256 of each record's image file (None where it cannot be read), remembered across runs under the
+    same key as the feature cache's, so images a run embedded are not read again."""
+    return file_index().values("sha256", [str(r.image) for r in records], _sha256, workers)
 
 
 def write_skipped(path: Path, problems: list[Problem], source: str) -> None:

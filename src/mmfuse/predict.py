@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,12 +16,15 @@ from torch.utils.data import DataLoader
 
 from . import metrics
 from .config import DTYPES
-from .data import Record, load_checked
+from .data import CHARS_PER_TOKEN, Record, clip_text, image_hashes, load_checked, read_data, text_problem
 from .errors import MmfuseError
 from .images import load_image, to_rgb
 from .model import RUN_FILES, load_model
 from .paths import mmfuse_home
+from .report import input_row, write_errors
 from .sources import FeatureCache, MultimodalDataset, batch_collate, build_dataset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,6 +87,17 @@ class Predictor:
         """Only a model trained with modality dropout has learned what to do when the text is absent."""
         return "text" not in self.model.modalities or self.cfg.model.modality_dropout > 0
 
+    @property
+    def max_chars(self) -> int:
+        """Texts are cut to this many characters before tokenizing (``data.clip_text``)."""
+        return self.cfg.model.max_length * CHARS_PER_TOKEN
+
+    def _clip(self, texts: list[str]) -> list[str]:
+        long = sum(len(t) > self.max_chars for t in texts)
+        if long:
+            log.warning("%d text(s) over %d characters were cut to that length", long, self.max_chars)
+        return [clip_text(t, self.max_chars) for t in texts]
+
     def _check_texts(self, texts: Sequence[str]) -> None:
         empty = [i for i, t in enumerate(texts) if not (t or "").strip()]
         if empty and "text" in self.model.modalities and not self.accepts_missing_text:
@@ -120,7 +135,7 @@ class Predictor:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             # 0 failed inside range(); a negative one predicted nothing and returned an empty result
             raise MmfuseError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        texts = [_text(t, i) for i, t in enumerate(texts)]
+        texts = self._clip([_text(t, i) for i, t in enumerate(texts)])
         self._check_texts(texts)
         if uses_images:
             images = [_image(im, i) for i, im in enumerate(images)]
@@ -172,7 +187,7 @@ class Predictor:
     def predict_records(self, records: list[Record], batch_size: int | None = None, show: bool = True) -> np.ndarray:
         """Probabilities for checked records, through the feature cache for the towers that were frozen.
 
-        Fine-tuned towers read images decoded once by threads into the uint8 pixel cache (``mmfuse.fastdata``),
+        Fine-tuned towers read images decoded once by threads into the uint8 pixel cache (``sources.PixelSource``),
         so a GPU is not left waiting on one process decoding one file at a time.
         """
         self._check_texts([r.text for r in records])
@@ -191,6 +206,7 @@ class Predictor:
             need_text=not (self.accepts_missing_text or self.cfg.data.caption_missing),
             skip_bad=skip_bad,
             skipped_csv=skipped_csv,
+            max_chars=self.max_chars,
             no_text_reason="no text, and this model was trained without --modality-dropout so it needs text "
             "(give it text, caption the images, or retrain with --modality-dropout 0.2)",
         )
@@ -220,11 +236,15 @@ def _as_list(items, name: str, one: str) -> list:
 
 
 def _text(text, i: int) -> str:
-    """A text as str: None and NaN (a missing value in a pandas column) are no text; other types are refused."""
+    """A text as str: None and NaN (a missing value in a pandas column) are no text; other types, and text a
+    tokenizer cannot take (a lone surrogate), are refused."""
     if text is None or (isinstance(text, float) and np.isnan(text)):
         return ""
     if not isinstance(text, str):
         raise MmfuseError(f"text #{i} is {text!r} ({type(text).__name__}), not a str")
+    problem = text_problem(text)
+    if problem:
+        raise MmfuseError(f"text #{i}: {problem}")
     return text
 
 
@@ -271,7 +291,8 @@ def _is_run(folder: Path) -> bool:
 
 
 def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False) -> Path:
-    """Writes one row per input image, in input order: image, label, confidence, p_<class>..."""
+    """Writes one row per input image, in input order: row (the input's row, from 0), image, true_label and correct
+    (when the input has labels), label, confidence, p_<class>..."""
     out_csv = Path(out_csv)
     if out_csv.is_dir():
         raise MmfuseError(
@@ -307,17 +328,26 @@ def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="a
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     # Written beside, then renamed over: a failure while writing (a full disk) leaves an earlier file whole.
     part = out_csv.with_name(out_csv.name + ".part")
-    with open(part, "w", newline="", encoding="utf-8") as f:
+    # row ties each prediction to its input row (skipped rows are the numbers missing); with labels in the input,
+    # true_label and correct make the file its own error list.
+    labelled = any(r.label is not None for r in records)
+    truth = ["true_label", "correct"] if labelled else []
+    with open(part, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         w = csv.writer(f)
-        w.writerow(["image", "label", "confidence", *(f"p_{c}" for c in predictor.classes)])
+        w.writerow(["row", "image", *truth, "label", "confidence", *(f"p_{c}" for c in predictor.classes)])
         for rec, p in zip(records, probs):
-            w.writerow([rec.source, predictor.classes[int(p.argmax())], f"{p.max():.6f}", *(f"{x:.6f}" for x in p)])
+            label = predictor.classes[int(p.argmax())]
+            known = [rec.label, rec.label == label] if rec.label is not None else ["", ""]
+            w.writerow(
+                [input_row(rec), rec.source, *known[: len(truth)], label, f"{p.max():.6f}", *(f"{x:.6f}" for x in p)]
+            )
     part.replace(out_csv)
     return out_csv
 
 
 def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dtype="auto", compile=False) -> dict:
-    """Scores a run on labelled data; writes metrics.json and the confusion matrix (CSV, PNG) to ``out_dir``."""
+    """Scores a run on labelled data; writes metrics.json, the confusion matrix (CSV, PNG) and the misclassified rows
+    (errors.csv, errors.html) to ``out_dir``."""
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise MmfuseError(f"--out {out_dir} is a file; evaluate writes a directory of reports there.")
     if out_dir is not None and Path(out_dir).resolve() == Path(run_dir).resolve():
@@ -334,9 +364,69 @@ def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dt
     records = predictor.load_data(
         data, captions, need_label=True, skip_bad=skip_bad, skipped_csv=out_dir / "skipped.csv"
     )
+    warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records)
     probs = predictor.predict_records(records)
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = np.array([index[r.label] for r in records])
     report = metrics.full_report(y, probs.argmax(1), predictor.classes)
     metrics.write_report(report, out_dir)
+    write_errors(out_dir, records, probs, predictor.classes)
     return report
+
+
+SAME_DATA_SAMPLE = 500  # rows of the evaluated data whose images are looked for among the training images
+
+
+def warn_if_trained_on(data_cfg, run_dir: Path, data, records: list[Record]) -> bool:
+    """Warns when ``data`` is what the run was trained on: the same file as its config's data.train, or over half
+    of its images (by content) among the training images. Scores on training data flatter the model.
+
+    Only training files of the same size as an evaluated image are hashed, so a large training set costs a stat
+    per file, not a read.
+    """
+    train = getattr(data_cfg, "train", None)
+    if not train or not records:
+        return False
+    # A config may hold the path as given at training time (relative to where train ran) or relative to the run.
+    places = [Path(train), run_dir / train]
+    where = next((p for p in places if p.exists()), None)
+    if where is not None and where.resolve() == Path(data).resolve():
+        log.warning(
+            "%s is the data this run was trained on (data.train in %s): the scores will flatter the model; "
+            "evaluate on held-out data.",
+            data,
+            run_dir / "config.yaml",
+        )
+        return True
+    if where is None:
+        return False
+    try:
+        trained, _ = read_data(where, getattr(data_cfg, "captions", None), need_label=False)
+    except (MmfuseError, OSError):
+        return False  # the training data changed or moved since: nothing to compare with
+    step = max(1, len(records) // SAME_DATA_SAMPLE)
+    sample = records[::step][:SAME_DATA_SAMPLE]
+    sizes = {_size(r.image) for r in sample} - {None}
+    candidates = [r for r in trained if _size(r.image) in sizes]
+    if not candidates:
+        return False
+    seen = set(image_hashes(candidates)) - {None}
+    same = sum(h in seen for h in image_hashes(sample))
+    if same * 2 > len(sample):
+        log.warning(
+            "%d of %d image(s) checked in %s are images this run was trained on (%s, by content): the scores "
+            "will flatter the model; evaluate on held-out data.",
+            same,
+            len(sample),
+            data,
+            where,
+        )
+        return True
+    return False
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except (OSError, ValueError):
+        return None

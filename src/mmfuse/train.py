@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .config import RunConfig, TrainConfig, resolve
-from .data import Record, label_list, load_checked, stratified_split
+from .data import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
 from .errors import MmfuseError
 from .model import MultimodalClassifier, save_model, tower_cards
 from .sources import FeatureCache, batch_collate, build_dataset
@@ -92,7 +92,12 @@ def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], 
     """Train and validation records, checked; bad rows stop here, or are skipped into RUN/skipped.csv."""
     d = cfg.data
     need_text = cfg.model.modality_dropout == 0 and "text" in cfg.model.modalities and not d.caption_missing
-    common = {"need_text": need_text, "skip_bad": d.skip_bad, "skipped_csv": out / "skipped.csv"}
+    common = {
+        "need_text": need_text,
+        "skip_bad": d.skip_bad,
+        "skipped_csv": out / "skipped.csv",
+        "max_chars": cfg.model.max_length * CHARS_PER_TOKEN,
+    }
     records = load_checked(d.train, captions=d.captions, **common)
     if d.val:
         val = load_checked(d.val, captions=d.val_captions or d.captions, labels=label_list(records), **common)

@@ -377,6 +377,24 @@ def build_emoji(
     return out_dir
 
 
+def export_summary(out_dir: str | Path) -> str:
+    """What an export holds, file by file with its counts, read back from the folder (so it reports what is there)."""
+    out_dir = Path(out_dir)
+    info = json.loads((out_dir / "info.json").read_text(encoding="utf-8"))
+    counts = info.get("counts", {})
+    images = sum(1 for p in (out_dir / "images").rglob("*.png"))
+    folders = sum(1 for p in (out_dir / "images").iterdir() if p.is_dir())
+    width, height = info.get("image_size", ("?", "?"))
+    lines = [f"wrote {out_dir} (emoji {info.get('emoji_version')}, split seed {info.get('seed')}):"]
+    lines.append(f"  images/      {images:>6,} PNG images ({width}x{height}), one folder per group ({folders})")
+    lines.append(f"  all.csv      {counts.get('all', 0):>6,} rows (image, text, label): every rendered emoji")
+    for name in ("train", "val", "test"):
+        lines.append(f"  {name + '.csv':<12} {counts.get(name, 0):>6,} rows, ~{SPLITS[name]:.0%} of each group")
+    lines.append(f"  skipped.csv  {counts.get('skipped', 0):>6,} emoji the font could not draw, with the reason")
+    lines.append("  info.json    counts by group and split, Unicode version, seed and source files")
+    return "\n".join(lines)
+
+
 def _first(skipped: list[Skipped]) -> tuple[str, str]:
     return f"{skipped[0].entry.name} ({skipped[0].entry.codepoints})", skipped[0].reason
 

@@ -1,0 +1,133 @@
+"""The misclassified rows of an evaluation, as a table (errors.csv) and as one page to look at (errors.html).
+
+Pure functions over checked records, their probabilities and the class names; ``mmfuse evaluate`` writes both files
+into its output folder. The page embeds everything it shows (thumbnails as small JPEGs, the confusion matrix as a
+PNG), so it is one file that can be mailed or attached to an issue.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .data import Record
+from .images import load_image
+
+MAX_HTML_ROWS = 500
+"""Errors shown on the page (the most confident first); errors.csv lists them all. 500 thumbnails are ~2 MB."""
+THUMB_PX = 96
+SHOWN_CHARS = 1000  # a page of 500 scraped pages would not open; errors.csv keeps each text whole
+
+
+def input_row(record: Record) -> int:
+    """The 0-based position of a record's row in its input (a .jsonl's line number - 1), as predictions number it."""
+    return record.row - 1
+
+
+def misclassified(records: list[Record], probs: np.ndarray, classes: list[str]) -> list[int]:
+    """Indices of the records whose predicted class is not their label, the most confident mistakes first."""
+    predicted = probs.argmax(1)
+    wrong = [i for i, r in enumerate(records) if r.label is not None and classes[predicted[i]] != r.label]
+    return sorted(wrong, key=lambda i: (-float(probs[i].max()), records[i].row))
+
+
+def write_errors_csv(path: Path, records: list[Record], probs: np.ndarray, classes: list[str]) -> int:
+    """One row per misclassified record (row, image, text, true_label, predicted_label, confidence), the most
+    confident first; returns how many."""
+    wrong = misclassified(records, probs, classes)
+    # A file name that is not UTF-8 (kept as surrogates) is written escaped rather than failing the report.
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "image", "text", "true_label", "predicted_label", "confidence"])
+        for i in wrong:
+            r, p = records[i], probs[i]
+            w.writerow([input_row(r), r.source, r.text, r.label, classes[int(p.argmax())], f"{p.max():.6f}"])
+    return len(wrong)
+
+
+def thumbnail(path: Path, size: int = THUMB_PX) -> str | None:
+    """A data: URI of the image shrunk to fit ``size`` pixels a side, or None if it cannot be read now."""
+    try:
+        img = load_image(path, at_least=size)
+    except (OSError, ValueError):
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _png(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; }
+td, th { border-bottom: 1px solid #ddd; padding: 6px 8px; vertical-align: top; text-align: left; }
+td.text { max-width: 40em; white-space: pre-wrap; overflow-wrap: anywhere; }
+.true { color: #1a7f37; } .pred { color: #c62828; }
+img.thumb { width: 96px; height: 96px; object-fit: contain; background: #f4f4f4; }
+.note { color: #666; }
+"""
+
+
+def errors_html(
+    records: list[Record],
+    probs: np.ndarray,
+    classes: list[str],
+    confusion_png: Path | None = None,
+    limit: int = MAX_HTML_ROWS,
+    title: str = "misclassified rows",
+) -> str:
+    """A self-contained page: the confusion matrix, then one table row (``<tr class="error">``) per misclassified
+    record with its thumbnail, text, true and predicted labels and top-3 probabilities."""
+    e = html.escape
+    wrong = misclassified(records, probs, classes)
+    shown = wrong[:limit]
+    parts = [
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_STYLE}</style>",
+        f"</head><body><h1>{e(title)}</h1>",
+        f"<p>{len(wrong)} of {len(records)} rows misclassified; the most confident mistakes first.",
+    ]
+    if len(wrong) > len(shown):
+        parts.append(f" This page shows the first {len(shown)}; errors.csv lists all {len(wrong)}.")
+    parts.append("</p>")
+    matrix = _png(confusion_png)
+    if matrix:
+        parts.append(f"<h2>confusion matrix</h2><img alt='confusion matrix' src='{matrix}'>")
+    parts.append(
+        "<h2>errors</h2><table><tr><th>row</th><th>image</th><th>text</th><th>true</th><th>predicted</th>"
+        "<th>top 3</th></tr>"
+    )
+    for i in shown:
+        r, p = records[i], probs[i]
+        thumb = thumbnail(r.image)
+        picture = f"<img class='thumb' alt='' src='{thumb}'>" if thumb else "<span class='note'>(unreadable)</span>"
+        text = r.text if len(r.text) <= SHOWN_CHARS else r.text[:SHOWN_CHARS] + " …"
+        top = " <br>".join(f"{e(classes[k])}: {p[k]:.3f}" for k in np.argsort(-p)[:3])
+        parts.append(
+            f"<tr class='error'><td>{input_row(r)}</td><td>{picture}<br><span class='note'>{e(r.source)}</span></td>"
+            f"<td class='text'>{e(text)}</td><td class='true'>{e(r.label or '')}</td>"
+            f"<td class='pred'>{e(classes[int(p.argmax())])}</td><td>{top}</td></tr>"
+        )
+    parts.append("</table></body></html>\n")
+    return "\n".join(parts)
+
+
+def write_errors(
+    out_dir: Path, records: list[Record], probs: np.ndarray, classes: list[str], limit: int = MAX_HTML_ROWS
+) -> int:
+    """errors.csv and errors.html in ``out_dir`` (beside the confusion_matrix.png they embed); returns the count."""
+    out_dir = Path(out_dir)
+    n = write_errors_csv(out_dir / "errors.csv", records, probs, classes)
+    page = errors_html(records, probs, classes, out_dir / "confusion_matrix.png", limit)
+    (out_dir / "errors.html").write_text(page, encoding="utf-8", errors="backslashreplace")
+    return n
