@@ -234,3 +234,29 @@ def test_mpnet_path_finds_the_parts_and_unpacks_once(parts, site, monkeypatch):
 
     monkeypatch.setattr(mpnet, "find_parts", no_lookup)  # once unpacked, the parts may even be uninstalled
     assert mpnet.mpnet_path() == path
+
+
+def test_mpnet_is_a_packaged_text_tower_with_mean_pooling(tiny_roberta_dir, monkeypatch):
+    """Registered like minilm: its defaults come from config.PACKAGED_TOWERS, its spec from the unpacked folder's
+    config.json (here a tiny stand-in), and a run names it 'mpnet', not by its unpacked path."""
+    from mmfuse.config import ModelConfig, RunConfig, resolve
+    from mmfuse.towers import MPNetTower, build_text, packaged_card, requested_spec
+
+    assert resolve(RunConfig(model=ModelConfig(text="mpnet"))).model.text_pooling == "mean"
+    monkeypatch.setattr(MPNetTower, "locate", staticmethod(lambda: str(tiny_roberta_dir)))
+    spec = requested_spec("text", ModelConfig(text="mpnet"))
+    assert spec["name"] == "mpnet" and spec["pooling"] == "mean" and spec["layer_mean"] == 1 and spec["dim"] == 32
+    card = packaged_card("text", spec)
+    assert card.packaged and not card.sequence
+    tower = build_text("mpnet")
+    assert tower.spec() == spec and tower.card.fingerprint == card.fingerprint
+
+
+def test_mpnet_missing_names_the_extra(monkeypatch):
+    from mmfuse import mpnet as mp
+    from mmfuse.config import ModelConfig
+    from mmfuse.towers import requested_spec
+
+    monkeypatch.setattr(mp, "PACKAGES", tuple(f"no-such-mpnet-part-{i}" for i in range(5)))
+    with pytest.raises(MmfuseError, match=r"pip install 'mmfuse\[mpnet\]'"):
+        requested_spec("text", ModelConfig(text="mpnet"))

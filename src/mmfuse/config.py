@@ -33,6 +33,8 @@ PACKAGED_TOWERS = {
     "efficientnet-lite0": {"modality": "image", "image_size": 224},
     "efficientnet-lite2": {"modality": "image", "image_size": 260},
     "minilm": {"modality": "text", "text_pooling": "attention", "text_layer_mean": 2},
+    # all-mpnet-base-v2 (the mmfuse[mpnet] extra): the mean pooling it was trained with.
+    "mpnet": {"modality": "text", "text_pooling": "mean"},
 }
 DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: predict.Predictor says which is which
 TUNES = ("head", "text", "image", "all")

