@@ -89,13 +89,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             "not 1e-3, which YAML reads as text) and lists as [a, b]."
         ) from None
     preset = PRESETS.get(getattr(args, "preset", None) or "", {})
-    return base.updated(
-        {
-            "data": given(args, DataConfig),
-            "model": {**preset, **given(args, ModelConfig)},
-            "train": given(args, TrainConfig),
-        }
-    )
+    flags = {"data": given(args, DataConfig), "model": given(args, ModelConfig), "train": given(args, TrainConfig)}
+    return base.updated({sec: {**preset.get(sec, {}), **flags[sec]} for sec in flags})
 
 
 def _training_flags(p: argparse.ArgumentParser, skip_data: tuple[str, ...] = ("train",)) -> None:
@@ -138,6 +133,7 @@ def keep_earlier_work(out: str, overwrite: bool, finished: tuple[str, ...], repl
 
 
 def cmd_train(args) -> int:
+    from .bag import fit_bag  # deferred, like every verb's library: --help and light verbs need no torch
     from .train import TrainingInterrupted, fit
 
     cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
@@ -148,18 +144,45 @@ def cmd_train(args) -> int:
     if cfg.data.val and Path(cfg.data.val).resolve() == Path(args.data).resolve():
         log.warning("--val is the training data itself: the validation scores will flatter the model")
     try:
-        result = fit(cfg, args.out)
-    except TrainingInterrupted as e:  # the best epoch so far is saved; the exit code still says it did not finish
-        result = e.result
-        print_summary({"validation": result["val"]}, f"trained {args.out} (best epoch {result['best_epoch']})")
-        print(
-            f"interrupted after {result['epochs_run']} epoch(s); saved epoch {result['best_epoch']} to {args.out}",
-            file=sys.stderr,
-        )
+        result = fit_bag(cfg, args.out) if cfg.train.bag > 1 else fit(cfg, args.out)
+    except TrainingInterrupted as e:  # the kept epoch (or members) so far is saved; the exit code says it stopped
+        print_training(e.result, args.out)
+        if "bag" in e.result:
+            done, k = e.result["members_finished"], e.result["bag"]
+            print(f"interrupted; kept the {done} finished member(s) of {k} in {args.out}", file=sys.stderr)
+        else:
+            print(
+                f"interrupted after {e.result['epochs_run']} epoch(s); saved epoch {e.result['best_epoch']} to "
+                f"{args.out}",
+                file=sys.stderr,
+            )
         return 130
-    if result is not None:
-        print_summary({"validation": result["val"]}, f"trained {args.out} (best epoch {result['best_epoch']})")
+    except KeyboardInterrupt:
+        print("interrupted before the first epoch (or member) finished: nothing was saved", file=sys.stderr)
+        return 130
+    print_training(result, args.out)
     return 0
+
+
+def print_training(result: dict, out: str) -> None:
+    """The validation summary and how far to trust it: a bootstrap interval, or for a bag the out-of-fold rows and
+    the spread over folds."""
+    interval = result.get("val_interval")
+    if "bag" in result:
+        title = f"trained {out}: {result['members_finished']} bagged members, out-of-fold validation"
+        print_summary({"out-of-fold": result["val"]}, title)
+        print(
+            f"out-of-fold weighted F1 over all {result['n_out_of_fold']} rows; per fold "
+            f"{result['fold_weighted_f1_mean']:.4f} ± {result['fold_weighted_f1_sd']:.4f}; predict uses "
+            f"{'the refit model' if result['predict_uses'] == 'full' else 'the members averaged'}"
+        )
+    elif "val" in result:
+        print_summary({"validation": result["val"]}, f"trained {out} (best epoch {result['best_epoch']})")
+    if interval:
+        print(
+            f"95% bootstrap interval of the weighted F1: {interval['weighted_f1_low']:.3f}-"
+            f"{interval['weighted_f1_high']:.3f} over {interval['n']} validation rows"
+        )
 
 
 def speed(args) -> dict:

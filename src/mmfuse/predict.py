@@ -19,10 +19,11 @@ from .config import DTYPES
 from .data import CHARS_PER_TOKEN, Record, clip_text, image_hashes, load_checked, read_data, text_problem
 from .errors import MmfuseError
 from .images import load_image, to_rgb
-from .model import RUN_FILES, load_model
+from .model import RUN_FILES, MultimodalClassifier, load_models
 from .paths import mmfuse_home
 from .report import input_row, write_errors
 from .sources import FeatureCache, MultimodalDataset, batch_collate, build_dataset
+from .speed import compile_model
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class Predictor:
     """A trained model loaded from its run directory, with no network.
 
     Args:
-        run_dir: what ``fit`` wrote.
+        run_dir: what ``fit`` wrote; for a bagged run (``mmfuse train --bag K``), its members' probabilities are
+            averaged (or its refit model used, when it has one).
         device: default: CUDA where available, else CPU.
         dtype: how the model computes. ``fp32``; ``autocast``: fp32 weights under bf16 autocast, which casts every
             weight again on every call; ``bf16``: the weights cast to bf16 once, the inputs cast to match,
@@ -69,18 +71,22 @@ class Predictor:
             raise MmfuseError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.run_dir = Path(run_dir)
         self.device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.cfg, self.classes = load_model(self.run_dir)
+        self.models, self.cfg, self.classes = load_models(self.run_dir)
         if dtype == "auto":
             dtype = "autocast" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.dtype = dtype
         self.weight_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        self.model.to(self.device)
-        if dtype == "bf16":
-            self.model.to(torch.bfloat16)  # a tower built later follows the model's dtype (build_tower)
+        for model in self.models:
+            model.to(self.device)
+            if dtype == "bf16":
+                model.to(torch.bfloat16)  # a tower built later follows the model's dtype (build_tower)
         if compile:
-            from .speed import compile_model
+            self.models = [compile_model(model) for model in self.models]
 
-            self.model = compile_model(self.model)
+    @property
+    def model(self) -> MultimodalClassifier:
+        """The (first) model: a bag's members share their towers' specs, so its inputs serve them all."""
+        return self.models[0]
 
     @property
     def accepts_missing_text(self) -> bool:
@@ -162,7 +168,7 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, batch: dict) -> torch.Tensor:
-        """The model's output for one batch of its inputs (tower inputs or cached features), on the device.
+        """The (first) model's output for one batch of its inputs (tower inputs or cached features), on the device.
 
         Floating-point inputs are cast to the weights' dtype; bench/train_throughput.py checks that bf16 logits,
         either way, stay within 1e-2 of fp32.
@@ -173,8 +179,12 @@ class Predictor:
 
     @torch.inference_mode()
     def probs(self, batch: dict) -> np.ndarray:
-        """Softmax probabilities (N, classes) for one batch, computed in fp32 and copied to the host."""
-        return self.logits(batch).float().softmax(-1).cpu().numpy()
+        """Softmax probabilities (N, classes) for one batch, computed in fp32 and copied to the host; a bag's
+        members' are averaged."""
+        batch = {k: self._to_device(v) for k, v in batch.items()}
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == "autocast"):
+            probs = [model(**batch).float().softmax(-1) for model in self.models]
+        return (probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)).cpu().numpy()
 
     def _to_device(self, v):
         if isinstance(v, dict):

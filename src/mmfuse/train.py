@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,19 +89,59 @@ def check_out_dir(out: Path, data: str | None) -> None:
         )
 
 
-def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], list[str]]:
-    """Train and validation records, checked; bad rows stop here, or are skipped into RUN/skipped.csv."""
+def load_records(cfg: RunConfig, out: Path, path: str | None = None, labels=None) -> list[Record]:
+    """The rows of ``path`` (default: the training data), checked; bad rows stop here, or are skipped into
+    RUN/skipped.csv."""
     d = cfg.data
     need_text = cfg.model.modality_dropout == 0 and "text" in cfg.model.modalities and not d.caption_missing
-    common = {
-        "need_text": need_text,
-        "skip_bad": d.skip_bad,
-        "skipped_csv": out / "skipped.csv",
-        "max_chars": cfg.model.max_length * CHARS_PER_TOKEN,
-    }
-    records = load_checked(d.train, captions=d.captions, **common)
+    captions = (d.val_captions or d.captions) if path is not None else d.captions
+    return load_checked(
+        path or d.train,
+        captions=captions,
+        labels=labels,
+        need_text=need_text,
+        skip_bad=d.skip_bad,
+        skipped_csv=out / "skipped.csv",
+        max_chars=cfg.model.max_length * CHARS_PER_TOKEN,
+    )
+
+
+def check_labels(labels: list[str], data) -> list[str]:
+    if len(labels) < 2:
+        raise MmfuseError(f"Training needs at least 2 classes; found {labels} in {data}.")
+    return labels
+
+
+def caption_missing(cfg: RunConfig, records: list[Record], out: Path) -> list[Record]:
+    """Rows without text get a generated caption (``--caption-missing``), cached in RUN/captions.csv."""
+    if not cfg.data.caption_missing or "text" not in cfg.model.modalities:
+        return records
+    from .captioning import fill_missing_captions  # deferred: captioning loads its own models
+
+    return fill_missing_captions(records, cfg.data.caption_missing, out / "captions.csv")
+
+
+FEW_VAL_ROWS, FEW_PER_CLASS = 30, 3
+
+
+def warn_few(val: list[Record]) -> None:
+    """Too few validation rows make the best-epoch choice and the validation score chance: say so."""
+    counts = Counter(r.label for r in val)
+    if len(val) < FEW_VAL_ROWS or min(counts.values()) < FEW_PER_CLASS:
+        log.warning(
+            "only %d validation rows (%d for the rarest class): the best-epoch choice and the validation score are "
+            "unreliable. Pass --val with more rows, --keep last, or --bag 5 (every row validated once).",
+            len(val),
+            min(counts.values()),
+        )
+
+
+def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], list[str]]:
+    """Train and validation records, checked: ``--val``, or a stratified slice of the training data."""
+    d = cfg.data
+    records = load_records(cfg, out)
     if d.val:
-        val = load_checked(d.val, captions=d.val_captions or d.captions, labels=label_list(records), **common)
+        val = load_records(cfg, out, d.val, labels=label_list(records))
         train = records
     else:
         train, val = stratified_split(records, d.val_split, cfg.train.seed)
@@ -109,15 +150,10 @@ def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], 
                 f"No validation rows could be held out of {d.train}: every class has a single row. "
                 "Pass --val with validation data, or add rows."
             )
-    labels = label_list(train)
-    if len(labels) < 2:
-        raise MmfuseError(f"Training needs at least 2 classes; found {labels} in {d.train}.")
-    if d.caption_missing and "text" in cfg.model.modalities:
-        from .captioning import fill_missing_captions
-
-        filled = fill_missing_captions(train + val, d.caption_missing, out / "captions.csv")
-        train, val = filled[: len(train)], filled[len(train) :]
-    return train, val, labels
+    labels = check_labels(label_list(train), d.train)
+    warn_few(val)
+    filled = caption_missing(cfg, train + val, out)
+    return filled[: len(train)], filled[len(train) :], labels
 
 
 def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: FeatureCache | None):
@@ -127,7 +163,7 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
     with acc.main_process_first():  # the main process fills the feature cache; the others then read it
         px = not cfg.data.decode_each_epoch
         train_ds = build_dataset(model, train, y[0], tuned, cache, acc.device, acc.is_main_process, px)
-        val_ds = build_dataset(model, val, y[1], tuned, cache, acc.device, acc.is_main_process, px)
+        val_ds = build_dataset(model, val, y[1], tuned, cache, acc.device, acc.is_main_process, px) if val else None
     generator = torch.Generator().manual_seed(cfg.train.seed)
     # Only decoding image files is worth worker processes: cached features and uint8 images need indexing alone, which
     # workers would only copy between processes (a worker on an H200 did not make the seed job faster:
@@ -149,7 +185,7 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
     train_dl = DataLoader(
         train_ds, cfg.train.batch_size, shuffle=True, drop_last=drop_last, generator=generator, **common
     )
-    val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common)
+    val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common) if val_ds is not None else None
     return train_dl, val_dl
 
 
@@ -217,13 +253,18 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: LambdaLR
     train_dl: DataLoader
-    val_dl: DataLoader
+    val_dl: DataLoader | None
+    """None: no validation rows (a refit on every row)."""
     labels: list[str]
     n_train: int
     n_val: int
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     best_state: dict | None = None
+    val_probs: np.ndarray | None = None
+    """The kept epoch's validation probabilities, once saved (a bag's out-of-fold predictions)."""
+    frozen_weights: Path | None = None
+    """Where frozen Hugging Face towers' weights are stored once for several runs (a bag's members)."""
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -234,9 +275,22 @@ class Trainer:
         return self.acc.unwrap_model(self.model)
 
 
-def setup(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towers: dict | None = None) -> Trainer:
+def setup(
+    cfg: RunConfig,
+    out: str | Path,
+    cache: FeatureCache | None = None,
+    towers: dict | None = None,
+    splits: tuple[list[Record], list[Record], list[str]] | None = None,
+) -> Trainer:
     """Resolves the config, reads and checks the data, builds the model, its data and its optimizer, prepared by
-    Accelerate. ``towers`` shares already built towers between runs of the same config (only sensible when frozen)."""
+    Accelerate.
+
+    Args:
+        cache: the feature cache (default: ``$MMFUSE_HOME/features``).
+        towers: already built towers shared between runs of the same config (only sensible when frozen).
+        splits: train rows, validation rows (may be empty: no validation) and class names, already read; by
+            default read from ``cfg.data``.
+    """
     out = Path(out)
     check_out_dir(out, cfg.data.train)
     cfg = resolve(cfg)
@@ -247,7 +301,7 @@ def setup(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, to
         out.mkdir(parents=True, exist_ok=True)
         (out / "skipped.csv").unlink(missing_ok=True)
     acc.wait_for_everyone()
-    train, val, labels = load_splits(cfg, out)
+    train, val, labels = splits if splits is not None else load_splits(cfg, out)
     # DDP checks that every process holds the same weights: build every tower everywhere, not only where one embeds.
     towers = towers if towers is not None else {}
     cards = tower_cards(cfg.model, towers, cfg.model.modalities if acc.num_processes > 1 else tuned)
@@ -273,7 +327,8 @@ def setup(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, to
     scheduler = warmup_cosine(optimizer, int(cfg.train.warmup_ratio * steps), steps)
     if cfg.train.compile:
         model = compile_model(model)  # each encoder layer of the tuned towers (speed.py says why)
-    model, optimizer, train_dl, val_dl, scheduler = acc.prepare(model, optimizer, train_dl, val_dl, scheduler)
+    model, optimizer, train_dl, scheduler = acc.prepare(model, optimizer, train_dl, scheduler)
+    val_dl = acc.prepare(val_dl) if val_dl is not None else None
     return Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
 
 
@@ -331,28 +386,25 @@ def validate(tr: Trainer) -> tuple[np.ndarray, np.ndarray]:
 def run_epoch(tr: Trainer, epoch: int) -> dict:
     """Trains one epoch, validates, and keeps the weights when this epoch is the one to keep; returns its row."""
     train_loss, rate = train_epoch(tr, epoch)
-    probs, y = validate(tr)
-    row = {
-        "epoch": epoch,
-        "train_loss": train_loss,
-        "val_loss": float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean()),
-        **{f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()},
-        "samples_per_s": rate,
-        "lr": tr.scheduler.get_last_lr()[0],
-    }
+    row = {"epoch": epoch, "train_loss": train_loss}
+    if tr.val_dl is not None:
+        probs, y = validate(tr)
+        row["val_loss"] = float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean())
+        row.update({f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()})
+    row.update({"samples_per_s": rate, "lr": tr.scheduler.get_last_lr()[0]})
     tr.history.append(row)
     if tr.acc.is_main_process:
-        log.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val weighted F1 %.4f",
-            epoch,
-            train_loss,
-            row["val_loss"],
-            row["val_weighted_f1"],
-        )
-    if tr.cfg.train.keep == "last":
+        scores = ""
+        if "val_loss" in row:
+            scores = f", val loss {row['val_loss']:.4f}, val weighted F1 {row['val_weighted_f1']:.4f}"
+        log.info("epoch %d: train loss %.4f%s", epoch, train_loss, scores)
+    if tr.cfg.train.keep == "last" or tr.val_dl is None:
         better = True  # each finished epoch replaces the one before, so an interrupt keeps the last one
     else:
-        better = tr.best is None or row["val_weighted_f1"] > tr.best["val_weighted_f1"]
+        # Ties in F1 (common on small validation sets) go to the lower validation loss: the first epoch to reach a
+        # score is rarely the best trained, and a refit after bagging trains for the members' kept epochs.
+        key = (row["val_weighted_f1"], -row["val_loss"])
+        better = tr.best is None or key > (tr.best["val_weighted_f1"], -tr.best["val_loss"])
     if better:  # one assignment: an interrupt while the state is copied must not pair this row with the last
         tr.best, tr.best_state = row, kept_state(tr.unwrapped)
     return row
@@ -391,7 +443,6 @@ def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
     """Restores the kept epoch's weights, reports them on validation, and writes the run directory."""
     # Only now restore the kept weights: evaluating is cheap, writing a checkpoint every epoch is not.
     tr.unwrapped.load_state_dict(tr.best_state)
-    probs, y = validate(tr)
     result = {
         "best_epoch": tr.best["epoch"],
         "epochs_run": len(tr.history),
@@ -400,23 +451,36 @@ def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
         "n_val": tr.n_val,
         "train_seconds": seconds,
         "num_processes": tr.acc.num_processes,
-        "val": metrics.full_report(y, probs.argmax(1), tr.labels),
     }
+    if tr.val_dl is not None:
+        tr.val_probs, y = validate(tr)
+        result["val"] = metrics.full_report(y, tr.val_probs.argmax(1), tr.labels)
+        result["val_interval"] = metrics.bootstrap_interval(y, tr.val_probs.argmax(1), seed=tr.cfg.train.seed)
     if tr.acc.is_main_process:
-        write_run(tr.out, tr.cfg, tr.labels, tr.unwrapped, tr.cfg.tuned, tr.history, result)
+        write_run(tr.out, tr.cfg, tr.labels, tr.unwrapped, tr.cfg.tuned, tr.history, result, tr.frozen_weights)
     tr.acc.wait_for_everyone()
     return result
 
 
-def write_run(out: Path, cfg: RunConfig, labels, model, tuned: list[str], history: list[dict], result: dict) -> None:
+def write_run(
+    out: Path,
+    cfg: RunConfig,
+    labels,
+    model,
+    tuned: list[str],
+    history: list[dict],
+    result: dict,
+    frozen_weights: Path | None = None,
+) -> None:
     cfg.to_yaml(out / "config.yaml")
     (out / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
-    save_model(model, out, tuned)
+    save_model(model, out, tuned, frozen_weights)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     with open(out / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         w.writerows(history)
     metrics.plot_history(history, out / "training_curves.png")
-    report = result["val"]
-    metrics.plot_confusion(np.array(report["confusion_matrix"]), labels, out / "val_confusion_matrix.png")
+    if "val" in result:
+        report = result["val"]
+        metrics.plot_confusion(np.array(report["confusion_matrix"]), labels, out / "val_confusion_matrix.png")
