@@ -39,6 +39,7 @@ from .speed import compile_model
 
 log = logging.getLogger(__name__)
 LOSS_EVERY = 25  # read the loss back to the host only this often: each read is a device sync
+PLAIN_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -267,6 +268,11 @@ class Trainer:
     """Where frozen Hugging Face towers' weights are stored once for several runs (a bag's members)."""
 
     @property
+    def name(self) -> str:
+        """What log lines call this run: its directory's name (image, text, fusion in an ablation)."""
+        return self.out.name
+
+    @property
     def params(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
@@ -329,6 +335,21 @@ def setup(
         model = compile_model(model)  # each encoder layer of the tuned towers (speed.py says why)
     model, optimizer, train_dl, scheduler = acc.prepare(model, optimizer, train_dl, scheduler)
     val_dl = acc.prepare(val_dl) if val_dl is not None else None
+    if acc.is_main_process:
+        m = cfg.model
+        log.info(
+            "%s: %d training rows, %d validation rows, %d classes; %s on %s, --tune %s, %d epochs of batch %d on %s",
+            out.name,
+            len(train),
+            len(val),
+            len(labels),
+            " + ".join({"image": m.vision, "text": m.text}[x] for x in m.modalities),
+            "+".join(m.modalities),
+            cfg.train.tune,
+            cfg.train.epochs,
+            cfg.train.batch_size,
+            acc.device,
+        )
     return Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
 
 
@@ -356,19 +377,40 @@ def train_epoch(tr: Trainer, epoch: int) -> tuple[float, float]:
     tr.model.train()
     params = tr.params
     total, seen, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
-    # disable=None: a bar only on a terminal
+    # disable=None: a bar only on a terminal; a log file gets a plain line every PLAIN_EVERY seconds instead, since
+    # a bar's carriage-return updates there make lines thousands of characters long.
     bar = tqdm(
-        tr.train_dl, desc=f"epoch {epoch}/{t.epochs}", leave=False, disable=None if acc.is_main_process else True
+        tr.train_dl,
+        desc=f"{tr.name} epoch {epoch}/{t.epochs}",
+        leave=False,
+        disable=None if acc.is_main_process else True,
     )
+    plain = acc.is_main_process and bar.disable
+    last = t0
     for step, batch in enumerate(bar, start=1):
         loss, rows = train_step(
             tr.model, batch, tr.optimizer, tr.scheduler, acc, params, t.grad_clip, t.label_smoothing
         )
         total += loss
         seen += rows
-        if step % LOSS_EVERY == 0:
-            rate = seen * acc.num_processes / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{total.item() / seen:.4f}", samples_s=f"{rate:.0f}")
+        now = time.perf_counter()
+        if step % LOSS_EVERY == 0 or (plain and now - last > PLAIN_EVERY):
+            rate = seen * acc.num_processes / (now - t0)
+            if plain:
+                last, left = now, (len(tr.train_dl) - step) * (now - t0) / step
+                log.info(
+                    "%s epoch %d/%d: step %d/%d, loss %.4f, %.0f rows/s, %.0f s left in the epoch",
+                    tr.name,
+                    epoch,
+                    t.epochs,
+                    step,
+                    len(tr.train_dl),
+                    total.item() / seen,
+                    rate,
+                    left,
+                )
+            else:
+                bar.set_postfix(loss=f"{total.item() / seen:.4f}", samples_s=f"{rate:.0f}")
     train_loss = acc.reduce(total, "sum").item() / (seen * acc.num_processes)
     if not math.isfinite(train_loss):  # a diverged model predicts NaN: it must not be saved as if trained
         raise MmfuseError(
@@ -397,7 +439,7 @@ def run_epoch(tr: Trainer, epoch: int) -> dict:
         scores = ""
         if "val_loss" in row:
             scores = f", val loss {row['val_loss']:.4f}, val weighted F1 {row['val_weighted_f1']:.4f}"
-        log.info("epoch %d: train loss %.4f%s", epoch, train_loss, scores)
+        log.info("%s epoch %d: train loss %.4f%s", tr.name, epoch, train_loss, scores)
     if tr.cfg.train.keep == "last" or tr.val_dl is None:
         better = True  # each finished epoch replaces the one before, so an interrupt keeps the last one
     else:
