@@ -13,6 +13,7 @@ import torch
 
 from . import metrics
 from .config import RunConfig, resolve
+from .data import read_data
 from .errors import MmfuseError
 from .model import build_model
 from .predict import evaluate_file
@@ -105,8 +106,6 @@ def _check_test_data(cfg: RunConfig, test: str | Path, test_captions: str | None
     """--test is read (not yet checked row by row) before three models are trained: a missing or malformed file, or
     a label the training data lacks, would otherwise stop the ablation only at its end (and a rerun then needed
     --overwrite). Labels are compared from the files alone; with --skip-bad, rows of unknown labels are skipped."""
-    from .data import read_data
-
     test_labels = {r.label for r in read_data(test, test_captions, need_label=True)[0]}
     if cfg.data.skip_bad:
         return

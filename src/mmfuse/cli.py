@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import inspect
+import json
 import logging
 import os
 import sys
@@ -15,8 +17,12 @@ from collections.abc import Collection
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from . import __version__
 from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from .datasets.emoji import DATASET_NAME, build_emoji, export_summary
 from .errors import MmfuseError
 from .model import RUN_FILES
 
@@ -133,7 +139,9 @@ def keep_earlier_work(out: str, overwrite: bool, finished: tuple[str, ...], repl
 
 
 def cmd_train(args) -> int:
-    from .bag import fit_bag  # deferred, like every verb's library: --help and light verbs need no torch
+    # Each verb imports its library when it runs (deferred: the library imports torch, which --help, --version and
+    # light verbs never need).
+    from .bag import fit_bag
     from .train import TrainingInterrupted, fit
 
     cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
@@ -190,7 +198,7 @@ def speed(args) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from .predict import evaluate_file
+    from .predict import evaluate_file  # deferred: imports torch
 
     report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print_report(report)
@@ -200,7 +208,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_file
+    from .predict import predict_file  # deferred: imports torch
 
     path = predict_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print(f"wrote {path}")
@@ -214,7 +222,7 @@ def out_dir(out: str) -> None:
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import ablate
+    from .ablate import ablate  # deferred: imports torch
 
     if hasattr(args, "modalities"):  # each of the three runs sets its own; the flag would be ignored
         raise MmfuseError("ablate trains image-only, text-only and fusion models itself: leave --modalities out.")
@@ -229,7 +237,7 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from .quickstart import quickstart
+    from .quickstart import quickstart  # deferred: imports torch
 
     out_dir(args.out)
     results = quickstart(args.out, rebuild_data=args.rebuild_data)
@@ -239,10 +247,6 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_datasets(args) -> int:
-    import json
-
-    from .datasets.emoji import DATASET_NAME, build_emoji, export_summary
-
     if not 0 <= args.seed < 2**32:
         raise MmfuseError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     # The build replaces --out as a whole: a file there, or a folder of someone's files, would be deleted with it.
@@ -266,13 +270,13 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    from .captioning import caption_file
+    from .captioning import caption_file  # deferred: imports torch
 
     for flag in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, flag) < 1:  # 0 failed inside range(), a negative batch size captioned nothing
             raise MmfuseError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.device:
-        from .predict import check_device
+        from .predict import check_device  # deferred: imports torch
 
         check_device(args.device, "--device")
     path = caption_file(
@@ -290,12 +294,10 @@ def cmd_caption(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import importlib.util
-
     missing = [m for m in ("fastapi", "uvicorn", "python_multipart") if importlib.util.find_spec(m) is None]
     if missing:
         raise MmfuseError(f"mmfuse serve needs {', '.join(missing)}: pip install 'mmfuse[serve]'")
-    from .serve import serve
+    from .serve import serve  # deferred: imports torch
 
     if args.max_upload_mb <= 0:
         raise MmfuseError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
@@ -315,9 +317,6 @@ def cmd_serve(args) -> int:
 
 
 def print_summary(results: dict[str, dict], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=title)
     for col in ("", "accuracy", "weighted F1", "macro F1"):
         table.add_column(col, justify="right" if col else "left")
@@ -327,9 +326,6 @@ def print_summary(results: dict[str, dict], title: str) -> None:
 
 
 def print_report(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"evaluation on {report['n']} rows")
     for col in ("class", "precision", "recall", "F1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
@@ -410,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the 70/15/15 stratified split")
     p.set_defaults(fn=cmd_datasets)
 
-    from .captioning import DEFAULT_CAPTIONER, packaged_captioners
+    from .captioning import DEFAULT_CAPTIONER, packaged_captioners  # deferred: imports torch
 
     p = sub.add_parser(
         "caption",

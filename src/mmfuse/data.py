@@ -212,7 +212,7 @@ def read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
                 rows.append({**dict(zip(keys, row.values())), "_row": n})
             return list(dict.fromkeys(k for row in rows for k in row if k != "_row")), rows, problems
         if suffix == ".parquet":
-            import pandas as pd
+            import pandas as pd  # deferred: half a second of every command otherwise (see above)
 
             df = pd.read_parquet(path)
             columns = _columns([str(c) for c in df.columns], path)

