@@ -406,40 +406,12 @@ def test_serve_refuses_a_folder_that_is_no_run_and_a_busy_port(run, tmp_path, ca
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
-class Server:
-    """``mmfuse serve RUN --port 0`` in a subprocess; the port is read from its log."""
+def Server(run: Path, *args: str):  # noqa: N802 - stands for the benchmark's class
+    """``mmfuse serve RUN --port 0`` in a subprocess, the port read from its log: the load benchmark's own."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from serve import Server as BenchServer
 
-    def __init__(self, run: Path, *args: str):
-        env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mmfuse", "serve", str(run), "--port", "0", *args],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.log: list[str] = []
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if m := re.search(r"on http://127\.0\.0\.1:(\d+)/", line):
-                self.url = f"http://127.0.0.1:{m.group(1)}"
-                break
-        else:
-            raise AssertionError("the server did not start:\n" + "".join(self.log))
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
-        end = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(self.url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < end and self.proc.poll() is None, "never ready:\n" + "".join(self.log)
-            time.sleep(0.1)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+    return BenchServer(run, *args, timeout=120)
 
 
 def test_real_server_under_concurrent_load_then_sigterm(run, predictor, rows, home):

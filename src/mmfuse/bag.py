@@ -42,6 +42,7 @@ from .train import (
     check_out_dir,
     load_records,
     run_epoch,
+    run_lock,
     save,
     setup,
 )
@@ -102,13 +103,17 @@ def fit_bag(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None) 
     out = Path(out)
     check_out_dir(out, cfg.data.train)
     cfg = resolve(cfg)
-    k = cfg.train.bag
     if cfg.data.val:
         raise MmfuseError(
             "--bag validates each member on a fold of DATA, so every row is trained on and validated on in turn: put "
             "the --val rows into DATA (or leave --bag out to keep them apart)."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return _fit_bag(cfg, out, cache)
+
+
+def _fit_bag(cfg: RunConfig, out: Path, cache: FeatureCache | None) -> dict:
+    k = cfg.train.bag
     for name in ("skipped.csv", BAG_FILE, FROZEN_FILE):
         (out / name).unlink(missing_ok=True)
     start = time.perf_counter()

@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Collection
 from dataclasses import MISSING, fields
@@ -142,17 +143,36 @@ def cmd_train(args) -> int:
     # Each verb imports its library when it runs (deferred: the library imports torch, which --help, --version and
     # light verbs never need).
     from .bag import fit_bag
-    from .train import TrainingInterrupted, fit
+    from .checkpoint import CHECKPOINTS, checkpoints
+    from .train import Preempted, TrainingInterrupted, fit
 
     cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
-    # skipped.csv and captions.csv are what an unfinished run leaves behind for the next: not someone else's.
-    ours = RUN_FILES - {"skipped.csv", "captions.csv"}
-    keep_earlier_work(args.out, args.overwrite, ("model.safetensors", "metrics.json"), ours)
+    resume = getattr(args, "resume", False)
+    interrupted = checkpoints(Path(args.out))
+    if resume and not interrupted:
+        raise MmfuseError(f"--resume: {args.out} holds no checkpoint to continue from; train without --resume.")
+    if interrupted and not resume and not args.overwrite:
+        # Killed, preempted or stopped with Ctrl-C: the way on is to continue, not to start again.
+        raise MmfuseError(
+            f"--out {args.out} holds an interrupted run (its latest checkpoint: {interrupted[-1].name}). Continue it "
+            "with the same command and --resume, or pass --overwrite to start over."
+        )
+    if args.overwrite:
+        shutil.rmtree(Path(args.out) / CHECKPOINTS, ignore_errors=True)
+    if not resume:
+        # skipped.csv and captions.csv are what an unfinished run leaves behind for the next: not someone else's.
+        ours = RUN_FILES - {"skipped.csv", "captions.csv"}
+        keep_earlier_work(args.out, args.overwrite, ("metrics.json",), ours)
     cfg.data.train = args.data
     if cfg.data.val and Path(cfg.data.val).resolve() == Path(args.data).resolve():
         log.warning("--val is the training data itself: the validation scores will flatter the model")
     try:
-        result = fit_bag(cfg, args.out) if cfg.train.bag > 1 else fit(cfg, args.out)
+        if cfg.train.bag > 1:
+            if resume:
+                raise MmfuseError("--resume continues single runs; a bag keeps its finished members when stopped.")
+            result = fit_bag(cfg, args.out)
+        else:
+            result = fit(cfg, args.out, resume=resume)
     except TrainingInterrupted as e:  # the kept epoch (or members) so far is saved; the exit code says it stopped
         print_training(e.result, args.out)
         if "bag" in e.result:
@@ -165,6 +185,12 @@ def cmd_train(args) -> int:
                 file=sys.stderr,
             )
         return 130
+    except Preempted as e:
+        print(
+            f"stopped by SIGTERM; wrote the checkpoint {e.checkpoint}. Continue with the same command and --resume.",
+            file=sys.stderr,
+        )
+        return 143
     except KeyboardInterrupt:
         print("interrupted before the first epoch (or member) finished: nothing was saved", file=sys.stderr)
         return 130
@@ -358,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("data", help="training data: folder ROOT/<label>/<images> or .csv/.jsonl/.parquet manifest")
     p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its latest checkpoint (same data and settings)",
+    )
     _training_flags(p)
     p.set_defaults(fn=cmd_train)
 

@@ -209,6 +209,11 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each encoder layer of the tuned towers (GPU; on an H200 +27% --tune all throughput after a
     12 s compile, which short jobs do not win back)."""
+    checkpoint_every: int | None = None
+    """Also write a checkpoint every N optimizer steps (one is always written after each epoch, and at least every
+    10 minutes), so --resume continues a killed run from there."""
+    keep_checkpoints: bool = False
+    """Keep RUN/checkpoints/ once the run has finished (by default they are deleted then)."""
     bag: int = 1
     """k-fold bagging: train K models, each validated on its own fold of DATA, and predict with their average;
     every row gets one out-of-fold prediction, the honest validation estimate (1: a single model)."""
@@ -246,6 +251,8 @@ class TrainConfig:
             raise MmfuseError(f"--grad-clip must be a finite number >= 0 (0 turns clipping off), got {self.grad_clip}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise MmfuseError("--mixed-precision must be auto, no, bf16 or fp16")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise MmfuseError(f"--checkpoint-every must be >= 1 step, got {self.checkpoint_every}")
         if self.bag < 1:
             raise MmfuseError(f"--bag must be 2 or more (1: no bagging), got {self.bag}")
         if (self.bag_groups or self.refit_full) and self.bag < 2:

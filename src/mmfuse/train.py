@@ -11,10 +11,15 @@ and ``save``. ``fit`` runs them; the throughput benchmark times the same ``train
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .captioning import fill_missing_captions
+from .checkpoint import CHECKPOINTS, EVERY_SECONDS, checkpoints, data_fingerprint, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig, resolve
 from .data import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
 from .errors import MmfuseError
@@ -40,7 +46,16 @@ from .speed import compile_model
 
 log = logging.getLogger(__name__)
 LOSS_EVERY = 25  # read the loss back to the host only this often: each read is a device sync
+STAGING = ".staging"  # where a run's files are written before they are moved into place
 PLAIN_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
+class Preempted(Exception):
+    """SIGTERM during training, raised once a checkpoint is written: ``--resume`` continues from it."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"stopped by SIGTERM; checkpoint {checkpoint}")
+        self.checkpoint = checkpoint
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -186,7 +201,7 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
         train_ds, cfg.train.batch_size, shuffle=True, drop_last=drop_last, generator=generator, **common
     )
     val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common) if val_ds is not None else None
-    return train_dl, val_dl
+    return train_dl, val_dl, generator
 
 
 def tuned_batch_norm(model: MultimodalClassifier, tuned: list[str]) -> list[str]:
@@ -265,6 +280,17 @@ class Trainer:
     """The kept epoch's validation probabilities, once saved (a bag's out-of-fold predictions)."""
     frozen_weights: Path | None = None
     """Where frozen Hugging Face towers' weights are stored once for several runs (a bag's members)."""
+    generator: torch.Generator | None = None
+    """The training DataLoader's: its state when an epoch begins fixes that epoch's order of batches."""
+    data_fingerprint: str = ""
+    """What a checkpoint was trained on (``checkpoint.data_fingerprint``)."""
+    checkpointing: bool = False
+    """Write checkpoints (after each epoch, every ``checkpoint_every`` steps, on SIGTERM); ``fit`` turns it on."""
+    stop: bool = False
+    """Set by SIGTERM: checkpoint at the next optimizer step and stop."""
+    resume_at: tuple | None = None
+    """(generator state, batches done, (loss sum, rows)) of the epoch to resume, from a checkpoint."""
+    last_checkpoint: float = field(default_factory=time.monotonic)
 
     @property
     def name(self) -> str:
@@ -323,7 +349,7 @@ def setup(
             "batch. Pass --batch-size 2 or more."
         )
     cache = cache if cache is not None else FeatureCache()
-    train_dl, val_dl = loaders(model, train, val, labels, cfg, acc, cache)
+    train_dl, val_dl, generator = loaders(model, train, val, labels, cfg, acc, cache)
     optimizer = make_optimizer(model, cfg.train)
     # Accelerate steps a prepared scheduler once per process for every optimizer step, and not at all on
     # accumulation-only steps; each process sees ceil(batches / processes) batches an epoch.
@@ -349,7 +375,9 @@ def setup(
             cfg.train.batch_size,
             acc.device,
         )
-    return Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
+    tr = Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
+    tr.generator, tr.data_fingerprint = generator, data_fingerprint(train, val)
+    return tr
 
 
 def train_step(
@@ -371,32 +399,39 @@ def train_step(
 
 
 def train_epoch(tr: Trainer, epoch: int) -> tuple[float, float]:
-    """One pass over the training data; returns the mean training loss over all processes and the samples/s."""
+    """One pass over the training data (the rest of it, when resuming); returns the mean training loss over all
+    processes and the samples/s. Writes a checkpoint when one is due."""
     t, acc = tr.cfg.train, tr.acc
     tr.model.train()
     params = tr.params
-    total, seen, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
+    generator_state = tr.generator.get_state()  # before this epoch's iterator draws its order from it
+    done, (loss_sum, rows) = 0, (0.0, 0)
+    if tr.resume_at is not None:
+        generator_state, done, (loss_sum, rows) = tr.resume_at
+        tr.generator.set_state(generator_state)
+        tr.resume_at = None
+    total, seen, t0 = torch.tensor(loss_sum, device=acc.device), rows, time.perf_counter()
     # disable=None: a bar only on a terminal; a log file gets a plain line every PLAIN_EVERY seconds instead, since
     # a bar's carriage-return updates there make lines thousands of characters long.
     bar = tqdm(
-        tr.train_dl,
+        acc.skip_first_batches(tr.train_dl, done) if done else tr.train_dl,
         desc=f"{tr.name} epoch {epoch}/{t.epochs}",
         leave=False,
         disable=None if acc.is_main_process else True,
+        initial=done,
+        total=len(tr.train_dl),
     )
     plain = acc.is_main_process and bar.disable
     last = t0
-    for step, batch in enumerate(bar, start=1):
-        loss, rows = train_step(
-            tr.model, batch, tr.optimizer, tr.scheduler, acc, params, t.grad_clip, t.label_smoothing
-        )
+    for step, batch in enumerate(bar, start=done + 1):
+        loss, n = train_step(tr.model, batch, tr.optimizer, tr.scheduler, acc, params, t.grad_clip, t.label_smoothing)
         total += loss
-        seen += rows
+        seen += n
         now = time.perf_counter()
         if step % LOSS_EVERY == 0 or (plain and now - last > PLAIN_EVERY):
-            rate = seen * acc.num_processes / (now - t0)
+            rate = (seen - rows) * acc.num_processes / (now - t0)
             if plain:
-                last, left = now, (len(tr.train_dl) - step) * (now - t0) / step
+                last, left = now, (len(tr.train_dl) - step) * (now - t0) / (step - done)
                 log.info(
                     "%s epoch %d/%d: step %d/%d, loss %.4f, %.0f rows/s, %.0f s left in the epoch",
                     tr.name,
@@ -410,13 +445,29 @@ def train_epoch(tr: Trainer, epoch: int) -> tuple[float, float]:
                 )
             else:
                 bar.set_postfix(loss=f"{total.item() / seen:.4f}", samples_s=f"{rate:.0f}")
+        if tr.checkpointing and acc.sync_gradients and step < len(tr.train_dl) and checkpoint_due(tr, step):
+            path = save_checkpoint(tr, epoch, step, generator_state, (total.item(), seen))
+            tr.last_checkpoint = time.monotonic()
+            if tr.stop:
+                raise Preempted(path)
     train_loss = acc.reduce(total, "sum").item() / (seen * acc.num_processes)
     if not math.isfinite(train_loss):  # a diverged model predicts NaN: it must not be saved as if trained
         raise MmfuseError(
             f"Training diverged: the loss is {train_loss} in epoch {epoch}. Lower --lr ({t.lr}) or --head-lr "
             f"({t.head_lr or t.lr})."
         )
-    return train_loss, seen * acc.num_processes / (time.perf_counter() - t0)
+    return train_loss, (seen - rows) * acc.num_processes / (time.perf_counter() - t0)
+
+
+def checkpoint_due(tr: Trainer, step: int) -> bool:
+    """Every ``--checkpoint-every`` steps, after ``checkpoint.EVERY_SECONDS``, or when SIGTERM asked to stop; every
+    process must agree, so the flags are reduced across processes."""
+    every = tr.cfg.train.checkpoint_every
+    due = tr.stop or (every is not None and step % every == 0) or time.monotonic() - tr.last_checkpoint > EVERY_SECONDS
+    if tr.acc.num_processes > 1:
+        flags = torch.tensor([float(due), float(tr.stop)], device=tr.acc.device)
+        due, tr.stop = (bool(x) for x in (tr.acc.reduce(flags, "max") > 0).tolist())
+    return due
 
 
 def validate(tr: Trainer) -> tuple[np.ndarray, np.ndarray]:
@@ -448,36 +499,101 @@ def run_epoch(tr: Trainer, epoch: int) -> dict:
         better = tr.best is None or key > (tr.best["val_weighted_f1"], -tr.best["val_loss"])
     if better:  # one assignment: an interrupt while the state is copied must not pair this row with the last
         tr.best, tr.best_state = row, kept_state(tr.unwrapped)
+    if tr.checkpointing and epoch < tr.cfg.train.epochs:
+        path = save_checkpoint(tr, epoch + 1, 0, tr.generator.get_state(), (0.0, 0))
+        tr.last_checkpoint = time.monotonic()
+        if tr.stop:
+            raise Preempted(path)
     return row
 
 
-def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towers: dict | None = None) -> dict:
+def fit(
+    cfg: RunConfig,
+    out: str | Path,
+    cache: FeatureCache | None = None,
+    towers: dict | None = None,
+    resume: bool = False,
+) -> dict:
     """Trains a model on ``cfg.data`` into the run directory ``out``; returns the kept epoch's validation metrics.
 
-    Ctrl-C after the first epoch saves the kept epoch so far, then raises ``TrainingInterrupted`` (with the result).
-    ``towers`` shares already built towers between runs of the same config (only sensible with frozen towers).
+    Checkpoints go to ``out/checkpoints`` (``mmfuse.checkpoint``) and ``resume`` continues from the latest. SIGTERM
+    writes one at the next optimizer step and raises ``Preempted``; Ctrl-C after the first epoch saves the kept epoch
+    so far, then raises ``TrainingInterrupted`` (with the result). ``towers`` shares already built towers between
+    runs of the same config (only sensible with frozen towers).
     """
     start = time.perf_counter()
-    tr = setup(cfg, out, cache, towers)
-    interrupted, threads = False, torch.get_num_threads()
-    if not tr.cfg.tuned and tr.acc.device.type == "cpu":
-        # A head on cached features does matrix products of a few hundred kFLOPs: thread hand-offs cost more than
-        # they save (one thread ran 4x faster here, 20x when another process shared the cores).
-        torch.set_num_threads(1)
-    try:
-        for epoch in range(1, tr.cfg.train.epochs + 1):
-            run_epoch(tr, epoch)
-    except KeyboardInterrupt:
-        if tr.best_state is None:
-            raise
-        interrupted = True
-        log.warning("interrupted: saving the best epoch so far (%d) to %s", tr.best["epoch"], tr.out)
-    finally:
-        torch.set_num_threads(threads)
-    result = save(tr, interrupted, time.perf_counter() - start)
-    if interrupted:
-        raise TrainingInterrupted(result)
+    with run_lock(Path(out)):
+        tr = setup(cfg, out, cache, towers)
+        tr.checkpointing = True
+        first = 1
+        if resume:
+            found = checkpoints(tr.out)
+            if not found:
+                raise MmfuseError(f"--resume: {tr.out} holds no checkpoint to continue from; train without --resume.")
+            first, done, generator_state, totals = load_checkpoint(tr, found[-1])
+            tr.resume_at = (generator_state, done, totals) if done else None
+            if not done:
+                tr.generator.set_state(generator_state)
+        interrupted, threads = False, torch.get_num_threads()
+        if not tr.cfg.tuned and tr.acc.device.type == "cpu":
+            # A head on cached features does matrix products of a few hundred kFLOPs: thread hand-offs cost more
+            # than they save (one thread ran 4x faster here, 20x when another process shared the cores).
+            torch.set_num_threads(1)
+        previous = _on_sigterm(tr)
+        try:
+            for epoch in range(first, tr.cfg.train.epochs + 1):
+                run_epoch(tr, epoch)
+        except KeyboardInterrupt:
+            if tr.best_state is None:
+                raise
+            interrupted = True
+            log.warning("interrupted: saving the best epoch so far (%d) to %s", tr.best["epoch"], tr.out)
+        finally:
+            torch.set_num_threads(threads)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        result = save(tr, interrupted, time.perf_counter() - start)
+        if interrupted:
+            raise TrainingInterrupted(result)
+        if tr.acc.is_main_process and not tr.cfg.train.keep_checkpoints:
+            shutil.rmtree(tr.out / CHECKPOINTS, ignore_errors=True)
     return result
+
+
+def _on_sigterm(tr: Trainer):
+    """SIGTERM (what schedulers, spot instances and ``timeout`` send) asks the loop to checkpoint and stop; returns
+    the handler it replaced (None off the main thread, where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame) -> None:
+        tr.stop = True
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Refuses a second training into the same directory while one runs (it would replace the first's files as
+    they are written); an advisory lock on the directory itself, so nothing is left behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    if os.name != "posix":
+        yield
+        return
+    import fcntl  # here, not at the top: POSIX only
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MmfuseError(
+                f"--out {out}: another mmfuse train is writing into this directory now; wait for it, or choose "
+                "another --out."
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
@@ -513,15 +629,28 @@ def write_run(
     result: dict,
     frozen_weights: Path | None = None,
 ) -> None:
-    cfg.to_yaml(out / "config.yaml")
-    (out / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
-    save_model(model, out, tuned, frozen_weights)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    with open(out / "history.csv", "w", newline="") as f:
+    """Writes the run's files into ``out/.staging``, then moves them into place with metrics.json, the mark of a
+    finished run, removed first and put back last: a kill while writing never leaves a directory that looks finished,
+    nor a finished one that mixes two runs' files."""
+    stage = out / STAGING
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    cfg.to_yaml(stage / "config.yaml")
+    (stage / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
+    save_model(model, stage, tuned, frozen_weights, base=out)
+    with open(stage / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         w.writerows(history)
-    metrics.plot_history(history, out / "training_curves.png")
+    metrics.plot_history(history, stage / "training_curves.png")
     if "val" in result:
         report = result["val"]
-        metrics.plot_confusion(np.array(report["confusion_matrix"]), labels, out / "val_confusion_matrix.png")
+        metrics.plot_confusion(np.array(report["confusion_matrix"]), labels, stage / "val_confusion_matrix.png")
+    (stage / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out / "metrics.json").unlink(missing_ok=True)
+    for item in sorted(stage.iterdir(), key=lambda p: p.name == "metrics.json"):
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    stage.rmdir()
