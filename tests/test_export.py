@@ -77,12 +77,15 @@ def test_predict_onnx_backend_matches_torch(runs, name, tmp_path):
     assert [r["image"] for r in o] == [r["image"] for r in t] and list(o[0]) == list(t[0])
 
 
-def test_readme_example_runs(runs, tmp_path):
-    """The snippet the export writes into its README.md, run as written (with a real image and text)."""
+@pytest.mark.parametrize("readme", ["export", "project"])
+def test_readme_example_runs(runs, readme):
+    """The snippet the export writes into its README.md, and the project README's, run as written (with a real image
+    and the packaged run's export)."""
     out = runs["pk"] / "export"
-    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    text = (out / "README.md" if readme == "export" else Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(import json\n.*?)```", text, re.S).group(1)
     image = runs["data"] / read_csv(runs["data"] / "test.csv")[0]["image"]
-    code = code.replace('"cat.png"', repr(str(image)))
+    code = code.replace('"cat.png"', repr(str(image))).replace('"runs/emoji/export"', repr(str(out)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=out.parent.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     classes = json.loads((out / "export.json").read_text())["classes"]
