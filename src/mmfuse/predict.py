@@ -299,9 +299,16 @@ def _is_run(folder: Path) -> bool:
     return (folder / "model.safetensors").is_file() or (folder / "labels.json").is_file()
 
 
-def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False) -> Path:
+def predict_file(
+    run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False, backend="torch", onnx_dir=None
+) -> Path:
     """Writes one row per input image, in input order: row (the input's row, from 0), image, true_label and correct
-    (when the input has labels), label, confidence, p_<class>..."""
+    (when the input has labels), label, confidence, p_<class>...
+
+    ``backend="onnx"`` runs the graph ``mmfuse export`` wrote to ``onnx_dir`` (default RUN/export) instead of torch.
+    """
+    if backend not in ("torch", "onnx"):
+        raise MmfuseError(f"backend must be torch or onnx, got {backend!r}")
     out_csv = Path(out_csv)
     if out_csv.is_dir():
         raise MmfuseError(
@@ -329,7 +336,12 @@ def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="a
         raise MmfuseError(f"--out {out_csv}: {existing} is a file, so no folder can be made there.")
     if not os.access(existing, os.W_OK):
         raise MmfuseError(f"--out {out_csv}: the folder {existing} is not writable.")
-    predictor = Predictor(run_dir, dtype=dtype, compile=compile)
+    if backend == "onnx":
+        from .export import OnnxPredictor, find_export
+
+        predictor = OnnxPredictor(find_export(run_dir, onnx_dir), run_dir)
+    else:
+        predictor = Predictor(run_dir, dtype=dtype, compile=compile)
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
     skipped.unlink(missing_ok=True)
     records = predictor.load_data(data, captions, skip_bad=skip_bad, skipped_csv=skipped)
