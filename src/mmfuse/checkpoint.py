@@ -41,8 +41,18 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 KEEP = 2
 EVERY_SECONDS = 600.0  # at most this long between checkpoints, whatever --checkpoint-every says
-# Settings that may differ between a run and its resumption: they change how it runs, not what it computes.
-FREE_KEYS = {"checkpoint_every", "keep_checkpoints", "num_workers", "skip_bad"}
+# Settings that may differ between a run and its resumption: they change how it runs, not what it computes (the
+# data's paths included: what they hold is fingerprinted on its own, so a moved folder resumes).
+FREE_KEYS = {
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_workers",
+    "skip_bad",
+    "train",
+    "val",
+    "captions",
+    "val_captions",
+}
 _NAME = re.compile(r"^e(\d{4})-s(\d{7})$")
 
 
