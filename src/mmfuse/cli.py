@@ -184,10 +184,10 @@ def cmd_search(args) -> int:
     try:
         rows = search(cfg, args.out, args.trials, space, args.space, args.timeout, fixed, args.overwrite)
     except SearchInterrupted as e:
-        print_leaderboard(e.rows[:5], f"search {args.out}: top 5 of {len(e.rows)} trials")
+        print_leaderboard(e.rows[:5], f"top 5 of {len(e.rows)} trials")
         print(f"interrupted; run the same command again to continue the search in {args.out}", file=sys.stderr)
         return 130
-    print_leaderboard(rows[:5], f"search {args.out}: top 5 of {len(rows)} trials")
+    print_leaderboard(rows[:5], f"top 5 of {len(rows)} trials")
     if rows and rows[0]["state"] == "complete":
         print(
             f"wrote {args.out}/leaderboard.csv and best.yaml (trial {rows[0]['trial']}: "

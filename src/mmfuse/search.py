@@ -412,11 +412,13 @@ def open_study(optuna, storage, out: Path, cfg: RunConfig, params: list[Param]):
         storage=storage,
         direction="maximize",
         load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=cfg.train.seed),
         # Median pruning past the first epochs: a trial whose kept F1 so far is below the median of earlier trials at
         # the same epoch stops there. n_startup_trials: the median of fewer trials says too little.
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
     )
+    # Seeded by the config's seed, offset by the trials already run: a continued study would otherwise draw the
+    # points its first run drew again (TPE samples at random for its first 10 trials).
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.train.seed + len(study.trials))
     # What the trials depend on: continuing a study with other data, flags or space would mix incomparable trials.
     settings = json.loads(
         json.dumps(
