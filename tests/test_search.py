@@ -43,11 +43,10 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def study_states(out):
+def study_trials(out):
     import optuna
 
-    study = optuna.load_study(study_name="mmfuse", storage=f"sqlite:///{out / 'study.sqlite'}")
-    return [t.state.name for t in study.trials]
+    return optuna.load_study(study_name="mmfuse", storage=f"sqlite:///{out / 'study.sqlite'}").trials
 
 
 def test_search_writes_a_leaderboard_and_a_best_config_that_trains_the_same(
@@ -106,9 +105,12 @@ def test_a_killed_search_continues_without_redoing_finished_trials(toy_manifest,
     assert {"000", "001"} <= set(finished)
 
     assert main(search_args(toy_manifest, out)) == 0
-    states = study_states(out)
+    trials = study_trials(out)
+    states = [t.state.name for t in trials]
     assert states.count("COMPLETE") + states.count("PRUNED") == 6
     assert states.count("FAIL") <= 1 and "RUNNING" not in states and "WAITING" not in states
+    for dead in (t for t in trials if t.state.name == "FAIL"):  # the trial killed mid-run ran again, first
+        assert trials[dead.number + 1].params == dead.params and trials[dead.number + 1].state.name != "FAIL"
     # The trials that had finished were kept as they were; the one killed ran again under a new number.
     for name, mtime in finished.items():
         assert (out / "trials" / name / "metrics.json").stat().st_mtime_ns == mtime
