@@ -15,6 +15,7 @@ A space maps config fields to ranges, ``key: {low: 0.0001, high: 0.01, log: true
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from .config import ModelConfig, RunConfig, TrainConfig, resolve
 from .errors import MmfuseError
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ def parse_entry(key, value, source: str) -> tuple[Param, dict, bool]:
             f"{what}: unknown entries {sorted(map(str, unknown))}; an entry may hold {sorted(ENTRY_KEYS)}"
         )
     when = value.get("when") or {}
-    if not isinstance(when, dict) or not all(isinstance(v, list) for v in when.values()):
+    settings = {f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls)}
+    if not isinstance(when, dict) or not all(k in settings and isinstance(v, list) for k, v in when.items()):
         raise MmfuseError(f"{what}: when must map a setting to a list of values, e.g. when: {{text: [minilm]}}")
     none = value.get("none", False) is True
     if "choices" in value:
@@ -471,14 +473,11 @@ def _requeue(study, number: int, params: dict, user_attrs: dict) -> None:
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
     """The data paths made absolute, so best.yaml trains from anywhere."""
-    data = {
-        f.name: os.path.abspath(v)
-        for f in fields(DataConfig)
-        if f.name in ("train", "val", "captions", "val_captions") and (v := getattr(cfg.data, f.name))
-    }
-    cfg = cfg.updated({})
-    for k, v in data.items():
-        setattr(cfg.data, k, v)  # not through updated(): a path made absolute is not a setting the user asked for
+    cfg = copy.deepcopy(cfg)
+    for name in ("train", "val", "captions", "val_captions"):
+        if path := getattr(cfg.data, name):
+            # Not through updated(): a path made absolute is not a setting the user asked for.
+            setattr(cfg.data, name, os.path.abspath(path))
     return cfg
 
 
