@@ -672,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         def compiled_inference(mode: str, bs: int) -> float:
             torch._dynamo.reset()
             pred = Predictor(tmp / "run", device=str(device), dtype="bf16")
-            pred.model = compile_model(pred.model, mode, backend=backend)
+            pred.models = [compile_model(m, mode, backend=backend) for m in pred.models]
             timing: dict = {}
             try:
                 check(f"bf16 weights, {mode} compile vs fp32 logits", lambda: bf16_error(pred), BF16_TOLERANCE)

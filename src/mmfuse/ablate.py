@@ -13,6 +13,7 @@ import torch
 
 from . import metrics
 from .config import RunConfig, resolve
+from .data import read_data
 from .errors import MmfuseError
 from .model import build_model
 from .predict import evaluate_file
@@ -53,13 +54,7 @@ def ablate(
     # One cache object for the three runs, holding what it reads: each feature file is read once, not per run.
     cache = cache if cache is not None else FeatureCache(memory=True)
     jobs = []
-    for name, modalities in VARIANTS.items():
-        changes = {"model": {"modalities": modalities}}
-        if len(modalities) == 1:
-            changes["model"]["modality_dropout"] = 0.0
-            if cfg.train.tune in ("text", "image") and cfg.train.tune not in modalities:
-                changes["train"] = {"tune": "head"}
-        run_cfg = cfg.updated(changes)
+    for name, run_cfg in variant_configs(cfg).items():
         run_dir = Path(fusion_dir) if name == "fusion" and fusion_dir else out / name
         jobs.append((name, run_cfg, run_dir, test, test_captions, cache))
     # Frozen towers are identical in all three runs: build them once. Fine-tuned ones are changed by each run.
@@ -93,12 +88,24 @@ def ablate(
 _SHARED_TOWERS: dict | None = None  # shared with the forked workers of ``ablate``
 
 
+def variant_configs(cfg: RunConfig) -> dict[str, RunConfig]:
+    """Each variant's config: the same settings, except that a single-modality run with no tower for ``--tune text``
+    or ``--tune image`` to tune trains a head on frozen features, with the head's own budget unless one was set."""
+    out = {}
+    for name, modalities in VARIANTS.items():
+        changes = {"model": {"modalities": modalities}}
+        if len(modalities) == 1:
+            changes["model"]["modality_dropout"] = 0.0
+            if cfg.train.tune in ("text", "image") and cfg.train.tune not in modalities:
+                changes["train"] = {"tune": "head"}
+        out[name] = cfg.updated(changes)
+    return out
+
+
 def _check_test_data(cfg: RunConfig, test: str | Path, test_captions: str | None) -> None:
     """--test is read (not yet checked row by row) before three models are trained: a missing or malformed file, or
     a label the training data lacks, would otherwise stop the ablation only at its end (and a rerun then needed
     --overwrite). Labels are compared from the files alone; with --skip-bad, rows of unknown labels are skipped."""
-    from .data import read_data
-
     test_labels = {r.label for r in read_data(test, test_captions, need_label=True)[0]}
     if cfg.data.skip_bad:
         return

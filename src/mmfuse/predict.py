@@ -15,14 +15,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from . import metrics
+from .captioning import fill_missing_captions
 from .config import DTYPES
 from .data import CHARS_PER_TOKEN, Record, clip_text, image_hashes, load_checked, read_data, text_problem
 from .errors import MmfuseError
 from .images import load_image, to_rgb
-from .model import RUN_FILES, load_model
+from .model import RUN_FILES, MultimodalClassifier, load_models
 from .paths import mmfuse_home
 from .report import input_row, write_errors
 from .sources import FeatureCache, MultimodalDataset, batch_collate, build_dataset
+from .speed import compile_model
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,8 @@ class Predictor:
     """A trained model loaded from its run directory, with no network.
 
     Args:
-        run_dir: what ``fit`` wrote.
+        run_dir: what ``fit`` wrote; for a bagged run (``mmfuse train --bag K``), its members' probabilities are
+            averaged (or its refit model used, when it has one).
         device: default: CUDA where available, else CPU.
         dtype: how the model computes. ``fp32``; ``autocast``: fp32 weights under bf16 autocast, which casts every
             weight again on every call; ``bf16``: the weights cast to bf16 once, the inputs cast to match,
@@ -69,18 +72,22 @@ class Predictor:
             raise MmfuseError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.run_dir = Path(run_dir)
         self.device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.cfg, self.classes = load_model(self.run_dir)
+        self.models, self.cfg, self.classes = load_models(self.run_dir)
         if dtype == "auto":
             dtype = "autocast" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.dtype = dtype
         self.weight_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        self.model.to(self.device)
-        if dtype == "bf16":
-            self.model.to(torch.bfloat16)  # a tower built later follows the model's dtype (build_tower)
+        for model in self.models:
+            model.to(self.device)
+            if dtype == "bf16":
+                model.to(torch.bfloat16)  # a tower built later follows the model's dtype (build_tower)
         if compile:
-            from .speed import compile_model
+            self.models = [compile_model(model) for model in self.models]
 
-            self.model = compile_model(self.model)
+    @property
+    def model(self) -> MultimodalClassifier:
+        """The (first) model: a bag's members share their towers' specs, so its inputs serve them all."""
+        return self.models[0]
 
     @property
     def accepts_missing_text(self) -> bool:
@@ -162,7 +169,7 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, batch: dict) -> torch.Tensor:
-        """The model's output for one batch of its inputs (tower inputs or cached features), on the device.
+        """The (first) model's output for one batch of its inputs (tower inputs or cached features), on the device.
 
         Floating-point inputs are cast to the weights' dtype; bench/train_throughput.py checks that bf16 logits,
         either way, stay within 1e-2 of fp32.
@@ -173,8 +180,12 @@ class Predictor:
 
     @torch.inference_mode()
     def probs(self, batch: dict) -> np.ndarray:
-        """Softmax probabilities (N, classes) for one batch, computed in fp32 and copied to the host."""
-        return self.logits(batch).float().softmax(-1).cpu().numpy()
+        """Softmax probabilities (N, classes) for one batch, computed in fp32 and copied to the host; a bag's
+        members' are averaged."""
+        batch = {k: self._to_device(v) for k, v in batch.items()}
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == "autocast"):
+            probs = [model(**batch).float().softmax(-1) for model in self.models]
+        return (probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)).cpu().numpy()
 
     def _to_device(self, v):
         if isinstance(v, dict):
@@ -211,8 +222,6 @@ class Predictor:
             "(give it text, caption the images, or retrain with --modality-dropout 0.2)",
         )
         if self.cfg.data.caption_missing and any(not r.text.strip() for r in records):
-            from .captioning import fill_missing_captions
-
             records = fill_missing_captions(records, self.cfg.data.caption_missing, self.run_dir / "captions.csv")
         return records
 
@@ -290,9 +299,16 @@ def _is_run(folder: Path) -> bool:
     return (folder / "model.safetensors").is_file() or (folder / "labels.json").is_file()
 
 
-def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False) -> Path:
+def predict_file(
+    run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False, backend="torch", onnx_dir=None
+) -> Path:
     """Writes one row per input image, in input order: row (the input's row, from 0), image, true_label and correct
-    (when the input has labels), label, confidence, p_<class>..."""
+    (when the input has labels), label, confidence, p_<class>...
+
+    ``backend="onnx"`` runs the graph ``mmfuse export`` wrote to ``onnx_dir`` (default RUN/export) instead of torch.
+    """
+    if backend not in ("torch", "onnx"):
+        raise MmfuseError(f"backend must be torch or onnx, got {backend!r}")
     out_csv = Path(out_csv)
     if out_csv.is_dir():
         raise MmfuseError(
@@ -320,7 +336,12 @@ def predict_file(run_dir, data, out_csv, captions=None, skip_bad=False, dtype="a
         raise MmfuseError(f"--out {out_csv}: {existing} is a file, so no folder can be made there.")
     if not os.access(existing, os.W_OK):
         raise MmfuseError(f"--out {out_csv}: the folder {existing} is not writable.")
-    predictor = Predictor(run_dir, dtype=dtype, compile=compile)
+    if backend == "onnx":
+        from .export import OnnxPredictor, find_export
+
+        predictor = OnnxPredictor(find_export(run_dir, onnx_dir), run_dir)
+    else:
+        predictor = Predictor(run_dir, dtype=dtype, compile=compile)
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
     skipped.unlink(missing_ok=True)
     records = predictor.load_data(data, captions, skip_bad=skip_bad, skipped_csv=skipped)

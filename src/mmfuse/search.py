@@ -46,9 +46,21 @@ KEY_MODALITY = {
     "vision_pooling": "image",
     "image_size": "image",
 }
-# Settings a search must not vary: the space is per --tune mode, the seed is what makes a trial reproducible, and the
-# rest change how a run computes, not what it learns.
-NOT_SEARCHED = {"tune", "seed", "mixed_precision", "compile", "trust_remote_code", "modalities"}
+# Settings a search must not vary: the space is per --tune mode, the seed is what makes a trial reproducible, a trial
+# is one run (no bag), and the rest change how a run computes or is kept, not what it learns.
+NOT_SEARCHED = {
+    "tune",
+    "seed",
+    "mixed_precision",
+    "compile",
+    "trust_remote_code",
+    "modalities",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "bag",
+    "bag_groups",
+    "refit_full",
+}
 SEARCHABLE = {
     f.name: section
     for section, cls in (("model", ModelConfig), ("train", TrainConfig))

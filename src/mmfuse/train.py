@@ -11,11 +11,17 @@ and ``save``. ``fit`` runs them; the throughput benchmark times the same ``train
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
+import os
+import shutil
+import signal
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +35,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import metrics
+from .captioning import fill_missing_captions
+from .checkpoint import CHECKPOINTS, EVERY_SECONDS, checkpoints, data_fingerprint, load_checkpoint, save_checkpoint
 from .config import RunConfig, TrainConfig, resolve
 from .data import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
 from .errors import MmfuseError
@@ -38,6 +46,16 @@ from .speed import compile_model
 
 log = logging.getLogger(__name__)
 LOSS_EVERY = 25  # read the loss back to the host only this often: each read is a device sync
+STAGING = ".staging"  # where a run's files are written before they are moved into place
+PLAIN_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
+class Preempted(Exception):
+    """SIGTERM during training, raised once a checkpoint is written: ``--resume`` continues from it."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"stopped by SIGTERM; checkpoint {checkpoint}")
+        self.checkpoint = checkpoint
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -88,19 +106,57 @@ def check_out_dir(out: Path, data: str | None) -> None:
         )
 
 
-def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], list[str]]:
-    """Train and validation records, checked; bad rows stop here, or are skipped into RUN/skipped.csv."""
+def load_records(cfg: RunConfig, out: Path, path: str | None = None, labels=None) -> list[Record]:
+    """The rows of ``path`` (default: the training data), checked; bad rows stop here, or are skipped into
+    RUN/skipped.csv."""
     d = cfg.data
     need_text = cfg.model.modality_dropout == 0 and "text" in cfg.model.modalities and not d.caption_missing
-    common = {
-        "need_text": need_text,
-        "skip_bad": d.skip_bad,
-        "skipped_csv": out / "skipped.csv",
-        "max_chars": cfg.model.max_length * CHARS_PER_TOKEN,
-    }
-    records = load_checked(d.train, captions=d.captions, **common)
+    captions = (d.val_captions or d.captions) if path is not None else d.captions
+    return load_checked(
+        path or d.train,
+        captions=captions,
+        labels=labels,
+        need_text=need_text,
+        skip_bad=d.skip_bad,
+        skipped_csv=out / "skipped.csv",
+        max_chars=cfg.model.max_length * CHARS_PER_TOKEN,
+    )
+
+
+def check_labels(labels: list[str], data) -> list[str]:
+    if len(labels) < 2:
+        raise MmfuseError(f"Training needs at least 2 classes; found {labels} in {data}.")
+    return labels
+
+
+def caption_missing(cfg: RunConfig, records: list[Record], out: Path) -> list[Record]:
+    """Rows without text get a generated caption (``--caption-missing``), cached in RUN/captions.csv."""
+    if not cfg.data.caption_missing or "text" not in cfg.model.modalities:
+        return records
+    return fill_missing_captions(records, cfg.data.caption_missing, out / "captions.csv")
+
+
+FEW_VAL_ROWS, FEW_PER_CLASS = 30, 3
+
+
+def warn_few(val: list[Record]) -> None:
+    """Too few validation rows make the best-epoch choice and the validation score chance: say so."""
+    counts = Counter(r.label for r in val)
+    if len(val) < FEW_VAL_ROWS or min(counts.values()) < FEW_PER_CLASS:
+        log.warning(
+            "only %d validation rows (%d for the rarest class): the best-epoch choice and the validation score are "
+            "unreliable. Pass --val with more rows, --keep last, or --bag 5 (every row validated once).",
+            len(val),
+            min(counts.values()),
+        )
+
+
+def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], list[str]]:
+    """Train and validation records, checked: ``--val``, or a stratified slice of the training data."""
+    d = cfg.data
+    records = load_records(cfg, out)
     if d.val:
-        val = load_checked(d.val, captions=d.val_captions or d.captions, labels=label_list(records), **common)
+        val = load_records(cfg, out, d.val, labels=label_list(records))
         train = records
     else:
         train, val = stratified_split(records, d.val_split, cfg.train.seed)
@@ -109,15 +165,10 @@ def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], 
                 f"No validation rows could be held out of {d.train}: every class has a single row. "
                 "Pass --val with validation data, or add rows."
             )
-    labels = label_list(train)
-    if len(labels) < 2:
-        raise MmfuseError(f"Training needs at least 2 classes; found {labels} in {d.train}.")
-    if d.caption_missing and "text" in cfg.model.modalities:
-        from .captioning import fill_missing_captions
-
-        filled = fill_missing_captions(train + val, d.caption_missing, out / "captions.csv")
-        train, val = filled[: len(train)], filled[len(train) :]
-    return train, val, labels
+    labels = check_labels(label_list(train), d.train)
+    warn_few(val)
+    filled = caption_missing(cfg, train + val, out)
+    return filled[: len(train)], filled[len(train) :], labels
 
 
 def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: FeatureCache | None):
@@ -127,7 +178,7 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
     with acc.main_process_first():  # the main process fills the feature cache; the others then read it
         px = not cfg.data.decode_each_epoch
         train_ds = build_dataset(model, train, y[0], tuned, cache, acc.device, acc.is_main_process, px)
-        val_ds = build_dataset(model, val, y[1], tuned, cache, acc.device, acc.is_main_process, px)
+        val_ds = build_dataset(model, val, y[1], tuned, cache, acc.device, acc.is_main_process, px) if val else None
     generator = torch.Generator().manual_seed(cfg.train.seed)
     # Only decoding image files is worth worker processes: cached features and uint8 images need indexing alone, which
     # workers would only copy between processes (a worker on an H200 did not make the seed job faster:
@@ -149,8 +200,8 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
     train_dl = DataLoader(
         train_ds, cfg.train.batch_size, shuffle=True, drop_last=drop_last, generator=generator, **common
     )
-    val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common)
-    return train_dl, val_dl
+    val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common) if val_ds is not None else None
+    return train_dl, val_dl, generator
 
 
 def tuned_batch_norm(model: MultimodalClassifier, tuned: list[str]) -> list[str]:
@@ -217,13 +268,34 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: LambdaLR
     train_dl: DataLoader
-    val_dl: DataLoader
+    val_dl: DataLoader | None
+    """None: no validation rows (a refit on every row)."""
     labels: list[str]
     n_train: int
     n_val: int
     history: list[dict] = field(default_factory=list)
     best: dict | None = None
     best_state: dict | None = None
+    val_probs: np.ndarray | None = None
+    """The kept epoch's validation probabilities, once saved (a bag's out-of-fold predictions)."""
+    frozen_weights: Path | None = None
+    """Where frozen Hugging Face towers' weights are stored once for several runs (a bag's members)."""
+    generator: torch.Generator | None = None
+    """The training DataLoader's: its state when an epoch begins fixes that epoch's order of batches."""
+    data_fingerprint: str = ""
+    """What a checkpoint was trained on (``checkpoint.data_fingerprint``)."""
+    checkpointing: bool = False
+    """Write checkpoints (after each epoch, every ``checkpoint_every`` steps, on SIGTERM); ``fit`` turns it on."""
+    stop: bool = False
+    """Set by SIGTERM: checkpoint at the next optimizer step and stop."""
+    resume_at: tuple | None = None
+    """(generator state, batches done, (loss sum, rows)) of the epoch to resume, from a checkpoint."""
+    last_checkpoint: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        """What log lines call this run: its directory's name (image, text, fusion in an ablation)."""
+        return self.out.name
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -234,9 +306,22 @@ class Trainer:
         return self.acc.unwrap_model(self.model)
 
 
-def setup(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towers: dict | None = None) -> Trainer:
+def setup(
+    cfg: RunConfig,
+    out: str | Path,
+    cache: FeatureCache | None = None,
+    towers: dict | None = None,
+    splits: tuple[list[Record], list[Record], list[str]] | None = None,
+) -> Trainer:
     """Resolves the config, reads and checks the data, builds the model, its data and its optimizer, prepared by
-    Accelerate. ``towers`` shares already built towers between runs of the same config (only sensible when frozen)."""
+    Accelerate.
+
+    Args:
+        cache: the feature cache (default: ``$MMFUSE_HOME/features``).
+        towers: already built towers shared between runs of the same config (only sensible when frozen).
+        splits: train rows, validation rows (may be empty: no validation) and class names, already read; by
+            default read from ``cfg.data``.
+    """
     out = Path(out)
     check_out_dir(out, cfg.data.train)
     cfg = resolve(cfg)
@@ -247,7 +332,7 @@ def setup(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, to
         out.mkdir(parents=True, exist_ok=True)
         (out / "skipped.csv").unlink(missing_ok=True)
     acc.wait_for_everyone()
-    train, val, labels = load_splits(cfg, out)
+    train, val, labels = splits if splits is not None else load_splits(cfg, out)
     # DDP checks that every process holds the same weights: build every tower everywhere, not only where one embeds.
     towers = towers if towers is not None else {}
     cards = tower_cards(cfg.model, towers, cfg.model.modalities if acc.num_processes > 1 else tuned)
@@ -264,7 +349,7 @@ def setup(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, to
             "batch. Pass --batch-size 2 or more."
         )
     cache = cache if cache is not None else FeatureCache()
-    train_dl, val_dl = loaders(model, train, val, labels, cfg, acc, cache)
+    train_dl, val_dl, generator = loaders(model, train, val, labels, cfg, acc, cache)
     optimizer = make_optimizer(model, cfg.train)
     # Accelerate steps a prepared scheduler once per process for every optimizer step, and not at all on
     # accumulation-only steps; each process sees ceil(batches / processes) batches an epoch.
@@ -273,8 +358,26 @@ def setup(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, to
     scheduler = warmup_cosine(optimizer, int(cfg.train.warmup_ratio * steps), steps)
     if cfg.train.compile:
         model = compile_model(model)  # each encoder layer of the tuned towers (speed.py says why)
-    model, optimizer, train_dl, val_dl, scheduler = acc.prepare(model, optimizer, train_dl, val_dl, scheduler)
-    return Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
+    model, optimizer, train_dl, scheduler = acc.prepare(model, optimizer, train_dl, scheduler)
+    val_dl = acc.prepare(val_dl) if val_dl is not None else None
+    if acc.is_main_process:
+        m = cfg.model
+        log.info(
+            "%s: %d training rows, %d validation rows, %d classes; %s on %s, --tune %s, %d epochs of batch %d on %s",
+            out.name,
+            len(train),
+            len(val),
+            len(labels),
+            " + ".join({"image": m.vision, "text": m.text}[x] for x in m.modalities),
+            "+".join(m.modalities),
+            cfg.train.tune,
+            cfg.train.epochs,
+            cfg.train.batch_size,
+            acc.device,
+        )
+    tr = Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
+    tr.generator, tr.data_fingerprint = generator, data_fingerprint(train, val)
+    return tr
 
 
 def train_step(
@@ -296,31 +399,75 @@ def train_step(
 
 
 def train_epoch(tr: Trainer, epoch: int) -> tuple[float, float]:
-    """One pass over the training data; returns the mean training loss over all processes and the samples/s."""
+    """One pass over the training data (the rest of it, when resuming); returns the mean training loss over all
+    processes and the samples/s. Writes a checkpoint when one is due."""
     t, acc = tr.cfg.train, tr.acc
     tr.model.train()
     params = tr.params
-    total, seen, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
-    # disable=None: a bar only on a terminal
+    generator_state = tr.generator.get_state()  # before this epoch's iterator draws its order from it
+    done, (loss_sum, rows) = 0, (0.0, 0)
+    if tr.resume_at is not None:
+        generator_state, done, (loss_sum, rows) = tr.resume_at
+        tr.generator.set_state(generator_state)
+        tr.resume_at = None
+    total, seen, t0 = torch.tensor(loss_sum, device=acc.device), rows, time.perf_counter()
+    # disable=None: a bar only on a terminal; a log file gets a plain line every PLAIN_EVERY seconds instead, since
+    # a bar's carriage-return updates there make lines thousands of characters long.
     bar = tqdm(
-        tr.train_dl, desc=f"epoch {epoch}/{t.epochs}", leave=False, disable=None if acc.is_main_process else True
+        acc.skip_first_batches(tr.train_dl, done) if done else tr.train_dl,
+        desc=f"{tr.name} epoch {epoch}/{t.epochs}",
+        leave=False,
+        disable=None if acc.is_main_process else True,
+        initial=done,
+        total=len(tr.train_dl),
     )
-    for step, batch in enumerate(bar, start=1):
-        loss, rows = train_step(
-            tr.model, batch, tr.optimizer, tr.scheduler, acc, params, t.grad_clip, t.label_smoothing
-        )
+    plain = acc.is_main_process and bar.disable
+    last = t0
+    for step, batch in enumerate(bar, start=done + 1):
+        loss, n = train_step(tr.model, batch, tr.optimizer, tr.scheduler, acc, params, t.grad_clip, t.label_smoothing)
         total += loss
-        seen += rows
-        if step % LOSS_EVERY == 0:
-            rate = seen * acc.num_processes / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{total.item() / seen:.4f}", samples_s=f"{rate:.0f}")
+        seen += n
+        now = time.perf_counter()
+        if step % LOSS_EVERY == 0 or (plain and now - last > PLAIN_EVERY):
+            rate = (seen - rows) * acc.num_processes / (now - t0)
+            if plain:
+                last, left = now, (len(tr.train_dl) - step) * (now - t0) / (step - done)
+                log.info(
+                    "%s epoch %d/%d: step %d/%d, loss %.4f, %.0f rows/s, %.0f s left in the epoch",
+                    tr.name,
+                    epoch,
+                    t.epochs,
+                    step,
+                    len(tr.train_dl),
+                    total.item() / seen,
+                    rate,
+                    left,
+                )
+            else:
+                bar.set_postfix(loss=f"{total.item() / seen:.4f}", samples_s=f"{rate:.0f}")
+        if tr.checkpointing and acc.sync_gradients and step < len(tr.train_dl) and checkpoint_due(tr, step):
+            path = save_checkpoint(tr, epoch, step, generator_state, (total.item(), seen))
+            tr.last_checkpoint = time.monotonic()
+            if tr.stop:
+                raise Preempted(path)
     train_loss = acc.reduce(total, "sum").item() / (seen * acc.num_processes)
     if not math.isfinite(train_loss):  # a diverged model predicts NaN: it must not be saved as if trained
         raise MmfuseError(
             f"Training diverged: the loss is {train_loss} in epoch {epoch}. Lower --lr ({t.lr}) or --head-lr "
             f"({t.head_lr or t.lr})."
         )
-    return train_loss, seen * acc.num_processes / (time.perf_counter() - t0)
+    return train_loss, (seen - rows) * acc.num_processes / (time.perf_counter() - t0)
+
+
+def checkpoint_due(tr: Trainer, step: int) -> bool:
+    """Every ``--checkpoint-every`` steps, after ``checkpoint.EVERY_SECONDS``, or when SIGTERM asked to stop; every
+    process must agree, so the flags are reduced across processes."""
+    every = tr.cfg.train.checkpoint_every
+    due = tr.stop or (every is not None and step % every == 0) or time.monotonic() - tr.last_checkpoint > EVERY_SECONDS
+    if tr.acc.num_processes > 1:
+        flags = torch.tensor([float(due), float(tr.stop)], device=tr.acc.device)
+        due, tr.stop = (bool(x) for x in (tr.acc.reduce(flags, "max") > 0).tolist())
+    return due
 
 
 def validate(tr: Trainer) -> tuple[np.ndarray, np.ndarray]:
@@ -331,67 +478,128 @@ def validate(tr: Trainer) -> tuple[np.ndarray, np.ndarray]:
 def run_epoch(tr: Trainer, epoch: int) -> dict:
     """Trains one epoch, validates, and keeps the weights when this epoch is the one to keep; returns its row."""
     train_loss, rate = train_epoch(tr, epoch)
-    probs, y = validate(tr)
-    row = {
-        "epoch": epoch,
-        "train_loss": train_loss,
-        "val_loss": float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean()),
-        **{f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()},
-        "samples_per_s": rate,
-        "lr": tr.scheduler.get_last_lr()[0],
-    }
+    row = {"epoch": epoch, "train_loss": train_loss}
+    if tr.val_dl is not None:
+        probs, y = validate(tr)
+        row["val_loss"] = float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean())
+        row.update({f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()})
+    row.update({"samples_per_s": rate, "lr": tr.scheduler.get_last_lr()[0]})
     tr.history.append(row)
     if tr.acc.is_main_process:
-        log.info(
-            "epoch %d: train loss %.4f, val loss %.4f, val weighted F1 %.4f",
-            epoch,
-            train_loss,
-            row["val_loss"],
-            row["val_weighted_f1"],
-        )
-    if tr.cfg.train.keep == "last":
+        scores = ""
+        if "val_loss" in row:
+            scores = f", val loss {row['val_loss']:.4f}, val weighted F1 {row['val_weighted_f1']:.4f}"
+        log.info("%s epoch %d: train loss %.4f%s", tr.name, epoch, train_loss, scores)
+    if tr.cfg.train.keep == "last" or tr.val_dl is None:
         better = True  # each finished epoch replaces the one before, so an interrupt keeps the last one
     else:
-        better = tr.best is None or row["val_weighted_f1"] > tr.best["val_weighted_f1"]
+        # Ties in F1 (common on small validation sets) go to the lower validation loss: the first epoch to reach a
+        # score is rarely the best trained, and a refit after bagging trains for the members' kept epochs.
+        key = (row["val_weighted_f1"], -row["val_loss"])
+        better = tr.best is None or key > (tr.best["val_weighted_f1"], -tr.best["val_loss"])
     if better:  # one assignment: an interrupt while the state is copied must not pair this row with the last
         tr.best, tr.best_state = row, kept_state(tr.unwrapped)
+    if tr.checkpointing and epoch < tr.cfg.train.epochs:
+        path = save_checkpoint(tr, epoch + 1, 0, tr.generator.get_state(), (0.0, 0))
+        tr.last_checkpoint = time.monotonic()
+        if tr.stop:
+            raise Preempted(path)
     return row
 
 
-def fit(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, towers: dict | None = None) -> dict:
+def fit(
+    cfg: RunConfig,
+    out: str | Path,
+    cache: FeatureCache | None = None,
+    towers: dict | None = None,
+    resume: bool = False,
+) -> dict:
     """Trains a model on ``cfg.data`` into the run directory ``out``; returns the kept epoch's validation metrics.
 
-    Ctrl-C after the first epoch saves the kept epoch so far, then raises ``TrainingInterrupted`` (with the result).
-    ``towers`` shares already built towers between runs of the same config (only sensible with frozen towers).
+    Checkpoints go to ``out/checkpoints`` (``mmfuse.checkpoint``) and ``resume`` continues from the latest. SIGTERM
+    writes one at the next optimizer step and raises ``Preempted``; Ctrl-C after the first epoch saves the kept epoch
+    so far, then raises ``TrainingInterrupted`` (with the result). ``towers`` shares already built towers between
+    runs of the same config (only sensible with frozen towers).
     """
     start = time.perf_counter()
-    tr = setup(cfg, out, cache, towers)
-    interrupted, threads = False, torch.get_num_threads()
-    if not tr.cfg.tuned and tr.acc.device.type == "cpu":
-        # A head on cached features does matrix products of a few hundred kFLOPs: thread hand-offs cost more than
-        # they save (one thread ran 4x faster here, 20x when another process shared the cores).
-        torch.set_num_threads(1)
-    try:
-        for epoch in range(1, tr.cfg.train.epochs + 1):
-            run_epoch(tr, epoch)
-    except KeyboardInterrupt:
-        if tr.best_state is None:
-            raise
-        interrupted = True
-        log.warning("interrupted: saving the best epoch so far (%d) to %s", tr.best["epoch"], tr.out)
-    finally:
-        torch.set_num_threads(threads)
-    result = save(tr, interrupted, time.perf_counter() - start)
-    if interrupted:
-        raise TrainingInterrupted(result)
+    with run_lock(Path(out)):
+        tr = setup(cfg, out, cache, towers)
+        tr.checkpointing = True
+        first = 1
+        if resume:
+            found = checkpoints(tr.out)
+            if not found:
+                raise MmfuseError(f"--resume: {tr.out} holds no checkpoint to continue from; train without --resume.")
+            first, done, generator_state, totals = load_checkpoint(tr, found[-1])
+            tr.resume_at = (generator_state, done, totals) if done else None
+            if not done:
+                tr.generator.set_state(generator_state)
+        interrupted, threads = False, torch.get_num_threads()
+        if not tr.cfg.tuned and tr.acc.device.type == "cpu":
+            # A head on cached features does matrix products of a few hundred kFLOPs: thread hand-offs cost more
+            # than they save (one thread ran 4x faster here, 20x when another process shared the cores).
+            torch.set_num_threads(1)
+        previous = _on_sigterm(tr)
+        try:
+            for epoch in range(first, tr.cfg.train.epochs + 1):
+                run_epoch(tr, epoch)
+        except KeyboardInterrupt:
+            if tr.best_state is None:
+                raise
+            interrupted = True
+            log.warning("interrupted: saving the best epoch so far (%d) to %s", tr.best["epoch"], tr.out)
+        finally:
+            torch.set_num_threads(threads)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        result = save(tr, interrupted, time.perf_counter() - start)
+        if interrupted:
+            raise TrainingInterrupted(result)
+        if tr.acc.is_main_process and not tr.cfg.train.keep_checkpoints:
+            shutil.rmtree(tr.out / CHECKPOINTS, ignore_errors=True)
     return result
+
+
+def _on_sigterm(tr: Trainer):
+    """SIGTERM (what schedulers, spot instances and ``timeout`` send) asks the loop to checkpoint and stop; returns
+    the handler it replaced (None off the main thread, where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame) -> None:
+        tr.stop = True
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Refuses a second training into the same directory while one runs (it would replace the first's files as
+    they are written); an advisory lock on the directory itself, so nothing is left behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    if os.name != "posix":
+        yield
+        return
+    import fcntl  # here, not at the top: POSIX only
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MmfuseError(
+                f"--out {out}: another mmfuse train is writing into this directory now; wait for it, or choose "
+                "another --out."
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
     """Restores the kept epoch's weights, reports them on validation, and writes the run directory."""
     # Only now restore the kept weights: evaluating is cheap, writing a checkpoint every epoch is not.
     tr.unwrapped.load_state_dict(tr.best_state)
-    probs, y = validate(tr)
     result = {
         "best_epoch": tr.best["epoch"],
         "epochs_run": len(tr.history),
@@ -400,23 +608,49 @@ def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
         "n_val": tr.n_val,
         "train_seconds": seconds,
         "num_processes": tr.acc.num_processes,
-        "val": metrics.full_report(y, probs.argmax(1), tr.labels),
     }
+    if tr.val_dl is not None:
+        tr.val_probs, y = validate(tr)
+        result["val"] = metrics.full_report(y, tr.val_probs.argmax(1), tr.labels)
+        result["val_interval"] = metrics.bootstrap_interval(y, tr.val_probs.argmax(1), seed=tr.cfg.train.seed)
     if tr.acc.is_main_process:
-        write_run(tr.out, tr.cfg, tr.labels, tr.unwrapped, tr.cfg.tuned, tr.history, result)
+        write_run(tr.out, tr.cfg, tr.labels, tr.unwrapped, tr.cfg.tuned, tr.history, result, tr.frozen_weights)
     tr.acc.wait_for_everyone()
     return result
 
 
-def write_run(out: Path, cfg: RunConfig, labels, model, tuned: list[str], history: list[dict], result: dict) -> None:
-    cfg.to_yaml(out / "config.yaml")
-    (out / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
-    save_model(model, out, tuned)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    with open(out / "history.csv", "w", newline="") as f:
+def write_run(
+    out: Path,
+    cfg: RunConfig,
+    labels,
+    model,
+    tuned: list[str],
+    history: list[dict],
+    result: dict,
+    frozen_weights: Path | None = None,
+) -> None:
+    """Writes the run's files into ``out/.staging``, then moves them into place with metrics.json, the mark of a
+    finished run, removed first and put back last: a kill while writing never leaves a directory that looks finished,
+    nor a finished one that mixes two runs' files."""
+    stage = out / STAGING
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    cfg.to_yaml(stage / "config.yaml")
+    (stage / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
+    save_model(model, stage, tuned, frozen_weights, base=out)
+    with open(stage / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         w.writerows(history)
-    metrics.plot_history(history, out / "training_curves.png")
-    report = result["val"]
-    metrics.plot_confusion(np.array(report["confusion_matrix"]), labels, out / "val_confusion_matrix.png")
+    metrics.plot_history(history, stage / "training_curves.png")
+    if "val" in result:
+        report = result["val"]
+        metrics.plot_confusion(np.array(report["confusion_matrix"]), labels, stage / "val_confusion_matrix.png")
+    (stage / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out / "metrics.json").unlink(missing_ok=True)
+    for item in sorted(stage.iterdir(), key=lambda p: p.name == "metrics.json"):
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    stage.rmdir()

@@ -1,0 +1,246 @@
+"""Load and bad-request benchmark of ``mmfuse serve`` on a run directory, against local servers only (127.0.0.1).
+
+    python bench/serve.py runs/quickstart             # 32 clients x 1,000 requests, batched and --max-batch 1
+    python bench/serve.py runs/quickstart --small     # 32 clients x 10 requests: a check that it all works
+
+For each of ``--max-batch 64`` (the default) and ``--max-batch 1`` it starts ``mmfuse serve RUN --port 0`` in a
+subprocess, waits for /readyz, and has 32 concurrent clients send single-row multipart requests (image + text, the
+rows of the run's validation data, or --data) over keep-alive connections. Every answer is checked against
+``mmfuse.load(RUN).predict`` on the same row (same label, probabilities within 1e-4). Printed per server: requests/s,
+p50/p99 latency, 5xx count, dropped connections (transport errors) and wrong answers; then the throughput ratio. The
+batched server also gets the fixed bad-request list (truncated JPEG, 0-byte upload, 50 MB upload, 20k x 20k PNG,
+non-UTF-8 text, missing fields, wrong JSON types): each must be a 4xx, and a correct answer must follow. Each server
+is stopped with SIGTERM and must exit 0. Exit code 1 when any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Server:
+    """``mmfuse serve`` in a subprocess on a free port of 127.0.0.1."""
+
+    def __init__(self, run: Path, *args: str, timeout: float = 300):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        cmd = [sys.executable, "-m", "mmfuse", "serve", str(run), "--host", "127.0.0.1", "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        for line in self.proc.stderr:
+            self.log.append(line)
+            if m := re.search(r"on http://127\.0\.0\.1:(\d+)/", line):
+                self.url = f"http://127.0.0.1:{m.group(1)}"
+                break
+        else:
+            raise SystemExit("the server did not start:\n" + "".join(self.log))
+        # Drained on a thread, so a full pipe never blocks the server's logging.
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(self.url + "/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > end or self.proc.poll() is not None:
+                self.proc.kill()
+                raise SystemExit("the server never became ready:\n" + "".join(self.log))
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -9
+
+
+def rows_of(run: Path, data: str | None, limit: int) -> tuple[list[tuple[bytes, str, str]], np.ndarray, list[str]]:
+    """(image bytes, file name, text) of up to ``limit`` rows, with the library's probabilities for each."""
+    import mmfuse
+
+    predictor = mmfuse.load(run)
+    if data is None:
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["data"]
+        data = cfg.get("val") or cfg["train"]
+    records = predictor.load_data(data)[:limit]
+    expected = predictor.predict([r.image for r in records], [r.text for r in records]).probs
+    return [(r.image.read_bytes(), r.image.name, r.text) for r in records], expected, predictor.classes
+
+
+async def load(url: str, rows, expected, classes, clients: int, per_client: int, deadline: float) -> dict:
+    """``clients`` concurrent clients, each sending ``per_client`` requests one after another."""
+    latencies, statuses, dropped, wrong = [], {}, [], 0
+
+    async def client(k: int, http: httpx.AsyncClient) -> None:
+        nonlocal wrong
+        for j in range(per_client):
+            if time.monotonic() > deadline:
+                dropped.append("the benchmark's time limit was reached")
+                return
+            i = (k * per_client + j) % len(rows)
+            image, name, text = rows[i]
+            start = time.perf_counter()
+            try:
+                r = await http.post("/v1/predict", files={"image": (name, image)}, data={"text": text})
+            except httpx.TransportError as e:
+                dropped.append(f"{type(e).__name__}: {e}")
+                continue
+            latencies.append(time.perf_counter() - start)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                answer = r.json()
+                probs = np.array(list(answer["probabilities"].values()))
+                if answer["label"] != classes[int(expected[i].argmax())] or np.abs(probs - expected[i]).max() > 1e-4:
+                    wrong += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(k, http) for k in range(clients)))
+        seconds = time.perf_counter() - start
+    lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    return {
+        "requests": len(latencies),
+        "seconds": seconds,
+        "rps": len(latencies) / seconds,
+        "p50": float(np.percentile(lat, 50)),
+        "p99": float(np.percentile(lat, 99)),
+        "5xx": sum(n for s, n in statuses.items() if s >= 500),
+        "other": {s: n for s, n in statuses.items() if s != 200},
+        "dropped": len(dropped),
+        "dropped_first": dropped[:3],
+        "wrong": wrong,
+    }
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height pixels, compressed row by row (never held decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row, idat = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8), []
+    for _ in range(height):
+        idat.append(packer.compress(row))
+    idat.append(packer.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b"")
+
+
+def bad_requests(image: bytes, text: str) -> dict[str, dict]:
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(image)).convert("RGB").save(jpeg, "JPEG")
+    form = lambda data, t=text: {"files": {"image": ("x.png", data)}, "data": {"text": t}}  # noqa: E731
+    json_ = {"content-type": "application/json"}
+    b64 = base64.b64encode(image).decode()
+    return {
+        "truncated JPEG": form(jpeg.getvalue()[: len(jpeg.getvalue()) // 2]),
+        "0-byte upload": form(b""),
+        "50 MB upload": form(os.urandom(50 * 2**20)),
+        "20k x 20k PNG": form(huge_png(20_000, 20_000)),
+        "non-UTF-8 text": {"files": {"image": ("x.png", image)}, "data": {"text": "caf\xe9".encode("latin-1")}},
+        "missing image": {"json": {"text": text}},
+        "missing text": {"files": {"image": ("x.png", image)}},
+        "empty JSON object": {"json": {}},
+        "image a number": {"json": {"image": 5, "text": text}},
+        "text a list": {"json": {"image": b64, "text": [text]}},
+        "items an object": {"json": {"items": {"image": b64, "text": text}}},
+        "malformed JSON": {"content": b'{"image": "', "headers": json_},
+        "no body": {"content": b"", "headers": json_},
+        "wrong content type": {"content": text.encode(), "headers": {"content-type": "text/plain"}},
+    }
+
+
+def check_bad_requests(url: str, rows, expected, classes) -> bool:
+    image, name, text = rows[0]
+    ok = True
+    print("\nbad requests (each must be a 4xx with a JSON error):")
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for what, kwargs in bad_requests(image, text).items():
+            try:
+                r = http.post("/v1/predict", **kwargs)
+                status, error = r.status_code, r.json().get("error")
+            except (httpx.TransportError, ValueError) as e:
+                status, error = None, f"{type(e).__name__}: {e}"
+            good = status is not None and 400 <= status < 500
+            ok &= good
+            print(f"  {'ok  ' if good else 'FAIL'} {what:20s} {status} {error}")
+        r = http.post("/v1/predict", files={"image": (name, image)}, data={"text": text})
+        right = r.status_code == 200 and r.json()["label"] == classes[int(expected[0].argmax())]
+        probs = np.array(list(r.json()["probabilities"].values())) if r.status_code == 200 else None
+        right &= probs is not None and np.abs(probs - expected[0]).max() <= 1e-4
+    print(f"  {'ok  ' if right else 'FAIL'} a correct answer after them: {r.status_code}")
+    return ok and right
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="run directory made by mmfuse train (e.g. runs/quickstart)")
+    p.add_argument("--requests", type=int, default=1000, help="requests per client")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients")
+    p.add_argument("--small", action="store_true", help="10 requests per client: a quick check")
+    p.add_argument("--data", help="manifest whose rows are sent (default: the run's validation data)")
+    p.add_argument("--rows", type=int, default=256, help="distinct rows to cycle through")
+    p.add_argument("--max-batch", type=int, default=64, help="--max-batch of the batched server")
+    p.add_argument("--time-limit", type=float, default=3600, help="seconds each load phase may take at most")
+    args = p.parse_args(argv)
+    per_client = 10 if args.small else args.requests
+
+    rows, expected, classes = rows_of(args.run, args.data, args.rows)
+    print(f"{len(rows)} rows of {args.run}, {args.clients} clients x {per_client} requests, {os.cpu_count()} CPUs")
+    results, ok = {}, True
+    for max_batch in (args.max_batch, 1):
+        server = Server(args.run, "--max-batch", str(max_batch))
+        try:
+            deadline = time.monotonic() + args.time_limit
+            r = asyncio.run(load(server.url, rows, expected, classes, args.clients, per_client, deadline))
+            results[max_batch] = r
+            if max_batch == args.max_batch:
+                ok &= check_bad_requests(server.url, rows, expected, classes)
+        finally:
+            code = server.stop()
+        r["exit"] = code
+        ok &= r["5xx"] == 0 and r["dropped"] == 0 and r["wrong"] == 0 and not r["other"] and code == 0
+        if r["dropped_first"]:
+            print("  dropped:", *r["dropped_first"], sep="\n    ")
+    print("\n| --max-batch | requests | requests/s | p50 ms | p99 ms | 5xx | dropped | wrong | other status | exit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for max_batch, r in results.items():
+        print(
+            f"| {max_batch} | {r['requests']:,} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['5xx']} | "
+            f"{r['dropped']} | {r['wrong']} | {r['other'] or '-'} | {r['exit']} |"
+        )
+    if len(results) == 2:
+        ratio = results[args.max_batch]["rps"] / results[1]["rps"]
+        print(f"\nmicro-batching: {ratio:.2f}x the requests/s of --max-batch 1")
+    print("all checks passed" if ok else "SOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,646 @@
+"""Exporting a run to one ONNX graph, checked against the torch model before anything may use it; and running it.
+
+    mmfuse export runs/quickstart --out runs/quickstart/export             # synthetic rows for the parity gate
+    mmfuse export runs/quickstart --out runs/quickstart/export --data val.csv   # real rows for it
+    mmfuse predict runs/quickstart data.csv --out preds.csv --backend onnx
+
+The graph takes what the towers' preprocessing makes (token ids and attention mask, int64; pixels already resized
+and normalised, float32 N x 3 x H x W) and gives ``logits`` and ``probs``, with dynamic batch and sequence axes.
+Preprocessing stays outside it, written beside it as data (``export.json``, ``tokenizer/``): tokenizers and PIL do
+it better than a graph would, and a deployment can batch and cache around it.
+
+``present`` (bool, N x modalities) is an input only of two-modality models trained with modality dropout, the only
+ones that learned what a missing text means; every other graph treats all modalities as present, as ``Predictor``
+does (it refuses rows without text for such models).
+
+The parity gate runs the graph in onnxruntime, through the preprocessing written beside it, against
+``Predictor.predict`` on the same raw rows (batch sizes 1, 2 and 7; short texts and texts at max_length tokens;
+images of several sizes) and refuses the export when any probability differs by more than 1e-4 or any top-1 differs.
+onnx and onnxruntime are the optional extra ``mmfuse[export]``, imported only here and only when used.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .data import Record, load_checked
+from .errors import MmfuseError
+from .images import load_image
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install 'mmfuse[export]'"
+TOLERANCE = 1e-4
+"""Largest absolute difference in any probability the parity gate accepts."""
+PARITY_BATCHES = (1, 2, 7)
+PARITY_SEED = 0
+# Odd shapes on purpose: the resize to the tower's size must agree for any input, not only square ones.
+SYNTHETIC_SIZES = [(64, 64), (37, 23), (300, 200), (20, 500), (128, 96), (33, 33), (640, 480)]
+# What an export directory holds: replaced as a whole by the next export, nothing else in it is touched.
+EXPORT_FILES = ("model.onnx", "model.onnx.data", "model.failed.onnx", "export.json", "README.md")
+EXPORT_DIRS = ("tokenizer", "image_processor")
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def require_onnx():
+    """onnx and onnxruntime, or an error naming the extra that installs them."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise MmfuseError(
+            f"Exporting to ONNX and --backend onnx need onnx and onnxruntime ({e.name or e} is not installed): "
+            f"{INSTALL}"
+        ) from None
+    return onnx, onnxruntime
+
+
+class ExportWrapper(nn.Module):
+    """The graph's signature over ``MultimodalClassifier.forward``: flat tensors in, logits and probabilities out."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = dict(zip(self.names, tensors))
+        image = {"pixel_values": x["pixel_values"]} if "pixel_values" in x else None
+        text = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]} if "input_ids" in x else None
+        logits = self.model(image=image, text=text, present=x.get("present"))
+        return logits, logits.float().softmax(-1)
+
+
+def graph_inputs(modalities: Sequence[str], accepts_missing: bool) -> list[str]:
+    """The graph's input names, in order: a text-only or image-only model has only its own."""
+    names = ["input_ids", "attention_mask"] * ("text" in modalities) + ["pixel_values"] * ("image" in modalities)
+    return names + ["present"] * (len(modalities) > 1 and accepts_missing)
+
+
+def image_preprocess(tower) -> dict:
+    """What turns an image into the graph's ``pixel_values``: the tower's resize and normalisation as numbers, or,
+    for a Hugging Face processor that does more (crops, pads), its saved files."""
+    spec = getattr(tower, "pixel_spec", None)
+    if spec is None:
+        return {"processor": "image_processor"}
+    return {**spec.to_dict(), "resample_name": RESAMPLE_NAMES.get(spec.resample, str(spec.resample))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running an export: the same code the parity gate checks
+
+
+class OnnxPredictor:
+    """An exported graph in onnxruntime, with the preprocessing written beside it.
+
+    Args:
+        export_dir: what ``export_run`` wrote (``model.onnx``, ``export.json``, ``tokenizer/``).
+        run_dir: the run it was exported from, for ``predict_records``' data checks (``load_data``); it must be the
+            run whose weights were exported.
+        threads: onnxruntime's intra-op threads (default: its own choice, one per physical core).
+    """
+
+    def __init__(self, export_dir: str | Path, run_dir: str | Path | None = None, threads: int | None = None):
+        _, ort = require_onnx()
+        self.dir = Path(export_dir)
+        self.info = read_export(self.dir)
+        self.classes: list[str] = self.info["classes"]
+        self.modalities: list[str] = self.info["modalities"]
+        self.input_names: list[str] = list(self.info["inputs"])
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        # onnxruntime's threads otherwise spin for a while after each call, taking the cores from whatever runs next
+        # (the next batch's decoding and tokenizing; torch in the benchmark): measured on 2 cores, torch beside a
+        # spinning session ran 10x slower.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        pre = self.info["preprocess"]
+        self.tokenizer = self.processor = self.pixel_spec = None
+        if "text" in pre:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.dir / pre["text"]["tokenizer"])
+            self.max_length = int(pre["text"]["max_length"])
+        if "image" in pre and "processor" in pre["image"]:
+            from transformers import AutoImageProcessor
+
+            self.processor = AutoImageProcessor.from_pretrained(self.dir / pre["image"]["processor"])
+        elif "image" in pre:
+            self.pixel_spec = pre["image"]
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            self._check_run()
+
+    def _check_run(self) -> None:
+        from .config import RunConfig
+
+        run = self.run_dir
+        if not run.is_dir() or not all(
+            (run / f).is_file() for f in ("config.yaml", "labels.json", "model.safetensors")
+        ):
+            raise MmfuseError(f"{run} is not an mmfuse run directory (config.yaml, labels.json, model.safetensors).")
+        # A run retrained after its export would be predicted by the old weights without a word.
+        weights = run / "model.safetensors"
+        if sha256(weights) != self.info.get("run_weights_sha256"):
+            raise MmfuseError(
+                f"The export in {self.dir} was made from other weights than {weights} (the run was trained again "
+                f"since, or the export is of another run): export again with mmfuse export {self.run_dir} --out "
+                f"{self.dir}."
+            )
+        self.cfg = RunConfig.from_yaml(self.run_dir / "config.yaml")
+
+    @property
+    def accepts_missing_text(self) -> bool:
+        return bool(self.info["accepts_missing_text"])
+
+    @property
+    def max_chars(self) -> int:
+        from .data import CHARS_PER_TOKEN
+
+        return self.cfg.model.max_length * CHARS_PER_TOKEN
+
+    def load_data(self, data, captions=None, need_label=False, skip_bad=False, skipped_csv=None) -> list[Record]:
+        """Checked records, exactly as the torch backend reads them (``Predictor.load_data``)."""
+        from .predict import Predictor
+
+        if self.run_dir is None:
+            raise MmfuseError("OnnxPredictor.load_data needs the run directory the graph was exported from")
+        return Predictor.load_data(self, data, captions, need_label, skip_bad, skipped_csv)
+
+    def feeds(self, images: Sequence[Image.Image] | None, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The graph's inputs for RGB images and texts (an empty text: missing, where the model allows it)."""
+        out = {}
+        if "input_ids" in self.input_names:
+            enc = self.tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+            )
+            out["input_ids"] = enc["input_ids"].astype(np.int64)
+            out["attention_mask"] = enc["attention_mask"].astype(np.int64)
+        if "pixel_values" in self.input_names:
+            out["pixel_values"] = self.pixels(images)
+        if "present" in self.input_names:
+            has_text = np.array([bool(t.strip()) for t in texts])
+            cols = [has_text if m == "text" else np.ones(len(texts), bool) for m in self.modalities]
+            out["present"] = np.stack(cols, 1)
+        return out
+
+    def pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, 3, H, W) float32: the tower's resize, then (x * scale - mean) / std."""
+        if self.processor is not None:
+            return np.asarray(self.processor(list(images), return_tensors="np")["pixel_values"], dtype=np.float32)
+        p = self.pixel_spec
+        size = (p["width"], p["height"])
+        x = np.stack([np.asarray(im.resize(size, p["resample"]), dtype=np.float32) for im in images])
+        x = (x * np.float32(p["scale"]) - np.float32(p["mean"])) / np.float32(p["std"])
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+
+    def predict(self, images: Sequence[Image.Image] | None, texts: Sequence[str]) -> np.ndarray:
+        """Probabilities (N, classes) for one batch of RGB images and texts, columns in ``classes`` order."""
+        feeds = self.feeds(images, texts)
+        return self.session.run(["probs"], feeds)[0]
+
+    def predict_records(self, records: list[Record], batch_size: int | None = None, show: bool = True) -> np.ndarray:
+        """Probabilities for checked records, as ``Predictor.predict_records`` gives them."""
+        batch_size = batch_size or 64
+        uses_images = "image" in self.modalities
+        out = []
+        for start in range(0, len(records), batch_size):
+            rows = records[start : start + batch_size]
+            images = [load_image(r.image) for r in rows] if uses_images else None
+            out.append(self.predict(images, [r.text for r in rows]))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+
+def read_export(export_dir: Path) -> dict:
+    """export.json of an export that passed its parity gate, or an error that says what to run."""
+    info_path = export_dir / "export.json"
+    if export_dir.is_file():
+        raise MmfuseError(f"{export_dir} is a file; give the directory mmfuse export --out wrote.")
+    if not info_path.is_file():
+        raise MmfuseError(
+            f"{export_dir} holds no ONNX export (no export.json); make one with mmfuse export RUN --out DIR."
+        )
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MmfuseError(f"{info_path} is damaged ({e}); export again.") from None
+    if info.get("status") != "passed":
+        raise MmfuseError(
+            f"The export in {export_dir} failed its parity gate ({info.get('error', 'see export.json')}) and must "
+            "not be used; predict with --backend torch."
+        )
+    if not (export_dir / "model.onnx").is_file():
+        raise MmfuseError(f"{export_dir}/model.onnx is missing; export again.")
+    return info
+
+
+def find_export(run_dir: str | Path, onnx_dir: str | Path | None = None) -> Path:
+    """The export ``predict --backend onnx`` runs: ``onnx_dir``, or RUN/export."""
+    where = Path(onnx_dir) if onnx_dir is not None else Path(run_dir) / "export"
+    if not (where / "export.json").is_file() and not where.is_file():
+        given = f"--onnx {where}" if onnx_dir is not None else f"{where} (the default place)"
+        raise MmfuseError(
+            f"--backend onnx needs an exported graph, and there is none in {given}: run "
+            f"mmfuse export {run_dir} --out {where} first."
+        )
+    return where
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exporting
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_out(run_dir: Path, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise MmfuseError(f"--out {out} is a file; give a directory for the export (e.g. {run_dir / 'export'}).")
+    if out.resolve() == run_dir.resolve():
+        raise MmfuseError(
+            f"--out {out} is the run directory itself; give a folder of its own, e.g. {run_dir / 'export'}."
+        )
+    if (out / "model.safetensors").exists() or (out / "labels.json").exists():
+        raise MmfuseError(f"--out {out} holds a trained run; give a new directory for the export.")
+    if out.is_dir() and not (out / "export.json").exists() and any(out.iterdir()):
+        # An earlier export (its export.json) is replaced; anyone else's files are not ours to mix a graph into.
+        raise MmfuseError(f"--out {out} already holds other files; give a new or empty directory for the export.")
+
+
+def _clear(out: Path) -> None:
+    # export.json first: a crash part-way must not leave an old export.json vouching for a new, unchecked graph.
+    for name in ("export.json", *EXPORT_FILES):
+        (out / name).unlink(missing_ok=True)
+    for name in EXPORT_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def export_graph(wrapper: ExportWrapper, example: dict[str, torch.Tensor], path: Path, max_length: int | None) -> dict:
+    """Writes ``wrapper`` as ONNX to ``path``; returns which exporter did and why.
+
+    The dynamo exporter (``torch.export`` then onnxscript) is tried first: it is torch's maintained path, and on
+    torch 2.13 it exports both the packaged towers (EfficientNet-Lite, MiniLM) and Hugging Face ViT/RoBERTa with
+    dynamic batch and sequence axes. The TorchScript exporter is kept as a fallback for towers ``torch.export``
+    cannot trace (data-dependent control flow in remote code), and the reason is recorded.
+    """
+    names = list(example)
+    batch = torch.export.Dim("batch", min=1)
+    dims = {"input_ids": {0: batch}, "attention_mask": {0: batch}, "pixel_values": {0: batch}, "present": {0: batch}}
+    if "input_ids" in example:
+        seq = torch.export.Dim("sequence", min=1, max=max(2, max_length or 512))
+        dims["input_ids"] = dims["attention_mask"] = {0: batch, 1: seq}
+    # Under 2 GB the weights stay inside model.onnx: one file to copy, as the README shows it.
+    small = sum(p.numel() * p.element_size() for p in wrapper.parameters()) < 1.8e9
+    args = tuple(example.values())
+    # The exporter's graph passes log each step at INFO, which the CLI would print as if they were mmfuse's.
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                args,
+                str(path),
+                dynamo=True,
+                input_names=names,
+                output_names=["logits", "probs"],
+                dynamic_shapes=(tuple(dims[n] for n in names),),  # one entry: forward(*tensors)
+                external_data=not small,
+                verbose=False,
+            )
+        return {"name": "dynamo", "why": "torch.onnx.export(dynamo=True) with dynamic_shapes: torch's maintained path"}
+    except Exception as e:  # any failure of torch.export's tracing; the classic exporter may still manage
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        log.warning("the dynamo exporter failed (%s); using the TorchScript exporter", reason)
+    dynamic = {n: {0: "batch", 1: "sequence"} if n in ("input_ids", "attention_mask") else {0: "batch"} for n in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            dynamo=False,
+            input_names=names,
+            output_names=["logits", "probs"],
+            dynamic_axes={**dynamic, "logits": {0: "batch"}, "probs": {0: "batch"}},
+            opset_version=17,
+        )
+    return {"name": "torchscript", "why": f"the dynamo exporter failed: {reason}"}
+
+
+def synthetic_rows(tokenizer, n: int, seed: int = PARITY_SEED) -> tuple[list[Image.Image], list[str]]:
+    """Deterministic rows for the parity gate when no data is given: random images of several sizes, and texts of
+    random words from the tokenizer's vocabulary."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        w, h = SYNTHETIC_SIZES[i % len(SYNTHETIC_SIZES)]
+        images.append(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+    texts = [" ".join(_words(tokenizer, rng, int(rng.integers(3, 9)))) for _ in range(n)]
+    return images, texts
+
+
+def _words(tokenizer, rng: np.random.Generator, n: int) -> list[str]:
+    if tokenizer is None:
+        return ["word"] * n
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(min(tokenizer.vocab_size, 30000)) if i not in special]
+    words = [tokenizer.decode([int(i)]).strip() for i in rng.choice(vocab, size=n * 2)]
+    words = [w for w in words if w.isalpha()] or ["word"]
+    return (words * n)[:n]
+
+
+def long_text(tokenizer, text: str, max_length: int) -> str:
+    """``text`` repeated until it is past ``max_length`` tokens: the tokenizer then cuts it to exactly that."""
+    base = text.strip() or "word"
+    long = base
+    while len(tokenizer(long, truncation=False)["input_ids"]) <= max_length:
+        long = f"{long} {base}"
+    return long
+
+
+def parity_rows(predictor, data: str | Path | None, n: int) -> tuple[list[Image.Image], list[str], str]:
+    """``n`` rows for the parity gate, from ``data`` (cycled if shorter) or made up; and where they came from."""
+    tokenizer = predictor.model.text.tokenizer if "text" in predictor.model.modalities else None
+    if data is None:
+        images, texts = synthetic_rows(tokenizer, n)
+        source = f"synthetic: {n} random images of sizes {SYNTHETIC_SIZES[:n]}, random vocabulary words (seed 0)"
+    else:
+        records = load_checked(data, need_label=False, need_text=False, max_chars=predictor.max_chars)[:n]
+        if not records:
+            raise MmfuseError(f"--data {data} has no rows to check the export on.")
+        images = [load_image(r.image) if "image" in predictor.model.modalities else None for r in records]
+        made, fill = synthetic_rows(tokenizer, n)
+        # Rows without text are filled in for a model that cannot take them (predict would refuse them too).
+        texts = [r.text if r.text.strip() or predictor.accepts_missing_text else fill[i] for i, r in enumerate(records)]
+        images, texts = (images * n)[:n], (texts * n)[:n]
+        source = f"{data}: the first {len(records)} row(s)" + (", cycled" if len(records) < n else "")
+    if predictor.accepts_missing_text and len(predictor.model.modalities) > 1:
+        texts[-1] = ""  # a missing text takes the learned placeholder: the graph's present input must do the same
+    if "image" not in predictor.model.modalities:
+        images = None
+    return images, texts, source
+
+
+def parity_gate(predictor, onnx_predictor: OnnxPredictor, images, texts) -> dict:
+    """Torch (``Predictor.predict`` on raw rows) against the graph (through the written preprocessing), at every
+    batch size of ``PARITY_BATCHES`` with the rows' texts and with texts at max_length tokens."""
+    tokenizer = predictor.model.text.tokenizer if "text" in predictor.model.modalities else None
+    max_length = predictor.model.text.max_length if tokenizer is not None else None
+    variants = {"short": texts}
+    if tokenizer is not None:
+        variants["long"] = [long_text(tokenizer, t, max_length) if t else t for t in texts]
+    cases, worst, mismatched, checked = [], 0.0, 0, 0
+    for kind, these in variants.items():
+        for b in PARITY_BATCHES:
+            ims = images[:b] if images is not None else None
+            ref = predictor.predict(ims, these[:b], batch_size=b).probs
+            got = onnx_predictor.predict(ims, these[:b])
+            diff = float(np.abs(ref - got).max())
+            top1 = int((ref.argmax(1) != got.argmax(1)).sum())
+            tokens = int(onnx_predictor.feeds(ims, these[:b])["attention_mask"].sum(1).max()) if tokenizer else None
+            cases.append({"batch": b, "texts": kind, "tokens": tokens, "max_abs_diff": diff, "top1_differs": top1})
+            worst, mismatched, checked = max(worst, diff), mismatched + top1, checked + b
+    return {
+        "max_abs_diff": worst,
+        "top1_differs": mismatched,
+        "rows_checked": checked,
+        "tolerance": TOLERANCE,
+        "batch_sizes": list(PARITY_BATCHES),
+        "texts": list(variants),
+        "passed": worst <= TOLERANCE and mismatched == 0,
+        "cases": cases,
+    }
+
+
+def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = None, fmt: str = "onnx") -> dict:
+    """Exports a run to ``out`` and checks the graph against the torch model.
+
+    Args:
+        run_dir: what ``mmfuse train`` wrote.
+        out: the export directory (replaced if it holds an earlier export).
+        data: a manifest or folder whose first rows the parity gate uses; default: deterministic synthetic rows.
+        fmt: only ``onnx``.
+
+    Returns:
+        What ``out/export.json`` holds.
+
+    Raises:
+        MmfuseError: bad arguments, onnx missing, or the graph failing its parity gate (the export is then marked
+            failed: ``status: failed`` in export.json, the graph renamed model.failed.onnx).
+    """
+    if fmt != "onnx":
+        raise MmfuseError(f"--format {fmt}: only onnx is supported")
+    onnx, ort = require_onnx()
+    from . import __version__
+    from .predict import Predictor
+
+    run_dir, out = Path(run_dir), Path(out)
+    _check_out(run_dir, out)
+    predictor = Predictor(run_dir, device="cpu", dtype="fp32")  # errors for a directory that is not a run
+    model = predictor.model
+    for m in model.modalities:  # frozen packaged towers are built only when needed: the graph needs them all
+        model.build_tower(m)
+    model.eval()
+    images, texts, source = parity_rows(predictor, data, max(PARITY_BATCHES))
+
+    out.mkdir(parents=True, exist_ok=True)
+    _clear(out)
+    accepts_missing = predictor.accepts_missing_text
+    names = graph_inputs(model.modalities, accepts_missing)
+    preprocess = {}
+    if "text" in model.modalities:
+        model.text.tokenizer.save_pretrained(out / "tokenizer")
+        preprocess["text"] = {
+            "tokenizer": "tokenizer",
+            "max_length": model.text.max_length,
+            "padding": "longest in the batch",
+            "truncation": True,
+        }
+    if "image" in model.modalities:
+        preprocess["image"] = image_preprocess(model.vision)
+        if "processor" in preprocess["image"]:
+            model.vision.processor.save_pretrained(out / "image_processor")
+
+    example = _example(model, names, preprocess)
+    wrapper = ExportWrapper(model, names).eval()
+    with torch.inference_mode(False), torch.no_grad():
+        exporter = export_graph(wrapper, example, out / "model.onnx", preprocess.get("text", {}).get("max_length"))
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    exporter["opset"] = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+    info = {
+        "format": "onnx",
+        "status": "checking",
+        "model": "model.onnx",
+        "run": str(run_dir.resolve()),
+        "run_weights_sha256": sha256(run_dir / "model.safetensors"),
+        "classes": predictor.classes,
+        "modalities": model.modalities,
+        "inputs": {n: _describe(n, preprocess, len(model.modalities)) for n in names},
+        "outputs": {"logits": "float32 (batch, classes)", "probs": "float32 (batch, classes), softmax of logits"},
+        "accepts_missing_text": accepts_missing,
+        "present": "an input: False marks a missing text"
+        if "present" in names
+        else "not an input: every modality is taken as present (the model was not trained with modality dropout)",
+        "preprocess": preprocess,
+        "exporter": exporter,
+        "versions": {
+            "mmfuse": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+        },
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    # The gate reads the graph and the preprocessing back from the files, exactly as a user of the export will.
+    (out / "export.json").write_text(json.dumps({**info, "status": "passed"}, indent=2), encoding="utf-8")
+    try:
+        report = parity_gate(predictor, OnnxPredictor(out), images, texts)
+    except BaseException:
+        (out / "export.json").unlink(missing_ok=True)
+        raise
+    info["parity"] = {"rows": source, **report}
+    if not report["passed"]:
+        info["status"] = "failed"
+        info["error"] = (
+            f"max |probability difference| {report['max_abs_diff']:.2e} (limit {TOLERANCE:.0e}), "
+            f"top-1 differs on {report['top1_differs']} of {report['rows_checked']} rows"
+        )
+        (out / "model.onnx").rename(out / "model.failed.onnx")
+        (out / "export.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        raise MmfuseError(
+            f"The exported graph does not match the torch model: {info['error']}. It is kept for inspection as "
+            f"{out / 'model.failed.onnx'}, marked failed in {out / 'export.json'}, and --backend onnx refuses it."
+        )
+    info["status"] = "passed"
+    (out / "README.md").write_text(export_readme(out, info), encoding="utf-8")
+    (out / "export.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return info
+
+
+def _example(model, names: list[str], preprocess: dict) -> dict[str, torch.Tensor]:
+    """Inputs to trace with. Batch 2 and 7 tokens: torch.export specialises sizes 0 and 1, and equal sizes can be
+    taken for the same dimension."""
+    b, t = 2, min(7, max(2, preprocess.get("text", {}).get("max_length", 7)))
+    out = {}
+    if "input_ids" in names:
+        tok = model.text.tokenizer
+        ids = torch.full((b, t), tok.unk_token_id if tok.unk_token_id is not None else 1, dtype=torch.long)
+        out["input_ids"], out["attention_mask"] = ids, torch.ones(b, t, dtype=torch.long)
+    if "pixel_values" in names:
+        spec = model.vision.pixel_spec
+        h, w = (spec.height, spec.width) if spec is not None else _processor_size(model.vision.processor)
+        out["pixel_values"] = torch.zeros(b, 3, h, w)
+    if "present" in names:
+        out["present"] = torch.ones(b, len(model.modalities), dtype=torch.bool)
+    return out
+
+
+def _processor_size(processor) -> tuple[int, int]:
+    blank = Image.new("RGB", (64, 64))
+    shape = processor([blank], return_tensors="np")["pixel_values"].shape
+    return int(shape[-2]), int(shape[-1])
+
+
+def _describe(name: str, preprocess: dict, n_modalities: int) -> str:
+    if name in ("input_ids", "attention_mask"):
+        return f"int64 (batch, sequence), sequence <= {preprocess['text']['max_length']}; tokenizer/ pads and truncates"
+    if name == "present":
+        return f"bool (batch, {n_modalities}), columns in modalities order; False: that input is missing"
+    image = preprocess["image"]
+    if "processor" in image:
+        return "float32 (batch, 3, H, W) from image_processor/ (transformers AutoImageProcessor)"
+    return (
+        f"float32 (batch, 3, {image['height']}, {image['width']}): RGB resized ({image['resample_name']}), "
+        "then x * scale - mean) / std per channel"
+    )
+
+
+README = """# ONNX export of {run}
+
+`model.onnx` is the whole classifier (both towers and the fusion head), exported by `mmfuse export` with the
+{exporter} exporter (opset {opset}) and checked against the torch model before it was written as passed: largest
+probability difference {diff}, no top-1 different, over {rows} rows at batch sizes {batches} (see `export.json`).
+
+Inputs: {inputs}. Outputs: `logits` and `probs` (softmax), columns in the order of `classes` in `export.json`.
+Preprocessing is not in the graph; it is written here: `tokenizer/` (padding to the longest text, truncation at
+`max_length`), the image size, resample filter, scale, mean and std under `preprocess` in `export.json`.
+
+```python
+import json
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from transformers import AutoTokenizer
+
+d = "{out}"
+info = json.load(open(f"{{d}}/export.json"))
+session = ort.InferenceSession(f"{{d}}/model.onnx", providers=["CPUExecutionProvider"])
+images, texts = [Image.open("{image}").convert("RGB")], ["{text}"]
+feeds = {{}}
+{body}probs = session.run(["probs"], feeds)[0]
+print([info["classes"][i] for i in probs.argmax(1)], probs.max(1))
+```
+"""
+
+TEXT_FEEDS = """tok = AutoTokenizer.from_pretrained(f"{d}/tokenizer")
+n = info["preprocess"]["text"]["max_length"]
+enc = tok(texts, padding=True, truncation=True, max_length=n, return_tensors="np")
+feeds["input_ids"] = enc["input_ids"].astype(np.int64)
+feeds["attention_mask"] = enc["attention_mask"].astype(np.int64)
+"""
+IMAGE_FEEDS = """p = info["preprocess"]["image"]
+x = np.stack([np.asarray(im.resize((p["width"], p["height"]), p["resample"]), np.float32) for im in images])
+feeds["pixel_values"] = ((x * p["scale"] - np.float32(p["mean"])) / np.float32(p["std"])).transpose(0, 3, 1, 2)
+"""
+PROCESSOR_FEEDS = """from transformers import AutoImageProcessor
+processor = AutoImageProcessor.from_pretrained(f"{d}/image_processor")
+feeds["pixel_values"] = processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+"""
+PRESENT_FEEDS = """has_text = np.array([bool(t.strip()) for t in texts])  # False: missing, the learned placeholder
+feeds["present"] = np.stack([has_text if m == "text" else has_text | True for m in info["modalities"]], 1)
+"""
+
+
+def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a grinning cat face") -> str:
+    """The export's README: what it holds, how it was checked, and a complete onnxruntime example for this graph's
+    inputs."""
+    body = ""
+    if "input_ids" in info["inputs"]:
+        body += TEXT_FEEDS
+    if "pixel_values" in info["inputs"]:
+        body += PROCESSOR_FEEDS if "processor" in info["preprocess"]["image"] else IMAGE_FEEDS
+    if "present" in info["inputs"]:
+        body += PRESENT_FEEDS
+    parity = info["parity"]
+    return README.format(
+        run=Path(info["run"]).name,
+        exporter=info["exporter"]["name"],
+        opset=info["exporter"]["opset"],
+        diff=f"{parity['max_abs_diff']:.1e}",
+        rows=parity["rows_checked"],
+        batches=", ".join(map(str, parity["batch_sizes"])),
+        inputs=", ".join(f"`{n}`" for n in info["inputs"]),
+        out=out.as_posix(),
+        image=image,
+        text=text,
+        body=body,
+    )
