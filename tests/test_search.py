@@ -172,3 +172,8 @@ def test_import_and_help_do_not_import_optuna():
         [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC}, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "False"
+
+
+def test_search_refuses_a_bag_and_says_how_to_bag_the_best(toy_manifest, tmp_path, capsys):
+    assert main(search_args(toy_manifest, tmp_path / "search", 6, "--bag", "3")) == 2
+    assert "mmfuse train --config OUT/best.yaml --bag K" in capsys.readouterr().err
