@@ -23,7 +23,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
-from .datasets.emoji import DATASET_NAME, build_emoji, export_summary
+from .datasets import emoji
 from .errors import MmfuseError
 from .model import RUN_FILES
 
@@ -163,7 +163,10 @@ def cmd_train(args) -> int:
         # skipped.csv and captions.csv are what an unfinished run leaves behind for the next: not someone else's.
         ours = RUN_FILES - {"skipped.csv", "captions.csv"}
         keep_earlier_work(args.out, args.overwrite, ("metrics.json",), ours)
-    cfg.data.train = args.data
+    cfg.data.train = args.data or cfg.data.train  # a config such as a search's best.yaml names its data
+    if not cfg.data.train:
+        raise MmfuseError("Give the training data: mmfuse train DATA --out RUN (or a --config that names data.train).")
+    args.data = cfg.data.train
     if cfg.data.val and Path(cfg.data.val).resolve() == Path(args.data).resolve():
         log.warning("--val is the training data itself: the validation scores will flatter the model")
     try:
@@ -195,6 +198,44 @@ def cmd_train(args) -> int:
         print("interrupted before the first epoch (or member) finished: nothing was saved", file=sys.stderr)
         return 130
     print_training(result, args.out)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .search import SearchInterrupted, load_space, search
+
+    if args.trials < 1:
+        raise MmfuseError(f"--trials must be >= 1, got {args.trials}")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise MmfuseError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    out_dir(args.out)
+    cfg = run_config(args)
+    resolve(cfg)  # mistakes in the settings stop here, before the study is opened
+    if cfg.train.bag > 1:
+        raise MmfuseError(
+            "mmfuse search trains each trial as one run, not a bag: leave --bag out, then train the best config as a "
+            "bag with mmfuse train --config OUT/best.yaml --bag K --out RUN."
+        )
+    cfg.data.train = args.data
+    space = load_space(args.space) if args.space else None
+    # What the user set with flags (or a preset) stays as set: the default space leaves those keys out.
+    preset = PRESETS.get(args.preset or "", {})
+    fixed = {*given(args, ModelConfig), *given(args, TrainConfig), *(k for sec in preset.values() for k in sec)}
+    if not args.verbose:  # a line per trial, not per epoch of every trial
+        logging.getLogger("mmfuse.train").setLevel(logging.WARNING)
+    try:
+        rows = search(cfg, args.out, args.trials, space, args.space, args.timeout, fixed, args.overwrite)
+    except SearchInterrupted as e:
+        print_leaderboard(e.rows[:5], f"top 5 of {len(e.rows)} trials")
+        print(f"interrupted; run the same command again to continue the search in {args.out}", file=sys.stderr)
+        return 130
+    print_leaderboard(rows[:5], f"top 5 of {len(rows)} trials")
+    if rows and rows[0]["state"] == "complete":
+        print(
+            f"wrote {args.out}/leaderboard.csv and best.yaml (trial {rows[0]['trial']}: "
+            f"{args.out}/trials/{rows[0]['trial']:03d}); train it again with: "
+            f"mmfuse train --config {args.out}/best.yaml --out RUN"
+        )
     return 0
 
 
@@ -297,7 +338,7 @@ def cmd_datasets(args) -> int:
     if target.exists() and not target.is_dir():
         raise MmfuseError(f"--out {args.out} is a file; give a new directory for the dataset.")
     try:
-        ours = json.loads((target / "info.json").read_text(encoding="utf-8")).get("name") == DATASET_NAME
+        ours = json.loads((target / "info.json").read_text(encoding="utf-8")).get("name") == emoji.DATASET_NAME
     except (OSError, ValueError, AttributeError):
         ours = False
     exported = {"all.csv", "train.csv", "val.csv", "test.csv", "skipped.csv", "info.json", "images"}
@@ -306,8 +347,8 @@ def cmd_datasets(args) -> int:
             f"--out {args.out} already holds other files, which the export would replace; give a new or empty "
             "directory."
         )
-    out = build_emoji(args.out, seed=args.seed)
-    print(export_summary(out))
+    out = emoji.build_emoji(args.out, seed=args.seed)
+    print(emoji.export_summary(out))
     return 0
 
 
@@ -367,6 +408,30 @@ def print_summary(results: dict[str, dict], title: str) -> None:
     Console().print(table)
 
 
+def print_leaderboard(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, caption="* the default config")
+    for col in ("trial", "state", "val F1", "val acc", "epoch", "s"):
+        table.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
+    table.add_column("parameters", overflow="fold")
+    metrics = {"trial", "state", "default", "val_weighted_f1", "val_accuracy", "best_epoch", "seconds"}
+    for r in rows:
+        shown = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k not in metrics]
+        f1, acc = r["val_weighted_f1"], r["val_accuracy"]
+        table.add_row(
+            f"{r['trial']}{'*' * r['default']}",
+            r["state"],
+            "" if f1 is None else f"{f1:.4f}",
+            "" if acc is None else f"{acc:.4f}",
+            str(r["best_epoch"] or ""),
+            "" if r["seconds"] is None else f"{r['seconds']:.1f}",
+            " ".join(shown),
+        )
+    Console().print(table)
+
+
 def print_report(report: dict) -> None:
     table = Table(title=f"evaluation on {report['n']} rows")
     for col in ("class", "precision", "recall", "F1", "support"):
@@ -398,7 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune head trains only a head on cached features of both (seconds); --tune all fine-tunes both towers "
         "as the reference does, which wants a GPU.",
     )
-    p.add_argument("data", help="training data: folder ROOT/<label>/<images> or .csv/.jsonl/.parquet manifest")
+    p.add_argument(
+        "data",
+        nargs="?",
+        help="training data: folder ROOT/<label>/<images> or .csv/.jsonl/.parquet manifest (default: the --config "
+        "file's data.train)",
+    )
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument(
         "--resume",
@@ -407,6 +477,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _training_flags(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser(
+        "search",
+        help="search hyperparameters with Optuna (the mmfuse[search] extra)",
+        formatter_class=fmt,
+        description="Train many trials of one config, each a run directory under OUT/trials/, with Optuna's TPE "
+        "sampler and median pruning on validation weighted F1. Trial 0 is the default config. The study lives in "
+        "OUT/study.sqlite: the same command run again continues it (a trial a killed search left unfinished runs "
+        "again). Writes OUT/leaderboard.csv and OUT/best.yaml (mmfuse train --config OUT/best.yaml --out RUN). "
+        "Settings given as flags stay fixed; the others are searched over a default space for --tune, or the "
+        "--space file.",
+    )
+    p.add_argument("data", help="training data: folder ROOT/<label>/<images> or .csv/.jsonl/.parquet manifest")
+    p.add_argument("--out", required=True, help="directory for the study, the trials, leaderboard.csv and best.yaml")
+    p.add_argument("--trials", type=int, required=True, help="trials to complete (or prune), counting earlier runs'")
+    p.add_argument(
+        "--space",
+        help="YAML search space replacing the default: key: {low: 0.0001, high: 0.01, log: true} for numbers, "
+        "key: [a, b] for choices; each key a training or model setting",
+    )
+    p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    _training_flags(p)
+    p.set_defaults(fn=cmd_search)
 
     for verb, fn, helptext in (
         ("evaluate", cmd_evaluate, "score a run on labelled data"),

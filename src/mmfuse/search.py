@@ -1,0 +1,614 @@
+"""Hyperparameter search on Optuna: one config trained many times, each trial a full run directory.
+
+    mmfuse search DATA --val VAL --out DIR --trials 50 --tune head         # heads on cached features: minutes on a CPU
+    mmfuse search DATA --out DIR --trials 20 --tune text --space space.yaml  # a space of your own
+    mmfuse train --config DIR/best.yaml --out RUN                            # the best trial's config, trained again
+
+``DIR`` holds ``study.sqlite`` (the Optuna study: the same command run again continues it), ``trials/NNN/`` (one run
+directory per trial), ``leaderboard.csv`` and ``best.yaml``. A trial trains through ``train.setup``, ``run_epoch`` and
+``save``, so each epoch's validation weighted F1 reaches the pruner; frozen towers' features are embedded once for all
+trials (one ``FeatureCache`` in memory).
+
+A space maps config fields to ranges, ``key: {low: 0.0001, high: 0.01, log: true}``, or to choices, ``key: [a, b]``;
+``SPACES`` holds the default per ``--tune`` mode. Optuna is the ``mmfuse[search]`` extra, imported only here.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from .config import ModelConfig, RunConfig, TrainConfig, resolve
+from .errors import MmfuseError
+
+log = logging.getLogger(__name__)
+
+STUDY = "mmfuse"
+# A high bound that stands for the depth of the tuned towers (their repeated layers), known only from the towers.
+LAYERS = "layers"
+# Keys that mean something only with a tower of that modality in the model.
+KEY_MODALITY = {
+    "text_pooling": "text",
+    "text_layer_mean": "text",
+    "text_layers": "text",
+    "max_length": "text",
+    "vision_pooling": "image",
+    "image_size": "image",
+}
+# Settings a search must not vary: the space is per --tune mode, the seed is what makes a trial reproducible, a trial
+# is one run (no bag), and the rest change how a run computes or is kept, not what it learns.
+NOT_SEARCHED = {
+    "tune",
+    "seed",
+    "mixed_precision",
+    "compile",
+    "trust_remote_code",
+    "modalities",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "bag",
+    "bag_groups",
+    "refit_full",
+}
+SEARCHABLE = {
+    f.name: section
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig))
+    for f in fields(cls)
+    if f.name not in NOT_SEARCHED
+}
+_MINILM_ONLY = {"text": ["minilm"]}  # the ranges below were chosen for MiniLM's 6 layers and its learned pooling
+_HEAD_SPACE = {
+    "lr": {"low": 3e-4, "high": 1e-2, "log": True},
+    "epochs": {"low": 5, "high": 40},
+    "dropout": {"low": 0.0, "high": 0.6},
+    "input_dropout": {"low": 0.0, "high": 0.5},
+    "hidden": [64, 128, 256, 512],
+    "fusion": ["concat", "gated", "attention"],
+    "weight_decay": {"low": 1e-4, "high": 1e-1, "log": True},
+    "text_pooling": {"choices": ["attention", "mean"], "when": _MINILM_ONLY},
+    "text_layer_mean": {"low": 1, "high": 3, "when": _MINILM_ONLY},
+}
+_TOWER_SPACE = {
+    "lr": {"low": 1e-5, "high": 2e-4, "log": True},
+    "head_lr": {"low": 3e-4, "high": 5e-3, "log": True},
+    "epochs": {"low": 2, "high": 8},
+    "dropout": {"low": 0.0, "high": 0.6},
+    "weight_decay": {"low": 1e-4, "high": 1e-1, "log": True},
+    "fusion": ["concat", "gated", "attention"],
+    "tune_layers": {"low": 1, "high": LAYERS, "none": True},  # None: the whole tower
+    "text_pooling": {"choices": ["attention", "mean"], "when": _MINILM_ONLY},
+    "text_layer_mean": {"low": 1, "high": 3, "when": _MINILM_ONLY},
+}
+# The default search space per --tune mode. With --tune image or all the head's rate defaults to --lr (1e-4), so
+# their head_lr range reaches down to it: trial 0 is then the default config.
+SPACES = {
+    "head": _HEAD_SPACE,
+    "text": _TOWER_SPACE,
+    "image": {**_TOWER_SPACE, "head_lr": {"low": 1e-4, "high": 5e-3, "log": True}},
+    "all": {**_TOWER_SPACE, "head_lr": {"low": 1e-4, "high": 5e-3, "log": True}},
+}
+ENTRY_KEYS = {"low", "high", "log", "choices", "when", "none"}
+METRICS = ("val_weighted_f1", "val_accuracy", "best_epoch", "seconds")
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a search, raised once the leaderboard holds the trials that finished."""
+
+    def __init__(self, rows: list[dict]):
+        super().__init__()
+        self.rows = rows
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config field: a number range, or a list of choices."""
+
+    key: str
+    section: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: tuple | None = None
+
+    def suggest(self, trial):
+        if self.choices is not None:
+            return trial.suggest_categorical(self.key, list(self.choices))
+        if self.integer:
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.key, self.low, self.high, log=self.log)
+
+    def holds(self, value) -> bool:
+        if self.choices is not None:
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+    def values(self) -> list:
+        """What the space's checks try: every choice, or both ends of the range."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise MmfuseError(
+            "mmfuse search needs Optuna, an optional extra: pip install 'mmfuse[search]' (or pip install optuna)."
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial comes from here instead
+    return optuna
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The space
+
+
+def load_space(path: str | Path) -> dict:
+    """A ``--space`` YAML file: ``key: {low:, high:, log: true}`` or ``key: [choices]`` per config field."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MmfuseError(f"--space file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise MmfuseError(f"--space {path} is not a readable YAML file: {e}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise MmfuseError(
+            f"--space {path} must map config keys to a range or choices, e.g. lr: {{low: 0.0001, high: 0.01, log: "
+            "true}} and fusion: [concat, gated]"
+        )
+    return raw
+
+
+def _number(value, what: str):
+    # YAML 1.1 reads 1e-3 as text; a space is written with such numbers, so take them as meant.
+    if isinstance(value, str) and value != LAYERS:
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if value != LAYERS and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise MmfuseError(f"{what} must be a number, got {value!r}")
+    return value
+
+
+def _field_kind(key: str) -> str:
+    cls = ModelConfig if SEARCHABLE[key] == "model" else TrainConfig
+    return next(str(f.type) for f in fields(cls) if f.name == key).split(" |")[0]
+
+
+def parse_entry(key, value, source: str) -> tuple[Param, dict, bool]:
+    """One entry of a space as a ``Param`` (its ``high`` may still be ``LAYERS``), its ``when`` conditions and
+    whether None joins its choices."""
+    if key not in SEARCHABLE:
+        raise MmfuseError(
+            f"{source}: {key!r} is not a setting a search can vary; the keys are: {', '.join(sorted(SEARCHABLE))}"
+        )
+    section, kind, what = SEARCHABLE[key], _field_kind(key), f"{source}: {key}"
+    if isinstance(value, list):
+        value = {"choices": value}
+    if not isinstance(value, dict):
+        raise MmfuseError(
+            f"{what} must be a range, {{low: ..., high: ..., log: true}}, or a list of choices [a, b], got {value!r}"
+        )
+    unknown = set(value) - ENTRY_KEYS
+    if unknown:
+        raise MmfuseError(
+            f"{what}: unknown entries {sorted(map(str, unknown))}; an entry may hold {sorted(ENTRY_KEYS)}"
+        )
+    when = value.get("when") or {}
+    settings = {f.name for cls in (ModelConfig, TrainConfig) for f in fields(cls)}
+    if not isinstance(when, dict) or not all(k in settings and isinstance(v, list) for k, v in when.items()):
+        raise MmfuseError(f"{what}: when must map a setting to a list of values, e.g. when: {{text: [minilm]}}")
+    none = value.get("none", False) is True
+    if "choices" in value:
+        choices = value["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise MmfuseError(f"{what}: choices must be a non-empty list, got {choices!r}")
+        if not all(c is None or isinstance(c, (bool, int, float, str)) for c in choices):
+            raise MmfuseError(f"{what}: each choice must be a number, a name, true/false or null, got {choices!r}")
+        return Param(key, section, choices=tuple(dict.fromkeys(choices))), when, False
+    if kind not in ("int", "float"):
+        raise MmfuseError(f"{what} is a {kind} setting: give it a list of choices, e.g. {key}: [a, b]")
+    if "low" not in value or "high" not in value:
+        raise MmfuseError(f"{what}: a range needs low and high, e.g. {{low: 0.0001, high: 0.01, log: true}}")
+    low, high = _number(value["low"], f"{what}: low"), _number(value["high"], f"{what}: high")
+    log_ = value.get("log", False)
+    if not isinstance(log_, bool):
+        raise MmfuseError(f"{what}: log must be true or false, got {log_!r}")
+    if kind == "int" and not all(v == LAYERS or float(v).is_integer() for v in (low, high)):
+        raise MmfuseError(f"{what} is a whole number: low and high must be whole numbers, got {low} and {high}")
+    if high != LAYERS and not low < high:
+        raise MmfuseError(f"{what}: low ({low}) must be below high ({high})")
+    if log_ and low <= 0:
+        raise MmfuseError(f"{what}: a log range must start above 0, got low {low}")
+    if kind == "int":
+        low, high = int(low), high if high == LAYERS else int(high)
+    return Param(key, section, low, high, log_, kind == "int"), when, none
+
+
+def search_space(raw: dict, cfg: RunConfig, fixed: Collection[str] = (), source: str = "the default space") -> list:
+    """The ``Param``s of ``raw`` that apply to ``cfg``, checked against the config's own rules.
+
+    A key the user fixed with a flag (``fixed``), or that means nothing for this model (a text setting without a text
+    tower, ``when`` not met, tower layers with ``--tune head``), is left out of the default space; in a ``--space``
+    file the first is a contradiction and stops the search, the second is left out with a note.
+    """
+    resolved = resolve(cfg)
+    params = []
+    for key, value in raw.items():
+        param, when, none = parse_entry(key, value, source)
+        if key in fixed:
+            if source != "the default space":
+                raise MmfuseError(
+                    f"--{key.replace('_', '-')} fixes {key}, which {source} also searches: leave one of them out."
+                )
+            log.info("not searching %s: set by --%s", key, key.replace("_", "-"))
+            continue
+        reason = _not_applicable(key, when, resolved)
+        if reason is None and (param.high == LAYERS or key == "tune_layers"):
+            depth = tuned_depth(resolved)
+            if not depth:
+                reason = "a tuned tower has no repeated layers to count"
+            elif param.high == LAYERS:
+                param = Param(key, param.section, param.low, depth, param.log, param.integer)
+            elif any(isinstance(v, int) and v > depth for v in param.values()):
+                raise MmfuseError(f"{source}: tune_layers goes past the {depth} layers of the tuned tower(s)")
+        if reason:
+            log.info("not searching %s: %s", key, reason)
+            continue
+        if none:  # None joins a whole-number range as one more choice: an optional setting's default
+            param = Param(key, param.section, choices=(None, *range(int(param.low), int(param.high) + 1)))
+        for v in param.values():
+            _check_value(cfg, param, v, source)
+        params.append(param)
+    if not params:
+        raise MmfuseError(f"Nothing left to search in {source}: every key is fixed by a flag or does not apply.")
+    return params
+
+
+def _not_applicable(key: str, when: dict, cfg: RunConfig) -> str | None:
+    modality = KEY_MODALITY.get(key)
+    if modality and modality not in cfg.model.modalities:
+        return f"the model has no {modality} tower"
+    for setting, allowed in when.items():
+        value = getattr(cfg.model, setting, getattr(cfg.train, setting, None))
+        if value not in allowed:
+            return f"only with {setting} {', '.join(map(str, allowed))}"
+    if key in ("tune_layers", "head_lr") and not cfg.tuned:
+        return f"--tune {cfg.train.tune} tunes no tower"
+    if key == "modality_dropout" and len(cfg.model.modalities) < 2:
+        return "it needs two modalities"
+    return None
+
+
+def tuned_depth(cfg: RunConfig) -> int:
+    """The fewest repeated layers among the tuned towers (0 when one has none): what --tune-layers may go up to."""
+    from .towers import build_tower, requested_spec
+
+    depths = []
+    for m in cfg.tuned:
+        spec = requested_spec(m, cfg.model)
+        # A packaged text tower's spec counts its layers; others are built (once, at the start) to count them.
+        depths.append(
+            spec.get("layers") or len(build_tower(spec, trust_remote_code=cfg.model.trust_remote_code).layer_groups())
+        )
+    return min(depths, default=0)
+
+
+def _check_value(cfg: RunConfig, param: Param, value, source: str) -> None:
+    """A value of the space through the same checks as its flag, so a bad range stops before any trial."""
+    from .towers import requested_spec
+
+    try:
+        trial_cfg = resolve(cfg.updated({param.section: {param.key: value}}))
+        for m in trial_cfg.model.modalities:
+            requested_spec(m, trial_cfg.model)  # the tower's own limits (--text-layer-mean past its layers)
+    except MmfuseError as e:
+        raise MmfuseError(f"{source}: {param.key} = {value!r} is not a valid setting: {e}") from None
+    except TypeError:
+        raise MmfuseError(f"{source}: {param.key} = {value!r} has the wrong type for that setting") from None
+
+
+def default_values(cfg: RunConfig, params: list[Param]) -> dict:
+    """The resolved config's value of each searched key that its space holds: trial 0's parameters."""
+    resolved = resolve(cfg)
+    values, outside = {}, []
+    for p in params:
+        value = getattr(getattr(resolved, p.section), p.key)
+        if p.holds(value):
+            values[p.key] = value
+        else:
+            outside.append(f"{p.key}={value}")
+    if outside:
+        log.warning("the defaults %s are outside the space: trial 0 samples those instead", ", ".join(outside))
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The study
+
+
+def trial_dir(out: Path, number: int) -> Path:
+    return out / "trials" / f"{number:03d}"
+
+
+def search(
+    cfg: RunConfig,
+    out: str | Path,
+    trials: int,
+    space: dict | None = None,
+    space_source: str | None = None,
+    timeout: float | None = None,
+    fixed: Collection[str] = (),
+    overwrite: bool = False,
+) -> list[dict]:
+    """Searches ``space`` (default: ``SPACES[cfg.train.tune]``) around ``cfg`` until ``trials`` trials have completed
+    or been pruned in the study of ``out``, counting those of earlier runs; returns the leaderboard, best first.
+
+    Args:
+        fixed: the keys the user set with flags: left out of the default space, refused in a given one.
+        timeout: seconds after which no new trial starts (the one running finishes).
+        overwrite: start afresh, deleting an earlier search in ``out``.
+
+    Raises:
+        SearchInterrupted: on Ctrl-C, once the leaderboard holds what finished; the trial that was running is
+            queued again for the next run.
+    """
+    from filelock import FileLock, Timeout
+
+    from .train import check_out_dir
+
+    optuna = _optuna()
+    out = Path(out)
+    check_out_dir(out, cfg.data.train)
+    cfg = absolute_paths(cfg)
+    source = f"--space {space_source}" if space_source else "the default space"
+    params = search_space(space if space is not None else SPACES[cfg.train.tune], cfg, fixed, source)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / "study.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise MmfuseError(f"Another search is running in {out}; wait for it, or give another --out.") from None
+    try:  # with the lock held, a trial left RUNNING in the study belongs to a process that is gone
+        if overwrite:
+            for name in ("study.sqlite", "leaderboard.csv", "best.yaml"):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "trials", ignore_errors=True)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.sqlite').resolve()}")
+        dead = fail_dead(optuna, storage, out)
+        study = open_study(optuna, storage, out, cfg, params)
+        for t in dead:
+            _requeue(study, t.number, t.params, t.user_attrs)
+        if not study.trials:
+            study.enqueue_trial(default_values(cfg, params), user_attrs={"default": True})
+        return _run(optuna, study, cfg, params, out, trials, timeout)
+    finally:
+        lock.release()
+
+
+def _run(optuna, study, cfg: RunConfig, params: list[Param], out: Path, trials: int, timeout: float | None):
+    from .sources import FeatureCache
+
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    # One cache for every trial, holding what it reads: features are embedded (or read from disk) once.
+    cache = FeatureCache(memory=True)
+    start, failures = time.monotonic(), []
+    try:
+        while (done := len(study.get_trials(deepcopy=False, states=done_states))) < trials:
+            if timeout is not None and time.monotonic() - start > timeout:
+                log.warning("--timeout %ss reached after %d of %d trials: no new trial starts", timeout, done, trials)
+                break
+            error = run_trial(optuna, study, cfg, params, out, cache)
+            failures = failures + [error] if error else []
+            if len(failures) >= 3:  # the space leads nowhere (every rate diverges): stop rather than spin
+                raise MmfuseError(f"Three trials in a row failed; the last: {failures[-1]}")
+    except KeyboardInterrupt:
+        raise SearchInterrupted(write_results(optuna, study, params, out)) from None
+    return write_results(optuna, study, params, out)
+
+
+def open_study(optuna, storage, out: Path, cfg: RunConfig, params: list[Param]):
+    """The study in ``out/study.sqlite``, created or continued; a study made with other settings is refused."""
+    study = optuna.create_study(
+        study_name=STUDY,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        # Median pruning past the first epochs: a trial whose kept F1 so far is below the median of earlier trials at
+        # the same epoch stops there. n_startup_trials: the median of fewer trials says too little.
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+    )
+    # Seeded by the config's seed, offset by the trials already run: a continued study would otherwise draw the
+    # points its first run drew again (TPE samples at random for its first 10 trials).
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.train.seed + len(study.trials))
+    # What the trials depend on: continuing a study with other data, flags or space would mix incomparable trials.
+    settings = json.loads(
+        json.dumps(
+            {
+                "config": {s: asdict(getattr(cfg, s)) for s in ("data", "model", "train")},
+                "space": [asdict(p) for p in params],
+            }
+        )
+    )
+    stored = study.user_attrs.get("settings")
+    if stored is None:
+        study.set_user_attr("settings", settings)
+    elif stored != settings:
+        changed = sorted(
+            f"{s}.{k}"
+            for s in ("data", "model", "train")
+            for k in settings["config"][s]
+            if settings["config"][s][k] != stored["config"].get(s, {}).get(k)
+        ) + (["the search space"] if stored["space"] != settings["space"] else [])
+        raise MmfuseError(
+            f"{out} holds a search made with other settings ({', '.join(changed)}); rerun it with the same ones to "
+            "continue it, give another --out, or pass --overwrite to start afresh."
+        )
+    return study
+
+
+def fail_dead(optuna, storage, out: Path) -> list:
+    """Marks the trials a killed search left running as failed (and ``requeued``), deleting their half-written run
+    directories (nothing could load them); returns them, for their parameters to be queued again.
+
+    Done on the storage itself, before the study is loaded, which would cache them as still running."""
+    try:
+        study_id = storage.get_study_id_from_name(STUDY)
+    except KeyError:  # a new study
+        return []
+    dead = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in dead:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, "requeued", True)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        shutil.rmtree(trial_dir(out, t.number), ignore_errors=True)
+    return dead
+
+
+def _requeue(study, number: int, params: dict, user_attrs: dict) -> None:
+    log.warning("trial %d did not finish: queued again", number)
+    keep = {k: v for k, v in user_attrs.items() if k == "default"}
+    study.enqueue_trial(params, user_attrs={**keep, "retry_of": number})
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The data paths made absolute, so best.yaml trains from anywhere."""
+    cfg = copy.deepcopy(cfg)
+    for name in ("train", "val", "captions", "val_captions"):
+        if path := getattr(cfg.data, name):
+            # Not through updated(): a path made absolute is not a setting the user asked for.
+            setattr(cfg.data, name, os.path.abspath(path))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A trial
+
+
+def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, cache) -> str | None:
+    """Trains one trial into ``out/trials/NNN``, reporting each epoch's kept F1 for pruning; returns the error of a
+    trial that failed in training (a diverged loss), None otherwise."""
+    import torch
+
+    from .train import run_epoch, save, setup
+
+    trial = study.ask()
+    values = {p.key: p.suggest(trial) for p in params}
+    changes: dict[str, dict] = {}
+    for p in params:
+        changes.setdefault(p.section, {})[p.key] = values[p.key]
+    run = trial_dir(out, trial.number)
+    shutil.rmtree(run, ignore_errors=True)  # numbers are not reused within a study: this is an --overwrite leftover
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    try:
+        tr = setup(base.updated(changes), run, cache)
+    except BaseException:  # not this trial's doing (the data, a tower, Ctrl-C): the next run retries it
+        _retry_later(optuna, study, trial, run)
+        raise
+    try:
+        if not tr.cfg.tuned and tr.acc.device.type == "cpu":
+            torch.set_num_threads(1)  # as fit does: a head's small matrix products run faster on one thread
+        for epoch in range(1, tr.cfg.train.epochs + 1):
+            run_epoch(tr, epoch)
+            # The kept epoch's F1 so far (the best, or with --keep last the last): what the trial ends with if stopped.
+            trial.report(tr.best["val_weighted_f1"], epoch)
+            if trial.should_prune():
+                _finish(trial, tr.best, time.perf_counter() - start)
+                (run / "pruned.json").write_text(json.dumps({"pruned_after_epoch": epoch, "history": tr.history}))
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                log.info(
+                    "trial %d pruned after epoch %d (val weighted F1 %.4f)",
+                    trial.number,
+                    epoch,
+                    tr.best["val_weighted_f1"],
+                )
+                return None
+        result = save(tr, False, time.perf_counter() - start)
+    except MmfuseError as e:  # a diverged loss: this trial's parameters fail
+        trial.set_user_attr("error", str(e))
+        (run / "failed.json").write_text(json.dumps({"error": str(e), "history": tr.history}))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        log.warning("trial %d failed: %s", trial.number, e)
+        return str(e)
+    except BaseException:  # Ctrl-C or a crash: the trial is not this search's result; the next run retries it
+        _retry_later(optuna, study, trial, run)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    best = {
+        "epoch": result["best_epoch"],
+        "val_weighted_f1": result["val"]["weighted_f1"],
+        "val_accuracy": result["val"]["accuracy"],
+    }
+    _finish(trial, best, result["train_seconds"])
+    study.tell(trial, result["val"]["weighted_f1"])
+    log.info("trial %d: val weighted F1 %.4f in %.1f s", trial.number, best["val_weighted_f1"], result["train_seconds"])
+    return None
+
+
+def _retry_later(optuna, study, trial, run: Path) -> None:
+    """A trial stopped by something other than its parameters: failed, its directory deleted, queued again."""
+    trial.set_user_attr("requeued", True)
+    _requeue(study, trial.number, dict(trial.params), trial.user_attrs)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def _finish(trial, best: dict, seconds: float) -> None:
+    trial.set_user_attr("val_weighted_f1", best["val_weighted_f1"])
+    trial.set_user_attr("val_accuracy", best["val_accuracy"])
+    trial.set_user_attr("best_epoch", best["epoch"])
+    trial.set_user_attr("seconds", round(seconds, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results
+
+
+def leaderboard(optuna, study, params: list[Param]) -> list[dict]:
+    """One row per finished trial (completed, pruned, or failed in training), best first: completed trials by
+    validation weighted F1, then pruned ones, then failures."""
+    S = optuna.trial.TrialState
+    order = {S.COMPLETE: 0, S.PRUNED: 1, S.FAIL: 2}
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state in order and not t.user_attrs.get("requeued")]
+    keys = [p.key for p in params]
+    keys += sorted({k for t in trials for k in t.params} - set(keys))
+    rows = []
+    for t in sorted(trials, key=lambda t: (order[t.state], -t.user_attrs.get("val_weighted_f1", -1), t.number)):
+        row = {"trial": t.number, "state": t.state.name.lower(), "default": bool(t.user_attrs.get("default"))}
+        row.update({k: t.params.get(k) for k in keys})
+        row.update({k: t.user_attrs.get(k) for k in METRICS})
+        rows.append(row)
+    return rows
+
+
+def write_results(optuna, study, params: list[Param], out: Path) -> list[dict]:
+    """Writes ``leaderboard.csv`` and, once a trial has completed, ``best.yaml``; returns the leaderboard."""
+    rows = leaderboard(optuna, study, params)
+    if rows:
+        with open(out / "leaderboard.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    if rows and rows[0]["state"] == "complete":
+        best = rows[0]
+        config = (trial_dir(out, best["trial"]) / "config.yaml").read_text(encoding="utf-8")
+        header = (
+            f"# mmfuse search {out}: trial {best['trial']}, validation weighted F1 {best['val_weighted_f1']:.4f}\n"
+            f"# train it again: mmfuse train --config {out}/best.yaml --out RUN\n"
+        )
+        (out / "best.yaml").write_text(header + config, encoding="utf-8")
+    return rows
