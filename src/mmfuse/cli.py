@@ -470,12 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
         "file's data.train)",
     )
     p.add_argument("--out", required=True, help="run directory to write")
+    _training_flags(p)
     p.add_argument(
         "--resume",
         action="store_true",
         help="continue the interrupted run in --out from its latest checkpoint (same data and settings)",
     )
-    _training_flags(p)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser(

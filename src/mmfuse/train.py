@@ -575,9 +575,10 @@ def _on_sigterm(tr: Trainer):
 @contextlib.contextmanager
 def run_lock(out: Path):
     """Refuses a second training into the same directory while one runs (it would replace the first's files as
-    they are written); an advisory lock on the directory itself, so nothing is left behind."""
+    they are written); an advisory lock on the directory itself, so nothing is left behind. Taken by the main
+    process of a launch only: its other processes belong to the same run."""
     out.mkdir(parents=True, exist_ok=True)
-    if os.name != "posix":
+    if os.name != "posix" or int(os.environ.get("RANK", "0")) != 0:  # RANK: set for each process by the launcher
         yield
         return
     import fcntl  # here, not at the top: POSIX only
