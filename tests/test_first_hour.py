@@ -90,3 +90,26 @@ def test_the_python_api_loads_towers_quietly(capfd):
     build_text("minilm")
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # the caller's setting is given back
+
+
+def test_every_run_writes_metrics_jsonl_and_track_tensorboard_writes_readable_events(toy_manifest, tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "r"
+    assert main(["train", str(toy_manifest / "train.csv"), "--out", str(run), *FAST, "--track", "tensorboard"]) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2] and all("val_weighted_f1" in x for x in lines)
+    events = list((run / "tracking").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val_weighted_f1")] == [1, 2]
+    final = json.loads((run / "metrics.json").read_text())["val"]["weighted_f1"]
+    assert abs(acc.Scalars("final/val_weighted_f1")[0].value - final) < 1e-6
+
+
+def test_an_unknown_tracker_is_named(toy_manifest, tmp_path, capsys):
+    assert main(["train", str(toy_manifest / "train.csv"), "--out", str(tmp_path / "r"), *FAST, "--track", "tb"]) == 2
+    assert "the trackers are tensorboard, mlflow" in capsys.readouterr().err

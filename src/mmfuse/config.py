@@ -39,6 +39,16 @@ PACKAGED_TOWERS = {
 DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: predict.Predictor says which is which
 TUNES = ("head", "text", "image", "all")
 MAX_IMAGE_SIZE = 1024
+# Accelerate's trackers, by the name --track takes, with the module each needs.
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "wandb": "wandb",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+}
 # Per --tune: epochs, batch size, learning rate (towers, or the head alone), head learning rate.
 # head: on the emoji data 15 epochs at batch 64 and 2e-3 scored at least as well as 40 at batch 16 and 1e-3, in an
 #     eighth of the optimizer steps. text: 5-fold cross-validation on the emoji data (bench/RESULTS.md); the head
@@ -209,6 +219,10 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each encoder layer of the tuned towers (GPU; on an H200 +27% --tune all throughput after a
     12 s compile, which short jobs do not win back)."""
+    track: list[str] = field(default_factory=list)
+    """Experiment trackers to log the config and each epoch's metrics to, through Accelerate: tensorboard (files under
+    RUN/tracking/), mlflow (a local ./mlruns unless MLFLOW_TRACKING_URI says otherwise), wandb... None by default:
+    nothing leaves the machine unless asked. Every run writes RUN/metrics.jsonl, a line per epoch, regardless."""
     checkpoint_every: int | None = None
     """Also write a checkpoint every N optimizer steps (one is always written after each epoch, and at least every
     10 minutes), so --resume continues a killed run from there."""
@@ -251,6 +265,9 @@ class TrainConfig:
             raise MmfuseError(f"--grad-clip must be a finite number >= 0 (0 turns clipping off), got {self.grad_clip}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise MmfuseError("--mixed-precision must be auto, no, bf16 or fp16")
+        unknown = [t for t in self.track if t not in TRACKERS]
+        if unknown:
+            raise MmfuseError(f"--track {' '.join(unknown)}: the trackers are {', '.join(TRACKERS)}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise MmfuseError(f"--checkpoint-every must be >= 1 step, got {self.checkpoint_every}")
         if self.bag < 1:

@@ -33,6 +33,7 @@ RUN_FILES = {
     "model.safetensors",
     "towers.json",
     "metrics.json",
+    "metrics.jsonl",
     "history.csv",
     "skipped.csv",
     "captions.csv",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .captioning import fill_missing_captions
 from .checkpoint import CHECKPOINTS, EVERY_SECONDS, checkpoints, data_fingerprint, load_checkpoint, save_checkpoint
-from .config import RunConfig, TrainConfig, resolve
+from .config import TRACKERS, RunConfig, TrainConfig, resolve
 from .data import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
 from .errors import MmfuseError
 from .model import MultimodalClassifier, save_model, tower_cards
@@ -70,7 +71,16 @@ class TrainingInterrupted(KeyboardInterrupt):
         return type(self), (self.result,)
 
 
-def make_accelerator(mixed_precision: str = "auto", tune_towers: bool = False, grad_accum: int = 1) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str = "auto",
+    tune_towers: bool = False,
+    grad_accum: int = 1,
+    track: list[str] | None = None,
+    project_dir: Path | None = None,
+) -> Accelerator:
+    missing = [t for t in track or () if importlib.util.find_spec(TRACKERS[t]) is None]
+    if missing:
+        raise MmfuseError(f"--track {' '.join(missing)} needs its package: pip install {' '.join(missing)}")
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # Fine-tuned towers carry poolers that CLS pooling never uses; DDP must be told to expect them idle.
@@ -81,6 +91,8 @@ def make_accelerator(mixed_precision: str = "auto", tune_towers: bool = False, g
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=[ddp],
         cpu=not torch.cuda.is_available(),
+        log_with=list(track) or None,
+        project_dir=str(project_dir) if project_dir else None,
     )
 
 
@@ -326,11 +338,13 @@ def setup(
     check_out_dir(out, cfg.data.train)
     cfg = resolve(cfg)
     tuned = cfg.tuned
-    acc = make_accelerator(cfg.train.mixed_precision, bool(tuned), cfg.train.grad_accum)
+    t = cfg.train
+    acc = make_accelerator(t.mixed_precision, bool(tuned), t.grad_accum, t.track, out / "tracking")
     set_seed(cfg.train.seed)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "skipped.csv").unlink(missing_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a line per epoch from here on (a resume rewrites it)
     acc.wait_for_everyone()
     train, val, labels = splits if splits is not None else load_splits(cfg, out)
     # DDP checks that every process holds the same weights: build every tower everywhere, not only where one embeds.
@@ -375,6 +389,8 @@ def setup(
             cfg.train.batch_size,
             acc.device,
         )
+    if t.track:
+        acc.init_trackers(out.name, config=_flat(asdict(cfg)))
     tr = Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
     tr.generator, tr.data_fingerprint = generator, data_fingerprint(train, val)
     return tr
@@ -485,6 +501,7 @@ def run_epoch(tr: Trainer, epoch: int) -> dict:
         row.update({f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()})
     row.update({"samples_per_s": rate, "lr": tr.scheduler.get_last_lr()[0]})
     tr.history.append(row)
+    log_epoch(tr, row)
     if tr.acc.is_main_process:
         scores = ""
         if "val_loss" in row:
@@ -505,6 +522,26 @@ def run_epoch(tr: Trainer, epoch: int) -> dict:
         if tr.stop:
             raise Preempted(path)
     return row
+
+
+def log_epoch(tr: Trainer, row: dict) -> None:
+    """An epoch's row to RUN/metrics.jsonl (always) and the trackers asked for (``--track``)."""
+    if tr.cfg.train.track:
+        tr.acc.log({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    if tr.acc.is_main_process:
+        with open(tr.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """The config as the flat scalars trackers take (TensorBoard's hparams refuse lists and None)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
 
 
 def fit(
@@ -531,6 +568,8 @@ def fit(
             if not found:
                 raise MmfuseError(f"--resume: {tr.out} holds no checkpoint to continue from; train without --resume.")
             first, done, generator_state, totals = load_checkpoint(tr, found[-1])
+            if tr.acc.is_main_process:  # the epochs the checkpoint holds, no more (a kill may have left a line after)
+                (tr.out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in tr.history))
             tr.resume_at = (generator_state, done, totals) if done else None
             if not done:
                 tr.generator.set_state(generator_state)
@@ -614,6 +653,10 @@ def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
         tr.val_probs, y = validate(tr)
         result["val"] = metrics.full_report(y, tr.val_probs.argmax(1), tr.labels)
         result["val_interval"] = metrics.bootstrap_interval(y, tr.val_probs.argmax(1), seed=tr.cfg.train.seed)
+    if tr.cfg.train.track:
+        final = {f"final/val_{k}": result["val"][k] for k in ("accuracy", "weighted_f1", "macro_f1") if "val" in result}
+        tr.acc.log({**final, "final/best_epoch": result["best_epoch"]}, step=len(tr.history))
+        tr.acc.end_training()
     if tr.acc.is_main_process:
         write_run(tr.out, tr.cfg, tr.labels, tr.unwrapped, tr.cfg.tuned, tr.history, result, tr.frozen_weights)
     tr.acc.wait_for_everyone()
