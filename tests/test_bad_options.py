@@ -168,13 +168,13 @@ def test_ctrl_c_saves_the_kept_epoch_so_far(toy_manifest, tmp_path, capsys, monk
         return real_predict_loader(model, loader, acc)
 
     def interrupting_tqdm(iterable, desc="", **kw):
-        if desc.startswith(f"epoch {stop_at}/"):
+        def interrupting():
             for i, batch in enumerate(iterable):
                 if i == 1:  # one optimizer step into the epoch: the model now differs from any finished epoch
                     raise KeyboardInterrupt
                 yield batch
-        else:
-            yield from real_tqdm(iterable, desc=desc, **kw)
+
+        return real_tqdm(interrupting() if f"epoch {stop_at}/" in desc else iterable, desc=desc, **kw)
 
     monkeypatch.setattr(mmfuse.train, "predict_loader", recording_predict_loader)
     monkeypatch.setattr(mmfuse.train, "tqdm", interrupting_tqdm)
@@ -204,7 +204,7 @@ def test_a_diverged_run_is_an_error_not_a_saved_model(toy_manifest, tmp_path, ca
 
 
 def test_out_of_memory_is_an_error_other_runtime_errors_are_not_hidden(tmp_path, capsys, monkeypatch):
-    def fit(cfg, out):
+    def fit(cfg, out, **kwargs):
         raise raised
 
     monkeypatch.setattr(mmfuse.train, "fit", fit)
@@ -251,9 +251,9 @@ def test_ctrl_c_stops_an_ablation_instead_of_moving_on_to_its_next_run(toy_manif
     real_tqdm = mmfuse.train.tqdm
 
     def interrupting_tqdm(iterable, desc="", **kw):
-        if desc.startswith("epoch 2/"):
+        if "epoch 2/" in desc:  # the run's name comes first
             raise KeyboardInterrupt
-        yield from real_tqdm(iterable, desc=desc, **kw)
+        return real_tqdm(iterable, desc=desc, **kw)
 
     monkeypatch.setattr(mmfuse.train, "tqdm", interrupting_tqdm)
     data = [str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv")]
