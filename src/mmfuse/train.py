@@ -91,7 +91,7 @@ def make_accelerator(
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=[ddp],
         cpu=not torch.cuda.is_available(),
-        log_with=list(track) or None,
+        log_with=list(track or ()) or None,
         project_dir=str(project_dir) if project_dir else None,
     )
 
