@@ -116,3 +116,28 @@ def read_csv(path):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def chrome(width: int, height: int):
+    """Debian's headless chromium through Selenium (its chromedriver, no download); skipped, saying why, where the
+    browser is not installed (.ci/run and `make test` install it)."""
+    import shutil
+    from pathlib import Path
+
+    if not (shutil.which("chromium") and Path("/usr/bin/chromedriver").exists()):
+        reason = "Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
+        print(f"SKIPPED: {reason}")
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-extensions"):
+        options.add_argument(arg)
+    options.add_argument(f"--window-size={width},{height}")
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    # Headless windows are at least 500 px wide: a phone's viewport is emulated instead.
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    return driver

@@ -147,3 +147,29 @@ def test_evaluate_warns_on_the_training_data_by_path_or_by_content(trained, tmp_
         assert main(["evaluate", str(run), str(copy / "mostly-train.csv"), "--out", str(tmp_path / "c")]) == 0
     assert len(_warnings(caplog)) == 1 and "are images this run was trained on" in _warnings(caplog)[0]
     assert Path(toy / "train.csv").exists()
+
+
+def test_the_errors_page_opens_in_a_real_browser(trained, tmp_path):
+    from conftest import chrome
+    from selenium.webdriver.common.by import By
+
+    toy, run = trained
+    # The training rows with a shuffled label: many confident mistakes to list.
+    rows = read_csv(toy / "test.csv")
+    labels = [r["label"] for r in rows]
+    for r, label in zip(rows, labels[1:] + labels[:1]):
+        r["label"] = label
+    write_csv(toy / "swapped.csv", rows)
+    assert main(["evaluate", str(run), str(toy / "swapped.csv"), "--out", str(tmp_path / "e")]) == 0
+    errors = read_csv(tmp_path / "e" / "errors.csv")
+    assert errors
+    driver = chrome(1000, 800)
+    try:
+        driver.get((tmp_path / "e" / "errors.html").as_uri())
+        shown = driver.find_elements(By.CSS_SELECTOR, "tr.error")
+        assert len(shown) == len(errors)
+        thumbs = driver.find_elements(By.CSS_SELECTOR, "tr.error img")
+        assert thumbs and all(driver.execute_script("return arguments[0].naturalWidth", t) > 0 for t in thumbs)
+        driver.save_screenshot(str(tmp_path / "errors.png"))
+    finally:
+        driver.quit()

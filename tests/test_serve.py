@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import read_csv, write_toy
+from conftest import chrome, read_csv, write_toy
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -469,26 +469,6 @@ def test_real_server_under_concurrent_load_then_sigterm(run, predictor, rows, ho
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the page in a real browser
-
-
-def chrome(width: int, height: int):
-    if not (shutil.which("chromium") and Path("/usr/bin/chromedriver").exists()):
-        reason = "Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
-        print(f"SKIPPED: {reason}")
-        pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-extensions"):
-        options.add_argument(arg)
-    options.add_argument(f"--window-size={width},{height}")
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    # Headless windows are at least 500 px wide: a phone's viewport is emulated instead.
-    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600}
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
-    return driver
 
 
 @pytest.mark.parametrize("size", [(1000, 800), (390, 844)], ids=["desktop", "phone"])
