@@ -60,3 +60,72 @@ def test_two_process_training_gathers_each_row_once(tmp_path, tune):
     # Accelerate steps the scheduler once per process per optimizer step: the schedule must still span all epochs.
     lrs = [float(r["lr"]) for r in read_csv(run / "history.csv")]
     assert lrs[len(lrs) // 2] > 0.15 * max(lrs) and lrs[-1] < 1e-3 * max(lrs)
+
+
+def launch(data, out, *extra: str, **popen) -> subprocess.Popen:
+    """``mmfuse train`` under a 2-process gloo launch, in a process group of its own (so a kill takes both)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "mmfuse",
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--tune",
+        "text",
+        "--image-size",
+        "32",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "1",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+
+
+def test_two_processes_killed_in_epoch_2_resume_to_the_same_weights(tmp_path):
+    """Each process's random states are in the checkpoint: a resumed 2-process run ends where an unbroken one does."""
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    data = write_toy(tmp_path / "toy", per_class=16, seed=4) / "all.csv"
+    whole = launch(data, tmp_path / "whole")
+    assert whole.wait(600) == 0, whole.stderr.read()[-3000:]
+    run = tmp_path / "run"
+    proc = launch(data, run)
+    end = time.monotonic() + 600
+    while not (run / "checkpoints" / "e0002-s0000002").is_dir():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    # The launcher and both workers, as a lost node would (the launcher starts its workers in sessions of their own,
+    # so they are found by their command line).
+    os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", "--", f"--out {run}( |$)"], check=False)
+    proc.wait(60)
+    time.sleep(1)
+    resumed = launch(data, run, "--resume")
+    assert resumed.wait(600) == 0, resumed.stderr.read()[-3000:]
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert [r["epoch"] for r in read_csv(run / "history.csv")] == ["1", "2", "3"]
