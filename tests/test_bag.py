@@ -143,3 +143,25 @@ def test_a_few_validation_rows_get_a_warning(toy_manifest, tmp_path, caplog):
         args = ["train", str(toy_manifest / "all.csv"), "--out", str(tmp_path / "r2"), *FAST, "--val-split", "0.5"]
         assert main(args) == 0
     assert "unreliable" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("fast", {"tune": "head", "epochs": 15, "bag": 1, "text": "minilm", "text_pooling": "attention"}),
+        ("best", {"tune": "head", "epochs": 15, "bag": 5, "text": "mpnet", "text_pooling": "attention"}),
+        (None, {"tune": "text", "epochs": 4, "bag": 1, "text": "minilm", "text_pooling": "attention"}),
+        ("seed", {"tune": "text", "bag": 1, "text": "roberta-base", "text_layers": 8, "text_pooling": "cls"}),
+    ],
+)
+def test_each_preset_resolves_to_its_documented_config(preset, expected):
+    from mmfuse.cli import build_parser, run_config
+    from mmfuse.config import resolve
+
+    argv = ["train", "data.csv", "--out", "run"] + (["--preset", preset] if preset else [])
+    cfg = resolve(run_config(build_parser().parse_args(argv)))
+    got = {**vars(cfg.model), **vars(cfg.train)}
+    assert {k: got[k] for k in expected} == expected
+    # A flag beside a preset wins over it.
+    cfg = resolve(run_config(build_parser().parse_args([*argv, "--bag", "3", "--text-pooling", "mean"])))
+    assert (cfg.train.bag, cfg.model.text_pooling) == (3, "mean")
