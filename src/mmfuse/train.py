@@ -559,6 +559,7 @@ def fit(
     runs of the same config (only sensible with frozen towers).
     """
     start = time.perf_counter()
+    check_out_dir(Path(out), cfg.data.train)  # before the lock makes the directory
     with run_lock(Path(out)):
         tr = setup(cfg, out, cache, towers)
         tr.checkpointing = True
