@@ -14,7 +14,6 @@ from conftest import read_csv, write_csv, write_toy
 @pytest.mark.parametrize("tune", ["head", "text"])
 def test_two_process_training_gathers_each_row_once(tmp_path, tune):
     """The head on cached features, and MiniLM fine-tuned beside cached image features (DDP over the tuned tower)."""
-    # --multi_gpu picks accelerate's torchrun launcher; without CUDA the processes join over gloo on the CPU.
     # 35 validation rows do not split evenly over 2 processes: the last batch is padded, and gather_for_metrics
     # must drop the padding. (Three classes of 21 rows give 9 validation rows each at 0.45, one of 18 gives 8.)
     data = write_toy(tmp_path / "toy", per_class=21, seed=1)
@@ -22,35 +21,9 @@ def test_two_process_training_gathers_each_row_once(tmp_path, tune):
     drop = [i for i, r in enumerate(rows) if r["label"] == "red-apple"][:3]
     write_csv(data / "all.csv", [r for i, r in enumerate(rows) if i not in drop])
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "mmfuse",
-        "train",
-        str(data / "all.csv"),
-        "--out",
-        str(run),
-        "--tune",
-        tune,
-        "--epochs",
-        "15",
-        "--val-split",
-        "0.45",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch(data / "all.csv", run, "--tune", tune, "--epochs", "15", "--val-split", "0.45")
+    err = proc.communicate(timeout=600)[1]  # read while it runs: a full pipe would stall the launch
+    assert proc.returncode == 0, err[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
     assert metrics["n_val"] == 35 and metrics["n_train"] == 46
@@ -62,8 +35,9 @@ def test_two_process_training_gathers_each_row_once(tmp_path, tune):
     assert lrs[len(lrs) // 2] > 0.15 * max(lrs) and lrs[-1] < 1e-3 * max(lrs)
 
 
-def launch(data, out, *extra: str, **popen) -> subprocess.Popen:
-    """``mmfuse train`` under a 2-process gloo launch, in a process group of its own (so a kill takes both)."""
+def launch(data, out, *args: str) -> subprocess.Popen:
+    """``mmfuse train DATA --out OUT ARGS`` under a 2-process gloo launch (--multi_gpu picks accelerate's torchrun
+    launcher; without CUDA the processes join over gloo on the CPU), in a process group of its own."""
     cmd = [
         sys.executable,
         "-m",
@@ -83,20 +57,15 @@ def launch(data, out, *extra: str, **popen) -> subprocess.Popen:
         str(data),
         "--out",
         str(out),
-        "--tune",
-        "text",
-        "--image-size",
-        "32",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "4",
-        "--checkpoint-every",
-        "1",
-        *extra,
+        *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+RESUMABLE = ["--tune", "text", "--image-size", "32", "--epochs", "3", "--batch-size", "4", "--checkpoint-every", "1"]
 
 
 def test_two_processes_killed_in_epoch_2_resume_to_the_same_weights(tmp_path):
@@ -108,10 +77,11 @@ def test_two_processes_killed_in_epoch_2_resume_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
     data = write_toy(tmp_path / "toy", per_class=16, seed=4) / "all.csv"
-    whole = launch(data, tmp_path / "whole")
-    assert whole.wait(600) == 0, whole.stderr.read()[-3000:]
+    whole = launch(data, tmp_path / "whole", *RESUMABLE)
+    err = whole.communicate(timeout=600)[1]
+    assert whole.returncode == 0, err[-3000:]
     run = tmp_path / "run"
-    proc = launch(data, run)
+    proc = launch(data, run, *RESUMABLE)
     end = time.monotonic() + 600
     while not (run / "checkpoints" / "e0002-s0000002").is_dir():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -123,8 +93,9 @@ def test_two_processes_killed_in_epoch_2_resume_to_the_same_weights(tmp_path):
     subprocess.run(["pkill", "-9", "-f", "--", f"--out {run}( |$)"], check=False)
     proc.wait(60)
     time.sleep(1)
-    resumed = launch(data, run, "--resume")
-    assert resumed.wait(600) == 0, resumed.stderr.read()[-3000:]
+    resumed = launch(data, run, *RESUMABLE, "--resume")
+    err = resumed.communicate(timeout=600)[1]
+    assert resumed.returncode == 0, err[-3000:]
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(run / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

@@ -309,6 +309,7 @@ def export_graph(wrapper: ExportWrapper, example: dict[str, torch.Tensor], path:
     # Under 2 GB the weights stay inside model.onnx: one file to copy, as the README shows it.
     small = sum(p.numel() * p.element_size() for p in wrapper.parameters()) < 1.8e9
     args = tuple(example.values())
+    names_in_out = {"input_names": names, "output_names": ["logits", "probs"]}
     # The exporter's graph passes log each step at INFO, which the CLI would print as if they were mmfuse's.
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -319,9 +320,8 @@ def export_graph(wrapper: ExportWrapper, example: dict[str, torch.Tensor], path:
                 wrapper,
                 args,
                 str(path),
+                **names_in_out,
                 dynamo=True,
-                input_names=names,
-                output_names=["logits", "probs"],
                 dynamic_shapes=(tuple(dims[n] for n in names),),  # one entry: forward(*tensors)
                 external_data=not small,
                 verbose=False,
@@ -337,9 +337,8 @@ def export_graph(wrapper: ExportWrapper, example: dict[str, torch.Tensor], path:
             wrapper,
             args,
             str(path),
+            **names_in_out,
             dynamo=False,
-            input_names=names,
-            output_names=["logits", "probs"],
             dynamic_axes={**dynamic, "logits": {0: "batch"}, "probs": {0: "batch"}},
             opset_version=17,
         )
