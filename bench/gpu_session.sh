@@ -55,8 +55,8 @@ transformers.__version__, '| accelerate', accelerate.__version__, '| cpus', __im
         python3 -c "import torchvision; print('torchvision', torchvision.__version__)" 2>&1 | tail -1
     } 2>&1 | tee "$out/env.txt"
     # Seconds allowed to each benchmark; 0 skips it.
-    local t=${BENCH_TIMEOUTS:-"420 150 100"}
-    read -r t_train t_seed t_caption _ <<<"$t"
+    local t=${BENCH_TIMEOUTS:-"420 150 100 90"}
+    read -r t_train t_seed t_caption t_checkpoint _ <<<"$t"
     # The compiled variants run last inside train_throughput (each pays 30-60 s of compiling first), and every row is
     # printed as it finishes, so a time limit cuts only the rows it did not reach.
     # shellcheck disable=SC2086  # TRAIN_ARGS holds several words on purpose
@@ -64,6 +64,7 @@ transformers.__version__, '| accelerate', accelerate.__version__, '| cpus', __im
         ${TRAIN_ARGS:---compile regional,model --infer-compile regional}
     bench "$t_seed" seed_pipeline bench/seed_pipeline.py
     bench "$t_caption" caption bench/caption.py
+    bench "${t_checkpoint:-0}" checkpoint bench/checkpoint.py
     date -u | tee -a "$out/env.txt"
 }
 

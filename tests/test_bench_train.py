@@ -69,3 +69,9 @@ def test_seed_pipeline_small_runs_every_stage(tmp_path):
     for stage in ("caption", "train", "predict", "job: caption + train + predict"):
         assert float(rows[stage][2]) > 0, rows
     assert rows["caption"][1] == "60" and rows["predict"][1] == "20"
+
+
+def test_checkpoint_small_times_an_epoch_and_a_checkpoint(tmp_path):
+    rows = table(run_bench("checkpoint.py", tmp_path, "--rows", "48", "--repeats", "1"))
+    (cells,) = rows.values()
+    assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[4]) > 0
