@@ -177,3 +177,11 @@ def test_import_and_help_do_not_import_optuna():
 def test_search_refuses_a_bag_and_says_how_to_bag_the_best(toy_manifest, tmp_path, capsys):
     assert main(search_args(toy_manifest, tmp_path / "search", 6, "--bag", "3")) == 2
     assert "mmfuse train --config OUT/best.yaml --bag K" in capsys.readouterr().err
+
+
+def test_tracked_trials_are_runs_side_by_side_under_one_folder(toy_manifest, tmp_path):
+    out = tmp_path / "search"
+    assert main(search_args(toy_manifest, out, 2, "--track", "tensorboard")) == 0
+    runs = sorted(p.name for p in (out / "tracking").iterdir())
+    assert runs == ["trial-000", "trial-001"]
+    assert all(list((out / "tracking" / r).glob("events.out.tfevents.*")) for r in runs)

@@ -514,7 +514,8 @@ def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, ca
     start = time.perf_counter()
     threads = torch.get_num_threads()
     try:
-        tr = setup(base.updated(changes), run, cache)
+        # With --track, the trials are runs side by side under DIR/tracking/ (TensorBoard shows them as one study).
+        tr = setup(base.updated(changes), run, cache, tracking=(out / "tracking", f"trial-{run.name}"))
     except BaseException:  # not this trial's doing (the data, a tower, Ctrl-C): the next run retries it
         _retry_later(optuna, study, trial, run)
         raise

@@ -324,6 +324,7 @@ def setup(
     cache: FeatureCache | None = None,
     towers: dict | None = None,
     splits: tuple[list[Record], list[Record], list[str]] | None = None,
+    tracking: tuple[Path, str] | None = None,
 ) -> Trainer:
     """Resolves the config, reads and checks the data, builds the model, its data and its optimizer, prepared by
     Accelerate.
@@ -333,13 +334,16 @@ def setup(
         towers: already built towers shared between runs of the same config (only sensible when frozen).
         splits: train rows, validation rows (may be empty: no validation) and class names, already read; by
             default read from ``cfg.data``.
+        tracking: with ``--track``, the trackers' folder and this run's name in it (default ``out/tracking`` and
+            ``out``'s name); a search puts its trials side by side in one.
     """
     out = Path(out)
     check_out_dir(out, cfg.data.train)
     cfg = resolve(cfg)
     tuned = cfg.tuned
     t = cfg.train
-    acc = make_accelerator(t.mixed_precision, bool(tuned), t.grad_accum, t.track, out / "tracking")
+    tracking_dir, run_name = tracking or (out / "tracking", out.name)
+    acc = make_accelerator(t.mixed_precision, bool(tuned), t.grad_accum, t.track, tracking_dir)
     set_seed(cfg.train.seed)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -390,7 +394,7 @@ def setup(
             acc.device,
         )
     if t.track:
-        acc.init_trackers(out.name, config=_flat(asdict(cfg)))
+        acc.init_trackers(run_name, config=_flat(asdict(cfg)))
     tr = Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
     tr.generator, tr.data_fingerprint = generator, data_fingerprint(train, val)
     return tr
