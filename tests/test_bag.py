@@ -165,3 +165,9 @@ def test_each_preset_resolves_to_its_documented_config(preset, expected):
     # A flag beside a preset wins over it.
     cfg = resolve(run_config(build_parser().parse_args([*argv, "--bag", "3", "--text-pooling", "mean"])))
     assert (cfg.train.bag, cfg.model.text_pooling) == (3, "mean")
+
+
+def test_a_bag_is_not_exported_as_if_it_were_one_model(bagged, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(bagged), "--out", str(tmp_path / "x")]) == 2
+    assert "is a bag of 3 models" in capsys.readouterr().err

@@ -455,6 +455,11 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
     run_dir, out = Path(run_dir), Path(out)
     _check_out(run_dir, out)
     predictor = Predictor(run_dir, device="cpu", dtype="fp32")  # errors for a directory that is not a run
+    if len(predictor.models) > 1:  # one graph holds one model: the members' average is not that
+        raise MmfuseError(
+            f"{run_dir} is a bag of {len(predictor.models)} models, and an export holds one: export one of its "
+            f"members ({run_dir}/members/0), or train it with --refit-full and export the bag (its refit is used)."
+        )
     model = predictor.model
     for m in model.modalities:  # frozen packaged towers are built only when needed: the graph needs them all
         model.build_tower(m)
