@@ -174,18 +174,19 @@ class Predictor:
         Floating-point inputs are cast to the weights' dtype; bench/train_throughput.py checks that bf16 logits,
         either way, stay within 1e-2 of fp32.
         """
-        batch = {k: self._to_device(v) for k, v in batch.items()}
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == "autocast"):
-            return self.model(**batch)
+        return self._outputs(batch, self.models[:1])[0]
 
     @torch.inference_mode()
     def probs(self, batch: dict) -> np.ndarray:
         """Softmax probabilities (N, classes) for one batch, computed in fp32 and copied to the host; a bag's
         members' are averaged."""
+        probs = [out.float().softmax(-1) for out in self._outputs(batch, self.models)]
+        return (probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)).cpu().numpy()
+
+    def _outputs(self, batch: dict, models: list[MultimodalClassifier]) -> list[torch.Tensor]:
         batch = {k: self._to_device(v) for k, v in batch.items()}
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == "autocast"):
-            probs = [model(**batch).float().softmax(-1) for model in self.models]
-        return (probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)).cpu().numpy()
+            return [model(**batch) for model in models]
 
     def _to_device(self, v):
         if isinstance(v, dict):
