@@ -34,6 +34,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import build_reference  # noqa: E402
+
 WORDS = "grinning cat face smiling eyes red apple green train old wooden bright star heart hand flag".split()
 
 
@@ -50,33 +53,6 @@ def make_data(root: Path, rows: int = 16, seed: int = 0) -> Path:
         lines.append(f"images/{i}.png,{label} {' '.join(rng.sample(WORDS, 6))},{label}")
     (root / "train.csv").write_text("\n".join(lines) + "\n")
     return root / "train.csv"
-
-
-def tiny_towers(root: Path) -> list[str]:
-    """Random 2-layer ViT (32 px) and 4-layer RoBERTa with MiniLM's tokenizer, as tests/conftest.py makes them."""
-    from transformers import AutoTokenizer, RobertaConfig, RobertaModel, ViTConfig, ViTImageProcessor, ViTModel
-
-    from mmfuse.towers import minilm_path
-
-    vit, roberta = root / "vit", root / "roberta"
-    cfg = ViTConfig(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
-    ViTModel(cfg).save_pretrained(vit)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit)
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    text = RobertaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=80,
-        pad_token_id=tok.pad_token_id,
-    )
-    RobertaModel(text).save_pretrained(roberta)
-    tok.save_pretrained(roberta)
-    return ["--vision", str(vit), "--text", str(roberta)]
 
 
 def inputs(batch: int, seed: int = 1) -> tuple[list[Image.Image], list[str]]:
@@ -110,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.small:
             os.environ.setdefault("MMFUSE_HOME", str(root / "home"))
         data = make_data(root / "data")
-        towers = tiny_towers(root) if args.small else ["--image-size", str(args.image_size)]
+        if args.small:  # the tiny random ViT + RoBERTa every --small benchmark builds
+            vision, text = build_reference(root / "towers", small=True)
+            towers = ["--vision", str(vision), "--text", str(text)]
+        else:
+            towers = ["--image-size", str(args.image_size)]
         run = root / "run"
         train = ["train", str(data), "--out", str(run), "--tune", "head", "--epochs", "1", "--batch-size", "8"]
         if mmfuse([*train, *towers]) != 0:
