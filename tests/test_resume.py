@@ -122,7 +122,7 @@ def test_a_second_training_into_the_same_out_is_refused(uninterrupted, tmp_path,
     data, _, home = uninterrupted
     monkeypatch.setenv("MMFUSE_HOME", str(home))
     out = tmp_path / "run"
-    proc = train(data, out)
+    proc = train(data, out, "--epochs", "50")  # long enough to be still training when the second starts
     end = time.monotonic() + 240
     while not checkpoints(out):  # the first is training
         assert proc.poll() is None and time.monotonic() < end

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import metrics
 from .config import RunConfig, resolve
@@ -45,6 +44,7 @@ from .train import (
     run_lock,
     save,
     setup,
+    training_threads,
 )
 
 log = logging.getLogger(__name__)
@@ -166,14 +166,9 @@ def _train(cfg: RunConfig, out: Path, cache, towers, splits, frozen_weights: Pat
     start = time.perf_counter()
     tr = setup(cfg, out, cache, towers, splits=splits)
     tr.frozen_weights = frozen_weights
-    threads = torch.get_num_threads()
-    if not tr.cfg.tuned and tr.acc.device.type == "cpu":
-        torch.set_num_threads(1)  # a head on cached features: see train.fit
-    try:
+    with training_threads(tr):
         for epoch in range(1, tr.cfg.train.epochs + 1):
             run_epoch(tr, epoch)
-    finally:
-        torch.set_num_threads(threads)
     return save(tr, False, time.perf_counter() - start), tr.val_probs
 
 

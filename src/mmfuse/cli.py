@@ -12,7 +12,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Collection
 from dataclasses import MISSING, fields
@@ -146,7 +145,7 @@ def cmd_train(args) -> int:
     # Each verb imports its library when it runs (deferred: the library imports torch, which --help, --version and
     # light verbs never need).
     from .bag import fit_bag
-    from .checkpoint import CHECKPOINTS, checkpoints
+    from .checkpoint import checkpoints
     from .train import Preempted, TrainingInterrupted, fit
 
     cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
@@ -160,8 +159,6 @@ def cmd_train(args) -> int:
             f"--out {args.out} holds an interrupted run (its latest checkpoint: {interrupted[-1].name}). Continue it "
             "with the same command and --resume, or pass --overwrite to start over."
         )
-    if args.overwrite:
-        shutil.rmtree(Path(args.out) / CHECKPOINTS, ignore_errors=True)
     if not resume:
         # skipped.csv and captions.csv are what an unfinished run leaves behind for the next: not someone else's.
         ours = RUN_FILES - {"skipped.csv", "captions.csv"}

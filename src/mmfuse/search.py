@@ -500,9 +500,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, cache) -> str | None:
     """Trains one trial into ``out/trials/NNN``, reporting each epoch's kept F1 for pruning; returns the error of a
     trial that failed in training (a diverged loss), None otherwise."""
-    import torch
-
-    from .train import run_epoch, save, setup
+    from .train import run_epoch, save, setup, training_threads
 
     trial = study.ask()
     values = {p.key: p.suggest(trial) for p in params}
@@ -512,7 +510,6 @@ def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, ca
     run = trial_dir(out, trial.number)
     shutil.rmtree(run, ignore_errors=True)  # numbers are not reused within a study: this is an --overwrite leftover
     start = time.perf_counter()
-    threads = torch.get_num_threads()
     try:
         # With --track, the trials are runs side by side under DIR/tracking/ (TensorBoard shows them as one study).
         tr = setup(base.updated(changes), run, cache, tracking=(out / "tracking", f"trial-{run.name}"))
@@ -520,24 +517,23 @@ def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, ca
         _retry_later(optuna, study, trial, run)
         raise
     try:
-        if not tr.cfg.tuned and tr.acc.device.type == "cpu":
-            torch.set_num_threads(1)  # as fit does: a head's small matrix products run faster on one thread
-        for epoch in range(1, tr.cfg.train.epochs + 1):
-            run_epoch(tr, epoch)
-            # The kept epoch's F1 so far (the best, or with --keep last the last): what the trial ends with if stopped.
-            trial.report(tr.best["val_weighted_f1"], epoch)
-            if trial.should_prune():
-                _finish(trial, tr.best, time.perf_counter() - start)
-                (run / "pruned.json").write_text(json.dumps({"pruned_after_epoch": epoch, "history": tr.history}))
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                log.info(
-                    "trial %d pruned after epoch %d (val weighted F1 %.4f)",
-                    trial.number,
-                    epoch,
-                    tr.best["val_weighted_f1"],
-                )
-                return None
-        result = save(tr, False, time.perf_counter() - start)
+        with training_threads(tr):  # as fit: a head on cached features trains on one CPU thread
+            for epoch in range(1, tr.cfg.train.epochs + 1):
+                run_epoch(tr, epoch)
+                # The kept epoch's F1 so far (the best, or with --keep last the last): the trial's result if stopped.
+                trial.report(tr.best["val_weighted_f1"], epoch)
+                if trial.should_prune():
+                    _finish(trial, tr.best, time.perf_counter() - start)
+                    (run / "pruned.json").write_text(json.dumps({"pruned_after_epoch": epoch, "history": tr.history}))
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    log.info(
+                        "trial %d pruned after epoch %d (val weighted F1 %.4f)",
+                        trial.number,
+                        epoch,
+                        tr.best["val_weighted_f1"],
+                    )
+                    return None
+            result = save(tr, False, time.perf_counter() - start)
     except MmfuseError as e:  # a diverged loss: this trial's parameters fail
         trial.set_user_attr("error", str(e))
         (run / "failed.json").write_text(json.dumps({"error": str(e), "history": tr.history}))
@@ -547,8 +543,6 @@ def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, ca
     except BaseException:  # Ctrl-C or a crash: the trial is not this search's result; the next run retries it
         _retry_later(optuna, study, trial, run)
         raise
-    finally:
-        torch.set_num_threads(threads)
     best = {
         "epoch": result["best_epoch"],
         "val_weighted_f1": result["val"]["weighted_f1"],

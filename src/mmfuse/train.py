@@ -297,7 +297,7 @@ class Trainer:
     data_fingerprint: str = ""
     """What a checkpoint was trained on (``checkpoint.data_fingerprint``)."""
     checkpointing: bool = False
-    """Write checkpoints (after each epoch, every ``checkpoint_every`` steps, on SIGTERM); ``fit`` turns it on."""
+    """Write checkpoints (after each epoch, every ``checkpoint_every`` steps, on SIGTERM)."""
     stop: bool = False
     """Set by SIGTERM: checkpoint at the next optimizer step and stop."""
     resume_at: tuple | None = None
@@ -325,6 +325,7 @@ def setup(
     towers: dict | None = None,
     splits: tuple[list[Record], list[Record], list[str]] | None = None,
     tracking: tuple[Path, str] | None = None,
+    checkpointing: bool = False,
 ) -> Trainer:
     """Resolves the config, reads and checks the data, builds the model, its data and its optimizer, prepared by
     Accelerate.
@@ -334,6 +335,7 @@ def setup(
         towers: already built towers shared between runs of the same config (only sensible when frozen).
         splits: train rows, validation rows (may be empty: no validation) and class names, already read; by
             default read from ``cfg.data``.
+        checkpointing: write checkpoints as it trains (``fit``; a bag's members and a search's trials do not).
         tracking: with ``--track``, the trackers' folder and this run's name in it (default ``out/tracking`` and
             ``out``'s name); a search puts its trials side by side in one.
     """
@@ -396,7 +398,9 @@ def setup(
     if t.track:
         acc.init_trackers(run_name, config=_flat(asdict(cfg)))
     tr = Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
-    tr.generator, tr.data_fingerprint = generator, data_fingerprint(train, val)
+    tr.generator, tr.checkpointing = generator, checkpointing
+    if checkpointing:  # what a checkpoint was trained on: hashes every row's text and image once
+        tr.data_fingerprint = data_fingerprint(train, val)
     return tr
 
 
@@ -565,8 +569,11 @@ def fit(
     start = time.perf_counter()
     check_out_dir(Path(out), cfg.data.train)  # before the lock makes the directory
     with run_lock(Path(out)):
-        tr = setup(cfg, out, cache, towers)
-        tr.checkpointing = True
+        if not resume and int(os.environ.get("RANK", "0")) == 0:
+            # A new run replaces an earlier one's checkpoints (the CLI asked for --overwrite to get here), under the
+            # lock: never while another training is writing them.
+            shutil.rmtree(Path(out) / CHECKPOINTS, ignore_errors=True)
+        tr = setup(cfg, out, cache, towers, checkpointing=True)
         first = 1
         if resume:
             found = checkpoints(tr.out)
@@ -578,22 +585,18 @@ def fit(
             tr.resume_at = (generator_state, done, totals) if done else None
             if not done:
                 tr.generator.set_state(generator_state)
-        interrupted, threads = False, torch.get_num_threads()
-        if not tr.cfg.tuned and tr.acc.device.type == "cpu":
-            # A head on cached features does matrix products of a few hundred kFLOPs: thread hand-offs cost more
-            # than they save (one thread ran 4x faster here, 20x when another process shared the cores).
-            torch.set_num_threads(1)
+        interrupted = False
         previous = _on_sigterm(tr)
         try:
-            for epoch in range(first, tr.cfg.train.epochs + 1):
-                run_epoch(tr, epoch)
+            with training_threads(tr):
+                for epoch in range(first, tr.cfg.train.epochs + 1):
+                    run_epoch(tr, epoch)
         except KeyboardInterrupt:
             if tr.best_state is None:
                 raise
             interrupted = True
             log.warning("interrupted: saving the best epoch so far (%d) to %s", tr.best["epoch"], tr.out)
         finally:
-            torch.set_num_threads(threads)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         result = save(tr, interrupted, time.perf_counter() - start)
@@ -602,6 +605,20 @@ def fit(
         if tr.acc.is_main_process and not tr.cfg.train.keep_checkpoints:
             shutil.rmtree(tr.out / CHECKPOINTS, ignore_errors=True)
     return result
+
+
+@contextlib.contextmanager
+def training_threads(tr: Trainer):
+    """One CPU thread while a head trains on cached features, the caller's count back afterwards: its matrix products
+    of a few hundred kFLOPs lose more to thread hand-offs than they gain (one thread ran 4x faster here, 20x when
+    another process shared the cores)."""
+    threads = torch.get_num_threads()
+    if not tr.cfg.tuned and tr.acc.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _on_sigterm(tr: Trainer):
