@@ -100,7 +100,37 @@ def test_refit_full_trains_on_every_row_for_the_median_best_epoch(toy, tmp_path)
     )
 
 
+def test_parallel_members_give_the_sequential_results(toy, tmp_path):
+    from mmfuse.cli import build_parser, run_config
+
+    args = build_parser().parse_args(["train", str(toy / "all.csv"), "--out", "x", *FAST, "--bag", "3"])
+    cfg = run_config(args).updated({"data": {"train": str(toy / "all.csv")}})
+    results = [bag.fit_bag(cfg, tmp_path / str(p), parallel=p) for p in (True, False)]
+    assert results[0]["val"] == results[1]["val"] and results[0]["members"][0]["fold"] == 0
+    assert [m["best_epoch"] for m in results[0]["members"]] == [m["best_epoch"] for m in results[1]["members"]]
+    oof = [read_csv(tmp_path / str(p) / "oof_predictions.csv") for p in (True, False)]
+    assert oof[0] == oof[1]
+
+
+def test_ctrl_c_in_a_parallel_bag_keeps_the_finished_members(toy, tmp_path, monkeypatch, capsys):
+    real = bag.run_epoch
+
+    def interrupt_the_third_member(tr, epoch):  # it starts once one of the first two (2 workers) has finished
+        if tr.cfg.train.seed == 2 and epoch == 2:
+            raise KeyboardInterrupt
+        return real(tr, epoch)
+
+    monkeypatch.setattr(bag, "run_epoch", interrupt_the_third_member)
+    monkeypatch.setattr(bag.os, "cpu_count", lambda: 2)
+    run = tmp_path / "run"
+    assert main(["train", str(toy / "all.csv"), "--out", str(run), *FAST, "--bag", "3"]) == 130
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["interrupted"] and 1 <= metrics["members_finished"] <= 2
+    assert len(read_csv(run / "oof_predictions.csv")) == sum(m["rows"] for m in metrics["members"])
+
+
 def test_ctrl_c_keeps_the_finished_members(toy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bag.os, "cpu_count", lambda: 1)  # members one after another: the count below is this process's
     real = bag.run_epoch
     calls = {"n": 0}
 

