@@ -12,7 +12,9 @@ pooled Lite0 and mean-pooled MiniLM features) trains on the whole fold's train.
 
 Recipes are JSON objects of ``section.field`` overrides of a default ``RunConfig``, or ``"preset": NAME`` for a
 preset's settings (flags given beside it override them, as on the command line). A recipe with ``train.bag`` trains
-a bag (``mmfuse.bag.fit_bag``). Prints mean ± sd over folds and seeds, and the seconds per fold.
+a bag (``mmfuse.bag.fit_bag``); ``"bag_parallel": false`` trains its members one after another where they would
+otherwise train at once (frozen towers on a multi-core CPU). Prints mean ± sd over folds and seeds, and the seconds
+per fold.
 """
 
 from __future__ import annotations
@@ -93,13 +95,16 @@ def main(argv: list[str] | None = None) -> int:
                     for section, values in PRESETS.get(overrides.get("preset", ""), {}).items():
                         changes.setdefault(section, {}).update(values)
                     for key, value in overrides.items():
-                        if key != "preset":
+                        if key not in ("preset", "bag_parallel"):
                             section, field = key.split(".")
                             changes.setdefault(section, {})[field] = value
                     # Applied as flags are, so defaults that depend on them (--tune's epochs and rates) follow.
                     cfg = RunConfig().updated(changes)
                     run = root / "runs" / f"{name}-{seed}-{k}"
-                    (fit_bag if cfg.train.bag > 1 else fit)(cfg, run)
+                    if cfg.train.bag > 1:
+                        fit_bag(cfg, run, parallel=overrides.get("bag_parallel"))
+                    else:
+                        fit(cfg, run)
                     scores.append(evaluate_file(run, root / f"test{k}.csv", run / "test")["weighted_f1"])
             report(name, scores, (time.perf_counter() - start) / len(scores))
     return 0
