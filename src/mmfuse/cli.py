@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from .config import DTYPES, PREDICT_CHUNK, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
 from .datasets import emoji
 from .errors import MmfuseError
 from .model import RUN_FILES
@@ -268,6 +268,8 @@ def cmd_evaluate(args) -> int:
     from .predict import evaluate_file  # deferred: imports torch
 
     report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
+    if not main_process():
+        return 0  # under accelerate launch, the main process reports for all
     print_report(report)
     out = args.out or Path(args.run) / "eval"
     print(f"wrote {out}/metrics.json, confusion_matrix.csv and .png, errors.csv and errors.html (the misclassified)")
@@ -278,11 +280,25 @@ def cmd_predict(args) -> int:
     from .predict import predict_file  # deferred: imports torch
 
     backend = {"backend": args.backend, "onnx_dir": args.onnx}
+    stream = {"chunk_size": args.chunk_size, "resume": args.resume}
     path = predict_file(
-        args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args), **backend
+        args.run,
+        args.data,
+        args.out,
+        captions=args.captions,
+        skip_bad=args.skip_bad,
+        **speed(args),
+        **backend,
+        **stream,
     )
-    print(f"wrote {path}")
+    if main_process():
+        print(f"wrote {path}")
     return 0
+
+
+def main_process() -> bool:
+    """Not one of the other processes of an accelerate launch (RANK: set for each process by the launcher)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_export(args) -> int:
@@ -533,6 +549,18 @@ def build_parser() -> argparse.ArgumentParser:
                 help="onnx: the graph mmfuse export wrote (needs mmfuse[export]; --dtype and --compile do not apply)",
             )
             p.add_argument("--onnx", metavar="DIR", help="the export to run with --backend onnx (default RUN/export)")
+            p.add_argument(
+                "--chunk-size",
+                type=int,
+                default=PREDICT_CHUNK,
+                metavar="N",
+                help="rows predicted and appended to OUT.part at a time (memory holds one chunk's features)",
+            )
+            p.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue an interrupted predict of the same data, run and options after its last whole chunk",
+            )
         p.set_defaults(fn=fn)
 
     p = sub.add_parser(
