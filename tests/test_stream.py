@@ -162,6 +162,7 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # two launches of two processes: about two minutes on a shared 2-core machine
 def test_two_processes_predict_and_evaluate_as_one(trained, tmp_path):
     data, run = trained
     one, two = tmp_path / "one", tmp_path / "two"
@@ -169,12 +170,14 @@ def test_two_processes_predict_and_evaluate_as_one(trained, tmp_path):
     assert main(["evaluate", str(run), str(data), "--out", str(one / "eval")]) == 0
     proc = launch("predict", str(run), str(data), "--out", str(two / "preds.csv"), "--chunk-size", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "45 rows split over 2 processes: 23, 22" in proc.stderr
     assert proc.stdout.count("wrote") == 1  # the main process reports, once
     assert_same_predictions(two / "preds.csv", one / "preds.csv")
     assert [int(r["row"]) for r in read_csv(two / "preds.csv")] == list(range(ROWS))
     assert sorted(p.name for p in two.iterdir()) == ["preds.csv"]  # no shard's part or progress left
     proc = launch("evaluate", str(run), str(data), "--out", str(two / "eval"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "45 rows split over 2 processes: 23, 22" in proc.stderr
     metrics = json.loads((two / "eval" / "metrics.json").read_text())
     assert metrics["n"] == ROWS
     assert metrics == json.loads((one / "eval" / "metrics.json").read_text())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -90,6 +91,14 @@ def processes() -> Processes:
     return Processes(state.process_index, state.num_processes, str(state.device))
 
 
+def my_shard(n: int, procs: Processes) -> tuple[int, int]:
+    """This process's [start, end) of ``n`` rows (all of them for one process); the main process says the split."""
+    bounds = shard_bounds(n, procs.world)
+    if procs.world > 1 and procs.is_main:
+        log.info("%d rows split over %d processes: %s", n, procs.world, ", ".join(f"{b - a}" for a, b in bounds))
+    return bounds[procs.rank]
+
+
 def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) row ranges, one per process, the first ``n % world`` one row longer; no padding."""
     per, extra = divmod(n, world)
@@ -115,7 +124,7 @@ def predict_chunks(predictor, records: list[Record], chunk_size: int, show: bool
 def predict_all(predictor, records: list[Record], chunk_size: int, procs: Processes) -> np.ndarray:
     """Probabilities (N, classes) for every record, in order: each process predicts its shard, chunk by chunk, and
     every process gets all of them."""
-    start, end = shard_bounds(len(records), procs.world)[procs.rank]
+    start, end = my_shard(len(records), procs)
     mine = list(predict_chunks(predictor, records[start:end], chunk_size, procs.is_main))
     mine = np.concatenate(mine) if mine else np.zeros((0, len(predictor.classes)), dtype=np.float32)
     return np.concatenate(procs.gather(mine))
@@ -162,14 +171,10 @@ def leftovers(out_csv: Path) -> list[Path]:
         return []
     return sorted(
         [
-            *folder.glob(f"{glob_escape(out_csv.name)}.progress.json"),
-            *folder.glob(f"{glob_escape(out_csv.name)}.*-of-*.progress.json"),
+            *folder.glob(f"{glob.escape(out_csv.name)}.progress.json"),
+            *folder.glob(f"{glob.escape(out_csv.name)}.*-of-*.progress.json"),
         ]
     )
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def read_progress(path: Path) -> dict:
@@ -288,7 +293,7 @@ def stream_predictions(
     procs.barrier()  # no process writes a progress file before every process has checked the old ones
     # true_label and correct make a labelled input's predictions their own error list; decided over all rows.
     labelled = any(r.label is not None for r in records)
-    start, end = shard_bounds(len(records), procs.world)[procs.rank]
+    start, end = my_shard(len(records), procs)
     shard = records[start:end]
     files = shard_files(out_csv, procs.rank, procs.world)
     state = {**identity, "format": PROGRESS_FORMAT, "shard": [procs.rank, procs.world, start, end]}
