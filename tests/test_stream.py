@@ -147,12 +147,16 @@ def test_resume_after_sigkill_writes_every_row_once_in_order(trained, tmp_path):
     assert [int(r["row"]) for r in read_csv(out)] == list(range(200))
 
 
-def test_shards_are_contiguous_cover_every_row_once_and_differ_by_at_most_one():
-    for n in (0, 1, 2, 45, 46):
+def test_shards_are_contiguous_whole_chunks_covering_every_row_once():
+    for n in (0, 1, 2, 45, 46, 1000):
         for world in (1, 2, 3, 8):
-            bounds = shard_bounds(n, world)
-            assert [i for a, b in bounds for i in range(a, b)] == list(range(n))
-            assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+            for chunk in (1, 4, 64):
+                bounds = shard_bounds(n, world, chunk)
+                assert [i for a, b in bounds for i in range(a, b)] == list(range(n))
+                assert all(a % chunk == 0 or a == n for a, _ in bounds)
+                sizes = [-(-(b - a) // chunk) for a, b in bounds]  # chunks per shard
+                assert max(sizes) - min(sizes) <= 1
+    assert shard_bounds(45, 2, 4) == [(0, 24), (24, 45)]
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
@@ -168,17 +172,18 @@ def test_two_processes_predict_and_evaluate_as_one(trained, tmp_path):
     data, run = trained
     one, two = tmp_path / "one", tmp_path / "two"
     assert predict(run, data, one / "preds.csv", "--chunk-size", "4") == 0
-    assert main(["evaluate", str(run), str(data), "--out", str(one / "eval")]) == 0
+    assert main(["evaluate", str(run), str(data), "--out", str(one / "eval"), "--chunk-size", "4"]) == 0
     proc = launch("predict", str(run), str(data), "--out", str(two / "preds.csv"), "--chunk-size", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "45 rows split over 2 processes: 23, 22" in proc.stderr
+    assert "45 rows split over 2 processes: 24, 21" in proc.stderr
     assert proc.stdout.count("wrote") == 1  # the main process reports, once
-    assert_same_predictions(two / "preds.csv", one / "preds.csv")
+    # Whole chunks per process: each row goes through the batch it goes through in one process, to the last bit.
+    assert (two / "preds.csv").read_bytes() == (one / "preds.csv").read_bytes()
     assert [int(r["row"]) for r in read_csv(two / "preds.csv")] == list(range(ROWS))
     assert sorted(p.name for p in two.iterdir()) == ["preds.csv"]  # no shard's part or progress left
-    proc = launch("evaluate", str(run), str(data), "--out", str(two / "eval"))
+    proc = launch("evaluate", str(run), str(data), "--out", str(two / "eval"), "--chunk-size", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "45 rows split over 2 processes: 23, 22" in proc.stderr
+    assert "45 rows split over 2 processes: 24, 21" in proc.stderr
     metrics = json.loads((two / "eval" / "metrics.json").read_text())
     assert metrics["n"] == ROWS
     assert metrics == json.loads((one / "eval" / "metrics.json").read_text())

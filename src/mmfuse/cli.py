@@ -264,10 +264,16 @@ def speed(args) -> dict:
     return {"dtype": args.dtype, "compile": args.compile}
 
 
+def chunks(args) -> dict:
+    return {"chunk_size": args.chunk_size}
+
+
 def cmd_evaluate(args) -> int:
     from .predict import evaluate_file  # deferred: imports torch
 
-    report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
+    report = evaluate_file(
+        args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args), **chunks(args)
+    )
     if not main_process():
         return 0  # under accelerate launch, the main process reports for all
     print_report(report)
@@ -541,6 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--compile", action="store_true", help="torch.compile each encoder layer (GPU; pays a compile once)"
         )
+        p.add_argument(
+            "--chunk-size",
+            type=int,
+            default=PREDICT_CHUNK,
+            metavar="N",
+            help="rows predicted at a time (memory holds one chunk's features; predict appends each to OUT.part); "
+            "under accelerate launch each process takes whole chunks",
+        )
         if verb == "predict":
             p.add_argument(
                 "--backend",
@@ -549,13 +563,6 @@ def build_parser() -> argparse.ArgumentParser:
                 help="onnx: the graph mmfuse export wrote (needs mmfuse[export]; --dtype and --compile do not apply)",
             )
             p.add_argument("--onnx", metavar="DIR", help="the export to run with --backend onnx (default RUN/export)")
-            p.add_argument(
-                "--chunk-size",
-                type=int,
-                default=PREDICT_CHUNK,
-                metavar="N",
-                help="rows predicted and appended to OUT.part at a time (memory holds one chunk's features)",
-            )
             p.add_argument(
                 "--resume",
                 action="store_true",

@@ -386,13 +386,23 @@ def predict_file(
     return stream_predictions(predictor, records, out_csv, identity, chunk_size, resume, procs)
 
 
-def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dtype="auto", compile=False) -> dict:
+def evaluate_file(
+    run_dir,
+    data,
+    out_dir=None,
+    captions=None,
+    skip_bad=False,
+    dtype="auto",
+    compile=False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> dict:
     """Scores a run on labelled data; writes metrics.json, the confusion matrix (CSV, PNG) and the misclassified rows
     (errors.csv, errors.html) to ``out_dir``.
 
-    Under ``accelerate launch`` each process predicts one contiguous shard; the main process scores all rows, each
-    once, and writes the reports, which are those of one process.
+    Rows are predicted ``chunk_size`` at a time. Under ``accelerate launch`` each process predicts one contiguous
+    shard of whole chunks; the main process scores all rows, each once, and writes the reports one process writes.
     """
+    check_chunk_size(chunk_size)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise MmfuseError(f"--out {out_dir} is a file; evaluate writes a directory of reports there.")
     if out_dir is not None and Path(out_dir).resolve() == Path(run_dir).resolve():
@@ -415,7 +425,7 @@ def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dt
         )
     if procs.is_main:
         warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records)
-    probs = predict_all(predictor, records, DEFAULT_CHUNK, procs)
+    probs = predict_all(predictor, records, chunk_size, procs)
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = np.array([index[r.label] for r in records])
     report = metrics.full_report(y, probs.argmax(1), predictor.classes)

@@ -91,18 +91,24 @@ def processes() -> Processes:
     return Processes(state.process_index, state.num_processes, str(state.device))
 
 
-def my_shard(n: int, procs: Processes) -> tuple[int, int]:
+def my_shard(n: int, chunk_size: int, procs: Processes) -> tuple[int, int]:
     """This process's [start, end) of ``n`` rows (all of them for one process); the main process says the split."""
-    bounds = shard_bounds(n, procs.world)
+    bounds = shard_bounds(n, procs.world, chunk_size)
     if procs.world > 1 and procs.is_main:
         log.info("%d rows split over %d processes: %s", n, procs.world, ", ".join(f"{b - a}" for a, b in bounds))
     return bounds[procs.rank]
 
 
-def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) row ranges, one per process, the first ``n % world`` one row longer; no padding."""
-    per, extra = divmod(n, world)
-    starts = [k * per + min(k, extra) for k in range(world + 1)]
+def shard_bounds(n: int, world: int, chunk_size: int = 1) -> list[tuple[int, int]]:
+    """Contiguous [start, end) row ranges, one per process, of whole chunks (the first ``chunks % world`` one chunk
+    longer, the last cut at ``n``); no padding.
+
+    A shard of whole chunks makes every chunk, and so every batch, the one a single process predicts: the same
+    rows through the same batch shapes give the same floats, where a row's last bit can change with its batch's size.
+    """
+    chunks = -(-n // chunk_size)
+    per, extra = divmod(chunks, world)
+    starts = [min(n, (k * per + min(k, extra)) * chunk_size) for k in range(world + 1)]
     return list(zip(starts[:-1], starts[1:]))
 
 
@@ -124,7 +130,7 @@ def predict_chunks(predictor, records: list[Record], chunk_size: int, show: bool
 def predict_all(predictor, records: list[Record], chunk_size: int, procs: Processes) -> np.ndarray:
     """Probabilities (N, classes) for every record, in order: each process predicts its shard, chunk by chunk, and
     every process gets all of them."""
-    start, end = my_shard(len(records), procs)
+    start, end = my_shard(len(records), chunk_size, procs)
     mine = list(predict_chunks(predictor, records[start:end], chunk_size, procs.is_main))
     mine = np.concatenate(mine) if mine else np.zeros((0, len(predictor.classes)), dtype=np.float32)
     return np.concatenate(procs.gather(mine))
@@ -212,7 +218,7 @@ def _mismatch(saved: dict, identity: dict) -> str | None:
     return None
 
 
-def check_resume(out_csv: Path, identity: dict, world: int, resume: bool) -> None:
+def check_resume(out_csv: Path, identity: dict, bounds: list[tuple[int, int]], resume: bool) -> None:
     """Refuses to start over an interrupted prediction unasked, and to continue one that is not this prediction.
 
     Every process runs the same check on the same files, so all refuse together or none does.
@@ -228,7 +234,8 @@ def check_resume(out_csv: Path, identity: dict, world: int, resume: bool) -> Non
             "files). Rerun with --resume to continue after its last whole chunk, or delete those files to start "
             "over."
         )
-    ours = {shard_files(out_csv, k, world).progress for k in range(world)}
+    world = len(bounds)
+    ours = {shard_files(out_csv, k, world).progress: k for k in range(world)}
     others = [p for p in found if p not in ours]
     if others:
         procs = (
@@ -246,6 +253,12 @@ def check_resume(out_csv: Path, identity: dict, world: int, resume: bool) -> Non
             raise MmfuseError(
                 f"--resume: {path} is not this prediction's: {why}. Give the same input, run and options, or delete "
                 f"{names} and the .part files beside them to start over."
+            )
+        if world > 1 and saved.get("shard") != list(bounds[ours[path]]):
+            raise MmfuseError(
+                f"--resume: {path} holds rows {saved.get('shard')} of a split into chunks of {saved.get('chunk_size')} "
+                f"rows; resume with --chunk-size {saved.get('chunk_size')}, or delete {names} and the .part files "
+                "beside them to start over."
             )
         part = path.with_name(path.name.removesuffix(".progress.json") + ".part")
         if not part.is_file() or part.stat().st_size < saved["bytes"]:
@@ -289,14 +302,14 @@ def stream_predictions(
     """
     procs = procs or Processes()
     check_chunk_size(chunk_size)
-    check_resume(out_csv, identity, procs.world, resume)
+    check_resume(out_csv, identity, shard_bounds(len(records), procs.world, chunk_size), resume)
     procs.barrier()  # no process writes a progress file before every process has checked the old ones
     # true_label and correct make a labelled input's predictions their own error list; decided over all rows.
     labelled = any(r.label is not None for r in records)
-    start, end = my_shard(len(records), procs)
+    start, end = my_shard(len(records), chunk_size, procs)
     shard = records[start:end]
     files = shard_files(out_csv, procs.rank, procs.world)
-    state = {**identity, "format": PROGRESS_FORMAT, "shard": [procs.rank, procs.world, start, end]}
+    state = {**identity, "format": PROGRESS_FORMAT, "shard": [start, end], "chunk_size": chunk_size}
     if resume and files.progress.exists():
         saved = read_progress(files.progress)
         done, offset = int(saved["rows_done"]), int(saved["bytes"])
