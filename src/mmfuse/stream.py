@@ -5,10 +5,11 @@
     accelerate launch --num_processes 4 -m mmfuse predict RUN DATA --out preds.csv   # 4 GPUs, a shard each
     accelerate launch --multi_gpu --num_processes 2 -m mmfuse evaluate RUN DATA      # 2 CPU processes (gloo)
 
-Each process takes one contiguous shard of the checked rows (as accelerate's ``split_between_processes``, with no
-padding), so the output is exactly the single-process one: each row once, in input order. A shard is predicted
-``chunk_size`` rows at a time: features and pixels exist for one chunk only, each chunk's rows are appended to the
-shard's part file and synced, then a small progress file beside it records the rows and bytes that are complete.
+Each process takes one contiguous shard of whole chunks of the checked rows (as accelerate's
+``split_between_processes``, in chunks, with no padding), so the output is byte for byte the single-process one
+with the same chunk size: each row once, in input order. A shard is predicted ``chunk_size`` rows at a time:
+features and pixels exist for one chunk only, each chunk's rows are appended to the shard's part file and synced,
+then a small progress file beside it records the rows and bytes that are complete.
 """
 
 from __future__ import annotations
