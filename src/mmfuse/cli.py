@@ -566,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--resume",
                 action="store_true",
-                help="continue an interrupted predict of the same data, run and options after its last whole chunk",
+                help="continue an interrupted predict of the same data, run and options after its last whole chunk "
+                "(with nothing to continue, start)",
             )
         p.set_defaults(fn=fn)
 
