@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import DTYPES, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from .config import DTYPES, PREDICT_CHUNK, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
 from .datasets import emoji
 from .errors import MmfuseError
 from .model import RUN_FILES
@@ -264,10 +264,18 @@ def speed(args) -> dict:
     return {"dtype": args.dtype, "compile": args.compile}
 
 
+def chunks(args) -> dict:
+    return {"chunk_size": args.chunk_size}
+
+
 def cmd_evaluate(args) -> int:
     from .predict import evaluate_file  # deferred: imports torch
 
-    report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
+    report = evaluate_file(
+        args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args), **chunks(args)
+    )
+    if not main_process():
+        return 0  # under accelerate launch, the main process reports for all
     print_report(report)
     out = args.out or Path(args.run) / "eval"
     print(f"wrote {out}/metrics.json, confusion_matrix.csv and .png, errors.csv and errors.html (the misclassified)")
@@ -278,11 +286,25 @@ def cmd_predict(args) -> int:
     from .predict import predict_file  # deferred: imports torch
 
     backend = {"backend": args.backend, "onnx_dir": args.onnx}
+    stream = {"chunk_size": args.chunk_size, "resume": args.resume}
     path = predict_file(
-        args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args), **backend
+        args.run,
+        args.data,
+        args.out,
+        captions=args.captions,
+        skip_bad=args.skip_bad,
+        **speed(args),
+        **backend,
+        **stream,
     )
-    print(f"wrote {path}")
+    if main_process():
+        print(f"wrote {path}")
     return 0
+
+
+def main_process() -> bool:
+    """Not one of the other processes of an accelerate launch (RANK: set for each process by the launcher)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_export(args) -> int:
@@ -525,6 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--compile", action="store_true", help="torch.compile each encoder layer (GPU; pays a compile once)"
         )
+        p.add_argument(
+            "--chunk-size",
+            type=int,
+            default=PREDICT_CHUNK,
+            metavar="N",
+            help="rows predicted at a time (memory holds one chunk's features; predict appends each to OUT.part); "
+            "under accelerate launch each process takes whole chunks",
+        )
         if verb == "predict":
             p.add_argument(
                 "--backend",
@@ -533,6 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="onnx: the graph mmfuse export wrote (needs mmfuse[export]; --dtype and --compile do not apply)",
             )
             p.add_argument("--onnx", metavar="DIR", help="the export to run with --backend onnx (default RUN/export)")
+            p.add_argument(
+                "--resume",
+                action="store_true",
+                help="continue an interrupted predict of the same data, run and options after its last whole chunk "
+                "(with nothing to continue, start)",
+            )
         p.set_defaults(fn=fn)
 
     p = sub.add_parser(

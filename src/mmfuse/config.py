@@ -37,6 +37,8 @@ PACKAGED_TOWERS = {
     "mpnet": {"modality": "text", "text_pooling": "mean"},
 }
 DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: predict.Predictor says which is which
+# Rows predict holds at a time (mmfuse.stream): a few GPU batches; ~0.6 GB of 224-px pixels for a tuned vision tower
+PREDICT_CHUNK = 4096
 TUNES = ("head", "text", "image", "all")
 MAX_IMAGE_SIZE = 1024
 # Accelerate's trackers, by the name --track takes, with the module each needs.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
@@ -22,9 +21,18 @@ from .errors import MmfuseError
 from .images import load_image, to_rgb
 from .model import RUN_FILES, MultimodalClassifier, load_models
 from .paths import mmfuse_home
-from .report import input_row, write_errors
+from .report import write_errors
 from .sources import FeatureCache, MultimodalDataset, batch_collate, build_dataset
 from .speed import compile_model
+from .stream import (
+    DEFAULT_CHUNK,
+    check_chunk_size,
+    predict_all,
+    processes,
+    rows_digest,
+    run_identity,
+    stream_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -301,15 +309,30 @@ def _is_run(folder: Path) -> bool:
 
 
 def predict_file(
-    run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False, backend="torch", onnx_dir=None
+    run_dir,
+    data,
+    out_csv,
+    captions=None,
+    skip_bad=False,
+    dtype="auto",
+    compile=False,
+    backend="torch",
+    onnx_dir=None,
+    chunk_size: int = DEFAULT_CHUNK,
+    resume: bool = False,
 ) -> Path:
     """Writes one row per input image, in input order: row (the input's row, from 0), image, true_label and correct
     (when the input has labels), label, confidence, p_<class>...
+
+    Rows are predicted and appended ``chunk_size`` at a time (``mmfuse.stream``), so memory does not grow with the
+    input; ``resume`` continues an interrupted prediction of the same input, run and options after its last whole
+    chunk. Under ``accelerate launch`` each process predicts one contiguous shard, and the file is the same.
 
     ``backend="onnx"`` runs the graph ``mmfuse export`` wrote to ``onnx_dir`` (default RUN/export) instead of torch.
     """
     if backend not in ("torch", "onnx"):
         raise MmfuseError(f"backend must be torch or onnx, got {backend!r}")
+    check_chunk_size(chunk_size)
     out_csv = Path(out_csv)
     if out_csv.is_dir():
         raise MmfuseError(
@@ -337,39 +360,49 @@ def predict_file(
         raise MmfuseError(f"--out {out_csv}: {existing} is a file, so no folder can be made there.")
     if not os.access(existing, os.W_OK):
         raise MmfuseError(f"--out {out_csv}: the folder {existing} is not writable.")
+    procs = processes()
     if backend == "onnx":
         from .export import OnnxPredictor, find_export
 
-        predictor = OnnxPredictor(find_export(run_dir, onnx_dir), run_dir)
+        onnx_dir = find_export(run_dir, onnx_dir)
+        predictor = OnnxPredictor(onnx_dir, run_dir)
     else:
-        predictor = Predictor(run_dir, dtype=dtype, compile=compile)
+        predictor = Predictor(run_dir, device=procs.device, dtype=dtype, compile=compile)
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
-    skipped.unlink(missing_ok=True)
-    records = predictor.load_data(data, captions, skip_bad=skip_bad, skipped_csv=skipped)
-    probs = predictor.predict_records(records)
+    with procs.main_first():  # every process checks every row (the main one first, filling the check index)
+        if procs.is_main:
+            skipped.unlink(missing_ok=True)
+        records = predictor.load_data(data, captions, skip_bad=skip_bad, skipped_csv=skipped if procs.is_main else None)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside, then renamed over: a failure while writing (a full disk) leaves an earlier file whole.
-    part = out_csv.with_name(out_csv.name + ".part")
-    # row ties each prediction to its input row (skipped rows are the numbers missing); with labels in the input,
-    # true_label and correct make the file its own error list.
-    labelled = any(r.label is not None for r in records)
-    truth = ["true_label", "correct"] if labelled else []
-    with open(part, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "image", *truth, "label", "confidence", *(f"p_{c}" for c in predictor.classes)])
-        for rec, p in zip(records, probs):
-            label = predictor.classes[int(p.argmax())]
-            known = [rec.label, rec.label == label] if rec.label is not None else ["", ""]
-            w.writerow(
-                [input_row(rec), rec.source, *known[: len(truth)], label, f"{p.max():.6f}", *(f"{x:.6f}" for x in p)]
-            )
-    part.replace(out_csv)
-    return out_csv
+    identity = {
+        "input": {"path": str(Path(data).resolve()), "rows_sha256": rows_digest(records), "rows": len(records)},
+        "run": run_identity(run_dir),
+        "options": {
+            "backend": backend,
+            "dtype": getattr(predictor, "dtype", None),  # as resolved: auto is fp32 on a CPU, autocast on a GPU
+            "onnx": str(Path(onnx_dir).resolve()) if backend == "onnx" else None,
+        },
+    }
+    return stream_predictions(predictor, records, out_csv, identity, chunk_size, resume, procs)
 
 
-def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dtype="auto", compile=False) -> dict:
+def evaluate_file(
+    run_dir,
+    data,
+    out_dir=None,
+    captions=None,
+    skip_bad=False,
+    dtype="auto",
+    compile=False,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> dict:
     """Scores a run on labelled data; writes metrics.json, the confusion matrix (CSV, PNG) and the misclassified rows
-    (errors.csv, errors.html) to ``out_dir``."""
+    (errors.csv, errors.html) to ``out_dir``.
+
+    Rows are predicted ``chunk_size`` at a time. Under ``accelerate launch`` each process predicts one contiguous
+    shard of whole chunks; the main process scores all rows, each once, and writes the reports one process writes.
+    """
+    check_chunk_size(chunk_size)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise MmfuseError(f"--out {out_dir} is a file; evaluate writes a directory of reports there.")
     if out_dir is not None and Path(out_dir).resolve() == Path(run_dir).resolve():
@@ -380,19 +413,26 @@ def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dt
     if out_dir is not None and Path(data).is_dir() and Path(out_dir).resolve().is_relative_to(Path(data).resolve()):
         # Its confusion_matrix.png would be read as an image of a class named after the folder next time.
         raise MmfuseError(f"--out {out_dir} is inside the data folder {data}; put the reports elsewhere.")
-    predictor = Predictor(run_dir, dtype=dtype, compile=compile)
+    procs = processes()
+    predictor = Predictor(run_dir, device=procs.device, dtype=dtype, compile=compile)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
-    (out_dir / "skipped.csv").unlink(missing_ok=True)
-    records = predictor.load_data(
-        data, captions, need_label=True, skip_bad=skip_bad, skipped_csv=out_dir / "skipped.csv"
-    )
-    warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records)
-    probs = predictor.predict_records(records)
+    skipped = out_dir / "skipped.csv"
+    with procs.main_first():
+        if procs.is_main:
+            skipped.unlink(missing_ok=True)
+        records = predictor.load_data(
+            data, captions, need_label=True, skip_bad=skip_bad, skipped_csv=skipped if procs.is_main else None
+        )
+    if procs.is_main:
+        warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records)
+    probs = predict_all(predictor, records, chunk_size, procs)
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = np.array([index[r.label] for r in records])
     report = metrics.full_report(y, probs.argmax(1), predictor.classes)
-    metrics.write_report(report, out_dir)
-    write_errors(out_dir, records, probs, predictor.classes)
+    if procs.is_main:
+        metrics.write_report(report, out_dir)
+        write_errors(out_dir, records, probs, predictor.classes)
+    procs.barrier()  # the reports exist when any process returns
     return report
 
 
