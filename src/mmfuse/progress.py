@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import time
 
-from tqdm.auto import tqdm
-
 log = logging.getLogger(__name__)
 PLAIN_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (as train.PLAIN_EVERY)
 
@@ -20,6 +18,8 @@ class Progress:
     """``update(n)`` after each ``n`` rows done; ``close()`` at the end (or use it as a context manager)."""
 
     def __init__(self, total: int, desc: str, unit: str = "row", show: bool = True):
+        from tqdm.auto import tqdm  # deferred: tqdm.auto costs a tenth of a second, and a warm check needs no bar
+
         self.total, self.desc, self.done = total, desc, 0
         # disable=None: tqdm decides, showing a bar only when stderr is a terminal.
         self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None if show and total else True)
