@@ -187,9 +187,7 @@ def table(small: dict, big: dict) -> str:
         f"| time x | RSS x | target |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, (s1, m1) in small.items():
-        if name in ("rows", "cache"):
-            continue
+    for name, (s1, m1) in ((k, v) for k, v in small.items() if k not in ("rows", "cache")):
         s2, m2 = big[name]
         grow = s2 / s1
         target = f"time <= {1.05 * ratio:.1f}x: {'met' if grow <= 1.05 * ratio else 'MISSED'}"
