@@ -44,7 +44,7 @@ _ALIASES = {
     "label": {"labels", "class", "category", "target", "y", "class_name", "label_name"},
 }
 # Lone surrogates are what surrogateescape turns undecodable bytes into: their presence means "not UTF-8".
-_SURROGATES = {chr(c) for c in range(0xDC80, 0xDD00)}
+_SURROGATES = re.compile("[\udc80-\udcff]")
 # Any other lone surrogate comes from a JSON escape such as "\ud83d" whose pair was cut off (scraped text): no
 # tokenizer can encode it, so it must be a bad row, not a TypeError deep in the tokenizer.
 _ANY_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -85,7 +85,7 @@ def data_error(problems: list[Problem], source) -> DataError:
 
 
 def _is_not_utf8(value: str) -> bool:
-    return any(ch in _SURROGATES for ch in value)
+    return _SURROGATES.search(value) is not None
 
 
 def text_problem(text: str) -> str | None:
@@ -327,7 +327,7 @@ def read_manifest(
         )
     has_label = "label" in columns
     records = []
-    folder, labels = path.parent, {}
+    folder, labels, text_cells = path.parent, {}, path.suffix.lower() == ".csv"
     for i, row in enumerate(rows):
         rows[i] = None  # each row's dict freed as its record is made: both lists are never whole at once
         n = row["_row"]
@@ -335,8 +335,8 @@ def read_manifest(
             problems.append(Problem(n, "", "image holds embedded image data, not the path of an image file"))
             continue
         source = _cell(row.get("image")).strip()
-        # A list or an object would otherwise be trained on as its Python repr, "['a', 'b']".
-        odd = [c for c in COLUMNS if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
+        # A list or an object would otherwise be trained on as its Python repr, "['a', 'b']". (A CSV's cells are text.)
+        odd = [] if text_cells else [c for c in COLUMNS if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
         if odd:
             kind = {dict: "an object"}
             problems += [Problem(n, source, f"{c} is {kind.get(type(row[c]), 'a list')}, not one value") for c in odd]
