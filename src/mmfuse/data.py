@@ -5,7 +5,10 @@ Two layouts:
 - a folder ``ROOT/<label>/<image files>`` (labels from sub-folder names; a flat folder of images is unlabeled),
   with text from a captions CSV (columns ``image``, ``text``) matched by relative path or unique file name;
 - a manifest ``.csv``, ``.jsonl`` or ``.parquet`` with columns ``image``, ``text`` and (optionally) ``label``,
-  image paths relative to the manifest's folder or absolute.
+  image paths relative to the manifest's folder or absolute;
+- a Hugging Face "imagefolder": a folder holding ``metadata.csv`` or ``metadata.jsonl``, a manifest whose image
+  column is named ``file_name`` (as Hugging Face names it; ``image`` works too); without a ``label`` column, each
+  image's class is its top folder, as in the folder layout.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, MmfuseError
-from .filestats import file_index
+from .filestats import default_workers, file_index
 from .images import IMAGE_SUFFIXES, MAX_PIXELS, check_image
 
 log = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+"""The manifest of a Hugging Face imagefolder, found in the folder given as data."""
 COLUMNS = ("image", "text", "label")
 # Names other tools give these columns: named in the error as renames to make, never read silently in their place.
 _ALIASES = {
@@ -39,7 +44,7 @@ _ALIASES = {
     "label": {"labels", "class", "category", "target", "y", "class_name", "label_name"},
 }
 # Lone surrogates are what surrogateescape turns undecodable bytes into: their presence means "not UTF-8".
-_SURROGATES = {chr(c) for c in range(0xDC80, 0xDD00)}
+_SURROGATES = re.compile("[\udc80-\udcff]")
 # Any other lone surrogate comes from a JSON escape such as "\ud83d" whose pair was cut off (scraped text): no
 # tokenizer can encode it, so it must be a bad row, not a TypeError deep in the tokenizer.
 _ANY_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -57,7 +62,7 @@ towers (8,192 positions)."""
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
-@dataclass
+@dataclass(slots=True)  # no per-row __dict__: a million rows are held at once
 class Record:
     image: Path
     text: str
@@ -80,7 +85,7 @@ def data_error(problems: list[Problem], source) -> DataError:
 
 
 def _is_not_utf8(value: str) -> bool:
-    return any(ch in _SURROGATES for ch in value)
+    return _SURROGATES.search(value) is not None
 
 
 def text_problem(text: str) -> str | None:
@@ -171,7 +176,9 @@ def read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
                         why += " (a text with an unquoted comma?)"
                     problems.append(Problem(n, row[at] if at < len(row) else "", why))
                     continue
-                rows.append({**dict(zip(header, row)), "_row": n})
+                cells = dict(zip(header, row))
+                cells["_row"] = n
+                rows.append(cells)
             if not rows and n > 1 and len(widths) == 1:
                 # Every row disagrees with the header the same way: the header is what is wrong, not the rows.
                 raise MmfuseError(
@@ -214,8 +221,11 @@ def read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
         if suffix == ".parquet":
             import pandas as pd  # deferred: half a second of every command otherwise (see above)
 
-            df = pd.read_parquet(path)
-            columns = _columns([str(c) for c in df.columns], path)
+            # Only the columns mmfuse reads: a wide table's other columns would cost memory for every row.
+            names = _parquet_columns(path)
+            wanted = [c for c in names if _column(c) in COLUMNS] if names else None
+            df = pd.read_parquet(path, columns=wanted) if wanted else pd.read_parquet(path)
+            columns = _columns([str(c) for c in (names if names and not wanted else df.columns)], path)
             # Bytes are decoded per cell, not written back into the frame: pandas' Arrow-backed strings refuse the
             # surrogates that mark undecodable bytes, which made one bad cell fail the whole file.
             for i, values in enumerate(df.itertuples(index=False, name=None), 1):
@@ -224,6 +234,17 @@ def read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
     except (csv.Error, OSError, ValueError, ImportError) as e:
         raise MmfuseError(f"Could not read manifest {path}: {e}") from None
     raise MmfuseError(f"{path}: manifests must be {', '.join(MANIFEST_SUFFIXES)}")
+
+
+def _parquet_columns(path: Path) -> list[str] | None:
+    """A parquet file's (or partitioned folder's) column names from its schema, without reading its rows; None if
+    the schema cannot be read this way (the full read then says what is wrong)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return [str(c) for c in pq.ParquetDataset(path).schema.names]
+    except Exception:  # pyarrow's errors for damaged files vary; the read that follows reports them
+        return None
 
 
 def _columns(header: list[str], path: Path) -> list[str]:
@@ -245,6 +266,8 @@ def _column(name) -> str:
 
 
 def _cell(value) -> str:
+    if type(value) is str:
+        return value  # every CSV cell: the common case first
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="surrogateescape")  # parquet binary columns
     if value is None or (isinstance(value, float) and np.isnan(value)) or type(value).__name__ in ("NAType", "NaTType"):
@@ -282,12 +305,18 @@ def _header_hint(columns: list[str]) -> str:
     return ""
 
 
-def read_manifest(path: Path, need_label: bool, need_text: bool = False) -> tuple[list[Record], list[Problem]]:
+def read_manifest(
+    path: Path, need_label: bool, need_text: bool = False, imagefolder: bool = False
+) -> tuple[list[Record], list[Problem]]:
     """``need_text``: the text column must be there (captioning, an image-only model or one trained with modality
-    dropout can do without it)."""
+    dropout can do without it). ``imagefolder``: ``path`` is an imagefolder's ``metadata.csv``/``.jsonl``."""
     columns, rows, problems = read_table(path)
     if not rows and not problems:
         raise MmfuseError(f"{path} has no data rows.")
+    if imagefolder:
+        columns, rows = _imagefolder_columns(path, columns, rows)
+        folder_labels = "label" not in columns  # the class is each image's top folder, as in the folder layout
+        need_label = need_label and not folder_labels
     if rows or not problems:  # a .jsonl with no readable line has no columns to check: its lines are the error
         _require_columns(columns, path, ["image"] + (["text"] if need_text else []) + (["label"] if need_label else []))
     if rows and all(isinstance(r.get("image"), (bytes, dict)) for r in rows):
@@ -298,28 +327,55 @@ def read_manifest(path: Path, need_label: bool, need_text: bool = False) -> tupl
         )
     has_label = "label" in columns
     records = []
-    for row in rows:
+    folder, labels, text_cells = path.parent, {}, path.suffix.lower() == ".csv"
+    for i, row in enumerate(rows):
+        rows[i] = None  # each row's dict freed as its record is made: both lists are never whole at once
         n = row["_row"]
         if isinstance(row.get("image"), (bytes, dict)):
             problems.append(Problem(n, "", "image holds embedded image data, not the path of an image file"))
             continue
         source = _cell(row.get("image")).strip()
-        # A list or an object would otherwise be trained on as its Python repr, "['a', 'b']".
-        odd = [c for c in COLUMNS if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
+        # A list or an object would otherwise be trained on as its Python repr, "['a', 'b']". (A CSV's cells are text.)
+        odd = [] if text_cells else [c for c in COLUMNS if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
         if odd:
             kind = {dict: "an object"}
             problems += [Problem(n, source, f"{c} is {kind.get(type(row[c]), 'a list')}, not one value") for c in odd]
             continue
         label = _cell(row.get("label")).strip() if has_label else None
-        records.append(Record(_image_path(source, path.parent), _cell(row.get("text")), label or None, n, source))
+        if imagefolder and folder_labels:
+            parts = _caption_key(source).split("/")
+            label = parts[0] if len(parts) > 1 else None
+        label = labels.setdefault(label, label) if label else None  # one string per class, not one per row
+        records.append(Record(_image_path(source, folder), _cell(row.get("text")), label, n, source))
     return records, problems
+
+
+def _imagefolder_columns(path: Path, columns: list[str], rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """An imagefolder's metadata with Hugging Face's ``file_name`` column read as mmfuse's ``image``."""
+    named = [c for c in columns if str(c).strip().lower() == "file_name"]
+    if named and "image" in columns:
+        raise MmfuseError(f"{path} has both a file_name and an image column; keep one (the image file's path).")
+    if not named:
+        return columns, rows
+    for row in rows:
+        if named[0] in row:
+            row["image"] = row.pop(named[0])
+    return ["image" if c == named[0] else c for c in columns], rows
+
+
+def metadata_file(folder: Path) -> Path | None:
+    """The ``metadata.csv`` or ``metadata.jsonl`` that makes ``folder`` a Hugging Face imagefolder, if any."""
+    found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+    if len(found) > 1:
+        raise MmfuseError(f"{folder} holds both {METADATA_FILES[0]} and {METADATA_FILES[1]}; keep one of them.")
+    return found[0] if found else None
 
 
 def _image_path(source: str, folder: Path) -> Path:
     """Where a manifest's image lies: relative to the manifest's folder, or absolute. A manifest written on Windows
     separates folders with backslashes, which name no folder here; they are read as slashes when that finds the file.
     """
-    image = Path(source) if Path(source).is_absolute() else folder / source
+    image = Path(source) if os.path.isabs(source) else folder / source
     if "\\" in source and not os.path.exists(image):
         posix = source.replace("\\", "/")
         alt = Path(posix) if Path(posix).is_absolute() else folder / posix
@@ -432,6 +488,17 @@ def read_data(path: str | Path, captions: str | Path | None = None, need_label: 
         raise MmfuseError(f"Data not found: {path}")
     if path.is_dir() and path.suffix.lower() == ".parquet":
         return read_manifest(path, need_label, need_text)  # a partitioned parquet dataset is a folder of parts
+    meta = metadata_file(path) if path.is_dir() else None
+    if meta is not None:
+        if captions:
+            raise MmfuseError(f"--captions is for folders without text; {path} has its texts in {meta.name}.")
+        records, problems = read_manifest(meta, need_label, need_text, imagefolder=True)
+        if need_label and records and not any(r.label for r in records):
+            raise MmfuseError(
+                f"{meta} has no label column and its images are not in class folders, so none has a label: add a "
+                f"label column, or list each image under a folder named after its class (<label>/{records[0].source})."
+            )
+        return records, problems
     if path.is_dir():
         return read_folder(path, read_captions(Path(captions)) if captions else None)
     if captions:
@@ -463,15 +530,22 @@ def find_problems(
     need_label: bool = True,
     need_text: bool = True,
     max_pixels: int = MAX_PIXELS,
-    workers: int = 4,
+    workers: int | None = None,
     no_text_reason: str = "no text",
 ) -> list[Problem]:
-    """Checks every row in one pass: image readable and sane in size, text present and UTF-8, label known."""
+    """Checks every row in one pass: image readable and sane in size, text present and UTF-8, label known.
+
+    Images are decoded by ``workers`` threads (default: one per core, at most 8), with a progress bar; each file's
+    result is remembered across runs while its size and mtime hold, so a warm run decodes nothing.
+    """
     known = set(labels) if labels is not None else None
     problems = []
-    # Remembered per file across runs while its size and mtime hold: a warm run decodes nothing.
     image_reasons = file_index().values(
-        f"check-v1:{max_pixels}", [str(r.image) for r in records], lambda p: _check_image(p, max_pixels), workers
+        f"check-v1:{max_pixels}",
+        [str(r.image) for r in records],
+        lambda p: _check_image(p, max_pixels),
+        workers or default_workers(),
+        desc="checking images",
     )
     for rec, image_reason in zip(records, image_reasons):
         if not rec.source:
@@ -531,7 +605,7 @@ def load_checked(
     """
     records, problems = read_data(path, captions, need_label, need_text)
     clip_texts(records, max_chars, path)
-    folder = Path(path).is_dir() and Path(path).suffix.lower() != ".parquet"
+    folder = Path(path).is_dir() and Path(path).suffix.lower() != ".parquet" and metadata_file(Path(path)) is None
     if folder and need_label and records and not any(r.label for r in records):
         raise MmfuseError(
             f"{path} is a flat folder of images, so none has a label: put each class's images in a sub-folder "
@@ -592,10 +666,10 @@ def _sha256(path: str) -> str | None:
         return None
 
 
-def image_hashes(records: list[Record], workers: int = 4) -> list[str | None]:
+def image_hashes(records: list[Record], workers: int | None = None) -> list[str | None]:
     """The SHA-256 of each record's image file (None where it cannot be read), remembered across runs under the
     same key as the feature cache's, so images a run embedded are not read again."""
-    return file_index().values("sha256", [str(r.image) for r in records], _sha256, workers)
+    return file_index().values("sha256", [str(r.image) for r in records], _sha256, workers or default_workers())
 
 
 def write_skipped(path: Path, problems: list[Problem], source: str) -> None:
