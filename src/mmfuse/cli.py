@@ -372,7 +372,8 @@ def cmd_caption(args) -> int:
         skip_bad=args.skip_bad,
         device=args.device,
     )
-    print(f"wrote {path}")
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch, once
+        print(f"wrote {path}")
     return 0
 
 
