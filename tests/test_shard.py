@@ -44,14 +44,15 @@ def launch(*args: str, home: Path | None = None) -> subprocess.Popen:
     if home is not None:
         env["MMFUSE_HOME"] = str(home)
     return subprocess.Popen(
-        [*LAUNCH, *map(str, args)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [*LAUNCH, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def finish(proc: subprocess.Popen) -> str:
-    err = proc.communicate(timeout=600)[1]  # read while it runs: a full pipe would stall the launch
+def finish(proc: subprocess.Popen) -> tuple[str, str]:
+    """stdout and stderr, once the launch succeeded."""
+    out, err = proc.communicate(timeout=600)  # read while it runs: a full pipe would stall the launch
     assert proc.returncode == 0, err[-3000:]
-    return err
+    return out, err
 
 
 def test_shares_cover_every_row_once():
@@ -110,7 +111,7 @@ def test_a_killed_rank_resumes_every_image_once(captioning, tmp_path):
     left = sum(b[: b.rfind(b"\n") + 1].count(b"\n") - 1 for b in parts)  # whole rows, after the headers
     assert 2 <= left < 101, "the launch should be stopped mid-way"
 
-    err = finish(launch(*caption_args(images, captioner, out)))
+    err = finish(launch(*caption_args(images, captioner, out)))[1]
     assert re.search(rf"\b{left} of 101 image\(s\) already captioned", err)  # a half-written row would be cut
     assert out.read_bytes() == one.read_bytes()
     assert not part_files(out)
@@ -131,7 +132,7 @@ def test_two_processes_embed_each_cache_miss_once(tmp_path, tiny_vit_dir, tiny_r
         text=True,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    err = finish(launch("train", data / "all.csv", "--out", tmp_path / "run2", *args, home=homes[2]))
+    err = finish(launch("train", data / "all.csv", "--out", tmp_path / "run2", *args, home=homes[2]))[1]
 
     distinct = {
         "image": {hashlib.sha256((data / r["image"]).read_bytes()).digest() for r in rows[:81]},
@@ -150,3 +151,15 @@ def test_two_processes_embed_each_cache_miss_once(tmp_path, tiny_vit_dir, tiny_r
     assert files[1] == files[2] and len(files[1]) == len(distinct["image"]) + len(distinct["text"])
     for rel in files[1]:  # the same features, whichever process and batch embedded them
         np.testing.assert_allclose(np.load(homes[1] / rel), np.load(homes[2] / rel), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ablate_under_a_launch_runs_in_turn_and_reports_once(tmp_path, tiny_vit_dir):
+    """Forked workers cannot share a launch's process group (they hung): under a launch the three runs go in turn,
+    the embedding pass split over the processes, and the main process alone writes and prints the ablation."""
+    data = write_toy(tmp_path / "toy", per_class=7, seed=3)
+    proc = launch("ablate", data / "all.csv", "--out", tmp_path / "abl", "--vision", tiny_vit_dir, "--tune", "head")
+    out, err = finish(proc)
+    images = re.findall(r"process \d of 2 embedded (\d+) of the (\d+) image\(s\) missing", err)
+    assert len(images) == 2 and sum(int(k) for k, _ in images) == int(images[0][1]) > 0
+    assert (tmp_path / "abl" / "ablation.json").exists() and out.count("wrote") == 1

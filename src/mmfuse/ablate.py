@@ -84,7 +84,8 @@ def ablate(
     else:
         results = {job[0]: _run_variant(job) for job in jobs}
     _SHARED_TOWERS = None
-    write_ablation(results, out)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch, once
+        write_ablation(results, out)
     return results
 
 

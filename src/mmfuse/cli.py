@@ -314,6 +314,8 @@ def cmd_ablate(args) -> int:
     keep_earlier_work(args.out, args.overwrite, ("ablation.json", "fusion/model.safetensors"))
     cfg.data.train = args.data
     results = ablate(cfg, args.out, test=args.test, test_captions=args.test_captions)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, the main process reports
+        return 0
     print_summary(results, f"modality ablation ({next(iter(results.values()))['evaluated_on']})")
     print(f"wrote {args.out}/ablation.json and ablation.png")
     return 0

@@ -236,7 +236,8 @@ def _embed_shared(model, modality, records, keys, out, todo, cache, state, batch
         made[keys[i]] = f
         if cache:
             cache.put(fp, keys[i], f)
-    log.info(
+    log.log(
+        logging.INFO if unique else logging.DEBUG,
         "process %d of %d embedded %d of the %d %s(s) missing from the cache",
         state.process_index,
         state.num_processes,
