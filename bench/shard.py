@@ -6,8 +6,9 @@
 
 Caption runs the packaged imagenet-tags captioner over a folder of the first ROWS emoji images. The embedding pass
 is a whole ``train --tune head --epochs 1`` with an empty feature cache (the packaged Lite0 and MiniLM towers),
-start-up and the head's epoch included. One process uses every core; each of the two uses one (accelerate's
-default for CPU launches). Wall times include Python start-up, so the ratio understates the embedding's own.
+start-up and the head's epoch included. One process runs twice, with torch's default threads (every core) and with
+one thread; each of the two launched processes uses one (accelerate's default for CPU launches). Wall times include
+Python start-up, so the ratios understate the embedding's own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from pathlib import Path
 PY = sys.executable
 LAUNCH = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
 LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmfuse"]
+# (name, command, OMP_NUM_THREADS): None leaves torch's default, a thread per core.
+VARIANTS = [
+    ("1 process", [PY, "-m", "mmfuse"], None),
+    ("1 process 1 thread", [PY, "-m", "mmfuse"], 1),
+    ("2 processes", LAUNCH, 1),
+]
 
 
 def run(cmd: list, home: Path, threads: int | None = None) -> float:
@@ -59,6 +66,15 @@ def prepare(work: Path, rows: int) -> tuple[Path, Path]:
     return manifest, folder
 
 
+def summary(title: str, unit: str, rows: int, times: dict[str, float], outputs: dict) -> str:
+    """Rate and time of each variant, each one's speed-up from the two processes, and whether outputs agree."""
+    two = times["2 processes"]
+    parts = [f"{name} {rows / t:.1f} {unit} ({t:.1f} s)" for name, t in times.items()]
+    ratios = [f"{times[name] / two:.2f} over {name}" for name in times if name != "2 processes"]
+    same = len({repr(o) for o in outputs.values()}) == 1
+    return f"{title}: {', '.join(parts)}; 2 processes {', '.join(ratios)}; outputs {'identical' if same else 'DIFFER'}"
+
+
 def feature_bytes(home: Path) -> list[tuple[str, bytes]]:
     return sorted((str(p.relative_to(home)), p.read_bytes()) for p in (home / "features").rglob("*.npy"))
 
@@ -74,33 +90,24 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"{datetime.date.today()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start"]
     if args.only != "embed":
         times, outs = {}, {}
-        for n, cmd in ((1, [PY, "-m", "mmfuse"]), (2, LAUNCH)):
-            out = args.work / f"captions{n}.csv"
+        for name, cmd, threads in VARIANTS:
+            out = args.work / f"captions-{name.replace(' ', '-')}.csv"
             out.unlink(missing_ok=True)
             caption = ["caption", folder, "--out", out, "--model", "imagenet-tags", "--batch-size", "32"]
-            times[n] = run([*cmd, *caption], args.work / "home-caption", threads=None if n == 1 else 1)
-            outs[n] = sorted(out.read_text(encoding="utf-8").splitlines())
-        same = "identical" if outs[1] == outs[2] else "DIFFERENT"
-        lines.append(
-            f"caption, {args.rows} images: 1 process {args.rows / times[1]:.1f} img/s ({times[1]:.1f} s), "
-            f"2 processes {args.rows / times[2]:.1f} img/s ({times[2]:.1f} s), ratio {times[1] / times[2]:.2f}; "
-            f"captions.csv {same} after sorting"
-        )
+            times[name] = run([*cmd, *caption], args.work / "home-caption", threads)
+            outs[name] = sorted(out.read_text(encoding="utf-8").splitlines())
+        lines.append(summary(f"caption, {args.rows} images", "img/s", args.rows, times, outs))
     if args.only != "caption":
         times, feats = {}, {}
-        for n, cmd in ((1, [PY, "-m", "mmfuse"]), (2, LAUNCH)):
-            home, out = args.work / f"home-embed{n}", args.work / f"run{n}"
+        for name, cmd, threads in VARIANTS:
+            home, out = args.work / f"home-embed-{name.replace(' ', '-')}", args.work / f"run-{name.replace(' ', '-')}"
             shutil.rmtree(home, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
             train = ["train", manifest, "--out", out, "--tune", "head", "--epochs", "1"]
-            times[n] = run([*cmd, *train], home, threads=None if n == 1 else 1)
-            feats[n] = feature_bytes(home)
-        same = "identical" if feats[1] == feats[2] else "not byte-identical"
-        lines.append(
-            f"train --tune head --epochs 1 (embedding pass, empty cache), {args.rows} rows: 1 process "
-            f"{args.rows / times[1]:.1f} rows/s ({times[1]:.1f} s), 2 processes {args.rows / times[2]:.1f} rows/s "
-            f"({times[2]:.1f} s), ratio {times[1] / times[2]:.2f}; {len(feats[1])} feature files, {same}"
-        )
+            times[name] = run([*cmd, *train], home, threads)
+            feats[name] = feature_bytes(home)
+        title = f"train --tune head --epochs 1 (embedding pass, empty cache; {len(feats['2 processes'])} features)"
+        lines.append(summary(f"{title}, {args.rows} rows", "rows/s", args.rows, times, feats))
     lines.append(f"load average {os.getloadavg()[0]:.1f} at the end")
     print("\n".join(lines))
 

@@ -39,3 +39,10 @@ def gather_lists(items: list) -> list[list]:
     from accelerate.utils import gather_object  # deferred: only a launch needs it
 
     return gather_object([items])
+
+
+def leave_launch() -> None:
+    """Closes the launch's process group before the process exits: a process that exits with a gloo group still open
+    can abort in its C++ teardown ("terminate called without an active exception", seen after a sharded caption)."""
+    if launched() and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -253,7 +253,7 @@ def _embed_shared(model, modality, records, keys, out, todo, cache, state, batch
     lost = []
     for i in todo:
         f = made.get(keys[i])
-        if f is None:
+        if f is None and cache:
             f = cache.get(fp, keys[i])
         if f is None:
             lost.append(i)
