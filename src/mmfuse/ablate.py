@@ -17,6 +17,7 @@ from .data import read_data
 from .errors import MmfuseError
 from .model import build_model
 from .predict import evaluate_file
+from .shard import launched
 from .sources import FeatureCache, build_dataset
 from .train import fit, load_splits
 
@@ -42,15 +43,17 @@ def ablate(
 
     Args:
         parallel: train the three heads at once in forked processes, one CPU thread each. Default: when the
-            towers are frozen, there is no GPU and there are several cores. Each head's steps are too small to
-            use two threads well, so processes roughly halve the wall time on two cores; the results are the same.
+            towers are frozen, there is no GPU, there are several cores and no launch. Each head's steps are too small
+            to use two threads well, so processes roughly halve the wall time on two cores; the results are the same.
     """
     out = Path(out)
     if test is not None:
         _check_test_data(cfg, test, test_captions)
     frozen = not cfg.tuned
     if parallel is None:
-        parallel = frozen and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
+        # Under accelerate launch the processes already share the cores, and each run's embedding pass is split over
+        # them (train.embed_frozen); forked workers cannot share the launch's process group.
+        parallel = frozen and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1 and not launched()
     # One cache object for the three runs, holding what it reads: each feature file is read once, not per run.
     cache = cache if cache is not None else FeatureCache(memory=True)
     jobs = []
@@ -81,7 +84,8 @@ def ablate(
     else:
         results = {job[0]: _run_variant(job) for job in jobs}
     _SHARED_TOWERS = None
-    write_ablation(results, out)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch, once
+        write_ablation(results, out)
     return results
 
 

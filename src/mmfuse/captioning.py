@@ -21,6 +21,7 @@ import contextlib
 import csv
 import difflib
 import functools
+import glob
 import hashlib
 import logging
 import os
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 from .data import MANIFEST_SUFFIXES, Problem, Record, data_error, find_problems, read_data, write_skipped
 from .errors import MmfuseError
 from .images import IMAGE_SUFFIXES, load_image, to_rgb
+from .shard import gather_lists, launch_state, share
 from .sources import cached_pixels, decode_resized, pixel_cache
 from .towers import EfficientNetLiteTower, PixelSpec, _hf_load, normalize, packaged_towers
 
@@ -651,6 +653,35 @@ def _append_rows(
     return written, problems
 
 
+def part_files(out_csv: Path) -> list[Path]:
+    """The files the processes of a launch write their captions to, beside ``out_csv`` until they are merged."""
+    return sorted(out_csv.parent.glob(glob.escape(out_csv.name) + ".rank*.part"))
+
+
+def _merge_parts(out_csv: Path, model: str, order: dict[str, int]) -> None:
+    """Folds the part files into ``out_csv``: its own rows first, then the parts' rows in input order, each (image,
+    hash) once. The parts go only once ``out_csv`` holds their rows: a kill in between leaves rows twice, kept once
+    by the next run."""
+    parts = part_files(out_csv)
+    if not parts:
+        return
+    extra = [row for part in parts for row in _read_captions_csv(part)]
+    if other := sorted({r["model"] for r in extra} - {model}):
+        raise MmfuseError(
+            f"{parts[0]} (left by a launch that was stopped) holds captions by {', '.join(other)}, not {model}. "
+            "Pass the same --model to resume, or remove the .part files."
+        )
+    extra.sort(key=lambda r: order.get(r["image"], len(order)))  # stable: a part's own order breaks ties
+    merged, seen = [], set()
+    for row in _read_captions_csv(out_csv) + extra:
+        if (row["image"], row["hash"]) not in seen:
+            seen.add((row["image"], row["hash"]))
+            merged.append(row)
+    _rewrite(out_csv, merged)
+    for part in parts:
+        part.unlink()
+
+
 def caption_file(
     data: str | Path,
     out_csv: str | Path,
@@ -668,6 +699,10 @@ def caption_file(
     again and its old row dropped. Bad images (missing, corrupt, oversized) stop the run before any captioning,
     unless ``skip_bad``, which lists them in ``<out>.skipped.csv``, as it does images the model gives no text.
 
+    Under ``accelerate launch`` each process captions a contiguous share of the images still to caption into its own
+    ``<out>.rank<N>.part``, and the main process then merges the parts into ``out_csv``: the same rows in the same
+    order as one process writes. A rerun after a killed launch skips what any part file holds.
+
     Raises:
         DataError: bad images, without ``skip_bad``.
         MmfuseError: the model returned no text for some images (the others are written).
@@ -679,8 +714,11 @@ def caption_file(
         # Captions are written as CSV (the format --captions reads), never into an image or another format.
         raise MmfuseError(f"--out {out_csv}: captions are written as CSV; give a path ending in .csv")
     check_captioner_name(model)
+    state = launch_state()
+    main = state is None or state.is_main_process
     skipped_csv = out_csv.with_name(out_csv.stem + ".skipped.csv")
-    skipped_csv.unlink(missing_ok=True)
+    if main:
+        skipped_csv.unlink(missing_ok=True)
     records = list_images(data)
     problems = find_problems(records, need_label=False, need_text=False)
     if problems and not skip_bad:
@@ -688,14 +726,21 @@ def caption_file(
     if problems:
         bad = {p.row for p in problems}
         records = [r for r in records if r.row not in bad]
-        write_skipped(skipped_csv, problems, str(data))
-        log.warning("skipping %d bad image(s), listed in %s", len(bad), skipped_csv)
+        if main:
+            write_skipped(skipped_csv, problems, str(data))
+            log.warning("skipping %d bad image(s), listed in %s", len(bad), skipped_csv)
         if not records:  # it said "wrote OUT" and wrote nothing
             raise MmfuseError(
                 f"No usable images left in {data}: every image was bad, listed with their reasons in {skipped_csv}."
             )
 
     hashes = dict(zip((r.source for r in records), _hashes([r.image for r in records])))
+    order = {r.source: i for i, r in enumerate(records)}
+    if main:  # what a killed launch left in its parts counts as done; a half-written last row is cut here, once
+        _merge_parts(out_csv, model, order)
+        _read_captions_csv(out_csv)
+    if state is not None:
+        state.wait_for_everyone()
     rows = _read_captions_csv(out_csv)
     if other := sorted({r["model"] for r in rows} - {model}):
         raise MmfuseError(
@@ -710,24 +755,38 @@ def caption_file(
             continue
         seen.add(key)
         kept.append(row)
-    if len(kept) != len(rows):
+    if len(kept) != len(rows) and main:
         _rewrite(out_csv, kept)
     todo = [(r, hashes[r.source]) for r in records if (r.source, hashes[r.source]) not in seen]
-    if len(todo) < len(records):
+    if len(todo) < len(records) and main:
         log.info("%d of %d image(s) already captioned in %s", len(records) - len(todo), len(records), out_csv)
     if not todo:
         return out_csv
 
-    captioner = build_captioner(model, device, max_new_tokens, num_beams)
-    _, failed = _append_rows(out_csv, captioner, model, todo, batch_size, show)
+    if state is None:
+        captioner = build_captioner(model, device, max_new_tokens, num_beams)
+        _, failed = _append_rows(out_csv, captioner, model, todo, batch_size, show)
+    else:
+        mine = [todo[i] for i in share(len(todo), state.process_index, state.num_processes)]
+        failed = []
+        if mine:
+            captioner = build_captioner(model, device or state.device, max_new_tokens, num_beams)
+            part = out_csv.with_name(f"{out_csv.name}.rank{state.process_index}.part")
+            _, failed = _append_rows(part, captioner, model, mine, batch_size, show and main)
+        failed = [p for ours in gather_lists(failed) for p in ours]  # every share is written once this returns
+        if main:
+            _merge_parts(out_csv, model, order)
+        state.wait_for_everyone()
     if failed:
-        write_skipped(skipped_csv, failed, str(data))
+        if main:
+            write_skipped(skipped_csv, failed, str(data))
         if not skip_bad:
             raise MmfuseError(
                 f"{len(failed)} image(s) got no caption (listed in {skipped_csv}), e.g. "
                 f"{failed[0].image}: {failed[0].reason}. The other captions are in {out_csv}."
             )
-        log.warning("%d image(s) got no caption, listed in %s", len(failed), skipped_csv)
+        if main:
+            log.warning("%d image(s) got no caption, listed in %s", len(failed), skipped_csv)
     return out_csv
 
 

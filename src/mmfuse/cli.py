@@ -336,6 +336,8 @@ def cmd_ablate(args) -> int:
     keep_earlier_work(args.out, args.overwrite, ("ablation.json", "fusion/model.safetensors"))
     cfg.data.train = args.data
     results = ablate(cfg, args.out, test=args.test, test_captions=args.test_captions)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, the main process reports
+        return 0
     print_summary(results, f"modality ablation ({next(iter(results.values()))['evaluated_on']})")
     print(f"wrote {args.out}/ablation.json and ablation.png")
     return 0
@@ -376,6 +378,7 @@ def cmd_datasets(args) -> int:
 
 def cmd_caption(args) -> int:
     from .captioning import caption_file  # deferred: imports torch
+    from .shard import leave_launch
 
     for flag in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, flag) < 1:  # 0 failed inside range(), a negative batch size captioned nothing
@@ -384,17 +387,21 @@ def cmd_caption(args) -> int:
         from .predict import check_device  # deferred: imports torch
 
         check_device(args.device, "--device")
-    path = caption_file(
-        args.data,
-        args.out,
-        model=args.model,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
-        skip_bad=args.skip_bad,
-        device=args.device,
-    )
-    print(f"wrote {path}")
+    try:
+        path = caption_file(
+            args.data,
+            args.out,
+            model=args.model,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+            skip_bad=args.skip_bad,
+            device=args.device,
+        )
+    finally:
+        leave_launch()
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch, once
+        print(f"wrote {path}")
     return 0
 
 

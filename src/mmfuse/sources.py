@@ -47,6 +47,7 @@ from .filestats import file_index
 from .images import load_image
 from .paths import mmfuse_home
 from .pooling import TokenStates
+from .shard import gather_lists, launch_state, share
 from .towers import PixelSpec, TokenizedTexts, Tower
 
 if TYPE_CHECKING:
@@ -162,9 +163,15 @@ def embed(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     show: bool = True,
+    shard: bool = False,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Features of one modality's frozen tower for every record, from the cache where possible; the tower is built
     only when some record misses it.
+
+    Args:
+        shard: under a multi-process ``accelerate launch``, where every process passes the same records: each embeds
+            a contiguous share of what the cache misses, every distinct item once across processes, and all return
+            every feature (read back from the cache, or gathered when there is none). A collective call.
 
     Returns:
         (N, dim) float32, or for towers that give token states (``sequence``) a list of N (tokens, dim) float16
@@ -184,24 +191,80 @@ def embed(
     if cache:
         cache.hits += len(records) - len(todo)
         cache.misses += len(todo)
-    if todo:
-        tower = model.build_tower(modality)
-        tower.eval()
-    bar = tqdm(total=len(todo), desc=f"embedding {modality}s", unit=modality, disable=not show or not todo)
+    state = launch_state() if shard else None
+    if state is not None and state.num_processes > 1:
+        _embed_shared(model, modality, records, keys, out, todo, cache, state, batch_size, device, show)
+    else:
+        for i, f in _embedded(model, modality, records, todo, batch_size, device, show):
+            out[i] = f
+            if cache:
+                cache.put(fp, keys[i], f)
+    return [torch.from_numpy(f) for f in out] if seq else torch.from_numpy(out)
+
+
+def _embedded(model, modality: str, records: list[Record], todo: list[int], batch_size: int, device, show: bool):
+    """(row, features) for the rows ``todo``, embedded in batches by the modality's tower (built only if needed)."""
+    if not todo:
+        return
+    tower = model.build_tower(modality)
+    tower.eval()
+    bar = tqdm(total=len(todo), desc=f"embedding {modality}s", unit=modality, disable=not show)
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         inputs = tower.preprocess(_load_inputs([records[i] for i in idx], modality))
         feats = tower(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy()
-        if seq:  # keep only real tokens, in half precision: token states are 10-100x a pooled vector
+        if model.cards[modality].sequence:  # keep only real tokens, in half precision: token states are 10-100x
             lengths = inputs["attention_mask"].sum(1).tolist()
             feats = [f[: int(n)].astype(np.float16) for f, n in zip(feats, lengths)]
-        for i, f in zip(idx, feats):
-            out[i] = f
-            if cache:
-                cache.put(fp, keys[i], f)
+        yield from zip(idx, feats)
         bar.update(len(idx))
     bar.close()
-    return [torch.from_numpy(f) for f in out] if seq else torch.from_numpy(out)
+
+
+def _embed_shared(model, modality, records, keys, out, todo, cache, state, batch_size, device, show) -> None:
+    """``embed``'s misses split over the processes of a launch; fills ``out`` at the rows ``todo``."""
+    fp = model.cards[modality].fingerprint
+    # The union of every process's misses, each distinct item once: an item one process found cached and another
+    # did not (the cache filled in between) is embedded once more, never skipped.
+    first: dict[str, int] = {}
+    for i in sorted(set().union(*gather_lists(todo))):
+        first.setdefault(keys[i], i)
+    unique = list(first.values())
+    mine = [unique[j] for j in share(len(unique), state.process_index, state.num_processes)]
+    made: dict[str, np.ndarray] = {}
+    for i, f in _embedded(model, modality, records, mine, batch_size, device, show and state.is_main_process):
+        made[keys[i]] = f
+        if cache:
+            cache.put(fp, keys[i], f)
+    log.log(
+        logging.INFO if unique else logging.DEBUG,
+        "process %d of %d embedded %d of the %d %s(s) missing from the cache",
+        state.process_index,
+        state.num_processes,
+        len(mine),
+        len(unique),
+        modality,
+    )
+    if cache is None:
+        for part in gather_lists(list(made.items())):
+            made.update(part)
+    else:
+        state.wait_for_everyone()  # every share is in the cache
+    lost = []
+    for i in todo:
+        f = made.get(keys[i])
+        if f is None and cache:
+            f = cache.get(fp, keys[i])
+        if f is None:
+            lost.append(i)
+        else:
+            out[i] = f
+    if lost:  # another process's entry could not be read back (a full disk, say): embed it here instead
+        log.warning(
+            "%d %s feature(s) written by other processes could not be read back: embedding them", len(lost), modality
+        )
+        for i, f in _embedded(model, modality, records, lost, batch_size, device, show=False):
+            out[i] = f
 
 
 def decode_resized(image: str | Path | Image.Image, spec: PixelSpec) -> np.ndarray:

@@ -42,7 +42,7 @@ from .config import TRACKERS, RunConfig, TrainConfig, resolve
 from .data import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
 from .errors import MmfuseError
 from .model import MultimodalClassifier, save_model, tower_cards
-from .sources import FeatureCache, batch_collate, build_dataset
+from .sources import FeatureCache, batch_collate, build_dataset, embed, present_mask
 from .speed import compile_model
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,9 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
     tuned = cfg.tuned
     index = {name: i for i, name in enumerate(labels)}
     y = [torch.tensor([index[r.label] for r in recs]) for recs in (train, val)]
-    with acc.main_process_first():  # the main process fills the feature cache; the others then read it
+    if acc.num_processes > 1 and cache is not None:
+        embed_frozen(model, train + val, tuned, cache, acc)
+    with acc.main_process_first():  # the main process fills the caches; the others then read them
         px = not cfg.data.decode_each_epoch
         train_ds = build_dataset(model, train, y[0], tuned, cache, acc.device, acc.is_main_process, px)
         val_ds = build_dataset(model, val, y[1], tuned, cache, acc.device, acc.is_main_process, px) if val else None
@@ -214,6 +216,16 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
     )
     val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common) if val_ds is not None else None
     return train_dl, val_dl, generator
+
+
+def embed_frozen(model, records: list[Record], tuned, cache: FeatureCache | None, acc: Accelerator) -> None:
+    """Under a launch, each process embeds a contiguous share of the frozen towers' cache misses (every item once
+    across processes) into the feature cache, from which every process's datasets then read all of them."""
+    present = present_mask(records, model.modalities)
+    for col, m in enumerate(model.modalities):
+        have = [r for r, p in zip(records, present[:, col].tolist()) if p]
+        if m not in tuned and have:
+            embed(model, m, have, cache, device=acc.device, show=acc.is_main_process, shard=True)
 
 
 def tuned_batch_norm(model: MultimodalClassifier, tuned: list[str]) -> list[str]:

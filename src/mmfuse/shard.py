@@ -1,0 +1,48 @@
+"""Splitting a heavy pass over the processes of an ``accelerate launch``: each takes a contiguous share.
+
+    accelerate launch --num_processes 4 -m mmfuse caption IMAGES --out captions.csv             # 4 GPUs
+    accelerate launch --multi_gpu --num_processes 2 -m mmfuse caption IMAGES --out captions.csv  # 2 CPU processes
+
+Outside a launch everything here is a no-op for one process, and nothing starts a process group.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by ``accelerate launch`` (or torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_state():
+    """Accelerate's ``PartialState`` of a multi-process launch, joining its process group if no Accelerator has yet
+    (gloo on a machine without CUDA); None for a single process."""
+    if not launched():
+        return None
+    from accelerate import PartialState  # deferred: only a launch needs it
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def share(n: int, rank: int, world: int) -> range:
+    """The contiguous rows ``rank`` of ``world`` processes takes of ``n``: sizes differ by one at most, and the shares
+    in rank order are 0..n-1 once each."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def gather_lists(items: list) -> list[list]:
+    """Every process's list, indexed by rank (a collective: every process must call it)."""
+    from accelerate.utils import gather_object  # deferred: only a launch needs it
+
+    return gather_object([items])
+
+
+def leave_launch() -> None:
+    """Closes the launch's process group before the process exits: a process that exits with a gloo group still open
+    can abort in its C++ teardown ("terminate called without an active exception", seen after a sharded caption)."""
+    if launched() and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
