@@ -111,17 +111,23 @@ class Augmenter:
         return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def colour(self, pixels: torch.Tensor, top: float) -> torch.Tensor:
-        """Brightness, contrast and saturation jitter of float pixels in [0, ``top``], clamped back to that range."""
+        """Brightness, contrast and saturation jitter of float pixels in [0, ``top``], clamped back to that range.
+
+        Each is linear in the colour of a pixel, so the three make one 3x3 matrix and an offset per image, applied in
+        one batched product (torchvision also clamps between them, which changes only pixels pushed out of range).
+        """
         n, j = pixels.shape[0], self.strength.jitter
         if j == 0:
             return pixels
-        b, c, s = (self._uniform(n, 1 - j, 1 + j).view(n, 1, 1, 1) for _ in range(3))
-        luma = torch.tensor(LUMA, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-        x = (pixels * b).clamp(0, top)
-        grey = (x * luma).sum(1, keepdim=True)
-        x = ((x - grey.mean((2, 3), keepdim=True)) * c + grey.mean((2, 3), keepdim=True)).clamp(0, top)
-        grey = (x * luma).sum(1, keepdim=True)
-        return ((x - grey) * s + grey).clamp(0, top)
+        b, c, s = (self._uniform(n, 1 - j, 1 + j).view(n, 1, 1) for _ in range(3))
+        luma = torch.tensor(LUMA, device=pixels.device, dtype=pixels.dtype)
+        grey = (pixels.mean((2, 3)) @ luma).view(n, 1, 1)  # each image's mean grey, what contrast scales about
+        eye = torch.eye(3, device=pixels.device, dtype=pixels.dtype)
+        # saturation: each channel s * itself + (1 - s) * grey; brightness and contrast scale that by b * c
+        matrix = b * c * (s * eye + (1 - s) * luma.expand(3, 3))
+        offset = ((1 - c) * b * grey).view(n, 1, 1, 1)
+        out = torch.bmm(matrix, pixels.flatten(2)).view_as(pixels) + offset
+        return out.clamp_(0, top)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """The batch augmented, in its own dtype and value range."""
