@@ -45,7 +45,9 @@ def test_light_and_strong_keep_the_batch_change_pixels_and_repeat_for_a_seed(str
     again = Augmenter(strength, seed=3)
     again.reseed(1)  # the next epoch draws other crops
     assert not torch.equal(again(x), out)
-    again.reseed(0)
+    again.reseed(0, 1)  # and so does the next step
+    assert not torch.equal(again(x), out)
+    again.reseed(0, 0)  # a batch's augmentation depends on its seed, epoch and step alone: resuming repeats it
     assert torch.equal(again(x), out)
 
 

@@ -12,8 +12,8 @@ It works on the uint8 pixels of the pixel cache (``sources.PixelSource``) before
 uint8 back, so the fast path stays one gather and a normalise on the device. Batches decoded every epoch
 (``sources.ImageFileSource``) arrive already normalised: they are taken back to pixel values with the tower's
 normalisation, augmented the same way, and normalised again. Only ``train.train_step`` calls it: validation and
-prediction never see it. Its random numbers come from its own generator on the device, seeded from the run's seed
-and the epoch, so a run repeats itself and a run resumed at an epoch's start augments as the uninterrupted one did.
+prediction never see it. Its random numbers come from its own generator on the device, seeded for each batch from the
+run's seed, the epoch and the step (``reseed``), so a run repeats itself, resumed or not.
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ class Augmenter:
         self._warned = False
         self.reseed(0)
 
-    def reseed(self, epoch: int) -> None:
-        """Each epoch's numbers depend on the seed, the epoch and the process alone."""
-        state = np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(2, np.uint32)
+    def reseed(self, epoch: int, step: int = 0) -> None:
+        """A batch's numbers depend on the seed, the epoch, the step and the process alone: a run resumed in the
+        middle of an epoch augments its remaining batches as the uninterrupted run did."""
+        state = np.random.SeedSequence([self.seed, epoch, step, self.rank]).generate_state(2, np.uint32)
         self.generator.manual_seed(int(state[0]) << 32 | int(state[1]))
 
     def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:

@@ -445,8 +445,6 @@ def train_epoch(tr: Trainer, epoch: int) -> tuple[float, float]:
     t, acc = tr.cfg.train, tr.acc
     tr.model.train()
     params = tr.params
-    if tr.augment is not None:
-        tr.augment.reseed(epoch)
     generator_state = tr.generator.get_state()  # before this epoch's iterator draws its order from it
     done, (loss_sum, rows) = 0, (0.0, 0)
     if tr.resume_at is not None:
@@ -467,6 +465,8 @@ def train_epoch(tr: Trainer, epoch: int) -> tuple[float, float]:
     plain = acc.is_main_process and bar.disable
     last = t0
     for step, batch in enumerate(bar, start=done + 1):
+        if tr.augment is not None:
+            tr.augment.reseed(epoch, step)
         loss, n = train_step(
             tr.model, batch, tr.optimizer, tr.scheduler, acc, params, t.grad_clip, t.label_smoothing, tr.augment
         )
