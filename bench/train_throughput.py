@@ -16,6 +16,9 @@ Rows:
   the loss summed on the device and no per-step host sync). SDPA attention (transformers' default). Shapes are
   static, as ``drop_last`` makes them in ``fit``. Timed at
   ``--batch-size`` and at each of ``--big-batches`` (a batch that does not fit fails its row with the OOM error).
+- augmentation: the tuned step on uint8 images (what the pixel cache feeds, normalised by the tower), then the same
+  with each of ``--augment`` (``mmfuse.augment.Augmenter``: a batched crop, flip and colour jitter on the device,
+  ``--augment light``, the default with ``--tune image`` or ``all``), side by side.
 - from files: the same tuned step fed by a DataLoader over JPEG files on disk, prepared by the same Accelerator:
   (1) ``mmfuse.sources.ImageFileSource`` (PIL decode and the HF processor in DataLoader workers every step) and
   (2) ``PixelSource``: images decoded once into the uint8 pixel cache, normalised on the device by the tower (the
@@ -206,13 +209,18 @@ def repeat(batch: dict) -> Iterator[dict]:
         yield batch
 
 
-def synthetic_batch(batch: int, image_size: int, tokens: int, vocab: int, device, seed: int = 0) -> dict:
-    """Random pixels and token ids (never zeros: some kernels take shortcuts on them), already on the device."""
+def synthetic_batch(
+    batch: int, image_size: int, tokens: int, vocab: int, device, seed: int = 0, uint8: bool = False
+) -> dict:
+    """Random pixels and token ids (never zeros: some kernels take shortcuts on them), already on the device; with
+    ``uint8``, pixels as the pixel cache gives them, for the tower to normalise."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (batch, tokens), generator=g)
     ids[:, 0] = 101  # MiniLM's [CLS], the token CLS pooling reads
+    shape = (batch, 3, image_size, image_size)
+    pixels = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if uint8 else torch.randn(*shape, generator=g)
     out = {
-        "image": {"pixel_values": torch.randn(batch, 3, image_size, image_size, generator=g)},
+        "image": {"pixel_values": pixels},
         "text": {"input_ids": ids, "attention_mask": torch.ones(batch, tokens, dtype=torch.long)},
         "present": torch.ones(batch, 2, dtype=torch.bool),
         "labels": torch.randint(0, NUM_CLASSES, (batch,), generator=g),
@@ -263,8 +271,16 @@ class TunedTrainer:
     them."""
 
     def __init__(
-        self, cfg, acc, total_steps: int, compile: str | None = None, backend: str = "inductor", channels_last=False
+        self,
+        cfg,
+        acc,
+        total_steps: int,
+        compile: str | None = None,
+        backend: str = "inductor",
+        channels_last=False,
+        augment: str | None = None,
     ):
+        from mmfuse.augment import make_augmenter
         from mmfuse.config import TrainConfig
         from mmfuse.model import build_model
         from mmfuse.speed import compile_model
@@ -278,6 +294,7 @@ class TunedTrainer:
         self.train_cfg = TrainConfig(tune="all", lr=1e-4, head_lr=1e-4)
         optimizer = make_optimizer(model, self.train_cfg)
         scheduler = warmup_cosine(optimizer, int(0.1 * total_steps), total_steps)
+        self.augment = make_augmenter(augment, True, 0, model.vision, acc.device)  # built where fit builds it
         if compile:  # "regional" or "model", where fit compiles: after the optimizer, before prepare
             model = compile_model(model, compile, backend=backend)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
@@ -293,7 +310,9 @@ class TunedTrainer:
             pixels = batch["image"]["pixel_values"]
             batch["image"] = {"pixel_values": pixels.contiguous(memory_format=torch.channels_last)}
         t = self.train_cfg
-        loss, _ = train_step(self.model, batch, self.optimizer, self.scheduler, self.acc, self.params, t.grad_clip)
+        loss, _ = train_step(
+            self.model, batch, self.optimizer, self.scheduler, self.acc, self.params, t.grad_clip, augment=self.augment
+        )
         self.total += loss
 
     def close(self) -> None:
@@ -384,6 +403,16 @@ def nvjpeg_batches(paths, texts: list[str], labels: torch.Tensor, batch: int, sp
         }
 
 
+def augment_note(level: str, batch: int, image_size: int, device, steps: int, warmup: int) -> str:
+    """The augmentation alone, timed on a uint8 batch on the device: the part of the step it adds."""
+    from mmfuse.augment import Augmenter
+
+    augmenter = Augmenter(level, device=device)
+    data = synthetic_batch(batch, image_size, 8, 30522, device, uint8=True)
+    rate = samples_per_s(augmenter.batch, repeat(data), steps * 4, warmup, device)
+    return f"--augment {level} alone: {1e3 * batch / rate:.2f} ms per batch of {batch} at {image_size} px"
+
+
 def write_run_dir(cfg, run: Path) -> None:
     """A run directory as ``fit`` leaves it (config, labels, towers, weights), so ``Predictor`` loads it."""
     from mmfuse.config import RunConfig, TrainConfig
@@ -426,6 +455,15 @@ def csv_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def csv_augments(text: str) -> list[str]:
+    from mmfuse.augment import STRENGTHS
+
+    levels = [x for x in text.split(",") if x and x != "none"]
+    if any(x not in STRENGTHS for x in levels):
+        raise argparse.ArgumentTypeError(f"augmentations are {', '.join(STRENGTHS)} (or none), got {text!r}")
+    return levels
+
+
 def csv_modes(text: str) -> list[str]:
     from mmfuse.speed import COMPILE_MODES
 
@@ -463,6 +501,13 @@ def main(argv: list[str] | None = None) -> int:
         "--infer-batches", type=csv_ints, help="inference rows, autocast and bf16 weights (default 256,1024; 32)"
     )
     p.add_argument("--channels-last", action="store_true", help="also time the tuned step with channels_last images")
+    p.add_argument(
+        "--augment",
+        type=csv_augments,
+        default=["light"],
+        help="time the tuned step on uint8 images with each of these augmentations beside none (default light; "
+        "light,strong for both; none: skip the rows)",
+    )
     p.add_argument("--no-files", action="store_true", help="skip the rows fed from JPEG files on disk")
     p.add_argument("--files", type=int, help="JPEGs written for those rows (default 1,024; 96 with --small)")
     p.add_argument("--workers", type=int, help="DataLoader workers for the PIL path (default: cores - 1, at most 16)")
@@ -556,8 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         add("naive: fp32, eager, Adam", 16, lambda: naive_rate(cfg, device, data16, steps, warmup), TRAIN_FLOP)
         tuned_name = f"tuned: {'bf16' if precision == 'bf16' else 'fp32'}, SDPA, AdamW{' fused' if cuda else ''}"
 
-        def tuned(bs: int, n_tokens: int = tokens, timing: dict | None = None, **kw) -> float:
-            data = synthetic_batch(bs, image_size, n_tokens, vocab, device)
+        def tuned(bs: int, n_tokens: int = tokens, timing: dict | None = None, uint8: bool = False, **kw) -> float:
+            data = synthetic_batch(bs, image_size, n_tokens, vocab, device, uint8=uint8)
             trainer = TunedTrainer(cfg, acc, total_steps=100, backend=backend, **kw)
             try:
                 return samples_per_s(trainer.step, repeat(data), steps, warmup, device, timing)
@@ -572,6 +617,12 @@ def main(argv: list[str] | None = None) -> int:
         if full:
             add(tuned_name + ", 32 tokens", batch, lambda: tuned(batch, 32), None)
         synthetic = next((r[2] for r in results if r[0] == tuned_name and r[1] == batch), None)
+        if args.augment:
+            add(tuned_name + ", uint8", batch, lambda: tuned(batch, uint8=True), TRAIN_FLOP)
+            for level in args.augment:
+                name = f"{tuned_name}, uint8, aug. {level}"
+                add(name, batch, lambda level=level: tuned(batch, uint8=True, augment=level), TRAIN_FLOP)
+                notes.append(augment_note(level, batch, image_size, device, steps, warmup))
 
         # From JPEG files on disk, the same tuned step.
         if not args.no_files:
@@ -714,6 +765,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, rate in files.items():
         if rate and synthetic:
             print(f"ratio {name} vs synthetic tensors (batch {batch}): {rate / synthetic:.2f}x (target >= 0.9x)")
+    rates = {r[0]: r[2] for r in results if r[1] == batch}
+    plain = rates.get(tuned_name + ", uint8")
+    for level in args.augment:
+        rate = rates.get(f"{tuned_name}, uint8, aug. {level}")
+        if rate and plain:
+            print(f"ratio --augment {level} vs none, uint8 images (batch {batch}): {rate / plain:.2f}x")
     print()
     print(f"| {'variant':<52} | {'batch':>5} | {'samples/s':>10} | {'vs naive':>8} | {'MFU':>6} |")
     print(f"|{'-' * 54}|{'-' * 7}|{'-' * 12}|{'-' * 10}|{'-' * 8}|")

@@ -52,7 +52,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, skip: 
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         if kind == "bool":
-            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)
+            # A switch that is on by default needs its --no- form to be turned off at all.
+            action = argparse.BooleanOptionalAction if default is True else "store_true"
+            group.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_)
         elif kind.startswith("list"):
             group.add_argument(flag, nargs="+", default=argparse.SUPPRESS, help=help_)
         else:

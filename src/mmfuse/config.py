@@ -40,6 +40,7 @@ DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: pr
 # Rows predict holds at a time (mmfuse.stream): a few GPU batches; ~0.6 GB of 224-px pixels for a tuned vision tower
 PREDICT_CHUNK = 4096
 TUNES = ("head", "text", "image", "all")
+AUGMENTS = ("none", "light", "strong")  # augment.py says what each does
 MAX_IMAGE_SIZE = 1024
 # Accelerate's trackers, by the name --track takes, with the module each needs.
 TRACKERS = {
@@ -241,6 +242,14 @@ class TrainConfig:
     """With --bag: a manifest column whose rows must stay in one fold (e.g. the same source image or product)."""
     refit_full: bool = False
     """With --bag: also train one model on every row for the members' median best epoch; predict then uses it."""
+    augment: str | None = None
+    """Training image augmentation while the vision tower is tuned, on each batch: none; light (a random resized crop
+    of 70-100% of the area, a horizontal flip, brightness/contrast/saturation jitter of ±0.1); strong (35-100%,
+    ±0.25). Default light with --tune image or all, none otherwise (a frozen tower's features are cached: nothing to
+    augment)."""
+    hflip: bool = True
+    """With --augment light or strong, flip images left-right half the time; --no-hflip for data where left and
+    right matter (text in images, digits, arrows...)."""
 
     def __post_init__(self):
         if self.tune not in TUNES:
@@ -280,6 +289,8 @@ class TrainConfig:
             raise MmfuseError(f"--bag must be 2 or more (1: no bagging), got {self.bag}")
         if (self.bag_groups or self.refit_full) and self.bag < 2:
             raise MmfuseError("--bag-groups and --refit-full go with --bag K (K >= 2)")
+        if self.augment is not None and self.augment not in AUGMENTS:
+            raise MmfuseError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
 
 
 SECTIONS = ("data", "model", "train")
@@ -289,6 +300,7 @@ DEPENDS_ON = {
     "batch_size": "tune",
     "lr": "tune",
     "head_lr": "tune",
+    "augment": "tune",
     "text_pooling": "text",
     "text_layer_mean": "text",
     "image_size": "vision",
@@ -399,6 +411,18 @@ def resolve(cfg: RunConfig) -> RunConfig:
     t.batch_size = batch_size if t.batch_size is None else t.batch_size
     t.lr = lr if t.lr is None else t.lr
     t.head_lr = (head_lr or t.lr) if t.head_lr is None else t.head_lr
+    image_tuned = "image" in cfg.tuned
+    if t.augment not in (None, "none") and not image_tuned:
+        # Without a vision tower (a text-only run of an ablation) there is nothing to refuse.
+        if "augment" in cfg.asked.get("train", ()) and "image" in m.modalities:
+            raise MmfuseError(
+                f"--augment {t.augment} changes training images on their way into a tuned vision tower; with --tune "
+                f"{t.tune} the image features are computed once and cached, so nothing can be augmented. Pass --tune "
+                "image or all with it, or leave --augment out."
+            )
+        t.augment = None  # a default that followed an earlier --tune
+    if t.augment is None:
+        t.augment = "light" if image_tuned else "none"
     if m.image_size is None:
         m.image_size = PACKAGED_TOWERS.get(m.vision, {}).get("image_size")
     text = PACKAGED_TOWERS.get(m.text, {})

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import metrics
+from .augment import Augmenter, make_augmenter
 from .captioning import fill_missing_captions
 from .checkpoint import CHECKPOINTS, EVERY_SECONDS, checkpoints, data_fingerprint, load_checkpoint, save_checkpoint
 from .config import TRACKERS, RunConfig, TrainConfig, resolve
@@ -315,6 +316,8 @@ class Trainer:
     resume_at: tuple | None = None
     """(generator state, batches done, (loss sum, rows)) of the epoch to resume, from a checkpoint."""
     last_checkpoint: float = field(default_factory=time.monotonic)
+    augment: Augmenter | None = None
+    """Augments training images on the device (``--augment``); None when off."""
 
     @property
     def name(self) -> str:
@@ -388,6 +391,9 @@ def setup(
     n, accum = acc.num_processes, cfg.train.grad_accum
     steps = cfg.train.epochs * math.ceil(math.ceil(len(train_dl) / n) / accum) * n
     scheduler = warmup_cosine(optimizer, int(cfg.train.warmup_ratio * steps), steps)
+    augment = None
+    if "image" in tuned:
+        augment = make_augmenter(t.augment, t.hflip, t.seed, model.towers["image"], acc.device, acc.process_index)
     if cfg.train.compile:
         model = compile_model(model)  # each encoder layer of the tuned towers (speed.py says why)
     model, optimizer, train_dl, scheduler = acc.prepare(model, optimizer, train_dl, scheduler)
@@ -395,7 +401,7 @@ def setup(
     if acc.is_main_process:
         m = cfg.model
         log.info(
-            "%s: %d training rows, %d validation rows, %d classes; %s on %s, --tune %s, %d epochs of batch %d on %s",
+            "%s: %d training rows, %d validation rows, %d classes; %s on %s, --tune %s%s, %d epochs of batch %d on %s",
             out.name,
             len(train),
             len(val),
@@ -403,6 +409,7 @@ def setup(
             " + ".join({"image": m.vision, "text": m.text}[x] for x in m.modalities),
             "+".join(m.modalities),
             cfg.train.tune,
+            f" --augment {t.augment}{'' if t.hflip else ' --no-hflip'}" if augment else "",
             cfg.train.epochs,
             cfg.train.batch_size,
             acc.device,
@@ -410,19 +417,29 @@ def setup(
     if t.track:
         acc.init_trackers(run_name, config=_flat(asdict(cfg)))
     tr = Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
-    tr.generator, tr.checkpointing = generator, checkpointing
+    tr.generator, tr.checkpointing, tr.augment = generator, checkpointing, augment
     if checkpointing:  # what a checkpoint was trained on: hashes every row's text and image once
         tr.data_fingerprint = data_fingerprint(train, val)
     return tr
 
 
 def train_step(
-    model, batch: dict, optimizer, scheduler, acc: Accelerator, params, grad_clip: float, label_smoothing: float = 0.0
+    model,
+    batch: dict,
+    optimizer,
+    scheduler,
+    acc: Accelerator,
+    params,
+    grad_clip: float,
+    label_smoothing: float = 0.0,
+    augment: Augmenter | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One batch forward and backward; the optimizer and scheduler step, and gradients are zeroed, only every
-    ``grad_accum`` batches (Accelerate's ``accumulate``). Returns the batch's summed loss (on the device, unread:
-    reading it is a sync) and its row count."""
+    ``grad_accum`` batches (Accelerate's ``accumulate``). ``augment`` changes its images first (training only).
+    Returns the batch's summed loss (on the device, unread: reading it is a sync) and its row count."""
     labels = batch.pop("labels")
+    if augment is not None:
+        batch = augment.batch(batch)
     with acc.accumulate(model):
         loss = F.cross_entropy(model(**batch), labels, label_smoothing=label_smoothing)
         acc.backward(loss)
@@ -460,7 +477,11 @@ def train_epoch(tr: Trainer, epoch: int) -> tuple[float, float]:
     plain = acc.is_main_process and bar.disable
     last = t0
     for step, batch in enumerate(bar, start=done + 1):
-        loss, n = train_step(tr.model, batch, tr.optimizer, tr.scheduler, acc, params, t.grad_clip, t.label_smoothing)
+        if tr.augment is not None:
+            tr.augment.reseed(epoch, step)
+        loss, n = train_step(
+            tr.model, batch, tr.optimizer, tr.scheduler, acc, params, t.grad_clip, t.label_smoothing, tr.augment
+        )
         total += loss
         seen += n
         now = time.perf_counter()
