@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Collection
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -267,7 +268,9 @@ def speed(args) -> dict:
 def cmd_evaluate(args) -> int:
     from .predict import evaluate_file  # deferred: imports torch
 
-    report = evaluate_file(args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args))
+    report = evaluate_file(
+        args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, cache=args.cache, **speed(args)
+    )
     print_report(report)
     out = args.out or Path(args.run) / "eval"
     print(f"wrote {out}/metrics.json, confusion_matrix.csv and .png, errors.csv and errors.html (the misclassified)")
@@ -277,7 +280,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import predict_file  # deferred: imports torch
 
-    backend = {"backend": args.backend, "onnx_dir": args.onnx}
+    backend = {"backend": args.backend, "onnx_dir": args.onnx, "cache": args.cache}
     path = predict_file(
         args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args), **backend
     )
@@ -447,6 +450,62 @@ def print_report(report: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def cmd_cache(args) -> int:
+    """``mmfuse cache info|prune|clear|verify``: the library part is in cache.py, this only prints."""
+    from . import cache as c  # torch-free
+
+    if args.action == "info":
+        info = c.cache_info()
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+
+        def when(t: float | None) -> str:
+            return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+        print(f"{info['home']}: {c.human(info['bytes'])} in {info['files']:,} files")
+        for name, r in info["roots"].items():
+            dead = f", {c.human(r['dead_bytes'])} no longer indexed" if r["dead_bytes"] else ""
+            print(
+                f"  {name}: {r['entries']:,} entries, {c.human(r['bytes'])} in {r['files']:,} files "
+                f"({r['shards']} shards{dead}), last used {when(r['oldest_use'])} .. {when(r['newest_use'])}"
+            )
+            for t in r["towers"]:
+                print(
+                    f"    {t['fingerprint']}  {t['name'] or '?':<28} {t['entries']:>9,} entries "
+                    f"{c.human(t['bytes']):>10}  oldest use {when(t['oldest_use'])}"
+                )
+            if r["old_layout_files"]:
+                print(
+                    f"    old per-item layout (not read): {r['old_layout_files']:,} files, "
+                    f"{c.human(r['old_layout_bytes'])}; mmfuse cache clear or prune removes it"
+                )
+        return 0
+    if args.action == "prune":
+        r = c.prune_cache(c.parse_size(args.max_size))
+        print(
+            f"pruned {c.human(r['before'])} to {c.human(r['after'])}: {r['dropped_entries']:,} least recently used "
+            f"entries dropped, {r['removed_shards']} shards removed, {r['rewritten_shards']} rewritten"
+            + (f", old layout {c.human(r['old_layout_bytes'])} removed" if r["old_layout_bytes"] else "")
+            + (f"; {r['held_shards']} shards in use by running processes left alone" if r["held_shards"] else "")
+        )
+        return 0
+    if args.action == "clear":
+        for r in c.clear_cache().values():
+            print(f"removed {r['path']}: {r['files']:,} files, {c.human(r['bytes'])}")
+        return 0
+    result = c.verify_cache()
+    bad = 0
+    for name, r in result.items():
+        bad += len(r["bad"])
+        print(f"{name}: {r['checked']:,} entries checked, {len(r['bad'])} bad")
+        for fp, key, shard, why in r["bad"][:20]:
+            print(f"  dropped {fp}/{key[:16]} in {shard}: {why}")
+    if bad:
+        print(f"{bad} bad entries dropped from the index: they are recomputed when next needed")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfuse", description="Image+text classifiers from fused pretrained towers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -524,6 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--compile", action="store_true", help="torch.compile each encoder layer (GPU; pays a compile once)"
+        )
+        p.add_argument(
+            "--cache",
+            action=argparse.BooleanOptionalAction,
+            default=verb == "evaluate",
+            help="store the features (or decoded images) of inputs the caches miss; hits are read either way. "
+            "Default: evaluate stores them (a test set is scored again for every run), predict does not (one-off "
+            "inputs would fill the cache)",
         )
         if verb == "predict":
             p.add_argument(
@@ -615,6 +682,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body (413 past it)")
     p.add_argument("--device", help="torch device, e.g. cuda:1 or cpu (None: cuda when available)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser(
+        "cache",
+        help="show, prune, verify or clear the feature and image caches ($MMFUSE_HOME)",
+        formatter_class=fmt,
+        description="The caches of frozen-tower features and decoded images under $MMFUSE_HOME (features, "
+        "features-bf16, pixels): shard files and an index, every entry checked against its checksum when read.",
+    )
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = csub.add_parser("info", help="size, entries per tower, oldest and newest use", formatter_class=fmt)
+    q.add_argument("--json", action="store_true", help="print the figures as JSON")
+    q = csub.add_parser("prune", help="drop least recently used entries down to a size", formatter_class=fmt)
+    q.add_argument("--max-size", required=True, help="size to shrink to, e.g. 20GB, 500MB, 1.5GiB")
+    csub.add_parser("clear", help="remove every cache entry (and the old per-item layout)", formatter_class=fmt)
+    csub.add_parser(
+        "verify", help="check every entry's checksum; drop bad ones (exit code 1 if any)", formatter_class=fmt
+    )
+    p.set_defaults(fn=cmd_cache)
     return parser
 
 

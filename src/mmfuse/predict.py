@@ -23,7 +23,7 @@ from .images import load_image, to_rgb
 from .model import RUN_FILES, MultimodalClassifier, load_models
 from .paths import mmfuse_home
 from .report import input_row, write_errors
-from .sources import FeatureCache, MultimodalDataset, batch_collate, build_dataset
+from .sources import FeatureCache, MultimodalDataset, PixelCache, batch_collate, build_dataset
 from .speed import compile_model
 
 log = logging.getLogger(__name__)
@@ -196,17 +196,21 @@ class Predictor:
         v = v.to(self.device, non_blocking=True)  # then cast on the device, not on the host
         return v.to(self.weight_dtype) if v.is_floating_point() else v
 
-    def predict_records(self, records: list[Record], batch_size: int | None = None, show: bool = True) -> np.ndarray:
+    def predict_records(
+        self, records: list[Record], batch_size: int | None = None, show: bool = True, cache: bool = False
+    ) -> np.ndarray:
         """Probabilities for checked records, through the feature cache for the towers that were frozen.
 
         Fine-tuned towers read images decoded once by threads into the uint8 pixel cache (``sources.PixelSource``),
-        so a GPU is not left waiting on one process decoding one file at a time.
+        so a GPU is not left waiting on one process decoding one file at a time. Both caches are read; what they
+        miss is stored only with ``cache`` (one-off inputs would otherwise fill them).
         """
         self._check_texts([r.text for r in records])
         # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
-        cache = FeatureCache(mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None)
-        pixel_cache = not self.cfg.data.decode_each_epoch
-        ds = build_dataset(self.model, records, None, self.cfg.tuned, cache, self.device, show, pixel_cache)
+        root = mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None
+        features = FeatureCache(root, write=cache)
+        pixels = PixelCache(write=cache) if not self.cfg.data.decode_each_epoch else False
+        ds = build_dataset(self.model, records, None, self.cfg.tuned, features, self.device, show, pixels)
         return self.predict_dataset(ds, batch_size or (256 if self.device.type == "cuda" else 64))
 
     def load_data(self, data, captions=None, need_label=False, skip_bad=False, skipped_csv=None) -> list[Record]:
@@ -301,12 +305,22 @@ def _is_run(folder: Path) -> bool:
 
 
 def predict_file(
-    run_dir, data, out_csv, captions=None, skip_bad=False, dtype="auto", compile=False, backend="torch", onnx_dir=None
+    run_dir,
+    data,
+    out_csv,
+    captions=None,
+    skip_bad=False,
+    dtype="auto",
+    compile=False,
+    backend="torch",
+    onnx_dir=None,
+    cache=False,
 ) -> Path:
     """Writes one row per input image, in input order: row (the input's row, from 0), image, true_label and correct
     (when the input has labels), label, confidence, p_<class>...
 
     ``backend="onnx"`` runs the graph ``mmfuse export`` wrote to ``onnx_dir`` (default RUN/export) instead of torch.
+    ``cache``: store the features (or decoded images) of inputs the caches miss, not only read their hits.
     """
     if backend not in ("torch", "onnx"):
         raise MmfuseError(f"backend must be torch or onnx, got {backend!r}")
@@ -346,7 +360,8 @@ def predict_file(
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
     skipped.unlink(missing_ok=True)
     records = predictor.load_data(data, captions, skip_bad=skip_bad, skipped_csv=skipped)
-    probs = predictor.predict_records(records)
+    # The ONNX graph runs every tower on raw inputs: it has no cache to fill.
+    probs = predictor.predict_records(records, **({"cache": cache} if backend == "torch" else {}))
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     # Written beside, then renamed over: a failure while writing (a full disk) leaves an earlier file whole.
     part = out_csv.with_name(out_csv.name + ".part")
@@ -367,9 +382,12 @@ def predict_file(
     return out_csv
 
 
-def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dtype="auto", compile=False) -> dict:
+def evaluate_file(
+    run_dir, data, out_dir=None, captions=None, skip_bad=False, dtype="auto", compile=False, cache=True
+) -> dict:
     """Scores a run on labelled data; writes metrics.json, the confusion matrix (CSV, PNG) and the misclassified rows
-    (errors.csv, errors.html) to ``out_dir``."""
+    (errors.csv, errors.html) to ``out_dir``. ``cache``: store what the feature caches miss (the default: a test set
+    is scored again for every run trained, unlike predict's one-off inputs)."""
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise MmfuseError(f"--out {out_dir} is a file; evaluate writes a directory of reports there.")
     if out_dir is not None and Path(out_dir).resolve() == Path(run_dir).resolve():
@@ -387,7 +405,7 @@ def evaluate_file(run_dir, data, out_dir=None, captions=None, skip_bad=False, dt
         data, captions, need_label=True, skip_bad=skip_bad, skipped_csv=out_dir / "skipped.csv"
     )
     warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records)
-    probs = predictor.predict_records(records)
+    probs = predictor.predict_records(records, cache=cache)
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = np.array([index[r.label] for r in records])
     report = metrics.full_report(y, probs.argmax(1), predictor.classes)
