@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mmfuse.cache import close_stores
 from mmfuse.config import ModelConfig
 from mmfuse.data import Record
 from mmfuse.errors import MmfuseError
 from mmfuse.model import build_model
-from mmfuse.cache import close_stores
 from mmfuse.sources import (
     ImageFileSource,
     PixelCache,

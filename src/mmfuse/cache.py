@@ -608,7 +608,8 @@ def prune_cache(max_bytes: int, home: Path | None = None) -> dict:
                     with contextlib.suppress(FileNotFoundError):
                         fixed += path.stat().st_size
                     report["held_shards"] += 1
-            fixed += _files(store.dir)[1] - _files(store.shards)[1]  # the index
+            # The index (its -shm file is only shared memory, gone when the last connection closes).
+            fixed += sum(p.stat().st_size for p in store.dir.glob("index.sqlite*") if not p.name.endswith("-shm"))
             stores.append((store, mine))
             rows = conn.execute(f"SELECT {_ROW} FROM entries").fetchall()
             candidates += [(id(store), row) for row in rows if row[2] in mine]
