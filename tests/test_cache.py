@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_image, write_csv
+from conftest import make_image, read_csv, write_csv
 
 import mmfuse.cache
 import mmfuse.errors
@@ -332,3 +332,33 @@ def test_cache_verbs(tmp_path, capsys):
     assert "removed" in capsys.readouterr().out and not (mmfuse_home() / "features").exists()
     assert main(["cache", "info"]) == 0
     assert "features: 0 entries" in capsys.readouterr().out
+
+
+def entries() -> int:
+    info = cache_info()
+    return sum(r["entries"] for r in info["roots"].values())
+
+
+def test_predict_stores_one_off_inputs_only_with_cache_and_evaluate_by_default(
+    toy_manifest, tmp_path, tiny_vit_dir, tiny_roberta_dir
+):
+    run, data = tmp_path / "run", toy_manifest
+    fast = ["--tune", "head", "--epochs", "2", "--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir)]
+    fast += ["--text-pooling", "cls"]
+    assert main(["train", str(data / "train.csv"), "--val", str(data / "val.csv"), "--out", str(run), *fast]) == 0
+    trained = entries()
+    assert trained > 0
+    test = str(data / "test.csv")
+    assert main(["predict", str(run), test, "--out", str(tmp_path / "p.csv")]) == 0
+    assert entries() == trained  # one-off inputs are read through the cache, not stored
+    assert main(["evaluate", str(run), test, "--out", str(tmp_path / "e1"), "--no-cache"]) == 0
+    assert entries() == trained
+    assert main(["evaluate", str(run), test, "--out", str(tmp_path / "e2")]) == 0  # a test set: stored
+    evaluated = entries()
+    assert evaluated > trained
+    assert main(["predict", str(run), test, "--out", str(tmp_path / "q.csv"), "--cache"]) == 0
+    assert (tmp_path / "p.csv").read_text() == (tmp_path / "q.csv").read_text()  # the same, read from the cache
+    rows = [{**r, "text": r["text"] + " again"} for r in read_csv(data / "test.csv")]
+    write_csv(tmp_path / "new.csv", [{**r, "image": str(data / r["image"])} for r in rows])
+    assert main(["predict", str(run), str(tmp_path / "new.csv"), "--out", str(tmp_path / "r.csv"), "--cache"]) == 0
+    assert entries() == evaluated + len(rows)  # new texts stored

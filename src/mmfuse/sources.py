@@ -168,9 +168,13 @@ def _cached_pixels(paths: Sequence, keys: list[str], spec: PixelSpec, cache: Fea
         if hit is not None and (hit.dtype != np.uint8 or hit.size != math.prod(shape)):  # foreign to this spec
             out[i] = None
     todo = [i for i, hit in enumerate(out) if hit is None]
-    with ThreadPoolExecutor(max(1, min(workers, len(todo) or 1))) as pool:
-        for i, img in zip(todo, pool.map(lambda i: decode_resized(paths[i], spec), todo)):
-            out[i] = img
+    if workers > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(min(workers, len(todo))) as pool:
+            decoded = list(pool.map(lambda i: decode_resized(paths[i], spec), todo))
+    else:
+        decoded = [decode_resized(paths[i], spec) for i in todo]
+    for i, img in zip(todo, decoded):
+        out[i] = img
     if todo:
         name = f"pixels {spec.height}x{spec.width}"
         cache.put_many(spec.fingerprint, [(keys[i], out[i]) for i in todo], name=name)
