@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -114,14 +115,19 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
     return len(data)
 
 
+@functools.lru_cache(maxsize=4096)
+def _layout(dtype: str, shape: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """Parsed once per distinct (dtype, shape): a cache holds few of them (one per tower, or per token count)."""
+    return np.dtype(dtype), tuple(int(d) for d in shape.split(",") if d)
+
+
 def _decode(raw: np.ndarray, row: tuple) -> np.ndarray:
     """The stored item from its bytes, or ``BadEntry``."""
     _fp, _key, _shard, _offset, nbytes, dtype, shape, crc, _used = row
     if zlib.crc32(raw) != crc:
         raise BadEntry("checksum mismatch")
     try:
-        dt = np.dtype(dtype)
-        dims = tuple(int(d) for d in shape.split(",") if d)
+        dt, dims = _layout(dtype, shape)
     except (TypeError, ValueError) as e:
         raise BadEntry(f"bad dtype or shape in the index ({dtype!r}, {shape!r})") from e
     if math.prod(dims) * dt.itemsize != nbytes:

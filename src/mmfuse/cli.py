@@ -588,9 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--cache",
             action=argparse.BooleanOptionalAction,
             default=verb == "evaluate",
-            help="store the features (or decoded images) of inputs the caches miss; hits are read either way. "
-            "Default: evaluate stores them (a test set is scored again for every run), predict does not (one-off "
-            "inputs would fill the cache)",
+            help="--cache stores the features (or decoded images) of inputs the caches miss, --no-cache only reads "
+            "hits; "
+            + (
+                "evaluate stores them unless told not to (a test set is scored again for every run trained)"
+                if verb == "evaluate"
+                else "predict reads hits only unless given --cache (one-off inputs would fill the cache)"
+            ),
         )
         if verb == "predict":
             p.add_argument(
