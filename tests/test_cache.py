@@ -362,3 +362,14 @@ def test_predict_stores_one_off_inputs_only_with_cache_and_evaluate_by_default(
     write_csv(tmp_path / "new.csv", [{**r, "image": str(data / r["image"])} for r in rows])
     assert main(["predict", str(run), str(tmp_path / "new.csv"), "--out", str(tmp_path / "r.csv"), "--cache"]) == 0
     assert entries() == evaluated + len(rows)  # new texts stored
+
+
+def test_a_full_disk_only_stops_caching(tmp_path, monkeypatch, caplog):
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    cache = FeatureCache()
+    monkeypatch.setattr(mmfuse.cache, "_write_all", full)
+    with caplog.at_level(logging.WARNING):
+        cache.put_many("fp", [("a", vec(1))])  # no exception: the caller has the features
+    assert "No space left" in caplog.text and cache.get("fp", "a") is None

@@ -103,16 +103,16 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 def _read_at(fd: int, nbytes: int, offset: int) -> np.ndarray:
     buf = np.empty(nbytes, dtype=np.uint8)  # writable, aligned: the caller views it as the item's dtype
-    got = os.preadv(fd, [buf], offset) if hasattr(os, "preadv") else _pread_into(fd, buf, offset)
+    if hasattr(os, "preadv"):
+        got = os.preadv(fd, [buf], offset)
+    else:  # Windows has no pread: seek and read (callers hold the store's lock)
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, nbytes)
+        got = len(data)
+        buf[:got] = np.frombuffer(data, dtype=np.uint8)
     if got != nbytes:
         raise BadEntry(f"short read ({got} of {nbytes} bytes)")
     return buf
-
-
-def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
-    data = os.pread(fd, len(buf), offset)
-    buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
-    return len(data)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -237,12 +237,13 @@ class ShardStore:
 
     def read(self, row: tuple) -> np.ndarray:
         """One entry's item, checked; ``BadEntry`` when its bytes are not what was stored."""
-        with self.lock:
+        with self.lock:  # held while reading too: another thread may close the open shards (close_readers)
             try:
                 fd = self._fd(row[2])
             except FileNotFoundError as e:
                 raise BadEntry("its shard is gone") from e
-        return _decode(_read_at(fd, row[4], row[3]), row)
+            raw = _read_at(fd, row[4], row[3])
+        return _decode(raw, row)
 
     def get_many(self, fp: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """The entries found for ``keys``, each verified; bad ones are dropped from the index with a warning."""
@@ -251,8 +252,10 @@ class ShardStore:
         for key, row in rows.items():
             try:
                 found[key] = self.read(row)
-            except (BadEntry, OSError) as e:
+            except BadEntry as e:
                 bad.append((row, e))
+            except OSError as e:  # the file is there but cannot be read now (permissions, I/O): a miss, rows kept
+                log.warning("cannot read cache shard %s (%s): recomputing", self.shards / row[2], e)
         if bad:
             row, e = bad[0]
             log.warning(
@@ -304,11 +307,11 @@ class ShardStore:
             conn = self.db(create=True)
             if conn is None:
                 return
-            if self._writer is None:
-                self._writer = self._claim()
-            shard, fd, offset = self._writer
             now, rows = time.time(), []
             try:
+                if self._writer is None:
+                    self._writer = self._claim()
+                shard, fd, offset = self._writer
                 for key, value in items.items():
                     arr = np.ascontiguousarray(value)
                     raw = arr.reshape(-1).view(np.uint8)
@@ -316,6 +319,10 @@ class ShardStore:
                     shape = ",".join(map(str, arr.shape))
                     rows.append((fp, key, shard, offset, raw.nbytes, arr.dtype.str, shape, zlib.crc32(raw), now))
                     offset += raw.nbytes
+            except OSError as e:  # a full disk, say: the caller has the items; they are only not kept for next time
+                self.seal()
+                log.warning("could not store %d cache entries in %s (%s): going on without", len(items), self.dir, e)
+                return
             except BaseException:
                 self.seal()  # the file now ends in a partial item: the next writer appends after it
                 raise
@@ -571,10 +578,10 @@ def verify_cache(home: Path | None = None) -> dict:
                 try:
                     store.read(row)
                 except (BadEntry, OSError) as e:
-                    bad.append((row, str(e)))
-            store.drop(r for r, _ in bad)
+                    bad.append((row, e))
+            store.drop(r for r, e in bad if isinstance(e, BadEntry))  # unreadable (OSError) rows are only reported
             store.close()
-        out[name] = {"path": str(root), "checked": checked, "bad": [(r[0], r[1], r[2], why) for r, why in bad]}
+        out[name] = {"path": str(root), "checked": checked, "bad": [(r[0], r[1], r[2], str(e)) for r, e in bad]}
     return out
 
 
