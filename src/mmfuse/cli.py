@@ -465,15 +465,18 @@ def cmd_cache(args) -> int:
 
         print(f"{info['home']}: {c.human(info['bytes'])} in {info['files']:,} files")
         for name, r in info["roots"].items():
-            dead = f", {c.human(r['dead_bytes'])} no longer indexed" if r["dead_bytes"] else ""
-            print(
-                f"  {name}: {r['entries']:,} entries, {c.human(r['bytes'])} in {r['files']:,} files "
-                f"({r['shards']} shards{dead}), last used {when(r['oldest_use'])} .. {when(r['newest_use'])}"
-            )
+            if not r["files"]:
+                print(f"  {name}: empty")
+            else:
+                dead = f"; {c.human(r['dead_bytes'])} unindexed" if r["dead_bytes"] else ""
+                print(
+                    f"  {name}: {r['entries']:,} entries, {c.human(r['bytes'])} in {r['files']:,} files "
+                    f"({r['shards']} shards + index{dead})"
+                )
             for t in r["towers"]:
                 print(
-                    f"    {t['fingerprint']}  {t['name'] or '?':<28} {t['entries']:>9,} entries "
-                    f"{c.human(t['bytes']):>10}  oldest use {when(t['oldest_use'])}"
+                    f"    {t['fingerprint']}  {t['name'] or '?':<26}{t['entries']:>8,} entries{c.human(t['bytes']):>10}"
+                    f"  used {when(t['oldest_use'])} .. {when(t['newest_use'])}"
                 )
             if r["old_layout_files"]:
                 print(
