@@ -296,7 +296,7 @@ class ShardStore:
             path = self.shards / f"{uuid.uuid4().hex}.shard"
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
             if _try_lock(fd) and _same_file(fd, path):  # prune may take a shard between its creation and our lock
-                return path.name, fd, 0
+                return path.name, fd, os.lseek(fd, 0, os.SEEK_END)  # (0; and past the Windows lock's seek)
             os.close(fd)
 
     def put_many(self, fp: str, items: dict[str, np.ndarray], name: str | None = None) -> None:
