@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mmfuse.cache import close_stores
 from mmfuse.config import ModelConfig
 from mmfuse.data import Record
 from mmfuse.errors import MmfuseError
@@ -78,11 +79,10 @@ def test_cache_hits_on_the_second_load_and_misses_a_changed_file(model, jpegs, t
     changed = load_pixels(jpegs, spec, cache)
     assert (cache.hits, cache.misses) == (9, 6)
     assert changed[0, 0].float().mean() > 250 and torch.equal(changed[1:], first[1:])
-    # A cut-off cache file (a full disk, say) is decoded again rather than read as a smaller image.
-    stored = sorted((tmp_path / "pixels").rglob("*.u8"))
-    assert len(stored) == 6
-    for f in stored:
-        f.write_bytes(f.read_bytes()[:100])
+    # A cut-off shard (a full disk, say) is decoded again rather than read as a smaller image.
+    close_stores()
+    (shard,) = (tmp_path / "pixels").rglob("*.shard")
+    shard.write_bytes(shard.read_bytes()[:100])
     assert torch.equal(load_pixels(jpegs, spec, cache), changed) and cache.misses == 11
 
 

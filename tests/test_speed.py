@@ -45,11 +45,11 @@ def test_bf16_predictor_runs_the_whole_model_in_bf16_close_to_fp32(
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     records = fp32.load_data(toy_manifest / "test.csv")
     # Through the feature cache (frozen towers) or the uint8 pixel cache (tuned towers), as predict/evaluate run.
-    ref, got = fp32.predict_records(records, show=False), bf16.predict_records(records, show=False)
+    ref, got = fp32.predict_records(records, show=False), bf16.predict_records(records, show=False, cache=True)
     assert got.dtype == np.float32 and np.allclose(got.sum(1), 1.0, atol=1e-5)
     assert np.abs(got - ref).max() < 0.05
     if tune == "head":  # features from bf16 towers never mix with the fp32 ones that training reads
-        assert any((mmfuse_home() / "features-bf16").rglob("*.npy"))
+        assert any((mmfuse_home() / "features-bf16").rglob("*.shard"))
     # And from PIL images and strings, as the Python API runs.
     images, texts = [r.image for r in records[:4]], [r.text for r in records[:4]]
     assert np.abs(bf16.predict(images, texts).probs - fp32.predict(images, texts).probs).max() < 0.05

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Collection
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -274,7 +275,14 @@ def cmd_evaluate(args) -> int:
     from .predict import evaluate_file  # deferred: imports torch
 
     report = evaluate_file(
-        args.run, args.data, args.out, captions=args.captions, skip_bad=args.skip_bad, **speed(args), **chunks(args)
+        args.run,
+        args.data,
+        args.out,
+        captions=args.captions,
+        skip_bad=args.skip_bad,
+        cache=args.cache,
+        **speed(args),
+        **chunks(args),
     )
     if not main_process():
         return 0  # under accelerate launch, the main process reports for all
@@ -287,7 +295,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import predict_file  # deferred: imports torch
 
-    backend = {"backend": args.backend, "onnx_dir": args.onnx}
+    backend = {"backend": args.backend, "onnx_dir": args.onnx, "cache": args.cache}
     stream = {"chunk_size": args.chunk_size, "resume": args.resume}
     path = predict_file(
         args.run,
@@ -478,6 +486,65 @@ def print_report(report: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def cmd_cache(args) -> int:
+    """``mmfuse cache info|prune|clear|verify``: the library part is in cache.py, this only prints."""
+    from . import cache as c  # torch-free
+
+    if args.action == "info":
+        info = c.cache_info()
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+
+        def when(t: float | None) -> str:
+            return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+        print(f"{info['home']}: {c.human(info['bytes'])} in {info['files']:,} files")
+        for name, r in info["roots"].items():
+            if not r["files"]:
+                print(f"  {name}: empty")
+            else:
+                dead = f"; {c.human(r['dead_bytes'])} unindexed" if r["dead_bytes"] else ""
+                print(
+                    f"  {name}: {r['entries']:,} entries, {c.human(r['bytes'])} in {r['files']:,} files "
+                    f"({r['shards']} shards + index{dead})"
+                )
+            for t in r["towers"]:
+                print(
+                    f"    {t['fingerprint']}  {t['name'] or '?':<26}{t['entries']:>8,} entries{c.human(t['bytes']):>10}"
+                    f"  used {when(t['oldest_use'])} .. {when(t['newest_use'])}"
+                )
+            if r["old_layout_files"]:
+                print(
+                    f"    old per-item layout (not read): {r['old_layout_files']:,} files, "
+                    f"{c.human(r['old_layout_bytes'])}; mmfuse cache clear or prune removes it"
+                )
+        return 0
+    if args.action == "prune":
+        r = c.prune_cache(c.parse_size(args.max_size))
+        print(
+            f"pruned {c.human(r['before'])} to {c.human(r['after'])}: {r['dropped_entries']:,} least recently used "
+            f"entries dropped, {r['removed_shards']} shards removed, {r['rewritten_shards']} rewritten"
+            + (f", old layout {c.human(r['old_layout_bytes'])} removed" if r["old_layout_bytes"] else "")
+            + (f"; {r['held_shards']} shards in use by running processes left alone" if r["held_shards"] else "")
+        )
+        return 0
+    if args.action == "clear":
+        for r in c.clear_cache().values():
+            print(f"removed {r['path']}: {r['files']:,} files, {c.human(r['bytes'])}")
+        return 0
+    result = c.verify_cache()
+    bad = 0
+    for name, r in result.items():
+        bad += len(r["bad"])
+        print(f"{name}: {r['checked']:,} entries checked, {len(r['bad'])} bad")
+        for fp, key, shard, why in r["bad"][:20]:
+            print(f"  dropped {fp}/{key[:16]} in {shard}: {why}")
+    if bad:
+        print(f"{bad} bad entries dropped from the index: they are recomputed when next needed")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfuse", description="Image+text classifiers from fused pretrained towers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -563,6 +630,18 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help="rows predicted at a time (memory holds one chunk's features; predict appends each to OUT.part); "
             "under accelerate launch each process takes whole chunks",
+        )
+        p.add_argument(
+            "--cache",
+            action=argparse.BooleanOptionalAction,
+            default=verb == "evaluate",
+            help="--cache stores the features (or decoded images) of inputs the caches miss, --no-cache only reads "
+            "hits; "
+            + (
+                "evaluate stores them unless told not to (a test set is scored again for every run trained)"
+                if verb == "evaluate"
+                else "predict reads hits only unless given --cache (one-off inputs would fill the cache)"
+            ),
         )
         if verb == "predict":
             p.add_argument(
@@ -660,6 +739,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body (413 past it)")
     p.add_argument("--device", help="torch device, e.g. cuda:1 or cpu (None: cuda when available)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser(
+        "cache",
+        help="show, prune, verify or clear the feature and image caches ($MMFUSE_HOME)",
+        formatter_class=fmt,
+        description="The caches of frozen-tower features and decoded images under $MMFUSE_HOME (features, "
+        "features-bf16, pixels): shard files and an index, every entry checked against its checksum when read.",
+    )
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = csub.add_parser("info", help="size, entries per tower, oldest and newest use", formatter_class=fmt)
+    q.add_argument("--json", action="store_true", help="print the figures as JSON")
+    q = csub.add_parser("prune", help="drop least recently used entries down to a size", formatter_class=fmt)
+    q.add_argument("--max-size", required=True, help="size to shrink to, e.g. 20GB, 500MB, 1.5GiB")
+    csub.add_parser("clear", help="remove every cache entry (and the old per-item layout)", formatter_class=fmt)
+    csub.add_parser(
+        "verify", help="check every entry's checksum; drop bad ones (exit code 1 if any)", formatter_class=fmt
+    )
+    p.set_defaults(fn=cmd_cache)
     return parser
 
 

@@ -22,7 +22,7 @@ from .images import load_image, to_rgb
 from .model import RUN_FILES, MultimodalClassifier, load_models
 from .paths import mmfuse_home
 from .report import write_errors
-from .sources import FeatureCache, MultimodalDataset, batch_collate, build_dataset
+from .sources import FeatureCache, MultimodalDataset, PixelCache, batch_collate, build_dataset
 from .speed import compile_model
 from .stream import (
     DEFAULT_CHUNK,
@@ -204,17 +204,21 @@ class Predictor:
         v = v.to(self.device, non_blocking=True)  # then cast on the device, not on the host
         return v.to(self.weight_dtype) if v.is_floating_point() else v
 
-    def predict_records(self, records: list[Record], batch_size: int | None = None, show: bool = True) -> np.ndarray:
+    def predict_records(
+        self, records: list[Record], batch_size: int | None = None, show: bool = True, cache: bool = False
+    ) -> np.ndarray:
         """Probabilities for checked records, through the feature cache for the towers that were frozen.
 
         Fine-tuned towers read images decoded once by threads into the uint8 pixel cache (``sources.PixelSource``),
-        so a GPU is not left waiting on one process decoding one file at a time.
+        so a GPU is not left waiting on one process decoding one file at a time. Both caches are read; what they
+        miss is stored only with ``cache`` (one-off inputs would otherwise fill them).
         """
         self._check_texts([r.text for r in records])
         # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
-        cache = FeatureCache(mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None)
-        pixel_cache = not self.cfg.data.decode_each_epoch
-        ds = build_dataset(self.model, records, None, self.cfg.tuned, cache, self.device, show, pixel_cache)
+        root = mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None
+        features = FeatureCache(root, write=cache)
+        pixels = PixelCache(write=cache) if not self.cfg.data.decode_each_epoch else False
+        ds = build_dataset(self.model, records, None, self.cfg.tuned, features, self.device, show, pixels)
         return self.predict_dataset(ds, batch_size or (256 if self.device.type == "cuda" else 64))
 
     def load_data(self, data, captions=None, need_label=False, skip_bad=False, skipped_csv=None) -> list[Record]:
@@ -320,6 +324,7 @@ def predict_file(
     onnx_dir=None,
     chunk_size: int = DEFAULT_CHUNK,
     resume: bool = False,
+    cache: bool = False,
 ) -> Path:
     """Writes one row per input image, in input order: row (the input's row, from 0), image, true_label and correct
     (when the input has labels), label, confidence, p_<class>...
@@ -329,6 +334,7 @@ def predict_file(
     chunk. Under ``accelerate launch`` each process predicts one contiguous shard, and the file is the same.
 
     ``backend="onnx"`` runs the graph ``mmfuse export`` wrote to ``onnx_dir`` (default RUN/export) instead of torch.
+    ``cache``: store the features (or decoded images) of inputs the caches miss, not only read their hits.
     """
     if backend not in ("torch", "onnx"):
         raise MmfuseError(f"backend must be torch or onnx, got {backend!r}")
@@ -383,7 +389,9 @@ def predict_file(
             "onnx": str(Path(onnx_dir).resolve()) if backend == "onnx" else None,
         },
     }
-    return stream_predictions(predictor, records, out_csv, identity, chunk_size, resume, procs)
+    # The ONNX graph runs every tower on raw inputs: it has no cache to fill.
+    options = {"cache": cache} if backend == "torch" else {}
+    return stream_predictions(predictor, records, out_csv, identity, chunk_size, resume, procs, options)
 
 
 def evaluate_file(
@@ -395,12 +403,15 @@ def evaluate_file(
     dtype="auto",
     compile=False,
     chunk_size: int = DEFAULT_CHUNK,
+    cache: bool = True,
 ) -> dict:
     """Scores a run on labelled data; writes metrics.json, the confusion matrix (CSV, PNG) and the misclassified rows
     (errors.csv, errors.html) to ``out_dir``.
 
     Rows are predicted ``chunk_size`` at a time. Under ``accelerate launch`` each process predicts one contiguous
     shard of whole chunks; the main process scores all rows, each once, and writes the reports one process writes.
+    ``cache``: store what the feature caches miss (the default: a test set is scored again for every run trained,
+    unlike predict's one-off inputs).
     """
     check_chunk_size(chunk_size)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -425,7 +436,7 @@ def evaluate_file(
         )
     if procs.is_main:
         warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records)
-    probs = predict_all(predictor, records, chunk_size, procs)
+    probs = predict_all(predictor, records, chunk_size, procs, {"cache": cache})
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = np.array([index[r.label] for r in records])
     report = metrics.full_report(y, probs.argmax(1), predictor.classes)

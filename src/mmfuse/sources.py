@@ -14,7 +14,7 @@ per call (``__getitems__``): each source fills its part of the model's keyword a
 for a model, records and the tuned modalities; the DataLoader's collate is the identity (``batch_collate``).
 
 Two caches under ``$MMFUSE_HOME`` feed the sources, both keyed by what produced an entry and by the content hash of
-the item, and written to a temporary name then renamed, so concurrent or interrupted runs never leave a partial file:
+the item, stored in shards with an index and checked on every read (``cache.py``), each batch asked for at once:
 
 - ``FeatureCache`` (``features/<tower fingerprint>/``): a frozen tower makes the same features every epoch and every
   run, so each image and text is embedded once (``embed``);
@@ -30,7 +30,6 @@ import hashlib
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .cache import FeatureCache, PixelCache
 from .data import Record
 from .filestats import file_index
 from .images import load_image
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # PIL releases the GIL while decoding and resizing, so threads scale on the cores there are.
 DECODE_WORKERS = max(1, min(32, os.cpu_count() or 1))
+PIXEL_CHUNK = 512  # images asked of the pixel cache at once (77 MB at 224 px)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -74,69 +75,6 @@ def content_keys(records: list[Record], modality: str) -> list[str]:
     if modality == "text":
         return [hashlib.sha256(r.text.encode("utf-8")).hexdigest() for r in records]
     return file_index().values("sha256", [str(r.image) for r in records], sha256_file, workers=4)
-
-
-class FeatureCache:
-    """One .npy file per (tower, item), under ``root/<tower fingerprint>/<key[:2]>/<key>.npy``.
-
-    With ``memory``, entries read or written are also kept in this process (and in processes forked from it):
-    runs that share a cache object, like the ablation's three, then read each file once.
-    """
-
-    suffix = ".npy"
-
-    def __init__(self, root: Path | None = None, memory: bool = False):
-        self.root = Path(root) if root else mmfuse_home() / "features"
-        self.hits = self.misses = 0
-        self.memory: dict[tuple[str, str], np.ndarray] | None = {} if memory else None
-
-    def _path(self, fingerprint: str, key: str) -> Path:
-        return self.root / fingerprint / key[:2] / f"{key}{self.suffix}"
-
-    def _read(self, path: Path) -> np.ndarray:
-        return np.load(path)
-
-    def _write(self, f, value: np.ndarray) -> None:
-        np.save(f, value)
-
-    def get(self, fingerprint: str, key: str) -> np.ndarray | None:
-        if self.memory is not None and (fingerprint, key) in self.memory:
-            return self.memory[fingerprint, key]
-        try:
-            value = self._read(self._path(fingerprint, key))
-        except (OSError, ValueError):  # absent, or unreadable for any reason: recompute rather than fail
-            return None
-        if self.memory is not None:
-            self.memory[fingerprint, key] = value
-        return value
-
-    def put(self, fingerprint: str, key: str, value: np.ndarray) -> None:
-        if self.memory is not None:
-            self.memory[fingerprint, key] = value
-        path = self._path(fingerprint, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                self._write(f, value)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-class PixelCache(FeatureCache):
-    """Decoded images as bare uint8 bytes, their shape known from the spec: reading one skips the .npy header,
-    whose parsing was most of a read's 0.33 ms (0.06 ms bare, on the development VM), and that part holds the
-    GIL that the decoding threads share."""
-
-    suffix = ".u8"
-
-    def _read(self, path: Path) -> np.ndarray:
-        return np.fromfile(path, dtype=np.uint8)
-
-    def _write(self, f, value: np.ndarray) -> None:
-        f.write(np.ascontiguousarray(value, dtype=np.uint8).data)
 
 
 def pixel_cache() -> PixelCache:
@@ -182,8 +120,7 @@ def embed(
     keys = content_keys(records, modality)
     out: list | np.ndarray = [None] * len(records) if seq else np.zeros((len(records), card.dim), dtype=np.float32)
     todo = []
-    for i, key in enumerate(keys):
-        hit = cache.get(fp, key) if cache else None
+    for i, hit in enumerate(cache.get_many(fp, keys) if cache else [None] * len(keys)):
         if hit is not None and (hit.shape[-1:] == (card.dim,) and hit.ndim == (2 if seq else 1)):
             out[i] = hit
         else:
@@ -195,15 +132,17 @@ def embed(
     if state is not None and state.num_processes > 1:
         _embed_shared(model, modality, records, keys, out, todo, cache, state, batch_size, device, show)
     else:
-        for i, f in _embedded(model, modality, records, todo, batch_size, device, show):
-            out[i] = f
+        for idx, feats in _embedded(model, modality, records, todo, batch_size, device, show):
+            for i, f in zip(idx, feats):
+                out[i] = f
             if cache:
-                cache.put(fp, keys[i], f)
+                cache.put_many(fp, [(keys[i], f) for i, f in zip(idx, feats)], name=f"{modality} {card.name}")
     return [torch.from_numpy(f) for f in out] if seq else torch.from_numpy(out)
 
 
 def _embedded(model, modality: str, records: list[Record], todo: list[int], batch_size: int, device, show: bool):
-    """(row, features) for the rows ``todo``, embedded in batches by the modality's tower (built only if needed)."""
+    """(rows, their features) for each batch of the rows ``todo``, embedded by the modality's tower (built only if
+    needed)."""
     if not todo:
         return
     tower = model.build_tower(modality)
@@ -216,14 +155,15 @@ def _embedded(model, modality: str, records: list[Record], todo: list[int], batc
         if model.cards[modality].sequence:  # keep only real tokens, in half precision: token states are 10-100x
             lengths = inputs["attention_mask"].sum(1).tolist()
             feats = [f[: int(n)].astype(np.float16) for f, n in zip(feats, lengths)]
-        yield from zip(idx, feats)
+        yield idx, feats
         bar.update(len(idx))
     bar.close()
 
 
 def _embed_shared(model, modality, records, keys, out, todo, cache, state, batch_size, device, show) -> None:
     """``embed``'s misses split over the processes of a launch; fills ``out`` at the rows ``todo``."""
-    fp = model.cards[modality].fingerprint
+    card = model.cards[modality]
+    fp = card.fingerprint
     # The union of every process's misses, each distinct item once: an item one process found cached and another
     # did not (the cache filled in between) is embedded once more, never skipped.
     first: dict[str, int] = {}
@@ -232,10 +172,10 @@ def _embed_shared(model, modality, records, keys, out, todo, cache, state, batch
     unique = list(first.values())
     mine = [unique[j] for j in share(len(unique), state.process_index, state.num_processes)]
     made: dict[str, np.ndarray] = {}
-    for i, f in _embedded(model, modality, records, mine, batch_size, device, show and state.is_main_process):
-        made[keys[i]] = f
+    for idx, feats in _embedded(model, modality, records, mine, batch_size, device, show and state.is_main_process):
+        made.update((keys[i], f) for i, f in zip(idx, feats))
         if cache:
-            cache.put(fp, keys[i], f)
+            cache.put_many(fp, [(keys[i], f) for i, f in zip(idx, feats)], name=f"{modality} {card.name}")
     log.log(
         logging.INFO if unique else logging.DEBUG,
         "process %d of %d embedded %d of the %d %s(s) missing from the cache",
@@ -250,11 +190,14 @@ def _embed_shared(model, modality, records, keys, out, todo, cache, state, batch
             made.update(part)
     else:
         state.wait_for_everyone()  # every share is in the cache
+    others = [i for i in todo if keys[i] not in made]
+    if cache and others:
+        made.update(
+            (keys[i], f) for i, f in zip(others, cache.get_many(fp, [keys[i] for i in others])) if f is not None
+        )
     lost = []
     for i in todo:
         f = made.get(keys[i])
-        if f is None and cache:
-            f = cache.get(fp, keys[i])
         if f is None:
             lost.append(i)
         else:
@@ -263,8 +206,9 @@ def _embed_shared(model, modality, records, keys, out, todo, cache, state, batch
         log.warning(
             "%d %s feature(s) written by other processes could not be read back: embedding them", len(lost), modality
         )
-        for i, f in _embedded(model, modality, records, lost, batch_size, device, show=False):
-            out[i] = f
+        for idx, feats in _embedded(model, modality, records, lost, batch_size, device, show=False):
+            for i, f in zip(idx, feats):
+                out[i] = f
 
 
 def decode_resized(image: str | Path | Image.Image, spec: PixelSpec) -> np.ndarray:
@@ -282,16 +226,31 @@ def cached_pixels(path: str | Path, spec: PixelSpec, cache: FeatureCache | None)
     """One image as (3, height, width) uint8, from ``cache`` when it holds this file's content at this spec."""
     if cache is None:
         return decode_resized(path, spec)
-    fp, key, shape = spec.fingerprint, sha256_file(path), (3, spec.height, spec.width)
-    hit = cache.get(fp, key)
-    if hit is None or hit.dtype != np.uint8 or hit.size != math.prod(shape):  # absent, truncated or foreign
-        hit = decode_resized(path, spec)
-        cache.put(fp, key, hit)
-        cache.misses += 1
+    return _cached_pixels([path], [sha256_file(path)], spec, cache, 1)[0]
+
+
+def _cached_pixels(paths: Sequence, keys: list[str], spec: PixelSpec, cache: FeatureCache, workers: int) -> list:
+    """The images of ``paths`` (content hashes ``keys``) from ``cache``, the others decoded by ``workers`` threads
+    and stored."""
+    shape = (3, spec.height, spec.width)
+    out = cache.get_many(spec.fingerprint, keys)
+    for i, hit in enumerate(out):
+        if hit is not None and (hit.dtype != np.uint8 or hit.size != math.prod(shape)):  # foreign to this spec
+            out[i] = None
+    todo = [i for i, hit in enumerate(out) if hit is None]
+    if workers > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(min(workers, len(todo))) as pool:
+            decoded = list(pool.map(lambda i: decode_resized(paths[i], spec), todo))
     else:
-        hit = hit.reshape(shape)
-        cache.hits += 1
-    return hit
+        decoded = [decode_resized(paths[i], spec) for i in todo]
+    for i, img in zip(todo, decoded):
+        out[i] = img
+    if todo:
+        name = f"pixels {spec.height}x{spec.width}"
+        cache.put_many(spec.fingerprint, [(keys[i], out[i]) for i in todo], name=name)
+    cache.hits += len(out) - len(todo)
+    cache.misses += len(todo)
+    return [hit.reshape(shape) for hit in out]
 
 
 def available_memory() -> int | None:
@@ -327,12 +286,18 @@ def load_pixels(
     """
     cache = (cache or pixel_cache()) if use_cache else None
     out = torch.empty((len(paths), 3, spec.height, spec.width), dtype=torch.uint8)
-
-    def one(i: int) -> None:
-        out[i] = torch.from_numpy(cached_pixels(paths[i], spec, cache))
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        list(pool.map(one, range(len(paths))))  # list() re-raises the first worker error here
+    workers = max(1, workers)
+    if cache is None:
+        with ThreadPoolExecutor(workers) as pool:
+            for i, img in enumerate(pool.map(lambda p: decode_resized(p, spec), paths)):
+                out[i] = torch.from_numpy(img)
+        return out
+    # Content hashes of unchanged files are remembered (filestats), then the cache is asked a chunk at a time.
+    keys = file_index().values("sha256", [str(p) for p in paths], sha256_file, workers=workers)
+    for start in range(0, len(paths), PIXEL_CHUNK):
+        part = slice(start, start + PIXEL_CHUNK)
+        for i, img in enumerate(_cached_pixels(paths[part], keys[part], spec, cache, workers), start):
+            out[i] = torch.from_numpy(img)
     return out
 
 
@@ -444,15 +409,15 @@ def build_dataset(
     cache: FeatureCache | None,
     device: torch.device | str = "cpu",
     show: bool = True,
-    pixel_cache: bool = False,
+    pixel_cache: bool | PixelCache = False,
     open_image: Callable[[object, int], Image.Image] = _load,
 ) -> MultimodalDataset:
     """A dataset with one source per modality of ``model``: features cached once for frozen towers, raw inputs for
     the ``tuned`` ones (all of them, for inputs seen once: the Python API's).
 
     With ``pixel_cache``, a tuned vision tower whose preprocessing is a plain resize (``Tower.pixel_spec``) reads
-    images decoded once to uint8, unless they would take over half the free memory. ``open_image`` opens images
-    read raw.
+    images decoded once to uint8, unless they would take over half the free memory (from this ``PixelCache``, if one
+    is given, else ``$MMFUSE_HOME/pixels``). ``open_image`` opens images read raw.
     """
     present = present_mask(records, model.modalities)
     pad_to = 8 if torch.device(device).type == "cuda" else 1  # on a CPU, padding is only more work
@@ -485,7 +450,7 @@ def _feature_source(model, modality: str, records, present: torch.Tensor, cache,
     return FeatureSource(modality, full)
 
 
-def _image_source(tower: Tower, records: list[Record], pixel_cache: bool, open_image):
+def _image_source(tower: Tower, records: list[Record], pixel_cache: bool | PixelCache, open_image):
     paths = [r.image for r in records]
     if not pixel_cache:
         return ImageFileSource(paths, tower, open_image)
@@ -504,4 +469,4 @@ def _image_source(tower: Tower, records: list[Record], pixel_cache: bool, open_i
             free / 1e9,
         )
         return ImageFileSource(paths, tower)
-    return PixelSource(load_pixels(paths, spec))
+    return PixelSource(load_pixels(paths, spec, pixel_cache if isinstance(pixel_cache, PixelCache) else None))

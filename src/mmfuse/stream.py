@@ -118,21 +118,26 @@ def check_chunk_size(chunk_size: int) -> None:
         raise MmfuseError(f"--chunk-size must be an integer >= 1 (rows per chunk), got {chunk_size!r}")
 
 
-def predict_chunks(predictor, records: list[Record], chunk_size: int, show: bool = True) -> Iterator[np.ndarray]:
-    """Probabilities for ``records``, ``chunk_size`` rows at a time: only one chunk's features are ever held."""
+def predict_chunks(
+    predictor, records: list[Record], chunk_size: int, show: bool = True, options: dict | None = None
+) -> Iterator[np.ndarray]:
+    """Probabilities for ``records``, ``chunk_size`` rows at a time: only one chunk's features are ever held.
+    ``options`` go to each ``predict_records`` call (e.g. ``cache``)."""
     bar = tqdm(total=len(records), unit="row", desc="predicting", disable=None if show else True)
     for start in range(0, len(records), chunk_size):
-        probs = predictor.predict_records(records[start : start + chunk_size], show=False)
+        probs = predictor.predict_records(records[start : start + chunk_size], show=False, **(options or {}))
         bar.update(len(probs))
         yield probs
     bar.close()
 
 
-def predict_all(predictor, records: list[Record], chunk_size: int, procs: Processes) -> np.ndarray:
+def predict_all(
+    predictor, records: list[Record], chunk_size: int, procs: Processes, options: dict | None = None
+) -> np.ndarray:
     """Probabilities (N, classes) for every record, in order: each process predicts its shard, chunk by chunk, and
     every process gets all of them."""
     start, end = my_shard(len(records), chunk_size, procs)
-    mine = list(predict_chunks(predictor, records[start:end], chunk_size, procs.is_main))
+    mine = list(predict_chunks(predictor, records[start:end], chunk_size, procs.is_main, options))
     mine = np.concatenate(mine) if mine else np.zeros((0, len(predictor.classes)), dtype=np.float32)
     return np.concatenate(procs.gather(mine))
 
@@ -293,6 +298,7 @@ def stream_predictions(
     chunk_size: int = DEFAULT_CHUNK,
     resume: bool = False,
     procs: Processes | None = None,
+    options: dict | None = None,
 ) -> Path:
     """Predicts this process's shard of ``records`` chunk by chunk into its part file, then (main process) joins
     the parts, in rank order, into ``out_csv``.
@@ -325,7 +331,7 @@ def stream_predictions(
     with open(files.part, "r+b") as f:
         f.truncate(offset)  # whatever a killed run wrote after its last recorded chunk
         f.seek(offset)
-        for probs in predict_chunks(predictor, shard[done:], chunk_size, procs.is_main):
+        for probs in predict_chunks(predictor, shard[done:], chunk_size, procs.is_main, options):
             rows = shard[done : done + len(probs)]
             f.write(csv_bytes(prediction_rows(rows, probs, predictor.classes, labelled)))
             f.flush()
