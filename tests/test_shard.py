@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from test_captioning import save_captioner, tiny_vit_gpt2, write_images
 
 from mmfuse.captioning import caption_file, part_files
 from mmfuse.shard import share
+from mmfuse.sources import FeatureCache
 
 LAUNCH = [
     sys.executable,
@@ -109,7 +111,9 @@ def test_a_killed_rank_resumes_every_image_once(captioning, tmp_path):
     assert proc.returncode != 0
     parts = [p.read_bytes() for p in part_files(out)]
     left = sum(b[: b.rfind(b"\n") + 1].count(b"\n") - 1 for b in parts)  # whole rows, after the headers
-    assert 2 <= left < 101, "the launch should be stopped mid-way"
+    # Usually mid-way; on an idle machine both shares may be done before the kill lands (the tiny captioner takes
+    # about a millisecond an image), and then the rerun has only the killed launch's parts to merge: still each once.
+    assert 2 <= left <= 101
 
     err = finish(launch(*caption_args(images, captioner, out)))[1]
     assert re.search(rf"\b{left} of 101 image\(s\) already captioned", err)  # a half-written row would be cut
@@ -147,10 +151,20 @@ def test_two_processes_embed_each_cache_miss_once(tmp_path, tiny_vit_dir, tiny_r
             total - total // 2,
         }
         assert total == len(distinct[modality])
-    files = {n: sorted(p.relative_to(homes[n]) for p in (homes[n] / "features").rglob("*.npy")) for n in homes}
-    assert files[1] == files[2] and len(files[1]) == len(distinct["image"]) + len(distinct["text"])
-    for rel in files[1]:  # the same features, whichever process and batch embedded them
-        np.testing.assert_allclose(np.load(homes[1] / rel), np.load(homes[2] / rel), rtol=0, atol=1e-5)
+    entries = {n: cached_features(homes[n]) for n in homes}
+    assert entries[1].keys() == entries[2].keys()
+    assert len(entries[1]) == len(distinct["image"]) + len(distinct["text"])
+    for entry, value in entries[1].items():  # the same features, whichever process and batch embedded them
+        np.testing.assert_allclose(value, entries[2][entry], rtol=0, atol=1e-5)
+
+
+def cached_features(home: Path) -> dict[tuple[str, str], np.ndarray]:
+    """Every entry of the feature cache under ``home``, by (tower fingerprint, content key)."""
+    root = home / "features"
+    with sqlite3.connect(root / "v2" / "index.sqlite") as db:
+        rows = db.execute("SELECT fp, key FROM entries").fetchall()
+    cache = FeatureCache(root)
+    return {(fp, key): cache.get(fp, key) for fp, key in rows}
 
 
 @pytest.mark.slow

@@ -140,6 +140,9 @@ def save_checkpoint(tr, epoch: int, step: int, generator_state: torch.Tensor, to
     rng, plain_rng = _rng_state(generator_state)
     save_file(rng, str(tmp / f"rng-{acc.process_index}.safetensors"))
     (tmp / f"rng-{acc.process_index}.json").write_text(json.dumps(plain_rng))
+    # Every process's random states are in the folder before the main process completes and renames it (without
+    # this, a process still writing found the folder gone).
+    acc.wait_for_everyone()
     if acc.is_main_process:
         # Frozen towers come back from their pretrained weights: only what training changes is stored.
         frozen = tuple(PREFIXES[m] for m in tr.unwrapped.modalities if m not in tr.cfg.tuned)
