@@ -60,7 +60,7 @@ TUNE_DEFAULTS = {
     "all": (8, 16, 1e-4, None),
 }
 # --tune text with --lora: the adapters start at zero and hold few weights, so they want a higher rate than full
-# tuning's (a quick comparison on the emoji data: bench/RESULTS.md).
+# tuning's; ten times its 5e-5 is the usual choice, not yet tuned here (bench/RESULTS.md has the one measurement).
 LORA_LR = 5e-4
 PRESETS = {
     # Frozen towers and a head on their cached features: seconds on a CPU (emoji 5-fold CV, seeds 0-1: 0.914 ± 0.009).
