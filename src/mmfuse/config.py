@@ -62,6 +62,9 @@ TUNE_DEFAULTS = {
     "image": (8, 16, 1e-4, None),
     "all": (8, 16, 1e-4, None),
 }
+# --tune text with --lora: the adapters start at zero and hold few weights, so they want a higher rate than full
+# tuning's; ten times its 5e-5 is the usual choice, not yet tuned here (bench/RESULTS.md has the one measurement).
+LORA_LR = 5e-4
 PRESETS = {
     # Frozen towers and a head on their cached features: seconds on a CPU (emoji 5-fold CV, seeds 0-1: 0.914 ± 0.009).
     "fast": {"train": {"tune": "head"}},
@@ -202,7 +205,7 @@ class TrainConfig:
     """Accumulate gradients over this many batches per optimizer step (a large effective batch in little memory)."""
     lr: float | None = None
     """Peak learning rate of the tuned towers and, unless --head-lr is given, the head; default 2e-3 for a head on
-    frozen features, 5e-5 with --tune text, 1e-4 with --tune image or all (the reference)."""
+    frozen features, 5e-5 with --tune text (5e-4 with --lora), 1e-4 with --tune image or all (the reference)."""
     head_lr: float | None = None
     """Peak learning rate of the head (and the attention pooling) when towers are tuned; default 2e-3 with --tune text,
     --lr otherwise."""
@@ -250,6 +253,11 @@ class TrainConfig:
     hflip: bool = True
     """With --augment light or strong, flip images left-right half the time; --no-hflip for data where left and
     right matter (text in images, digits, arrows...)."""
+    lora: int = 0
+    """With --tune text: train LoRA adapters of this rank in the text tower's attention (the mmfuse[lora] extra)
+    instead of all its weights; the run then stores only the adapters beside the base tower (0: off)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (the adapters' output is scaled by alpha / rank); default twice --lora."""
 
     def __post_init__(self):
         if self.tune not in TUNES:
@@ -291,6 +299,19 @@ class TrainConfig:
             raise MmfuseError("--bag-groups and --refit-full go with --bag K (K >= 2)")
         if self.augment is not None and self.augment not in AUGMENTS:
             raise MmfuseError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        if self.lora < 0:
+            raise MmfuseError(f"--lora is the adapters' rank, >= 1 (0: off), got {self.lora}")
+        if self.lora and self.tune != "text":
+            # With --tune all one learning rate would serve both the adapters and the fully tuned vision tower.
+            raise MmfuseError(
+                f"--lora adapts a fine-tuned text tower, and --tune {self.tune} tunes "
+                + {"head": "no tower", "image": "the image tower", "all": "both towers"}[self.tune]
+                + ": pass --tune text with it, or leave --lora out (--lora 0)."
+            )
+        if self.lora_alpha is not None and not (self.lora and 0 < self.lora_alpha < math.inf):
+            raise MmfuseError(
+                f"--lora-alpha must be a finite number > 0 and goes with --lora RANK, got {self.lora_alpha}"
+            )
 
 
 SECTIONS = ("data", "model", "train")
@@ -298,7 +319,8 @@ SECTIONS = ("data", "model", "train")
 DEPENDS_ON = {
     "epochs": "tune",
     "batch_size": "tune",
-    "lr": "tune",
+    "lr": ("tune", "lora"),
+    "lora_alpha": "lora",
     "head_lr": "tune",
     "augment": "tune",
     "text_pooling": "text",
@@ -329,12 +351,16 @@ class RunConfig:
         parts = {}
         for sec in SECTIONS:
             values = {**vars(getattr(self, sec)), **changes.get(sec, {})}
-            for key, driver in DEPENDS_ON.items():
-                if key in values and key not in asked[sec] and values[driver] != vars(getattr(self, sec))[driver]:
+            old = vars(getattr(self, sec))
+            for key, drivers in DEPENDS_ON.items():
+                drivers = (drivers,) if isinstance(drivers, str) else drivers
+                if key in values and key not in asked[sec] and any(values[d] != old[d] for d in drivers):
                     values[key] = None
             changed_to_head = values.get("tune") == "head" != self.train.tune
             if sec == "train" and changed_to_head and "tune_layers" not in changes.get(sec, {}):
                 values["tune_layers"] = None  # a config's tune_layers meant its tuned towers; --tune head tunes none
+            if sec == "train" and changed_to_head and "lora" not in changes.get(sec, {}):
+                values["lora"], values["lora_alpha"] = 0, None  # and its adapters, a tuned text tower's
             parts[sec] = type(getattr(self, sec))(**values)
         return RunConfig(**parts, asked={sec: sorted(keys) for sec, keys in asked.items() if keys})
 
@@ -389,6 +415,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
     derived (``--tune``'s epochs, batch size and rates; a packaged tower's pooling, layer averaging and size)."""
     cfg = copy.deepcopy(cfg)
     t, m = cfg.train, cfg.model
+    if t.lora and "text" not in m.modalities:
+        raise MmfuseError(
+            f"--lora adapts the text tower, which --modalities {m.modalities[0]} leaves out: leave --lora out."
+        )
     if t.tune in ("text", "image") and t.tune not in m.modalities:
         # Nothing would be tuned: a head alone, with the epochs and rates chosen for a tower.
         alone = " ".join(m.modalities)
@@ -409,7 +439,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     epochs, batch_size, lr, head_lr = TUNE_DEFAULTS[t.tune]
     t.epochs = epochs if t.epochs is None else t.epochs
     t.batch_size = batch_size if t.batch_size is None else t.batch_size
-    t.lr = lr if t.lr is None else t.lr
+    t.lr = (LORA_LR if t.lora else lr) if t.lr is None else t.lr
+    t.lora_alpha = 2.0 * t.lora if t.lora and t.lora_alpha is None else t.lora_alpha
     t.head_lr = (head_lr or t.lr) if t.head_lr is None else t.head_lr
     image_tuned = "image" in cfg.tuned
     if t.augment not in (None, "none") and not image_tuned:

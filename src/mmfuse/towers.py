@@ -471,6 +471,8 @@ class HFVisionTower(Tower):
 
 class HFTextTower(Tower):
     modality = "text"
+    lora: dict | None = None
+    """Its LoRA adapters (``lora.add_adapters``): rank, alpha and the adapted modules; None without."""
 
     def __init__(
         self,
@@ -586,7 +588,7 @@ class HFTextTower(Tower):
         return _pool(hidden, self.pooling, mask=attention_mask)
 
     def spec(self) -> dict:
-        return {
+        spec = {
             "type": "hf-text",
             "name": self.name,
             "pooling": self.pooling,
@@ -595,6 +597,7 @@ class HFTextTower(Tower):
             "layers": self.layers,
             "layer_mean": self.layer_mean,
         }
+        return {**spec, "lora": self.lora} if self.lora else spec
 
     def save_assets(self, directory: Path) -> None:
         self._full_config.save_pretrained(directory)
@@ -823,8 +826,14 @@ def build_tower(spec: dict, assets: Path | None = None, trust_remote_code: bool 
     quiet = quiet_loading() if spec.get("type", "").startswith("hf") else contextlib.nullcontext()
     with quiet:
         if spec["name"] in _TOWERS:
-            return _TOWERS[spec["name"]].from_spec(spec)
-        return builders[spec["type"]].from_spec(spec, assets, trust_remote_code)
+            tower = _TOWERS[spec["name"]].from_spec(spec)
+        else:
+            tower = builders[spec["type"]].from_spec(spec, assets, trust_remote_code)
+    if spec.get("lora"):  # a LoRA run's adapters, into which its weights are loaded next
+        from .lora import add_adapters  # deferred: PEFT only for runs that have adapters
+
+        add_adapters(tower, spec["lora"])
+    return tower
 
 
 def packaged_card(modality: str, spec: dict) -> TowerCard | None:

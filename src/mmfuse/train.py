@@ -42,7 +42,7 @@ from .checkpoint import CHECKPOINTS, EVERY_SECONDS, checkpoints, data_fingerprin
 from .config import TRACKERS, RunConfig, TrainConfig, resolve
 from .data import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
 from .errors import MmfuseError
-from .model import MultimodalClassifier, save_model, tower_cards
+from .model import PREFIXES, MultimodalClassifier, save_model, tower_cards
 from .sources import FeatureCache, batch_collate, build_dataset, embed, present_mask
 from .speed import compile_model
 
@@ -359,6 +359,10 @@ def setup(
     cfg = resolve(cfg)
     tuned = cfg.tuned
     t = cfg.train
+    if t.lora:
+        from .lora import require_peft  # deferred: PEFT only for runs that ask for adapters
+
+        require_peft()  # before the data is read and the towers are loaded
     tracking_dir, run_name = tracking or (out / "tracking", out.name)
     acc = make_accelerator(t.mixed_precision, bool(tuned), t.grad_accum, t.track, tracking_dir)
     set_seed(cfg.train.seed)
@@ -371,12 +375,17 @@ def setup(
     # DDP checks that every process holds the same weights: build every tower everywhere, not only where one embeds.
     towers = towers if towers is not None else {}
     cards = tower_cards(cfg.model, towers, cfg.model.modalities if acc.num_processes > 1 else tuned)
+    if t.lora:  # config.TrainConfig allows it with --tune text alone
+        from .lora import train_adapters  # deferred: PEFT only for runs that ask for adapters
+
+        train_adapters(towers["text"], t.lora, t.lora_alpha, t.tune_layers)
+        cards["text"] = towers["text"].card
     set_seed(cfg.train.seed)  # the head's initialisation must not depend on whether the towers were built just now
     model = MultimodalClassifier(cards, len(labels), cfg.model, towers)
     for m, tower in model.towers.items():
         if m not in tuned:
             tower.freeze()
-        elif cfg.train.tune_layers:
+        elif cfg.train.tune_layers and not t.lora:  # with --lora, it chose the layers that get adapters
             tower.freeze_below(cfg.train.tune_layers)
     if cfg.train.batch_size == 1 and (norms := tuned_batch_norm(model, tuned)):
         raise MmfuseError(
@@ -694,7 +703,13 @@ def run_lock(out: Path):
 def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
     """Restores the kept epoch's weights, reports them on validation, and writes the run directory."""
     # Only now restore the kept weights: evaluating is cheap, writing a checkpoint every epoch is not.
-    tr.unwrapped.load_state_dict(tr.best_state)
+    # Not strict: a frozen packaged tower is built only when an input misses the feature cache, so a run resumed on a
+    # warm cache may lack one whose weights the checkpoint's kept state holds, or hold one the state lacks; either
+    # way those weights are the packaged ones.
+    frozen = tuple(PREFIXES[m] for m in tr.unwrapped.modalities if m not in tr.cfg.tuned)
+    missing, unexpected = tr.unwrapped.load_state_dict(tr.best_state, strict=False)
+    if [k for k in missing + unexpected if not (frozen and k.startswith(frozen))]:
+        raise RuntimeError(f"the kept weights do not fit the model: {(missing + unexpected)[:5]}")
     result = {
         "best_epoch": tr.best["epoch"],
         "epochs_run": len(tr.history),
