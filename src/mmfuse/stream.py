@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .config import PREDICT_CHUNK as DEFAULT_CHUNK
 from .data import Record
 from .errors import MmfuseError
 from .report import input_row
+from .shard import gather_lists, launch_state
 
 log = logging.getLogger(__name__)
 PROGRESS_FORMAT = 1
@@ -62,11 +62,7 @@ class Processes:
 
     def gather(self, item) -> list:
         """``item`` of every process, in rank order, on every process."""
-        if self.world == 1:
-            return [item]
-        from accelerate.utils import gather_object
-
-        return gather_object([item])
+        return [item] if self.world == 1 else gather_lists(item)
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
@@ -83,12 +79,9 @@ class Processes:
 
 def processes() -> Processes:
     """The launch this process is part of, from the launcher's WORLD_SIZE: a plain run sets up nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    state = launch_state()
+    if state is None:
         return Processes()
-    from accelerate import PartialState
-
-    # cpu=True on a machine without CUDA is what lets the launched processes join a gloo process group.
-    state = PartialState(cpu=not torch.cuda.is_available())
     return Processes(state.process_index, state.num_processes, str(state.device))
 
 
