@@ -14,6 +14,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# ``mmfuse`` under a 2-process gloo launch: --multi_gpu picks accelerate's torchrun launcher, and without CUDA the
+# processes join over gloo on the CPU.
+LAUNCH_2 = [
+    *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+    *("--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmfuse"),
+]
+
 COLORS = {"red": (220, 40, 40), "blue": (40, 60, 220)}
 THINGS = ["apple", "train"]
 FILLER = ["small", "old", "shiny", "quiet", "near", "the", "a", "big", "bright", "wooden"]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import read_csv, write_csv, write_toy
+from conftest import LAUNCH_2, read_csv, write_csv, write_toy
 
 
 @pytest.mark.parametrize("tune", ["head", "text"])
@@ -40,19 +40,7 @@ def launch(data, out, *args: str) -> subprocess.Popen:
     launcher; without CUDA the processes join over gloo on the CPU), in a process group of its own."""
     cmd = [
         sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "mmfuse",
+        *LAUNCH_2,
         "train",
         str(data),
         "--out",

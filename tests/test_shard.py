@@ -16,29 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_csv, write_csv, write_toy
+from conftest import LAUNCH_2, read_csv, write_csv, write_toy
 from test_captioning import save_captioner, tiny_vit_gpt2, write_images
 
 from mmfuse.captioning import caption_file, part_files
 from mmfuse.shard import share
 from mmfuse.sources import FeatureCache
 
-LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",  # accelerate's torchrun launcher; without CUDA the processes join over gloo on the CPU
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "-m",
-    "mmfuse",
-]
+LAUNCH = [sys.executable, *LAUNCH_2]
 
 
 def launch(*args: str, home: Path | None = None) -> subprocess.Popen:

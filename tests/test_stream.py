@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import read_csv, write_csv, write_toy
+from conftest import LAUNCH_2, read_csv, write_csv, write_toy
 
 from mmfuse.cli import main
 from mmfuse.predict import Predictor
@@ -161,8 +161,7 @@ def test_shards_are_contiguous_whole_chunks_covering_every_row_once():
 
 def launch(*args: str) -> subprocess.CompletedProcess:
     """``mmfuse ARGS`` under a 2-process gloo launch, as tests/test_distributed.py launches train."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmfuse", *args]
+    cmd = [sys.executable, *LAUNCH_2, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
