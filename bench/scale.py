@@ -7,7 +7,7 @@ so that its peak RSS is the child's own (``ru_maxrss`` of a fresh child):
 - check: ``load_checked`` on the manifest, cold (empty ``$MMFUSE_HOME``) and warm (``files.sqlite`` filled);
 - train: ``mmfuse train DATA --preset fast --epochs 2`` (frozen lite0 at 64 px + MiniLM, both packaged and offline):
   embedding every row, then the head;
-- predict: ``mmfuse predict RUN DATA`` (with ``--chunk-size`` when the installed mmfuse has it);
+- predict: ``mmfuse predict RUN DATA --chunk-size C`` (4096; give one below N to see memory stay flat);
 - the cache under ``$MMFUSE_HOME``: megabytes and files.
 
 at N rows and at 4N rows, and prints a markdown table with the 4N/N ratios against the targets (time <= 4.2x,
@@ -117,25 +117,6 @@ def cache_size(home: Path) -> tuple[float, int]:
     return size / 1e6, files
 
 
-def has_flag(verb: str, flag: str, env: dict) -> bool:
-    """Whether the installed mmfuse's ``verb`` takes ``flag`` (other work adds flags such as --chunk-size)."""
-    out = subprocess.run([sys.executable, "-m", "mmfuse", verb, "--help"], env=env, capture_output=True, text=True)
-    return flag in out.stdout
-
-
-def shards(verb_module: str) -> bool:
-    """Whether the installed mmfuse's module splits its rows across the processes of a launch: without that, two
-    processes would each do every row and write the same file."""
-    import importlib
-    import inspect
-
-    try:
-        source = inspect.getsource(importlib.import_module(f"mmfuse.{verb_module}"))
-    except (ImportError, OSError):
-        return False
-    return "process_index" in source or "split_between_processes" in source
-
-
 # The check pass alone, timed inside the child too (argv[2] gets its seconds): at small N the wall time of a child is
 # mostly Python starting and importing.
 CHECK = (
@@ -145,7 +126,7 @@ CHECK = (
 TOWERS = ["--vision", "efficientnet-lite0", "--image-size", "64", "--text", "minilm"]
 
 
-def measure(n: int, work: Path, env: dict, epochs: int, chunk: bool) -> dict:
+def measure(n: int, work: Path, env: dict, epochs: int, chunk: int) -> dict:
     """Every stage at ``n`` rows, in fresh children, against an empty cache; each stage's seconds, peak RSS (MB)."""
     root = work / f"rows{n}"
     t = time.perf_counter()
@@ -157,8 +138,7 @@ def measure(n: int, work: Path, env: dict, epochs: int, chunk: bool) -> dict:
     train = [*py, "-m", "mmfuse", "train", str(data), "--out", str(root / "run"), "--preset", "fast"]
     train += [*TOWERS, "--epochs", str(epochs), "--num-workers", "0"]
     predict = [*py, "-m", "mmfuse", "predict", str(root / "run"), str(data), "--out", str(root / "preds.csv")]
-    if chunk:
-        predict += ["--chunk-size", "4096"]
+    predict += ["--chunk-size", str(chunk)]
     stages = [
         ("check (cold)", [*py, "-c", CHECK, str(data), str(root / "check-cold.txt")]),
         ("check (warm)", [*py, "-c", CHECK, str(data), str(root / "check-warm.txt")]),
@@ -229,7 +209,7 @@ def same_sorted(a: Path, b: Path) -> bool:
 
 def compare_processes(n: int, work: Path, env: dict, processes: int, epochs: int) -> list[str]:
     """Embedding (a cold ``train``), ``predict`` and ``caption`` under 1 and ``processes`` processes: the speed
-    ratio, and whether the outputs are the same lines. Verbs the installed mmfuse does not shard are skipped."""
+    ratio, and whether the outputs are the same lines."""
     root = work / f"procs{n}"
     data = generate(root / "data", n)
     age(root / "data")
@@ -248,13 +228,10 @@ def compare_processes(n: int, work: Path, env: dict, processes: int, epochs: int
         run(launch(1, args), {**env, "MMFUSE_HOME": str(root / f"home{p}")}, log)
     same = same_sorted(root / "features1.csv", root / f"features{processes}.csv")
     rows.append(_ratio_row("embedding + head (train)", times["embed", 1], times["embed", processes], same))
-    for verb, module, args in (
-        ("predict", "predict", ["predict", str(root / "run1"), str(data), "--out"]),
-        ("caption", "captioning", ["caption", str(data), "--model", "imagenet-tags", "--out"]),
+    for verb, args in (
+        ("predict", ["predict", str(root / "run1"), str(data), "--out"]),
+        ("caption", ["caption", str(data), "--model", "imagenet-tags", "--out"]),
     ):
-        if not shards(module):
-            rows.append(f"| {verb} | skipped: this mmfuse's {verb} does not split rows across processes yet | | | |")
-            continue
         for p in (1, processes):
             # predict reads the features the one-process train cached; each caption run starts from an empty cache
             home = str(root / ("home1" if verb == "predict" else f"home-caption{p}"))
@@ -279,11 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--small", action="store_true", help="N = 200, 1 epoch: under a minute on a CPU")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--processes", type=int, default=0, help="also compare this many processes against one")
+    ap.add_argument("--chunk-size", type=int, default=4096, help="predict's --chunk-size (below N to see it stream)")
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     args = ap.parse_args(argv)
     rows, epochs = (200, 1) if args.small else (args.rows, args.epochs)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    chunk = has_flag("predict", "--chunk-size", env)
+    chunk = args.chunk_size
     work = args.keep or Path(tempfile.mkdtemp(prefix="mmfuse-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -296,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# bench/scale.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"{when}, {platform.node()}: {os.cpu_count()} CPU(s), {platform.python_version()}, {epochs} epoch(s)")
-    print(f"predict {'with --chunk-size 4096' if chunk else 'without --chunk-size (not in this mmfuse)'}\n")
+    print(f"predict with --chunk-size {chunk}\n")
     print(table(small, big))
     if compared:
         print("\n" + "\n".join(compared))
