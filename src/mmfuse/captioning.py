@@ -659,8 +659,8 @@ def part_files(out_csv: Path) -> list[Path]:
 
 
 def _merge_parts(out_csv: Path, model: str, order: dict[str, int]) -> None:
-    """Folds the part files into ``out_csv``: its own rows first, then the parts' rows in input order, each (image,
-    hash) once. The parts go only once ``out_csv`` holds their rows: a kill in between leaves rows twice, kept once
+    """Folds the part files into ``out_csv``: every row in input order (rows of other images first), each (image, hash)
+    once. The parts go only once ``out_csv`` holds their rows: a kill in between leaves rows twice, kept once
     by the next run."""
     parts = part_files(out_csv)
     if not parts:
@@ -671,12 +671,14 @@ def _merge_parts(out_csv: Path, model: str, order: dict[str, int]) -> None:
             f"{parts[0]} (left by a launch that was stopped) holds captions by {', '.join(other)}, not {model}. "
             "Pass the same --model to resume, or remove the .part files."
         )
-    extra.sort(key=lambda r: order.get(r["image"], len(order)))  # stable: a part's own order breaks ties
     merged, seen = [], set()
     for row in _read_captions_csv(out_csv) + extra:
         if (row["image"], row["hash"]) not in seen:
             seen.add((row["image"], row["hash"]))
             merged.append(row)
+    # In input order, as one process writes them, whichever launch (a killed one, its rerun) captioned a row; rows of
+    # images not in this input keep their places, first. Stable: a file's own order breaks ties.
+    merged.sort(key=lambda r: order.get(r["image"], -1))
     _rewrite(out_csv, merged)
     for part in parts:
         part.unlink()

@@ -28,10 +28,23 @@ def launch_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def share(n: int, rank: int, world: int) -> range:
-    """The contiguous rows ``rank`` of ``world`` processes takes of ``n``: sizes differ by one at most, and the shares
-    in rank order are 0..n-1 once each."""
-    return range(rank * n // world, (rank + 1) * n // world)
+def share(n: int, rank: int, world: int, chunk: int = 1) -> range:
+    """The contiguous rows ``rank`` of ``world`` processes takes of ``n``, in whole ``chunk``s (the last cut at ``n``):
+    the shares in rank order are 0..n-1 once each, and differ by a chunk at most."""
+    return range(*shard_bounds(n, world, chunk)[rank])
+
+
+def shard_bounds(n: int, world: int, chunk_size: int = 1) -> list[tuple[int, int]]:
+    """Contiguous [start, end) row ranges, one per process, of whole chunks (the first ``chunks % world`` one chunk
+    longer, the last cut at ``n``); no padding.
+
+    A shard of whole chunks makes every chunk, and so every batch, the one a single process predicts: the same
+    rows through the same batch shapes give the same floats, where a row's last bit can change with its batch's size.
+    """
+    chunks = -(-n // chunk_size)
+    per, extra = divmod(chunks, world)
+    starts = [min(n, (k * per + min(k, extra)) * chunk_size) for k in range(world + 1)]
+    return list(zip(starts[:-1], starts[1:]))
 
 
 def gather_lists(items: list) -> list[list]:

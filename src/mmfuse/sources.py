@@ -170,7 +170,9 @@ def _embed_shared(model, modality, records, keys, out, todo, cache, state, batch
     for i in sorted(set().union(*gather_lists(todo))):
         first.setdefault(keys[i], i)
     unique = list(first.values())
-    mine = [unique[j] for j in share(len(unique), state.process_index, state.num_processes)]
+    # Whole batches, as one process would make them: the same rows through the same batch shapes give the same
+    # floats, where a row's last bit can change with its batch.
+    mine = [unique[j] for j in share(len(unique), state.process_index, state.num_processes, batch_size)]
     made: dict[str, np.ndarray] = {}
     for idx, feats in _embedded(model, modality, records, mine, batch_size, device, show and state.is_main_process):
         made.update((keys[i], f) for i, f in zip(idx, feats))

@@ -34,7 +34,7 @@ from .config import PREDICT_CHUNK as DEFAULT_CHUNK
 from .data import Record
 from .errors import MmfuseError
 from .report import input_row
-from .shard import gather_lists, launch_state
+from .shard import gather_lists, launch_state, shard_bounds
 
 log = logging.getLogger(__name__)
 PROGRESS_FORMAT = 1
@@ -91,19 +91,6 @@ def my_shard(n: int, chunk_size: int, procs: Processes) -> tuple[int, int]:
     if procs.world > 1 and procs.is_main:
         log.info("%d rows split over %d processes: %s", n, procs.world, ", ".join(f"{b - a}" for a, b in bounds))
     return bounds[procs.rank]
-
-
-def shard_bounds(n: int, world: int, chunk_size: int = 1) -> list[tuple[int, int]]:
-    """Contiguous [start, end) row ranges, one per process, of whole chunks (the first ``chunks % world`` one chunk
-    longer, the last cut at ``n``); no padding.
-
-    A shard of whole chunks makes every chunk, and so every batch, the one a single process predicts: the same
-    rows through the same batch shapes give the same floats, where a row's last bit can change with its batch's size.
-    """
-    chunks = -(-n // chunk_size)
-    per, extra = divmod(chunks, world)
-    starts = [min(n, (k * per + min(k, extra)) * chunk_size) for k in range(world + 1)]
-    return list(zip(starts[:-1], starts[1:]))
 
 
 def check_chunk_size(chunk_size: int) -> None:
