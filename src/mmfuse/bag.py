@@ -15,9 +15,10 @@ by no member (they come from their wheels); a Hugging Face frozen tower is store
 ``frozen_towers.safetensors``, and each member's ``towers.json`` points there.
 
 Members share the feature cache in memory (frozen towers embed each row once for all members) and their built frozen
-towers. With frozen towers on a CPU of several cores, members train at once in forked processes, one thread each:
-a head's steps are too small to use two threads well, so two processes took 0.6x the wall time of one on two cores
-(bench/RESULTS.md), with the same results. Otherwise they run one after another through ``train``'s steps.
+towers. With frozen towers on a CPU of several cores, members train at once in forked processes, one thread each, as
+the ablation's three heads do: a head's steps are too small to use two threads well (``train.training_threads``),
+and the results are the same as one after another (tested). The wall-time gain is not yet measured on a quiet machine
+(``bench/cross_validate.py`` with ``"bag_parallel": false`` compares). Otherwise members run one after another.
 """
 
 from __future__ import annotations
