@@ -267,23 +267,15 @@ def speed(args) -> dict:
     return {"dtype": args.dtype, "compile": args.compile}
 
 
-def chunks(args) -> dict:
-    return {"chunk_size": args.chunk_size}
+def scoring(args) -> dict:
+    """The options predict and evaluate share."""
+    return {"captions": args.captions, "skip_bad": args.skip_bad, "cache": args.cache, "chunk_size": args.chunk_size}
 
 
 def cmd_evaluate(args) -> int:
     from .predict import evaluate_file  # deferred: imports torch
 
-    report = evaluate_file(
-        args.run,
-        args.data,
-        args.out,
-        captions=args.captions,
-        skip_bad=args.skip_bad,
-        cache=args.cache,
-        **speed(args),
-        **chunks(args),
-    )
+    report = evaluate_file(args.run, args.data, args.out, **scoring(args), **speed(args))
     if not main_process():
         return 0  # under accelerate launch, the main process reports for all
     print_report(report)
@@ -295,18 +287,8 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .predict import predict_file  # deferred: imports torch
 
-    backend = {"backend": args.backend, "onnx_dir": args.onnx, "cache": args.cache}
-    stream = {"chunk_size": args.chunk_size, "resume": args.resume}
-    path = predict_file(
-        args.run,
-        args.data,
-        args.out,
-        captions=args.captions,
-        skip_bad=args.skip_bad,
-        **speed(args),
-        **backend,
-        **stream,
-    )
+    options = {"backend": args.backend, "onnx_dir": args.onnx, "resume": args.resume}
+    path = predict_file(args.run, args.data, args.out, **scoring(args), **speed(args), **options)
     if main_process():
         print(f"wrote {path}")
     return 0
