@@ -17,7 +17,7 @@ from .data import read_data
 from .errors import MmfuseError
 from .model import build_model
 from .predict import evaluate_file
-from .shard import launched
+from .shard import launched, main_process
 from .sources import FeatureCache, build_dataset
 from .train import fit, load_splits
 
@@ -84,7 +84,7 @@ def ablate(
     else:
         results = {job[0]: _run_variant(job) for job in jobs}
     _SHARED_TOWERS = None
-    if os.environ.get("RANK", "0") == "0":  # under accelerate launch, once
+    if main_process():  # under accelerate launch, once
         write_ablation(results, out)
     return results
 

@@ -26,6 +26,7 @@ from .config import DTYPES, PREDICT_CHUNK, PRESETS, DataConfig, ModelConfig, Run
 from .datasets import emoji
 from .errors import MmfuseError
 from .model import RUN_FILES
+from .shard import main_process
 
 log = logging.getLogger("mmfuse")
 
@@ -294,11 +295,6 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def main_process() -> bool:
-    """Not one of the other processes of an accelerate launch (RANK: set for each process by the launcher)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def cmd_export(args) -> int:
     from .export import export_run
 
@@ -328,7 +324,7 @@ def cmd_ablate(args) -> int:
     keep_earlier_work(args.out, args.overwrite, ("ablation.json", "fusion/model.safetensors"))
     cfg.data.train = args.data
     results = ablate(cfg, args.out, test=args.test, test_captions=args.test_captions)
-    if os.environ.get("RANK", "0") != "0":  # under accelerate launch, the main process reports
+    if not main_process():  # under accelerate launch, the main process reports
         return 0
     print_summary(results, f"modality ablation ({next(iter(results.values()))['evaluated_on']})")
     print(f"wrote {args.out}/ablation.json and ablation.png")
@@ -392,7 +388,7 @@ def cmd_caption(args) -> int:
         )
     finally:
         leave_launch()
-    if os.environ.get("RANK", "0") == "0":  # under accelerate launch, once
+    if main_process():  # under accelerate launch, once
         print(f"wrote {path}")
     return 0
 

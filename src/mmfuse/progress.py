@@ -8,8 +8,9 @@ seconds instead, as training's epochs do.
 from __future__ import annotations
 
 import logging
-import os
 import time
+
+from .shard import main_process
 
 log = logging.getLogger(__name__)
 PLAIN_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (as train.PLAIN_EVERY)
@@ -22,7 +23,7 @@ class Progress:
         from tqdm.auto import tqdm  # deferred: tqdm.auto costs a tenth of a second, and a warm check needs no bar
 
         self.total, self.desc, self.done = total, desc, 0
-        show = show and os.environ.get("RANK", "0") == "0"  # one bar for a launch of many processes, not one each
+        show = show and main_process()  # one bar for a launch of many processes, not one each
         # disable=None: tqdm decides, showing a bar only when stderr is a terminal.
         self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None if show and total else True)
         self.plain = show and bool(total) and self.bar.disable

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 
 def launched() -> bool:
     """Whether this process is one of several started by ``accelerate launch`` (or torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def main_process() -> bool:
+    """Not one of the other processes of a launch (RANK: set for each process by the launcher): the one that prints,
+    writes shared files and takes locks."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def launch_state():
@@ -23,7 +27,8 @@ def launch_state():
     (gloo on a machine without CUDA); None for a single process."""
     if not launched():
         return None
-    from accelerate import PartialState  # deferred: only a launch needs it
+    import torch  # deferred, as is all of this: nothing here is needed outside a launch
+    from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
 
@@ -57,5 +62,9 @@ def gather_lists(items: list) -> list[list]:
 def leave_launch() -> None:
     """Closes the launch's process group before the process exits: a process that exits with a gloo group still open
     can abort in its C++ teardown ("terminate called without an active exception", seen after a sharded caption)."""
-    if launched() and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if not launched():
+        return
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

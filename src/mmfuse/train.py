@@ -43,6 +43,7 @@ from .config import TRACKERS, RunConfig, TrainConfig, resolve
 from .data import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
 from .errors import MmfuseError
 from .model import PREFIXES, MultimodalClassifier, save_model, tower_cards
+from .shard import main_process
 from .sources import FeatureCache, batch_collate, build_dataset, embed, present_mask
 from .speed import compile_model
 
@@ -611,7 +612,7 @@ def fit(
     start = time.perf_counter()
     check_out_dir(Path(out), cfg.data.train)  # before the lock makes the directory
     with run_lock(Path(out)):
-        if not resume and int(os.environ.get("RANK", "0")) == 0:
+        if not resume and main_process():
             # A new run replaces an earlier one's checkpoints (the CLI asked for --overwrite to get here), under the
             # lock: never while another training is writing them.
             shutil.rmtree(Path(out) / CHECKPOINTS, ignore_errors=True)
@@ -681,7 +682,7 @@ def run_lock(out: Path):
     they are written); an advisory lock on the directory itself, so nothing is left behind. Taken by the main
     process of a launch only: its other processes belong to the same run."""
     out.mkdir(parents=True, exist_ok=True)
-    if os.name != "posix" or int(os.environ.get("RANK", "0")) != 0:  # RANK: set for each process by the launcher
+    if os.name != "posix" or not main_process():
         yield
         return
     import fcntl  # here, not at the top: POSIX only
