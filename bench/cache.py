@@ -3,7 +3,7 @@
     python bench/cache.py                        # 4,000 x 1280-d float32 (EfficientNet-Lite0's), 64 a batch
     python bench/cache.py --rows 1000000 --dim 384
 
-Runs the real cache (``mmfuse.cache.FeatureCache``) in a temporary ``$MMFUSE_HOME``: ``put_many`` in batches as
+Runs the real cache (``mmfuse.features.cache.FeatureCache``) in a temporary ``$MMFUSE_HOME``: ``put_many`` in batches as
 ``sources.embed`` stores them, then in a fresh process-level store (as a second run reads) ``get_many`` per batch,
 as ``embed`` asks, and ``get`` one key at a time, then ``verify_cache``. Prints seconds and microseconds per item,
 the files and bytes on disk, and rows per file.
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MMFUSE_HOME"] = home
         import numpy as np
 
-        from mmfuse.cache import FeatureCache, cache_info, close_stores, verify_cache
+        from mmfuse.features.cache import FeatureCache, cache_info, close_stores, verify_cache
 
         rng = np.random.default_rng(0)
         keys = [f"{i:064x}" for i in range(args.rows)]

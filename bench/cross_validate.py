@@ -1,7 +1,7 @@
 """k-fold cross-validation of `mmfuse train` recipes against the logistic-regression probe of shared/QUALITY.md.
 
 All rows of the emoji data (train + val + test of ``mmfuse datasets emoji``) are split into stratified folds. Each
-recipe is trained with ``mmfuse.train.fit`` on a fold's train (no ``--val``: its 15% validation slice comes out of
+recipe is trained with ``mmfuse.training.fit.fit`` on a fold's train (no ``--val``: its 15% validation slice comes out of
 that train, as a user's run would) and scored with ``evaluate_file`` on the fold's test. The probe (C=4, L2-normalised
 pooled Lite0 and mean-pooled MiniLM features) trains on the whole fold's train.
 
@@ -12,7 +12,7 @@ pooled Lite0 and mean-pooled MiniLM features) trains on the whole fold's train.
 
 Recipes are JSON objects of ``section.field`` overrides of a default ``RunConfig``, or ``"preset": NAME`` for a
 preset's settings (flags given beside it override them, as on the command line). A recipe with ``train.bag`` trains
-a bag (``mmfuse.bag.fit_bag``); ``"bag_parallel": false`` trains its members one after another where they would
+a bag (``mmfuse.training.bag.fit_bag``); ``"bag_parallel": false`` trains its members one after another where they would
 otherwise train at once (frozen towers on a multi-core CPU). Prints mean ± sd over folds and seeds, and the seconds
 per fold.
 """
@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedKFold
 
-    from mmfuse.bag import fit_bag
     from mmfuse.config import PRESETS, ModelConfig, RunConfig
-    from mmfuse.data import load_checked
-    from mmfuse.datasets.emoji import emoji_dataset
-    from mmfuse.model import build_model
-    from mmfuse.predict import evaluate_file
-    from mmfuse.sources import FeatureCache, build_dataset
-    from mmfuse.train import fit
+    from mmfuse.data.datasets.emoji import emoji_dataset
+    from mmfuse.data.records import load_checked
+    from mmfuse.features.sources import FeatureCache, build_dataset
+    from mmfuse.inference.predictor import evaluate_file
+    from mmfuse.models.classifier import build_model
+    from mmfuse.training.bag import fit_bag
+    from mmfuse.training.fit import fit
 
     logging.disable(logging.INFO)
     data = emoji_dataset()

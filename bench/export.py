@@ -4,7 +4,7 @@
     python bench/export.py --small    # tiny random ViT + RoBERTa: seconds; what tests/ runs
 
 The run is made by the real code: ``mmfuse train --tune head --epochs 1`` on a few generated images and texts (the
-weights of the head do not change the speed), then ``mmfuse.export.export_run`` writes the graph and runs its parity
+weights of the head do not change the speed), then ``mmfuse.inference.export.export_run`` writes the graph and runs its parity
 gate. Both backends then classify the same raw inputs, already preprocessed once by ``OnnxPredictor.feeds`` (the
 preprocessing is the same PIL resize and tokenizer either way, so it is left out of the times):
 
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mmfuse.cli import main as mmfuse
-    from mmfuse.export import OnnxPredictor, export_run
-    from mmfuse.predict import Predictor
+    from mmfuse.inference.export import OnnxPredictor, export_run
+    from mmfuse.inference.predictor import Predictor
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """JPEG decoding on the GPU (nvJPEG through torchvision), for the throughput benchmark's files rows.
 
 Not part of mmfuse: the library's GPU path decodes each image once into the uint8 pixel cache
-(``mmfuse.sources.load_pixels``), which a benchmark on an H200 found fast enough (files vs synthetic 0.98x);
+(``mmfuse.features.sources.load_pixels``), which a benchmark on an H200 found fast enough (files vs synthetic 0.98x);
 nvJPEG is measured here beside it. torchvision is never required: it is imported only inside these functions, and
 ``nvjpeg_available`` says whether it can run.
 """
@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from mmfuse.errors import MmfuseError
-from mmfuse.sources import decode_resized
-from mmfuse.towers import PixelSpec
+from mmfuse.features.sources import decode_resized
+from mmfuse.models.towers import PixelSpec
 
 
 def nvjpeg_available(device: torch.device | str = "cuda") -> bool:

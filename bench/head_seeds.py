@@ -4,8 +4,8 @@
     python bench/head_seeds.py '{"e15": {"train.epochs": 15}}' 0 image     # one modality
 
 Each recipe is a JSON object of ``section.field`` overrides of the quickstart's config (``train.epochs``,
-``model.input_dropout``, ...). Every seed trains with ``mmfuse.train.fit`` into ``--out/<recipe>-<seed>`` and is
-scored with ``mmfuse.predict.evaluate_file`` on the test split. Run the quickstart once first so the features are
+``model.input_dropout``, ...). Every seed trains with ``mmfuse.training.fit.fit`` into ``--out/<recipe>-<seed>`` and is
+scored with ``mmfuse.inference.predictor.evaluate_file`` on the test split. Run the quickstart once first so the features are
 cached ($MMFUSE_HOME); otherwise the first fit embeds them.
 """
 
@@ -26,10 +26,10 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/mmfuse-head-seeds", help="where the runs go")
     args = p.parse_args()
 
-    from mmfuse.datasets.emoji import emoji_dataset
-    from mmfuse.predict import evaluate_file
-    from mmfuse.quickstart import quickstart_config
-    from mmfuse.train import fit
+    from mmfuse.data.datasets.emoji import emoji_dataset
+    from mmfuse.inference.predictor import evaluate_file
+    from mmfuse.recipes.quickstart import quickstart_config
+    from mmfuse.training.fit import fit
 
     logging.disable(logging.INFO)
     data = emoji_dataset()

@@ -41,7 +41,7 @@ def caption_words(n: int) -> list[str]:
     """``n`` distinct words for the captioner's vocabulary, taken from MiniLM's, so each is about one text token."""
     from transformers import AutoTokenizer
 
-    from mmfuse.towers import minilm_path
+    from mmfuse.models.towers import minilm_path
 
     vocab = AutoTokenizer.from_pretrained(minilm_path()).get_vocab()
     words = sorted(w for w in vocab if w.isascii() and w.isalpha() and w.islower() and len(w) > 2)

@@ -9,7 +9,7 @@ ViT-B/16 (224 px) + RoBERTa-base cut to 8 layers (128 tokens) + the concat head,
 
 Rows:
 - naive: fp32, eager attention, ``torch.optim.Adam``, batch 16, ``loss.item()`` every step (a typical first loop).
-- tuned: ``mmfuse.train.train_step``, the step ``fit`` runs, with ``--tune all``. ``fit`` reads data files and
+- tuned: ``mmfuse.training.fit.train_step``, the step ``fit`` runs, with ``--tune all``. ``fit`` reads data files and
   validates every epoch, so it cannot time a synthetic batch; ``TunedTrainer`` calls its pieces instead: the same
   Accelerator (``make_accelerator``: bf16 autocast on a GPU, fp32 on CPU), optimizer (``make_optimizer``: fused
   AdamW in head and tower groups), cosine schedule (``warmup_cosine``) and step (gradient clipping, accumulation,
@@ -17,10 +17,10 @@ Rows:
   static, as ``drop_last`` makes them in ``fit``. Timed at
   ``--batch-size`` and at each of ``--big-batches`` (a batch that does not fit fails its row with the OOM error).
 - augmentation: the tuned step on uint8 images (what the pixel cache feeds, normalised by the tower), then the same
-  with each of ``--augment`` (``mmfuse.augment.Augmenter``: a batched crop, flip and colour jitter on the device,
+  with each of ``--augment`` (``mmfuse.training.augment.Augmenter``: a batched crop, flip and colour jitter on the device,
   ``--augment light``, the default with ``--tune image`` or ``all``), side by side.
 - from files: the same tuned step fed by a DataLoader over JPEG files on disk, prepared by the same Accelerator:
-  (1) ``mmfuse.sources.ImageFileSource`` (PIL decode and the HF processor in DataLoader workers every step) and
+  (1) ``mmfuse.features.sources.ImageFileSource`` (PIL decode and the HF processor in DataLoader workers every step) and
   (2) ``PixelSource``: images decoded once into the uint8 pixel cache, normalised on the device by the tower (the
   cache fill is timed on its own line). On a GPU with a working torchvision, (3) nvJPEG decodes each batch on the
   device (``bench/gpu_decode.py``).
@@ -28,7 +28,7 @@ Rows:
   directory written by ``save_model``; inputs cast to its dtype, softmax in fp32, probabilities copied to the host),
   for each of its dtypes: fp32 at batch 64, then bf16 autocast (predict's default on a GPU) and bf16 weights at each
   of ``--infer-batches``. Both bf16 paths' logits are checked against fp32 first.
-- compiled (``mmfuse.speed.compile_model``), last, since each pays its compile first (the first step's time is
+- compiled (``mmfuse.models.compile.compile_model``), last, since each pays its compile first (the first step's time is
   printed): the tuned step with ``--compile regional`` (each encoder layer, fit's ``--compile``) and/or ``model``
   (whole model), and bf16-weights inference with ``--infer-compile``. On CPU the backend is ``aot_eager``: it traces
   what Inductor would compile, without minutes of C++ builds.
@@ -85,7 +85,7 @@ def build_reference(root: Path, small: bool) -> tuple[Path, Path]:
     """
     from transformers import AutoTokenizer, RobertaConfig, RobertaModel, ViTImageProcessor, ViTModel
 
-    from mmfuse.towers import minilm_path
+    from mmfuse.models.towers import minilm_path
 
     vit = vit_config(small)
     if small:
@@ -249,7 +249,7 @@ def model_inputs(batch: dict) -> dict:
 
 
 def naive_rate(cfg, device, data: dict, steps: int, warmup: int) -> float:
-    from mmfuse.model import build_model
+    from mmfuse.models.classifier import build_model
 
     model = build_model(cfg, NUM_CLASSES).to(device)
     set_attention(model, "eager")
@@ -267,7 +267,7 @@ def naive_rate(cfg, device, data: dict, steps: int, warmup: int) -> float:
 
 
 class TunedTrainer:
-    """``mmfuse.train.train_step`` with ``--tune all``, on a model, optimizer and schedule built as ``fit`` builds
+    """``mmfuse.training.fit.train_step`` with ``--tune all``, on a model, optimizer and schedule built as ``fit`` builds
     them."""
 
     def __init__(
@@ -280,11 +280,11 @@ class TunedTrainer:
         channels_last=False,
         augment: str | None = None,
     ):
-        from mmfuse.augment import make_augmenter
         from mmfuse.config import TrainConfig
-        from mmfuse.model import build_model
-        from mmfuse.speed import compile_model
-        from mmfuse.train import make_optimizer, warmup_cosine
+        from mmfuse.models.classifier import build_model
+        from mmfuse.models.compile import compile_model
+        from mmfuse.training.augment import make_augmenter
+        from mmfuse.training.fit import make_optimizer, warmup_cosine
 
         self.acc, self.channels_last = acc, channels_last
         model = build_model(cfg, NUM_CLASSES)
@@ -303,7 +303,7 @@ class TunedTrainer:
         self.total = torch.zeros((), device=acc.device)
 
     def step(self, batch: dict) -> None:
-        from mmfuse.train import train_step
+        from mmfuse.training.fit import train_step
 
         batch = dict(batch)
         if self.channels_last:
@@ -349,8 +349,8 @@ def file_loaders(model, rows: list[dict], root: Path, batch: int, workers: int, 
     """
     from torch.utils.data import DataLoader, RandomSampler
 
-    from mmfuse.data import Record
-    from mmfuse.sources import MultimodalDataset, PixelSource, batch_collate, build_dataset, load_pixels
+    from mmfuse.data.records import Record
+    from mmfuse.features.sources import MultimodalDataset, PixelSource, batch_collate, build_dataset, load_pixels
 
     records = [Record(root / r["image"], r["text"], r["label"], i, r["image"]) for i, r in enumerate(rows)]
     labels = torch.tensor([NOUNS.index(r["label"]) for r in rows])
@@ -405,7 +405,7 @@ def nvjpeg_batches(paths, texts: list[str], labels: torch.Tensor, batch: int, sp
 
 def augment_note(level: str, batch: int, image_size: int, device, steps: int, warmup: int) -> str:
     """The augmentation alone, timed on a uint8 batch on the device: the part of the step it adds."""
-    from mmfuse.augment import Augmenter
+    from mmfuse.training.augment import Augmenter
 
     augmenter = Augmenter(level, device=device)
     data = synthetic_batch(batch, image_size, 8, 30522, device, uint8=True)
@@ -416,7 +416,7 @@ def augment_note(level: str, batch: int, image_size: int, device, steps: int, wa
 def write_run_dir(cfg, run: Path) -> None:
     """A run directory as ``fit`` leaves it (config, labels, towers, weights), so ``Predictor`` loads it."""
     from mmfuse.config import RunConfig, TrainConfig
-    from mmfuse.model import build_model, save_model
+    from mmfuse.models.classifier import build_model, save_model
 
     run.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg, NUM_CLASSES)
@@ -456,7 +456,7 @@ def csv_ints(text: str) -> list[int]:
 
 
 def csv_augments(text: str) -> list[str]:
-    from mmfuse.augment import STRENGTHS
+    from mmfuse.training.augment import STRENGTHS
 
     levels = [x for x in text.split(",") if x and x != "none"]
     if any(x not in STRENGTHS for x in levels):
@@ -465,7 +465,7 @@ def csv_augments(text: str) -> list[str]:
 
 
 def csv_modes(text: str) -> list[str]:
-    from mmfuse.speed import COMPILE_MODES
+    from mmfuse.models.compile import COMPILE_MODES
 
     modes = [x.strip() for x in text.split(",") if x.strip()]
     if any(m not in COMPILE_MODES for m in modes):
@@ -518,9 +518,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    from mmfuse.predict import Predictor
-    from mmfuse.speed import compile_model
-    from mmfuse.train import make_accelerator
+    from mmfuse.inference.predictor import Predictor
+    from mmfuse.models.compile import compile_model
+    from mmfuse.training.fit import make_accelerator
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = write_jpegs(tmp / "jpegs", n_files, size, workers=max(2, workers))
             notes.append(f"wrote {n_files} JPEGs of {size[0]}x{size[1]} in {time.perf_counter() - start:.1f} s")
             total_batches = warmup + steps + 8  # a few spare so prefetching never runs dry
-            from mmfuse.model import build_model
+            from mmfuse.models.classifier import build_model
 
             probe = build_model(cfg, NUM_CLASSES)
             raw_dl, px_dl, spec, fill_s, reload_s = file_loaders(
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 from gpu_decode import decode_jpegs_gpu
 
-                from mmfuse.sources import load_pixels
+                from mmfuse.features.sources import load_pixels
 
                 gpu = decode_jpegs_gpu(paths[:64], spec, device).cpu().int()
                 diff = (gpu - load_pixels(paths[:64], spec, use_cache=False).int()).abs().float()

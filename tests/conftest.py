@@ -50,7 +50,7 @@ def tiny_roberta_dir(tmp_path_factory):
     """A 4-layer random RoBERTa with MiniLM's tokenizer (the only real tokenizer on hand offline)."""
     from transformers import AutoTokenizer, RobertaConfig, RobertaModel
 
-    from mmfuse.towers import minilm_path
+    from mmfuse.models.towers import minilm_path
 
     d = tmp_path_factory.mktemp("tiny-roberta")
     tok = AutoTokenizer.from_pretrained(minilm_path())

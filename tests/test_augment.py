@@ -10,10 +10,10 @@ from conftest import read_csv
 from test_bad_options import error_of
 
 from mmfuse import load
-from mmfuse.augment import Augmenter, Strength, make_augmenter
 from mmfuse.cli import main
 from mmfuse.config import RunConfig, resolve
 from mmfuse.errors import MmfuseError
+from mmfuse.training.augment import Augmenter, Strength, make_augmenter
 
 
 def pixels(n: int = 16, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import mmfuse.train
+import mmfuse.training.fit
 from mmfuse.cli import main
 from mmfuse.errors import MmfuseError
-from mmfuse.model import load_model
-from mmfuse.towers import build_text, build_vision
+from mmfuse.models.classifier import load_model
+from mmfuse.models.towers import build_text, build_vision
 
 FAST = ["--tune", "head", "--image-size", "32"]
 
@@ -161,7 +161,7 @@ def test_ctrl_c_saves_the_kept_epoch_so_far(toy_manifest, tmp_path, capsys, monk
     """An interrupt in epoch 3 keeps epoch 1 or 2 (the weights the epoch ended with, not the half-trained ones) and
     exits 130; one in epoch 1 has nothing to save."""
     epoch_states = []  # the weights each finished epoch ended with: its validation is the first thing after it
-    real_predict_loader, real_tqdm = mmfuse.train.predict_loader, mmfuse.train.tqdm
+    real_predict_loader, real_tqdm = mmfuse.training.fit.predict_loader, mmfuse.training.fit.tqdm
 
     def recording_predict_loader(model, loader, acc):
         epoch_states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -176,8 +176,8 @@ def test_ctrl_c_saves_the_kept_epoch_so_far(toy_manifest, tmp_path, capsys, monk
 
         return real_tqdm(interrupting() if f"epoch {stop_at}/" in desc else iterable, desc=desc, **kw)
 
-    monkeypatch.setattr(mmfuse.train, "predict_loader", recording_predict_loader)
-    monkeypatch.setattr(mmfuse.train, "tqdm", interrupting_tqdm)
+    monkeypatch.setattr(mmfuse.training.fit, "predict_loader", recording_predict_loader)
+    monkeypatch.setattr(mmfuse.training.fit, "tqdm", interrupting_tqdm)
     data = [str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv")]
     opts = [*FAST, "--epochs", "4", "--batch-size", "8", "--keep", keep]
 
@@ -207,7 +207,7 @@ def test_out_of_memory_is_an_error_other_runtime_errors_are_not_hidden(tmp_path,
     def fit(cfg, out, **kwargs):
         raise raised
 
-    monkeypatch.setattr(mmfuse.train, "fit", fit)
+    monkeypatch.setattr(mmfuse.training.fit, "fit", fit)
     argv = ["train", str(tmp_path / "d.csv"), "--out", str(tmp_path / "r"), "--hidden", "100000000"]
     raised = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 819200000000 bytes.")
     assert "error: out of memory (DefaultCPUAllocator" in error_of(capsys, argv)
@@ -241,21 +241,21 @@ def test_tower_paths_a_file_or_under_home(tiny_vit_dir, tiny_roberta_dir, tmp_pa
 
 
 def test_a_device_this_machine_lacks_is_named_before_the_model_loads(tmp_path):
-    from mmfuse.predict import Predictor
+    from mmfuse.inference.predictor import Predictor
 
     with pytest.raises(MmfuseError, match="is not a torch device"):
         Predictor(tmp_path / "no-run", device="gpu7")
 
 
 def test_ctrl_c_stops_an_ablation_instead_of_moving_on_to_its_next_run(toy_manifest, tmp_path, monkeypatch):
-    real_tqdm = mmfuse.train.tqdm
+    real_tqdm = mmfuse.training.fit.tqdm
 
     def interrupting_tqdm(iterable, desc="", **kw):
         if "epoch 2/" in desc:  # the run's name comes first
             raise KeyboardInterrupt
         return real_tqdm(iterable, desc=desc, **kw)
 
-    monkeypatch.setattr(mmfuse.train, "tqdm", interrupting_tqdm)
+    monkeypatch.setattr(mmfuse.training.fit, "tqdm", interrupting_tqdm)
     data = [str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv")]
     assert main(["ablate", *data, "--out", str(tmp_path / "a"), *FAST, "--epochs", "3"]) == 130
     assert not (tmp_path / "a" / "ablation.json").exists()  # it would mix interrupted runs with finished ones

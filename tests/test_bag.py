@@ -7,10 +7,10 @@ import pytest
 from conftest import read_csv, write_csv, write_toy
 
 import mmfuse
-from mmfuse import bag
 from mmfuse.cli import main
-from mmfuse.data import load_checked
+from mmfuse.data.records import load_checked
 from mmfuse.metrics import full_report
+from mmfuse.training import bag
 
 FAST = ["--tune", "head", "--image-size", "32", "--epochs", "4", "--batch-size", "8"]
 

@@ -18,9 +18,12 @@ import pytest
 import torch
 from conftest import make_image, read_csv, write_csv
 
-import mmfuse.cache
 import mmfuse.errors
-from mmfuse.cache import (
+import mmfuse.features.cache
+from mmfuse.cli import main
+from mmfuse.config import ModelConfig
+from mmfuse.data.records import load_checked
+from mmfuse.features.cache import (
     FeatureCache,
     cache_info,
     close_stores,
@@ -29,12 +32,9 @@ from mmfuse.cache import (
     store_for,
     verify_cache,
 )
-from mmfuse.cli import main
-from mmfuse.config import ModelConfig
-from mmfuse.data import load_checked
-from mmfuse.model import build_model
+from mmfuse.features.sources import content_keys, embed
+from mmfuse.models.classifier import build_model
 from mmfuse.paths import mmfuse_home
-from mmfuse.sources import content_keys, embed
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -83,7 +83,7 @@ def test_memory_mode_reads_each_entry_once(tmp_path, monkeypatch):
     cache = FeatureCache(tmp_path / "c", memory=True)
     cache.put("fp", "a", vec(1))
     close_stores()
-    monkeypatch.setattr(mmfuse.cache.ShardStore, "rows", lambda *a: pytest.fail("asked the index"))
+    monkeypatch.setattr(mmfuse.features.cache.ShardStore, "rows", lambda *a: pytest.fail("asked the index"))
     assert np.array_equal(cache.get("fp", "a"), vec(1))
 
 
@@ -166,7 +166,7 @@ def test_an_interrupted_write_leaves_no_entry_and_the_next_one_works(monkeypatch
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(mmfuse.cache, "_write_all", boom)
+        m.setattr(mmfuse.features.cache, "_write_all", boom)
         with pytest.raises(KeyboardInterrupt):
             cache.put("fp", "b", vec(2))
     assert cache.get("fp", "b") is None
@@ -189,7 +189,7 @@ def test_a_full_shard_is_closed_and_a_new_one_started(tmp_path):
 
 FILL = """
 import sys, numpy as np
-from mmfuse.cache import FeatureCache
+from mmfuse.features.cache import FeatureCache
 cache, who = FeatureCache(sys.argv[1]), int(sys.argv[2])
 order = range(400) if who == 0 else range(399, -1, -1)
 batch = []
@@ -369,7 +369,7 @@ def test_a_full_disk_only_stops_caching(tmp_path, monkeypatch, caplog):
         raise OSError(28, "No space left on device")
 
     cache = FeatureCache()
-    monkeypatch.setattr(mmfuse.cache, "_write_all", full)
+    monkeypatch.setattr(mmfuse.features.cache, "_write_all", full)
     with caplog.at_level(logging.WARNING):
         cache.put_many("fp", [("a", vec(1))])  # no exception: the caller has the features
     assert "No space left" in caplog.text and cache.get("fp", "a") is None

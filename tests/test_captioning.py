@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmfuse import captioning
-from mmfuse.captioning import (
+from mmfuse.captioning import captioners as captioning
+from mmfuse.captioning.captioners import (
     COLUMNS,
     GreedyGPT2Decoder,
     HFCaptioner,
@@ -28,7 +28,7 @@ from mmfuse.captioning import (
     imagenet_names,
 )
 from mmfuse.cli import main
-from mmfuse.data import Record, read_data
+from mmfuse.data.records import Record, read_data
 from mmfuse.errors import DataError, MmfuseError
 
 WORDS = [

@@ -13,9 +13,9 @@ from conftest import make_image, read_csv, write_csv
 from PIL import Image
 
 from mmfuse.cli import main
-from mmfuse.data import load_checked, read_data, stratified_split
+from mmfuse.data.images import load_image
+from mmfuse.data.records import load_checked, read_data, stratified_split
 from mmfuse.errors import DataError, MmfuseError
-from mmfuse.images import load_image
 
 
 def test_image_modes_become_rgb(tmp_path):

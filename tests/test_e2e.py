@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from mmfuse import load
 from mmfuse.cli import main
-from mmfuse.model import load_model
-from mmfuse.towers import build_text
+from mmfuse.models.classifier import load_model
+from mmfuse.models.towers import build_text
 
 FAST = ["--tune", "head", "--epochs", "30", "--batch-size", "8"]  # the head on cached features
 
@@ -111,8 +111,8 @@ def test_ablation_fusion_beats_each_modality(toy_manifest, tmp_path):
 
 
 def test_parallel_ablation_gives_the_sequential_results(toy_manifest, tmp_path):
-    from mmfuse.ablate import ablate
     from mmfuse.config import RunConfig
+    from mmfuse.recipes.ablate import ablate
 
     cfg = RunConfig()
     cfg.data.train, cfg.data.val = str(toy_manifest / "train.csv"), str(toy_manifest / "val.csv")

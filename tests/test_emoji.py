@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mmfuse.datasets import emoji
-from mmfuse.datasets.emoji import (
+from mmfuse.data.datasets import emoji
+from mmfuse.data.datasets.emoji import (
     APT_LINE,
     NOTO_EMOJI_FONT,
     MissingPackagesError,

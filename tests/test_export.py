@@ -94,7 +94,7 @@ def test_readme_example_runs(runs, readme):
 
 def test_a_broken_graph_is_refused_and_never_used(runs, tmp_path, monkeypatch, capsys):
     """Wrong normalisation constants written beside the graph: the gate finds it and marks the export failed."""
-    import mmfuse.export as export
+    import mmfuse.inference.export as export
 
     real = export.image_preprocess
 
@@ -155,7 +155,7 @@ def test_missing_extra_names_the_pip_command(runs, tmp_path, monkeypatch, capsys
 
 
 def test_import_mmfuse_does_not_import_onnx():
-    code = "import sys, mmfuse, mmfuse.cli, mmfuse.predict, mmfuse.export; print('onnx' in sys.modules)"
+    code = "import sys, mmfuse, mmfuse.cli, mmfuse.inference.predictor, mmfuse.inference.export; print('onnx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

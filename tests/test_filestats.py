@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from mmfuse.filestats import RACY_SECONDS, FileIndex
+from mmfuse.data.filestats import RACY_SECONDS, FileIndex
 
 
 def _age(path, seconds: float) -> None:

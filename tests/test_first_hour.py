@@ -9,9 +9,9 @@ import sys
 
 import yaml
 
-from mmfuse.ablate import variant_configs
 from mmfuse.cli import main
 from mmfuse.config import RunConfig, resolve
+from mmfuse.recipes.ablate import variant_configs
 
 FAST = ["--tune", "head", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
 
@@ -68,7 +68,7 @@ def test_config_yaml_is_resolved_and_reproduces_the_run_from_another_folder(toy_
 def test_a_log_file_gets_a_banner_and_plain_progress_lines(toy_manifest, tmp_path):
     """Not a terminal: no bar's carriage returns, but a start banner and a progress line (here every step)."""
     code = (
-        "import mmfuse.train as t, sys; t.PLAIN_EVERY = 0.0; from mmfuse.cli import main; "
+        "import mmfuse.training.fit as t, sys; t.PLAIN_EVERY = 0.0; from mmfuse.cli import main; "
         f"sys.exit(main(['train', {str(toy_manifest / 'train.csv')!r}, '--out', {str(tmp_path / 'r')!r}, "
         "'--tune', 'head', '--image-size', '32', '--epochs', '1', '--batch-size', '8']))"
     )
@@ -84,7 +84,7 @@ def test_a_log_file_gets_a_banner_and_plain_progress_lines(toy_manifest, tmp_pat
 def test_the_python_api_loads_towers_quietly(capfd):
     from transformers.utils import logging as hf_logging
 
-    from mmfuse.towers import build_text
+    from mmfuse.models.towers import build_text
 
     hf_logging.enable_progress_bar()
     build_text("minilm")

@@ -13,12 +13,12 @@ from conftest import read_csv, write_toy
 from safetensors.torch import load_file
 
 import mmfuse
-from mmfuse import lora
 from mmfuse.cli import main
 from mmfuse.config import LORA_LR, RunConfig
-from mmfuse.data import load_checked
-from mmfuse.towers import build_text, minilm_path
-from mmfuse.train import fit, run_epoch, save, setup
+from mmfuse.data.records import load_checked
+from mmfuse.models import lora
+from mmfuse.models.towers import build_text, minilm_path
+from mmfuse.training.fit import fit, run_epoch, save, setup
 
 pytest.importorskip("peft")
 
@@ -181,5 +181,5 @@ def test_missing_peft_names_the_pip_command(toy, tmp_path, monkeypatch, capsys):
 
 
 def test_import_mmfuse_does_not_import_peft():
-    code = "import sys, mmfuse, mmfuse.train, mmfuse.model, mmfuse.predict; assert 'peft' not in sys.modules"
+    code = "import sys, mmfuse, mmfuse.training.fit, mmfuse.models.classifier, mmfuse.inference.predictor; assert 'peft' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

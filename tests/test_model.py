@@ -10,16 +10,16 @@ import pytest
 import torch
 from conftest import make_image, read_csv, write_csv
 
-import mmfuse.cache
+import mmfuse.features.cache
 from mmfuse.cli import main
 from mmfuse.config import ModelConfig
-from mmfuse.data import load_checked
+from mmfuse.data.records import load_checked
 from mmfuse.errors import MmfuseError
-from mmfuse.fusion import build_head, head_names
-from mmfuse.model import build_model
-from mmfuse.pooling import NormalisedTokens
-from mmfuse.sources import FeatureCache, embed
-from mmfuse.towers import EfficientNetLiteTower, build_text, build_vision, repeated_blocks
+from mmfuse.features.sources import FeatureCache, embed
+from mmfuse.models.classifier import build_model
+from mmfuse.models.fusion import build_head, head_names
+from mmfuse.models.pooling import NormalisedTokens
+from mmfuse.models.towers import EfficientNetLiteTower, build_text, build_vision, repeated_blocks
 
 
 def test_hf_towers_load_from_a_directory_and_truncate(tiny_vit_dir, tiny_roberta_dir):
@@ -83,7 +83,7 @@ def test_unavailable_model_error_names_both_options():
 def test_packaged_efficientnet_knows_a_cat():
     from skimage import data
 
-    from mmfuse.images import to_rgb
+    from mmfuse.data.images import to_rgb
 
     tower = EfficientNetLiteTower("efficientnet-lite0").eval()
     from PIL import Image
@@ -104,7 +104,7 @@ def test_packaged_minilm_embeds_offline():
 
 
 def test_a_frozen_packaged_tower_is_built_only_when_an_input_needs_it():
-    from mmfuse.towers import HFTextTower, minilm_path
+    from mmfuse.models.towers import HFTextTower, minilm_path
 
     model = build_model(ModelConfig(), num_classes=2, build=())
     card = model.cards["text"]
@@ -250,7 +250,7 @@ def test_feature_cache_hits_misses_and_atomic_writes(tmp_path, monkeypatch):
         os.write(fd, bytes(data[:7]))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mmfuse.cache, "_write_all", boom)
+    monkeypatch.setattr(mmfuse.features.cache, "_write_all", boom)
     with pytest.raises(KeyboardInterrupt):
         cache.put("fp", "deadbeef", np.zeros(4, dtype=np.float32))
     assert cache.get("fp", "deadbeef") is None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mmfuse import mpnet
 from mmfuse.errors import MmfuseError
+from mmfuse.models import mpnet
 
 ROOT = mpnet.ROOT
 WEIGHTS = bytes(range(256)) * 64  # 16 kB standing in for model.safetensors
@@ -240,7 +240,7 @@ def test_mpnet_is_a_packaged_text_tower_with_mean_pooling(tiny_roberta_dir, monk
     """Registered like minilm: its defaults come from config.PACKAGED_TOWERS, its spec from the unpacked folder's
     config.json (here a tiny stand-in), and a run names it 'mpnet', not by its unpacked path."""
     from mmfuse.config import ModelConfig, RunConfig, resolve
-    from mmfuse.towers import MPNetTower, build_text, packaged_card, requested_spec
+    from mmfuse.models.towers import MPNetTower, build_text, packaged_card, requested_spec
 
     assert resolve(RunConfig(model=ModelConfig(text="mpnet"))).model.text_pooling == "mean"
     monkeypatch.setattr(MPNetTower, "locate", staticmethod(lambda: str(tiny_roberta_dir)))
@@ -253,9 +253,9 @@ def test_mpnet_is_a_packaged_text_tower_with_mean_pooling(tiny_roberta_dir, monk
 
 
 def test_mpnet_missing_names_the_extra(monkeypatch):
-    from mmfuse import mpnet as mp
     from mmfuse.config import ModelConfig
-    from mmfuse.towers import requested_spec
+    from mmfuse.models import mpnet as mp
+    from mmfuse.models.towers import requested_spec
 
     monkeypatch.setattr(mp, "PACKAGES", tuple(f"no-such-mpnet-part-{i}" for i in range(5)))
     with pytest.raises(MmfuseError, match=r"pip install 'mmfuse\[mpnet\]'"):

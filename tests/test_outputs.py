@@ -15,8 +15,8 @@ from conftest import read_csv, write_csv, write_toy
 from PIL import Image
 
 from mmfuse.cli import main
-from mmfuse.data import Record
-from mmfuse.report import errors_html, misclassified
+from mmfuse.data.records import Record
+from mmfuse.inference.report import errors_html, misclassified
 
 FAST = ["--tune", "head", "--epochs", "2", "--batch-size", "8"]
 

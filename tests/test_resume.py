@@ -13,8 +13,8 @@ import torch
 from conftest import read_csv, write_csv
 from safetensors.torch import load_file
 
-from mmfuse.checkpoint import checkpoints
 from mmfuse.cli import main
+from mmfuse.training.checkpoint import checkpoints
 
 # MiniLM fine-tuned: steps slow enough (a few tenths of a second) to stop in the middle of an epoch.
 ARGS = ["--tune", "text", "--image-size", "32", "--epochs", "3", "--batch-size", "8", "--checkpoint-every", "1"]
@@ -137,7 +137,7 @@ def test_a_second_training_into_the_same_out_is_refused(uninterrupted, tmp_path,
 
 def test_a_kill_while_the_run_is_written_leaves_the_earlier_run_whole(tmp_path, toy_manifest, monkeypatch):
     """The files are written to a staging folder first: stopped there, the earlier finished run is untouched."""
-    import mmfuse.train as train_module
+    import mmfuse.training.fit as train_module
 
     data = str(toy_manifest / "train.csv")
     fast = ["--tune", "head", "--image-size", "32", "--epochs", "1"]

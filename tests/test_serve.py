@@ -28,7 +28,7 @@ from PIL import Image
 
 import mmfuse
 from mmfuse.cli import main
-from mmfuse.serve import Batcher, Metrics, RequestError, create_app
+from mmfuse.inference.serve import Batcher, Metrics, RequestError, create_app
 
 SRC = Path(mmfuse.__file__).resolve().parents[1]
 UPLOAD_LIMIT = 2 * 2**20
@@ -311,7 +311,7 @@ def test_a_model_with_modality_dropout_takes_missing_text(dropout_run, rows):
 
 
 def test_rows_are_batched_up_to_max_batch(run, predictor, rows, caplog):
-    caplog.set_level("INFO", logger="mmfuse.serve")
+    caplog.set_level("INFO", logger="mmfuse.inference.serve")
     with TestClient(create_app(run, max_batch=4, max_wait_ms=200)) as c:
         wait_ready(c)
         caplog.clear()

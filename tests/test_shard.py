@@ -19,9 +19,9 @@ import torch
 from conftest import LAUNCH_2, read_csv, write_csv, write_toy
 from test_captioning import save_captioner, tiny_vit_gpt2, write_images
 
-from mmfuse.captioning import caption_file, part_files
-from mmfuse.shard import share
-from mmfuse.sources import FeatureCache
+from mmfuse.captioning.captioners import caption_file, part_files
+from mmfuse.distributed import share
+from mmfuse.features.sources import FeatureCache
 
 LAUNCH = [sys.executable, *LAUNCH_2]
 

@@ -7,12 +7,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmfuse.cache import close_stores
 from mmfuse.config import ModelConfig
-from mmfuse.data import Record
+from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
-from mmfuse.model import build_model
-from mmfuse.sources import (
+from mmfuse.features.cache import close_stores
+from mmfuse.features.sources import (
     ImageFileSource,
     PixelCache,
     PixelSource,
@@ -21,7 +20,8 @@ from mmfuse.sources import (
     decode_resized,
     load_pixels,
 )
-from mmfuse.towers import PixelSpec, normalize
+from mmfuse.models.classifier import build_model
+from mmfuse.models.towers import PixelSpec, normalize
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def jpegs(tmp_path):
 
 
 def test_cached_pixels_equal_the_towers_preprocessing(model, jpegs):
-    from mmfuse.images import load_image
+    from mmfuse.data.images import load_image
 
     spec = model.vision.pixel_spec
     assert (spec.height, spec.width) == (32, 32)
@@ -55,7 +55,7 @@ def test_cached_pixels_equal_the_towers_preprocessing(model, jpegs):
 
 
 def test_packaged_efficientnet_spec_matches_its_preprocess():
-    from mmfuse.towers import build_vision
+    from mmfuse.models.towers import build_vision
 
     tower = build_vision("efficientnet-lite0", image_size=40)
     spec = tower.pixel_spec
@@ -112,7 +112,7 @@ def test_pixel_batches_give_the_same_logits_as_the_raw_path(model, jpegs):
 
 
 def test_jpegs_bound_for_a_small_size_decode_at_a_reduced_scale(tmp_path):
-    from mmfuse.images import load_image
+    from mmfuse.data.images import load_image
 
     x = np.linspace(0, 255, 640)[None, :, None] * np.ones((480, 1, 3))
     Image.fromarray(x.astype(np.uint8)).save(tmp_path / "a.jpg", quality=95)
@@ -128,7 +128,7 @@ def test_jpegs_bound_for_a_small_size_decode_at_a_reduced_scale(tmp_path):
 def test_texts_tokenized_once_give_what_the_tokenizer_gives(model, monkeypatch):
     """Fine-tuning tokenizes each distinct text once and then only pads: the same ids and mask as the tower's own
     preprocess, and with padding to a multiple of 8 (the GPU default) the same features."""
-    from mmfuse.towers import TokenizedTexts
+    from mmfuse.models.towers import TokenizedTexts
 
     tower = model.towers["text"]
     texts = ["a red square", "", "a much longer text with many more words in it than the others", "a red square"]
@@ -156,7 +156,7 @@ def test_texts_tokenized_once_give_what_the_tokenizer_gives(model, monkeypatch):
 def test_images_too_large_for_memory_decode_every_epoch(model, jpegs, monkeypatch, caplog):
     """The uint8 cache holds a dataset's images in memory whole; when that would take over half of what is free,
     training decodes every epoch instead, and says so."""
-    import mmfuse.sources as sources
+    import mmfuse.features.sources as sources
 
     records = [Record(p, f"text {i}", "a", i + 1, str(p)) for i, p in enumerate(jpegs)]
     labels = torch.zeros(len(records), dtype=torch.long)

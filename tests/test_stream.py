@@ -14,8 +14,8 @@ import pytest
 from conftest import LAUNCH_2, read_csv, write_csv, write_toy
 
 from mmfuse.cli import main
-from mmfuse.predict import Predictor
-from mmfuse.stream import shard_bounds
+from mmfuse.inference.predictor import Predictor
+from mmfuse.inference.stream import shard_bounds
 
 ROWS = 45  # odd: does not split evenly over 2 processes, nor into chunks of 4
 

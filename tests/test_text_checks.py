@@ -11,7 +11,7 @@ import pytest
 from conftest import read_csv
 from PIL import Image
 
-from mmfuse.data import CHARS_PER_TOKEN, MAX_TEXT_CHARS, clip_text, load_checked
+from mmfuse.data.records import CHARS_PER_TOKEN, MAX_TEXT_CHARS, clip_text, load_checked
 from mmfuse.errors import DataError
 
 
@@ -26,7 +26,7 @@ def images(tmp_path):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from mmfuse.towers import minilm_path
+    from mmfuse.models.towers import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 

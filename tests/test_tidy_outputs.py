@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmfuse import captioning
-from mmfuse.captioning import fill_missing_captions, locked
+from mmfuse.captioning import captioners as captioning
+from mmfuse.captioning.captioners import fill_missing_captions, locked
 from mmfuse.cli import main
-from mmfuse.data import Record
-from mmfuse.datasets import emoji
+from mmfuse.data.datasets import emoji
+from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
 
 

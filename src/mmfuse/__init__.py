@@ -13,10 +13,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DataError, MmfuseError
+from mmfuse.errors import DataError, MmfuseError
 
 if TYPE_CHECKING:
-    from .predict import Prediction, Predictor, load
+    from mmfuse.inference.predictor import Prediction, Predictor, load
 
 __all__ = ["DataError", "MmfuseError", "Prediction", "Predictor", "load"]
 
@@ -40,7 +40,7 @@ __version__ = _version()
 def __getattr__(name: str):
     # The API's names import torch; deferred so that `import mmfuse.config` (and the CLI's --help) stay light.
     if name in ("Prediction", "Predictor", "load"):
-        from . import predict
+        from mmfuse.inference import predictor as predict
 
         return getattr(predict, name)
     raise AttributeError(f"module 'mmfuse' has no attribute {name!r}")

@@ -21,12 +21,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .config import DTYPES, PREDICT_CHUNK, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
-from .datasets import emoji
-from .errors import MmfuseError
-from .model import RUN_FILES
-from .shard import main_process
+from mmfuse import __version__
+from mmfuse.config import DTYPES, PREDICT_CHUNK, PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, resolve
+from mmfuse.data.datasets import emoji
+from mmfuse.distributed import main_process
+from mmfuse.errors import MmfuseError
+from mmfuse.models.classifier import RUN_FILES
 
 log = logging.getLogger("mmfuse")
 
@@ -148,9 +148,9 @@ def keep_earlier_work(out: str, overwrite: bool, finished: tuple[str, ...], repl
 def cmd_train(args) -> int:
     # Each verb imports its library when it runs (deferred: the library imports torch, which --help, --version and
     # light verbs never need).
-    from .bag import fit_bag
-    from .checkpoint import checkpoints
-    from .train import Preempted, TrainingInterrupted, fit
+    from mmfuse.training.bag import fit_bag
+    from mmfuse.training.checkpoint import checkpoints
+    from mmfuse.training.fit import Preempted, TrainingInterrupted, fit
 
     cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
     resume = getattr(args, "resume", False)
@@ -206,7 +206,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .search import SearchInterrupted, load_space, search
+    from mmfuse.recipes.search import SearchInterrupted, load_space, search
 
     if args.trials < 1:
         raise MmfuseError(f"--trials must be >= 1, got {args.trials}")
@@ -226,7 +226,7 @@ def cmd_search(args) -> int:
     preset = PRESETS.get(args.preset or "", {})
     fixed = {*given(args, ModelConfig), *given(args, TrainConfig), *(k for sec in preset.values() for k in sec)}
     if not args.verbose:  # a line per trial, not per epoch of every trial
-        logging.getLogger("mmfuse.train").setLevel(logging.WARNING)
+        logging.getLogger("mmfuse.training.fit").setLevel(logging.WARNING)
     try:
         rows = search(cfg, args.out, args.trials, space, args.space, args.timeout, fixed, args.overwrite)
     except SearchInterrupted as e:
@@ -274,7 +274,7 @@ def scoring(args) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from .predict import evaluate_file  # deferred: imports torch
+    from mmfuse.inference.predictor import evaluate_file  # deferred: imports torch
 
     report = evaluate_file(args.run, args.data, args.out, **scoring(args), **speed(args))
     if not main_process():
@@ -286,7 +286,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import predict_file  # deferred: imports torch
+    from mmfuse.inference.predictor import predict_file  # deferred: imports torch
 
     options = {"backend": args.backend, "onnx_dir": args.onnx, "resume": args.resume}
     path = predict_file(args.run, args.data, args.out, **scoring(args), **speed(args), **options)
@@ -296,7 +296,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
+    from mmfuse.inference.export import export_run
 
     info = export_run(args.run, args.out, data=args.data, fmt=args.format)
     parity = info["parity"]
@@ -315,7 +315,7 @@ def out_dir(out: str) -> None:
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import ablate  # deferred: imports torch
+    from mmfuse.recipes.ablate import ablate  # deferred: imports torch
 
     if hasattr(args, "modalities"):  # each of the three runs sets its own; the flag would be ignored
         raise MmfuseError("ablate trains image-only, text-only and fusion models itself: leave --modalities out.")
@@ -332,7 +332,7 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from .quickstart import quickstart  # deferred: imports torch
+    from mmfuse.recipes.quickstart import quickstart  # deferred: imports torch
 
     out_dir(args.out)
     results = quickstart(args.out, rebuild_data=args.rebuild_data)
@@ -365,14 +365,14 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    from .captioning import caption_file  # deferred: imports torch
-    from .shard import leave_launch
+    from mmfuse.captioning.captioners import caption_file  # deferred: imports torch
+    from mmfuse.distributed import leave_launch
 
     for flag in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, flag) < 1:  # 0 failed inside range(), a negative batch size captioned nothing
             raise MmfuseError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.device:
-        from .predict import check_device  # deferred: imports torch
+        from mmfuse.inference.predictor import check_device  # deferred: imports torch
 
         check_device(args.device, "--device")
     try:
@@ -397,7 +397,7 @@ def cmd_serve(args) -> int:
     missing = [m for m in ("fastapi", "uvicorn", "python_multipart") if importlib.util.find_spec(m) is None]
     if missing:
         raise MmfuseError(f"mmfuse serve needs {', '.join(missing)}: pip install 'mmfuse[serve]'")
-    from .serve import serve  # deferred: imports torch
+    from mmfuse.inference.serve import serve  # deferred: imports torch
 
     if args.max_upload_mb <= 0:
         raise MmfuseError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
@@ -466,7 +466,7 @@ def print_report(report: dict) -> None:
 
 def cmd_cache(args) -> int:
     """``mmfuse cache info|prune|clear|verify``: the library part is in cache.py, this only prints."""
-    from . import cache as c  # torch-free
+    from mmfuse.features import cache as c  # torch-free
 
     if args.action == "info":
         info = c.cache_info()
@@ -671,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the 70/15/15 stratified split")
     p.set_defaults(fn=cmd_datasets)
 
-    from .captioning import DEFAULT_CAPTIONER, packaged_captioners  # deferred: imports torch
+    from mmfuse.captioning.captioners import DEFAULT_CAPTIONER, packaged_captioners  # deferred: imports torch
 
     p = sub.add_parser(
         "caption",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import MmfuseError
+from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
@@ -37,7 +37,7 @@ PACKAGED_TOWERS = {
     "mpnet": {"modality": "text", "text_pooling": "mean"},
 }
 DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: predict.Predictor says which is which
-# Rows predict holds at a time (mmfuse.stream): a few GPU batches; ~0.6 GB of 224-px pixels for a tuned vision tower
+# Rows predict holds at a time (mmfuse.inference.stream): a few GPU batches; ~0.6 GB of 224-px pixels for a tuned vision tower
 PREDICT_CHUNK = 4096
 TUNES = ("head", "text", "image", "all")
 AUGMENTS = ("none", "light", "strong")  # augment.py says what each does

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .shard import main_process
+from mmfuse.distributed import main_process
 
 log = logging.getLogger(__name__)
 PLAIN_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (as train.PLAIN_EVERY)

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ModelConfig, RunConfig, TrainConfig, resolve
-from .errors import MmfuseError
+from mmfuse.config import ModelConfig, RunConfig, TrainConfig, resolve
+from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def _not_applicable(key: str, when: dict, cfg: RunConfig) -> str | None:
 
 def tuned_depth(cfg: RunConfig) -> int:
     """The fewest repeated layers among the tuned towers (0 when one has none): what --tune-layers may go up to."""
-    from .towers import build_tower, requested_spec
+    from mmfuse.models.towers import build_tower, requested_spec
 
     depths = []
     for m in cfg.tuned:
@@ -308,7 +308,7 @@ def tuned_depth(cfg: RunConfig) -> int:
 
 def _check_value(cfg: RunConfig, param: Param, value, source: str) -> None:
     """A value of the space through the same checks as its flag, so a bad range stops before any trial."""
-    from .towers import requested_spec
+    from mmfuse.models.towers import requested_spec
 
     try:
         trial_cfg = resolve(cfg.updated({param.section: {param.key: value}}))
@@ -367,7 +367,7 @@ def search(
     """
     from filelock import FileLock, Timeout
 
-    from .train import check_out_dir
+    from mmfuse.training.fit import check_out_dir
 
     optuna = _optuna()
     out = Path(out)
@@ -399,7 +399,7 @@ def search(
 
 
 def _run(optuna, study, cfg: RunConfig, params: list[Param], out: Path, trials: int, timeout: float | None):
-    from .sources import FeatureCache
+    from mmfuse.features.sources import FeatureCache
 
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     # One cache for every trial, holding what it reads: features are embedded (or read from disk) once.
@@ -500,7 +500,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, cache) -> str | None:
     """Trains one trial into ``out/trials/NNN``, reporting each epoch's kept F1 for pruning; returns the error of a
     trial that failed in training (a diverged loss), None otherwise."""
-    from .train import run_epoch, save, setup, training_threads
+    from mmfuse.training.fit import run_epoch, save, setup, training_threads
 
     trial = study.ask()
     values = {p.key: p.suggest(trial) for p in params}

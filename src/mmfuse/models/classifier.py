@@ -17,12 +17,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import MODALITIES, ModelConfig, RunConfig
-from .errors import MmfuseError
-from .fusion import build_head
-from .lora import is_adapter
-from .pooling import AttentionPool
-from .towers import Tower, TowerCard, build_tower, packaged_card, packaged_towers, requested_spec
+from mmfuse.config import MODALITIES, ModelConfig, RunConfig
+from mmfuse.errors import MmfuseError
+from mmfuse.models.fusion import build_head
+from mmfuse.models.lora import is_adapter
+from mmfuse.models.pooling import AttentionPool
+from mmfuse.models.towers import Tower, TowerCard, build_tower, packaged_card, packaged_towers, requested_spec
 
 # What mmfuse train writes into a run directory; predict and evaluate must never write over them.
 RUN_FILES = {

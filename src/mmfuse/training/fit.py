@@ -35,17 +35,24 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import metrics
-from .augment import Augmenter, make_augmenter
-from .captioning import fill_missing_captions
-from .checkpoint import CHECKPOINTS, EVERY_SECONDS, checkpoints, data_fingerprint, load_checkpoint, save_checkpoint
-from .config import TRACKERS, RunConfig, TrainConfig, resolve
-from .data import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
-from .errors import MmfuseError
-from .model import PREFIXES, MultimodalClassifier, save_model, tower_cards
-from .shard import main_process
-from .sources import FeatureCache, batch_collate, build_dataset, embed, present_mask
-from .speed import compile_model
+from mmfuse import metrics
+from mmfuse.captioning.captioners import fill_missing_captions
+from mmfuse.config import TRACKERS, RunConfig, TrainConfig, resolve
+from mmfuse.data.records import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
+from mmfuse.distributed import main_process
+from mmfuse.errors import MmfuseError
+from mmfuse.features.sources import FeatureCache, batch_collate, build_dataset, embed, present_mask
+from mmfuse.models.classifier import PREFIXES, MultimodalClassifier, save_model, tower_cards
+from mmfuse.models.compile import compile_model
+from mmfuse.training.augment import Augmenter, make_augmenter
+from mmfuse.training.checkpoint import (
+    CHECKPOINTS,
+    EVERY_SECONDS,
+    checkpoints,
+    data_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 LOSS_EVERY = 25  # read the loss back to the host only this often: each read is a device sync
@@ -361,7 +368,7 @@ def setup(
     tuned = cfg.tuned
     t = cfg.train
     if t.lora:
-        from .lora import require_peft  # deferred: PEFT only for runs that ask for adapters
+        from mmfuse.models.lora import require_peft  # deferred: PEFT only for runs that ask for adapters
 
         require_peft()  # before the data is read and the towers are loaded
     tracking_dir, run_name = tracking or (out / "tracking", out.name)
@@ -377,7 +384,7 @@ def setup(
     towers = towers if towers is not None else {}
     cards = tower_cards(cfg.model, towers, cfg.model.modalities if acc.num_processes > 1 else tuned)
     if t.lora:  # config.TrainConfig allows it with --tune text alone
-        from .lora import train_adapters  # deferred: PEFT only for runs that ask for adapters
+        from mmfuse.models.lora import train_adapters  # deferred: PEFT only for runs that ask for adapters
 
         train_adapters(towers["text"], t.lora, t.lora_alpha, t.tune_layers)
         cards["text"] = towers["text"].card
@@ -604,7 +611,7 @@ def fit(
 ) -> dict:
     """Trains a model on ``cfg.data`` into the run directory ``out``; returns the kept epoch's validation metrics.
 
-    Checkpoints go to ``out/checkpoints`` (``mmfuse.checkpoint``) and ``resume`` continues from the latest. SIGTERM
+    Checkpoints go to ``out/checkpoints`` (``mmfuse.training.checkpoint``) and ``resume`` continues from the latest. SIGTERM
     writes one at the next optimizer step and raises ``Preempted``; Ctrl-C after the first epoch saves the kept epoch
     so far, then raises ``TrainingInterrupted`` (with the result). ``towers`` shares already built towers between
     runs of the same config (only sensible with frozen towers).

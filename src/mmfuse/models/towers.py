@@ -36,9 +36,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .config import PACKAGED_TOWERS, TEXT_POOLINGS, ModelConfig
-from .errors import MmfuseError
-from .mpnet import mpnet_path
+from mmfuse.config import PACKAGED_TOWERS, TEXT_POOLINGS, ModelConfig
+from mmfuse.errors import MmfuseError
+from mmfuse.models.mpnet import mpnet_path
 
 log = logging.getLogger(__name__)
 _TOWERS: dict[str, type[Tower]] = {}
@@ -830,7 +830,7 @@ def build_tower(spec: dict, assets: Path | None = None, trust_remote_code: bool 
         else:
             tower = builders[spec["type"]].from_spec(spec, assets, trust_remote_code)
     if spec.get("lora"):  # a LoRA run's adapters, into which its weights are loaded next
-        from .lora import add_adapters  # deferred: PEFT only for runs that have adapters
+        from mmfuse.models.lora import add_adapters  # deferred: PEFT only for runs that have adapters
 
         add_adapters(tower, spec["lora"])
     return tower

@@ -7,7 +7,7 @@ Run it (needs ``pip install 'mmfuse[serve]'``):
 
 or mount the app in another ASGI server:
 
-    from mmfuse.serve import create_app
+    from mmfuse.inference.serve import create_app
     app = create_app("runs/quickstart", max_batch=64, max_wait_ms=5)
 
 The server holds no model logic of its own: a request is checked and its images decoded here, its rows wait in a
@@ -43,12 +43,12 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
-from .errors import MmfuseError
-from .images import MAX_PIXELS, check_size, to_rgb
-from .predict import Predictor
+from mmfuse import __version__
+from mmfuse.data.images import MAX_PIXELS, check_size, to_rgb
+from mmfuse.errors import MmfuseError
+from mmfuse.inference.predictor import Predictor
 
-log = logging.getLogger("mmfuse.serve")
+log = logging.getLogger("mmfuse.inference.serve")
 
 MAX_UPLOAD_BYTES = 16 * 2**20
 MAX_TEXT_CHARS = 10_000  # far past any text tower's max_length; only a bound on what a request may make us tokenize
@@ -661,7 +661,7 @@ def create_app(
 
     @app.get("/")
     async def page() -> HTMLResponse:
-        return HTMLResponse((files("mmfuse") / "static" / "index.html").read_text(encoding="utf-8"))
+        return HTMLResponse((files("mmfuse.inference") / "static" / "index.html").read_text(encoding="utf-8"))
 
     @app.get("/favicon.ico")
     async def favicon() -> Response:

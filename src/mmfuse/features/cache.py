@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MmfuseError
-from .paths import mmfuse_home
+from mmfuse.errors import MmfuseError
+from mmfuse.paths import mmfuse_home
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Record
-from .images import load_image
+from mmfuse.data.images import load_image
+from mmfuse.data.records import Record
 
 MAX_HTML_ROWS = 500
 """Errors shown on the page (the most confident first); errors.csv lists them all. 500 thumbnails are ~2 MB."""

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig
-from .data import Record
-from .errors import MmfuseError
-from .model import PREFIXES
-from .sources import content_keys
+from mmfuse.config import RunConfig
+from mmfuse.data.records import Record
+from mmfuse.errors import MmfuseError
+from mmfuse.features.sources import content_keys
+from mmfuse.models.classifier import PREFIXES
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"

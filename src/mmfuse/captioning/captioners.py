@@ -38,12 +38,12 @@ from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import MANIFEST_SUFFIXES, Problem, Record, data_error, find_problems, read_data, write_skipped
-from .errors import MmfuseError
-from .images import IMAGE_SUFFIXES, load_image, to_rgb
-from .shard import gather_lists, launch_state, share
-from .sources import cached_pixels, decode_resized, pixel_cache
-from .towers import EfficientNetLiteTower, PixelSpec, _hf_load, normalize, packaged_towers
+from mmfuse.data.images import IMAGE_SUFFIXES, load_image, to_rgb
+from mmfuse.data.records import MANIFEST_SUFFIXES, Problem, Record, data_error, find_problems, read_data, write_skipped
+from mmfuse.distributed import gather_lists, launch_state, share
+from mmfuse.errors import MmfuseError
+from mmfuse.features.sources import cached_pixels, decode_resized, pixel_cache
+from mmfuse.models.towers import EfficientNetLiteTower, PixelSpec, _hf_load, normalize, packaged_towers
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, MmfuseError
-from .filestats import default_workers, file_index
-from .images import IMAGE_SUFFIXES, MAX_PIXELS, check_image
+from mmfuse.data.filestats import default_workers, file_index
+from mmfuse.data.images import IMAGE_SUFFIXES, MAX_PIXELS, check_image
+from mmfuse.errors import DataError, MmfuseError
 
 log = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")

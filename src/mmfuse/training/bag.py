@@ -37,13 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
-from .config import RunConfig, resolve
-from .data import Record, label_list, read_table
-from .errors import MmfuseError
-from .model import build_model
-from .sources import FeatureCache, build_dataset
-from .train import (
+from mmfuse import metrics
+from mmfuse.config import RunConfig, resolve
+from mmfuse.data.records import Record, label_list, read_table
+from mmfuse.errors import MmfuseError
+from mmfuse.features.sources import FeatureCache, build_dataset
+from mmfuse.models.classifier import build_model
+from mmfuse.training.fit import (
     TrainingInterrupted,
     caption_missing,
     check_labels,

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import PREDICT_CHUNK as DEFAULT_CHUNK
-from .data import Record
-from .errors import MmfuseError
-from .report import input_row
-from .shard import gather_lists, launch_state, shard_bounds
+from mmfuse.config import PREDICT_CHUNK as DEFAULT_CHUNK
+from mmfuse.data.records import Record
+from mmfuse.distributed import gather_lists, launch_state, shard_bounds
+from mmfuse.errors import MmfuseError
+from mmfuse.inference.report import input_row
 
 log = logging.getLogger(__name__)
 PROGRESS_FORMAT = 1

@@ -35,9 +35,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import Record, load_checked
-from .errors import MmfuseError
-from .images import load_image
+from mmfuse.data.images import load_image
+from mmfuse.data.records import Record, load_checked
+from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class OnnxPredictor:
             self._check_run()
 
     def _check_run(self) -> None:
-        from .config import RunConfig
+        from mmfuse.config import RunConfig
 
         run = self.run_dir
         if not run.is_dir() or not all(
@@ -167,13 +167,13 @@ class OnnxPredictor:
 
     @property
     def max_chars(self) -> int:
-        from .data import CHARS_PER_TOKEN
+        from mmfuse.data.records import CHARS_PER_TOKEN
 
         return self.cfg.model.max_length * CHARS_PER_TOKEN
 
     def load_data(self, data, captions=None, need_label=False, skip_bad=False, skipped_csv=None) -> list[Record]:
         """Checked records, exactly as the torch backend reads them (``Predictor.load_data``)."""
-        from .predict import Predictor
+        from mmfuse.inference.predictor import Predictor
 
         if self.run_dir is None:
             raise MmfuseError("OnnxPredictor.load_data needs the run directory the graph was exported from")
@@ -449,8 +449,8 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
     if fmt != "onnx":
         raise MmfuseError(f"--format {fmt}: only onnx is supported")
     onnx, ort = require_onnx()
-    from . import __version__
-    from .predict import Predictor
+    from mmfuse import __version__
+    from mmfuse.inference.predictor import Predictor
 
     run_dir, out = Path(run_dir), Path(out)
     _check_out(run_dir, out)
@@ -465,7 +465,7 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
         model.build_tower(m)
     model.eval()
     if getattr(model.text, "lora", None):  # the adapters folded into the weights: a graph as fast as full tuning's
-        from .lora import merge_adapters
+        from mmfuse.models.lora import merge_adapters
 
         merge_adapters(model.text)
     images, texts, source = parity_rows(predictor, data, max(PARITY_BATCHES))

@@ -13,18 +13,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from . import metrics
-from .captioning import fill_missing_captions
-from .config import DTYPES
-from .data import CHARS_PER_TOKEN, Record, clip_text, image_hashes, load_checked, read_data, text_problem
-from .errors import MmfuseError
-from .images import load_image, to_rgb
-from .model import RUN_FILES, MultimodalClassifier, load_models
-from .paths import mmfuse_home
-from .report import write_errors
-from .sources import FeatureCache, MultimodalDataset, PixelCache, batch_collate, build_dataset
-from .speed import compile_model
-from .stream import (
+from mmfuse import metrics
+from mmfuse.captioning.captioners import fill_missing_captions
+from mmfuse.config import DTYPES
+from mmfuse.data.images import load_image, to_rgb
+from mmfuse.data.records import CHARS_PER_TOKEN, Record, clip_text, image_hashes, load_checked, read_data, text_problem
+from mmfuse.errors import MmfuseError
+from mmfuse.features.sources import FeatureCache, MultimodalDataset, PixelCache, batch_collate, build_dataset
+from mmfuse.inference.report import write_errors
+from mmfuse.inference.stream import (
     DEFAULT_CHUNK,
     check_chunk_size,
     predict_all,
@@ -33,6 +30,9 @@ from .stream import (
     run_identity,
     stream_predictions,
 )
+from mmfuse.models.classifier import RUN_FILES, MultimodalClassifier, load_models
+from mmfuse.models.compile import compile_model
+from mmfuse.paths import mmfuse_home
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Predictor:
         dtype: how the model computes. ``fp32``; ``autocast``: fp32 weights under bf16 autocast, which casts every
             weight again on every call; ``bf16``: the weights cast to bf16 once, the inputs cast to match,
             probabilities in fp32; ``auto``: ``autocast`` on a GPU with bf16, else ``fp32``.
-        compile: torch.compile the model (``mmfuse.speed.compile_model``: each encoder layer of the towers) for
+        compile: torch.compile the model (``mmfuse.models.compile.compile_model``: each encoder layer of the towers) for
             repeated large batches on a GPU; the first batch pays the compile.
     """
 
@@ -329,7 +329,7 @@ def predict_file(
     """Writes one row per input image, in input order: row (the input's row, from 0), image, true_label and correct
     (when the input has labels), label, confidence, p_<class>...
 
-    Rows are predicted and appended ``chunk_size`` at a time (``mmfuse.stream``), so memory does not grow with the
+    Rows are predicted and appended ``chunk_size`` at a time (``mmfuse.inference.stream``), so memory does not grow with the
     input; ``resume`` continues an interrupted prediction of the same input, run and options after its last whole
     chunk. Under ``accelerate launch`` each process predicts one contiguous shard, and the file is the same.
 
@@ -368,7 +368,7 @@ def predict_file(
         raise MmfuseError(f"--out {out_csv}: the folder {existing} is not writable.")
     procs = processes()
     if backend == "onnx":
-        from .export import OnnxPredictor, find_export
+        from mmfuse.inference.export import OnnxPredictor, find_export
 
         onnx_dir = find_export(run_dir, onnx_dir)
         predictor = OnnxPredictor(onnx_dir, run_dir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import FUSION_HEADS
+from mmfuse.config import FUSION_HEADS
 
 _HEADS: dict[str, type[nn.Module]] = {}
 

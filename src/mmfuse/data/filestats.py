@@ -19,8 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .paths import mmfuse_home
-from .progress import Progress
+from mmfuse.paths import mmfuse_home
+from mmfuse.progress import Progress
 
 log = logging.getLogger(__name__)
 RACY_SECONDS = 3.0

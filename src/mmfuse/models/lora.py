@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import MmfuseError
+from mmfuse.errors import MmfuseError
 
 # A Linear layer inside a part of an encoder layer whose name says attention is one of its projections: BERT's
 # attention.self.query and attention.output.dense, MPNet's attention.attn.q and attention.o, DistilBERT's q_lin.
@@ -83,7 +83,7 @@ def add_adapters(tower, lora: dict) -> None:
 def train_adapters(tower, rank: int, alpha: float, layers: int | None = None) -> None:
     """Turns a text tower about to be fine-tuned into one whose adapters alone train: in the attention projections of
     its encoder layers (the last ``layers``, or all), everything else frozen."""
-    from .towers import HFTextTower
+    from mmfuse.models.towers import HFTextTower
 
     if not isinstance(tower, HFTextTower):
         raise MmfuseError(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .towers import repeated_blocks
+from mmfuse.models.towers import repeated_blocks
 
 COMPILE_MODES = ("regional", "model")
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from . import metrics
-from .config import RunConfig, resolve
-from .data import read_data
-from .errors import MmfuseError
-from .model import build_model
-from .predict import evaluate_file
-from .shard import launched, main_process
-from .sources import FeatureCache, build_dataset
-from .train import fit, load_splits
+from mmfuse import metrics
+from mmfuse.config import RunConfig, resolve
+from mmfuse.data.records import read_data
+from mmfuse.distributed import launched, main_process
+from mmfuse.errors import MmfuseError
+from mmfuse.features.sources import FeatureCache, build_dataset
+from mmfuse.inference.predictor import evaluate_file
+from mmfuse.models.classifier import build_model
+from mmfuse.training.fit import fit, load_splits
 
 VARIANTS = {"image": ["image"], "text": ["text"], "fusion": ["image", "text"]}
 

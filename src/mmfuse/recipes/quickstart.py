@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .ablate import ablate
-from .config import RunConfig, TrainConfig
-from .datasets.emoji import emoji_dataset
+from mmfuse.config import RunConfig, TrainConfig
+from mmfuse.data.datasets.emoji import emoji_dataset
+from mmfuse.recipes.ablate import ablate
 
 
 def quickstart_config(data: Path) -> RunConfig:

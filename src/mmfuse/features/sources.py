@@ -41,17 +41,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .cache import FeatureCache, PixelCache
-from .data import Record
-from .filestats import file_index
-from .images import load_image
-from .paths import mmfuse_home
-from .pooling import TokenStates
-from .shard import gather_lists, launch_state, share
-from .towers import PixelSpec, TokenizedTexts, Tower
+from mmfuse.data.filestats import file_index
+from mmfuse.data.images import load_image
+from mmfuse.data.records import Record
+from mmfuse.distributed import gather_lists, launch_state, share
+from mmfuse.features.cache import FeatureCache, PixelCache
+from mmfuse.models.pooling import TokenStates
+from mmfuse.models.towers import PixelSpec, TokenizedTexts, Tower
+from mmfuse.paths import mmfuse_home
 
 if TYPE_CHECKING:
-    from .model import MultimodalClassifier
+    from mmfuse.models.classifier import MultimodalClassifier
 
 log = logging.getLogger(__name__)
 # PIL releases the GIL while decoding and resizing, so threads scale on the cores there are.
