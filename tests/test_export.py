@@ -82,7 +82,8 @@ def test_readme_example_runs(runs, readme):
     """The snippet the export writes into its README.md, and the project README's, run as written (with a real image
     and the packaged run's export)."""
     out = runs["pk"] / "export"
-    text = (out / "README.md" if readme == "export" else Path(__file__).resolve().parents[1] / "README.md").read_text()
+    page = Path(__file__).resolve().parents[1] / "docs" / "export.md"  # the project's snippet lives on its Export page
+    text = (out / "README.md" if readme == "export" else page).read_text()
     code = re.search(r"```python\n(import json\n.*?)```", text, re.S).group(1)
     image = runs["data"] / read_csv(runs["data"] / "test.csv")[0]["image"]
     code = code.replace('"cat.png"', repr(str(image))).replace('"runs/emoji/export"', repr(str(out)))
