@@ -18,7 +18,15 @@ quickstart: install
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# The site in docs/, into site/; --strict fails on any warning (a broken link or anchor, a page not in the nav).
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
+
 lint: install
 	$(VENV)/bin/ruff check src tests bench && $(VENV)/bin/ruff format --check src tests bench
 
-.PHONY: install quickstart test lint
+.PHONY: install quickstart test lint docs
