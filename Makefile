@@ -18,7 +18,8 @@ quickstart: install
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# ruff, then the layers contract in .importlinter (a lower layer never imports a higher one).
 lint: install
-	$(VENV)/bin/ruff check src tests bench && $(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench && $(VENV)/bin/ruff format --check src tests bench && $(VENV)/bin/lint-imports
 
 .PHONY: install quickstart test lint
