@@ -81,11 +81,12 @@ def test_the_layers_contract_holds():
         pytest.skip("import-linter is not installed (it is in the dev extra: pip install -e '.[dev]')")
     # This tree's mmfuse, not whichever one is installed.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    # lint-imports, run by this interpreter; it reads .importlinter in the repository root.
+    # lint-imports, run by this interpreter, reads .importlinter in the repository root.
     command = [
         sys.executable,
         "-c",
         "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())",
+        "--no-cache",  # a test leaves no cache in the tree
     ]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
