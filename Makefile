@@ -26,7 +26,8 @@ $(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
 docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d site
 
+# ruff, then the layers contract in .importlinter (a lower layer never imports a higher one).
 lint: install
-	$(VENV)/bin/ruff check src tests bench && $(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench && $(VENV)/bin/ruff format --check src tests bench && $(VENV)/bin/lint-imports
 
 .PHONY: install quickstart test lint docs

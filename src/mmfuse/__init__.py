@@ -40,7 +40,7 @@ __version__ = _version()
 def __getattr__(name: str):
     # The API's names import torch; deferred so that `import mmfuse.config` (and the CLI's --help) stay light.
     if name in ("Prediction", "Predictor", "load"):
-        from mmfuse.inference import predictor as predict
+        from mmfuse.inference import predictor as predict  # deferred: imports torch
 
         return getattr(predict, name)
     raise AttributeError(f"module 'mmfuse' has no attribute {name!r}")

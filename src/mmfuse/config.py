@@ -36,6 +36,10 @@ PACKAGED_TOWERS = {
     # all-mpnet-base-v2 (the mmfuse[mpnet] extra): the mean pooling it was trained with.
     "mpnet": {"modality": "text", "text_pooling": "mean"},
 }
+# The captioners (mmfuse.captioning), named here so that `mmfuse caption --help` lists them without importing torch;
+# the registry in captioners.py builds exactly these (tests/test_startup.py checks it).
+DEFAULT_CAPTIONER = "nlpconnect/vit-gpt2-image-captioning"
+PACKAGED_CAPTIONERS = ("imagenet-tags", "imagenet-tags-lite2")
 DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: predict.Predictor says which is which
 # Rows predict holds at a time (mmfuse.inference.stream): a few GPU batches; ~0.6 GB of 224-px pixels for a tuned vision tower
 PREDICT_CHUNK = 4096

@@ -38,6 +38,7 @@ from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mmfuse.config import DEFAULT_CAPTIONER
 from mmfuse.data.images import IMAGE_SUFFIXES, load_image, to_rgb
 from mmfuse.data.records import MANIFEST_SUFFIXES, Problem, Record, data_error, find_problems, read_data, write_skipped
 from mmfuse.distributed import gather_lists, launch_state, share
@@ -47,7 +48,6 @@ from mmfuse.models.towers import EfficientNetLiteTower, PixelSpec, _hf_load, nor
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CAPTIONER = "nlpconnect/vit-gpt2-image-captioning"
 COLUMNS = ["image", "text", "hash", "model"]
 # PIL releases the GIL while decoding and resizing, so threads overlap file reads with the model.
 LOAD_WORKERS = max(1, min(32, os.cpu_count() or 1))

@@ -1,0 +1,31 @@
+"""``mmfuse evaluate``: a run scored on labelled data (metrics.json, the confusion matrix, the misclassified)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mmfuse.cli.flags import HelpFormatter, scoring, scoring_flags, speed
+from mmfuse.cli.printing import print_report
+from mmfuse.distributed import main_process
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a run on labelled data", formatter_class=HelpFormatter)
+    p.add_argument("run", help="run directory made by mmfuse train")
+    p.add_argument("data", help="folder or manifest")
+    p.add_argument("--out", help="directory for metrics.json and the confusion matrix (default RUN/eval)")
+    scoring_flags(p, "evaluate")
+    p.set_defaults(fn=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from mmfuse.inference.predictor import evaluate_file  # deferred: imports torch
+
+    report = evaluate_file(args.run, args.data, args.out, **scoring(args), **speed(args))
+    if not main_process():
+        return 0  # under accelerate launch, the main process reports for all
+    print_report(report)
+    out = args.out or Path(args.run) / "eval"
+    print(f"wrote {out}/metrics.json, confusion_matrix.csv and .png, errors.csv and errors.html (the misclassified)")
+    return 0

@@ -1,0 +1,40 @@
+"""``mmfuse predict``: labels for (unlabelled) data into a CSV, in chunks, with torch or the ONNX export."""
+
+from __future__ import annotations
+
+import argparse
+
+from mmfuse.cli.flags import HelpFormatter, scoring, scoring_flags, speed
+from mmfuse.distributed import main_process
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predict labels for (unlabelled) data", formatter_class=HelpFormatter)
+    p.add_argument("run", help="run directory made by mmfuse train")
+    p.add_argument("data", help="folder or manifest")
+    p.add_argument("--out", required=True, help="predictions CSV to write")
+    scoring_flags(p, "predict")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: the graph mmfuse export wrote (needs mmfuse[export]; --dtype and --compile do not apply)",
+    )
+    p.add_argument("--onnx", metavar="DIR", help="the export to run with --backend onnx (default RUN/export)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted predict of the same data, run and options after its last whole chunk "
+        "(with nothing to continue, start)",
+    )
+    p.set_defaults(fn=cmd_predict)
+
+
+def cmd_predict(args) -> int:
+    from mmfuse.inference.predictor import predict_file  # deferred: imports torch
+
+    options = {"backend": args.backend, "onnx_dir": args.onnx, "resume": args.resume}
+    path = predict_file(args.run, args.data, args.out, **scoring(args), **speed(args), **options)
+    if main_process():
+        print(f"wrote {path}")
+    return 0

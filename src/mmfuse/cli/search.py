@@ -1,0 +1,76 @@
+"""``mmfuse search``: hyperparameters searched with Optuna, each trial a run directory; resumable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mmfuse.cli.checks import out_dir
+from mmfuse.cli.flags import HelpFormatter, given, run_config, training_flags
+from mmfuse.cli.printing import print_leaderboard
+from mmfuse.config import PRESETS, ModelConfig, TrainConfig, resolve
+from mmfuse.errors import MmfuseError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search",
+        help="search hyperparameters with Optuna (the mmfuse[search] extra)",
+        formatter_class=HelpFormatter,
+        description="Train many trials of one config, each a run directory under OUT/trials/, with Optuna's TPE "
+        "sampler and median pruning on validation weighted F1. Trial 0 is the default config. The study lives in "
+        "OUT/study.sqlite: the same command run again continues it (a trial a killed search left unfinished runs "
+        "again). Writes OUT/leaderboard.csv and OUT/best.yaml (mmfuse train --config OUT/best.yaml --out RUN). "
+        "Settings given as flags stay fixed; the others are searched over a default space for --tune, or the "
+        "--space file.",
+    )
+    p.add_argument("data", help="training data: folder ROOT/<label>/<images> or .csv/.jsonl/.parquet manifest")
+    p.add_argument("--out", required=True, help="directory for the study, the trials, leaderboard.csv and best.yaml")
+    p.add_argument("--trials", type=int, required=True, help="trials to complete (or prune), counting earlier runs'")
+    p.add_argument(
+        "--space",
+        help="YAML search space replacing the default: key: {low: 0.0001, high: 0.01, log: true} for numbers, "
+        "key: [a, b] for choices; each key a training or model setting",
+    )
+    p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    training_flags(p)
+    p.set_defaults(fn=cmd_search)
+
+
+def cmd_search(args) -> int:
+    from mmfuse.recipes.search import SearchInterrupted, load_space, search  # deferred: imports torch
+
+    if args.trials < 1:
+        raise MmfuseError(f"--trials must be >= 1, got {args.trials}")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise MmfuseError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    out_dir(args.out)
+    cfg = run_config(args)
+    resolve(cfg)  # mistakes in the settings stop here, before the study is opened
+    if cfg.train.bag > 1:
+        raise MmfuseError(
+            "mmfuse search trains each trial as one run, not a bag: leave --bag out, then train the best config as a "
+            "bag with mmfuse train --config OUT/best.yaml --bag K --out RUN."
+        )
+    cfg.data.train = args.data
+    space = load_space(args.space) if args.space else None
+    # What the user set with flags (or a preset) stays as set: the default space leaves those keys out.
+    preset = PRESETS.get(args.preset or "", {})
+    fixed = {*given(args, ModelConfig), *given(args, TrainConfig), *(k for sec in preset.values() for k in sec)}
+    if not args.verbose:  # a line per trial, not per epoch of every trial
+        logging.getLogger("mmfuse.training.fit").setLevel(logging.WARNING)
+    try:
+        rows = search(cfg, args.out, args.trials, space, args.space, args.timeout, fixed, args.overwrite)
+    except SearchInterrupted as e:
+        print_leaderboard(e.rows[:5], f"top 5 of {len(e.rows)} trials")
+        print(f"interrupted; run the same command again to continue the search in {args.out}", file=sys.stderr)
+        return 130
+    print_leaderboard(rows[:5], f"top 5 of {len(rows)} trials")
+    if rows and rows[0]["state"] == "complete":
+        print(
+            f"wrote {args.out}/leaderboard.csv and best.yaml (trial {rows[0]['trial']}: "
+            f"{args.out}/trials/{rows[0]['trial']:03d}); train it again with: "
+            f"mmfuse train --config {args.out}/best.yaml --out RUN"
+        )
+    return 0

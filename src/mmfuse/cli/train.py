@@ -1,0 +1,103 @@
+"""``mmfuse train``: a classifier on a folder or manifest, one run or a bag; resumable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mmfuse.cli.checks import keep_earlier_work
+from mmfuse.cli.flags import HelpFormatter, run_config, training_flags
+from mmfuse.cli.printing import print_training
+from mmfuse.config import resolve
+from mmfuse.errors import MmfuseError
+
+log = logging.getLogger("mmfuse")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a classifier on a folder or manifest",
+        formatter_class=HelpFormatter,
+        description="Train a classifier. Defaults suit a CPU: the offline towers efficientnet-lite0 + minilm, with "
+        "MiniLM fine-tuned beside cached image features (--tune text: minutes on 2 cores for a few thousand rows); "
+        "--tune head trains only a head on cached features of both (seconds); --tune all fine-tunes both towers "
+        "as the reference does, which wants a GPU.",
+    )
+    p.add_argument(
+        "data",
+        nargs="?",
+        help="training data: folder ROOT/<label>/<images> or .csv/.jsonl/.parquet manifest (default: the --config "
+        "file's data.train)",
+    )
+    p.add_argument("--out", required=True, help="run directory to write")
+    training_flags(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its latest checkpoint (same data and settings)",
+    )
+    p.set_defaults(fn=cmd_train)
+
+
+def cmd_train(args) -> int:
+    # Each verb imports its library when it runs (deferred: the library imports torch, which --help, --version and
+    # light verbs never need).
+    from mmfuse.models.classifier import RUN_FILES
+    from mmfuse.training.bag import fit_bag
+    from mmfuse.training.checkpoint import checkpoints
+    from mmfuse.training.fit import Preempted, TrainingInterrupted, fit
+
+    cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
+    resume = getattr(args, "resume", False)
+    interrupted = checkpoints(Path(args.out))
+    if resume and not interrupted:
+        raise MmfuseError(f"--resume: {args.out} holds no checkpoint to continue from; train without --resume.")
+    if interrupted and not resume and not args.overwrite:
+        # Killed, preempted or stopped with Ctrl-C: the way on is to continue, not to start again.
+        raise MmfuseError(
+            f"--out {args.out} holds an interrupted run (its latest checkpoint: {interrupted[-1].name}). Continue it "
+            "with the same command and --resume, or pass --overwrite to start over."
+        )
+    if not resume:
+        # skipped.csv and captions.csv are what an unfinished run leaves behind for the next: not someone else's.
+        ours = RUN_FILES - {"skipped.csv", "captions.csv"}
+        keep_earlier_work(args.out, args.overwrite, ("metrics.json",), ours)
+    cfg.data.train = args.data or cfg.data.train  # a config such as a search's best.yaml names its data
+    if not cfg.data.train:
+        raise MmfuseError("Give the training data: mmfuse train DATA --out RUN (or a --config that names data.train).")
+    args.data = cfg.data.train
+    if cfg.data.val and Path(cfg.data.val).resolve() == Path(args.data).resolve():
+        log.warning("--val is the training data itself: the validation scores will flatter the model")
+    try:
+        if cfg.train.bag > 1:
+            if resume:
+                raise MmfuseError("--resume continues single runs; a bag keeps its finished members when stopped.")
+            result = fit_bag(cfg, args.out)
+        else:
+            result = fit(cfg, args.out, resume=resume)
+    except TrainingInterrupted as e:  # the kept epoch (or members) so far is saved; the exit code says it stopped
+        print_training(e.result, args.out)
+        if "bag" in e.result:
+            done, k = e.result["members_finished"], e.result["bag"]
+            print(f"interrupted; kept the {done} finished member(s) of {k} in {args.out}", file=sys.stderr)
+        else:
+            print(
+                f"interrupted after {e.result['epochs_run']} epoch(s); saved epoch {e.result['best_epoch']} to "
+                f"{args.out}",
+                file=sys.stderr,
+            )
+        return 130
+    except Preempted as e:
+        print(
+            f"stopped by SIGTERM; wrote the checkpoint {e.checkpoint}. Continue with the same command and --resume.",
+            file=sys.stderr,
+        )
+        return 143
+    except KeyboardInterrupt:
+        print("interrupted before the first epoch (or member) finished: nothing was saved", file=sys.stderr)
+        return 130
+    print_training(result, args.out)
+    return 0
