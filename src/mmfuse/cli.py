@@ -365,7 +365,7 @@ def cmd_datasets(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    from mmfuse.captioning.captioners import caption_file  # deferred: imports torch
+    from mmfuse.captioning.pipeline import caption_file  # deferred: imports torch
     from mmfuse.distributed import leave_launch
 
     for flag in ("batch_size", "max_new_tokens", "num_beams"):

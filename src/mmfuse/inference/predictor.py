@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mmfuse import metrics
-from mmfuse.captioning.captioners import fill_missing_captions
+from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import DTYPES
 from mmfuse.data.images import load_image, to_rgb
 from mmfuse.data.records import CHARS_PER_TOKEN, Record, clip_text, image_hashes, load_checked, read_data, text_problem

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmfuse import metrics
-from mmfuse.captioning.captioners import fill_missing_captions
+from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import TRACKERS, RunConfig, TrainConfig, resolve
 from mmfuse.data.records import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
 from mmfuse.distributed import main_process
