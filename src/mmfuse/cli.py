@@ -466,7 +466,7 @@ def print_report(report: dict) -> None:
 
 def cmd_cache(args) -> int:
     """``mmfuse cache info|prune|clear|verify``: the library part is in cache.py, this only prints."""
-    from mmfuse.features import cache as c  # torch-free
+    from mmfuse.features import cache_admin as c  # torch-free
 
     if args.action == "info":
         info = c.cache_info()
