@@ -22,7 +22,8 @@ from mmfuse.captioning.captioners import Captioner, HFCaptioner, build_captioner
 from mmfuse.captioning.decoder import GreedyGPT2Decoder
 from mmfuse.captioning.pipeline import COLUMNS, caption_file, fill_missing_captions
 from mmfuse.cli import main
-from mmfuse.data.records import Record, read_data
+from mmfuse.data.read import read_data
+from mmfuse.data.records import Record
 from mmfuse.errors import DataError, MmfuseError
 
 WORDS = [

@@ -25,8 +25,10 @@ from filelock import FileLock
 from PIL import Image
 
 from mmfuse.captioning.captioners import DEFAULT_CAPTIONER, Captioner, build_captioner, check_captioner_name
+from mmfuse.data.checks import find_problems, write_skipped
 from mmfuse.data.images import IMAGE_SUFFIXES, load_image
-from mmfuse.data.records import MANIFEST_SUFFIXES, Problem, Record, data_error, find_problems, read_data, write_skipped
+from mmfuse.data.read import MANIFEST_SUFFIXES, read_data
+from mmfuse.data.records import Problem, Record, data_error
 from mmfuse.distributed import gather_lists, launch_state, share
 from mmfuse.errors import MmfuseError
 from mmfuse.progress import Progress
