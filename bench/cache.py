@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MMFUSE_HOME"] = home
         import numpy as np
 
-        from mmfuse.features.cache import FeatureCache, cache_info, close_stores, verify_cache
+        from mmfuse.features.cache import FeatureCache, close_stores
+        from mmfuse.features.cache_admin import cache_info, verify_cache
 
         rng = np.random.default_rng(0)
         keys = [f"{i:064x}" for i in range(args.rows)]

@@ -51,7 +51,7 @@ def images_per_s(fn, pixels: torch.Tensor, max_new_tokens: int, iters: int, warm
 
 def check(model, decoder_kwargs: dict, pixels: torch.Tensor, max_new_tokens: int) -> str:
     """Fraction of images whose tokens equal ``generate``'s, in fp32 (bf16 near-ties could flip either side)."""
-    from mmfuse.captioning.captioners import GreedyGPT2Decoder
+    from mmfuse.captioning.decoder import GreedyGPT2Decoder
 
     model32 = model.float()
     pixels = pixels.float()
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    from mmfuse.captioning.captioners import GreedyGPT2Decoder
+    from mmfuse.captioning.decoder import GreedyGPT2Decoder
 
     transformers.utils.logging.set_verbosity_error()
     device = torch.device(args.device)

@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.model_selection import StratifiedKFold
 
     from mmfuse.config import PRESETS, ModelConfig, RunConfig
+    from mmfuse.data.checks import load_checked
     from mmfuse.data.datasets.emoji import emoji_dataset
-    from mmfuse.data.records import load_checked
     from mmfuse.features.sources import FeatureCache, build_dataset
     from mmfuse.inference.predictor import evaluate_file
     from mmfuse.models.classifier import build_model

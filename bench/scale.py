@@ -120,7 +120,7 @@ def cache_size(home: Path) -> tuple[float, int]:
 # The check pass alone, timed inside the child too (argv[2] gets its seconds): at small N the wall time of a child is
 # mostly Python starting and importing.
 CHECK = (
-    "import sys, time; from mmfuse.data.records import load_checked; t = time.perf_counter(); "
+    "import sys, time; from mmfuse.data.checks import load_checked; t = time.perf_counter(); "
     "load_checked(sys.argv[1], need_text=True); open(sys.argv[2], 'w').write(str(time.perf_counter() - t))"
 )
 TOWERS = ["--vision", "efficientnet-lite0", "--image-size", "64", "--text", "minilm"]

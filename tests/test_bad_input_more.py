@@ -12,7 +12,7 @@ from conftest import read_csv, write_csv
 from PIL import Image
 
 from mmfuse.cli import main
-from mmfuse.data.records import load_checked
+from mmfuse.data.checks import load_checked
 from mmfuse.errors import DataError, MmfuseError
 
 FAST = ["--tune", "head", "--epochs", "1"]

@@ -8,7 +8,7 @@ from conftest import read_csv, write_csv, write_toy
 
 import mmfuse
 from mmfuse.cli import main
-from mmfuse.data.records import load_checked
+from mmfuse.data.checks import load_checked
 from mmfuse.metrics import full_report
 from mmfuse.training import bag
 

@@ -22,16 +22,9 @@ import mmfuse.errors
 import mmfuse.features.cache
 from mmfuse.cli import main
 from mmfuse.config import ModelConfig
-from mmfuse.data.records import load_checked
-from mmfuse.features.cache import (
-    FeatureCache,
-    cache_info,
-    close_stores,
-    parse_size,
-    prune_cache,
-    store_for,
-    verify_cache,
-)
+from mmfuse.data.checks import load_checked
+from mmfuse.features.cache import FeatureCache, close_stores, store_for
+from mmfuse.features.cache_admin import cache_info, parse_size, prune_cache, verify_cache
 from mmfuse.features.sources import content_keys, embed
 from mmfuse.models.classifier import build_model
 from mmfuse.paths import mmfuse_home

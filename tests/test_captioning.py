@@ -17,18 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mmfuse.captioning import captioners as captioning
-from mmfuse.captioning.captioners import (
-    COLUMNS,
-    GreedyGPT2Decoder,
-    HFCaptioner,
-    caption_file,
-    caption_images,
-    fill_missing_captions,
-    imagenet_names,
-)
+from mmfuse.captioning import pipeline
+from mmfuse.captioning.captioners import Captioner, HFCaptioner, build_captioner, imagenet_names
+from mmfuse.captioning.decoder import GreedyGPT2Decoder
+from mmfuse.captioning.pipeline import COLUMNS, caption_file, fill_missing_captions
 from mmfuse.cli import main
-from mmfuse.data.records import Record, read_data
+from mmfuse.data.read import read_data
+from mmfuse.data.records import Record
 from mmfuse.errors import DataError, MmfuseError
 
 WORDS = [
@@ -223,7 +218,8 @@ def test_caption_folder_from_local_dir_works_as_captions(tiny_dirs, tmp_path):
     assert {r["model"] for r in rows} == {tiny_dirs["talkative"]}
     # the same captions as the library call, and the CSV is a valid --captions for the folder
     by_image = {r["image"]: r["text"] for r in rows}
-    assert caption_images(paths[:2], tiny_dirs["talkative"], max_new_tokens=6) == [
+    captioner = build_captioner(tiny_dirs["talkative"], max_new_tokens=6)
+    assert captioner([captioner.load(p) for p in paths[:2]]) == [
         by_image[p.relative_to(tmp_path / "imgs").as_posix()] for p in paths[:2]
     ]
     records, _ = read_data(tmp_path / "imgs", captions=out, need_label=False)
@@ -239,7 +235,7 @@ def test_rerun_skips_done_images_and_redoes_changed_ones(tiny_dirs, tmp_path, mo
     def no_model(*a, **k):
         raise AssertionError("nothing is left to caption: no model should load")
 
-    monkeypatch.setattr(captioning, "build_captioner", no_model)
+    monkeypatch.setattr(pipeline, "build_captioner", no_model)
     caption_file(tmp_path / "imgs", out, model=tiny_dirs["talkative"], show=False)
     assert read_rows(out) == first
     monkeypatch.undo()
@@ -338,7 +334,7 @@ def test_imagenet_tags_names_a_cat_for_chelsea():
     skimage_data = pytest.importorskip("skimage.data")
     names = imagenet_names()
     assert len(names) == 1000 and names[281] == "tabby" and names[285] == "Egyptian cat"
-    captioner = captioning.build_captioner("imagenet-tags")
+    captioner = build_captioner("imagenet-tags")
     chelsea = Image.fromarray(skimage_data.chelsea())
     top = captioner.top_classes([chelsea])[0].tolist()
     assert 281 <= top[0] <= 285
@@ -352,12 +348,12 @@ def test_fill_missing_captions_keeps_order_and_caches(tmp_path, monkeypatch):
     records.append(Record(paths[0], "", "x", 5, "copy-of-first.png"))  # the same image again: one caption
     calls = []
 
-    class Fake(captioning.Captioner):
+    class Fake(Captioner):
         def __call__(self, images):
             calls.append(len(images))
             return [f"colour {int(np.asarray(im).mean())}" for im in images]
 
-    monkeypatch.setattr(captioning, "build_captioner", lambda *a, **k: Fake())
+    monkeypatch.setattr(pipeline, "build_captioner", lambda *a, **k: Fake())
     cache = tmp_path / "run" / "captions.csv"
     filled = fill_missing_captions(records, "fake", cache)
     assert [r.row for r in filled] == [1, 2, 3, 4, 5] and filled[1].text == "given text"

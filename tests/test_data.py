@@ -13,8 +13,10 @@ from conftest import make_image, read_csv, write_csv
 from PIL import Image
 
 from mmfuse.cli import main
+from mmfuse.data.checks import load_checked
 from mmfuse.data.images import load_image
-from mmfuse.data.records import load_checked, read_data, stratified_split
+from mmfuse.data.read import read_data
+from mmfuse.data.splits import stratified_split
 from mmfuse.errors import DataError, MmfuseError
 
 

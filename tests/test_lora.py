@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import mmfuse
 from mmfuse.cli import main
 from mmfuse.config import LORA_LR, RunConfig
-from mmfuse.data.records import load_checked
+from mmfuse.data.checks import load_checked
 from mmfuse.models import lora
 from mmfuse.models.towers import build_text, minilm_path
 from mmfuse.training.fit import fit, run_epoch, save, setup

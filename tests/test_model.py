@@ -13,7 +13,7 @@ from conftest import make_image, read_csv, write_csv
 import mmfuse.features.cache
 from mmfuse.cli import main
 from mmfuse.config import ModelConfig
-from mmfuse.data.records import load_checked
+from mmfuse.data.checks import load_checked
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, embed
 from mmfuse.models.classifier import build_model

@@ -17,8 +17,10 @@ from PIL import Image
 
 from mmfuse import progress
 from mmfuse.data import filestats
+from mmfuse.data.checks import find_problems, load_checked
 from mmfuse.data.filestats import FileIndex
-from mmfuse.data.records import Record, find_problems, load_checked, read_data, read_manifest
+from mmfuse.data.read import read_data, read_manifest
+from mmfuse.data.records import Record
 from mmfuse.errors import DataError, MmfuseError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -111,7 +113,7 @@ def test_the_threaded_check_finds_every_problem_and_a_rerun_decodes_nothing(tmp_
     filestats._INDEXES.clear()  # a new process: only files.sqlite remembers
     # Missing files are looked for again every time (they may appear); nothing else is decoded again.
     fail = lambda path, _: "image file not found" if not os.path.exists(path) else pytest.fail("decoded again")  # noqa: E731
-    monkeypatch.setattr("mmfuse.data.records._check_image", fail)
+    monkeypatch.setattr("mmfuse.data.checks._check_image", fail)
     assert [(p.row, p.reason) for p in find_problems(records, workers=4)] == [(p.row, p.reason) for p in one]
 
 

@@ -28,7 +28,9 @@ from PIL import Image
 
 import mmfuse
 from mmfuse.cli import main
-from mmfuse.inference.serve import Batcher, Metrics, RequestError, create_app
+from mmfuse.inference.serve.app import create_app
+from mmfuse.inference.serve.batching import Batcher, Metrics
+from mmfuse.inference.serve.requests import RequestError
 
 SRC = Path(mmfuse.__file__).resolve().parents[1]
 UPLOAD_LIMIT = 2 * 2**20

@@ -19,7 +19,7 @@ import torch
 from conftest import LAUNCH_2, read_csv, write_csv, write_toy
 from test_captioning import save_captioner, tiny_vit_gpt2, write_images
 
-from mmfuse.captioning.captioners import caption_file, part_files
+from mmfuse.captioning.pipeline import caption_file, part_files
 from mmfuse.distributed import share
 from mmfuse.features.sources import FeatureCache
 

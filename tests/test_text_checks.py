@@ -11,7 +11,7 @@ import pytest
 from conftest import read_csv
 from PIL import Image
 
-from mmfuse.data.records import CHARS_PER_TOKEN, MAX_TEXT_CHARS, clip_text, load_checked
+from mmfuse.data.checks import CHARS_PER_TOKEN, MAX_TEXT_CHARS, clip_text, load_checked
 from mmfuse.errors import DataError
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmfuse.captioning import captioners as captioning
-from mmfuse.captioning.captioners import fill_missing_captions, locked
+from mmfuse.captioning import pipeline as captioning
+from mmfuse.captioning.pipeline import fill_missing_captions, locked
 from mmfuse.cli import main
 from mmfuse.data.datasets import emoji
 from mmfuse.data.records import Record

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cache(args) -> int:
-    from mmfuse.features import cache as c  # deferred: imports numpy, which --help never needs (torch-free)
+    from mmfuse.features import cache_admin as c  # deferred: imports numpy, which --help never needs (torch-free)
 
     if args.action == "info":
         info = c.cache_info()

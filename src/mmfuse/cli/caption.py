@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_caption(args) -> int:
-    from mmfuse.captioning.captioners import caption_file  # deferred: imports torch
+    from mmfuse.captioning.pipeline import caption_file  # deferred: imports torch
 
     for flag in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, flag) < 1:  # 0 failed inside range(), a negative batch size captioned nothing

@@ -33,7 +33,7 @@ def cmd_serve(args) -> int:
     missing = [m for m in ("fastapi", "uvicorn", "python_multipart") if importlib.util.find_spec(m) is None]
     if missing:
         raise MmfuseError(f"mmfuse serve needs {', '.join(missing)}: pip install 'mmfuse[serve]'")
-    from mmfuse.inference.serve import serve  # deferred: imports torch
+    from mmfuse.inference.serve.app import serve  # deferred: imports torch
 
     if args.max_upload_mb <= 0:
         raise MmfuseError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")

@@ -35,8 +35,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mmfuse.data.checks import load_checked
 from mmfuse.data.images import load_image
-from mmfuse.data.records import Record, load_checked
+from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class OnnxPredictor:
 
     @property
     def max_chars(self) -> int:
-        from mmfuse.data.records import CHARS_PER_TOKEN
+        from mmfuse.data.checks import CHARS_PER_TOKEN
 
         return self.cfg.model.max_length * CHARS_PER_TOKEN
 

@@ -14,10 +14,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mmfuse import metrics
-from mmfuse.captioning.captioners import fill_missing_captions
+from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import DTYPES
+from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked, text_problem
 from mmfuse.data.images import load_image, to_rgb
-from mmfuse.data.records import CHARS_PER_TOKEN, Record, clip_text, image_hashes, load_checked, read_data, text_problem
+from mmfuse.data.read import read_data
+from mmfuse.data.records import Record, image_hashes
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, MultimodalDataset, PixelCache, batch_collate, build_dataset
 from mmfuse.inference.report import write_errors

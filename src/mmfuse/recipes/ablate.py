@@ -13,7 +13,7 @@ import torch
 
 from mmfuse import metrics
 from mmfuse.config import RunConfig, resolve
-from mmfuse.data.records import read_data
+from mmfuse.data.read import read_data
 from mmfuse.distributed import launched, main_process
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset

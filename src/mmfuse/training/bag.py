@@ -39,7 +39,9 @@ import torch
 
 from mmfuse import metrics
 from mmfuse.config import RunConfig, resolve
-from mmfuse.data.records import Record, label_list, read_table
+from mmfuse.data.read import read_table
+from mmfuse.data.records import Record
+from mmfuse.data.splits import label_list
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.models.classifier import build_model

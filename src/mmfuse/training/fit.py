@@ -36,9 +36,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mmfuse import metrics
-from mmfuse.captioning.captioners import fill_missing_captions
+from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import TRACKERS, RunConfig, TrainConfig, resolve
-from mmfuse.data.records import CHARS_PER_TOKEN, Record, label_list, load_checked, stratified_split
+from mmfuse.data.checks import CHARS_PER_TOKEN, load_checked
+from mmfuse.data.records import Record
+from mmfuse.data.splits import label_list, stratified_split
 from mmfuse.distributed import main_process
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, batch_collate, build_dataset, embed, present_mask

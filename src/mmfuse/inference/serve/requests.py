@@ -1,0 +1,244 @@
+"""Reading a ``mmfuse serve`` request: the body within its limit, JSON or multipart items, images and texts checked.
+
+Every check here runs before a row is queued, so a bad item is refused with a ``RequestError`` (a status, a code and a
+message) rather than failing a batch that holds other requests' rows.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import Request
+from PIL import Image, UnidentifiedImageError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from mmfuse.data.images import MAX_PIXELS, check_size, to_rgb
+from mmfuse.inference.predictor import Predictor
+
+MAX_UPLOAD_BYTES = 16 * 2**20
+MAX_TEXT_CHARS = 10_000  # far past any text tower's max_length; only a bound on what a request may make us tokenize
+MAX_ITEMS = 256
+INPUT_FIELDS = {"image", "text"}
+
+
+class RequestError(Exception):
+    """A request the server refuses: answered with ``status`` and a JSON body ``{"error": code, "message": ...}``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+@dataclass
+class Limits:
+    """What one request may ask of the server."""
+
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    """Largest request body; refused (413) as soon as it is declared or read past, never buffered whole."""
+    max_pixels: int = MAX_PIXELS
+    """Largest image in pixels, the decompression-bomb limit training uses; checked before decoding."""
+    max_text_chars: int = MAX_TEXT_CHARS
+    """Longest text, in characters."""
+    max_items: int = MAX_ITEMS
+    """Most items in one JSON batch request."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) once it is declared or read past ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, "bad_content_length", f"Content-Length {declared!r} is not a number")
+        if int(declared) > limit:
+            raise RequestError(413, "upload_too_large", _too_large(int(declared), limit))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, "upload_too_large", _too_large(None, limit))
+    if not body:
+        raise RequestError(400, "empty_body", "the request body is empty")
+    return bytes(body)
+
+
+def _too_large(size: int | None, limit: int) -> str:
+    what = f"{size:,} bytes" if size is not None else "over the limit"
+    return f"the upload is {what}; the limit is {limit:,} bytes ({limit / 2**20:.0f} MB, set by --max-upload-mb)"
+
+
+def parse_json(body: bytes, limits: Limits) -> tuple[list[dict], bool]:
+    """Items of a JSON body ``{"image": base64, "text": str}`` or ``{"items": [...]}``, and whether it was one item."""
+    try:
+        doc = json.loads(body)
+    except UnicodeDecodeError:
+        raise RequestError(400, "bad_json", "the body is not UTF-8 text") from None
+    except ValueError as e:
+        raise RequestError(400, "bad_json", f"the body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise RequestError(422, "bad_json", f"the body must be a JSON object, not {_json_type(doc)}")
+    if "items" not in doc:
+        return [_item(doc, None)], True
+    if set(doc) != {"items"}:
+        raise RequestError(
+            422, "bad_json", f"a batch body holds only 'items'; also found {sorted(set(doc) - {'items'})}"
+        )
+    items = doc["items"]
+    if not isinstance(items, list):
+        raise RequestError(422, "bad_json", f"'items' must be a list of objects, not {_json_type(items)}")
+    if not items:
+        raise RequestError(422, "bad_json", "'items' is empty")
+    if len(items) > limits.max_items:
+        raise RequestError(413, "too_many_items", f"{len(items)} items; one request may hold {limits.max_items}")
+    return [_item(item, i) for i, item in enumerate(items)], False
+
+
+def _item(item, i: int | None) -> dict:
+    where = "" if i is None else f"item #{i}: "
+    if not isinstance(item, dict):
+        raise RequestError(422, "bad_json", f"{where}must be an object with 'image' and 'text', not {_json_type(item)}")
+    unknown = set(item) - INPUT_FIELDS
+    if unknown:
+        raise RequestError(422, "bad_json", f"{where}unknown field(s) {sorted(unknown)}; an item has image and text")
+    image, text = item.get("image"), item.get("text")
+    if image is not None:
+        if not isinstance(image, str):
+            raise RequestError(422, "bad_json", f"{where}'image' must be a base64 string, not {_json_type(image)}")
+        if image.startswith("data:") and "," in image:  # a data URL, as a browser's FileReader gives
+            image = image.split(",", 1)[1]
+        try:
+            image = base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(422, "bad_image", f"{where}'image' is not valid base64") from None
+    if text is not None and not isinstance(text, str):
+        raise RequestError(422, "bad_json", f"{where}'text' must be a string, not {_json_type(text)}")
+    return {"image": image, "text": text, "index": i}
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def parse_multipart(body: bytes, content_type: str) -> dict:
+    """The ``image`` and ``text`` parts of a multipart/form-data body, as raw bytes.
+
+    Parsed here rather than by Starlette's form reader, which decodes a field that is not UTF-8 as Latin-1 (so the
+    model would read mojibake) and spools uploads to disk with no size limit.
+    """
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise RequestError(400, "bad_multipart", "multipart/form-data without a boundary")
+    parts: list[dict] = []
+    header = [bytearray(), bytearray()]
+    ended = []
+
+    def header_end():
+        parts[-1]["headers"][bytes(header[0]).lower().strip()] = bytes(header[1])
+        header[0].clear()
+        header[1].clear()
+
+    callbacks = {
+        "on_part_begin": lambda: parts.append({"headers": {}, "data": bytearray()}),
+        "on_part_data": lambda data, start, end: parts[-1]["data"].extend(data[start:end]),
+        "on_header_field": lambda data, start, end: header[0].extend(data[start:end]),
+        "on_header_value": lambda data, start, end: header[1].extend(data[start:end]),
+        "on_header_end": header_end,
+        "on_end": lambda: ended.append(True),
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except Exception as e:  # python-multipart's parse errors; any of them means a malformed body
+        raise RequestError(400, "bad_multipart", f"the multipart body is malformed: {e}") from None
+    if not ended:
+        raise RequestError(400, "bad_multipart", "the multipart body ends before its closing boundary")
+    fields: dict[str, bytes] = {}
+    for part in parts:
+        _, options = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name not in INPUT_FIELDS:
+            raise RequestError(422, "bad_form", f"unknown form field {name!r}; send 'image' (a file) and 'text'")
+        if name in fields:
+            raise RequestError(422, "bad_form", f"form field {name!r} given twice; send one item per request")
+        fields[name] = bytes(part["data"])
+    text = fields.get("text")
+    if text is not None:
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(422, "bad_text", f"'text' is not UTF-8 (byte {e.start})") from None
+    return {"image": fields.get("image"), "text": text, "index": None}
+
+
+def decode_image(data: bytes | None, max_pixels: int, where: str = "") -> Image.Image:
+    """An uploaded image as RGB, as training reads one: the size checked from the header before any decoding."""
+    if data is None:
+        raise RequestError(422, "missing_image", f"{where}no 'image'; this model needs one")
+    if not data:
+        raise RequestError(422, "empty_image", f"{where}the image upload is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            try:
+                check_size(img, max_pixels)
+            except ValueError as e:
+                raise RequestError(413, "image_too_large", f"{where}{e}") from None
+            img.load()
+            rgb = to_rgb(img)
+    except RequestError:
+        raise
+    except UnidentifiedImageError:
+        raise RequestError(
+            422, "bad_image", f"{where}the upload is not an image in a format Pillow reads (JPEG, PNG, WebP, ...)"
+        ) from None
+    except Exception as e:  # PIL raises many types for a corrupt file; all mean the same to the client
+        raise RequestError(422, "bad_image", f"{where}the image cannot be decoded ({type(e).__name__}: {e})") from None
+    if 0 in rgb.size:
+        raise RequestError(422, "bad_image", f"{where}the image is empty ({rgb.size[0]}x{rgb.size[1]} pixels)")
+    return rgb
+
+
+def check_text(text: str | None, predictor: Predictor, limits: Limits, where: str = "") -> str:
+    text = text or ""
+    if len(text) > limits.max_text_chars:
+        raise RequestError(
+            422, "text_too_long", f"{where}'text' is {len(text):,} characters; the limit is {limits.max_text_chars:,}"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud800"
+        raise RequestError(422, "bad_text", f"{where}'text' is not valid Unicode (a lone surrogate)") from None
+    if not text.strip() and "text" in predictor.model.modalities and not predictor.accepts_missing_text:
+        raise RequestError(
+            422,
+            "missing_text",
+            f"{where}no 'text'; this model was trained without --modality-dropout and needs text with every image",
+        )
+    return text
+
+
+def prepare(items: list[dict], predictor: Predictor, limits: Limits) -> tuple[list[Image.Image] | None, list[str]]:
+    """Checks every item and decodes its image: a bad item is refused before any row is queued."""
+    uses_images = "image" in predictor.model.modalities
+    images, texts = [], []
+    for item in items:
+        where = "" if item["index"] is None else f"item #{item['index']}: "
+        texts.append(check_text(item["text"], predictor, limits, where))
+        if uses_images:  # a text-only model reads no image, as predict(None, texts) reads none
+            images.append(decode_image(item["image"], limits.max_pixels, where))
+    return (images if uses_images else None), texts
+
+
+def answer(probs: np.ndarray, classes: list[str]) -> dict:
+    top = int(probs.argmax())
+    return {
+        "label": classes[top],
+        "confidence": float(probs[top]),
+        "probabilities": {c: float(p) for c, p in zip(classes, probs)},
+    }
