@@ -196,6 +196,8 @@ class HFVisionTower(Tower):
         return {"pixel_values": self.processor(list(images), return_tensors="pt")["pixel_values"]}
 
     def forward_features(self, pixel_values: torch.Tensor):
+        """The model's whole output (a ``ModelOutput``), not only its last hidden state: ``forward`` may pool with
+        the model's own ``pooler_output``."""
         return self.model(pixel_values=self.float_pixels(pixel_values))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
