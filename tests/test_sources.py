@@ -1,5 +1,5 @@
-"""sources: the uint8 pixel cache reproduces the towers' own preprocessing, batches normalise on the device, and
-each modality's source gives what the raw path gives."""
+"""sources: the uint8 pixel cache holds the towers' own pixels (which reproduce their image processors), batches
+normalise on the device, and each modality's source gives what the raw path gives."""
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ from mmfuse.features.sources import (
     ImageFileSource,
     PixelCache,
     PixelSource,
+    TokenizedTexts,
     batch_collate,
     build_dataset,
     decode_resized,
@@ -48,10 +49,12 @@ def test_cached_pixels_equal_the_towers_preprocessing(model, jpegs):
 
     spec = model.vision.pixel_spec
     assert (spec.height, spec.width) == (32, 32)
-    ref = model.vision.preprocess([load_image(p) for p in jpegs])["pixel_values"]
+    images = [load_image(p) for p in jpegs]
+    ref = model.vision.processor(images, return_tensors="pt")["pixel_values"]  # what the spec was read from
     pixels = load_pixels(jpegs, spec, workers=2)
     assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, 32, 32)
     torch.testing.assert_close(normalize(pixels, spec), ref, atol=1e-5, rtol=0)
+    assert torch.equal(model.vision.preprocess(images)["pixel_values"], pixels)  # the tower's own: the same pixels
 
 
 def test_packaged_efficientnet_spec_matches_its_preprocess():
@@ -61,10 +64,11 @@ def test_packaged_efficientnet_spec_matches_its_preprocess():
     spec = tower.pixel_spec
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     arr = np.asarray(img.resize((40, 40), Image.BICUBIC), dtype=np.float32)
+    # The packaged towers' float preprocessing as it always was, bit for bit: their frozen features do not change.
     ref = torch.from_numpy((arr / 255.0 - 0.5) / 0.5).permute(2, 0, 1)[None]
     out = normalize(torch.from_numpy(decode_resized(img, spec))[None], spec)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(tower.preprocess([img])["pixel_values"], ref, atol=1e-5, rtol=0)
+    assert torch.equal(out, ref)
+    assert torch.equal(tower.float_pixels(tower.preprocess([img])["pixel_values"]), ref)
 
 
 def test_cache_hits_on_the_second_load_and_misses_a_changed_file(model, jpegs, tmp_path):
@@ -104,6 +108,7 @@ def test_pixel_batches_give_the_same_logits_as_the_raw_path(model, jpegs):
     raw = next(iter(DataLoader(raw_ds, 5, collate_fn=batch_collate)))
     px = next(iter(DataLoader(px_ds, 5, collate_fn=batch_collate)))
     assert px["image"]["pixel_values"].dtype == torch.uint8  # normalised by the tower, on the device
+    assert torch.equal(px["image"]["pixel_values"], raw["image"]["pixel_values"])  # decoded each epoch: the same
     assert torch.equal(px["labels"], raw["labels"]) and torch.equal(px["present"], raw["present"])
     with torch.inference_mode():
         a = model(**{k: v for k, v in raw.items() if k != "labels"})
@@ -111,7 +116,9 @@ def test_pixel_batches_give_the_same_logits_as_the_raw_path(model, jpegs):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_jpegs_bound_for_a_small_size_decode_at_a_reduced_scale(tmp_path):
+def test_jpegs_decode_at_a_reduced_scale_only_where_asked_never_for_a_tower(tmp_path):
+    """``load_image(at_least=...)`` drafts a JPEG (report thumbnails ask for it); a tower's pixels are decoded in
+    full."""
     from mmfuse.data.images import load_image
 
     x = np.linspace(0, 255, 640)[None, :, None] * np.ones((480, 1, 3))
@@ -120,16 +127,15 @@ def test_jpegs_bound_for_a_small_size_decode_at_a_reduced_scale(tmp_path):
     assert load_image(tmp_path / "a.jpg", at_least=224).size == (320, 240)  # 1/2 scale keeps both sides >= 224
     assert load_image(tmp_path / "a.jpg", at_least=300).size == (640, 480)  # 1/2 would cut 480 to 240 < 300
     assert load_image(tmp_path / "a.png", at_least=224).size == (640, 480)  # only JPEGs have a reduced scale
+    # A tower's pixels never come from a reduced scale: serving gets decoded images, and must see the same pixels.
     spec = PixelSpec(224, 224, Image.BILINEAR, 1 / 255, (0.5,) * 3, (0.5,) * 3)
     full = np.asarray(load_image(tmp_path / "a.jpg").resize((224, 224), Image.BILINEAR)).transpose(2, 0, 1)
-    assert np.abs(decode_resized(tmp_path / "a.jpg", spec).astype(float) - full).mean() < 2
+    assert np.array_equal(decode_resized(tmp_path / "a.jpg", spec), full)
 
 
 def test_texts_tokenized_once_give_what_the_tokenizer_gives(model, monkeypatch):
     """Fine-tuning tokenizes each distinct text once and then only pads: the same ids and mask as the tower's own
     preprocess, and with padding to a multiple of 8 (the GPU default) the same features."""
-    from mmfuse.models.towers import TokenizedTexts
-
     tower = model.towers["text"]
     texts = ["a red square", "", "a much longer text with many more words in it than the others", "a red square"]
     calls = []

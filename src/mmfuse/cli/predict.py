@@ -31,10 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args) -> int:
-    from mmfuse.inference.predictor import predict_file  # deferred: imports torch
+    from mmfuse.inference.backends import loader  # deferred: imports torch
+    from mmfuse.inference.predictor import predict_file
 
-    options = {"backend": args.backend, "onnx_dir": args.onnx, "resume": args.resume}
-    path = predict_file(args.run, args.data, args.out, **scoring(args), **speed(args), **options)
+    load = loader(args.run, args.backend, args.onnx, **speed(args))
+    path = predict_file(args.run, args.data, args.out, **scoring(args), resume=args.resume, load=load)
     if main_process():
         print(f"wrote {path}")
     return 0

@@ -37,7 +37,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, at_least: int | N
 
     ``at_least``: the image is about to be resized to fit this many pixels a side, so a JPEG may be decoded at a
     reduced scale (1/2, 1/4 or 1/8, in the DCT) as long as both sides stay at least this long: a 640x480 photo bound
-    for 224 px decodes at 320x240, several times faster.
+    for 224 px decodes at 320x240, several times faster. Only for pictures people look at (report thumbnails): a
+    tower's pixels are always decoded in full (``towers.image_pixels``), since serving receives images already
+    decoded and must see the pixels training saw.
 
     Raises:
         ValueError: the image is larger than ``max_pixels``.

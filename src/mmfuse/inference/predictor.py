@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from mmfuse import metrics
 from mmfuse.captioning.pipeline import fill_missing_captions
-from mmfuse.config import DTYPES
+from mmfuse.config import DTYPES, RunConfig
 from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked, text_problem
 from mmfuse.data.images import load_image, to_rgb
 from mmfuse.data.read import read_data
@@ -76,6 +76,8 @@ class Predictor:
         compile: torch.compile the model (``mmfuse.models.compile.compile_model``: each encoder layer of the towers) for
             repeated large batches on a GPU; the first batch pays the compile.
     """
+
+    backend = "torch"
 
     def __init__(self, run_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False):
         if dtype not in DTYPES:
@@ -224,21 +226,54 @@ class Predictor:
         return self.predict_dataset(ds, batch_size or (256 if self.device.type == "cuda" else 64))
 
     def load_data(self, data, captions=None, need_label=False, skip_bad=False, skipped_csv=None) -> list[Record]:
-        records = load_checked(
+        """Checked records of ``data`` for this run (``load_inputs``)."""
+        return load_inputs(
             data,
-            captions=captions,
-            labels=self.classes,
-            need_label=need_label,
-            need_text=not (self.accepts_missing_text or self.cfg.data.caption_missing),
-            skip_bad=skip_bad,
-            skipped_csv=skipped_csv,
-            max_chars=self.max_chars,
-            no_text_reason="no text, and this model was trained without --modality-dropout so it needs text "
-            "(give it text, caption the images, or retrain with --modality-dropout 0.2)",
+            self.cfg,
+            self.classes,
+            self.run_dir,
+            self.accepts_missing_text,
+            captions,
+            need_label,
+            skip_bad,
+            skipped_csv,
         )
-        if self.cfg.data.caption_missing and any(not r.text.strip() for r in records):
-            records = fill_missing_captions(records, self.cfg.data.caption_missing, self.run_dir / "captions.csv")
-        return records
+
+
+def load_inputs(
+    data,
+    cfg: RunConfig,
+    classes: list[str],
+    run_dir: Path,
+    accepts_missing_text: bool,
+    captions=None,
+    need_label: bool = False,
+    skip_bad: bool = False,
+    skipped_csv=None,
+) -> list[Record]:
+    """Checked records of ``data`` as a run reads them for predict and evaluate, whichever backend then predicts:
+    labels among ``classes``, texts cut to the run's length, missing texts captioned where the run was trained so.
+
+    Args:
+        cfg: the run's config (``config.yaml``).
+        run_dir: the run, where captions made for missing texts are kept (``captions.csv``).
+        accepts_missing_text: whether the model takes rows without text (trained with modality dropout).
+    """
+    records = load_checked(
+        data,
+        captions=captions,
+        labels=classes,
+        need_label=need_label,
+        need_text=not (accepts_missing_text or cfg.data.caption_missing),
+        skip_bad=skip_bad,
+        skipped_csv=skipped_csv,
+        max_chars=cfg.model.max_length * CHARS_PER_TOKEN,
+        no_text_reason="no text, and this model was trained without --modality-dropout so it needs text "
+        "(give it text, caption the images, or retrain with --modality-dropout 0.2)",
+    )
+    if cfg.data.caption_missing and any(not r.text.strip() for r in records):
+        records = fill_missing_captions(records, cfg.data.caption_missing, Path(run_dir) / "captions.csv")
+    return records
 
 
 def _as_list(items, name: str, one: str) -> list:
@@ -322,24 +357,22 @@ def predict_file(
     skip_bad=False,
     dtype="auto",
     compile=False,
-    backend="torch",
-    onnx_dir=None,
     chunk_size: int = DEFAULT_CHUNK,
     resume: bool = False,
     cache: bool = False,
+    load: Callable | None = None,
 ) -> Path:
     """Writes one row per input image, in input order: row (the input's row, from 0), image, true_label and correct
     (when the input has labels), label, confidence, p_<class>...
 
-    Rows are predicted and appended ``chunk_size`` at a time (``mmfuse.inference.stream``), so memory does not grow with the
-    input; ``resume`` continues an interrupted prediction of the same input, run and options after its last whole
-    chunk. Under ``accelerate launch`` each process predicts one contiguous shard, and the file is the same.
+    Rows are predicted and appended ``chunk_size`` at a time (``mmfuse.inference.stream``), so memory does not grow
+    with the input; ``resume`` continues an interrupted prediction of the same input, run and options after its last
+    whole chunk. Under ``accelerate launch`` each process predicts one contiguous shard, and the file is the same.
 
-    ``backend="onnx"`` runs the graph ``mmfuse export`` wrote to ``onnx_dir`` (default RUN/export) instead of torch.
-    ``cache``: store the features (or decoded images) of inputs the caches miss, not only read their hits.
+    ``load(device)`` gives the predictor to run (``inference.backends.loader``: torch, or the graph ``mmfuse export``
+    wrote); default: ``Predictor(run_dir, device, dtype, compile)``. ``cache``: store the features (or decoded images)
+    of inputs the caches miss, not only read their hits.
     """
-    if backend not in ("torch", "onnx"):
-        raise MmfuseError(f"backend must be torch or onnx, got {backend!r}")
     check_chunk_size(chunk_size)
     out_csv = Path(out_csv)
     if out_csv.is_dir():
@@ -369,13 +402,11 @@ def predict_file(
     if not os.access(existing, os.W_OK):
         raise MmfuseError(f"--out {out_csv}: the folder {existing} is not writable.")
     procs = processes()
-    if backend == "onnx":
-        from mmfuse.inference.export import OnnxPredictor, find_export
-
-        onnx_dir = find_export(run_dir, onnx_dir)
-        predictor = OnnxPredictor(onnx_dir, run_dir)
-    else:
+    if load is None:
         predictor = Predictor(run_dir, device=procs.device, dtype=dtype, compile=compile)
+    else:
+        predictor = load(procs.device)
+    backend = predictor.backend
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
     with procs.main_first():  # every process checks every row (the main one first, filling the check index)
         if procs.is_main:
@@ -388,7 +419,7 @@ def predict_file(
         "options": {
             "backend": backend,
             "dtype": getattr(predictor, "dtype", None),  # as resolved: auto is fp32 on a CPU, autocast on a GPU
-            "onnx": str(Path(onnx_dir).resolve()) if backend == "onnx" else None,
+            "onnx": str(predictor.dir.resolve()) if backend == "onnx" else None,
         },
     }
     # The ONNX graph runs every tower on raw inputs: it has no cache to fill.

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from mmfuse.config import PREDICT_CHUNK as DEFAULT_CHUNK
 from mmfuse.data.records import Record
 from mmfuse.distributed import gather_lists, launch_state, shard_bounds
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.report import input_row
+from mmfuse.progress import Progress
 
 log = logging.getLogger(__name__)
 PROGRESS_FORMAT = 1
@@ -103,12 +103,11 @@ def predict_chunks(
 ) -> Iterator[np.ndarray]:
     """Probabilities for ``records``, ``chunk_size`` rows at a time: only one chunk's features are ever held.
     ``options`` go to each ``predict_records`` call (e.g. ``cache``)."""
-    bar = tqdm(total=len(records), unit="row", desc="predicting", disable=None if show else True)
-    for start in range(0, len(records), chunk_size):
-        probs = predictor.predict_records(records[start : start + chunk_size], show=False, **(options or {}))
-        bar.update(len(probs))
-        yield probs
-    bar.close()
+    with Progress(len(records), "predicting", show=show) as bar:
+        for start in range(0, len(records), chunk_size):
+            probs = predictor.predict_records(records[start : start + chunk_size], show=False, **(options or {}))
+            bar.update(len(probs))
+            yield probs
 
 
 def predict_all(

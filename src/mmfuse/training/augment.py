@@ -8,9 +8,10 @@ The reference design passes each training image through an optional ``data_augme
   resampling (``F.affine_grid`` + ``F.grid_sample``, bilinear): a kernel for the batch, not a loop over images;
 - brightness, contrast and saturation jitter, as batched arithmetic.
 
-It works on the uint8 pixels of the pixel cache (``sources.PixelSource``) before the tower normalises them, and gives
-uint8 back, so the fast path stays one gather and a normalise on the device. Batches decoded every epoch
-(``sources.ImageFileSource``) arrive already normalised: they are taken back to pixel values with the tower's
+It works on uint8 pixels before the tower normalises them, and gives uint8 back, so the fast path stays one gather and
+a normalise on the device: the pixel cache's (``sources.PixelSource``), and those of batches decoded every epoch
+(``sources.ImageFileSource``) for a tower with a ``PixelSpec``, which are the same. Only a tower whose image processor
+crops or pads gives float batches, already normalised: they are taken back to pixel values with the processor's
 normalisation, augmented the same way, and normalised again. Only ``train.train_step`` calls it: validation and
 prediction never see it. Its random numbers come from its own generator on the device, seeded for each batch from the
 run's seed, the epoch and the step (``reseed``), so a run repeats itself, resumed or not.
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mmfuse.models.towers.base import processor_normalisation
 
 log = logging.getLogger(__name__)
 # ITU-R 601 luma, the grey that contrast and saturation blend towards (as PIL's and torchvision's).
@@ -163,17 +166,7 @@ def tower_normalisation(tower) -> tuple[float, tuple, tuple] | None:
     p = getattr(tower, "processor", None)
     if p is None or not hasattr(p, "image_mean"):
         return None
-
-    def per_channel(v, default: float) -> tuple:
-        v = default if v is None else v
-        return tuple(float(x) for x in v) if isinstance(v, list | tuple) else (float(v),) * 3
-
-    normalise = getattr(p, "do_normalize", True)
-    return (
-        float(p.rescale_factor) if getattr(p, "do_rescale", True) else 1.0,
-        per_channel(p.image_mean, 0.0) if normalise else (0.0,) * 3,
-        per_channel(p.image_std, 1.0) if normalise else (1.0,) * 3,
-    )
+    return processor_normalisation(p)
 
 
 def make_augmenter(

@@ -1,8 +1,7 @@
-"""Exporting a run to one ONNX graph, checked against the torch model before anything may use it; and running it.
+"""Exporting a run to one ONNX graph, checked against the torch model before anything may use it.
 
     mmfuse export runs/quickstart --out runs/quickstart/export             # synthetic rows for the parity gate
     mmfuse export runs/quickstart --out runs/quickstart/export --data val.csv   # real rows for it
-    mmfuse predict runs/quickstart data.csv --out preds.csv --backend onnx
 
 The graph takes what the towers' preprocessing makes (token ids and attention mask, int64; pixels already resized
 and normalised, float32 N x 3 x H x W) and gives ``logits`` and ``probs``, with dynamic batch and sequence axes.
@@ -13,16 +12,15 @@ it better than a graph would, and a deployment can batch and cache around it.
 ones that learned what a missing text means; every other graph treats all modalities as present, as ``Predictor``
 does (it refuses rows without text for such models).
 
-The parity gate runs the graph in onnxruntime, through the preprocessing written beside it, against
-``Predictor.predict`` on the same raw rows (batch sizes 1, 2 and 7; short texts and texts at max_length tokens;
-images of several sizes) and refuses the export when any probability differs by more than 1e-4 or any top-1 differs.
-onnx and onnxruntime are the optional extra ``mmfuse[export]``, imported only here and only when used.
+The parity gate runs the graph in onnxruntime, through the preprocessing written beside it (``runtime.OnnxPredictor``),
+against ``Predictor.predict`` on the same raw rows (batch sizes 1, 2 and 7; short texts and texts at max_length
+tokens; images of several sizes) and refuses the export when any probability differs by more than 1e-4 or any top-1
+differs. onnx and onnxruntime are the optional extra ``mmfuse[export]``, imported only when used.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import shutil
@@ -35,14 +33,16 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mmfuse import __version__
 from mmfuse.data.checks import load_checked
 from mmfuse.data.images import load_image
-from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
+from mmfuse.inference.export.runtime import OnnxPredictor, require_onnx, sha256
+from mmfuse.inference.predictor import Predictor
+from mmfuse.models.lora import merge_adapters
 
 log = logging.getLogger(__name__)
 
-INSTALL = "pip install 'mmfuse[export]'"
 TOLERANCE = 1e-4
 """Largest absolute difference in any probability the parity gate accepts."""
 PARITY_BATCHES = (1, 2, 7)
@@ -53,19 +53,6 @@ SYNTHETIC_SIZES = [(64, 64), (37, 23), (300, 200), (20, 500), (128, 96), (33, 33
 EXPORT_FILES = ("model.onnx", "model.onnx.data", "model.failed.onnx", "export.json", "README.md")
 EXPORT_DIRS = ("tokenizer", "image_processor")
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
-def require_onnx():
-    """onnx and onnxruntime, or an error naming the extra that installs them."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as e:
-        raise MmfuseError(
-            f"Exporting to ONNX and --backend onnx need onnx and onnxruntime ({e.name or e} is not installed): "
-            f"{INSTALL}"
-        ) from None
-    return onnx, onnxruntime
 
 
 class ExportWrapper(nn.Module):
@@ -96,179 +83,6 @@ def image_preprocess(tower) -> dict:
     if spec is None:
         return {"processor": "image_processor"}
     return {**spec.to_dict(), "resample_name": RESAMPLE_NAMES.get(spec.resample, str(spec.resample))}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Running an export: the same code the parity gate checks
-
-
-class OnnxPredictor:
-    """An exported graph in onnxruntime, with the preprocessing written beside it.
-
-    Args:
-        export_dir: what ``export_run`` wrote (``model.onnx``, ``export.json``, ``tokenizer/``).
-        run_dir: the run it was exported from, for ``predict_records``' data checks (``load_data``); it must be the
-            run whose weights were exported.
-        threads: onnxruntime's intra-op threads (default: its own choice, one per physical core).
-    """
-
-    def __init__(self, export_dir: str | Path, run_dir: str | Path | None = None, threads: int | None = None):
-        _, ort = require_onnx()
-        self.dir = Path(export_dir)
-        self.info = read_export(self.dir)
-        self.classes: list[str] = self.info["classes"]
-        self.modalities: list[str] = self.info["modalities"]
-        self.input_names: list[str] = list(self.info["inputs"])
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        # onnxruntime's threads otherwise spin for a while after each call, taking the cores from whatever runs next
-        # (the next batch's decoding and tokenizing; torch in the benchmark): measured on 2 cores, torch beside a
-        # spinning session ran 10x slower.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        pre = self.info["preprocess"]
-        self.tokenizer = self.processor = self.pixel_spec = None
-        if "text" in pre:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(self.dir / pre["text"]["tokenizer"])
-            self.max_length = int(pre["text"]["max_length"])
-        if "image" in pre and "processor" in pre["image"]:
-            from transformers import AutoImageProcessor
-
-            self.processor = AutoImageProcessor.from_pretrained(self.dir / pre["image"]["processor"])
-        elif "image" in pre:
-            self.pixel_spec = pre["image"]
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        if self.run_dir is not None:
-            self._check_run()
-
-    def _check_run(self) -> None:
-        from mmfuse.config import RunConfig
-
-        run = self.run_dir
-        if not run.is_dir() or not all(
-            (run / f).is_file() for f in ("config.yaml", "labels.json", "model.safetensors")
-        ):
-            raise MmfuseError(f"{run} is not an mmfuse run directory (config.yaml, labels.json, model.safetensors).")
-        # A run retrained after its export would be predicted by the old weights without a word.
-        weights = run / "model.safetensors"
-        if sha256(weights) != self.info.get("run_weights_sha256"):
-            raise MmfuseError(
-                f"The export in {self.dir} was made from other weights than {weights} (the run was trained again "
-                f"since, or the export is of another run): export again with mmfuse export {self.run_dir} --out "
-                f"{self.dir}."
-            )
-        self.cfg = RunConfig.from_yaml(self.run_dir / "config.yaml")
-
-    @property
-    def accepts_missing_text(self) -> bool:
-        return bool(self.info["accepts_missing_text"])
-
-    @property
-    def max_chars(self) -> int:
-        from mmfuse.data.checks import CHARS_PER_TOKEN
-
-        return self.cfg.model.max_length * CHARS_PER_TOKEN
-
-    def load_data(self, data, captions=None, need_label=False, skip_bad=False, skipped_csv=None) -> list[Record]:
-        """Checked records, exactly as the torch backend reads them (``Predictor.load_data``)."""
-        from mmfuse.inference.predictor import Predictor
-
-        if self.run_dir is None:
-            raise MmfuseError("OnnxPredictor.load_data needs the run directory the graph was exported from")
-        return Predictor.load_data(self, data, captions, need_label, skip_bad, skipped_csv)
-
-    def feeds(self, images: Sequence[Image.Image] | None, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """The graph's inputs for RGB images and texts (an empty text: missing, where the model allows it)."""
-        out = {}
-        if "input_ids" in self.input_names:
-            enc = self.tokenizer(
-                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
-            )
-            out["input_ids"] = enc["input_ids"].astype(np.int64)
-            out["attention_mask"] = enc["attention_mask"].astype(np.int64)
-        if "pixel_values" in self.input_names:
-            out["pixel_values"] = self.pixels(images)
-        if "present" in self.input_names:
-            has_text = np.array([bool(t.strip()) for t in texts])
-            cols = [has_text if m == "text" else np.ones(len(texts), bool) for m in self.modalities]
-            out["present"] = np.stack(cols, 1)
-        return out
-
-    def pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(N, 3, H, W) float32: the tower's resize, then (x * scale - mean) / std."""
-        if self.processor is not None:
-            return np.asarray(self.processor(list(images), return_tensors="np")["pixel_values"], dtype=np.float32)
-        p = self.pixel_spec
-        size = (p["width"], p["height"])
-        x = np.stack([np.asarray(im.resize(size, p["resample"]), dtype=np.float32) for im in images])
-        x = (x * np.float32(p["scale"]) - np.float32(p["mean"])) / np.float32(p["std"])
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
-
-    def predict(self, images: Sequence[Image.Image] | None, texts: Sequence[str]) -> np.ndarray:
-        """Probabilities (N, classes) for one batch of RGB images and texts, columns in ``classes`` order."""
-        feeds = self.feeds(images, texts)
-        return self.session.run(["probs"], feeds)[0]
-
-    def predict_records(self, records: list[Record], batch_size: int | None = None, show: bool = True) -> np.ndarray:
-        """Probabilities for checked records, as ``Predictor.predict_records`` gives them."""
-        batch_size = batch_size or 64
-        uses_images = "image" in self.modalities
-        out = []
-        for start in range(0, len(records), batch_size):
-            rows = records[start : start + batch_size]
-            images = [load_image(r.image) for r in rows] if uses_images else None
-            out.append(self.predict(images, [r.text for r in rows]))
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
-
-
-def read_export(export_dir: Path) -> dict:
-    """export.json of an export that passed its parity gate, or an error that says what to run."""
-    info_path = export_dir / "export.json"
-    if export_dir.is_file():
-        raise MmfuseError(f"{export_dir} is a file; give the directory mmfuse export --out wrote.")
-    if not info_path.is_file():
-        raise MmfuseError(
-            f"{export_dir} holds no ONNX export (no export.json); make one with mmfuse export RUN --out DIR."
-        )
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MmfuseError(f"{info_path} is damaged ({e}); export again.") from None
-    if info.get("status") != "passed":
-        raise MmfuseError(
-            f"The export in {export_dir} failed its parity gate ({info.get('error', 'see export.json')}) and must "
-            "not be used; predict with --backend torch."
-        )
-    if not (export_dir / "model.onnx").is_file():
-        raise MmfuseError(f"{export_dir}/model.onnx is missing; export again.")
-    return info
-
-
-def find_export(run_dir: str | Path, onnx_dir: str | Path | None = None) -> Path:
-    """The export ``predict --backend onnx`` runs: ``onnx_dir``, or RUN/export."""
-    where = Path(onnx_dir) if onnx_dir is not None else Path(run_dir) / "export"
-    if not (where / "export.json").is_file() and not where.is_file():
-        given = f"--onnx {where}" if onnx_dir is not None else f"{where} (the default place)"
-        raise MmfuseError(
-            f"--backend onnx needs an exported graph, and there is none in {given}: run "
-            f"mmfuse export {run_dir} --out {where} first."
-        )
-    return where
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Exporting
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_out(run_dir: Path, out: Path) -> None:
@@ -450,9 +264,6 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
     if fmt != "onnx":
         raise MmfuseError(f"--format {fmt}: only onnx is supported")
     onnx, ort = require_onnx()
-    from mmfuse import __version__
-    from mmfuse.inference.predictor import Predictor
-
     run_dir, out = Path(run_dir), Path(out)
     _check_out(run_dir, out)
     predictor = Predictor(run_dir, device="cpu", dtype="fp32")  # errors for a directory that is not a run
@@ -466,8 +277,6 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
         model.build_tower(m)
     model.eval()
     if getattr(model.text, "lora", None):  # the adapters folded into the weights: a graph as fast as full tuning's
-        from mmfuse.models.lora import merge_adapters
-
         merge_adapters(model.text)
     images, texts, source = parity_rows(predictor, data, max(PARITY_BATCHES))
 
@@ -616,9 +425,12 @@ enc = tok(texts, padding=True, truncation=True, max_length=n, return_tensors="np
 feeds["input_ids"] = enc["input_ids"].astype(np.int64)
 feeds["attention_mask"] = enc["attention_mask"].astype(np.int64)
 """
+# mmfuse's own pixels (towers.tower_pixels) written out in numpy, operation for operation: x / 255 rather than
+# x * (1/255), so a deployment without mmfuse feeds the graph the very floats the parity gate checked.
 IMAGE_FEEDS = """p = info["preprocess"]["image"]
 x = np.stack([np.asarray(im.resize((p["width"], p["height"]), p["resample"]), np.float32) for im in images])
-feeds["pixel_values"] = ((x * p["scale"] - np.float32(p["mean"])) / np.float32(p["std"])).transpose(0, 3, 1, 2)
+x = (x / np.float32(1 / p["scale"]) - np.float32(p["mean"])) / np.float32(p["std"])
+feeds["pixel_values"] = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 """
 PROCESSOR_FEEDS = """from transformers import AutoImageProcessor
 processor = AutoImageProcessor.from_pretrained(f"{d}/image_processor")
