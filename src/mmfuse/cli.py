@@ -26,7 +26,7 @@ from mmfuse.config import DTYPES, PREDICT_CHUNK, PRESETS, DataConfig, ModelConfi
 from mmfuse.data.datasets import emoji
 from mmfuse.distributed import main_process
 from mmfuse.errors import MmfuseError
-from mmfuse.models.classifier import RUN_FILES
+from mmfuse.rundir import RUN_FILES, check_run, present
 
 log = logging.getLogger("mmfuse")
 
@@ -131,13 +131,13 @@ def keep_earlier_work(out: str, overwrite: bool, finished: tuple[str, ...], repl
     only when asked."""
     if overwrite:
         return
-    done = [name for name in finished if (Path(out) / name).exists()]
+    done = present(out, finished)
     if done:
         raise MmfuseError(
             f"--out {out} already holds a finished run ({done[0]}); choose another --out, or pass --overwrite to "
             "replace it."
         )
-    theirs = sorted(name for name in replaced if (Path(out) / name).exists())
+    theirs = present(out, replaced)
     if theirs:
         raise MmfuseError(
             f"--out {out} already holds {', '.join(theirs)}, which training would replace; choose another "
@@ -226,7 +226,7 @@ def cmd_search(args) -> int:
     preset = PRESETS.get(args.preset or "", {})
     fixed = {*given(args, ModelConfig), *given(args, TrainConfig), *(k for sec in preset.values() for k in sec)}
     if not args.verbose:  # a line per trial, not per epoch of every trial
-        logging.getLogger("mmfuse.training.fit").setLevel(logging.WARNING)
+        logging.getLogger("mmfuse.training").setLevel(logging.WARNING)
     try:
         rows = search(cfg, args.out, args.trials, space, args.space, args.timeout, fixed, args.overwrite)
     except SearchInterrupted as e:
@@ -401,9 +401,7 @@ def cmd_serve(args) -> int:
 
     if args.max_upload_mb <= 0:
         raise MmfuseError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
-    for path in ("labels.json", "config.yaml"):
-        if not (Path(args.run) / path).is_file():  # found now, not by a server that starts and is never ready
-            raise MmfuseError(f"{args.run} is not a run directory made by mmfuse train (no {path})")
+    check_run(args.run)  # found now, not by a server that starts and is never ready
     return serve(
         args.run,
         host=args.host,

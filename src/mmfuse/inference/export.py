@@ -38,6 +38,7 @@ from torch import nn
 from mmfuse.data.images import load_image
 from mmfuse.data.records import Record, load_checked
 from mmfuse.errors import MmfuseError
+from mmfuse.rundir import check_run, is_run
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,7 @@ class OnnxPredictor:
     def _check_run(self) -> None:
         from mmfuse.config import RunConfig
 
-        run = self.run_dir
-        if not run.is_dir() or not all(
-            (run / f).is_file() for f in ("config.yaml", "labels.json", "model.safetensors")
-        ):
-            raise MmfuseError(f"{run} is not an mmfuse run directory (config.yaml, labels.json, model.safetensors).")
+        run = check_run(self.run_dir)
         # A run retrained after its export would be predicted by the old weights without a word.
         weights = run / "model.safetensors"
         if sha256(weights) != self.info.get("run_weights_sha256"):
@@ -277,7 +274,7 @@ def _check_out(run_dir: Path, out: Path) -> None:
         raise MmfuseError(
             f"--out {out} is the run directory itself; give a folder of its own, e.g. {run_dir / 'export'}."
         )
-    if (out / "model.safetensors").exists() or (out / "labels.json").exists():
+    if is_run(out):
         raise MmfuseError(f"--out {out} holds a trained run; give a new directory for the export.")
     if out.is_dir() and not (out / "export.json").exists() and any(out.iterdir()):
         # An earlier export (its export.json) is replaced; anyone else's files are not ours to mix a graph into.
