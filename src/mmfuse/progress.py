@@ -24,6 +24,7 @@ class Progress:
         initial: how many were done before (a resumed pass): the bar starts there.
         line: what a plain line says after ``desc:``, called only when one is due, so it may read what costs a device
             sync (training's loss); default ``done/total rows, rows/s, s left``.
+        logger: where plain lines go (default this module's): a caller's own, to be quieted with its other lines.
     """
 
     def __init__(
@@ -34,10 +35,11 @@ class Progress:
         show: bool = True,
         initial: int = 0,
         line: Callable[[], str] | None = None,
+        logger: logging.Logger | None = None,
     ):
         from tqdm.auto import tqdm  # deferred: tqdm.auto costs a tenth of a second, and a warm check needs no bar
 
-        self.total, self.desc, self.done, self.line = total, desc, initial, line
+        self.total, self.desc, self.done, self.line, self.log = total, desc, initial, line, logger or log
         show = show and main_process()  # one bar for a launch of many processes, not one each
         # disable=None: tqdm decides, showing a bar only when stderr is a terminal.
         self.bar = tqdm(
@@ -55,7 +57,7 @@ class Progress:
         now = time.perf_counter()
         if self.plain and now - self.last > PLAIN_EVERY:
             self.last = now
-            log.info("%s: %s", self.desc, self.line() if self.line is not None else self._counts(now))
+            self.log.info("%s: %s", self.desc, self.line() if self.line is not None else self._counts(now))
 
     def _counts(self, now: float) -> str:
         rate = (self.done - self.first) / (now - self.start)

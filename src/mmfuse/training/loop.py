@@ -341,7 +341,8 @@ def train_epoch(tr: Trainer, epoch: int) -> tuple[float, float]:
 
     batches = acc.skip_first_batches(tr.train_dl, done) if done else tr.train_dl
     desc = f"{tr.name} epoch {epoch}/{t.epochs}"
-    with Progress(steps, desc, unit="step", show=acc.is_main_process, initial=done, line=line) as bar:
+    # The run's own logger, not progress's: a search quiets its trials' lines by it.
+    with Progress(steps, desc, unit="step", show=acc.is_main_process, initial=done, line=line, logger=log) as bar:
         for step, batch in enumerate(batches, start=done + 1):
             if tr.augment is not None:
                 tr.augment.reseed(epoch, step)
