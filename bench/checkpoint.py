@@ -3,7 +3,7 @@
     python bench/checkpoint.py            # GPU: ViT-B/16 + RoBERTa-base cut to 8 layers, random weights
     python bench/checkpoint.py --small    # CPU: tiny towers, seconds; what tests/ could run
 
-Trains the real loop (``mmfuse.training.fit.setup`` and ``train_epoch``) on generated JPEGs, then writes the epoch-end
+Trains the real loop (``mmfuse.training.loop.setup`` and ``train_epoch``) on generated JPEGs, then writes the epoch-end
 checkpoint ``fit`` writes (``mmfuse.training.checkpoint.save_checkpoint``) a few times, and prints both with the checkpoint's
 size and its cost as a share of the epoch.
 """
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmfuse.config import DataConfig, RunConfig, TrainConfig
     from mmfuse.training.checkpoint import save_checkpoint
-    from mmfuse.training.fit import setup, train_epoch
+    from mmfuse.training.loop import setup, train_epoch
 
     rows = args.rows or (64 if args.small else 2048)
     batch = args.batch_size or (16 if args.small else 128)

@@ -9,7 +9,7 @@ ViT-B/16 (224 px) + RoBERTa-base cut to 8 layers (128 tokens) + the concat head,
 
 Rows:
 - naive: fp32, eager attention, ``torch.optim.Adam``, batch 16, ``loss.item()`` every step (a typical first loop).
-- tuned: ``mmfuse.training.fit.train_step``, the step ``fit`` runs, with ``--tune all``. ``fit`` reads data files and
+- tuned: ``mmfuse.training.loop.train_step``, the step ``fit`` runs, with ``--tune all``. ``fit`` reads data files and
   validates every epoch, so it cannot time a synthetic batch; ``TunedTrainer`` calls its pieces instead: the same
   Accelerator (``make_accelerator``: bf16 autocast on a GPU, fp32 on CPU), optimizer (``make_optimizer``: fused
   AdamW in head and tower groups), cosine schedule (``warmup_cosine``) and step (gradient clipping, accumulation,
@@ -267,7 +267,7 @@ def naive_rate(cfg, device, data: dict, steps: int, warmup: int) -> float:
 
 
 class TunedTrainer:
-    """``mmfuse.training.fit.train_step`` with ``--tune all``, on a model, optimizer and schedule built as ``fit`` builds
+    """``mmfuse.training.loop.train_step`` with ``--tune all``, on a model, optimizer and schedule built as ``fit`` builds
     them."""
 
     def __init__(
@@ -284,7 +284,7 @@ class TunedTrainer:
         from mmfuse.models.classifier import build_model
         from mmfuse.models.compile import compile_model
         from mmfuse.training.augment import make_augmenter
-        from mmfuse.training.fit import make_optimizer, warmup_cosine
+        from mmfuse.training.loop import make_optimizer, warmup_cosine
 
         self.acc, self.channels_last = acc, channels_last
         model = build_model(cfg, NUM_CLASSES)
@@ -303,7 +303,7 @@ class TunedTrainer:
         self.total = torch.zeros((), device=acc.device)
 
     def step(self, batch: dict) -> None:
-        from mmfuse.training.fit import train_step
+        from mmfuse.training.loop import train_step
 
         batch = dict(batch)
         if self.channels_last:
@@ -416,7 +416,8 @@ def augment_note(level: str, batch: int, image_size: int, device, steps: int, wa
 def write_run_dir(cfg, run: Path) -> None:
     """A run directory as ``fit`` leaves it (config, labels, towers, weights), so ``Predictor`` loads it."""
     from mmfuse.config import RunConfig, TrainConfig
-    from mmfuse.models.classifier import build_model, save_model
+    from mmfuse.models.classifier import build_model
+    from mmfuse.rundir import save_model
 
     run.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg, NUM_CLASSES)
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmfuse.inference.predictor import Predictor
     from mmfuse.models.compile import compile_model
-    from mmfuse.training.fit import make_accelerator
+    from mmfuse.training.loop import make_accelerator
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

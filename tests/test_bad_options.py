@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import mmfuse.training.fit
+import mmfuse.training.loop
 from mmfuse.cli import main
 from mmfuse.errors import MmfuseError
-from mmfuse.models.classifier import load_model
 from mmfuse.models.towers import build_text, build_vision
+from mmfuse.progress import Progress
+from mmfuse.rundir import load_model
 
 FAST = ["--tune", "head", "--image-size", "32"]
 
@@ -161,23 +163,20 @@ def test_ctrl_c_saves_the_kept_epoch_so_far(toy_manifest, tmp_path, capsys, monk
     """An interrupt in epoch 3 keeps epoch 1 or 2 (the weights the epoch ended with, not the half-trained ones) and
     exits 130; one in epoch 1 has nothing to save."""
     epoch_states = []  # the weights each finished epoch ended with: its validation is the first thing after it
-    real_predict_loader, real_tqdm = mmfuse.training.fit.predict_loader, mmfuse.training.fit.tqdm
+    real_predict_loader = mmfuse.training.loop.predict_loader
 
     def recording_predict_loader(model, loader, acc):
         epoch_states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return real_predict_loader(model, loader, acc)
 
-    def interrupting_tqdm(iterable, desc="", **kw):
-        def interrupting():
-            for i, batch in enumerate(iterable):
-                if i == 1:  # one optimizer step into the epoch: the model now differs from any finished epoch
-                    raise KeyboardInterrupt
-                yield batch
+    class InterruptingProgress(Progress):
+        def update(self, n=1):
+            super().update(n)
+            if f"epoch {stop_at}/" in self.desc and self.done == 1:
+                raise KeyboardInterrupt  # one step into the epoch: the model now differs from any finished one
 
-        return real_tqdm(interrupting() if f"epoch {stop_at}/" in desc else iterable, desc=desc, **kw)
-
-    monkeypatch.setattr(mmfuse.training.fit, "predict_loader", recording_predict_loader)
-    monkeypatch.setattr(mmfuse.training.fit, "tqdm", interrupting_tqdm)
+    monkeypatch.setattr(mmfuse.training.loop, "predict_loader", recording_predict_loader)
+    monkeypatch.setattr(mmfuse.training.loop, "Progress", InterruptingProgress)
     data = [str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv")]
     opts = [*FAST, "--epochs", "4", "--batch-size", "8", "--keep", keep]
 
@@ -248,14 +247,12 @@ def test_a_device_this_machine_lacks_is_named_before_the_model_loads(tmp_path):
 
 
 def test_ctrl_c_stops_an_ablation_instead_of_moving_on_to_its_next_run(toy_manifest, tmp_path, monkeypatch):
-    real_tqdm = mmfuse.training.fit.tqdm
-
-    def interrupting_tqdm(iterable, desc="", **kw):
+    def interrupting_progress(total, desc, **kw):
         if "epoch 2/" in desc:  # the run's name comes first
             raise KeyboardInterrupt
-        return real_tqdm(iterable, desc=desc, **kw)
+        return Progress(total, desc, **kw)
 
-    monkeypatch.setattr(mmfuse.training.fit, "tqdm", interrupting_tqdm)
+    monkeypatch.setattr(mmfuse.training.loop, "Progress", interrupting_progress)
     data = [str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv")]
     assert main(["ablate", *data, "--out", str(tmp_path / "a"), *FAST, "--epochs", "3"]) == 130
     assert not (tmp_path / "a" / "ablation.json").exists()  # it would mix interrupted runs with finished ones

@@ -10,7 +10,7 @@ import mmfuse
 from mmfuse.cli import main
 from mmfuse.data.checks import load_checked
 from mmfuse.metrics import full_report
-from mmfuse.training import bag
+from mmfuse.training import bag, loop
 
 FAST = ["--tune", "head", "--image-size", "32", "--epochs", "4", "--batch-size", "8"]
 
@@ -113,14 +113,14 @@ def test_parallel_members_give_the_sequential_results(toy, tmp_path):
 
 
 def test_ctrl_c_in_a_parallel_bag_keeps_the_finished_members(toy, tmp_path, monkeypatch, capsys):
-    real = bag.run_epoch
+    real = loop.run_epoch
 
     def interrupt_the_third_member(tr, epoch):  # it starts once one of the first two (2 workers) has finished
         if tr.cfg.train.seed == 2 and epoch == 2:
             raise KeyboardInterrupt
         return real(tr, epoch)
 
-    monkeypatch.setattr(bag, "run_epoch", interrupt_the_third_member)
+    monkeypatch.setattr(loop, "run_epoch", interrupt_the_third_member)
     monkeypatch.setattr(bag.os, "cpu_count", lambda: 2)
     run = tmp_path / "run"
     assert main(["train", str(toy / "all.csv"), "--out", str(run), *FAST, "--bag", "3"]) == 130
@@ -131,7 +131,7 @@ def test_ctrl_c_in_a_parallel_bag_keeps_the_finished_members(toy, tmp_path, monk
 
 def test_ctrl_c_keeps_the_finished_members(toy, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bag.os, "cpu_count", lambda: 1)  # members one after another: the count below is this process's
-    real = bag.run_epoch
+    real = loop.run_epoch
     calls = {"n": 0}
 
     def interrupt_in_the_second_member(tr, epoch):
@@ -140,7 +140,7 @@ def test_ctrl_c_keeps_the_finished_members(toy, tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(tr, epoch)
 
-    monkeypatch.setattr(bag, "run_epoch", interrupt_in_the_second_member)
+    monkeypatch.setattr(loop, "run_epoch", interrupt_in_the_second_member)
     run = tmp_path / "run"
     assert main(["train", str(toy / "all.csv"), "--out", str(run), *FAST, "--bag", "3"]) == 130
     assert "kept the 1 finished member(s) of 3" in capsys.readouterr().err

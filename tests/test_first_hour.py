@@ -68,7 +68,7 @@ def test_config_yaml_is_resolved_and_reproduces_the_run_from_another_folder(toy_
 def test_a_log_file_gets_a_banner_and_plain_progress_lines(toy_manifest, tmp_path):
     """Not a terminal: no bar's carriage returns, but a start banner and a progress line (here every step)."""
     code = (
-        "import mmfuse.training.fit as t, sys; t.PLAIN_EVERY = 0.0; from mmfuse.cli import main; "
+        "import mmfuse.progress as p, sys; p.PLAIN_EVERY = 0.0; from mmfuse.cli import main; "
         f"sys.exit(main(['train', {str(toy_manifest / 'train.csv')!r}, '--out', {str(tmp_path / 'r')!r}, "
         "'--tune', 'head', '--image-size', '32', '--epochs', '1', '--batch-size', '8']))"
     )

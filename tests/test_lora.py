@@ -18,7 +18,8 @@ from mmfuse.config import LORA_LR, RunConfig
 from mmfuse.data.checks import load_checked
 from mmfuse.models import lora
 from mmfuse.models.towers import build_text, minilm_path
-from mmfuse.training.fit import fit, run_epoch, save, setup
+from mmfuse.training.fit import fit
+from mmfuse.training.loop import run_epoch, save, setup
 
 pytest.importorskip("peft")
 

@@ -398,7 +398,7 @@ def test_serve_without_fastapi_says_what_to_install(run, monkeypatch, capsys):
 
 def test_serve_refuses_a_folder_that_is_no_run_and_a_busy_port(run, tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
-    assert "not a run directory" in capsys.readouterr().err
+    assert "not an mmfuse run directory" in capsys.readouterr().err
     import socket
 
     with socket.socket() as busy:

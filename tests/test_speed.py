@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from mmfuse.config import ModelConfig, RunConfig, TrainConfig
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.predictor import Predictor
-from mmfuse.models.classifier import build_model, save_model
+from mmfuse.models.classifier import build_model
 from mmfuse.models.compile import compile_model, repeated_blocks
 from mmfuse.paths import mmfuse_home
+from mmfuse.rundir import save_model
 
 LABELS = ["blue-apple", "blue-train", "red-apple", "red-train"]
 

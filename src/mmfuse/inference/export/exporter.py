@@ -40,6 +40,7 @@ from mmfuse.errors import MmfuseError
 from mmfuse.inference.export.runtime import OnnxPredictor, require_onnx, sha256
 from mmfuse.inference.predictor import Predictor
 from mmfuse.models.lora import merge_adapters
+from mmfuse.rundir import is_run
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _check_out(run_dir: Path, out: Path) -> None:
         raise MmfuseError(
             f"--out {out} is the run directory itself; give a folder of its own, e.g. {run_dir / 'export'}."
         )
-    if (out / "model.safetensors").exists() or (out / "labels.json").exists():
+    if is_run(out):
         raise MmfuseError(f"--out {out} holds a trained run; give a new directory for the export.")
     if out.is_dir() and not (out / "export.json").exists() and any(out.iterdir()):
         # An earlier export (its export.json) is replaced; anyone else's files are not ours to mix a graph into.

@@ -25,6 +25,7 @@ from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.predictor import load_inputs
 from mmfuse.models.towers.base import PixelSpec, tower_pixels
+from mmfuse.rundir import check_run
 
 INSTALL = "pip install 'mmfuse[export]'"
 
@@ -96,11 +97,7 @@ class OnnxPredictor:
             self._check_run()
 
     def _check_run(self) -> None:
-        run = self.run_dir
-        if not run.is_dir() or not all(
-            (run / f).is_file() for f in ("config.yaml", "labels.json", "model.safetensors")
-        ):
-            raise MmfuseError(f"{run} is not an mmfuse run directory (config.yaml, labels.json, model.safetensors).")
+        run = check_run(self.run_dir)
         # A run retrained after its export would be predicted by the old weights without a word.
         weights = run / "model.safetensors"
         if sha256(weights) != self.info.get("run_weights_sha256"):

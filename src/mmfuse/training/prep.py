@@ -1,0 +1,149 @@
+"""Data preparation for training: the rows of the training and validation data, checked and split, and the
+DataLoaders over them (cached features, decoded pixels or image files, as the towers need)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from mmfuse.captioning.pipeline import fill_missing_captions
+from mmfuse.config import RunConfig
+from mmfuse.data.checks import CHARS_PER_TOKEN, load_checked
+from mmfuse.data.records import Record
+from mmfuse.data.splits import label_list, stratified_split
+from mmfuse.errors import MmfuseError
+from mmfuse.features.sources import FeatureCache, batch_collate, build_dataset, embed, present_mask
+from mmfuse.models.classifier import MultimodalClassifier
+
+log = logging.getLogger(__name__)
+
+
+def check_out_dir(out: Path, data: str | None) -> None:
+    """Stops before any work when the run directory cannot be written where asked."""
+    if out.exists() and not out.is_dir():
+        raise MmfuseError(f"--out {out} is a file; the run directory must be a new or existing directory.")
+    if data and Path(data).is_dir() and out.resolve().is_relative_to(Path(data).resolve()):
+        raise MmfuseError(
+            f"--out {out} is inside the data folder {data}, where it would be read as a class; put it elsewhere."
+        )
+
+
+def load_records(cfg: RunConfig, out: Path, path: str | None = None, labels=None) -> list[Record]:
+    """The rows of ``path`` (default: the training data), checked; bad rows stop here, or are skipped into
+    RUN/skipped.csv."""
+    d = cfg.data
+    need_text = cfg.model.modality_dropout == 0 and "text" in cfg.model.modalities and not d.caption_missing
+    captions = (d.val_captions or d.captions) if path is not None else d.captions
+    return load_checked(
+        path or d.train,
+        captions=captions,
+        labels=labels,
+        need_text=need_text,
+        skip_bad=d.skip_bad,
+        skipped_csv=out / "skipped.csv",
+        max_chars=cfg.model.max_length * CHARS_PER_TOKEN,
+    )
+
+
+def check_labels(labels: list[str], data) -> list[str]:
+    if len(labels) < 2:
+        raise MmfuseError(f"Training needs at least 2 classes; found {labels} in {data}.")
+    return labels
+
+
+def caption_missing(cfg: RunConfig, records: list[Record], out: Path) -> list[Record]:
+    """Rows without text get a generated caption (``--caption-missing``), cached in RUN/captions.csv."""
+    if not cfg.data.caption_missing or "text" not in cfg.model.modalities:
+        return records
+    return fill_missing_captions(records, cfg.data.caption_missing, out / "captions.csv")
+
+
+FEW_VAL_ROWS, FEW_PER_CLASS = 30, 3
+
+
+def warn_few(val: list[Record]) -> None:
+    """Too few validation rows make the best-epoch choice and the validation score chance: say so."""
+    counts = Counter(r.label for r in val)
+    if len(val) < FEW_VAL_ROWS or min(counts.values()) < FEW_PER_CLASS:
+        log.warning(
+            "only %d validation rows (%d for the rarest class): the best-epoch choice and the validation score are "
+            "unreliable. Pass --val with more rows, --keep last, or --bag 5 (every row validated once).",
+            len(val),
+            min(counts.values()),
+        )
+
+
+def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], list[str]]:
+    """Train and validation records, checked: ``--val``, or a stratified slice of the training data."""
+    d = cfg.data
+    records = load_records(cfg, out)
+    if d.val:
+        val = load_records(cfg, out, d.val, labels=label_list(records))
+        train = records
+    else:
+        train, val = stratified_split(records, d.val_split, cfg.train.seed)
+        if not val:
+            raise MmfuseError(
+                f"No validation rows could be held out of {d.train}: every class has a single row. "
+                "Pass --val with validation data, or add rows."
+            )
+    labels = check_labels(label_list(train), d.train)
+    warn_few(val)
+    filled = caption_missing(cfg, train + val, out)
+    return filled[: len(train)], filled[len(train) :], labels
+
+
+def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: FeatureCache | None):
+    tuned = cfg.tuned
+    index = {name: i for i, name in enumerate(labels)}
+    y = [torch.tensor([index[r.label] for r in recs]) for recs in (train, val)]
+    if acc.num_processes > 1 and cache is not None:
+        embed_frozen(model, train + val, tuned, cache, acc)
+    with acc.main_process_first():  # the main process fills the caches; the others then read them
+        px = not cfg.data.decode_each_epoch
+        train_ds = build_dataset(model, train, y[0], tuned, cache, acc.device, acc.is_main_process, px)
+        val_ds = build_dataset(model, val, y[1], tuned, cache, acc.device, acc.is_main_process, px) if val else None
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    # Only decoding image files is worth worker processes: cached features and uint8 images need indexing alone, which
+    # workers would only copy between processes (a worker on an H200 did not make the seed job faster:
+    # bench/RESULTS.md).
+    workers = cfg.data.num_workers if train_ds.decodes else 0
+    common = {
+        "collate_fn": batch_collate,
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": workers > 0,
+    }
+    # drop_last keeps shapes static (no recompiles); only when that loses little of an epoch.
+    drop_last = len(train_ds) >= 8 * cfg.train.batch_size * acc.num_processes
+    if len(train_ds) % (cfg.train.batch_size * acc.num_processes) == 1 and tuned_batch_norm(model, tuned):
+        # Batch norm cannot train on a last batch of one row (EfficientNet's 1x1 maps at --image-size 32 fail):
+        # that row sits the epoch out instead, a different one each epoch as batches are shuffled.
+        log.info("the last batch would hold one row, which batch norm cannot train on: it is left out each epoch")
+        drop_last = True
+    train_dl = DataLoader(
+        train_ds, cfg.train.batch_size, shuffle=True, drop_last=drop_last, generator=generator, **common
+    )
+    val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common) if val_ds is not None else None
+    return train_dl, val_dl, generator
+
+
+def embed_frozen(model, records: list[Record], tuned, cache: FeatureCache | None, acc: Accelerator) -> None:
+    """Under a launch, each process embeds a contiguous share of the frozen towers' cache misses (every item once
+    across processes) into the feature cache, from which every process's datasets then read all of them."""
+    present = present_mask(records, model.modalities)
+    for col, m in enumerate(model.modalities):
+        have = [r for r, p in zip(records, present[:, col].tolist()) if p]
+        if m not in tuned and have:
+            embed(model, m, have, cache, device=acc.device, show=acc.is_main_process, shard=True)
+
+
+def tuned_batch_norm(model: MultimodalClassifier, tuned: list[str]) -> list[str]:
+    """The tuned towers with batch norm layers, which need two or more rows a batch to train."""
+    norms = torch.nn.modules.batchnorm._BatchNorm
+    return [t for t in tuned if any(isinstance(m, norms) for m in model.towers[t].modules())]
