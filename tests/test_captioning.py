@@ -370,6 +370,7 @@ def test_fill_missing_captions_keeps_order_and_caches(tmp_path, monkeypatch):
         fill_missing_captions(records, "another", cache)
 
 
+@pytest.mark.slow  # a subprocess, killed
 def test_resume_after_sigkill(tiny_dirs, tmp_path):
     n = 60
     write_images(tmp_path / "imgs", n)

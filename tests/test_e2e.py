@@ -74,6 +74,7 @@ def test_train_evaluate_predict_and_reload(toy_manifest, tmp_path):
     assert result.labels == [r["label"] for r in out]
 
 
+@pytest.mark.slow  # MiniLM fine-tuned twice (train's default --tune text)
 def test_same_seed_same_metrics(toy_manifest, tmp_path):
     args = ["train", str(toy_manifest / "train.csv"), "--epochs", "5"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
@@ -195,6 +196,7 @@ def test_fine_tune_hf_towers_and_reload(toy_manifest, tmp_path, tiny_vit_dir, ti
                 f.rename(f.with_name(f.name.removesuffix(".moved")))
 
 
+@pytest.mark.slow  # MiniLM fine-tuned
 def test_tune_text_fine_tunes_only_the_text_tower_beside_cached_image_features(toy_manifest, tmp_path):
     """--tune text (the default): MiniLM is fine-tuned and stored with the run; EfficientNet stays frozen, read from
     the feature cache in training and in predict_file, and is rebuilt from its wheel; both predict paths agree."""

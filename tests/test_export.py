@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_csv, write_toy
+from conftest import TOY, read_csv, write_toy
 
 pytest.importorskip("onnxruntime")
 
@@ -21,13 +21,13 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_vit_dir, tiny_roberta_dir):
+def runs(tmp_path_factory, shared_home, tiny_vit_dir, tiny_roberta_dir):
     """Two trained runs and their exports, shared by the tests: tiny HF towers trained with modality dropout (so the
     graph takes ``present``), and the packaged towers at 32 px (frozen, built only for the export)."""
     root = tmp_path_factory.mktemp("export")
-    with pytest.MonkeyPatch.context() as mp:  # module scope comes before the per-test home: give these their own
-        mp.setenv("MMFUSE_HOME", str(root / "home"))
-        data = write_toy(root / "toy", per_class=8, seed=0)
+    with pytest.MonkeyPatch.context() as mp:  # module scope comes before the per-test home: the shared warm one
+        mp.setenv("MMFUSE_HOME", str(shared_home))
+        data = write_toy(root / "toy", **TOY)
         train = ["train", str(data / "train.csv"), "--tune", "head", "--epochs", "1"]
         hf, pk = root / "hf", root / "pk"
         towers = ["--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir), "--modality-dropout", "0.2"]
@@ -160,6 +160,7 @@ def test_import_mmfuse_does_not_import_onnx():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow  # the benchmark, run as a test in a subprocess
 def test_bench_small_runs(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMFUSE_HOME": str(tmp_path / "home")}
     out = subprocess.run(

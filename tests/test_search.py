@@ -18,19 +18,8 @@ from mmfuse.cli import main
 pytest.importorskip("optuna")
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-# Three epochs keep each trial under a second; the first trial embeds the toy data once for all of them.
+# Three epochs keep each trial under a second; the toy data's features come from the warm home (toy_manifest).
 FAST = ["--tune", "head", "--image-size", "32", "--epochs", "3"]
-
-
-@pytest.fixture(scope="module")
-def shared_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("search-home")
-
-
-@pytest.fixture(autouse=True)
-def _one_home(shared_home, monkeypatch):
-    # The toy data is the same in every test (a fixed seed): its features, embedded once, serve them all.
-    monkeypatch.setenv("MMFUSE_HOME", str(shared_home))
 
 
 def search_args(toy, out, trials=6, *extra):
