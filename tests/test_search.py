@@ -70,6 +70,7 @@ def test_search_writes_a_leaderboard_and_a_best_config_that_trains_the_same(
     assert again["weighted_f1"] == float(rows[0]["val_weighted_f1"])
 
 
+@pytest.mark.slow  # a search in a subprocess, killed and continued
 def test_a_killed_search_continues_without_redoing_finished_trials(toy_manifest, tmp_path):
     out = tmp_path / "search"
     env = {**os.environ, "PYTHONPATH": SRC}
