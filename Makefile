@@ -15,8 +15,10 @@ install: $(VENV)/.installed
 quickstart: install
 	$(VENV)/bin/mmfuse quickstart
 
+# The fast tier (pyproject's addopts deselect the slow marker); `$(PY) -m pytest -m slow` runs the heavy tier. pytest
+# exits 5 when it collected no tests: that fails, and says so.
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q || { rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$rc; }
 
 # The site in docs/, into site/; --strict fails on any warning (a broken link or anchor, a page not in the nav).
 $(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml

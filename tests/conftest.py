@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,13 +25,96 @@ LAUNCH_2 = [
 
 COLORS = {"red": (220, 40, 40), "blue": (40, 60, 220)}
 THINGS = ["apple", "train"]
+TOY = {"per_class": 16, "seed": 0}  # toy_manifest's rows, and those the warm home holds features of
 FILLER = ["small", "old", "shiny", "quiet", "near", "the", "a", "big", "bright", "wooden"]
+
+
+# Homes ($MMFUSE_HOME: the feature and pixel caches, the file-hash database, built datasets). A test starts with an
+# empty one of its own; one that trains on the toy data gets a copy of the warm home, where the packaged towers have
+# already embedded it (embedding it again in every test was most of the suite's time). Module and session fixtures
+# run before a test's home is set: they use shared_home, a warm home they share, or the catch-all session home.
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_home(tmp_path_factory):
+    """The home of fixtures that name none: a scratch one, never the user's ~/.cache/mmfuse."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFUSE_HOME", str(tmp_path_factory.mktemp("session-home")))
+        yield
 
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Each test gets its own feature cache and dataset home."""
-    monkeypatch.setenv("MMFUSE_HOME", str(tmp_path_factory.mktemp("home")))
+    """Each test gets its own home, empty unless the test asks for the warm one (toy_manifest, ``warm``)."""
+    path = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("MMFUSE_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def cold_home(_isolated_home):
+    """For tests of what is embedded, stored or hit: the test's home stays empty, toy_manifest or not."""
+    return _isolated_home
+
+
+@pytest.fixture
+def warm(_isolated_home, warm_home):
+    """The test's home starts as a copy of the warm home (``usefixtures("warm")`` where the data is not toy_manifest
+    but holds the same rows)."""
+    return fill_home(warm_home, _isolated_home)
+
+
+@pytest.fixture(scope="session")
+def warm_home(tmp_path_factory):
+    """Built once a session, then only copied (``fill_home``): the toy data (TOY: the cache keys files by content, so
+    every copy of these rows hits) embedded by the packaged towers at their own image size and at 32 px."""
+    from mmfuse.cli import main  # here, not at the top: HF_HUB_OFFLINE must be set before transformers is imported
+    from mmfuse.features.cache import close_stores
+
+    root = tmp_path_factory.mktemp("warm")
+    toy = write_toy(root / "toy", **TOY)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFUSE_HOME", str(root / "home"))
+        for size in ([], ["--image-size", "32"]):
+            args = ["train", str(toy / "all.csv"), "--out", str(root / f"run{len(size)}"), "--tune", "head"]
+            assert main([*args, "--epochs", "1", *size]) == 0
+        close_stores()  # the index and shards whole on disk before they are copied
+    return root / "home"
+
+
+def fill_home(warm_home: Path, home: Path) -> Path:
+    """Copies the warm home into ``home``, which must be new or empty: copied over a cache in use, the index would no
+    longer match its shards."""
+    home = Path(home)
+    assert not (home.exists() and any(home.iterdir())), f"{home} is in use: give the test a new home"
+    shutil.copytree(warm_home, home, dirs_exist_ok=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def shared_home(warm_home, tmp_path_factory):
+    """A copy of the warm home for module and session fixtures (the shared runs) to train in; tests get their own."""
+    return fill_home(warm_home, tmp_path_factory.mktemp("shared-home"))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """The toy data (TOY) for session and module fixtures: shared, so nothing may write into its folder."""
+    return write_toy(tmp_path_factory.mktemp("toy-data") / "toy", **TOY)
+
+
+@pytest.fixture(scope="session")
+def head_run(toy_data, shared_home, tmp_path_factory):
+    """The run most tests of a trained run need, trained once: the head on the packaged towers' cached features of
+    toy_data's train.csv, validated on val.csv. Shared: a test that changes the run copies it first."""
+    from mmfuse.cli import main  # here, not at the top: HF_HUB_OFFLINE must be set before transformers is imported
+
+    run = tmp_path_factory.mktemp("head-run") / "run"
+    args = ["train", str(toy_data / "train.csv"), "--val", str(toy_data / "val.csv"), "--out", str(run)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFUSE_HOME", str(shared_home))
+        assert main([*args, "--tune", "head", "--epochs", "2", "--batch-size", "8"]) == 0
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -83,10 +168,13 @@ def make_text(thing: str, rng: random.Random) -> str:
 
 
 @pytest.fixture
-def toy_manifest(tmp_path):
+def toy_manifest(tmp_path, request):
     """4 classes = colour x thing: the image shows only the colour and the text names only the thing, so each
-    modality alone is capped at 50% accuracy and only fusion can get them all."""
-    return write_toy(tmp_path / "toy", per_class=16, seed=0)
+    modality alone is capped at 50% accuracy and only fusion can get them all. The test's home gets the warm home's
+    features of these rows, unless the test asks for cold_home."""
+    if "cold_home" not in request.fixturenames:
+        request.getfixturevalue("warm")
+    return write_toy(tmp_path / "toy", **TOY)
 
 
 def write_toy(root, per_class: int, seed: int):
@@ -128,9 +216,6 @@ def rng():
 def chrome(width: int, height: int):
     """Debian's headless chromium through Selenium (its chromedriver, no download); skipped, saying why, where the
     browser is not installed (.ci/run and `make test` install it)."""
-    import shutil
-    from pathlib import Path
-
     if not (shutil.which("chromium") and Path("/usr/bin/chromedriver").exists()):
         reason = "Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)"
         print(f"SKIPPED: {reason}")

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import read_csv, write_csv, write_toy
+from conftest import TOY, read_csv, write_csv, write_toy
 
 import mmfuse
 from mmfuse.cli import main
@@ -14,16 +14,21 @@ from mmfuse.training import bag, loop
 
 FAST = ["--tune", "head", "--image-size", "32", "--epochs", "4", "--batch-size", "8"]
 
+pytestmark = pytest.mark.usefixtures("warm")  # the toy rows' features, embedded once a session
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    return write_toy(tmp_path_factory.mktemp("bagdata") / "toy", per_class=10, seed=1)
+    """The rows of the warm home, in a folder of this module's own (tests add files to it)."""
+    return write_toy(tmp_path_factory.mktemp("bagdata") / "toy", **TOY)
 
 
 @pytest.fixture(scope="module")
-def bagged(toy, tmp_path_factory):
+def bagged(toy, shared_home, tmp_path_factory):
     run = tmp_path_factory.mktemp("bagrun") / "run"
-    assert main(["train", str(toy / "all.csv"), "--out", str(run), *FAST, "--bag", "3"]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFUSE_HOME", str(shared_home))
+        assert main(["train", str(toy / "all.csv"), "--out", str(run), *FAST, "--bag", "3"]) == 0
     return run
 
 

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a benchmark, run as a test in a subprocess
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "caption.py"
 
 

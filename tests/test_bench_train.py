@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmarks, each run as a test in a subprocess
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -47,7 +49,6 @@ def test_train_throughput_small_checks_and_prints_the_table(tmp_path):
         assert float(cells[2].replace(",", "")) > 0, cells
 
 
-@pytest.mark.slow
 def test_train_throughput_small_times_the_compiled_variants(tmp_path):
     """What the one GPU run times after the eager rows, traced on CPU (aot_eager: no C++ builds)."""
     args = ["--no-files", "--steps", "2", "--compile", "regional,model", "--infer-compile", "regional"]

@@ -333,7 +333,7 @@ def entries() -> int:
 
 
 def test_predict_stores_one_off_inputs_only_with_cache_and_evaluate_by_default(
-    toy_manifest, tmp_path, tiny_vit_dir, tiny_roberta_dir
+    cold_home, toy_manifest, tmp_path, tiny_vit_dir, tiny_roberta_dir
 ):
     run, data = tmp_path / "run", toy_manifest
     fast = ["--tune", "head", "--epochs", "2", "--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir)]

@@ -366,6 +366,7 @@ def test_fill_missing_captions_keeps_order_and_caches(tmp_path, monkeypatch):
         fill_missing_captions(records, "another", cache)
 
 
+@pytest.mark.slow  # a subprocess, killed
 def test_resume_after_sigkill(tiny_dirs, tmp_path):
     n = 60
     write_images(tmp_path / "imgs", n)
@@ -427,6 +428,8 @@ def captioned_run(tmp_path_factory) -> tuple[Path, Path]:
                 str(tmp / "run"),
                 "--caption-missing",
                 "imagenet-tags",
+                "--tune",
+                "head",  # the captions are what is tested: MiniLM need not be fine-tuned on them
                 "--epochs",
                 "2",
             ]

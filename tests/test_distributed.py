@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import LAUNCH_2, read_csv, write_csv, write_toy
 
+pytestmark = pytest.mark.slow  # each test launches two processes under accelerate
+
 
 @pytest.mark.parametrize("tune", ["head", "text"])
 def test_two_process_training_gathers_each_row_once(tmp_path, tune):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_csv, write_toy
+from conftest import TOY, read_csv, write_toy
 
 pytest.importorskip("onnxruntime")
 
@@ -21,21 +21,52 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_vit_dir, tiny_roberta_dir):
-    """Two trained runs and their exports, shared by the tests: tiny HF towers trained with modality dropout (so the
-    graph takes ``present``), and the packaged towers at 32 px (frozen, built only for the export)."""
-    root = tmp_path_factory.mktemp("export")
-    with pytest.MonkeyPatch.context() as mp:  # module scope comes before the per-test home: give these their own
-        mp.setenv("MMFUSE_HOME", str(root / "home"))
-        data = write_toy(root / "toy", per_class=8, seed=0)
-        train = ["train", str(data / "train.csv"), "--tune", "head", "--epochs", "1"]
-        hf, pk = root / "hf", root / "pk"
-        towers = ["--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir), "--modality-dropout", "0.2"]
-        assert main([*train, "--out", str(hf), *towers]) == 0
-        assert main([*train, "--out", str(pk), "--image-size", "32"]) == 0
-        assert main(["export", str(hf), "--out", str(hf / "export")]) == 0
-        assert main(["export", str(pk), "--out", str(pk / "export"), "--data", str(data / "val.csv")]) == 0
-    return {"data": data, "hf": hf, "pk": pk}
+def data(tmp_path_factory):
+    return write_toy(tmp_path_factory.mktemp("export") / "toy", **TOY)
+
+
+def trained_and_exported(data: Path, out: Path, train: list[str], export: list[str]) -> Path:
+    args = ["train", str(data / "train.csv"), "--tune", "head", "--epochs", "1", "--out", str(out)]
+    assert main([*args, *train]) == 0
+    assert main(["export", str(out), "--out", str(out / "export"), *export]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(data, tiny_vit_dir, tiny_roberta_dir):
+    """Tiny HF towers trained with modality dropout (so the graph takes ``present``), and its export."""
+    towers = ["--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir), "--modality-dropout", "0.2"]
+    return trained_and_exported(data, data.parent / "hf", towers, [])
+
+
+@pytest.fixture(scope="module")
+def pk(data, shared_home):
+    """The packaged towers at 32 px (frozen, built only for the export), and its export: the slow tier's."""
+    with pytest.MonkeyPatch.context() as mp:  # module scope comes before the per-test home: the shared warm one
+        mp.setenv("MMFUSE_HOME", str(shared_home))
+        return trained_and_exported(data, data.parent / "pk", ["--image-size", "32"], ["--data", str(data / "val.csv")])
+
+
+class Runs(dict):
+    """The data and the two runs by name, each trained and exported when a test first asks for it."""
+
+    def __init__(self, request, data):
+        super().__init__(data=data)
+        self.request = request
+
+    def __missing__(self, name):
+        self[name] = self.request.getfixturevalue(name)
+        return self[name]
+
+
+@pytest.fixture
+def runs(request, data):
+    """Shared by the tests: the packaged run's export takes most of a minute, so only the tests that use it build it
+    (they are marked slow)."""
+    return Runs(request, data)
+
+
+PK = pytest.mark.slow  # exports the packaged towers (the pk fixture)
 
 
 def probs(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -44,7 +75,7 @@ def probs(path: Path) -> tuple[np.ndarray, list[str]]:
     return np.array([[float(r[c]) for c in cols] for r in rows]), [r["label"] for r in rows]
 
 
-@pytest.mark.parametrize("name", ["hf", "pk"])
+@pytest.mark.parametrize("name", ["hf", pytest.param("pk", marks=PK)])
 def test_export_passes_its_parity_gate_and_records_it(runs, name):
     out = runs[name] / "export"
     info = json.loads((out / "export.json").read_text())
@@ -64,7 +95,7 @@ def test_export_passes_its_parity_gate_and_records_it(runs, name):
     assert f"largest\nprobability difference {parity['max_abs_diff']:.1e}," in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["hf", "pk"])
+@pytest.mark.parametrize("name", ["hf", pytest.param("pk", marks=PK)])
 def test_predict_onnx_backend_matches_torch(runs, name, tmp_path):
     test = str(runs["data"] / "test.csv")
     assert main(["predict", str(runs[name]), test, "--out", str(tmp_path / "torch.csv")]) == 0
@@ -77,6 +108,7 @@ def test_predict_onnx_backend_matches_torch(runs, name, tmp_path):
     assert [r["image"] for r in o] == [r["image"] for r in t] and list(o[0]) == list(t[0])
 
 
+@PK
 @pytest.mark.parametrize("readme", ["export", "project"])
 def test_readme_example_runs(runs, readme):
     """The snippet the export writes into its README.md, and the project README's, run as written (with a real image
@@ -93,6 +125,7 @@ def test_readme_example_runs(runs, readme):
     assert any(c in proc.stdout for c in classes)
 
 
+@PK
 def test_a_broken_graph_is_refused_and_never_used(runs, tmp_path, monkeypatch, capsys):
     """Wrong normalisation constants written beside the graph: the gate finds it and marks the export failed."""
     import mmfuse.inference.export.exporter as export
@@ -116,6 +149,7 @@ def test_a_broken_graph_is_refused_and_never_used(runs, tmp_path, monkeypatch, c
     assert "failed its parity gate" in capsys.readouterr().err
 
 
+@PK
 def test_bad_input_is_a_clear_error(runs, tmp_path, capsys):
     run = str(runs["pk"])
     a_file = tmp_path / "f.txt"
@@ -146,6 +180,7 @@ def test_bad_input_is_a_clear_error(runs, tmp_path, capsys):
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
 
 
+@PK
 def test_missing_extra_names_the_pip_command(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     assert main(["export", str(runs["pk"]), "--out", str(tmp_path / "e")]) == 2
@@ -175,6 +210,7 @@ def test_predictor_does_not_import_the_export():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.slow  # the benchmark, run as a test in a subprocess
 def test_bench_small_runs(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMFUSE_HOME": str(tmp_path / "home")}
     out = subprocess.run(

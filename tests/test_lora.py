@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import read_csv, write_toy
+from conftest import TOY, read_csv, write_toy
 from safetensors.torch import load_file
 
 import mmfuse
@@ -26,10 +26,13 @@ pytest.importorskip("peft")
 SMALL = {"image_size": 32}
 FAST = {"tune": "text", "lora": 4, "epochs": 2, "batch_size": 8}
 
+pytestmark = pytest.mark.usefixtures("warm")  # the toy rows' image features, embedded once a session
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    return write_toy(tmp_path_factory.mktemp("loradata") / "toy", per_class=10, seed=2)
+    """The rows of the warm home, in a folder of this module's own."""
+    return write_toy(tmp_path_factory.mktemp("loradata") / "toy", **TOY)
 
 
 def config(toy, model=None, **train) -> RunConfig:
@@ -39,11 +42,11 @@ def config(toy, model=None, **train) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def minilm_run(toy, tmp_path_factory):
+def minilm_run(toy, shared_home, tmp_path_factory):
     """A LoRA run on the packaged MiniLM, trained through train's steps: the in-memory trainer is kept to compare."""
     out = tmp_path_factory.mktemp("lora") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMFUSE_HOME", str(tmp_path_factory.mktemp("home")))
+        mp.setenv("MMFUSE_HOME", str(shared_home))
         tr = setup(config(toy), out)
         trainable = [k for k, p in tr.unwrapped.named_parameters() if p.requires_grad]
         for epoch in (1, 2):
@@ -52,6 +55,7 @@ def minilm_run(toy, tmp_path_factory):
         yield tr, out, trainable
 
 
+@pytest.mark.slow  # MiniLM fine-tuned (minilm_run)
 def test_the_flag_resolves_into_the_run_config_with_its_rate_and_alpha(minilm_run):
     tr, out, _ = minilm_run
     saved = RunConfig.from_yaml(out / "config.yaml")
@@ -67,6 +71,7 @@ def test_the_flag_resolves_into_the_run_config_with_its_rate_and_alpha(minilm_ru
     ]
 
 
+@pytest.mark.slow  # MiniLM fine-tuned (minilm_run)
 def test_only_adapters_and_the_head_train(minilm_run):
     tr, _, trainable = minilm_run
     in_text = [k for k in trainable if k.startswith("text.")]
@@ -78,6 +83,7 @@ def test_only_adapters_and_the_head_train(minilm_run):
     assert adapters < 0.01 * tower  # rank 4 in 24 projections of 384 x 384: 74k of MiniLM's 23M
 
 
+@pytest.mark.slow  # MiniLM fine-tuned (minilm_run)
 def test_the_run_stores_only_the_adapters_beside_the_packaged_tower(minilm_run):
     _, out, _ = minilm_run
     state = load_file(str(out / "model.safetensors"))
@@ -89,6 +95,7 @@ def test_the_run_stores_only_the_adapters_beside_the_packaged_tower(minilm_run):
     assert not (out / "text_tower").exists()  # the packaged tower comes back from its wheel
 
 
+@pytest.mark.slow  # MiniLM fine-tuned (minilm_run)
 def test_a_reloaded_run_gives_the_probabilities_it_was_validated_with(toy, minilm_run):
     tr, out, _ = minilm_run
     val = load_checked(str(toy / "val.csv"))
@@ -104,6 +111,7 @@ def test_a_reloaded_run_gives_the_probabilities_it_was_validated_with(toy, minil
     assert not np.allclose(predictor.predict_records(val, show=False), tr.val_probs, atol=1e-4)
 
 
+@pytest.mark.slow  # MiniLM fine-tuned (minilm_run)
 def test_export_merges_the_adapters_and_passes_its_parity_gate(minilm_run, tmp_path):
     pytest.importorskip("onnx")
     import onnx

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_csv, write_csv, write_toy
+from conftest import TOY, read_csv, write_csv, write_toy
 from PIL import Image
 
 from mmfuse.cli import main
@@ -20,14 +20,16 @@ from mmfuse.inference.report import errors_html, misclassified
 
 FAST = ["--tune", "head", "--epochs", "2", "--batch-size", "8"]
 
+pytestmark = pytest.mark.usefixtures("warm")  # the toy rows' features, embedded once a session
+
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(shared_home, tmp_path_factory):
     """One toy dataset and one briefly trained run (it still gets some rows wrong), shared by this file's tests."""
     root = tmp_path_factory.mktemp("outputs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMFUSE_HOME", str(root / "home"))
-        toy = write_toy(root / "toy", per_class=8, seed=1)
+        mp.setenv("MMFUSE_HOME", str(shared_home))
+        toy = write_toy(root / "toy", **TOY)
         args = ["train", str(toy / "train.csv"), "--val", str(toy / "val.csv"), "--out", str(root / "run")]
         assert main([*args, *FAST]) == 0
         yield toy, root / "run"
@@ -149,6 +151,7 @@ def test_evaluate_warns_on_the_training_data_by_path_or_by_content(trained, tmp_
     assert Path(toy / "train.csv").exists()
 
 
+@pytest.mark.slow  # the browser
 def test_the_errors_page_opens_in_a_real_browser(trained, tmp_path):
     from conftest import chrome
     from selenium.webdriver.common.by import By

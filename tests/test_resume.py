@@ -62,6 +62,7 @@ def same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # MiniLM fine-tuned in subprocesses, killed and resumed
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_stopped_in_epoch_2_then_resumed_gives_the_same_weights(uninterrupted, tmp_path, monkeypatch, sig):
     data, whole, home = uninterrupted
@@ -84,6 +85,7 @@ def test_stopped_in_epoch_2_then_resumed_gives_the_same_weights(uninterrupted, t
     ]
 
 
+@pytest.mark.slow  # MiniLM fine-tuned in subprocesses, killed
 def test_resume_refuses_other_settings_or_data_and_needs_a_checkpoint(uninterrupted, tmp_path, monkeypatch, capsys):
     data, _, home = uninterrupted
     monkeypatch.setenv("MMFUSE_HOME", str(home))
@@ -102,6 +104,7 @@ def test_resume_refuses_other_settings_or_data_and_needs_a_checkpoint(uninterrup
     assert "data differs" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # MiniLM fine-tuned in subprocesses, killed
 def test_a_half_written_checkpoint_is_never_read(uninterrupted, tmp_path, monkeypatch):
     data, whole, home = uninterrupted
     monkeypatch.setenv("MMFUSE_HOME", str(home))
@@ -118,6 +121,7 @@ def test_a_half_written_checkpoint_is_never_read(uninterrupted, tmp_path, monkey
     same_weights(whole, out)
 
 
+@pytest.mark.slow  # MiniLM fine-tuned in subprocesses, killed
 def test_a_second_training_into_the_same_out_is_refused(uninterrupted, tmp_path, monkeypatch, capsys):
     data, _, home = uninterrupted
     monkeypatch.setenv("MMFUSE_HOME", str(home))

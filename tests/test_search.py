@@ -18,19 +18,8 @@ from mmfuse.cli import main
 pytest.importorskip("optuna")
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-# Three epochs keep each trial under a second; the first trial embeds the toy data once for all of them.
+# Three epochs keep each trial under a second; the toy data's features come from the warm home (toy_manifest).
 FAST = ["--tune", "head", "--image-size", "32", "--epochs", "3"]
-
-
-@pytest.fixture(scope="module")
-def shared_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("search-home")
-
-
-@pytest.fixture(autouse=True)
-def _one_home(shared_home, monkeypatch):
-    # The toy data is the same in every test (a fixed seed): its features, embedded once, serve them all.
-    monkeypatch.setenv("MMFUSE_HOME", str(shared_home))
 
 
 def search_args(toy, out, trials=6, *extra):
@@ -81,6 +70,7 @@ def test_search_writes_a_leaderboard_and_a_best_config_that_trains_the_same(
     assert again["weighted_f1"] == float(rows[0]["val_weighted_f1"])
 
 
+@pytest.mark.slow  # a search in a subprocess, killed and continued
 def test_a_killed_search_continues_without_redoing_finished_trials(toy_manifest, tmp_path):
     out = tmp_path / "search"
     env = {**os.environ, "PYTHONPATH": SRC}

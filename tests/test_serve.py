@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import chrome, read_csv, write_toy
+from conftest import chrome, read_csv
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -37,17 +37,16 @@ UPLOAD_LIMIT = 2 * 2**20
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    """One feature cache for the module's runs: the autouse per-test home is not set yet for module fixtures."""
+def home(shared_home):
+    """The module's runs train in the shared warm home: the autouse per-test home is not set yet for module fixtures."""
     with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("serve-home")
-        mp.setenv("MMFUSE_HOME", str(path))
-        yield path
+        mp.setenv("MMFUSE_HOME", str(shared_home))
+        yield shared_home
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return write_toy(tmp_path_factory.mktemp("serve-data") / "toy", per_class=16, seed=0)
+def toy(toy_data):
+    return toy_data
 
 
 def train(toy, out, *extra) -> Path:
@@ -57,8 +56,8 @@ def train(toy, out, *extra) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(toy, home, tmp_path_factory):
-    return train(toy, tmp_path_factory.mktemp("serve-runs") / "run")
+def run(head_run):
+    return head_run  # shared: nothing here writes into it
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +415,7 @@ def Server(run: Path, *args: str):  # noqa: N802 - stands for the benchmark's cl
     return BenchServer(run, *args, timeout=120)
 
 
+@pytest.mark.slow  # a real server subprocess
 def test_real_server_under_concurrent_load_then_sigterm(run, predictor, rows, home):
     server = Server(run)
     try:
@@ -473,6 +473,7 @@ def test_real_server_under_concurrent_load_then_sigterm(run, predictor, rows, ho
 # the page in a real browser
 
 
+@pytest.mark.slow  # the browser
 @pytest.mark.parametrize("size", [(1000, 800), (390, 844)], ids=["desktop", "phone"])
 def test_page_in_a_real_browser(dropout_run, rows, tmp_path, size, home):
     from selenium.webdriver.common.by import By
