@@ -30,6 +30,6 @@ docs: $(VENV)/.docs-installed
 
 # ruff, then the layers contract in .importlinter (a lower layer never imports a higher one).
 lint: install
-	$(VENV)/bin/ruff check src tests bench && $(VENV)/bin/ruff format --check src tests bench && $(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check src tests bench docs/hooks && $(VENV)/bin/ruff format --check src tests bench docs/hooks && $(VENV)/bin/lint-imports
 
 .PHONY: install quickstart test lint docs

@@ -4,7 +4,8 @@
     python bench/checkpoint.py --small    # CPU: tiny towers, seconds; what tests/ could run
 
 Trains the real loop (``mmfuse.training.loop.setup`` and ``train_epoch``) on generated JPEGs, then writes the epoch-end
-checkpoint ``fit`` writes (``mmfuse.training.checkpoint.save_checkpoint``) a few times, and prints both with the checkpoint's
+checkpoint ``fit`` writes (``mmfuse.training.checkpoint.save_checkpoint``) a few times, and prints both with the
+checkpoint's
 size and its cost as a share of the epoch.
 """
 

@@ -1,7 +1,8 @@
 """k-fold cross-validation of `mmfuse train` recipes against the logistic-regression probe of shared/QUALITY.md.
 
 All rows of the emoji data (train + val + test of ``mmfuse datasets emoji``) are split into stratified folds. Each
-recipe is trained with ``mmfuse.training.fit.fit`` on a fold's train (no ``--val``: its 15% validation slice comes out of
+recipe is trained with ``mmfuse.training.fit.fit`` on a fold's train (no ``--val``: its 15% validation slice comes
+out of
 that train, as a user's run would) and scored with ``evaluate_file`` on the fold's test. The probe (C=4, L2-normalised
 pooled Lite0 and mean-pooled MiniLM features) trains on the whole fold's train.
 

@@ -4,7 +4,8 @@
     python bench/export.py --small    # tiny random ViT + RoBERTa: seconds; what tests/ runs
 
 The run is made by the real code: ``mmfuse train --tune head --epochs 1`` on a few generated images and texts (the
-weights of the head do not change the speed), then ``mmfuse.inference.export.export_run`` writes the graph and runs its parity
+weights of the head do not change the speed), then ``mmfuse.inference.export.export_run`` writes the graph and runs
+its parity
 gate. Both backends then classify the same raw inputs, already preprocessed once by ``OnnxPredictor.feeds`` (the
 preprocessing is the same PIL resize and tokenizer either way, so it is left out of the times):
 

@@ -5,7 +5,8 @@
 
 Each recipe is a JSON object of ``section.field`` overrides of the quickstart's config (``train.epochs``,
 ``model.input_dropout``, ...). Every seed trains with ``mmfuse.training.fit.fit`` into ``--out/<recipe>-<seed>`` and is
-scored with ``mmfuse.inference.predictor.evaluate_file`` on the test split. Run the quickstart once first so the features are
+scored with ``mmfuse.inference.predictor.evaluate_file`` on the test split. Run the quickstart once first so the
+features are
 cached ($MMFUSE_HOME); otherwise the first fit embeds them.
 """
 

@@ -17,7 +17,8 @@ Rows:
   static, as ``drop_last`` makes them in ``fit``. Timed at
   ``--batch-size`` and at each of ``--big-batches`` (a batch that does not fit fails its row with the OOM error).
 - augmentation: the tuned step on uint8 images (what the pixel cache feeds, normalised by the tower), then the same
-  with each of ``--augment`` (``mmfuse.training.augment.Augmenter``: a batched crop, flip and colour jitter on the device,
+  with each of ``--augment`` (``mmfuse.training.augment.Augmenter``: a batched crop, flip and colour jitter on the
+  device,
   ``--augment light``, the default with ``--tune image`` or ``all``), side by side.
 - from files: the same tuned step fed by a DataLoader over JPEG files on disk, prepared by the same Accelerator:
   (1) ``mmfuse.features.sources.ImageFileSource`` (PIL decode and the HF processor in DataLoader workers every step) and
@@ -267,7 +268,8 @@ def naive_rate(cfg, device, data: dict, steps: int, warmup: int) -> float:
 
 
 class TunedTrainer:
-    """``mmfuse.training.loop.train_step`` with ``--tune all``, on a model, optimizer and schedule built as ``fit`` builds
+    """``mmfuse.training.loop.train_step`` with ``--tune all``, on a model, optimizer and schedule built as ``fit``
+    builds
     them."""
 
     def __init__(
@@ -417,7 +419,7 @@ def write_run_dir(cfg, run: Path) -> None:
     """A run directory as ``fit`` leaves it (config, labels, towers, weights), so ``Predictor`` loads it."""
     from mmfuse.config import RunConfig, TrainConfig
     from mmfuse.models.classifier import build_model
-    from mmfuse.rundir import save_model
+    from mmfuse.rundir.weights import save_model
 
     run.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg, NUM_CLASSES)

@@ -15,7 +15,7 @@ from mmfuse.cli import main
 from mmfuse.errors import MmfuseError
 from mmfuse.models.towers import build_text, build_vision
 from mmfuse.progress import Progress
-from mmfuse.rundir import load_model
+from mmfuse.rundir.weights import load_model
 
 FAST = ["--tune", "head", "--image-size", "32"]
 

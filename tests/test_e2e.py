@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from mmfuse import load
 from mmfuse.cli import main
 from mmfuse.models.towers import build_text
-from mmfuse.rundir import load_model
+from mmfuse.rundir.weights import load_model
 
 FAST = ["--tune", "head", "--epochs", "30", "--batch-size", "8"]  # the head on cached features
 

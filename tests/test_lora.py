@@ -190,5 +190,8 @@ def test_missing_peft_names_the_pip_command(toy, tmp_path, monkeypatch, capsys):
 
 
 def test_import_mmfuse_does_not_import_peft():
-    code = "import sys, mmfuse, mmfuse.training.fit, mmfuse.models.classifier, mmfuse.inference.predictor; assert 'peft' not in sys.modules"
+    code = (
+        "import sys, mmfuse, mmfuse.training.fit, mmfuse.models.classifier, mmfuse.inference.predictor; "
+        "assert 'peft' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

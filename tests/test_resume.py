@@ -141,7 +141,7 @@ def test_a_second_training_into_the_same_out_is_refused(uninterrupted, tmp_path,
 
 def test_a_kill_while_the_run_is_written_leaves_the_earlier_run_whole(tmp_path, toy_manifest, monkeypatch):
     """The files are written to a staging folder first: stopped there, the earlier finished run is untouched."""
-    import mmfuse.rundir
+    import mmfuse.rundir.weights
 
     data = str(toy_manifest / "train.csv")
     fast = ["--tune", "head", "--image-size", "32", "--epochs", "1"]
@@ -153,7 +153,7 @@ def test_a_kill_while_the_run_is_written_leaves_the_earlier_run_whole(tmp_path, 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands for a kill in the middle of writing model.safetensors
 
-    monkeypatch.setattr(mmfuse.rundir, "save_model", killed)
+    monkeypatch.setattr(mmfuse.rundir.weights, "save_model", killed)
     assert main(["train", data, "--out", str(run), *fast, "--overwrite", "--seed", "1"]) == 130
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "metrics.jsonl"} == before
     monkeypatch.undo()

@@ -15,7 +15,7 @@ from mmfuse.inference.predictor import Predictor
 from mmfuse.models.classifier import build_model
 from mmfuse.models.compile import compile_model, repeated_blocks
 from mmfuse.paths import mmfuse_home
-from mmfuse.rundir import save_model
+from mmfuse.rundir.weights import save_model
 
 LABELS = ["blue-apple", "blue-train", "red-apple", "red-train"]
 

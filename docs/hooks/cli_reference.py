@@ -4,8 +4,9 @@
   included).
 - ``results.md``: ``bench/RESULTS.md`` as it stands, the one place measured figures live; other pages link into its
   sections, and ``mkdocs build --strict`` fails when a linked section no longer exists.
+- ``architecture.md``: the repository's ``ARCHITECTURE.md``, one copy of the layout.
 
-Nothing is written into ``docs/``: both pages exist only in the build.
+Nothing is written into ``docs/``: these pages exist only in the build.
 """
 
 from __future__ import annotations
@@ -73,4 +74,5 @@ def cli_markdown() -> str:
 def on_files(files, config):
     files.append(File.generated(config, "cli.md", content=cli_markdown()))
     files.append(File.generated(config, "results.md", abs_src_path=str(ROOT / "bench" / "RESULTS.md")))
+    files.append(File.generated(config, "architecture.md", abs_src_path=str(ROOT / "ARCHITECTURE.md")))
     return files

@@ -41,7 +41,8 @@ PACKAGED_TOWERS = {
 DEFAULT_CAPTIONER = "nlpconnect/vit-gpt2-image-captioning"
 PACKAGED_CAPTIONERS = ("imagenet-tags", "imagenet-tags-lite2")
 DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: predict.Predictor says which is which
-# Rows predict holds at a time (mmfuse.inference.stream): a few GPU batches; ~0.6 GB of 224-px pixels for a tuned vision tower
+# Rows predict holds at a time (mmfuse.inference.stream): a few GPU batches; ~0.6 GB of 224-px pixels for a tuned
+# vision tower
 PREDICT_CHUNK = 4096
 TUNES = ("head", "text", "image", "all")
 AUGMENTS = ("none", "light", "strong")  # augment.py says what each does

@@ -7,7 +7,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from mmfuse.errors import MmfuseError
-from mmfuse.rundir import present
+from mmfuse.rundir.layout import present
 
 
 def keep_earlier_work(out: str, overwrite: bool, finished: tuple[str, ...], replaced: Collection[str] = ()) -> None:

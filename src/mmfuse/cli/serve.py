@@ -7,7 +7,7 @@ import importlib.util
 
 from mmfuse.cli.flags import HelpFormatter
 from mmfuse.errors import MmfuseError
-from mmfuse.rundir import check_run
+from mmfuse.rundir.layout import check_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:

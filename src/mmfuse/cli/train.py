@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args) -> int:
     # Each verb imports its library when it runs (deferred: the library imports torch, which --help, --version and
     # light verbs never need).
-    from mmfuse.rundir import RUN_FILES
+    from mmfuse.rundir.layout import RUN_FILES
     from mmfuse.training.bag import fit_bag
     from mmfuse.training.checkpoint import checkpoints
     from mmfuse.training.fit import Preempted, TrainingInterrupted, fit

@@ -35,7 +35,8 @@ from mmfuse.inference.stream import (
 from mmfuse.models.classifier import MultimodalClassifier
 from mmfuse.models.compile import compile_model
 from mmfuse.paths import mmfuse_home
-from mmfuse.rundir import RUN_FILES, is_run, load_models
+from mmfuse.rundir.layout import RUN_FILES, is_run
+from mmfuse.rundir.weights import load_models
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,10 @@ import yaml
 
 from mmfuse.config import ModelConfig, RunConfig, TrainConfig, resolve
 from mmfuse.errors import MmfuseError
+from mmfuse.features.sources import FeatureCache
+from mmfuse.models.towers import build_tower, requested_spec
+from mmfuse.training.loop import run_epochs, save, setup
+from mmfuse.training.prep import check_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +298,6 @@ def _not_applicable(key: str, when: dict, cfg: RunConfig) -> str | None:
 
 def tuned_depth(cfg: RunConfig) -> int:
     """The fewest repeated layers among the tuned towers (0 when one has none): what --tune-layers may go up to."""
-    from mmfuse.models.towers import build_tower, requested_spec
 
     depths = []
     for m in cfg.tuned:
@@ -308,7 +311,6 @@ def tuned_depth(cfg: RunConfig) -> int:
 
 def _check_value(cfg: RunConfig, param: Param, value, source: str) -> None:
     """A value of the space through the same checks as its flag, so a bad range stops before any trial."""
-    from mmfuse.models.towers import requested_spec
 
     try:
         trial_cfg = resolve(cfg.updated({param.section: {param.key: value}}))
@@ -367,8 +369,6 @@ def search(
     """
     from filelock import FileLock, Timeout
 
-    from mmfuse.training.prep import check_out_dir  # deferred: torch, which --help never needs
-
     optuna = _optuna()
     out = Path(out)
     check_out_dir(out, cfg.data.train)
@@ -399,7 +399,6 @@ def search(
 
 
 def _run(optuna, study, cfg: RunConfig, params: list[Param], out: Path, trials: int, timeout: float | None):
-    from mmfuse.features.sources import FeatureCache
 
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     # One cache for every trial, holding what it reads: features are embedded (or read from disk) once.
@@ -494,7 +493,6 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, cache) -> str | None:
     """Trains one trial into ``out/trials/NNN``, reporting each epoch's kept F1 for pruning; returns the error of a
     trial that failed in training (a diverged loss), None otherwise."""
-    from mmfuse.training.loop import run_epochs, save, setup  # deferred: torch, which --help never needs
 
     trial = study.ask()
     changes: dict[str, dict] = {}

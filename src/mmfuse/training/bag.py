@@ -43,7 +43,8 @@ from mmfuse.data.splits import label_list
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.models.classifier import build_model
-from mmfuse.rundir import BAG_FILE, FROZEN_FILE, write_bag
+from mmfuse.rundir.layout import BAG_FILE, FROZEN_FILE
+from mmfuse.rundir.weights import write_bag
 from mmfuse.training.fit import TrainingInterrupted, run_lock
 from mmfuse.training.loop import run_epochs, save, setup
 from mmfuse.training.prep import caption_missing, check_labels, check_out_dir, load_records

@@ -38,8 +38,9 @@ from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache
 from mmfuse.models.classifier import MultimodalClassifier, load_stored, stored_state, tower_cards
 from mmfuse.models.compile import compile_model
+from mmfuse.models.lora import require_peft, train_adapters
 from mmfuse.progress import Progress
-from mmfuse.rundir import write_run
+from mmfuse.rundir.weights import write_run
 from mmfuse.training.augment import Augmenter, make_augmenter
 from mmfuse.training.checkpoint import EVERY_SECONDS, data_fingerprint, save_checkpoint
 from mmfuse.training.prep import check_out_dir, load_splits, loaders, tuned_batch_norm
@@ -219,8 +220,6 @@ def setup(
     tuned = cfg.tuned
     t = cfg.train
     if t.lora:
-        from mmfuse.models.lora import require_peft  # deferred: PEFT only for runs that ask for adapters
-
         require_peft()  # before the data is read and the towers are loaded
     tracking_dir, run_name = tracking or (out / "tracking", out.name)
     acc = make_accelerator(t.mixed_precision, bool(tuned), t.grad_accum, t.track, tracking_dir)
@@ -235,8 +234,6 @@ def setup(
     towers = towers if towers is not None else {}
     cards = tower_cards(cfg.model, towers, cfg.model.modalities if acc.num_processes > 1 else tuned)
     if t.lora:  # config.TrainConfig allows it with --tune text alone
-        from mmfuse.models.lora import train_adapters  # deferred: PEFT only for runs that ask for adapters
-
         train_adapters(towers["text"], t.lora, t.lora_alpha, t.tune_layers)
         cards["text"] = towers["text"].card
     set_seed(cfg.train.seed)  # the head's initialisation must not depend on whether the towers were built just now

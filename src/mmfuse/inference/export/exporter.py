@@ -40,7 +40,7 @@ from mmfuse.errors import MmfuseError
 from mmfuse.inference.export.runtime import OnnxPredictor, require_onnx, sha256
 from mmfuse.inference.predictor import Predictor
 from mmfuse.models.lora import merge_adapters
-from mmfuse.rundir import is_run
+from mmfuse.rundir.layout import is_run
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.predictor import load_inputs
 from mmfuse.models.towers.base import PixelSpec, tower_pixels
-from mmfuse.rundir import check_run
+from mmfuse.rundir.layout import check_run
 
 INSTALL = "pip install 'mmfuse[export]'"
 

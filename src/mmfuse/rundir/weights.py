@@ -1,133 +1,28 @@
-"""The run directory: the one place that writes one, recognises one and opens one.
-
-A single run (``mmfuse train DATA --out RUN``) holds::
-
-    config.yaml          the resolved config
-    labels.json          the class names, in the order of the model's outputs
-    towers.json          each tower's spec: what rebuilds it, offline
-    model.safetensors    the weights ``classifier.stored_state`` picks
-    <modality>_tower/    a stored tower's config and tokenizer or processor
-    history.csv, training_curves.png, val_confusion_matrix.png, metrics.jsonl, skipped.csv, captions.csv
-    metrics.json         the validation report; the mark of a finished run
-
-A bagged run (``--bag K``) holds config.yaml, labels.json, metrics.json, oof_predictions.csv and
-val_confusion_matrix.png, its members ``members/<k>/`` (and ``full/``), each a single run, the frozen Hugging Face
-towers they share (``frozen_towers.safetensors``), and ``bag.json``: the members, and which models predict averages.
-
-Both are written through ``staged``: into ``RUN/.staging`` first, then moved into place with the files that mark a
-finished run removed first and put back last, so a kill while writing never leaves a directory that looks finished,
-nor a finished one that mixes two runs' files.
-
-Checking a directory imports no torch (the CLI checks ``--out`` before any work); writing and loading weights do.
-"""
+"""Writing a run (``write_run``, ``write_bag``, ``save_model``) and opening one (``load_model``, ``load_models``)."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import shutil
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mmfuse import metrics
 from mmfuse.config import RunConfig
 from mmfuse.errors import MmfuseError
-
-if TYPE_CHECKING:
-    import torch
-
-    from mmfuse.models.classifier import MultimodalClassifier
-
-# What mmfuse train writes into a run directory; predict and evaluate must never write over them.
-RUN_FILES = {
-    "bag.json",
-    "oof_predictions.csv",
-    "frozen_towers.safetensors",
-    "config.yaml",
-    "labels.json",
-    "model.safetensors",
-    "towers.json",
-    "metrics.json",
-    "metrics.jsonl",
-    "history.csv",
-    "skipped.csv",
-    "captions.csv",
-    "training_curves.png",
-    "val_confusion_matrix.png",
-}
-FINISHED = "metrics.json"  # written last: a directory without it holds no finished run
-BAG_FILE = "bag.json"
-FROZEN_FILE = "frozen_towers.safetensors"
-STAGING = ".staging"  # where a run's files are written before they are moved into place
-_SINGLE = ("config.yaml", "labels.json", "towers.json", "model.safetensors")
-_BAGGED = ("config.yaml", "labels.json", BAG_FILE)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Recognising one
-
-
-def present(folder: str | Path, names: Collection[str]) -> list[str]:
-    """The files (or folders) of ``names`` that ``folder`` holds, sorted."""
-    return sorted(name for name in names if (Path(folder) / name).exists())
-
-
-def is_run(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a run mmfuse train wrote (or is writing): nothing else may write its files there."""
-    return any((Path(folder) / name).is_file() for name in ("model.safetensors", "labels.json"))
-
-
-def check_run(folder: str | Path) -> Path:
-    """``folder`` if it holds a run that can be opened: a single run, or a bag; otherwise an error that says why.
-
-    Raises:
-        MmfuseError: a file, no such directory, or a file the run needs missing (with the runs an ablation's folder
-            holds, when it is one).
-    """
-    folder = Path(folder)
-    if folder.is_file():
-        raise MmfuseError(f"{folder} is a file; give the run directory that mmfuse train --out wrote.")
-    if not folder.is_dir():
-        raise MmfuseError(f"Run directory not found: {folder} (make one with mmfuse train DATA --out {folder}).")
-    for name in _BAGGED if (folder / BAG_FILE).is_file() else _SINGLE:
-        if not (folder / name).is_file():
-            # mmfuse ablate --out holds three runs, one per subfolder.
-            inner = [m for m in ("fusion", "image", "text") if (folder / m / "config.yaml").exists()]
-            hint = f" It holds the runs {', '.join(inner)}: pass one, e.g. {folder / inner[0]}." if inner else ""
-            raise MmfuseError(f"{folder} is not an mmfuse run directory: {name} is missing.{hint}")
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Writing one
-
-
-@contextlib.contextmanager
-def staged(out: Path, marks: tuple[str, ...] = (FINISHED,)) -> Iterator[Path]:
-    """Yields ``out/.staging`` to write a run's files into; once the block ends, moves them into ``out``, ``marks``
-    removed first and moved last, in their order. An error in the block leaves ``out`` as it was."""
-    stage = out / STAGING
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    yield stage
-    for name in marks:
-        (out / name).unlink(missing_ok=True)
-    order = {name: i + 1 for i, name in enumerate(marks)}
-    for item in sorted(stage.iterdir(), key=lambda p: order.get(p.name, 0)):
-        target = out / item.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    stage.rmdir()
+from mmfuse.models.classifier import PREFIXES, MultimodalClassifier, load_stored, stored_frozen, stored_state
+from mmfuse.models.lora import is_adapter
+from mmfuse.models.towers import build_tower, packaged_card, packaged_towers
+from mmfuse.rundir.layout import BAG_FILE, FINISHED, check_run, staged
 
 
 def _write_common(stage: Path, cfg: RunConfig, labels: list[str], result: dict) -> None:
-    # Deferred: numpy and plotting, which checking a directory never needs.
-    import numpy as np
-
-    from mmfuse import metrics
 
     cfg.to_yaml(stage / "config.yaml")
     (stage / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
@@ -146,7 +41,6 @@ def write_run(
     frozen_weights: Path | None = None,
 ) -> None:
     """Writes a single run into ``out``: the model's weights and towers, its config, labels, history and report."""
-    from mmfuse import metrics  # deferred: numpy and plotting, which checking a directory never needs
 
     with staged(out) as stage:
         save_model(model, stage, cfg.tuned, frozen_weights, base=out)
@@ -197,8 +91,6 @@ def save_model(
     where, relative to ``base`` (where the run will be read from: default ``run_dir``).
     """
     # Deferred: torch, which checking a directory never needs.
-    from mmfuse.models.classifier import PREFIXES, stored_frozen, stored_state
-    from mmfuse.models.lora import is_adapter
 
     state = {k: v.contiguous().cpu() for k, v in stored_state(model, tuned).items()}
     specs, shared = {}, {}
@@ -222,7 +114,6 @@ def save_model(
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file  # deferred: torch
 
     save_file(state, str(path))
     # safetensors writes the file 0600; every other run file follows the umask, and serving containers or other
@@ -239,11 +130,6 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> None:
 def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, list[str]]:
     """Rebuilds a trained model from its (single) run directory, with no network."""
     # Deferred: torch, which checking a directory never needs.
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from mmfuse.models.classifier import PREFIXES, MultimodalClassifier, load_stored
-    from mmfuse.models.towers import build_tower, packaged_card, packaged_towers
 
     run_dir = check_run(run_dir)
     if (run_dir / BAG_FILE).is_file():
