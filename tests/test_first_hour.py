@@ -16,14 +16,14 @@ from mmfuse.recipes.ablate import variant_configs
 FAST = ["--tune", "head", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
 
 
-def test_the_ablation_gives_each_variant_its_own_tune_modes_budget():
-    """With --tune text, the image-only run has no text tower to tune: it trains a head, with the head's epochs and
-    rate (it used to keep the text fine-tune's 4 epochs and scored 0.64 instead of 0.77 on 300 emoji rows)."""
+def test_the_ablation_gives_every_variant_the_same_tune_mode_and_budget():
+    """train's default --tune text has no text tower to tune in the image-only run: the ablation trains every variant
+    as a head on frozen features (it used to fine-tune two of them beside a frozen image head, issue 24), and a budget
+    the user set holds for every variant."""
     runs = {name: resolve(c) for name, c in variant_configs(RunConfig()).items()}
-    assert (runs["image"].train.tune, runs["image"].train.epochs, runs["image"].train.lr) == ("head", 15, 2e-3)
-    assert (runs["text"].train.tune, runs["text"].train.epochs) == ("text", 4)
-    assert (runs["fusion"].train.tune, runs["fusion"].train.epochs) == ("text", 4)
-    asked = RunConfig().updated({"train": {"epochs": 3}})  # a budget the user set holds for every variant
+    for run in runs.values():
+        assert (run.train.tune, run.train.epochs, run.train.lr) == ("head", 15, 2e-3)
+    asked = RunConfig().updated({"train": {"epochs": 3}})
     assert {name: resolve(c).train.epochs for name, c in variant_configs(asked).items()} == {
         "image": 3,
         "text": 3,

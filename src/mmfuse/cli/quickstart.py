@@ -1,12 +1,16 @@
-"""``mmfuse quickstart``: a fusion run and the ablation on the built-in emoji data, offline."""
+"""``mmfuse quickstart``: a fusion run and the ablation on the built-in emoji data, offline.
+
+mmfuse quickstart                    # a line per arm as it finishes, then the table
+mmfuse -v quickstart                 # and every arm's epochs
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from mmfuse.cli.ablate import epoch_lines, print_ablation
 from mmfuse.cli.checks import out_dir
 from mmfuse.cli.flags import HelpFormatter
-from mmfuse.cli.printing import print_summary
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +26,11 @@ def cmd_quickstart(args) -> int:
     from mmfuse.recipes.quickstart import quickstart  # deferred: imports torch
 
     out_dir(args.out)
-    results = quickstart(args.out, rebuild_data=args.rebuild_data)
-    print_summary(results, "emoji quickstart: test split, 9 classes")
-    print(f"wrote the fusion run to {args.out}, the ablation to {args.out}/ablation.json and ablation.png")
+    with epoch_lines(args.verbose):
+        results = quickstart(args.out, rebuild_data=args.rebuild_data)
+    print_ablation(results, "emoji quickstart: test split, 9 classes")
+    print(
+        f"wrote the fusion run to {args.out} (its test scores in {args.out}/eval), the ablation to "
+        f"{args.out}/ablation.json and ablation.png"
+    )
     return 0

@@ -1,12 +1,24 @@
-"""The modality ablation: image-only, text-only and fusion heads on the same split with the same budget."""
+"""The modality ablation: image-only, text-only and fusion arms trained alike on the same split, then scored.
+
+    mmfuse ablate DATA --out OUT [--test TEST]         # every arm a head on frozen features (--tune head)
+    mmfuse ablate DATA --out OUT --tune all            # every arm fine-tunes the towers it has (wants a GPU)
+
+Like for like: every arm has the same tune mode, applied to the towers that arm has, and the same epochs, batch
+size, learning rates, epoch kept and seed. ``--tune text`` or ``image`` would fine-tune a tower in two arms and leave
+the third a frozen head, so the ablation refuses them. ``ablation.json`` and the printed table say how each arm was
+trained.
+"""
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -22,7 +34,12 @@ from mmfuse.models.classifier import build_model
 from mmfuse.training.fit import fit
 from mmfuse.training.prep import load_splits
 
+log = logging.getLogger(__name__)
 VARIANTS = {"image": ["image"], "text": ["text"], "fusion": ["image", "text"]}
+# The tune modes an ablation can give every arm alike; each arm applies it to the towers it has.
+ABLATION_TUNES = ("head", "all")
+# The budget every arm shares: the fusion arm's, resolved for its tune mode and pinned in the others.
+BUDGET = ("epochs", "batch_size", "lr", "head_lr")
 
 
 def ablate(
@@ -34,13 +51,10 @@ def ablate(
     fusion_dir: str | Path | None = None,
     parallel: bool | None = None,
 ) -> dict[str, dict]:
-    """Trains the three variants into ``out/<variant>`` and scores each on ``test`` (else on validation).
-
-    All three see the same split, seed and settings, with one exception: a single-modality run that has no tower
-    for ``--tune text`` or ``--tune image`` to tune trains a head on frozen features, with the head's own epochs and
-    rates unless they were set (with the text fine-tune's 4 epochs, an image-only head on 300 emoji rows scored 0.64
-    weighted F1 instead of 0.77, and the ablation overstated fusion's gain). The fusion run goes to ``fusion_dir``
-    when given (the quickstart makes its main run directory the fusion model).
+    """Trains the three arms into ``out/<arm>`` and scores each on ``test`` (else on validation), each into its
+    run's ``eval/``; returns, per arm, the scores, the kept epoch, its validation weighted F1, the seconds it took
+    and how it was trained (``training``). The fusion run goes to ``fusion_dir`` when given (the quickstart makes its
+    main run directory the fusion model). ``variant_configs`` says how the arms are made alike.
 
     Args:
         parallel: train the three heads at once in forked processes, one CPU thread each. Default: when the
@@ -48,17 +62,20 @@ def ablate(
             to use two threads well, so processes roughly halve the wall time on two cores; the results are the same.
     """
     out = Path(out)
+    configs = variant_configs(cfg)  # bad settings stop here, before any data is read
     if test is not None:
         _check_test_data(cfg, test, test_captions)
-    frozen = not cfg.tuned
+    frozen = not any(c.tuned for c in configs.values())
     if parallel is None:
         # Under accelerate launch the processes already share the cores, and each run's embedding pass is split over
         # them (train.embed_frozen); forked workers cannot share the launch's process group.
         parallel = frozen and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1 and not launched()
+    if main_process():
+        log.info("ablation: %s", describe({name: training_of(c) for name, c in configs.items()}))
     # One cache object for the three runs, holding what it reads: each feature file is read once, not per run.
     cache = cache if cache is not None else FeatureCache(memory=True)
     jobs = []
-    for name, run_cfg in variant_configs(cfg).items():
+    for name, run_cfg in configs.items():
         run_dir = Path(fusion_dir) if name == "fusion" and fusion_dir else out / name
         jobs.append((name, run_cfg, run_dir, test, test_captions, cache))
     # Frozen towers are identical in all three runs: build them once. Fine-tuned ones are changed by each run.
@@ -73,6 +90,7 @@ def ablate(
         model = build_model(resolve(fusion_cfg).model, len(labels), _SHARED_TOWERS, build=())
         model.freeze_towers()
         build_dataset(model, train + val, None, [], cache)
+    results = {}
     if parallel:
         # Import here what every worker needs, so the forked workers inherit it instead of importing it three times
         # over on the same cores: plotting, and torch._dynamo, which torch.optim imports on an optimizer's first
@@ -81,10 +99,14 @@ def ablate(
         metrics._plt()
         context = multiprocessing.get_context("fork")  # workers inherit the towers and imports: no reload
         with ProcessPoolExecutor(len(jobs), mp_context=context) as pool:
-            results = dict(zip(VARIANTS, pool.map(_run_variant, jobs, [1] * len(jobs))))
+            running = {pool.submit(_run_variant, job, 1): job[0] for job in jobs}
+            for done in as_completed(running):  # a line as each arm finishes, not three at the end
+                results[running[done]] = _finished(running[done], done.result())
     else:
-        results = {job[0]: _run_variant(job) for job in jobs}
+        for job in jobs:
+            results[job[0]] = _finished(job[0], _run_variant(job))
     _SHARED_TOWERS = None
+    results = {name: results[name] for name in VARIANTS}
     if main_process():  # under accelerate launch, once
         write_ablation(results, out)
     return results
@@ -94,17 +116,109 @@ _SHARED_TOWERS: dict | None = None  # shared with the forked workers of ``ablate
 
 
 def variant_configs(cfg: RunConfig) -> dict[str, RunConfig]:
-    """Each variant's config: the same settings, except that a single-modality run with no tower for ``--tune text``
-    or ``--tune image`` to tune trains a head on frozen features, with the head's own budget unless one was set."""
+    """Each arm's config, trained alike: ``cfg``'s tune mode applied to the towers the arm has (``all``: the image
+    arm tunes its image tower, the text arm its text tower, fusion both), and the fusion arm's epochs, batch size and
+    learning rates for every arm. A ``--tune text`` or ``image`` that was not asked for (the train default) becomes
+    ``head``; asked for, it is refused, since the arm without that tower would be a frozen head beside fine-tuned
+    ones (which overstated fusion's gain: issue 24)."""
+    t = cfg.train
+    tune = t.tune
+    if tune not in ABLATION_TUNES:
+        if "tune" in cfg.asked.get("train", ()):
+            other = "image" if tune == "text" else "text"
+            raise MmfuseError(
+                f"--tune {tune} would fine-tune the {tune} tower in the {tune} and fusion arms but leave the {other} "
+                f"arm a head on frozen features, so the arms would not be trained alike. Pass --tune head (the "
+                "ablation's default: every arm a head on frozen features) or --tune all (every arm fine-tunes the "
+                "towers it has)."
+            )
+        tune = "head"  # the ablation's own default: train's (--tune text) has no tower to tune in the image arm
+    if tune == "head" and (t.lora or t.tune_layers):
+        flag = "--lora" if t.lora else "--tune-layers"
+        raise MmfuseError(
+            f"{flag} applies to fine-tuned towers, and this ablation trains heads on frozen features (--tune head): "
+            f"pass --tune all with it (every arm fine-tunes the towers it has), or leave {flag} out."
+        )
+    if t.bag > 1:  # fit trains one model: a bag asked for would be dropped without a word
+        raise MmfuseError(
+            f"mmfuse ablate trains each arm as one run, not a bag of {t.bag}: pass --bag 1 (--preset best sets "
+            "--bag 5), or train a bag with mmfuse train --bag."
+        )
+    base = cfg.updated({"train": {"tune": tune}}) if tune != t.tune else cfg
+    if tune != t.tune:
+        base.asked["train"].remove("tune")  # the ablation's default, not the user's: --config re-derives from it
+    fusion = base.updated({"model": {"modalities": VARIANTS["fusion"]}})
+    budget = {key: getattr(resolve(fusion).train, key) for key in BUDGET}
     out = {}
     for name, modalities in VARIANTS.items():
         changes = {"model": {"modalities": modalities}}
         if len(modalities) == 1:
-            changes["model"]["modality_dropout"] = 0.0
-            if cfg.train.tune in ("text", "image") and cfg.train.tune not in modalities:
-                changes["train"] = {"tune": "head"}
-        out[name] = cfg.updated(changes)
+            changes["model"]["modality_dropout"] = 0.0  # dropping the only modality leaves nothing to learn from
+            if tune == "all":
+                # Tune mode all on one tower is that tower's mode, whose own defaults differ from all's: pin the budget.
+                changes["train"] = {"tune": modalities[0], **budget}
+        out[name] = base.updated(changes)
     return out
+
+
+def training_of(cfg: RunConfig) -> dict:
+    """How an arm is trained, from its resolved config: what ablation.json records and ``describe`` says."""
+    r = resolve(cfg)
+    t = r.train
+    return {
+        "tune": t.tune,
+        "tuned_towers": r.tuned,
+        "frozen_towers": [m for m in r.model.modalities if m not in r.tuned],
+        **{key: getattr(t, key) for key in BUDGET},
+        "keep": t.keep,
+        "seed": t.seed,
+    }
+
+
+def describe(trainings: dict[str, dict]) -> str:
+    """In plain words, how the arms were trained (one sentence when they share it, which ``variant_configs``
+    ensures; a sentence per arm otherwise)."""
+
+    def budget(x: dict) -> str:
+        rates = f"learning rate {x['lr']:g}" + (f" (head {x['head_lr']:g})" if x["head_lr"] != x["lr"] else "")
+        kept = "the last epoch kept" if x["keep"] == "last" else "the epoch best on validation kept"
+        return f"{x['epochs']} epochs of batch {x['batch_size']} at {rates}, {kept}, seed {x['seed']}"
+
+    def towers(name: str, x: dict) -> str:
+        if not x["tuned_towers"]:
+            return f"{name}: a head on frozen features"
+        return f"{name}: fine-tunes its {' and '.join(x['tuned_towers'])} tower{'s' * (len(x['tuned_towers']) > 1)}"
+
+    shared = {key: {x[key] for x in trainings.values()} for key in (*BUDGET, "keep", "seed")}
+    if all(len(v) == 1 for v in shared.values()):
+        first = next(iter(trainings.values()))
+        if all(not x["tuned_towers"] for x in trainings.values()):
+            how = "each a head on frozen features (--tune head)"
+        else:
+            how = "each fine-tuning the towers it has (--tune all; " + "; ".join(
+                towers(n, x) for n, x in trainings.items()
+            )
+            how += ")"
+        names = list(trainings)
+        arms = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+        return f"the {arms} arms trained alike, {how}: {budget(first)}"
+    return "; ".join(f"{towers(n, x)}, {budget(x)}" for n, x in trainings.items())
+
+
+def _finished(name: str, result: dict) -> dict:
+    """One line as an arm finishes (its epochs' lines show only with -v): the compact display of a parallel run."""
+    if main_process():
+        kept = "last" if result["training"]["keep"] == "last" else "best"
+        log.info(
+            "%s arm done: %s epoch %d of %d, validation weighted F1 %.4f, %.1f s",
+            name,
+            kept,
+            result["best_epoch"],
+            result["epochs_run"],
+            result["val_weighted_f1"],
+            result["seconds"],
+        )
+    return result
 
 
 def _check_test_data(cfg: RunConfig, test: str | Path, test_captions: str | None) -> None:
@@ -124,19 +238,40 @@ def _check_test_data(cfg: RunConfig, test: str | Path, test_captions: str | None
         )
 
 
+class _NotATerminal:
+    """A forked worker's stderr: the same stream, but never a terminal, so three workers draw no progress bars over
+    each other's (their carriage returns would garble one line); log lines still reach it whole."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def _run_variant(job: tuple, threads: int | None = None) -> dict:
     name, run_cfg, run_dir, test, test_captions, cache = job
+    start = time.perf_counter()
     if threads:
         # Before any tensor operation: a forked child that enters an OpenMP parallel region the parent's thread
         # pool had started hangs for good (GNU OpenMP is not fork-safe). One thread never enters one.
         torch.set_num_threads(threads)
+        sys.stderr = _NotATerminal(sys.stderr)  # threads: a forked worker, one of several at once
     fitted = fit(run_cfg, run_dir, cache=cache, towers=_SHARED_TOWERS)
     if test is not None:
-        report = evaluate_file(run_dir, test, run_dir / "test", captions=test_captions, skip_bad=run_cfg.data.skip_bad)
+        # eval/, where mmfuse evaluate RUN writes by default: one folder name for a run's scores on held-out data
+        report = evaluate_file(run_dir, test, run_dir / "eval", captions=test_captions, skip_bad=run_cfg.data.skip_bad)
     else:
         report = fitted["val"]
     result = {k: report[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
     result["evaluated_on"] = "test" if test is not None else "validation"
+    result["best_epoch"], result["epochs_run"] = fitted["best_epoch"], fitted["epochs_run"]
+    result["val_weighted_f1"] = fitted["val"]["weighted_f1"]
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    result["training"] = training_of(run_cfg)
     result["run_dir"] = str(run_dir)
     return result
 
@@ -144,4 +279,11 @@ def _run_variant(job: tuple, threads: int | None = None) -> dict:
 def write_ablation(results: dict[str, dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(results, indent=2))
-    metrics.plot_bars(results, out / "ablation.png")
+    x = next(iter(results.values()))["training"]
+    trained = "heads on frozen features" if x["tune"] == "head" else "each arm fine-tunes the towers it has"
+    title = (
+        f"modality ablation on {next(iter(results.values()))['evaluated_on']}\n"
+        f"every arm --tune {'head' if x['tune'] == 'head' else 'all'} ({trained}), {x['epochs']} epochs, "
+        f"seed {x['seed']}"
+    )
+    metrics.plot_bars(results, out / "ablation.png", title=title)
