@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmfuse.cli import main
 from mmfuse.config import RunConfig, resolve
@@ -85,13 +86,15 @@ def test_the_description_says_how_the_arms_were_trained():
         "batch 64 at learning rate 0.002, the last epoch kept, seed 0"
     )
     tuned = describe(trainings(RunConfig().updated({"train": {"tune": "all", "seed": 3}})))
-    assert "image: fine-tunes its image tower; text: fine-tunes its text tower; fusion: fine-tunes its image and " in (
-        tuned
-    )
+    assert "(--tune all: image its image, text its text, fusion its image and text): 8 epochs" in tuned
     assert tuned.endswith("8 epochs of batch 16 at learning rate 0.0001, the epoch best on validation kept, seed 3")
     unalike = trainings(RunConfig())
-    unalike["text"] = {**unalike["text"], "epochs": 4}  # arms not trained alike are described one by one
-    assert "text: a head on frozen features, 4 epochs" in describe(unalike) and "alike" not in describe(unalike)
+    unalike["text"] = {**unalike["text"], "epochs": 1}  # arms not trained alike are described one by one
+    assert "text: a head on frozen features, 1 epoch of batch" in describe(unalike) and "alike" not in describe(unalike)
+    unalike = trainings(RunConfig())
+    unalike["fusion"] = {**unalike["fusion"], "tune": "text", "tuned_towers": ["text"]}  # the old, unfair ablation
+    assert "image: a head on frozen features, 15 epochs" in describe(unalike)
+    assert "fusion: fine-tunes its text tower, 15 epochs" in describe(unalike) and "alike" not in describe(unalike)
 
 
 def run_redirected(argv: list[str], logs: Path) -> dict[str, str]:
@@ -141,3 +144,22 @@ def test_verbose_shows_every_arms_epochs(toy_manifest, tmp_path):
     for arm in ("image", "text", "fusion"):
         assert len(re.findall(rf"^INFO {arm} epoch \d+: train loss", text["err"], re.M)) == 3, text["err"]
         assert len(re.findall(rf"^INFO {arm} arm done:", text["err"], re.M)) == 1
+
+
+@pytest.mark.slow
+def test_tune_all_trains_every_arms_towers_on_the_fusion_arms_budget(
+    toy_manifest, tmp_path, tiny_vit_dir, tiny_roberta_dir
+):
+    out = tmp_path / "abl"
+    towers = ["--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir), "--max-length", "32"]
+    argv = ["ablate", str(toy_manifest / "all.csv"), "--out", str(out), "--tune", "all", *towers]
+    assert main([*argv, "--epochs", "1", "--batch-size", "8"]) == 0
+    results = json.loads((out / "ablation.json").read_text())
+    assert {name: r["training"]["tuned_towers"] for name, r in results.items()} == {
+        "image": ["image"],
+        "text": ["text"],
+        "fusion": ["image", "text"],
+    }
+    for name in results:
+        saved = yaml.safe_load((out / name / "config.yaml").read_text())["train"]
+        assert (saved["epochs"], saved["batch_size"], saved["lr"], saved["head_lr"]) == (1, 8, 1e-4, 1e-4), name

@@ -1,6 +1,10 @@
 """The emoji dataset builder, on small copies of the Debian source formats written here."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -303,3 +307,32 @@ def test_real_emoji_test_has_nine_groups():
         "Flags",
     }
     assert len(parse_emoji_test()) > 1800
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not all(p.is_file() for p in (emoji.EMOJI_TEST, emoji.CLDR_ANNOTATIONS, NOTO_EMOJI_FONT)),
+    reason="the quickstart needs " + APT_LINE,
+)
+def test_a_redirected_quickstart_prints_a_line_per_arm_and_writes_eval(tmp_path):
+    """Issue 25: the quickstart's three arms, trained at once, printed 48 interleaved epoch lines; now one line per
+    arm as it finishes, the table, how the arms were trained, and no carriage return. Its test scores go to eval/,
+    where mmfuse evaluate writes them, not test/."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "qs"
+    with open(tmp_path / "out.log", "wb") as stdout, open(tmp_path / "err.log", "wb") as stderr:
+        argv = [sys.executable, "-m", "mmfuse", "quickstart", "--out", str(out)]
+        code = subprocess.run(argv, stdout=stdout, stderr=stderr, env=env, timeout=900).returncode
+    logs = {name: (tmp_path / f"{name}.log").read_bytes().decode("utf-8", "replace") for name in ("out", "err")}
+    assert code == 0, logs["err"][-3000:]
+    assert "\r" not in logs["out"] + logs["err"]
+    assert not re.search(r"epoch \d+(/\d+)?:", logs["err"]), logs["err"]
+    arms = re.findall(r"^INFO (\w+) arm done: last epoch 15 of 15, validation weighted F1", logs["err"], re.M)
+    assert sorted(arms) == ["fusion", "image", "text"], logs["err"]
+    assert re.findall(r"^│ (image|text|fusion) +│ head +│ +15/15 │", logs["out"], re.M) == ["image", "text", "fusion"]
+    assert "each a head on frozen features (--tune head): 15 epochs of batch 64" in logs["out"]
+    results = json.loads((out / "ablation.json").read_text())
+    for run in (out, out / "image", out / "text"):
+        assert (run / "eval" / "metrics.json").is_file() and not (run / "test").exists()
+    assert results["fusion"]["weighted_f1"] > max(results["image"]["weighted_f1"], results["text"]["weighted_f1"])

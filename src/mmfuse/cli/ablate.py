@@ -38,7 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test", help="held-out data to score the three runs on (default: the validation split)")
     p.add_argument("--test-captions", help="captions CSV for a --test folder")
     training_flags(p)
-    next(a for a in p._actions if a.dest == "tune").help = TUNE_HELP  # the ablation's own default and choices
+    # The ablation's own default and choices, where train's help would describe train's.
+    actions = {a.dest: a for a in p._actions}
+    actions["tune"].help = TUNE_HELP
+    preset = actions["preset"]
+    preset.help = preset.help.split(" Without a preset:")[0] + (
+        " Each arm is one run, not a bag: pass --bag 1 with best. Without a preset: --tune head for every arm"
+    )
     p.set_defaults(fn=cmd_ablate)
 
 
@@ -82,7 +88,7 @@ def epoch_lines(verbose: bool):
 
 
 class _Once(logging.Filter):
-    """Passes a training warning the first time its text is seen. Forked arms inherit what was seen before the
+    """Passes an mmfuse warning the first time its text is seen. Forked arms inherit what was seen before the
     fork: the parent reads the split (and warns) before it starts them."""
 
     def __init__(self):
@@ -90,7 +96,7 @@ class _Once(logging.Filter):
         self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING or not record.name.startswith("mmfuse.training"):
+        if record.levelno != logging.WARNING or not record.name.startswith("mmfuse"):
             return True
         text = record.getMessage()
         if text in self.seen:

@@ -182,7 +182,8 @@ def describe(trainings: dict[str, dict]) -> str:
     def budget(x: dict) -> str:
         rates = f"learning rate {x['lr']:g}" + (f" (head {x['head_lr']:g})" if x["head_lr"] != x["lr"] else "")
         kept = "the last epoch kept" if x["keep"] == "last" else "the epoch best on validation kept"
-        return f"{x['epochs']} epochs of batch {x['batch_size']} at {rates}, {kept}, seed {x['seed']}"
+        epochs = f"{x['epochs']} epoch{'s' * (x['epochs'] != 1)}"
+        return f"{epochs} of batch {x['batch_size']} at {rates}, {kept}, seed {x['seed']}"
 
     def towers(name: str, x: dict) -> str:
         if not x["tuned_towers"]:
@@ -190,15 +191,14 @@ def describe(trainings: dict[str, dict]) -> str:
         return f"{name}: fine-tunes its {' and '.join(x['tuned_towers'])} tower{'s' * (len(x['tuned_towers']) > 1)}"
 
     shared = {key: {x[key] for x in trainings.values()} for key in (*BUDGET, "keep", "seed")}
-    if all(len(v) == 1 for v in shared.values()):
+    tuning = {bool(x["tuned_towers"]) for x in trainings.values()}  # every arm a head, or every arm tuning towers
+    if all(len(v) == 1 for v in shared.values()) and len(tuning) == 1:
         first = next(iter(trainings.values()))
-        if all(not x["tuned_towers"] for x in trainings.values()):
+        if tuning == {False}:
             how = "each a head on frozen features (--tune head)"
         else:
-            how = "each fine-tuning the towers it has (--tune all; " + "; ".join(
-                towers(n, x) for n, x in trainings.items()
-            )
-            how += ")"
+            tuned = ", ".join(f"{n} its {' and '.join(x['tuned_towers'])}" for n, x in trainings.items())
+            how = f"each fine-tuning the towers it has (--tune all: {tuned})"
         names = list(trainings)
         arms = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
         return f"the {arms} arms trained alike, {how}: {budget(first)}"
