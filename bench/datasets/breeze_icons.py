@@ -4,12 +4,14 @@
     python bench/datasets/breeze_icons.py --out data/breeze-icons --install   # as root: apt-get installs them
 
 Source: the KDE Breeze icon theme from Debian (`breeze-icon-theme`, /usr/share/icons/breeze), rasterised with
-`rsvg-convert` (`librsvg2-bin`) to 48x48 on white. One row per distinct icon file: symbolic links, the
-`-symbolic` and HiDPI (@2x, @3x) variants are left out, one size is kept per (context, name) (48 first, then 64, 32,
-22, ...), and files or renders identical to an earlier one are dropped. Text: the icon name's words
+`rsvg-convert` (`librsvg2-bin`) to 48x48 on white. Only the theme's small sizes are used (22 px, else 16 px: the
+toolbar and menu icons, mostly monochrome line drawings in every context, so the picture says little about the
+context; `--sizes 48,64,32,22,16` takes the large, colourful ones first instead). One row per distinct icon file:
+symbolic links and the `-symbolic` and HiDPI (@2x, @3x) variants are left out, one size is kept per (context, name),
+and files or renders identical to an earlier one are dropped. Text: the icon name's words
 (`network-wireless-signal-good` -> "network wireless signal good"). Label: the theme's context folder (actions,
-apps, devices, mimetypes, places, status, ...). Each class keeps at most --cap rows (the first by a hash of the
-name, so the choice is stable); classes under 15 rows are dropped. Split 70/15/15 stratified, seed 0.
+devices, mimetypes, places, status, ...). Each class keeps at most --cap rows (the first by a hash of the name, so
+the choice is stable); classes under 15 rows are dropped. Split 70/15/15 stratified, seed 0.
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ from _common import build_dir, drop_small, finish, require_packages, words  # no
 PACKAGES = ["breeze-icon-theme", "librsvg2-bin"]
 THEME = Path("/usr/share/icons/breeze")
 SIZE = 48
-SIZE_ORDER = ["48", "64", "32", "22", "24", "16", "96", "128", "256", "12", "8"]
+SMALL = "22,16"  # the toolbar and menu sizes, mostly monochrome line icons in every context
 
 
-def candidates(theme: Path) -> tuple[list[dict], int]:
+def candidates(theme: Path, size_order: list[str]) -> tuple[list[dict], int]:
     """One source file per (context, name), identical files dropped; also return how many were dropped."""
     rows, seen, duplicates = [], set(), 0
     for context in sorted(p for p in theme.iterdir() if p.is_dir()):
         chosen: dict[str, Path] = {}
         sizes = {p.name: p for p in context.iterdir() if p.is_dir()}
-        for size in [s for s in SIZE_ORDER if s in sizes]:
+        for size in [s for s in size_order if s in sizes]:
             for svg in sorted(sizes[size].glob("*.svg")):
                 name = svg.stem
                 if svg.is_symlink() or name.endswith("-symbolic") or name in chosen:
@@ -86,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (replaced)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     p.add_argument("--cap", type=int, default=300, help="at most this many rows per class")
+    p.add_argument("--sizes", default=SMALL, help="the theme's size folders to take icons from, in preference order")
     p.add_argument("--install", action="store_true", help="apt-get install the missing Debian packages")
     args = p.parse_args(argv)
     versions = require_packages(PACKAGES, args.install)
 
-    rows, identical_files = candidates(THEME)
+    rows, identical_files = candidates(THEME, args.sizes.split(","))
     print(f"{len(rows)} distinct icon files in {THEME} ({identical_files} identical copies dropped)", flush=True)
     rows = cap_rows(rows, args.cap)
     out = Path(args.out)
@@ -126,6 +129,7 @@ def build(rows: list[dict], tmp: Path, out: Path, args: argparse.Namespace, vers
         "text": "the icon name's words",
         "label": "the theme's context folder",
         "cap_per_class": args.cap,
+        "theme_sizes": args.sizes,
         "dropped": {"identical_files": identical, "identical_renders": identical_renders, "classes": dropped},
         "sources": {"theme": str(THEME), "packages": versions},
     }
