@@ -14,6 +14,7 @@ Three layouts:
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import logging
@@ -310,7 +311,7 @@ def read_captions(path: Path) -> dict[str, str]:
     """A captions CSV as {relative path, absolute path or file name: text}."""
     path = Path(path)
     if not path.exists():
-        raise MmfuseError(f"Captions file not found: {path}")
+        raise MmfuseError(f"Captions file not found: {path}{missing_hint(path)}")
     if path.is_dir():
         raise MmfuseError(f"--captions {path} is a folder; give the captions CSV (columns image, text).")
     columns, rows, problems = read_table(path)
@@ -396,11 +397,52 @@ def _hidden(path: Path, top: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(top).parts)
 
 
+def missing_hint(path: Path) -> str:
+    """What to say after "not found: PATH": up to 3 close names in its folder ("; did you mean data/icons/train.csv?"),
+    or, where the folder itself is missing, which part of the path is the first one that does not exist (with close
+    names for that part)."""
+    parts = path.parts
+    for i in range(len(parts)):
+        here = Path(*parts[: i + 1])
+        if os.path.lexists(here):
+            continue
+        parent, rest = here.parent, parts[i + 1 :]
+        if not parent.is_dir():
+            return f" ({parent} is a file, not a folder)"
+        try:
+            names = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+        except OSError:  # an unreadable folder: nothing to suggest from
+            names = []
+        guesses = [(parent / name).joinpath(*rest) for name in _close_names(here.name, names)]
+        # For a missing folder, the guesses that hold the rest of the path first.
+        guesses.sort(key=lambda g: not os.path.exists(g))
+        if not rest:
+            return f"; did you mean {_either(guesses)}?" if guesses else ""
+        return f" ({here} does not exist{f'; did you mean {_either(guesses)}?' if guesses else ''})"
+    return ""
+
+
+def _close_names(name: str, names: list[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """Up to ``n`` of ``names`` that look like ``name``, closest first. Names with the same suffix are compared by
+    their stems: otherwise ".csv" alone makes x.csv look like val.csv."""
+
+    def stem(s: str) -> str:
+        return s.rsplit(".", 1)[0] if Path(s).suffix.lower() == Path(name).suffix.lower() else s
+
+    scores = [(difflib.SequenceMatcher(None, stem(name).lower(), stem(c).lower()).ratio(), c) for c in names]
+    return [c for score, c in sorted(scores, key=lambda x: -x[0]) if score >= cutoff][:n]
+
+
+def _either(paths: list[Path]) -> str:
+    names = [str(p) for p in paths]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def read_data(path: str | Path, captions: str | Path | None = None, need_label: bool = True, need_text: bool = False):
     """Reads a folder or manifest into records, plus problems found while listing (empty classes)."""
     path = Path(path)
     if not path.exists():
-        raise MmfuseError(f"Data not found: {path}")
+        raise MmfuseError(f"Data not found: {path}{missing_hint(path)}")
     if path.is_dir() and path.suffix.lower() == ".parquet":
         return read_manifest(path, need_label, need_text)  # a partitioned parquet dataset is a folder of parts
     meta = metadata_file(path) if path.is_dir() else None
