@@ -105,9 +105,11 @@ def manifests(draw, fmt: str, root: Path) -> Manifest:
 
 
 def write_csv(draw, path: Path, header: list[str], rows: list[dict]) -> dict[int, dict | None]:
-    quoting = draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]))
+    end = draw(st.sampled_from(["\n", "\r\n"]))
+    # csv.writer leaves a bare \r unquoted unless the line ends hold one, and a bare \r ends a line.
+    quoting = draw(st.sampled_from([csv.QUOTE_MINIMAL] * (end == "\r\n") + [csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]))
     out = io.StringIO()
-    w = csv.writer(out, quoting=quoting, lineterminator=draw(st.sampled_from(["\n", "\r\n"])))
+    w = csv.writer(out, quoting=quoting, lineterminator=end)
     w.writerow(header)
     written: dict[int, dict | None] = {}
     for cells in rows:
@@ -250,7 +252,7 @@ def test_manifest_readers_account_for_every_row(fmt):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_manifest_readers_account_for_every_row_many(fmt):
-    run_property(fmt, 1500)
+    run_property(fmt, 500)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
