@@ -251,7 +251,11 @@ def raw_asgi(client: TestClient, method: str, url: str, headers: dict[str, str |
     async def send(message):
         sent.append(message)
 
-    client.portal.call(client.app, scope, receive, send)
+    try:
+        client.portal.call(client.app, scope, receive, send)
+    except Exception:  # Starlette answers 500, then raises the error again for the server to log
+        if not sent:
+            raise
     start = next(m for m in sent if m["type"] == "http.response.start")
     return Answer(
         start["status"],
