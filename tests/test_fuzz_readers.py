@@ -252,7 +252,7 @@ def test_manifest_readers_account_for_every_row(fmt):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_manifest_readers_account_for_every_row_many(fmt):
-    run_property(fmt, 500)
+    run_property(fmt, 400)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
