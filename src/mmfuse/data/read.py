@@ -14,6 +14,7 @@ Three layouts:
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import logging
@@ -33,6 +34,7 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 """The manifest of a Hugging Face imagefolder, found in the folder given as data."""
 COLUMNS = ("image", "text", "label")
+_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 # Names other tools give these columns: named in the error as renames to make, never read silently in their place.
 _ALIASES = {
     "image": {"path", "file", "filename", "file_name", "filepath", "image_path", "img", "img_path", "image_file"},
@@ -115,7 +117,9 @@ def read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
                         f"{path} is one JSON array, not JSON Lines: write one JSON object per line "
                         "(pandas: df.to_json(path, orient='records', lines=True))."
                     )
-            for n, line in enumerate(text.splitlines(), start=1):
+            # Lines end at \n only (a \r before it is JSON whitespace): splitlines() also broke a line at U+2028,
+            # U+0085 and the like, which JSON writes raw inside strings, so a valid row read as two broken ones.
+            for n, line in enumerate(text.split("\n"), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -234,7 +238,7 @@ def read_manifest(
         need_label = need_label and not folder_labels
     if rows or not problems:  # a .jsonl with no readable line has no columns to check: its lines are the error
         _require_columns(columns, path, ["image"] + (["text"] if need_text else []) + (["label"] if need_label else []))
-    if rows and all(isinstance(r.get("image"), (bytes, dict)) for r in rows):
+    if rows and all(_embedded(r.get("image")) for r in rows):
         raise MmfuseError(
             f"{path}: column image holds the images themselves (bytes), as Hugging Face datasets export them, not "
             "paths to image files. Save each image to a file and list its path (relative to the manifest's folder, "
@@ -246,7 +250,7 @@ def read_manifest(
     for i, row in enumerate(rows):
         rows[i] = None  # each row's dict freed as its record is made: both lists are never whole at once
         n = row["_row"]
-        if isinstance(row.get("image"), (bytes, dict)):
+        if _embedded(row.get("image")):
             problems.append(Problem(n, "", "image holds embedded image data, not the path of an image file"))
             continue
         source = _cell(row.get("image")).strip()
@@ -256,6 +260,9 @@ def read_manifest(
             kind = {dict: "an object"}
             problems += [Problem(n, source, f"{c} is {kind.get(type(row[c]), 'a list')}, not one value") for c in odd]
             continue
+        if "\x00" in source:  # no file name holds one, and the OS refuses to even look such a path up
+            problems.append(Problem(n, source.replace("\x00", "\\x00"), "image path holds a NUL character (\\x00)"))
+            continue
         label = _cell(row.get("label")).strip() if has_label else None
         if imagefolder and folder_labels:
             parts = _caption_key(source).split("/")
@@ -263,6 +270,22 @@ def read_manifest(
         label = labels.setdefault(label, label) if label else None  # one string per class, not one per row
         records.append(Record(_image_path(source, folder), _cell(row.get("text")), label, n, source))
     return records, problems
+
+
+def _embedded(value) -> bool:
+    """Whether an image cell holds the image itself (Hugging Face's {"bytes": ...}, or a file's bytes) rather than
+    its path: a parquet binary column of paths is UTF-8 text with no image file's signature."""
+    if isinstance(value, dict):
+        return True
+    if not isinstance(value, bytes):
+        return False
+    if value.startswith(_IMAGE_SIGNATURES):
+        return True
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return len(value) > 4096  # no path is this long
 
 
 def _imagefolder_columns(path: Path, columns: list[str], rows: list[dict]) -> tuple[list[str], list[dict]]:
@@ -310,7 +333,7 @@ def read_captions(path: Path) -> dict[str, str]:
     """A captions CSV as {relative path, absolute path or file name: text}."""
     path = Path(path)
     if not path.exists():
-        raise MmfuseError(f"Captions file not found: {path}")
+        raise MmfuseError(f"Captions file not found: {path}{missing_hint(path)}")
     if path.is_dir():
         raise MmfuseError(f"--captions {path} is a folder; give the captions CSV (columns image, text).")
     columns, rows, problems = read_table(path)
@@ -396,11 +419,52 @@ def _hidden(path: Path, top: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(top).parts)
 
 
+def missing_hint(path: Path) -> str:
+    """What to say after "not found: PATH": up to 3 close names in its folder ("; did you mean data/icons/train.csv?"),
+    or, where the folder itself is missing, which part of the path is the first one that does not exist (with close
+    names for that part)."""
+    parts = path.parts
+    for i in range(len(parts)):
+        here = Path(*parts[: i + 1])
+        if os.path.lexists(here):
+            continue
+        parent, rest = here.parent, parts[i + 1 :]
+        if not parent.is_dir():
+            return f" ({parent} is a file, not a folder)"
+        try:
+            names = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+        except OSError:  # an unreadable folder: nothing to suggest from
+            names = []
+        guesses = [(parent / name).joinpath(*rest) for name in _close_names(here.name, names)]
+        # For a missing folder, the guesses that hold the rest of the path first.
+        guesses.sort(key=lambda g: not os.path.exists(g))
+        if not rest:
+            return f"; did you mean {_either(guesses)}?" if guesses else ""
+        return f" ({here} does not exist{f'; did you mean {_either(guesses)}?' if guesses else ''})"
+    return ""
+
+
+def _close_names(name: str, names: list[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """Up to ``n`` of ``names`` that look like ``name``, closest first. Names with the same suffix are compared by
+    their stems: otherwise ".csv" alone makes x.csv look like val.csv."""
+
+    def stem(s: str) -> str:
+        return s.rsplit(".", 1)[0] if Path(s).suffix.lower() == Path(name).suffix.lower() else s
+
+    scores = [(difflib.SequenceMatcher(None, stem(name).lower(), stem(c).lower()).ratio(), c) for c in names]
+    return [c for score, c in sorted(scores, key=lambda x: -x[0]) if score >= cutoff][:n]
+
+
+def _either(paths: list[Path]) -> str:
+    names = [str(p) for p in paths]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def read_data(path: str | Path, captions: str | Path | None = None, need_label: bool = True, need_text: bool = False):
     """Reads a folder or manifest into records, plus problems found while listing (empty classes)."""
     path = Path(path)
     if not path.exists():
-        raise MmfuseError(f"Data not found: {path}")
+        raise MmfuseError(f"Data not found: {path}{missing_hint(path)}")
     if path.is_dir() and path.suffix.lower() == ".parquet":
         return read_manifest(path, need_label, need_text)  # a partitioned parquet dataset is a folder of parts
     meta = metadata_file(path) if path.is_dir() else None

@@ -28,14 +28,18 @@ from mmfuse.errors import MmfuseError
 from mmfuse.inference.predictor import Predictor
 from mmfuse.inference.serve.batching import QUEUE_ROWS, Batcher, Metrics
 from mmfuse.inference.serve.requests import (
+    ANSWERS,
     MAX_ITEMS,
     MAX_TEXT_CHARS,
     MAX_UPLOAD_BYTES,
+    NOT_READY,
+    PREDICT_ERRORS,
     Limits,
     RequestError,
     answer,
     parse_json,
     parse_multipart,
+    predict_openapi,
     prepare,
     read_body,
 )
@@ -89,7 +93,9 @@ def create_app(
         yield
         await run_in_threadpool(batcher.stop)  # uvicorn has let in-flight requests finish; now their rows
 
-    app = FastAPI(title="mmfuse", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json describes every route, the form and JSON bodies of /v1/predict included, for clients and for
+    # the fuzzing test (tests/test_fuzz_serve.py); the interactive docs pages would load scripts from a CDN.
+    app = FastAPI(title="mmfuse", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
 
     def ready_predictor() -> Predictor:
         batcher = state.get("batcher")
@@ -112,11 +118,11 @@ def create_app(
         log.error("unhandled error on %s", request.url.path, exc_info=e)
         return JSONResponse({"error": "internal", "message": "internal error; see the server log"}, 500)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=ANSWERS)
     async def healthz() -> dict:
         return {"status": "up"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=ANSWERS | NOT_READY)
     async def readyz() -> JSONResponse:
         batcher = state.get("batcher")
         if batcher is None or not batcher.ready.is_set():
@@ -125,7 +131,7 @@ def create_app(
             return JSONResponse(body, 503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "ready", "warmup_ms": round(batcher.warmup_s * 1000, 1)})
 
-    @app.get("/v1/info")
+    @app.get("/v1/info", responses=ANSWERS | NOT_READY)
     async def info() -> dict:
         predictor = ready_predictor()
         modalities = list(predictor.model.modalities)
@@ -152,7 +158,7 @@ def create_app(
             "version": __version__,
         }
 
-    @app.post("/v1/predict")
+    @app.post("/v1/predict", responses=ANSWERS | NOT_READY | PREDICT_ERRORS, openapi_extra=predict_openapi(limits))
     async def predict(request: Request) -> JSONResponse:
         start, status = time.perf_counter(), 500
         metrics.arrived()
@@ -186,18 +192,18 @@ def create_app(
         rows = [answer(p, predictor.classes) for p in probs]
         return JSONResponse(rows[0] if single else {"items": rows})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ANSWERS)
     async def prometheus() -> PlainTextResponse:
         batcher = state.get("batcher")
         ready = batcher is not None and batcher.ready.is_set()
         text = metrics.render(batcher.queued_rows if batcher else 0, ready)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    @app.get("/")
+    @app.get("/", response_class=HTMLResponse, responses=ANSWERS)
     async def page() -> HTMLResponse:
         return HTMLResponse((files("mmfuse.inference.serve") / "static" / "index.html").read_text(encoding="utf-8"))
 
-    @app.get("/favicon.ico")
+    @app.get("/favicon.ico", status_code=204, response_class=Response, responses=ANSWERS)
     async def favicon() -> Response:
         return Response(status_code=204)
 

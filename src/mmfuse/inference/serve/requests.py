@@ -48,11 +48,101 @@ class Limits:
     """Most items in one JSON batch request."""
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# the OpenAPI description (/openapi.json): the routes read their bodies themselves, so FastAPI cannot infer them
+
+_REFUSAL = {
+    "type": "object",
+    "required": ["error", "message"],
+    "properties": {
+        "error": {"type": "string", "description": "a stable code, e.g. bad_image"},
+        "message": {"type": "string", "description": "what is wrong, in words"},
+    },
+}
+
+
+def refusal(what: str, retry: bool = False) -> dict:
+    """An OpenAPI response: a refusal's JSON body ``{"error": code, "message": ...}``."""
+    out: dict = {"description": what, "content": {"application/json": {"schema": _REFUSAL}}}
+    if retry:
+        out["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
+    return out
+
+
+ANSWERS = {405: refusal("the route does not take this method")}
+NOT_READY = {503: refusal("the model is loading, failed to load, or the queue is full", retry=True)}
+PREDICT_ERRORS = {
+    400: refusal("the body is empty, not JSON, not UTF-8 or a malformed multipart body"),
+    413: refusal("the upload, the image or the batch is over its limit"),
+    415: refusal("the Content-Type is neither multipart/form-data nor application/json"),
+    422: refusal("an item is missing, of the wrong type, or does not decode"),
+}
+_ANSWER = {
+    "type": "object",
+    "required": ["label", "confidence", "probabilities"],
+    "properties": {
+        "label": {"type": "string"},
+        "confidence": {"type": "number"},
+        "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+    },
+}
+
+
+def predict_openapi(limits: Limits) -> dict:
+    """The OpenAPI request body and answer of ``POST /v1/predict``: one item as a form (an image file and its text)
+    or as JSON (the image in base64), or a JSON batch ``{"items": [...]}``."""
+    text = {"type": "string", "maxLength": limits.max_text_chars, "description": "the item's text"}
+    item = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "image": {"type": "string", "format": "byte", "description": "the image file in base64"},
+            "text": text,
+        },
+    }
+    batch = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": item, "minItems": 1, "maxItems": limits.max_items}},
+    }
+    form = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["image"],
+        "properties": {"image": {"type": "string", "format": "binary", "description": "the image file"}, "text": text},
+    }
+    ok = {
+        "oneOf": [
+            _ANSWER,
+            {"type": "object", "required": ["items"], "properties": {"items": {"type": "array", "items": _ANSWER}}},
+        ]
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": form,
+                    "encoding": {"image": {"contentType": "image/png, image/jpeg, image/webp, image/gif, image/bmp"}},
+                },
+                "application/json": {"schema": {"oneOf": [item, batch]}},
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "the label, its confidence and every class's probability",
+                "content": {"application/json": {"schema": ok}},
+            }
+        },
+    }
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) once it is declared or read past ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):  # isdigit() alone takes "²", which int() refuses
             raise RequestError(400, "bad_content_length", f"Content-Length {declared!r} is not a number")
         if int(declared) > limit:
             raise RequestError(413, "upload_too_large", _too_large(int(declared), limit))
