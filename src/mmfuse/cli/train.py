@@ -125,5 +125,6 @@ def summary_line(result: dict, out: str) -> str:
     if not val:
         return f"trained {out} (no validation rows)"
     kept = "out-of-fold" if "bag" in result else f"best epoch {result['best_epoch']}"
-    scores = ", ".join(f"{k.replace('_', ' ')} {val[k]:.4f}" for k in ("accuracy", "weighted_f1", "macro_f1"))
+    names = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1"}
+    scores = ", ".join(f"{name} {val[key]:.4f}" for key, name in names.items())
     return f"trained {out} ({kept}): validation {scores}"

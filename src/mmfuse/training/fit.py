@@ -173,6 +173,9 @@ def console_log(out: str | Path):
     handler = _RunLog(Path(out) / CONSOLE_LOG, mode="a", encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger("mmfuse")
+    level = root.level
+    if root.getEffectiveLevel() > logging.INFO:  # the file holds the run's INFO lines whatever the console shows
+        root.setLevel(logging.INFO)
     root.addHandler(handler)
     file_only.addHandler(handler)
     try:
@@ -180,6 +183,7 @@ def console_log(out: str | Path):
     finally:
         root.removeHandler(handler)
         file_only.removeHandler(handler)
+        root.setLevel(level)
         handler.close()
 
 
