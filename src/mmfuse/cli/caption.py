@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="caption images into a CSV usable as --captions (resumable)",
         formatter_class=HelpFormatter,
         description="Caption every image of a folder (searched recursively) or "
-        "manifest. Rows are flushed after every batch; a rerun with --resume skips images already captioned. The "
+        "manifest. Rows are flushed after every batch; --resume skips images already captioned. The "
         "default "
         f"captioner, {DEFAULT_CAPTIONER}, needs the Hugging Face hub or a local copy of it (--model DIR); "
         "--model imagenet-tags works offline (ImageNet class names of the packaged EfficientNet-Lite0 as text).",

@@ -81,8 +81,12 @@ def _remove_if_empty(folder: Path) -> None:
 
 def continue_command(args, flag: str = "--resume") -> str:
     """The command line that continues an interrupted verb: the one given (``main`` keeps it), with ``flag`` added
-    and --overwrite dropped (continuing replaces nothing)."""
+    and --overwrite dropped (continuing replaces nothing); under ``accelerate launch``, launched the same way (the
+    launcher's own options, beyond the number of processes, are not known here)."""
     argv = [str(a) for a in getattr(args, "argv", None) or [] if str(a) != "--overwrite"]
     if flag and flag not in argv:
         argv.append(flag)
-    return shlex.join(["mmfuse", *argv])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # A launch is continued by a launch of as many processes (train and predict refuse another number).
+    head = ["accelerate", "launch", "--num_processes", str(world), "-m", "mmfuse"] if world > 1 else ["mmfuse"]
+    return shlex.join([*head, *argv])

@@ -9,6 +9,7 @@ from pathlib import Path
 from mmfuse.cli.checks import continue_command, no_empty_folders
 from mmfuse.cli.flags import HelpFormatter, scoring, scoring_flags, speed
 from mmfuse.distributed import main_process
+from mmfuse.rundir.layout import RUN_FILES, is_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +40,9 @@ def cmd_predict(args) -> int:
     from mmfuse.inference.stream import check_out, leftovers, read_progress
 
     out = Path(args.out)
-    if not out.is_dir():  # predict_file says what is wrong with a directory
+    # predict_file says what is wrong with a directory, the input itself or one of a run's files as --out.
+    theirs = out.is_dir() or (is_run(out.parent) and out.name in RUN_FILES)
+    if not theirs and not (out.exists() and Path(args.data).exists() and out.resolve() == Path(args.data).resolve()):
         check_out(out, args.overwrite, args.resume, continue_command(args))
     try:
         with no_empty_folders(out.parent):
