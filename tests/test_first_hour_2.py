@@ -188,6 +188,39 @@ def test_ctrl_c_in_predict_names_the_command_that_continues_it(head_run, toy_dat
     assert len(read_csv(out)) == len(read_csv(toy_data / "test.csv"))
 
 
+def test_ctrl_c_in_caption_names_the_command_that_continues_it(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from mmfuse.captioning import pipeline
+    from mmfuse.captioning.captioners import Captioner
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    calls = []
+
+    class Fake(Captioner):
+        def __call__(self, images):
+            calls.append(len(images))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return [f"grey {int(np.asarray(im).mean())}" for im in images]
+
+    monkeypatch.setattr(pipeline, "build_captioner", lambda *a, **k: Fake())
+    out = tmp_path / "captions.csv"
+    args = ["caption", str(tmp_path / "imgs"), "--out", str(out), "--model", "imagenet-tags", "--batch-size", "2"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; 2 image(s) are captioned in {out}" in err
+    command = err.split("Continue with: ")[1].splitlines()[0]
+    assert argv_of(command) == [*args, "--resume"]
+    assert main(args) == 2  # not continued unasked
+    assert main(argv_of(command)) == 0
+    assert sorted(r["image"] for r in read_csv(out)) == [f"{i}.png" for i in range(5)]
+    assert sum(calls[2:]) == 3  # the two captioned before were not captioned again
+
+
 # --- item 9: train.log, epoch ticks --------------------------------------------------------------------------------
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import sys
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_caption(args) -> int:
-    from mmfuse.captioning.pipeline import caption_file  # deferred: imports torch
+    from mmfuse.captioning.pipeline import caption_file, part_files  # deferred: imports torch
 
     for flag in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, flag) < 1:  # 0 failed inside range(), a negative batch size captioned nothing
@@ -62,7 +61,7 @@ def cmd_caption(args) -> int:
 
         check_device(args.device, "--device")
     out = Path(args.out)
-    parts = sorted(out.parent.glob(f"{glob.escape(out.name)}.rank*.part"))  # what a stopped launch left
+    parts = part_files(out)  # what a stopped launch left
     if args.overwrite:
         for part in parts:
             part.unlink()
