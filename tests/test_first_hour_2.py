@@ -266,6 +266,11 @@ def test_rows_of_unknown_labels_are_one_line_with_the_counts():
     assert lines[0] == "303 bad row(s) in test.csv:"
     assert lines[1] == "  303 rows: unknown label 'y' (153), 'x' (150); the model knows: a, b, c"
     assert len(lines) == 3 and "more" not in message
+    same = str(DataError([(i + 1, "a.png", "unknown label 'x'; the model knows: a") for i in range(40)], "t.csv"))
+    assert same.splitlines()[1:3] == [
+        "  40 rows: unknown label 'x' (40); the model knows: a",
+        "Fix these rows, or pass --skip-bad to skip them (each skipped row is listed in a skipped.csv).",
+    ]
     # Below GROUP_AT, each row keeps its own line.
     few = str(DataError(problems[: GROUP_AT - 1], "t.csv")).splitlines()
     assert few[1] == "  row 1: img0.png: unknown label 'x'; the model knows: a, b, c" and len(few) == GROUP_AT + 1

@@ -35,8 +35,9 @@ def _kind(reason: str) -> tuple[str, str]:
 
 def bad_rows_report(problems: list[tuple[int, str, str]], source: str, limit: int = 20) -> list[str]:
     """The lines of a bad-input report: the count of bad rows, each kind of problem that ``GROUP_AT`` or more rows
-    share said once (with the count of each value, or the rows under it), then the other rows one line each (all of
-    a row's other reasons on its line); at most ``limit`` rows listed in any one place."""
+    share said once (one line counting each value of a kind with one, such as unknown labels; otherwise the rows under
+    it), then the other rows one line each (all of a row's other reasons on its line); at most ``limit`` rows listed
+    in any one place."""
     kinds: dict[str, list[tuple[int, str, str]]] = {}
     for row, image, reason in problems:
         kind, value = _kind(reason)
@@ -51,13 +52,14 @@ def bad_rows_report(problems: list[tuple[int, str, str]], source: str, limit: in
     for kind in grouped:
         rows = kinds[kind]
         values = Counter(value for _, _, value in rows)
-        if len(values) > 1:  # the values counted on one line, the most frequent first
-            shown = [f"{value} ({n})" for value, n in values.most_common(10)]
+        if _SLOT in kind:  # a kind with a value (a label): the values counted on one line, the most frequent first
+            counted = len(values) < len(rows)  # "(1)" after every value says nothing
+            shown = [f"{value} ({n})" if counted else value for value, n in values.most_common(10)]
             if len(values) > 10:
                 shown.append(f"and {len(values) - 10} other(s)")
             lines.append(f"  {len(rows)} rows: {kind.replace(_SLOT, ', '.join(shown))}")
             continue
-        lines.append(f"  {len(rows)} rows: {kind.replace(_SLOT, next(iter(values)))}:")
+        lines.append(f"  {len(rows)} rows: {kind}:")  # the same reason word for word: the rows it names under it
         lines += [f"    {_where(row, image)}" for row, image, _ in rows[:limit]]
         if len(rows) > limit:
             lines.append(f"    ... and {len(rows) - limit} more row(s)")
