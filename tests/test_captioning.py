@@ -400,7 +400,7 @@ def test_resume_after_sigkill(tiny_dirs, tmp_path):
     done = before[: before.rfind(b"\n") + 1].count(b"\n") - 1
     assert 6 <= done < n, "the first run should be killed mid-way"
 
-    rerun = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    rerun = subprocess.run([*cmd, "--resume"], env=env, check=True, capture_output=True, text=True)
     assert f"{done} of {n} image(s) already captioned" in rerun.stderr  # only the batch in flight is redone
     rows = read_rows(out)
     assert len(rows) == n and len({r["image"] for r in rows}) == n

@@ -54,7 +54,7 @@ def test_predict_keeps_each_rows_identity_and_scores_labelled_input(trained, tmp
 
     # Unlabelled input: no columns of truth to fill.
     write_csv(tmp_path / "unlabelled.csv", rows[:2], fields=("image", "text"))
-    assert main(["predict", str(run), str(tmp_path / "unlabelled.csv"), "--out", str(preds)]) == 0
+    assert main(["predict", str(run), str(tmp_path / "unlabelled.csv"), "--out", str(preds), "--overwrite"]) == 0
     assert list(read_csv(preds)[0])[:4] == ["row", "image", "label", "confidence"]
 
 
@@ -70,7 +70,7 @@ def test_lone_surrogates_are_skipped_by_predict_and_named_by_train(trained, tmp_
     assert [r["row"] for r in read_csv(preds)] == ["0", "2", "3"]
     assert "lone surrogate" in read_csv(tmp_path / "p.skipped.csv")[0]["reason"]
     capsys.readouterr()
-    assert main(["predict", str(run), str(data), "--out", str(preds)]) == 2
+    assert main(["predict", str(run), str(data), "--out", str(preds), "--overwrite"]) == 2
     assert "row 2: " in capsys.readouterr().err
     assert main(["train", str(data), "--out", str(tmp_path / "run"), *FAST]) == 2
     err = capsys.readouterr().err

@@ -147,14 +147,15 @@ def test_a_kill_while_the_run_is_written_leaves_the_earlier_run_whole(tmp_path, 
     fast = ["--tune", "head", "--image-size", "32", "--epochs", "1"]
     run = tmp_path / "r"
     assert main(["train", data, "--out", str(run), *fast]) == 0
-    # metrics.jsonl is the log of the run in progress, a line per epoch as it goes; the rest is the finished run's.
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+    # metrics.jsonl and train.log are logs of the run in progress, written as it goes; the rest is the finished run's.
+    logs = ("metrics.jsonl", "train.log")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name not in logs}
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands for a kill in the middle of writing model.safetensors
 
     monkeypatch.setattr(mmfuse.rundir.weights, "save_model", killed)
     assert main(["train", data, "--out", str(run), *fast, "--overwrite", "--seed", "1"]) == 130
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "metrics.jsonl"} == before
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name not in logs} == before
     monkeypatch.undo()
     assert main(["predict", str(run), data, "--out", str(tmp_path / "p.csv")]) == 0

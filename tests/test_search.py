@@ -94,7 +94,8 @@ def test_a_killed_search_continues_without_redoing_finished_trials(toy_manifest,
     }
     assert {"000", "001"} <= set(finished)
 
-    assert main(search_args(toy_manifest, out)) == 0
+    assert main(search_args(toy_manifest, out)) == 2  # the study is continued only when asked
+    assert main(search_args(toy_manifest, out, 6, "--resume")) == 0
     trials = study_trials(out)
     states = [t.state.name for t in trials]
     assert states.count("COMPLETE") + states.count("PRUNED") == 6

@@ -101,7 +101,7 @@ def test_a_killed_rank_resumes_every_image_once(captioning, tmp_path):
     # about a millisecond an image), and then the rerun has only the killed launch's parts to merge: still each once.
     assert 2 <= left <= 101
 
-    err = finish(launch(*caption_args(images, captioner, out)))[1]
+    err = finish(launch(*caption_args(images, captioner, out), "--resume"))[1]
     assert re.search(rf"\b{left} of 101 image\(s\) already captioned", err)  # a half-written row would be cut
     assert out.read_bytes() == one.read_bytes()
     assert not part_files(out)

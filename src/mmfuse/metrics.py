@@ -132,6 +132,8 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path) -> None:
 
 def plot_history(history: list[dict], path: Path) -> None:
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator  # deferred with matplotlib itself (_plt)
+
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(epochs, [h["train_loss"] for h in history], label="train")
@@ -146,6 +148,8 @@ def plot_history(history: list[dict], path: Path) -> None:
         b.plot(epochs, [h["val_accuracy"] for h in history], label="accuracy")
     b.set_xlabel("epoch")
     b.set_ylim(0, 1)
+    for ax in (a, b):  # an epoch is a whole number: 1, 2, 3, never the 1.25 and 1.5 matplotlib picks for few epochs
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if validated:
         b.legend()
     # Fixed margins (the labels are fixed): tight_layout draws the figure once more, a third of this plot's time.

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [name.upper() if name in ("data", "run") else "--" + name.replace("_", "-") for name in empty]
         print(f"error: {', '.join(names)} is empty; give a path or value.", file=sys.stderr)
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the messages that say how to continue a verb
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     quiet_libraries()
     try:

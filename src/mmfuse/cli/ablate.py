@@ -13,7 +13,7 @@ import logging
 from rich.console import Console
 from rich.table import Table
 
-from mmfuse.cli.checks import keep_earlier_work, out_dir
+from mmfuse.cli.checks import keep_earlier_work, no_empty_folders, out_dir
 from mmfuse.cli.flags import HelpFormatter, run_config, training_flags
 from mmfuse.distributed import main_process
 from mmfuse.errors import MmfuseError
@@ -55,9 +55,12 @@ def cmd_ablate(args) -> int:
         raise MmfuseError("ablate trains image-only, text-only and fusion models itself: leave --modalities out.")
     out_dir(args.out)
     cfg = run_config(args)
-    keep_earlier_work(args.out, args.overwrite, ("ablation.json", "fusion/model.safetensors"))
+    # Each of the three runs is work kept: one an interrupted ablation finished, too.
+    runs = tuple(f"{name}/{f}" for name in ("image", "text", "fusion") for f in ("metrics.json", "model.safetensors"))
+    keep_earlier_work(args.out, args.overwrite, ("ablation.json", *runs))
     cfg.data.train = args.data
-    with epoch_lines(args.verbose):
+    # A run that fails on its data leaves no empty folders behind.
+    with epoch_lines(args.verbose), no_empty_folders(args.out):
         results = ablate(cfg, args.out, test=args.test, test_captions=args.test_captions)
     if not main_process():  # under accelerate launch, the main process reports
         return 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
+from mmfuse.cli.checks import continue_command, no_empty_folders, refuse_existing
 from mmfuse.cli.flags import HelpFormatter
 from mmfuse.config import DEFAULT_CAPTIONER, PACKAGED_CAPTIONERS
 from mmfuse.distributed import leave_launch, main_process
@@ -16,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="caption images into a CSV usable as --captions (resumable)",
         formatter_class=HelpFormatter,
         description="Caption every image of a folder (searched recursively) or "
-        "manifest. Rows are flushed after every batch; a rerun skips images already captioned. The default "
+        "manifest. Rows are flushed after every batch; --resume skips images already captioned. The "
+        "default "
         f"captioner, {DEFAULT_CAPTIONER}, needs the Hugging Face hub or a local copy of it (--model DIR); "
         "--model imagenet-tags works offline (ImageNet class names of the packaged EfficientNet-Lite0 as text).",
     )
@@ -37,11 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip bad images and images the model gives no text (listed in OUT.skipped.csv) instead of stopping",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the captions in --out: caption only the images it lacks (with nothing there, start)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the captions in --out, captioning every image")
     p.set_defaults(fn=cmd_caption)
 
 
 def cmd_caption(args) -> int:
-    from mmfuse.captioning.pipeline import caption_file  # deferred: imports torch
+    from mmfuse.captioning.pipeline import caption_file, part_files  # deferred: imports torch
 
     for flag in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, flag) < 1:  # 0 failed inside range(), a negative batch size captioned nothing
@@ -50,19 +60,48 @@ def cmd_caption(args) -> int:
         from mmfuse.inference.predictor import check_device  # deferred: imports torch
 
         check_device(args.device, "--device")
+    out = Path(args.out)
+    parts = part_files(out)  # what a stopped launch left
+    if args.overwrite:
+        for part in parts:
+            part.unlink()
+        parts = []
+    elif not args.resume and (parts or captioned(out)):
+        held = f"{captioned(out)} caption(s)" + (f" and {len(parts)} part file(s) of a stopped launch" if parts else "")
+        refuse_existing(out, held, False, f"continue it with: {continue_command(args)} (only the images it lacks)")
     try:
-        path = caption_file(
-            args.data,
-            args.out,
-            model=args.model,
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            num_beams=args.num_beams,
-            skip_bad=args.skip_bad,
-            device=args.device,
-        )
+        with no_empty_folders(out.parent):
+            if args.overwrite and out.is_file() and out.suffix.lower() == ".csv":  # never an image given by mistake
+                out.unlink()
+            path = caption_file(
+                args.data,
+                args.out,
+                model=args.model,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                num_beams=args.num_beams,
+                skip_bad=args.skip_bad,
+                device=args.device,
+            )
+    except KeyboardInterrupt:
+        if main_process():
+            print(
+                f"interrupted; {captioned(out)} image(s) are captioned in {out}. Continue with: "
+                f"{continue_command(args)}",
+                file=sys.stderr,
+            )
+        return 130
     finally:
         leave_launch()
     if main_process():  # under accelerate launch, once
         print(f"wrote {path}")
     return 0
+
+
+def captioned(out: Path) -> int:
+    """The rows of captions ``out`` holds (0 when absent): a file of only a header keeps nothing worth refusing for.
+    A file that is no CSV counts its lines, so it is refused rather than written into."""
+    if not out.is_file():
+        return 0
+    with open(out, "rb") as f:
+        return sum(1 for _ in f) if f.readline() else 0

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mmfuse.cli.checks import no_empty_folders, refuse_existing
 from mmfuse.cli.flags import HelpFormatter
 from mmfuse.errors import MmfuseError
 
@@ -17,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", choices=["emoji"])
     p.add_argument("--out", required=True, help="directory to write train.csv, val.csv, test.csv and images/")
     p.add_argument("--seed", type=int, default=0, help="seed of the 70/15/15 stratified split")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export of the dataset in --out")
     p.set_defaults(fn=cmd_datasets)
 
 
@@ -26,7 +28,8 @@ def cmd_datasets(args) -> int:
     if not 0 <= args.seed < 2**32:
         raise MmfuseError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     # The build replaces --out as a whole: a file there, or a folder of someone's files, would be deleted with it.
-    # Only an earlier export (its info.json names the dataset), with nothing added to it, is replaced without asking.
+    # Only an earlier export (its info.json names the dataset), with nothing added to it, is replaced, and only when
+    # asked (--overwrite).
     target = Path(args.out)
     if target.exists() and not target.is_dir():
         raise MmfuseError(f"--out {args.out} is a file; give a new directory for the dataset.")
@@ -40,6 +43,11 @@ def cmd_datasets(args) -> int:
             f"--out {args.out} already holds other files, which the export would replace; give a new or empty "
             "directory."
         )
-    out = emoji.build_emoji(args.out, seed=args.seed)
+    if ours:
+        refuse_existing(
+            args.out, f"an earlier export of {args.name} (info.json, the manifests, images/)", args.overwrite
+        )
+    with no_empty_folders(args.out):
+        out = emoji.build_emoji(args.out, seed=args.seed)
     print(emoji.export_summary(out))
     return 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmfuse.cli.checks import no_empty_folders, refuse_existing
 from mmfuse.cli.flags import HelpFormatter, scoring, scoring_flags, speed
 from mmfuse.cli.printing import print_report
 from mmfuse.distributed import main_process
+from mmfuse.rundir.layout import is_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,10 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_evaluate(args) -> int:
     from mmfuse.inference.predictor import evaluate_file  # deferred: imports torch
 
-    report = evaluate_file(args.run, args.data, args.out, **scoring(args), **speed(args))
+    out = Path(args.out) if args.out else Path(args.run) / "eval"
+    if (out / "metrics.json").is_file() and not is_run(out):  # a run there is refused, with its own reason, below
+        refuse_existing(out, "an earlier evaluation (metrics.json, the confusion matrix, errors.csv)", args.overwrite)
+    with no_empty_folders(out):
+        report = evaluate_file(args.run, args.data, args.out, **scoring(args), **speed(args))
     if not main_process():
         return 0  # under accelerate launch, the main process reports for all
     print_report(report)
-    out = args.out or Path(args.run) / "eval"
     print(f"wrote {out}/metrics.json, confusion_matrix.csv and .png, errors.csv and errors.html (the misclassified)")
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from mmfuse.cli.checks import no_empty_folders, refuse_existing
 from mmfuse.cli.flags import HelpFormatter
 
 
@@ -21,13 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory to write the export to, e.g. RUN/export")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format")
     p.add_argument("--data", help="folder or manifest whose first rows the parity check uses (default: synthetic rows)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(fn=cmd_export)
 
 
 def cmd_export(args) -> int:
     from mmfuse.inference.export import export_run  # deferred: imports torch
 
-    info = export_run(args.run, args.out, data=args.data, fmt=args.format)
+    if (Path(args.out) / "export.json").is_file():
+        refuse_existing(args.out, "an earlier export (export.json, model.onnx)", args.overwrite)
+    with no_empty_folders(args.out):
+        info = export_run(args.run, args.out, data=args.data, fmt=args.format)
     parity = info["parity"]
     print(
         f"wrote {args.out}/model.onnx ({info['exporter']['name']} exporter, opset {info['exporter']['opset']}): "

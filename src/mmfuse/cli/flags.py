@@ -105,6 +105,16 @@ def training_flags(p: argparse.ArgumentParser, skip_data: tuple[str, ...] = ("tr
 
 def scoring_flags(p: argparse.ArgumentParser, verb: str) -> None:
     """The flags evaluate and predict share (after their RUN, DATA and --out); only --cache's default differs."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what --out already holds ("
+        + (
+            "an earlier evaluation's reports)"
+            if verb == "evaluate"
+            else "earlier predictions, or start an interrupted prediction over)"
+        ),
+    )
     p.add_argument("--captions", help="captions CSV (image,text) for folder data")
     p.add_argument(
         "--skip-bad", action="store_true", help="skip bad rows (listed beside the output) instead of stopping"

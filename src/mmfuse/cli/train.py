@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mmfuse.cli.checks import keep_earlier_work
+from mmfuse.cli.checks import continue_command, keep_earlier_work, no_empty_folders
 from mmfuse.cli.flags import HelpFormatter, run_config, training_flags
 from mmfuse.cli.printing import print_training
 from mmfuse.config import resolve
@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
     from mmfuse.rundir.layout import RUN_FILES
     from mmfuse.training.bag import fit_bag
     from mmfuse.training.checkpoint import checkpoints
-    from mmfuse.training.fit import Preempted, TrainingInterrupted, fit
+    from mmfuse.training.fit import Preempted, TrainingInterrupted, console_log, fit
 
     cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
     resume = getattr(args, "resume", False)
@@ -59,7 +59,7 @@ def cmd_train(args) -> int:
         # Killed, preempted or stopped with Ctrl-C: the way on is to continue, not to start again.
         raise MmfuseError(
             f"--out {args.out} holds an interrupted run (its latest checkpoint: {interrupted[-1].name}). Continue it "
-            "with the same command and --resume, or pass --overwrite to start over."
+            f"with: {continue_command(args)}; or pass --overwrite to start over."
         )
     if not resume:
         # skipped.csv and captions.csv are what an unfinished run leaves behind for the next: not someone else's.
@@ -72,32 +72,59 @@ def cmd_train(args) -> int:
     if cfg.data.val and Path(cfg.data.val).resolve() == Path(args.data).resolve():
         log.warning("--val is the training data itself: the validation scores will flatter the model")
     try:
-        if cfg.train.bag > 1:
-            if resume:
-                raise MmfuseError("--resume continues single runs; a bag keeps its finished members when stopped.")
-            result = fit_bag(cfg, args.out)
-        else:
-            result = fit(cfg, args.out, resume=resume)
+        # No empty run directory is left by a run that fails before writing anything (a mistyped data path).
+        with no_empty_folders(args.out), console_log(args.out) as file_log:
+            if cfg.train.bag > 1:
+                if resume:
+                    raise MmfuseError("--resume continues single runs; a bag keeps its finished members when stopped.")
+                result = fit_bag(cfg, args.out)
+            else:
+                result = fit(cfg, args.out, resume=resume)
+            file_log.info("%s", summary_line(result, args.out))
     except TrainingInterrupted as e:  # the kept epoch (or members) so far is saved; the exit code says it stopped
         print_training(e.result, args.out)
-        if "bag" in e.result:
-            done, k = e.result["members_finished"], e.result["bag"]
-            print(f"interrupted; kept the {done} finished member(s) of {k} in {args.out}", file=sys.stderr)
-        else:
-            print(
-                f"interrupted after {e.result['epochs_run']} epoch(s); saved epoch {e.result['best_epoch']} to "
-                f"{args.out}",
-                file=sys.stderr,
-            )
+        print(interrupted_message(e.result, args, bool(checkpoints(Path(args.out)))), file=sys.stderr)
         return 130
     except Preempted as e:
         print(
-            f"stopped by SIGTERM; wrote the checkpoint {e.checkpoint}. Continue with the same command and --resume.",
+            f"stopped by SIGTERM; wrote the checkpoint {e.checkpoint}. Continue with: {continue_command(args)}",
             file=sys.stderr,
         )
         return 143
     except KeyboardInterrupt:
-        print("interrupted before the first epoch (or member) finished: nothing was saved", file=sys.stderr)
+        if checkpoints(Path(args.out)):  # a checkpoint written within the first epoch
+            print(
+                f"interrupted before the first epoch finished; continue from its checkpoint with: "
+                f"{continue_command(args)}",
+                file=sys.stderr,
+            )
+        else:
+            print("interrupted before the first epoch (or member) finished: nothing was saved", file=sys.stderr)
         return 130
     print_training(result, args.out)
     return 0
+
+
+def interrupted_message(result: dict, args, resumable: bool) -> str:
+    """What Ctrl-C kept, and the exact command that goes on from there (``resumable``: checkpoints were kept)."""
+    if "bag" in result:
+        done, k = result["members_finished"], result["bag"]
+        return (
+            f"interrupted; kept the {done} finished member(s) of {k} in {args.out}, a run predict can use. A bag does "
+            f"not resume: to train all {k} members, start it again with: {continue_command(args, '--overwrite')}"
+        )
+    said = f"interrupted after {result['epochs_run']} epoch(s); saved epoch {result['best_epoch']} to {args.out}"
+    if resumable:
+        return f"{said}, a run predict can use. Continue training it with: {continue_command(args)}"
+    return said
+
+
+def summary_line(result: dict, out: str) -> str:
+    """The printed summary table as one plain line, for train.log."""
+    val = result.get("val")
+    if not val:
+        return f"trained {out} (no validation rows)"
+    kept = "out-of-fold" if "bag" in result else f"best epoch {result['best_epoch']}"
+    names = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1"}
+    scores = ", ".join(f"{name} {val[key]:.4f}" for key, name in names.items())
+    return f"trained {out} ({kept}): validation {scores}"

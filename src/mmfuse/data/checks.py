@@ -146,9 +146,11 @@ def find_problems(
         elif rec.label and (_is_not_utf8(rec.label) or _ANY_SURROGATE.search(rec.label)):
             problems.append(Problem(rec.row, rec.source, "label is not valid UTF-8 (or holds a lone surrogate)"))
         elif rec.label and known is not None and rec.label not in known:
+            # The label is the reason's one quoted value: many rows of unknown labels are reported as one line that
+            # counts each label (errors.bad_rows_report).
             problems.append(
                 Problem(
-                    rec.row, rec.source, f"unknown label '{rec.label}' (the model knows: {', '.join(sorted(known))})"
+                    rec.row, rec.source, f"unknown label '{rec.label}'; the model knows: {', '.join(sorted(known))}"
                 )
             )
     return problems

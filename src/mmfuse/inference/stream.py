@@ -203,6 +203,38 @@ def _mismatch(saved: dict, identity: dict) -> str | None:
     return None
 
 
+def check_out(out_csv: Path, overwrite: bool, resume: bool, continue_with: str = "") -> None:
+    """The CLI's rule for ``predict --out``, checked before any work: predictions already there are replaced only
+    with ``overwrite``; an interrupted prediction is continued with ``resume`` (``continue_with``: the command that
+    does), or started over with ``overwrite`` (its part and progress files go now); otherwise both are refused.
+
+    ``check_resume`` later checks that what ``resume`` continues is this prediction.
+    """
+    found = leftovers(out_csv)
+    if found and overwrite:
+        for path in found:
+            path.unlink(missing_ok=True)  # every process may do this: whoever comes second finds nothing
+            path.with_name(path.name.removesuffix(".progress.json") + ".part").unlink(missing_ok=True)
+        return
+    if found and not resume:
+        done = sum(read_progress(p)["rows_done"] for p in found)
+        raise MmfuseError(
+            f"--out {out_csv}: an interrupted prediction left {done} row(s) written "
+            f"({', '.join(str(p) for p in found)}, beside the .part files). Continue it after its last whole chunk "
+            f"with --resume{f' ({continue_with})' if continue_with else ''}, or pass --overwrite to start over."
+        )
+    if not found and out_csv.is_file() and not overwrite:
+        with open(out_csv, "rb") as f:
+            ours = f.readline().startswith(b"row,image,")
+            rows = sum(1 for _ in f)
+        held = f"predictions of {rows} row(s)" if ours else f"a file of {rows + 1} line(s)"
+        finished = ", finished: --resume has nothing to continue" if resume and ours else ""
+        raise MmfuseError(
+            f"--out {out_csv} already exists ({held}{finished}): choose another --out, or pass --overwrite to "
+            "replace it."
+        )
+
+
 def check_resume(out_csv: Path, identity: dict, bounds: list[tuple[int, int]], resume: bool) -> None:
     """Refuses to start over an interrupted prediction unasked, and to continue one that is not this prediction.
 

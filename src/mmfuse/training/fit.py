@@ -29,7 +29,15 @@ from mmfuse.training.checkpoint import CHECKPOINTS, checkpoints, load_checkpoint
 from mmfuse.training.loop import Preempted, Trainer, run_epochs, save, setup
 from mmfuse.training.prep import check_out_dir
 
-__all__ = ["Preempted", "TrainingInterrupted", "fit", "run_lock"]  # Preempted: the CLI catches both from here
+CONSOLE_LOG = "train.log"
+
+__all__ = [
+    "Preempted",
+    "TrainingInterrupted",
+    "console_log",
+    "fit",
+    "run_lock",
+]  # Preempted: the CLI catches both from here
 log = logging.getLogger(__name__)
 
 
@@ -144,3 +152,43 @@ def run_lock(out: Path):
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def console_log(out: str | Path):
+    """What training logs while the block runs (the banner, each epoch, warnings, what was saved) is also appended
+    to ``out/train.log``, plain lines with a time each: the console scrolls away, and a job's stderr may be lost.
+
+    A FileHandler on the ``mmfuse`` logger, added for the block and removed after. The file is opened at the first
+    line, so a run that fails before it logs anything (a data path mistyped) leaves no folder made for the log
+    alone. Progress bars never reach it: on a terminal they are tqdm's, and plain progress lines hold no ``\\r``.
+    Only the main process of a launch writes it. Yields a logger whose lines go to the file alone: for what the
+    caller prints itself (the final summary), so the file holds it too.
+    """
+    file_only = logging.getLogger("mmfuse.console_log")
+    file_only.propagate = False
+    if not main_process():
+        yield file_only
+        return
+    handler = _RunLog(Path(out) / CONSOLE_LOG, mode="a", encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger("mmfuse")
+    level = root.level
+    if root.getEffectiveLevel() > logging.INFO:  # the file holds the run's INFO lines whatever the console shows
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    file_only.addHandler(handler)
+    try:
+        yield file_only
+    finally:
+        root.removeHandler(handler)
+        file_only.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+class _RunLog(logging.FileHandler):
+    def _open(self):
+        # A line logged before the run directory exists (the lock makes it) would otherwise be a logging error.
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
