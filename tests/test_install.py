@@ -95,3 +95,16 @@ def test_system_deps_with_browser(tmp_path):
 def test_system_deps_refuses_an_unknown_option(tmp_path):
     done, calls = run_script(tmp_path, "--brwoser")
     assert done.returncode == 2 and "usage" in done.stderr and calls == []
+
+
+def test_readme_commands_start_by_activating_the_venv_make_builds():
+    """`make quickstart; mmfuse train ...` failed with "command not found": .venv/bin is not on the PATH."""
+    venv = next(
+        line.split("?=")[1].strip() for line in (ROOT / "Makefile").read_text().splitlines() if "VENV ?=" in line
+    )
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    first = block.splitlines()[0].split("#")[0].strip()
+    assert first == f". {venv}/bin/activate"
+    install = readme.split("## Install", 1)[1].split("## Command line", 1)[0]
+    assert f". {venv}/bin/activate" in install and f"{venv}/bin/mmfuse" in install
