@@ -30,6 +30,7 @@ def online(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # restored after, though the probe sets it for children
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_ETAG_TIMEOUT", raising=False)
     hf.hub_offline.cache_clear()
     yield monkeypatch
     hf.hub_offline.cache_clear()
@@ -50,7 +51,7 @@ def test_unreachable_hub_fails_fast_with_a_valid_hint(online):
     # Without the probe, huggingface_hub retries each file with back-off: about a minute before the error.
     assert took < 8, f"took {took:.1f} s to fail"
     msg = str(e.value)
-    assert "gave no answer" in msg and "not in the local hub cache" in msg
+    assert "gave no answer within 3 s" in msg and "the local hub cache did not provide it" in msg
     assert "owner/name (e.g. microsoft/resnet-50" in msg
     assert "download resnet50" not in msg and "hf download OWNER/NAME --local-dir DIR" in msg
     assert f"Packaged models that always work offline: {', '.join(sorted(PACKAGED_TOWERS))}." in msg
@@ -68,27 +69,41 @@ def test_hub_id_keeps_its_name_in_the_hint(online):
     assert "A hub id looks like" not in msg  # it already is one
 
 
-def test_silent_hub_times_out(online):
-    """A hub that accepts the connection and never answers (a stuck proxy) is given up after the probe's timeout."""
+@pytest.fixture
+def silent_hub(online):
+    """A hub that accepts the connection and never answers (a stuck proxy)."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()  # the kernel completes the handshake; no one ever reads or writes
         online.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
-        online.setattr(hf, "HUB_PROBE_SECONDS", 0.5)
-        start = time.monotonic()
-        reason = hf.hub_offline()
-        took = time.monotonic() - start
-    assert reason and "gave no answer within 0.5 s" in reason
+        yield online
+
+
+def test_silent_hub_times_out(silent_hub):
+    silent_hub.setattr(hf, "HUB_PROBE_SECONDS", 0.5)
+    start = time.monotonic()
+    reason = hf.hub_offline()
+    took = time.monotonic() - start
+    assert reason and "gave no answer within 0.5 s" in reason and "HF_HUB_ETAG_TIMEOUT" in reason
     assert took < 3, f"took {took:.1f} s"
     start = time.monotonic()
     assert hf.hub_offline() == reason and time.monotonic() - start < 0.1  # asked once per process
+
+
+def test_a_set_etag_timeout_is_the_probes(silent_hub):
+    """A slow network's user waits longer with huggingface_hub's own setting."""
+    silent_hub.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    silent_hub.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 2)
+    start = time.monotonic()
+    reason = hf.hub_offline()
+    assert reason and "gave no answer within 2 s" in reason and time.monotonic() - start >= 1.9
 
 
 def test_offline_env_is_named(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hf.hub_offline.cache_clear()
     try:
-        with pytest.raises(MmfuseError, match=r"HF_HUB_OFFLINE is set, and it is not in the local hub cache"):
+        with pytest.raises(MmfuseError, match=r"HF_HUB_OFFLINE is set, and the local hub cache did not provide it"):
             hf._hf_load(AutoConfig, "nobody/nothing-here", "text tower", "--text")
     finally:
         hf.hub_offline.cache_clear()

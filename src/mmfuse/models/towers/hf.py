@@ -40,23 +40,27 @@ def _pool(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, 
 
 
 HUB_PROBE_SECONDS = 3.0
-"""How long ``hub_offline`` waits for the hub's answer before going offline."""
+"""How long ``hub_offline`` waits for the hub's answer before going offline, unless ``HF_HUB_ETAG_TIMEOUT`` is set."""
 
 
 @functools.cache
 def hub_offline() -> str | None:
     """Why the Hugging Face Hub is not to be asked (``HF_HUB_OFFLINE`` is set, or it did not answer one HEAD request
-    within ``HUB_PROBE_SECONDS``, sent through huggingface_hub's own session: its endpoint, proxies and headers), or
-    None when it answers. Asked once per process. Without network, each ``from_pretrained`` would otherwise retry
-    with back-off for about a minute before failing; once the hub is found unreachable, huggingface_hub is put in
-    offline mode for the rest of the process (and its children), so models load from the local hub cache at once."""
+    within ``HUB_PROBE_SECONDS``, or within ``HF_HUB_ETAG_TIMEOUT`` where the user set it, sent through
+    huggingface_hub's own session: its endpoint, proxies and headers), or None when it answers. Asked once per process.
+
+    Without network, each ``from_pretrained`` would otherwise retry with back-off for about a minute before failing;
+    once the hub is found unreachable, huggingface_hub is put in offline mode for the rest of the process (and its
+    children), so models load from the local hub cache at once.
+    """
     from huggingface_hub import constants  # deferred: imported with transformers, which a tower load brings anyway
     from huggingface_hub.utils import get_session
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
+    wait = constants.HF_HUB_ETAG_TIMEOUT if os.environ.get("HF_HUB_ETAG_TIMEOUT") else HUB_PROBE_SECONDS
     try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+        get_session().head(constants.ENDPOINT, timeout=wait)
     # Any answer, even an error status, means the hub is reachable. The HTTP client (httpx, httpx2) and so its
     # exception types differ between huggingface_hub versions: any failure to get an answer means it is not.
     except Exception as e:
@@ -65,14 +69,17 @@ def hub_offline() -> str | None:
         # passed on to every lookup (the PEFT adapter check of transformers 5 still retries for a minute).
         constants.HF_HUB_OFFLINE = True
         os.environ["HF_HUB_OFFLINE"] = "1"
-        return f"the Hugging Face Hub ({constants.ENDPOINT}) gave no answer within {HUB_PROBE_SECONDS:g} s ({e})"
+        return (
+            f"the Hugging Face Hub ({constants.ENDPOINT}) gave no answer within {wait:g} s ({e}; on a slow network, "
+            "set HF_HUB_ETAG_TIMEOUT to wait longer)"
+        )
     return None
 
 
 def _hf_load(loader, name: str, what: str, flag: str | None = None, **kwargs):
     """Calls ``loader.from_pretrained`` with an error that names both ways of getting the model; ``flag`` is the
     option the name came from (--vision, --text). A hub name is looked up on the hub only when it answers in seconds
-    (``hub_reachable``); otherwise only in the local hub cache, so that no network fails fast."""
+    (``hub_offline``); otherwise only in the local hub cache, so that no network fails fast."""
     if Path(name).is_file():  # a checkpoint's weights or config.json, not its folder (one fails inside torch.load)
         raise MmfuseError(
             f"The {what} '{name}' is a file; pass the directory holding the model (config.json, weights, tokenizer "
@@ -90,7 +97,7 @@ def _hf_load(loader, name: str, what: str, flag: str | None = None, **kwargs):
     except (OSError, ValueError) as e:
         where = "a local directory that exists" if local else "no local directory"
         hub = (
-            f"{offline}, and it is not in the local hub cache"
+            f"{offline}, and the local hub cache did not provide it: {str(e).splitlines()[0]}"
             if offline
             else f"the Hugging Face Hub did not provide it: {str(e).splitlines()[0]}"
         )
