@@ -70,8 +70,8 @@ def hub_offline() -> str | None:
         constants.HF_HUB_OFFLINE = True
         os.environ["HF_HUB_OFFLINE"] = "1"
         return (
-            f"the Hugging Face Hub ({constants.ENDPOINT}) gave no answer within {wait:g} s ({e}; on a slow network, "
-            "set HF_HUB_ETAG_TIMEOUT to wait longer)"
+            f"the Hugging Face Hub ({constants.ENDPOINT}) could not be reached within {wait:g} s ({e}; on a slow "
+            "network, set HF_HUB_ETAG_TIMEOUT to wait longer)"
         )
     return None
 
