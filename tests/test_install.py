@@ -108,3 +108,13 @@ def test_readme_commands_start_by_activating_the_venv_make_builds():
     assert first == f". {venv}/bin/activate"
     install = readme.split("## Install", 1)[1].split("## Command line", 1)[0]
     assert f". {venv}/bin/activate" in install and f"{venv}/bin/mmfuse" in install
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
+def test_the_readme_data_folder_is_ignored_by_git():
+    """`mmfuse datasets emoji --out data/emoji`, as the README says, leaves nothing for git to show."""
+    for path in ("data/emoji/train.csv", "data/emoji/images/1f600.png", "runs/emoji/model.safetensors"):
+        done = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path], timeout=30)
+        assert done.returncode == 0, f"{path} is not ignored by git"
+    kept = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "src/mmfuse/data/read.py"], timeout=30)
+    assert kept.returncode == 1  # /data/ is the top folder only, not the package's data/
