@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the emoji quickstart renders its data from (about 35 MB), and the browser the test of
-# `mmfuse serve`'s page drives (chromium + chromium-driver, about 250 MB). Idempotent: quick when all are installed.
+# Installs the Debian packages the emoji quickstart renders its data from (about 35 MB); with --browser also the
+# browser that the test of `mmfuse serve`'s page drives (chromium + chromium-driver, about 250 MB), which only
+# `make test` needs. Idempotent: quick when all are installed.
+#
+#   ./scripts/install-system-deps.sh            # make quickstart: the emoji packages
+#   ./scripts/install-system-deps.sh --browser  # make test: the emoji packages and the browser
 set -euo pipefail
 pkgs=(fonts-noto-color-emoji unicode-data unicode-cldr-core)
-browser=(chromium chromium-driver)
+browser=()
+for arg in "$@"; do
+  case "$arg" in
+    --browser) browser=(chromium chromium-driver) ;;
+    *) echo "usage: $0 [--browser]" >&2; exit 2 ;;
+  esac
+done
 missing() { for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done; }
 mapfile -t need < <(missing "${pkgs[@]}")
 mapfile -t need_browser < <(missing "${browser[@]}")

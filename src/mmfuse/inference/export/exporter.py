@@ -108,6 +108,25 @@ def _clear(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
+def _not_torchvision_skip(record: logging.LogRecord) -> bool:
+    """False for torch's "torchvision is not installed. Skipping torchvision::nms" (one per torchvision op, on every
+    export): the dynamo exporter registers translations for torchvision's detection ops, which no mmfuse graph uses,
+    so skipping them is harmless, and the line only alarms. Every other record passes."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (
+        record.msg == "torchvision is not installed. Skipping %s" and args and str(args[0]).startswith("torchvision::")
+    )
+
+
+def quiet_exporter() -> None:
+    """Keeps the ONNX exporter's INFO steps and its harmless torchvision notice out of the CLI's output."""
+    # The exporter's graph passes log each step at INFO, which the CLI would print as if they were mmfuse's.
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # A filter on the logger that emits it (propagation skips ancestors' filters); addFilter adds it only once.
+    logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_not_torchvision_skip)
+
+
 def export_graph(wrapper: ExportWrapper, example: dict[str, torch.Tensor], path: Path, max_length: int | None) -> dict:
     """Writes ``wrapper`` as ONNX to ``path``; returns which exporter did and why.
 
@@ -126,9 +145,7 @@ def export_graph(wrapper: ExportWrapper, example: dict[str, torch.Tensor], path:
     small = sum(p.numel() * p.element_size() for p in wrapper.parameters()) < 1.8e9
     args = tuple(example.values())
     names_in_out = {"input_names": names, "output_names": ["logits", "probs"]}
-    # The exporter's graph passes log each step at INFO, which the CLI would print as if they were mmfuse's.
-    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_exporter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import inspect
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,9 +39,47 @@ def _pool(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None = None, 
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+HUB_PROBE_SECONDS = 3.0
+"""How long ``hub_offline`` waits for the hub's answer before going offline, unless ``HF_HUB_ETAG_TIMEOUT`` is set."""
+
+
+@functools.cache
+def hub_offline() -> str | None:
+    """Why the Hugging Face Hub is not to be asked (``HF_HUB_OFFLINE`` is set, or it did not answer one HEAD request
+    within ``HUB_PROBE_SECONDS``, or within ``HF_HUB_ETAG_TIMEOUT`` where the user set it, sent through
+    huggingface_hub's own session: its endpoint, proxies and headers), or None when it answers. Asked once per process.
+
+    Without network, each ``from_pretrained`` would otherwise retry with back-off for about a minute before failing;
+    once the hub is found unreachable, huggingface_hub is put in offline mode for the rest of the process (and its
+    children), so models load from the local hub cache at once.
+    """
+    from huggingface_hub import constants  # deferred: imported with transformers, which a tower load brings anyway
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    wait = constants.HF_HUB_ETAG_TIMEOUT if os.environ.get("HF_HUB_ETAG_TIMEOUT") else HUB_PROBE_SECONDS
+    try:
+        get_session().head(constants.ENDPOINT, timeout=wait)
+    # Any answer, even an error status, means the hub is reachable. The HTTP client (httpx, httpx2) and so its
+    # exception types differ between huggingface_hub versions: any failure to get an answer means it is not.
+    except Exception as e:
+        log.info("the Hugging Face Hub (%s) cannot be reached (%s): using only its local cache", constants.ENDPOINT, e)
+        # transformers asks huggingface_hub's is_offline_mode(), which reads this; local_files_only alone is not
+        # passed on to every lookup (the PEFT adapter check of transformers 5 still retries for a minute).
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return (
+            f"the Hugging Face Hub ({constants.ENDPOINT}) could not be reached within {wait:g} s ({e}; on a slow "
+            "network, set HF_HUB_ETAG_TIMEOUT to wait longer)"
+        )
+    return None
+
+
 def _hf_load(loader, name: str, what: str, flag: str | None = None, **kwargs):
     """Calls ``loader.from_pretrained`` with an error that names both ways of getting the model; ``flag`` is the
-    option the name came from (--vision, --text)."""
+    option the name came from (--vision, --text). A hub name is looked up on the hub only when it answers in seconds
+    (``hub_offline``); otherwise only in the local hub cache, so that no network fails fast."""
     if Path(name).is_file():  # a checkpoint's weights or config.json, not its folder (one fails inside torch.load)
         raise MmfuseError(
             f"The {what} '{name}' is a file; pass the directory holding the model (config.json, weights, tokenizer "
@@ -50,20 +90,33 @@ def _hf_load(loader, name: str, what: str, flag: str | None = None, **kwargs):
             f"The {what} '{name}' looks like a local directory, but it does not exist. Pass an existing directory "
             f"holding the model, a Hugging Face hub id, or a packaged model ({', '.join(packaged_towers())})."
         )
+    local = Path(name).exists()
+    offline = None if local else hub_offline()
     try:
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
-        where = "a local directory that exists" if Path(name).exists() else "no local directory"
+        where = "a local directory that exists" if local else "no local directory"
+        hub = (
+            f"{offline}, and the local hub cache did not provide it: {str(e).splitlines()[0]}"
+            if offline
+            else f"the Hugging Face Hub did not provide it: {str(e).splitlines()[0]}"
+        )
         # A packaged name mistyped (MiniLM, efficientnet-lite1) is otherwise looked up on the hub.
-        close = [] if Path(name).exists() else difflib.get_close_matches(name.lower(), packaged_towers(), cutoff=0.8)
+        close = [] if local else difflib.get_close_matches(name.lower(), packaged_towers(), cutoff=0.8)
         mean = f"Did you mean the packaged {' or '.join(close)}? " if close else ""
+        # A hub id is owner/name (microsoft/resnet-50); a bare name is one only for a few legacy models.
+        hub_id = name if "/" in name and not local else "OWNER/NAME"
+        shape = (
+            "A hub id looks like owner/name (e.g. microsoft/resnet-50, google/vit-base-patch16-224). "
+            if "/" not in name and not local
+            else ""
+        )
         as_flag = f" as {flag} DIR (offline, each hub tower needs one: --vision DIR and --text DIR)" * bool(flag)
         raise MmfuseError(
-            f"Could not load the {what} '{name}' ({where}; the Hugging Face Hub did not provide it: "
-            f"{str(e).splitlines()[0]}).\n{mean}"
+            f"Could not load the {what} '{name}' ({where}; {hub}).\n{mean}{shape}"
             f"Either pass a local directory holding the model (config.json, weights, tokenizer or preprocessor "
             f"files){as_flag}, e.g. one made on a machine with network by "
-            f"`huggingface-cli download {name} --local-dir DIR`, or run where the hub is reachable so it is cached. "
+            f"`hf download {hub_id} --local-dir DIR`, or run where the hub is reachable so it is cached. "
             f"Packaged models that always work offline: {', '.join(packaged_towers())}."
         ) from None
 
