@@ -1,15 +1,16 @@
 """k-fold cross-validation of `mmfuse train` recipes against the logistic-regression probe of shared/QUALITY.md.
 
-All rows of the emoji data (train + val + test of ``mmfuse datasets emoji``) are split into stratified folds. Each
-recipe is trained with ``mmfuse.training.fit.fit`` on a fold's train (no ``--val``: its 15% validation slice comes
-out of
-that train, as a user's run would) and scored with ``evaluate_file`` on the fold's test. The probe (C=4, L2-normalised
-pooled Lite0 and mean-pooled MiniLM features) trains on the whole fold's train.
+All rows of a set (the emoji of ``mmfuse datasets emoji`` by default, or ``--data DIR`` as bench/datasets/*.py
+write them) are split into stratified folds. Each recipe is trained with ``mmfuse.training.fit.fit`` on a fold's train
+(no ``--val``: its 15% validation slice comes out of that train, as a user's run would) and scored with
+``evaluate_file`` on the fold's test. The probe (C=4, L2-normalised pooled Lite0 and mean-pooled MiniLM features)
+trains on the whole fold's train, on each modality alone and on both.
 
     python bench/cross_validate.py                                   # the defaults and the probe, 5 folds
     python bench/cross_validate.py '{"head": {"train.tune": "head"}}' --no-probe
     python bench/cross_validate.py '{"lr1e-4": {"train.lr": 1e-4}}' --folds 0,1
     python bench/cross_validate.py '{"best": {"preset": "best"}}' --seeds 0,1 --no-probe
+    python bench/cross_validate.py '{"fast": {"preset": "fast"}}' --data /tmp/sets/breeze-small
 
 Recipes are JSON objects of ``section.field`` overrides of a default ``RunConfig``, or ``"preset": NAME`` for a
 preset's settings (flags given beside it override them, as on the command line). A recipe with ``train.bag`` trains
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-probe", action="store_true", help="skip the logistic-regression probe")
     p.add_argument("--out", help="keep the fold manifests and runs here (default: a temporary directory)")
     p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1 (the folds stay the same)")
+    p.add_argument(
+        "--data",
+        help="a folder holding all.csv, or train/val/test.csv, as bench/datasets/*.py write them (default: the emoji)",
+    )
     args = p.parse_args(argv)
 
     from sklearn.linear_model import LogisticRegression
@@ -59,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     from mmfuse.training.fit import fit
 
     logging.disable(logging.INFO)
-    data = emoji_dataset()
-    recs = sum((load_checked(str(data / f"{s}.csv")) for s in ("train", "val", "test")), [])
+    data = Path(args.data) if args.data else emoji_dataset()
+    if (data / "all.csv").is_file():
+        recs = load_checked(str(data / "all.csv"))
+    else:
+        recs = sum((load_checked(str(data / f"{s}.csv")) for s in ("train", "val", "test")), [])
     y = np.array([r.label for r in recs])
     folds = list(StratifiedKFold(args.k, shuffle=True, random_state=0).split(np.zeros(len(y)), y))
     chosen = [int(k) for k in args.folds.split(",")] if args.folds else list(range(args.k))
@@ -73,20 +81,21 @@ def main(argv: list[str] | None = None) -> int:
                     w = csv.writer(f)
                     w.writerow(["image", "text", "label"])
                     w.writerows([str(recs[i].image), recs[i].text, recs[i].label] for i in idx)
-        print(f"emoji data: {len(recs)} rows, {len(set(y))} classes, folds {chosen} of {args.k}", flush=True)
+        print(f"{data.name}: {len(recs)} rows, {len(set(y))} classes, folds {chosen} of {args.k}", flush=True)
         if not args.no_probe:
             model = build_model(ModelConfig(text_pooling="mean"), 2)
             model.freeze_towers()
             ds = build_dataset(model, recs, None, [], FeatureCache(), show=False)
-            x = np.hstack(
-                [torch.nn.functional.normalize(ds.sources[m].feats.float(), dim=1).numpy() for m in model.modalities]
-            )
-            scores = []
-            for k in chosen:
-                train, test = folds[k]
-                clf = LogisticRegression(C=4, max_iter=3000).fit(x[train], y[train])
-                scores.append(f1_score(y[test], clf.predict(x[test]), average="weighted"))
-            report("probe (LR C=4, concat)", scores, 0.0)  # one fit, no seed: the probe is deterministic
+            feats = {
+                m: torch.nn.functional.normalize(ds.sources[m].feats.float(), dim=1).numpy() for m in model.modalities
+            }
+            for name, x in [*feats.items(), ("concat", np.hstack(list(feats.values())))]:
+                scores = []
+                for k in chosen:
+                    train, test = folds[k]
+                    clf = LogisticRegression(C=4, max_iter=3000).fit(x[train], y[train])
+                    scores.append(f1_score(y[test], clf.predict(x[test]), average="weighted"))
+                report(f"probe (LR C=4, {name})", scores, 0.0)  # one fit, no seed: the probe is deterministic
         seeds = [int(x) for x in args.seeds.split(",")]
         for name, overrides in json.loads(args.recipes).items():
             scores, start = [], time.perf_counter()
