@@ -49,6 +49,7 @@ def cmd_train(args) -> int:
     from mmfuse.training.bag import fit_bag
     from mmfuse.training.checkpoint import checkpoints
     from mmfuse.training.fit import Preempted, TrainingInterrupted, fit
+    from mmfuse.training.portfolio import fit_portfolio
 
     cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
     resume = getattr(args, "resume", False)
@@ -72,7 +73,13 @@ def cmd_train(args) -> int:
     if cfg.data.val and Path(cfg.data.val).resolve() == Path(args.data).resolve():
         log.warning("--val is the training data itself: the validation scores will flatter the model")
     try:
-        if cfg.train.bag > 1:
+        if cfg.train.ensemble:
+            if resume:
+                raise MmfuseError(
+                    "--resume continues single runs; an ensemble keeps its finished members when stopped."
+                )
+            result = fit_portfolio(cfg, args.out)
+        elif cfg.train.bag > 1:
             if resume:
                 raise MmfuseError("--resume continues single runs; a bag keeps its finished members when stopped.")
             result = fit_bag(cfg, args.out)
@@ -80,7 +87,11 @@ def cmd_train(args) -> int:
             result = fit(cfg, args.out, resume=resume)
     except TrainingInterrupted as e:  # the kept epoch (or members) so far is saved; the exit code says it stopped
         print_training(e.result, args.out)
-        if "bag" in e.result:
+        if e.result.get("ensemble"):
+            print(
+                f"interrupted; the ensemble of the {e.result['members_finished']} finished member(s) is in {args.out}"
+            )
+        elif "bag" in e.result:
             done, k = e.result["members_finished"], e.result["bag"]
             print(f"interrupted; kept the {done} finished member(s) of {k} in {args.out}", file=sys.stderr)
         else:
@@ -100,4 +111,6 @@ def cmd_train(args) -> int:
         print("interrupted before the first epoch (or member) finished: nothing was saved", file=sys.stderr)
         return 130
     print_training(result, args.out)
+    if result.get("ensemble"):
+        print(f"the ensemble's weights: {result['weights']} (leaderboard.csv); {result['modalities']}")
     return 0
