@@ -321,3 +321,50 @@ def test_members_of_different_inputs_are_summed_with_their_weights(limited_run, 
     member = mmfuse.load(limited_run / "members" / "probe-both" / "members" / "0")
     again = member.predict(images, [text_of[oof_rows[i]["image"]] for i in fold0]).probs
     np.testing.assert_allclose(again, oof[fold0], atol=1e-5)
+
+
+def test_ctrl_c_keeps_the_finished_members_as_a_usable_ensemble(toy, ens_home, tmp_path, monkeypatch):
+    from mmfuse.cli import build_parser, run_config
+    from mmfuse.config import resolve
+    from mmfuse.training.fit import TrainingInterrupted
+
+    monkeypatch.setenv("MMFUSE_HOME", str(ens_home))
+    real = portfolio.fit_bag
+
+    def stopped_at_head_text(cfg, out, cache=None, parallel=None):
+        if out.name == "head-text":
+            (out / "members" / "0").mkdir(parents=True)  # a member cut short leaves files behind
+            raise KeyboardInterrupt
+        return real(cfg, out, cache, parallel)
+
+    monkeypatch.setattr(portfolio, "fit_bag", stopped_at_head_text)
+    run = tmp_path / "run"
+    args = ["train", str(toy / "all.csv"), "--out", str(run), "--preset", "ensemble", "--bag", "2", *FAST]
+    cfg = resolve(run_config(build_parser().parse_args(args)))
+    cfg.data.train = str(toy / "all.csv")  # as cmd_train sets it
+    with pytest.raises(TrainingInterrupted) as stop:
+        portfolio.fit_portfolio(cfg, run)
+    result = stop.value.result
+    assert result["interrupted"] and result["members_finished"] == 4
+    assert [m["name"] for m in result["members"]] == ["probe-image", "probe-text", "probe-both", "head-image"]
+    assert not (run / "members" / "head-text").exists()
+    predictor = mmfuse.load(run)
+    assert predictor.predict_records(predictor.load_data(toy / "test.csv")).shape[1] == 4
+
+
+def test_a_damaged_ensemble_says_so(limited_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(limited_run, run)
+    ensemble = json.loads((run / "ensemble.json").read_text())
+    (run / "ensemble.json").write_text(json.dumps({**ensemble, "members": ensemble["members"][:1]}))
+    with pytest.raises(MmfuseError, match="weights must be positive and sum to 1"):
+        mmfuse.load(run)
+    (run / "ensemble.json").write_text(json.dumps(ensemble))
+    shutil.rmtree(run / "members" / "probe-text")
+    with pytest.raises(MmfuseError, match="member probe-text .* is missing"):
+        mmfuse.load(run)
+    (run / "ensemble.json").write_text("{")
+    with pytest.raises(MmfuseError, match="ensemble.json is damaged"):
+        mmfuse.load(run)
