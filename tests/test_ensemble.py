@@ -368,3 +368,14 @@ def test_a_damaged_ensemble_says_so(limited_run, tmp_path):
     (run / "ensemble.json").write_text("{")
     with pytest.raises(MmfuseError, match="ensemble.json is damaged"):
         mmfuse.load(run)
+
+
+def test_the_preset_resolves_to_a_five_fold_ensemble_of_frozen_members():
+    from mmfuse.cli import build_parser, run_config
+    from mmfuse.config import resolve
+
+    argv = ["train", "data.csv", "--out", "run", "--preset", "ensemble"]
+    cfg = resolve(run_config(build_parser().parse_args(argv)))
+    assert (cfg.train.ensemble, cfg.train.bag, cfg.train.tune, cfg.train.time_limit) == (True, 5, "head", None)
+    cfg = resolve(run_config(build_parser().parse_args([*argv, "--bag", "3", "--time-limit", "90s"])))
+    assert (cfg.train.bag, parse_duration(cfg.train.time_limit)) == (3, 90)

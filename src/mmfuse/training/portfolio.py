@@ -127,6 +127,8 @@ def fit_portfolio(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = 
         )
     if cfg.train.refit_full:
         raise MmfuseError("--refit-full goes with a single bag; an ensemble predicts with its members' fold models.")
+    if cfg.train.tune != "head":
+        log.warning("--preset ensemble trains its members on frozen towers: --tune %s is not used", cfg.train.tune)
     with run_lock(out):
         return _fit_portfolio(cfg, out, cache if cache is not None else FeatureCache(memory=True))
 
