@@ -115,20 +115,17 @@ class Predictor:
                 raise MmfuseError(f"{run}: the member {name} predicts other classes than the ensemble's labels.json")
             self.members.append((member, weight))
         self.models = [m for member, _ in self.members for m in member.models]
-        shared: dict = {}  # frozen towers built on demand, by fingerprint: one Lite0 or MiniLM for every member
-        for model in self.models:
-            model.shared_towers = shared
+        for model in self.models:  # frozen towers built on demand, by fingerprint: one Lite0 or MiniLM for all
+            model.shared_towers = self.models[0].shared_towers
         self.dtype, self.weight_dtype = self.members[0][0].dtype, self.members[0][0].weight_dtype
+        used = {m for member, _ in self.members for m in member.model.modalities}
+        self._inputs = EnsembleInputs([m for m in ("image", "text") if m in used])
 
     @property
     def model(self) -> MultimodalClassifier | EnsembleInputs:
         """The (first) model: a bag's members share their towers' specs, so its inputs serve them all. For an
         ensemble, what its members need between them (``EnsembleInputs``)."""
-        if self.members:
-            return EnsembleInputs(
-                [m for m in ("image", "text") if any(m in p.model.modalities for p, _ in self.members)]
-            )
-        return self.models[0]
+        return self._inputs if self.members else self.models[0]
 
     @property
     def accepts_missing_text(self) -> bool:
@@ -206,23 +203,16 @@ class Predictor:
         return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
 
     def _predict_members(self, images, texts, batch_size: int) -> Prediction:
-        """An ensemble's prediction: each member predicts from the inputs it uses, and their probabilities are summed
-        with the ensemble's weights."""
+        """An ensemble's prediction: the members' probabilities summed with their weights, each member given the
+        inputs it reads (a text-only one, the texts alone: no image file is opened for it)."""
         images = None if images is None else _as_list(images, "images", "image")  # an iterable is read once
         texts = None if texts is None else _as_list(texts, "texts", "text")
-        if images is None and "image" in self.model.modalities:
-            raise MmfuseError("images is None; this ensemble has members that read images: give one per input")
-        parts = []
-        for member, weight in self.members:
-            # A member without images needs none: the texts alone, so no file is opened for it.
-            ims = images if "image" in member.model.modalities or texts is None else None
-            parts.append((member.predict(ims, texts, batch_size).probs, weight))
-        probs = self._weigh(parts)
+        parts = [
+            (m.predict(images if "image" in m.model.modalities or texts is None else None, texts, batch_size), w)
+            for m, w in self.members
+        ]
+        probs = sum(w * p.probs for p, w in parts)
         return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
-
-    @staticmethod
-    def _weigh(parts: list[tuple[np.ndarray, float]]) -> np.ndarray:
-        return sum(w * p.astype(np.float64) for p, w in parts).astype(np.float32)
 
     def predict_dataset(self, ds: MultimodalDataset, batch_size: int) -> np.ndarray:
         """Probabilities (N, classes) for every row of ``ds``, in order: the batch path of the API, predict and
@@ -250,9 +240,9 @@ class Predictor:
         return (probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)).cpu().numpy()
 
     def _outputs(self, batch: dict, models: list[MultimodalClassifier]) -> list[torch.Tensor]:
-        batch = {k: self._to_device(v) for k, v in batch.items()}
+        batch, memo = {k: self._to_device(v) for k, v in batch.items()}, {}
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == "autocast"):
-            return [model(**batch) for model in models]
+            return [model(**_encoded(model, batch, memo)) for model in models]
 
     def _to_device(self, v):
         if isinstance(v, dict):
@@ -273,7 +263,7 @@ class Predictor:
         """
         self._check_texts([r.text for r in records])
         if self.members:
-            return self._weigh([(m.predict_records(records, batch_size, show, cache), w) for m, w in self.members])
+            return sum(w * m.predict_records(records, batch_size, show, cache) for m, w in self.members)
         # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
         root = mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None
         features = FeatureCache(root, write=cache)
@@ -294,6 +284,19 @@ class Predictor:
             skip_bad,
             skipped_csv,
         )
+
+
+def _encoded(model: MultimodalClassifier, batch: dict, memo: dict) -> dict:
+    """``batch`` with the features of its raw inputs, each tower module run once (``memo``): a bag's models share
+    their frozen towers, so its K models cost one tower pass a batch, not K. A pooling keeps the raw input's mask."""
+    out = dict(batch)
+    for m in model.modalities:
+        if batch.get(m) is not None and batch.get(f"{m}_feats") is None:
+            tower = model.build_tower(m)
+            if id(tower) not in memo:
+                memo[id(tower)] = model.encode(m, batch[m])
+            out[f"{m}_feats"] = memo[id(tower)]
+    return out
 
 
 @dataclass
