@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -25,7 +26,9 @@ MODALITIES = ("image", "text")
 POOLINGS = ("cls", "mean")
 # Text towers may also hand their token states to a pooling learned with the head (pooling.AttentionPool).
 TEXT_POOLINGS = (*POOLINGS, "attention")
-FUSION_HEADS = ("attention", "concat", "gated")
+# linear: logistic regression on each modality's L2-normalised features; the ensemble's probes set its weights from
+# scikit-learn's fit (training.portfolio).
+FUSION_HEADS = ("attention", "concat", "gated", "linear")
 # The packaged offline towers (towers.py registers a builder for each), with the defaults they bring.
 # minilm: its token states pooled by a learned attention beat its own mean pooling by 0.01-0.02 weighted F1 on the
 #     emoji data, and averaging its last two layers gained 0.012 over its last alone (5-fold CV, bench/RESULTS.md).
@@ -77,6 +80,10 @@ PRESETS = {
     # features, five bagged heads (emoji 5-fold CV, seeds 0-1: 0.924 ± 0.009, against 0.918 for mpnet's mean pooling
     # bagged and 0.909 for one mpnet head; bench/RESULTS.md). Needs the mmfuse[mpnet] extra.
     "best": {"model": {"text": "mpnet", "text_pooling": "attention"}, "train": {"tune": "head", "bag": 5}},
+    # A portfolio of bagged members on frozen features (logistic-regression probes, single-modality and fusion heads,
+    # mpnet heads when the extra is installed) and a weighted ensemble of them chosen greedily on their out-of-fold
+    # predictions (training.portfolio). Not the default yet: it needs cross-validated evidence across several sets.
+    "ensemble": {"train": {"ensemble": True, "tune": "head", "bag": 5}},
     # The reference design: ViT-B/16 (in21k) + RoBERTa-base cut to 8 layers, CLS pooling on both.
     "seed": {
         "model": {
@@ -263,6 +270,12 @@ class TrainConfig:
     instead of all its weights; the run then stores only the adapters beside the base tower (0: off)."""
     lora_alpha: float | None = None
     """LoRA scaling numerator (the adapters' output is scaled by alpha / rank); default twice --lora."""
+    ensemble: bool = False
+    """Train a portfolio of --bag K bagged members on frozen features and predict with a weighted ensemble of them,
+    chosen greedily on their out-of-fold predictions (--preset ensemble sets it, with --bag 5)."""
+    time_limit: str | None = None
+    """With --preset ensemble: stop starting members once the next one's expected time would pass this budget (e.g.
+    90s, 5m, 1h30m); the probes always run, so the run ends with a usable ensemble."""
 
     def __post_init__(self):
         if self.tune not in TUNES:
@@ -313,6 +326,15 @@ class TrainConfig:
                 + {"head": "no tower", "image": "the image tower", "all": "both towers"}[self.tune]
                 + ": pass --tune text with it, or leave --lora out (--lora 0)."
             )
+        if self.ensemble and self.bag < 2:
+            raise MmfuseError(
+                f"--preset ensemble weighs its members on their out-of-fold predictions, which --bag {self.bag} does "
+                "not give: pass --bag K with K >= 2 (the preset's default is 5)."
+            )
+        if self.time_limit is not None:
+            if not self.ensemble:
+                raise MmfuseError("--time-limit budgets an ensemble's members: pass it with --preset ensemble.")
+            parse_duration(self.time_limit)
         if self.lora_alpha is not None and not (self.lora and 0 < self.lora_alpha < math.inf):
             raise MmfuseError(
                 f"--lora-alpha must be a finite number > 0 and goes with --lora RANK, got {self.lora_alpha}"
@@ -466,6 +488,30 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if m.text_layer_mean is None:
         m.text_layer_mean = min(text.get("text_layer_mean", 1), m.text_layers or math.inf)
     return cfg
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``90``, ``90s``, ``5m``, ``1.5h`` or ``1h30m``.
+
+    Raises:
+        MmfuseError: text that is not a positive duration in that form.
+    """
+    text = str(text).strip()
+    try:
+        seconds = float(text)  # a bare number is seconds
+    except ValueError:
+        parts = _DURATION.findall(text)
+        if not parts or _DURATION.sub("", text).strip():
+            raise MmfuseError(
+                f"--time-limit {text!r} is not a duration: write it as 90s, 5m, 1h30m or a number of seconds."
+            ) from None
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u.lower()] for n, u in parts)
+    if not 0 < seconds < math.inf:
+        raise MmfuseError(f"--time-limit must be a positive duration (e.g. 90s, 5m), got {text!r}")
+    return seconds
 
 
 def _check_type(path, key: str, value, kind: str) -> None:

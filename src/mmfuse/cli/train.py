@@ -49,6 +49,7 @@ def cmd_train(args) -> int:
     from mmfuse.training.bag import fit_bag
     from mmfuse.training.checkpoint import checkpoints
     from mmfuse.training.fit import Preempted, TrainingInterrupted, console_log, fit
+    from mmfuse.training.portfolio import fit_portfolio
 
     cfg = resolve(run_config(args))  # mistakes in the settings stop here, before the run directory is checked
     resume = getattr(args, "resume", False)
@@ -74,7 +75,13 @@ def cmd_train(args) -> int:
     try:
         # No empty run directory is left by a run that fails before writing anything (a mistyped data path).
         with no_empty_folders(args.out), console_log(args.out) as file_log:
-            if cfg.train.bag > 1:
+            if cfg.train.ensemble:
+                if resume:
+                    raise MmfuseError(
+                        "--resume continues single runs; an ensemble keeps its finished members when stopped."
+                    )
+                result = fit_portfolio(cfg, args.out)
+            elif cfg.train.bag > 1:
                 if resume:
                     raise MmfuseError("--resume continues single runs; a bag keeps its finished members when stopped.")
                 result = fit_bag(cfg, args.out)
@@ -102,11 +109,19 @@ def cmd_train(args) -> int:
             print("interrupted before the first epoch (or member) finished: nothing was saved", file=sys.stderr)
         return 130
     print_training(result, args.out)
+    if result.get("ensemble"):
+        print(f"the ensemble's weights: {result['weights']} (leaderboard.csv); {result['modalities']}")
     return 0
 
 
 def interrupted_message(result: dict, args, resumable: bool) -> str:
     """What Ctrl-C kept, and the exact command that goes on from there (``resumable``: checkpoints were kept)."""
+    if result.get("ensemble"):
+        return (
+            f"interrupted; the ensemble of the {result['members_finished']} finished member(s) is in {args.out}, a run "
+            f"predict can use. An ensemble does not resume: to train every member, start it again with: "
+            f"{continue_command(args, '--overwrite')}"
+        )
     if "bag" in result:
         done, k = result["members_finished"], result["bag"]
         return (

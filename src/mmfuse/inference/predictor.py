@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from mmfuse.inference.stream import (
 from mmfuse.models.classifier import MultimodalClassifier
 from mmfuse.models.compile import compile_model
 from mmfuse.paths import mmfuse_home
-from mmfuse.rundir.layout import RUN_FILES, is_run
+from mmfuse.rundir.layout import ENSEMBLE_FILE, RUN_FILES, check_run, ensemble_members, is_run
 from mmfuse.rundir.weights import load_models
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class Predictor:
 
     Args:
         run_dir: what ``fit`` wrote; for a bagged run (``mmfuse train --bag K``), its members' probabilities are
-            averaged (or its refit model used, when it has one).
+            averaged (or its refit model used, when it has one); for an ensemble (``--preset ensemble``), its
+            members' (each a bag, with its own towers and modalities) are summed with their weights.
         device: default: CUDA where available, else CPU.
         dtype: how the model computes. ``fp32``; ``autocast``: fp32 weights under bf16 autocast, which casts every
             weight again on every call; ``bf16``: the weights cast to bf16 once, the inputs cast to match,
@@ -86,6 +88,11 @@ class Predictor:
             raise MmfuseError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.run_dir = Path(run_dir)
         self.device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.members: list[tuple[Predictor, float]] = []
+        """An ensemble's members, each a predictor of its own, with their weights (empty for a run or a bag)."""
+        if (self.run_dir / ENSEMBLE_FILE).is_file():
+            self._load_ensemble(dtype, compile)
+            return
         self.models, self.cfg, self.classes = load_models(self.run_dir)
         if dtype == "auto":
             dtype = "autocast" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -98,14 +105,33 @@ class Predictor:
         if compile:
             self.models = [compile_model(model) for model in self.models]
 
+    def _load_ensemble(self, dtype: str, compile: bool) -> None:
+        run = check_run(self.run_dir)
+        self.cfg = RunConfig.from_yaml(run / "config.yaml")
+        self.classes = json.loads((run / "labels.json").read_text())
+        for name, folder, weight in ensemble_members(run):
+            member = Predictor(folder, self.device, dtype, compile)
+            if member.classes != self.classes:
+                raise MmfuseError(f"{run}: the member {name} predicts other classes than the ensemble's labels.json")
+            self.members.append((member, weight))
+        self.models = [m for member, _ in self.members for m in member.models]
+        for model in self.models:  # frozen towers built on demand, by fingerprint: one Lite0 or MiniLM for all
+            model.shared_towers = self.models[0].shared_towers
+        self.dtype, self.weight_dtype = self.members[0][0].dtype, self.members[0][0].weight_dtype
+        used = {m for member, _ in self.members for m in member.model.modalities}
+        self._inputs = EnsembleInputs([m for m in ("image", "text") if m in used])
+
     @property
-    def model(self) -> MultimodalClassifier:
-        """The (first) model: a bag's members share their towers' specs, so its inputs serve them all."""
-        return self.models[0]
+    def model(self) -> MultimodalClassifier | EnsembleInputs:
+        """The (first) model: a bag's members share their towers' specs, so its inputs serve them all. For an
+        ensemble, what its members need between them (``EnsembleInputs``)."""
+        return self._inputs if self.members else self.models[0]
 
     @property
     def accepts_missing_text(self) -> bool:
         """Only a model trained with modality dropout has learned what to do when the text is absent."""
+        if self.members:
+            return all(member.accepts_missing_text for member, _ in self.members)
         return "text" not in self.model.modalities or self.cfg.model.modality_dropout > 0
 
     @property
@@ -142,6 +168,8 @@ class Predictor:
                 text-only model (whose images are not read).
             texts: one string per image; empty strings, None or NaN only for models trained with modality dropout.
         """
+        if self.members:
+            return self._predict_members(images, texts, batch_size)
         uses_images = "image" in self.model.modalities
         if images is None:
             # A text-only model reads no image: predict(None, texts) needs no files made up for it.
@@ -174,6 +202,18 @@ class Predictor:
         probs = self.predict_dataset(ds, batch_size)
         return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
 
+    def _predict_members(self, images, texts, batch_size: int) -> Prediction:
+        """An ensemble's prediction: the members' probabilities summed with their weights, each member given the
+        inputs it reads (a text-only one, the texts alone: no image file is opened for it)."""
+        images = None if images is None else _as_list(images, "images", "image")  # an iterable is read once
+        texts = None if texts is None else _as_list(texts, "texts", "text")
+        parts = [
+            (m.predict(images if "image" in m.model.modalities or texts is None else None, texts, batch_size), w)
+            for m, w in self.members
+        ]
+        probs = sum(w * p.probs for p, w in parts)
+        return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
+
     def predict_dataset(self, ds: MultimodalDataset, batch_size: int) -> np.ndarray:
         """Probabilities (N, classes) for every row of ``ds``, in order: the batch path of the API, predict and
         evaluate alike."""
@@ -193,14 +233,16 @@ class Predictor:
     @torch.inference_mode()
     def probs(self, batch: dict) -> np.ndarray:
         """Softmax probabilities (N, classes) for one batch, computed in fp32 and copied to the host; a bag's
-        members' are averaged."""
+        members' are averaged. An ensemble's members take different inputs: use ``predict`` or ``predict_records``."""
+        if self.members:
+            raise MmfuseError("an ensemble's members take different inputs: use predict or predict_records")
         probs = [out.float().softmax(-1) for out in self._outputs(batch, self.models)]
         return (probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)).cpu().numpy()
 
     def _outputs(self, batch: dict, models: list[MultimodalClassifier]) -> list[torch.Tensor]:
-        batch = {k: self._to_device(v) for k, v in batch.items()}
+        batch, memo = {k: self._to_device(v) for k, v in batch.items()}, {}
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == "autocast"):
-            return [model(**batch) for model in models]
+            return [model(**_encoded(model, batch, memo)) for model in models]
 
     def _to_device(self, v):
         if isinstance(v, dict):
@@ -220,6 +262,8 @@ class Predictor:
         miss is stored only with ``cache`` (one-off inputs would otherwise fill them).
         """
         self._check_texts([r.text for r in records])
+        if self.members:
+            return sum(w * m.predict_records(records, batch_size, show, cache) for m, w in self.members)
         # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
         root = mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None
         features = FeatureCache(root, write=cache)
@@ -240,6 +284,26 @@ class Predictor:
             skip_bad,
             skipped_csv,
         )
+
+
+def _encoded(model: MultimodalClassifier, batch: dict, memo: dict) -> dict:
+    """``batch`` with the features of its raw inputs, each tower module run once (``memo``): a bag's models share
+    their frozen towers, so its K models cost one tower pass a batch, not K. A pooling keeps the raw input's mask."""
+    out = dict(batch)
+    for m in model.modalities:
+        if batch.get(m) is not None and batch.get(f"{m}_feats") is None:
+            tower = model.build_tower(m)
+            if id(tower) not in memo:
+                memo[id(tower)] = model.encode(m, batch[m])
+            out[f"{m}_feats"] = memo[id(tower)]
+    return out
+
+
+@dataclass
+class EnsembleInputs:
+    """What an ensemble's ``Predictor.model`` says of its inputs: the modalities its members read between them."""
+
+    modalities: list[str]
 
 
 def load_inputs(

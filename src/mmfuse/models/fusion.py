@@ -120,3 +120,46 @@ class AttentionHead(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         tokens = torch.stack([p(f) for p, f in zip(self.projs, feats)], dim=1) + self.modality
         return self.out(self.encoder(tokens).flatten(1))
+
+
+@register_head("linear")
+class LinearHead(nn.Module):
+    """Logistic regression: one linear layer on each modality's L2-normalised features, concatenated.
+
+    It trains by gradient like any head, but its use is the ensemble's probes (``training.portfolio``), whose weights
+    come from scikit-learn's fit (``set_weights``): stored as a head, a probe predicts, evaluates and serves as every
+    run does. No LayerNorm, unlike the other heads: the probe it reproduces is fitted on L2-normalised features. They
+    enter the layer scaled by the square root of their width (each coordinate about unit size, as after a LayerNorm),
+    so that gradient training moves at the other heads' learning rates; ``set_weights`` divides the scale back out.
+    """
+
+    def __init__(self, dims: list[int], num_classes: int, hidden: int, dropout: float, input_dropout: float = 0.0):
+        super().__init__()
+        self.drop = Dropout(input_dropout)
+        self.linear = nn.Linear(sum(dims), num_classes)
+        self.dims = list(dims)
+        self.register_buffer("scale", torch.tensor([float(d) ** 0.5 for d in dims]), persistent=False)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = [nn.functional.normalize(f, dim=-1) * s.to(f.dtype) for f, s in zip(feats, self.scale)]
+        return self.linear(self.drop(torch.cat(x, dim=-1)))
+
+    @torch.no_grad()
+    def set_weights(self, coef, intercept, classes) -> None:
+        """Takes a fitted scikit-learn ``LogisticRegression``'s ``coef_``, ``intercept_`` and ``classes_`` (column
+        indices into this head's outputs), fitted on the L2-normalised features concatenated, so that softmax of the
+        output is its ``predict_proba``.
+
+        A binary fit has one row: softmax over (0, z) is the sigmoid of z. A class the fit never saw (absent from a
+        fold's training rows) gets a bias far below the others: a probability near 0, as the fit gave it.
+        """
+        coef, intercept = torch.as_tensor(coef, dtype=torch.float32), torch.as_tensor(intercept, dtype=torch.float32)
+        if coef.shape[0] == 1:
+            coef, intercept = torch.cat([torch.zeros_like(coef), coef]), torch.cat([torch.zeros(1), intercept])
+        coef = coef / torch.cat([torch.full((d,), float(d) ** 0.5) for d in self.dims])
+        weight = torch.zeros_like(self.linear.weight)
+        bias = torch.full_like(self.linear.bias, float(intercept.min()) - 1e4)
+        index = torch.as_tensor(list(classes), dtype=torch.long)
+        weight[index], bias[index] = coef, intercept
+        self.linear.weight.copy_(weight)
+        self.linear.bias.copy_(bias)

@@ -14,7 +14,11 @@ A bagged run (``--bag K``) holds config.yaml, labels.json, metrics.json, oof_pre
 val_confusion_matrix.png, its members ``members/<k>/`` (and ``full/``), each a single run, the frozen Hugging Face
 towers they share (``frozen_towers.safetensors``), and ``bag.json``: the members, and which models predict averages.
 
-Both are written through ``staged``: into ``RUN/.staging`` first, then moved into place with the files that mark a
+An ensemble (``--preset ensemble``) holds config.yaml, labels.json, metrics.json, oof_predictions.csv,
+leaderboard.csv (every member's out-of-fold scores, weight and time) and ``ensemble.json``: the members that predict,
+each a bagged run in ``members/<name>/``, and their weights; predict sums the members' probabilities so weighted.
+
+All are written through ``staged``: into ``RUN/.staging`` first, then moved into place with the files that mark a
 finished run removed first and put back last, so a kill while writing never leaves a directory that looks finished,
 nor a finished one that mixes two runs' files.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Collection, Iterator
@@ -13,6 +14,8 @@ from mmfuse.errors import MmfuseError
 # What mmfuse train writes into a run directory; predict and evaluate must never write over them.
 RUN_FILES = {
     "bag.json",
+    "ensemble.json",
+    "leaderboard.csv",
     "oof_predictions.csv",
     "frozen_towers.safetensors",
     "config.yaml",
@@ -29,10 +32,12 @@ RUN_FILES = {
 }
 FINISHED = "metrics.json"  # written last: a directory without it holds no finished run
 BAG_FILE = "bag.json"
+ENSEMBLE_FILE = "ensemble.json"
 FROZEN_FILE = "frozen_towers.safetensors"
 STAGING = ".staging"  # where a run's files are written before they are moved into place
 _SINGLE = ("config.yaml", "labels.json", "towers.json", "model.safetensors")
 _BAGGED = ("config.yaml", "labels.json", BAG_FILE)
+_ENSEMBLE = ("config.yaml", "labels.json", ENSEMBLE_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -50,7 +55,8 @@ def is_run(folder: str | Path) -> bool:
 
 
 def check_run(folder: str | Path) -> Path:
-    """``folder`` if it holds a run that can be opened: a single run, or a bag; otherwise an error that says why.
+    """``folder`` if it holds a run that can be opened: a single run, a bag or an ensemble; otherwise an error that
+    says why.
 
     Raises:
         MmfuseError: a file, no such directory, or a file the run needs missing (with the runs an ablation's folder
@@ -61,13 +67,40 @@ def check_run(folder: str | Path) -> Path:
         raise MmfuseError(f"{folder} is a file; give the run directory that mmfuse train --out wrote.")
     if not folder.is_dir():
         raise MmfuseError(f"Run directory not found: {folder} (make one with mmfuse train DATA --out {folder}).")
-    for name in _BAGGED if (folder / BAG_FILE).is_file() else _SINGLE:
+    if (folder / ENSEMBLE_FILE).is_file():
+        needed = _ENSEMBLE
+    else:
+        needed = _BAGGED if (folder / BAG_FILE).is_file() else _SINGLE
+    for name in needed:
         if not (folder / name).is_file():
             # mmfuse ablate --out holds three runs, one per subfolder.
             inner = [m for m in ("fusion", "image", "text") if (folder / m / "config.yaml").exists()]
             hint = f" It holds the runs {', '.join(inner)}: pass one, e.g. {folder / inner[0]}." if inner else ""
             raise MmfuseError(f"{folder} is not an mmfuse run directory: {name} is missing.{hint}")
     return folder
+
+
+def ensemble_members(folder: str | Path) -> list[tuple[str, Path, float]]:
+    """An ensemble's members that predict: (name, run directory, weight), weights summing to 1 (``ensemble.json``).
+
+    Raises:
+        MmfuseError: a damaged ``ensemble.json``, or a member's directory missing or not a run.
+    """
+    path = Path(folder) / ENSEMBLE_FILE
+    try:
+        members = json.loads(path.read_text())["members"]
+        out = [(str(m["name"]), Path(folder) / m["dir"], float(m["weight"])) for m in members]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise MmfuseError(f"{path} is damaged ({e!r}); train the ensemble again.") from None
+    if not out or any(not 0 < w <= 1 for _, _, w in out) or abs(sum(w for _, _, w in out) - 1) > 1e-6:
+        raise MmfuseError(f"{path} is damaged: its members' weights must be positive and sum to 1.")
+    for name, member, _ in out:
+        if not member.is_dir():
+            raise MmfuseError(
+                f"{folder}: the ensemble's member {name} ({member}) is missing; train the ensemble again."
+            )
+        check_run(member)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Writing a run (``write_run``, ``write_bag``, ``save_model``) and opening one (``load_model``, ``load_models``)."""
+"""Writing a run (``write_run``, ``write_bag``, ``write_ensemble``, ``save_model``) and opening one (``load_model``,
+``load_models``; an ensemble's members through ``layout.ensemble_members``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from mmfuse.errors import MmfuseError
 from mmfuse.models.classifier import PREFIXES, MultimodalClassifier, load_stored, stored_frozen, stored_state
 from mmfuse.models.lora import is_adapter
 from mmfuse.models.towers import build_tower, packaged_card, packaged_towers
-from mmfuse.rundir.layout import BAG_FILE, FINISHED, check_run, staged
+from mmfuse.rundir.layout import BAG_FILE, ENSEMBLE_FILE, FINISHED, check_run, staged
 
 
 def _write_common(stage: Path, cfg: RunConfig, labels: list[str], result: dict) -> None:
@@ -74,6 +75,37 @@ def write_bag(
             w.writerows(oof[1])
         (stage / BAG_FILE).write_text(json.dumps({"members": members, "predict": predict}, indent=2))
         _write_common(stage, cfg, labels, result)
+
+
+def write_ensemble(
+    out: Path,
+    cfg: RunConfig,
+    labels: list[str],
+    result: dict,
+    oof: tuple[list[str], list[list]],
+    leaderboard: list[dict],
+    ensemble: dict,
+) -> None:
+    """Writes an ensemble's own files into ``out`` (its members, bagged runs, are already written under it).
+
+    Args:
+        oof: the header and rows of ``oof_predictions.csv``.
+        leaderboard: one dict per row of ``leaderboard.csv``, all with the same keys.
+        ensemble: what ``ensemble.json`` holds (the members that predict, with their weights).
+    """
+    with staged(out, marks=(ENSEMBLE_FILE, FINISHED)) as stage:
+        for name, (header, rows) in (("oof_predictions.csv", oof), ("leaderboard.csv", _table(leaderboard))):
+            with open(stage / name, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                w.writerows(rows)
+        (stage / ENSEMBLE_FILE).write_text(json.dumps(ensemble, indent=2))
+        _write_common(stage, cfg, labels, result)
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    header = list(rows[0])
+    return header, [[r[k] for k in header] for r in rows]
 
 
 def save_model(
@@ -134,6 +166,8 @@ def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, li
     run_dir = check_run(run_dir)
     if (run_dir / BAG_FILE).is_file():
         raise MmfuseError(f"{run_dir} is a bag of models: load it with load_models, or one of its members.")
+    if (run_dir / ENSEMBLE_FILE).is_file():
+        raise MmfuseError(f"{run_dir} is an ensemble: load it with mmfuse.load, or one of its members.")
     cfg = RunConfig.from_yaml(run_dir / "config.yaml")
     try:
         labels = json.loads((run_dir / "labels.json").read_text())
@@ -194,6 +228,12 @@ def load_models(run_dir: str | Path) -> tuple[list[MultimodalClassifier], RunCon
     """The models a run predicts with: one, or a bagged run's members (or its refit model, ``bag.json`` says)
     sharing the frozen towers they build."""
     run_dir = check_run(run_dir)
+    if (run_dir / ENSEMBLE_FILE).is_file():
+        # Its members take different inputs (towers, modalities), so no one list of models predicts on one batch.
+        raise MmfuseError(
+            f"{run_dir} is an ensemble of bagged runs with weights: load it with mmfuse.load (Predictor), which "
+            "applies the weights, or load one of its members (RUN/members/NAME)."
+        )
     bag = run_dir / BAG_FILE
     if not bag.is_file():
         model, cfg, labels = load_model(run_dir)

@@ -40,7 +40,7 @@ from mmfuse.errors import MmfuseError
 from mmfuse.inference.export.runtime import OnnxPredictor, require_onnx, sha256
 from mmfuse.inference.predictor import Predictor
 from mmfuse.models.lora import merge_adapters
-from mmfuse.rundir.layout import is_run
+from mmfuse.rundir.layout import ENSEMBLE_FILE, is_run
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,14 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
     """
     if fmt != "onnx":
         raise MmfuseError(f"--format {fmt}: only onnx is supported")
-    onnx, ort = require_onnx()
     run_dir, out = Path(run_dir), Path(out)
+    if (run_dir / ENSEMBLE_FILE).is_file():  # one graph holds one model; a graph of weighted members is not built yet
+        members = sorted(p.name for p in (run_dir / "members").iterdir() if p.is_dir())
+        raise MmfuseError(
+            f"{run_dir} is an ensemble of weighted members, and an export holds one model: export a member, "
+            f"mmfuse export {run_dir}/members/NAME (its members: {', '.join(members)}; ensemble.json has the weights)."
+        )
+    onnx, ort = require_onnx()
     _check_out(run_dir, out)
     predictor = Predictor(run_dir, device="cpu", dtype="fp32")  # errors for a directory that is not a run
     if len(predictor.models) > 1:  # one graph holds one model: the members' average is not that
