@@ -14,9 +14,10 @@ trains on the whole fold's train, on each modality alone and on both.
 
 Recipes are JSON objects of ``section.field`` overrides of a default ``RunConfig``, or ``"preset": NAME`` for a
 preset's settings (flags given beside it override them, as on the command line). A recipe with ``train.bag`` trains
-a bag (``mmfuse.training.bag.fit_bag``); ``"bag_parallel": false`` trains its members one after another where they would
-otherwise train at once (frozen towers on a multi-core CPU). Prints mean ± sd over folds and seeds, and the seconds
-per fold.
+a bag (``mmfuse.training.bag.fit_bag``), one with ``train.ensemble`` a portfolio
+(``mmfuse.training.portfolio.fit_portfolio``); ``"bag_parallel": false`` trains a bag's members one after another
+where they would otherwise train at once (frozen towers on a multi-core CPU). Prints mean ± sd over folds and seeds,
+and the seconds per fold.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmfuse.models.classifier import build_model
     from mmfuse.training.bag import fit_bag
     from mmfuse.training.fit import fit
+    from mmfuse.training.portfolio import fit_portfolio
 
     logging.disable(logging.INFO)
     data = Path(args.data) if args.data else emoji_dataset()
@@ -111,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                     # Applied as flags are, so defaults that depend on them (--tune's epochs and rates) follow.
                     cfg = RunConfig().updated(changes)
                     run = root / "runs" / f"{name}-{seed}-{k}"
-                    if cfg.train.bag > 1:
+                    if cfg.train.ensemble:
+                        fit_portfolio(cfg, run)
+                    elif cfg.train.bag > 1:
                         fit_bag(cfg, run, parallel=overrides.get("bag_parallel"))
                     else:
                         fit(cfg, run)

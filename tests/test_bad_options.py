@@ -207,7 +207,7 @@ def test_out_of_memory_is_an_error_other_runtime_errors_are_not_hidden(tmp_path,
         raise raised
 
     monkeypatch.setattr(mmfuse.training.fit, "fit", fit)
-    argv = ["train", str(tmp_path / "d.csv"), "--out", str(tmp_path / "r"), "--hidden", "100000000"]
+    argv = ["train", str(tmp_path / "d.csv"), "--out", str(tmp_path / "r"), "--hidden", "100000000", "--tune", "head"]
     raised = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 819200000000 bytes.")
     assert "error: out of memory (DefaultCPUAllocator" in error_of(capsys, argv)
     raised = RuntimeError("a bug")
@@ -264,8 +264,8 @@ def test_tuning_a_tower_the_model_leaves_out(toy_manifest, tmp_path, capsys, cap
     assert "--tune text fine-tunes the text tower, which --modalities image leaves out" in error_of(
         capsys, [*argv, "--tune", "text"]
     )
-    # Not asked for by name (train's default is --tune text): the head alone, with its own defaults, and a warning.
-    assert main([*argv, "--epochs", "1"]) == 0
+    # Not asked for by name (one model's default is --tune text): the head alone, with its own defaults, and a warning.
+    assert main([*argv, "--epochs", "1", "--fusion", "concat"]) == 0
     assert "training with --tune head" in caplog.text
     assert "tune: head" in (tmp_path / "r" / "config.yaml").read_text()
 

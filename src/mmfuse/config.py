@@ -76,13 +76,12 @@ LORA_LR = 5e-4
 PRESETS = {
     # Frozen towers and a head on their cached features: seconds on a CPU (emoji 5-fold CV, seeds 0-1: 0.914 ± 0.009).
     "fast": {"train": {"tune": "head"}},
-    # The best measured offline: all-mpnet-base-v2's token states pooled by a learned attention, beside frozen Lite0
-    # features, five bagged heads (emoji 5-fold CV, seeds 0-1: 0.924 ± 0.009, against 0.918 for mpnet's mean pooling
-    # bagged and 0.909 for one mpnet head; bench/RESULTS.md). Needs the mmfuse[mpnet] extra.
-    "best": {"model": {"text": "mpnet", "text_pooling": "attention"}, "train": {"tune": "head", "bag": 5}},
-    # A portfolio of bagged members on frozen features (logistic-regression probes, single-modality and fusion heads,
-    # mpnet heads when the extra is installed) and a weighted ensemble of them chosen greedily on their out-of-fold
-    # predictions (training.portfolio). Not the default yet: it needs cross-validated evidence across several sets.
+    # Top quality on a longer budget: the default's portfolio plus MiniLM fine-tuned beside frozen image features,
+    # itself bagged (minutes per thousand rows on 2 cores), with mpnet's heads (the mmfuse[mpnet] extra, required).
+    "best": {"train": {"ensemble": True, "tune": "text", "bag": 5}},
+    # train's default (see default_preset): a portfolio of bagged members on frozen features (logistic-regression
+    # probes, single-modality and fusion heads, mpnet's heads when the extra is installed) and a weighted ensemble of
+    # them chosen greedily on their out-of-fold predictions (training.portfolio).
     "ensemble": {"train": {"ensemble": True, "tune": "head", "bag": 5}},
     # The reference design: ViT-B/16 (in21k) + RoBERTa-base cut to 8 layers, CLS pooling on both.
     "seed": {
@@ -95,6 +94,18 @@ PRESETS = {
         }
     },
 }
+# Flags that describe one model. Without --preset or --config, train fits the ensemble unless one of them is given:
+# then it trains that one model (or bag) as asked.
+SINGLE_MODEL = {"train": ("tune", "bag", "refit_full", "lora", "ensemble"), "model": ("fusion",)}
+
+
+def default_preset(preset: str | None, asked: dict[str, list[str]] | dict[str, set[str]]) -> str | None:
+    """The preset ``mmfuse train`` uses: the one named, else ``ensemble`` unless ``asked`` (per section, the keys the
+    flags set) holds a flag that describes one model."""
+    if preset:
+        return preset
+    one_model = any(set(asked.get(sec, ())) & set(keys) for sec, keys in SINGLE_MODEL.items())
+    return None if one_model else "ensemble"
 
 
 @dataclass
@@ -202,10 +213,11 @@ class ModelConfig:
 class TrainConfig:
     tune: str = "text"
     """text or image: fine-tune that tower, the other stays frozen with its features cached; head: both frozen and
-    cached, only the head trains (seconds on CPU); all: fine-tune both towers (the reference; wants a GPU). The default,
-    text, is a CPU-sized fine-tune of MiniLM (about 100 s per 1,300 rows on 2 cores); in 5-fold cross-validation on
-    the emoji data, over two seeds, it beat a linear probe on frozen features by 0.010-0.015 weighted F1 and the
-    frozen head by 0.003-0.015."""
+    cached, only the head trains (seconds on CPU); all: fine-tune both towers (the reference; wants a GPU). Given on
+    its own, it trains one model (train's default is the ensemble, whose members keep the towers frozen); text is a
+    CPU-sized fine-tune of MiniLM (about 100 s per 1,300 rows on 2 cores): in 5-fold cross-validation on the emoji
+    data, over two seeds, it beat a linear probe on frozen features by 0.010-0.015 weighted F1 and the frozen head
+    by 0.003-0.015."""
     epochs: int | None = None
     """Epochs; default 15 with --tune head (each epoch costs milliseconds), 4 with --tune text, 8 with --tune image
     or all (the reference)."""
@@ -271,8 +283,10 @@ class TrainConfig:
     lora_alpha: float | None = None
     """LoRA scaling numerator (the adapters' output is scaled by alpha / rank); default twice --lora."""
     ensemble: bool = False
-    """Train a portfolio of --bag K bagged members on frozen features and predict with a weighted ensemble of them,
-    chosen greedily on their out-of-fold predictions (--preset ensemble sets it, with --bag 5)."""
+    """Train a portfolio of --bag K bagged members and predict with a weighted ensemble of them, chosen greedily on
+    their out-of-fold predictions. train's default (--preset ensemble) unless a flag describes one model (--tune,
+    --fusion, --bag, --refit-full, --lora) or --config is given; with --tune text (--preset best) fine-tuned members
+    join the frozen ones."""
     time_limit: str | None = None
     """With --preset ensemble: stop starting members once the next one's expected time would pass this budget (e.g.
     90s, 5m, 1h30m); the probes always run, so the run ends with a usable ensemble."""

@@ -95,7 +95,13 @@ def read_groups(path: str, column: str, records: list[Record]) -> list[str]:
     return [str(v) for v in values]
 
 
-def fit_bag(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, parallel: bool | None = None) -> dict:
+def fit_bag(
+    cfg: RunConfig,
+    out: str | Path,
+    cache: FeatureCache | None = None,
+    parallel: bool | None = None,
+    records: list[Record] | None = None,
+) -> dict:
     """Trains ``cfg.train.bag`` members (and, with ``refit_full``, one model on every row) into ``out``.
 
     Ctrl-C keeps the members already finished as a usable run, then raises ``TrainingInterrupted``.
@@ -103,6 +109,8 @@ def fit_bag(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, 
     Args:
         parallel: train members at once in forked processes, one CPU thread each. Default: when the towers are
             frozen, there is no GPU and there are several cores (the results are the same either way).
+        records: the rows to bag, already read, checked and captioned (an ensemble's, shared by its members);
+            default: read from ``cfg.data.train``.
     """
     out = Path(out)
     check_out_dir(out, cfg.data.train)
@@ -115,17 +123,19 @@ def fit_bag(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = None, 
     if parallel is None:
         parallel = not cfg.tuned and not torch.cuda.is_available() and (os.cpu_count() or 1) > 1
     with run_lock(out):
-        return _fit_bag(cfg, out, cache, parallel)
+        return _fit_bag(cfg, out, cache, parallel, records)
 
 
-def _fit_bag(cfg: RunConfig, out: Path, cache: FeatureCache | None, parallel: bool) -> dict:
+def _fit_bag(
+    cfg: RunConfig, out: Path, cache: FeatureCache | None, parallel: bool, records: list[Record] | None
+) -> dict:
     k = cfg.train.bag
     for name in ("skipped.csv", BAG_FILE, FROZEN_FILE):
         (out / name).unlink(missing_ok=True)
     start = time.perf_counter()
-    records = load_records(cfg, out)
+    if records is None:
+        records = caption_missing(cfg, load_records(cfg, out), out)
     labels = check_labels(label_list(records), cfg.data.train)
-    records = caption_missing(cfg, records, out)
     groups = read_groups(cfg.data.train, cfg.train.bag_groups, records) if cfg.train.bag_groups else None
     held_out = folds(records, k, cfg.train.seed, groups)
     # Members share what frozen towers compute: features read once from disk, towers built once.

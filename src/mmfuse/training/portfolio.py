@@ -1,7 +1,8 @@
 """A portfolio of bagged members on shared cached features, and the weighted ensemble chosen on their out-of-fold
 predictions (``--preset ensemble``): AutoGluon's recipe, on frozen towers.
 
-    mmfuse train DATA --out RUN --preset ensemble                    # 5 folds, every member
+    mmfuse train DATA --out RUN                                      # the default: --preset ensemble, 5 folds
+    mmfuse train DATA --out RUN --preset best                        # plus fine-tuned MiniLM and mpnet's heads
     mmfuse train DATA --out RUN --preset ensemble --bag 3 --time-limit 5m
 
 Every member is a k-fold bag (``training.bag``) on the same folds, so every training row gets one out-of-fold
@@ -12,7 +13,9 @@ probability vector from each member, all comparable. The members, cheapest first
 - ``head-image``, ``head-text``: a head on one frozen tower (``--tune head``);
 - ``fusion-concat``, ``fusion-gated``, ``fusion-attention``: the fusion heads on both frozen towers (a packaged
   text tower's token states pooled by a learned attention, as its default);
-- ``mpnet-fusion-*``: the same on mpnet, when the mmfuse[mpnet] extra is installed and the text tower is MiniLM.
+- ``mpnet-fusion-*``: the same on mpnet, when the mmfuse[mpnet] extra is installed and the text tower is MiniLM;
+- ``tuned-text-concat`` (``--tune text``, as ``--preset best`` sets): the text tower fine-tuned beside cached image
+  features, a concat head, bagged on the same folds.
 
 Members share one in-memory feature cache, so each tower embeds each row once. ``training.selection`` then weighs
 them (greedy forward selection with replacement on weighted F1, log loss breaking ties); members of weight 0 are
@@ -52,7 +55,7 @@ from mmfuse.training.prep import caption_missing, check_labels, check_out_dir, l
 
 log = logging.getLogger(__name__)
 PROBE_C = 4.0  # shared/QUALITY.md's probe: LogisticRegression(C=4) on L2-normalised features
-KINDS = ("probe", "head", "fusion")
+KINDS = ("probe", "head", "fusion", "tuned")
 
 
 @dataclass
@@ -79,7 +82,12 @@ def mpnet_installed() -> bool:
 
 def portfolio(cfg: RunConfig) -> list[Member]:
     """The members for ``cfg`` (its towers, data, folds and modalities), cheapest first."""
-    base = cfg.updated({"train": {"ensemble": False, "time_limit": None, "tune": "head", "refit_full": False}})
+    base = cfg.updated(
+        {
+            "train": {"ensemble": False, "time_limit": None, "tune": "head", "refit_full": False},
+            "data": {"val": None, "val_captions": None},  # the ensemble folds the --val rows into its own
+        }
+    )
     text_pooling = resolve(base).model.text_pooling
     probe = {"fusion": "linear"}
     if text_pooling == "attention":  # a probe fits pooled features: the sentence embedding, mean of the last layer
@@ -104,8 +112,23 @@ def portfolio(cfg: RunConfig) -> list[Member]:
                 Member(f"mpnet-fusion-{head}", "fusion", base.updated({"model": {**mpnet, "fusion": head}}))
                 for head in ("concat", "gated", "attention")
             ]
+        elif cfg.train.tune == "text":
+            raise MmfuseError(
+                "--preset best includes mpnet's heads, and the mpnet tower is not installed: pip install "
+                "'mmfuse[mpnet]' (or use the default ensemble, which goes without them)."
+            )
         else:
             log.info("ensemble: skipping the mpnet members (pip install 'mmfuse[mpnet]' adds them)")
+    if cfg.train.tune == "text":
+        # --preset best: the text tower fine-tuned beside cached image features, itself bagged on the same folds. The
+        # costliest member by far (each fold fine-tunes the tower), so it comes last, where --time-limit can drop it.
+        members.append(
+            Member(
+                "tuned-text-concat",
+                "tuned",
+                base.updated({"train": {"tune": "text"}, "model": {"fusion": "concat", "modalities": both}}),
+            )
+        )
     # --modalities text (or image) asks for a model of that modality alone: members that read the other are left out.
     return [m for m in members if set(m.cfg.model.modalities) <= set(cfg.model.modalities)]
 
@@ -120,15 +143,18 @@ def fit_portfolio(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = 
     cfg = resolve(cfg)
     if not cfg.train.ensemble:
         raise MmfuseError("fit_portfolio trains --preset ensemble (train.ensemble: true).")
-    if cfg.data.val:
+    if cfg.data.val and cfg.train.bag_groups:
         raise MmfuseError(
-            "--preset ensemble validates each member on the folds of DATA: put the --val rows into DATA (or leave "
-            "--preset ensemble out to keep them apart)."
+            "--bag-groups reads its groups from DATA, and the ensemble would fold the --val rows in beside them: put "
+            "the --val rows into DATA."
         )
     if cfg.train.refit_full:
         raise MmfuseError("--refit-full goes with a single bag; an ensemble predicts with its members' fold models.")
-    if cfg.train.tune != "head":
-        log.warning("--preset ensemble trains its members on frozen towers: --tune %s is not used", cfg.train.tune)
+    if cfg.train.tune not in ("head", "text"):
+        raise MmfuseError(
+            f"an ensemble's members keep the towers frozen, or fine-tune MiniLM (--tune text, as --preset best "
+            f"does): --tune {cfg.train.tune} trains one model, so pass it without --preset ensemble."
+        )
     with run_lock(out):
         return _fit_portfolio(cfg, out, cache if cache is not None else FeatureCache(memory=True))
 
@@ -140,6 +166,15 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "members", ignore_errors=True)  # an earlier run's members (the CLI asked before --overwrite)
     records = load_records(cfg, out)
+    if cfg.data.val:
+        # Every member validates out of fold, so held-out rows would only go unused: they join the folds.
+        extra = load_records(cfg, out, cfg.data.val)
+        log.info(
+            "the ensemble validates out of fold: the %d --val rows join the %d training rows",
+            len(extra),
+            len(records),
+        )
+        records = records + extra
     labels = check_labels(label_list(records), cfg.data.train)
     records = caption_missing(cfg, records, out)
     groups = read_groups(cfg.data.train, cfg.train.bag_groups, records) if cfg.train.bag_groups else None
@@ -164,7 +199,7 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
             if member.kind == "probe":
                 _fit_probes(member.cfg, folder, records, labels, held_out, cache)
             else:
-                fit_bag(member.cfg, folder, cache)
+                fit_bag(member.cfg, folder, cache, records=records)
         except KeyboardInterrupt:  # TrainingInterrupted too: a member cut short is not comparable with the rest
             shutil.rmtree(folder, ignore_errors=True)
             if not done:
