@@ -97,6 +97,15 @@ def shared_home(warm_home, tmp_path_factory):
     return fill_home(warm_home, tmp_path_factory.mktemp("shared-home"))
 
 
+@pytest.fixture(scope="module")
+def module_home(shared_home):
+    """MMFUSE_HOME set to the shared warm home for a module's fixtures (the autouse per-test home is not set yet for
+    them); request it from a module's own ``home`` fixture."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFUSE_HOME", str(shared_home))
+        yield shared_home
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     """The toy data (TOY) for session and module fixtures: shared, so nothing may write into its folder."""

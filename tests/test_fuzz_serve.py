@@ -158,10 +158,9 @@ def check_answer(r: Answer, method: str, url: str, classes: list[str], what: str
 
 
 @pytest.fixture(scope="module")
-def home(shared_home):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMFUSE_HOME", str(shared_home))
-        yield shared_home
+def home(module_home):
+    """The module's runs train in the shared warm home."""
+    return module_home
 
 
 @pytest.fixture(scope="module")

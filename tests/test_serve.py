@@ -37,11 +37,9 @@ UPLOAD_LIMIT = 2 * 2**20
 
 
 @pytest.fixture(scope="module")
-def home(shared_home):
-    """The module's runs train in the shared warm home: the autouse per-test home is not set yet for module fixtures."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMFUSE_HOME", str(shared_home))
-        yield shared_home
+def home(module_home):
+    """The module's runs train in the shared warm home."""
+    return module_home
 
 
 @pytest.fixture(scope="module")

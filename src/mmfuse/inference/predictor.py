@@ -273,17 +273,7 @@ class Predictor:
 
     def load_data(self, data, captions=None, need_label=False, skip_bad=False, skipped_csv=None) -> list[Record]:
         """Checked records of ``data`` for this run (``load_inputs``)."""
-        return load_inputs(
-            data,
-            self.cfg,
-            self.classes,
-            self.run_dir,
-            self.accepts_missing_text,
-            captions,
-            need_label,
-            skip_bad,
-            skipped_csv,
-        )
+        return load_inputs(self, data, captions, need_label, skip_bad, skipped_csv)
 
 
 def _encoded(model: MultimodalClassifier, batch: dict, memo: dict) -> dict:
@@ -307,30 +297,24 @@ class EnsembleInputs:
 
 
 def load_inputs(
-    data,
-    cfg: RunConfig,
-    classes: list[str],
-    run_dir: Path,
-    accepts_missing_text: bool,
-    captions=None,
-    need_label: bool = False,
-    skip_bad: bool = False,
-    skipped_csv=None,
+    run, data, captions=None, need_label: bool = False, skip_bad: bool = False, skipped_csv=None
 ) -> list[Record]:
     """Checked records of ``data`` as a run reads them for predict and evaluate, whichever backend then predicts:
-    labels among ``classes``, texts cut to the run's length, missing texts captioned where the run was trained so.
+    labels among the run's classes, texts cut to the run's length, missing texts captioned where the run was trained
+    so.
 
     Args:
-        cfg: the run's config (``config.yaml``).
-        run_dir: the run, where captions made for missing texts are kept (``captions.csv``).
-        accepts_missing_text: whether the model takes rows without text (trained with modality dropout).
+        run: the predictor (torch or ONNX), for its ``cfg`` (the run's config.yaml), ``classes``, ``run_dir`` (where
+            captions made for missing texts are kept, captions.csv) and ``accepts_missing_text`` (whether the model
+            takes rows without text: trained with modality dropout).
     """
+    cfg, run_dir = run.cfg, run.run_dir
     records = load_checked(
         data,
         captions=captions,
-        labels=classes,
+        labels=run.classes,
         need_label=need_label,
-        need_text=not (accepts_missing_text or cfg.data.caption_missing),
+        need_text=not (run.accepts_missing_text or cfg.data.caption_missing),
         skip_bad=skip_bad,
         skipped_csv=skipped_csv,
         max_chars=cfg.model.max_length * CHARS_PER_TOKEN,

@@ -143,38 +143,29 @@ def export_graph(wrapper: ExportWrapper, example: dict[str, torch.Tensor], path:
         dims["input_ids"] = dims["attention_mask"] = {0: batch, 1: seq}
     # Under 2 GB the weights stay inside model.onnx: one file to copy, as the README shows it.
     small = sum(p.numel() * p.element_size() for p in wrapper.parameters()) < 1.8e9
-    args = tuple(example.values())
-    names_in_out = {"input_names": names, "output_names": ["logits", "probs"]}
     quiet_exporter()
-    try:
+
+    def export(**options) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper,
-                args,
+                tuple(example.values()),
                 str(path),
-                **names_in_out,
-                dynamo=True,
-                dynamic_shapes=(tuple(dims[n] for n in names),),  # one entry: forward(*tensors)
-                external_data=not small,
-                verbose=False,
+                input_names=names,
+                output_names=["logits", "probs"],
+                **options,
             )
+
+    try:
+        # dynamic_shapes has one entry: forward(*tensors).
+        export(dynamo=True, dynamic_shapes=(tuple(dims[n] for n in names),), external_data=not small, verbose=False)
         return {"name": "dynamo", "why": "torch.onnx.export(dynamo=True) with dynamic_shapes: torch's maintained path"}
     except Exception as e:  # any failure of torch.export's tracing; the classic exporter may still manage
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         log.warning("the dynamo exporter failed (%s); using the TorchScript exporter", reason)
     dynamic = {n: {0: "batch", 1: "sequence"} if n in ("input_ids", "attention_mask") else {0: "batch"} for n in names}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            args,
-            str(path),
-            **names_in_out,
-            dynamo=False,
-            dynamic_axes={**dynamic, "logits": {0: "batch"}, "probs": {0: "batch"}},
-            opset_version=17,
-        )
+    export(dynamo=False, dynamic_axes={**dynamic, "logits": {0: "batch"}, "probs": {0: "batch"}}, opset_version=17)
     return {"name": "torchscript", "why": f"the dynamo exporter failed: {reason}"}
 
 

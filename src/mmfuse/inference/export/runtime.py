@@ -120,17 +120,7 @@ class OnnxPredictor:
         """Checked records, exactly as the torch backend reads them (``predictor.load_inputs``)."""
         if self.run_dir is None:
             raise MmfuseError("OnnxPredictor.load_data needs the run directory the graph was exported from")
-        return load_inputs(
-            data,
-            self.cfg,
-            self.classes,
-            self.run_dir,
-            self.accepts_missing_text,
-            captions,
-            need_label,
-            skip_bad,
-            skipped_csv,
-        )
+        return load_inputs(self, data, captions, need_label, skip_bad, skipped_csv)
 
     def feeds(self, images: Sequence[Image.Image] | None, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The graph's inputs for RGB images and texts (an empty text: missing, where the model allows it)."""
