@@ -290,6 +290,10 @@ class TrainConfig:
     time_limit: str | None = None
     """With --preset ensemble: stop starting members once the next one's expected time would pass this budget (e.g.
     90s, 5m, 1h30m); the probes always run, so the run ends with a usable ensemble."""
+    calibrate: bool = False
+    """Fit a temperature (one scalar T) to the validation rows, or a bag's or ensemble's out-of-fold rows, so that the
+    probabilities predict, evaluate and serve give match how often they are right; RUN/calibration.json holds T and
+    metrics.json the calibration error (ECE) before and after."""
 
     def __post_init__(self):
         if self.tune not in TUNES:

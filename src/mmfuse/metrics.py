@@ -74,6 +74,50 @@ def full_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> di
     return report
 
 
+ECE_BINS = 15  # Guo et al. (2017), "On Calibration of Modern Neural Networks": 15 equal-width bins
+
+
+def reliability(
+    probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin of the top-1 confidence (bin i holds (i/bins, (i+1)/bins]): the mean confidence, the
+    accuracy and the row count (empty bins hold 0, 0, 0)."""
+    probs, y_true = np.asarray(probs, dtype=np.float64), np.asarray(y_true)
+    confidence, correct = probs.max(1), (probs.argmax(1) == y_true).astype(np.float64)
+    which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    mean_conf = np.bincount(which, confidence, minlength=bins) / np.maximum(count, 1)
+    accuracy = np.bincount(which, correct, minlength=bins) / np.maximum(count, 1)
+    return mean_conf, accuracy, count
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the row-weighted mean gap between accuracy and confidence over equal-width bins of the top-1
+    probability (0: a confidence of 0.8 is right 80% of the time)."""
+    mean_conf, accuracy, count = reliability(probs, y_true, bins)
+    return float((count * np.abs(accuracy - mean_conf)).sum() / max(count.sum(), 1))
+
+
+def plot_reliability(curves: dict[str, np.ndarray], y_true: np.ndarray, path: Path, bins: int = ECE_BINS) -> None:
+    """A reliability diagram: accuracy against confidence per bin for each of ``curves`` (name: probabilities),
+    with the diagonal a calibrated model would follow."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    for name, probs in curves.items():
+        mean_conf, accuracy, count = reliability(probs, y_true, bins)
+        seen = count > 0  # an empty bin has no accuracy to draw
+        ece = expected_calibration_error(probs, y_true, bins)
+        ax.plot(mean_conf[seen], accuracy[seen], marker="o", label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left")
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.97)
+    _save(fig, path)
+
+
 def write_report(report: dict, out_dir: Path) -> None:
     """metrics.json, confusion_matrix.csv and confusion_matrix.png."""
     out_dir.mkdir(parents=True, exist_ok=True)

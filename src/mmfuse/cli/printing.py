@@ -34,6 +34,14 @@ def print_training(result: dict, out: str) -> None:
             f"95% bootstrap interval of the weighted F1: {interval['weighted_f1_low']:.3f}-"
             f"{interval['weighted_f1_high']:.3f} over {interval['n']} validation rows"
         )
+    calibration = result.get("calibration")
+    if calibration:
+        print(
+            f"calibrated: temperature {calibration['temperature']:.3f}, fitted on the {calibration['n']} "
+            f"{calibration['fitted_on']} rows; expected calibration error {calibration['ece_before']:.4f} -> "
+            f"{calibration['ece_after']:.4f} (reliability.png); predict, evaluate and serve give the calibrated "
+            "probabilities"
+        )
 
 
 def print_leaderboard(rows: list[dict], title: str) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mmfuse import metrics
+from mmfuse.calibration import scale
 from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import DTYPES, RunConfig
 from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked, text_problem
@@ -36,7 +37,7 @@ from mmfuse.inference.stream import (
 from mmfuse.models.classifier import MultimodalClassifier
 from mmfuse.models.compile import compile_model
 from mmfuse.paths import mmfuse_home
-from mmfuse.rundir.layout import ENSEMBLE_FILE, RUN_FILES, check_run, ensemble_members, is_run
+from mmfuse.rundir.layout import ENSEMBLE_FILE, RUN_FILES, check_run, ensemble_members, is_run, temperature
 from mmfuse.rundir.weights import load_models
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class Prediction:
     labels: list[str]
     """The predicted class of each input."""
     probs: np.ndarray
-    """(N, classes) softmax probabilities, columns in ``classes`` order."""
+    """(N, classes) softmax probabilities (calibrated, when the run was trained with --calibrate), columns in
+    ``classes`` order."""
     classes: list[str]
 
     @property
@@ -90,6 +92,8 @@ class Predictor:
         self.device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.members: list[tuple[Predictor, float]] = []
         """An ensemble's members, each a predictor of its own, with their weights (empty for a run or a bag)."""
+        self.temperature = temperature(self.run_dir)
+        """What every probability this run gives is scaled by (``calibration.json``; 1.0: none, the model's own)."""
         if (self.run_dir / ENSEMBLE_FILE).is_file():
             self._load_ensemble(dtype, compile)
             return
@@ -211,7 +215,7 @@ class Predictor:
             (m.predict(images if "image" in m.model.modalities or texts is None else None, texts, batch_size), w)
             for m, w in self.members
         ]
-        probs = sum(w * p.probs for p, w in parts)
+        probs = scale(sum(w * p.probs for p, w in parts), self.temperature)
         return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
 
     def predict_dataset(self, ds: MultimodalDataset, batch_size: int) -> np.ndarray:
@@ -236,8 +240,11 @@ class Predictor:
         members' are averaged. An ensemble's members take different inputs: use ``predict`` or ``predict_records``."""
         if self.members:
             raise MmfuseError("an ensemble's members take different inputs: use predict or predict_records")
-        probs = [out.float().softmax(-1) for out in self._outputs(batch, self.models)]
-        return (probs[0] if len(probs) == 1 else torch.stack(probs).mean(0)).cpu().numpy()
+        outs = [out.float() for out in self._outputs(batch, self.models)]
+        if len(outs) == 1:  # softmax(logits / T): T = 1 divides by one, leaving an uncalibrated run's bit for bit
+            return (outs[0] / self.temperature).softmax(-1).cpu().numpy()
+        # A bag averages its members' probabilities, so its temperature acts on the average's log-probabilities.
+        return scale(torch.stack([out.softmax(-1) for out in outs]).mean(0).cpu().numpy(), self.temperature)
 
     def _outputs(self, batch: dict, models: list[MultimodalClassifier]) -> list[torch.Tensor]:
         batch, memo = {k: self._to_device(v) for k, v in batch.items()}, {}
@@ -263,7 +270,8 @@ class Predictor:
         """
         self._check_texts([r.text for r in records])
         if self.members:
-            return sum(w * m.predict_records(records, batch_size, show, cache) for m, w in self.members)
+            probs = sum(w * m.predict_records(records, batch_size, show, cache) for m, w in self.members)
+            return scale(probs, self.temperature)
         # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
         root = mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None
         features = FeatureCache(root, write=cache)
@@ -518,6 +526,9 @@ def evaluate_file(
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = np.array([index[r.label] for r in records])
     report = metrics.full_report(y, probs.argmax(1), predictor.classes)
+    # How far the confidences are from the accuracy they claim, calibrated (temperature != 1) or not.
+    report["ece"] = metrics.expected_calibration_error(probs, y)
+    report["temperature"] = predictor.temperature
     if procs.is_main:
         metrics.write_report(report, out_dir)
         write_errors(out_dir, records, probs, predictor.classes)

@@ -15,6 +15,8 @@ from mmfuse.errors import MmfuseError
 RUN_FILES = {
     "bag.json",
     "ensemble.json",
+    "calibration.json",
+    "reliability.png",
     "leaderboard.csv",
     "oof_predictions.csv",
     "frozen_towers.safetensors",
@@ -34,6 +36,8 @@ FINISHED = "metrics.json"  # written last: a directory without it holds no finis
 BAG_FILE = "bag.json"
 ENSEMBLE_FILE = "ensemble.json"
 FROZEN_FILE = "frozen_towers.safetensors"
+CALIBRATION_FILE = "calibration.json"  # optional (--calibrate): without it, probabilities are the model's own
+CALIBRATION_FILES = (CALIBRATION_FILE, "reliability.png")
 STAGING = ".staging"  # where a run's files are written before they are moved into place
 _SINGLE = ("config.yaml", "labels.json", "towers.json", "model.safetensors")
 _BAGGED = ("config.yaml", "labels.json", BAG_FILE)
@@ -101,6 +105,25 @@ def ensemble_members(folder: str | Path) -> list[tuple[str, Path, float]]:
             )
         check_run(member)
     return out
+
+
+def temperature(folder: str | Path) -> float:
+    """The temperature a run's probabilities are scaled by (``calibration.json``); 1.0 for a run without one, whose
+    probabilities are then exactly as the model gives them.
+
+    Raises:
+        MmfuseError: a damaged ``calibration.json``.
+    """
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return 1.0
+    try:
+        value = float(json.loads(path.read_text())["temperature"])
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise MmfuseError(f"{path} is damaged ({e!r}); train the run again with --calibrate, or delete it.") from None
+    if not 0 < value < float("inf"):
+        raise MmfuseError(f"{path} is damaged: its temperature must be a finite number > 0, got {value}.")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,16 +15,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmfuse import metrics
+from mmfuse.calibration import Calibration
 from mmfuse.config import RunConfig
 from mmfuse.errors import MmfuseError
 from mmfuse.models.classifier import PREFIXES, MultimodalClassifier, load_stored, stored_frozen, stored_state
 from mmfuse.models.lora import is_adapter
 from mmfuse.models.towers import build_tower, packaged_card, packaged_towers
-from mmfuse.rundir.layout import BAG_FILE, ENSEMBLE_FILE, FINISHED, check_run, staged
+from mmfuse.rundir.layout import (
+    BAG_FILE,
+    CALIBRATION_FILE,
+    CALIBRATION_FILES,
+    ENSEMBLE_FILE,
+    FINISHED,
+    check_run,
+    staged,
+)
 
 
-def _write_common(stage: Path, cfg: RunConfig, labels: list[str], result: dict) -> None:
-
+def _write_common(
+    stage: Path, cfg: RunConfig, labels: list[str], result: dict, calibration: Calibration | None = None
+) -> None:
+    if calibration is not None:
+        (stage / CALIBRATION_FILE).write_text(json.dumps(calibration.report(), indent=2))
+        calibration.plot(stage / "reliability.png")
     cfg.to_yaml(stage / "config.yaml")
     (stage / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
     if "val" in result:
@@ -40,17 +53,20 @@ def write_run(
     history: list[dict],
     result: dict,
     frozen_weights: Path | None = None,
+    calibration: Calibration | None = None,
 ) -> None:
-    """Writes a single run into ``out``: the model's weights and towers, its config, labels, history and report."""
-
-    with staged(out) as stage:
+    """Writes a single run into ``out``: the model's weights and towers, its config, labels, history and report;
+    with ``calibration``, its temperature (``calibration.json``) and reliability diagram."""
+    # The calibration files are marks, removed as the run is moved in: a run trained again without --calibrate must
+    # not be scaled by the temperature fitted to the weights it replaced.
+    with staged(out, marks=(*CALIBRATION_FILES, FINISHED)) as stage:
         save_model(model, stage, cfg.tuned, frozen_weights, base=out)
         with open(stage / "history.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(history[0]))
             w.writeheader()
             w.writerows(history)
         metrics.plot_history(history, stage / "training_curves.png")
-        _write_common(stage, cfg, labels, result)
+        _write_common(stage, cfg, labels, result, calibration)
 
 
 def write_bag(
@@ -61,20 +77,22 @@ def write_bag(
     oof: tuple[list[str], list[list]],
     members: list[str],
     predict: list[str],
+    calibration: Calibration | None = None,
 ) -> None:
     """Writes a bag's own files into ``out`` (its members are single runs, already written under it).
 
     Args:
         oof: the header and rows of ``oof_predictions.csv``.
         members: the members' folders; ``predict``: the folders of the models predict averages.
+        calibration: the temperature fitted on the out-of-fold probabilities (``--calibrate``).
     """
-    with staged(out, marks=(BAG_FILE, FINISHED)) as stage:
+    with staged(out, marks=(BAG_FILE, *CALIBRATION_FILES, FINISHED)) as stage:
         with open(stage / "oof_predictions.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(oof[0])
             w.writerows(oof[1])
         (stage / BAG_FILE).write_text(json.dumps({"members": members, "predict": predict}, indent=2))
-        _write_common(stage, cfg, labels, result)
+        _write_common(stage, cfg, labels, result, calibration)
 
 
 def write_ensemble(
@@ -85,6 +103,7 @@ def write_ensemble(
     oof: tuple[list[str], list[list]],
     leaderboard: list[dict],
     ensemble: dict,
+    calibration: Calibration | None = None,
 ) -> None:
     """Writes an ensemble's own files into ``out`` (its members, bagged runs, are already written under it).
 
@@ -92,15 +111,16 @@ def write_ensemble(
         oof: the header and rows of ``oof_predictions.csv``.
         leaderboard: one dict per row of ``leaderboard.csv``, all with the same keys.
         ensemble: what ``ensemble.json`` holds (the members that predict, with their weights).
+        calibration: the temperature fitted on the blended out-of-fold probabilities (``--calibrate``).
     """
-    with staged(out, marks=(ENSEMBLE_FILE, FINISHED)) as stage:
+    with staged(out, marks=(ENSEMBLE_FILE, *CALIBRATION_FILES, FINISHED)) as stage:
         for name, (header, rows) in (("oof_predictions.csv", oof), ("leaderboard.csv", _table(leaderboard))):
             with open(stage / name, "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
                 w.writerow(header)
                 w.writerows(rows)
         (stage / ENSEMBLE_FILE).write_text(json.dumps(ensemble, indent=2))
-        _write_common(stage, cfg, labels, result)
+        _write_common(stage, cfg, labels, result, calibration)
 
 
 def _table(rows: list[dict]) -> tuple[list[str], list[list]]:

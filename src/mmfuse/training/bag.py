@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from mmfuse import metrics
+from mmfuse.calibration import calibrate
 from mmfuse.config import RunConfig, resolve
 from mmfuse.data.read import read_table
 from mmfuse.data.records import Record
@@ -149,7 +150,8 @@ def _fit_bag(
         val = [records[j] for j in rows]
         # A seed per member: members that start alike and differ only in a fifth of their data agree more, and
         # averaging them gains less.
-        member = {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None, "refit_full": False}
+        # --calibrate is the bag's: one temperature on its out-of-fold rows, for the average predict makes.
+        member = {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None, "refit_full": False, "calibrate": False}
         jobs.append((i, cfg.updated({"train": member}), out / "members" / str(i), (train, val, labels)))
     members, interrupted = [], False
     try:
@@ -165,7 +167,14 @@ def _fit_bag(
     full = None
     if cfg.train.refit_full and not interrupted:
         epochs = int(statistics.median(m["best_epoch"] for m in members))
-        refit = {"epochs": epochs, "keep": "last", "bag": 1, "bag_groups": None, "refit_full": False}
+        refit = {
+            "epochs": epochs,
+            "keep": "last",
+            "bag": 1,
+            "bag_groups": None,
+            "refit_full": False,
+            "calibrate": False,
+        }
         full_cfg = cfg.updated({"train": refit})
         log.info("refit on all %d rows for %d epoch(s), the members' median best epoch", len(records), epochs)
         result, _ = _train(full_cfg, out / "full", cache, towers, (records, [], labels), out / FROZEN_FILE)
@@ -258,6 +267,10 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
         "predict_uses": "full" if full else "bag",
         "train_seconds": seconds,
     }
+    calibration = calibrate(oof[done], y[done], "out-of-fold") if cfg.train.calibrate else None
+    if calibration is not None:
+        result["calibration"] = calibration.report()
+    # The probabilities as the members gave them (what a temperature is fitted on), calibrated or not.
     header = ["row", "image", "label", "predicted", "confidence", "fold", *(f"p_{c}" for c in labels)]
     fold_of = {int(j): m["fold"] for m in members for j in held_out[m["fold"]]}
     rows = [
@@ -267,5 +280,5 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
         if done[j]
     ]
     models = [full["dir"]] if full else [m["dir"] for m in members]
-    write_bag(out, cfg, labels, result, (header, rows), [m["dir"] for m in members], models)
+    write_bag(out, cfg, labels, result, (header, rows), [m["dir"] for m in members], models, calibration)
     return result

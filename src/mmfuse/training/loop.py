@@ -32,6 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from mmfuse import metrics
+from mmfuse.calibration import calibrate
 from mmfuse.config import TRACKERS, RunConfig, TrainConfig, resolve
 from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
@@ -230,6 +231,8 @@ def setup(
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a line per epoch from here on (a resume rewrites it)
     acc.wait_for_everyone()
     train, val, labels = splits if splits is not None else load_splits(cfg, out)
+    if t.calibrate and not val:  # found before training, not after it
+        raise MmfuseError("--calibrate fits its temperature on validation rows, and this run has none: give --val.")
     # DDP checks that every process holds the same weights: build every tower everywhere, not only where one embeds.
     towers = towers if towers is not None else {}
     cards = tower_cards(cfg.model, towers, cfg.model.modalities if acc.num_processes > 1 else tuned)
@@ -474,11 +477,14 @@ def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
         tr.val_probs, y = validate(tr)
         result["val"] = metrics.full_report(y, tr.val_probs.argmax(1), tr.labels)
         result["val_interval"] = metrics.bootstrap_interval(y, tr.val_probs.argmax(1), seed=tr.cfg.train.seed)
+    calibration = calibrate(tr.val_probs, y, "validation") if tr.cfg.train.calibrate else None
+    if calibration is not None:
+        result["calibration"] = calibration.report()
     if tr.cfg.train.track:
         final = {f"final/val_{k}": result["val"][k] for k in ("accuracy", "weighted_f1", "macro_f1") if "val" in result}
         tr.acc.log({**final, "final/best_epoch": result["best_epoch"]}, step=len(tr.history))
         tr.acc.end_training()
     if tr.acc.is_main_process:
-        write_run(tr.out, tr.cfg, tr.labels, tr.unwrapped, tr.history, result, tr.frozen_weights)
+        write_run(tr.out, tr.cfg, tr.labels, tr.unwrapped, tr.history, result, tr.frozen_weights, calibration)
     tr.acc.wait_for_everyone()
     return result

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from mmfuse import metrics
+from mmfuse.calibration import calibrate
 from mmfuse.config import RunConfig, parse_duration, resolve
 from mmfuse.data.records import Record
 from mmfuse.data.splits import label_list
@@ -84,7 +85,8 @@ def portfolio(cfg: RunConfig) -> list[Member]:
     """The members for ``cfg`` (its towers, data, folds and modalities), cheapest first."""
     base = cfg.updated(
         {
-            "train": {"ensemble": False, "time_limit": None, "tune": "head", "refit_full": False},
+            # --calibrate is the ensemble's: its weights are chosen on the members' own out-of-fold probabilities.
+            "train": {"ensemble": False, "time_limit": None, "tune": "head", "refit_full": False, "calibrate": False},
             "data": {"val": None, "val_captions": None},  # the ensemble folds the --val rows into its own
         }
     )
@@ -386,6 +388,11 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         "predict_uses": "ensemble",
         "train_seconds": time.perf_counter() - start,
     }
+    # An ensemble blends probabilities, not logits: its temperature acts on the blend's log-probabilities,
+    # probs ** (1 / T) renormalised, fitted on the blended out-of-fold rows (Predictor applies it after blending).
+    calibration = calibrate(probs, y, "out-of-fold") if cfg.train.calibrate else None
+    if calibration is not None:
+        result["calibration"] = calibration.report()
     header = ["row", "image", "label", "predicted", "confidence", "fold", *(f"p_{c}" for c in labels)]
     fold_of = {int(j): i for i, rows in enumerate(held_out) for j in rows}
     rows = [
@@ -405,7 +412,7 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         ],
         "dropped": [d["member"].name for d, w in zip(done, weights) if w == 0],
     }
-    write_ensemble(out, cfg, labels, result, (header, rows), board, ensemble)
+    write_ensemble(out, cfg, labels, result, (header, rows), board, ensemble, calibration)
     for name in ensemble["dropped"]:  # listed in the leaderboard; a weight of 0 takes no part in predictions
         shutil.rmtree(out / "members" / name, ignore_errors=True)
     return result

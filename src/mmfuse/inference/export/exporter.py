@@ -57,17 +57,22 @@ RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "b
 
 
 class ExportWrapper(nn.Module):
-    """The graph's signature over ``MultimodalClassifier.forward``: flat tensors in, logits and probabilities out."""
+    """The graph's signature over ``MultimodalClassifier.forward``: flat tensors in, logits and probabilities out.
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
+    A calibrated run's temperature is baked in: the graph's logits are the model's divided by T, so its probabilities
+    are the calibrated ones ``Predictor`` gives, and the parity gate compares like with like."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], temperature: float = 1.0):
         super().__init__()
-        self.model, self.names = model, list(names)
+        self.model, self.names, self.temperature = model, list(names), temperature
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = dict(zip(self.names, tensors))
         image = {"pixel_values": x["pixel_values"]} if "pixel_values" in x else None
         text = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]} if "input_ids" in x else None
         logits = self.model(image=image, text=text, present=x.get("present"))
+        if self.temperature != 1.0:  # no division in the graph of an uncalibrated run: its graph is as before
+            logits = logits / self.temperature
         return logits, logits.float().softmax(-1)
 
 
@@ -314,11 +319,12 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
             model.vision.processor.save_pretrained(out / "image_processor")
 
     example = _example(model, names, preprocess)
-    wrapper = ExportWrapper(model, names).eval()
+    wrapper = ExportWrapper(model, names, predictor.temperature).eval()
     with torch.inference_mode(False), torch.no_grad():
         exporter = export_graph(wrapper, example, out / "model.onnx", preprocess.get("text", {}).get("max_length"))
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     exporter["opset"] = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+    calibrated = predictor.temperature != 1.0
     info = {
         "format": "onnx",
         "status": "checking",
@@ -328,7 +334,12 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
         "classes": predictor.classes,
         "modalities": model.modalities,
         "inputs": {n: _describe(n, preprocess, len(model.modalities)) for n in names},
-        "outputs": {"logits": "float32 (batch, classes)", "probs": "float32 (batch, classes), softmax of logits"},
+        "outputs": {
+            "logits": "float32 (batch, classes)"
+            + (f", the model's divided by its temperature {predictor.temperature:.6g}" if calibrated else ""),
+            "probs": "float32 (batch, classes), softmax of logits" + (" (calibrated)" if calibrated else ""),
+        },
+        "temperature": predictor.temperature,
         "accepts_missing_text": accepts_missing,
         "present": "an input: False marks a missing text"
         if "present" in names

@@ -25,7 +25,7 @@ from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.predictor import load_inputs
 from mmfuse.models.towers.base import PixelSpec, tower_pixels
-from mmfuse.rundir.layout import check_run
+from mmfuse.rundir.layout import check_run, temperature
 
 INSTALL = "pip install 'mmfuse[export]'"
 
@@ -105,6 +105,12 @@ class OnnxPredictor:
                 f"The export in {self.dir} was made from other weights than {weights} (the run was trained again "
                 f"since, or the export is of another run): export again with mmfuse export {self.run_dir} --out "
                 f"{self.dir}."
+            )
+        # The graph holds the temperature it was exported with; the run's must still be that one.
+        if temperature(run) != float(self.info.get("temperature", 1.0)):
+            raise MmfuseError(
+                f"The export in {self.dir} was made with another calibration (temperature) than {run} holds now: "
+                f"export again with mmfuse export {self.run_dir} --out {self.dir}."
             )
         self.cfg = RunConfig.from_yaml(self.run_dir / "config.yaml")
 
