@@ -3,6 +3,7 @@ probabilities through every way a run predicts (the API, predict, evaluate, a re
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +256,22 @@ def test_the_export_bakes_the_temperature_in_and_passes_its_parity_gate(toy, tin
     (run / CALIBRATION_FILE).write_text(json.dumps({"temperature": 2.0}))  # the run's changed since the export
     out = tmp_path / "again.csv"
     assert main(["predict", str(run), test, "--out", str(out), "--backend", "onnx"]) == 2
+
+
+def test_serve_answers_with_the_calibrated_probabilities(calibrated, toy, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mmfuse.inference.serve.app import create_app
+
+    run = with_temperature(calibrated, tmp_path / "t3", 3.0)
+    row = read_csv(toy / "test.csv")[0]
+    expected = mmfuse.load(run).predict([toy / row["image"]], [row["text"]])
+    with TestClient(create_app(run)) as client:
+        for _ in range(600):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.05)
+        with open(toy / row["image"], "rb") as f:
+            r = client.post("/v1/predict", files={"image": ("x.png", f, "image/png")}, data={"text": row["text"]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(list(r.json()["probabilities"].values()), expected.probs[0], atol=1e-6)

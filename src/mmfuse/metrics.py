@@ -113,8 +113,9 @@ def plot_reliability(curves: dict[str, np.ndarray], y_true: np.ndarray, path: Pa
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")
-    ax.legend(loc="upper left")
-    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.97)
+    ax.set_title(f"{len(y_true)} rows, {bins} bins of confidence", fontsize=9)
+    ax.legend(loc="best", fontsize=8)  # away from the curves: over-confident ones run low right, unsure ones high left
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.93)
     _save(fig, path)
 
 
