@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmfuse import metrics
-from mmfuse.calibration import scale
+from mmfuse import calibration, metrics
 from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import DTYPES, RunConfig
 from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked, text_problem
@@ -48,8 +47,7 @@ class Prediction:
     labels: list[str]
     """The predicted class of each input."""
     probs: np.ndarray
-    """(N, classes) softmax probabilities (calibrated, when the run was trained with --calibrate), columns in
-    ``classes`` order."""
+    """(N, classes) softmax probabilities (calibrated, for a run trained with --calibrate), in ``classes`` order."""
     classes: list[str]
 
     @property
@@ -92,8 +90,7 @@ class Predictor:
         self.device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.members: list[tuple[Predictor, float]] = []
         """An ensemble's members, each a predictor of its own, with their weights (empty for a run or a bag)."""
-        self.temperature = temperature(self.run_dir)
-        """What every probability this run gives is scaled by (``calibration.json``; 1.0: none, the model's own)."""
+        self.temperature = temperature(self.run_dir)  # calibration.json's T, or 1.0: the model's own probabilities
         if (self.run_dir / ENSEMBLE_FILE).is_file():
             self._load_ensemble(dtype, compile)
             return
@@ -144,8 +141,7 @@ class Predictor:
         return self.cfg.model.max_length * CHARS_PER_TOKEN
 
     def _clip(self, texts: list[str]) -> list[str]:
-        long = sum(len(t) > self.max_chars for t in texts)
-        if long:
+        if long := sum(len(t) > self.max_chars for t in texts):
             log.warning("%d text(s) over %d characters were cut to that length", long, self.max_chars)
         return [clip_text(t, self.max_chars) for t in texts]
 
@@ -215,7 +211,7 @@ class Predictor:
             (m.predict(images if "image" in m.model.modalities or texts is None else None, texts, batch_size), w)
             for m, w in self.members
         ]
-        probs = scale(sum(w * p.probs for p, w in parts), self.temperature)
+        probs = calibration.scale(sum(w * p.probs for p, w in parts), self.temperature)
         return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
 
     def predict_dataset(self, ds: MultimodalDataset, batch_size: int) -> np.ndarray:
@@ -236,15 +232,14 @@ class Predictor:
 
     @torch.inference_mode()
     def probs(self, batch: dict) -> np.ndarray:
-        """Softmax probabilities (N, classes) for one batch, computed in fp32 and copied to the host; a bag's
-        members' are averaged. An ensemble's members take different inputs: use ``predict`` or ``predict_records``."""
+        """Calibrated softmax probabilities (N, classes) for one batch, in fp32 on the host; a bag's members' are
+        averaged first. An ensemble's members take different inputs: use ``predict`` or ``predict_records``."""
         if self.members:
             raise MmfuseError("an ensemble's members take different inputs: use predict or predict_records")
-        outs = [out.float() for out in self._outputs(batch, self.models)]
-        if len(outs) == 1:  # softmax(logits / T): T = 1 divides by one, leaving an uncalibrated run's bit for bit
+        outs = [o.float() for o in self._outputs(batch, self.models)]
+        if len(outs) == 1:  # softmax(logits / T): T = 1 leaves an uncalibrated run's bit for bit
             return (outs[0] / self.temperature).softmax(-1).cpu().numpy()
-        # A bag averages its members' probabilities, so its temperature acts on the average's log-probabilities.
-        return scale(torch.stack([out.softmax(-1) for out in outs]).mean(0).cpu().numpy(), self.temperature)
+        return calibration.scale(torch.stack([o.softmax(-1) for o in outs]).mean(0).cpu().numpy(), self.temperature)
 
     def _outputs(self, batch: dict, models: list[MultimodalClassifier]) -> list[torch.Tensor]:
         batch, memo = {k: self._to_device(v) for k, v in batch.items()}, {}
@@ -271,7 +266,7 @@ class Predictor:
         self._check_texts([r.text for r in records])
         if self.members:
             probs = sum(w * m.predict_records(records, batch_size, show, cache) for m, w in self.members)
-            return scale(probs, self.temperature)
+            return calibration.scale(probs, self.temperature)
         # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
         root = mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None
         features = FeatureCache(root, write=cache)
@@ -455,10 +450,7 @@ def predict_file(
     if not os.access(existing, os.W_OK):
         raise MmfuseError(f"--out {out_csv}: the folder {existing} is not writable.")
     procs = processes()
-    if load is None:
-        predictor = Predictor(run_dir, device=procs.device, dtype=dtype, compile=compile)
-    else:
-        predictor = load(procs.device)
+    predictor = load(procs.device) if load else Predictor(run_dir, device=procs.device, dtype=dtype, compile=compile)
     backend = predictor.backend
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
     with procs.main_first():  # every process checks every row (the main one first, filling the check index)
@@ -526,9 +518,7 @@ def evaluate_file(
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = np.array([index[r.label] for r in records])
     report = metrics.full_report(y, probs.argmax(1), predictor.classes)
-    # How far the confidences are from the accuracy they claim, calibrated (temperature != 1) or not.
-    report["ece"] = metrics.expected_calibration_error(probs, y)
-    report["temperature"] = predictor.temperature
+    report |= {"ece": metrics.expected_calibration_error(probs, y), "temperature": predictor.temperature}
     if procs.is_main:
         metrics.write_report(report, out_dir)
         write_errors(out_dir, records, probs, predictor.classes)
