@@ -246,6 +246,7 @@ def test_the_export_bakes_the_temperature_in_and_passes_its_parity_gate(toy, tin
     assert main(["export", str(run), "--out", str(run / "export")]) == 0
     info = json.loads((run / "export" / "export.json").read_text())
     assert info["status"] == "passed" and info["temperature"] == 0.25 and info["parity"]["max_abs_diff"] <= 1e-4
+    assert "divided by its temperature 0.25" in (run / "export" / "README.md").read_text()
     test = str(toy / "test.csv")
     assert main(["predict", str(run), test, "--out", str(tmp_path / "torch.csv")]) == 0
     assert main(["predict", str(run), test, "--out", str(tmp_path / "onnx.csv"), "--backend", "onnx"]) == 0

@@ -425,8 +425,8 @@ README = """# ONNX export of {run}
 probability difference {diff}, no top-1 different, over {rows} rows at batch sizes {batches} (see `export.json`).
 
 Inputs: {inputs}. Outputs: `logits` and `probs` (softmax), columns in the order of `classes` in `export.json`.
-Preprocessing is not in the graph; it is written here: `tokenizer/` (padding to the longest text, truncation at
-`max_length`), the image size, resample filter, scale, mean and std under `preprocess` in `export.json`.
+{calibrated}Preprocessing is not in the graph; it is written here: `tokenizer/` (padding to the longest text,
+truncation at `max_length`), the image size, resample filter, scale, mean and std under `preprocess` in `export.json`.
 
 ```python
 import json
@@ -478,6 +478,8 @@ def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a 
     if "present" in info["inputs"]:
         body += PRESENT_FEEDS
     parity = info["parity"]
+    t = info.get("temperature", 1.0)
+    calibrated = f"The logits are the model's divided by its temperature {t:.4g} (`--calibrate`).\n" if t != 1.0 else ""
     return README.format(
         run=Path(info["run"]).name,
         exporter=info["exporter"]["name"],
@@ -490,4 +492,5 @@ def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a 
         image=image,
         text=text,
         body=body,
+        calibrated=calibrated,
     )
