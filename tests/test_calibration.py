@@ -119,6 +119,7 @@ def test_a_calibrated_run_records_its_temperature_and_ece(calibrated, capsys):
     assert 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1
     assert (calibrated / "reliability.png").stat().st_size > 1000
     assert {CALIBRATION_FILE, "reliability.png"} <= RUN_FILES  # predict --out never writes over them
+    assert f"calibrated, T {cal['temperature']:.3f}" in (calibrated / "train.log").read_text()
 
 
 def test_predicted_probabilities_are_softmax_of_logits_over_t_and_survive_a_reload(

@@ -145,4 +145,7 @@ def summary_line(result: dict, out: str) -> str:
     kept = "out-of-fold" if "bag" in result else f"best epoch {result['best_epoch']}"
     names = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1"}
     scores = ", ".join(f"{name} {val[key]:.4f}" for key, name in names.items())
-    return f"trained {out} ({kept}): validation {scores}"
+    line = f"trained {out} ({kept}): validation {scores}"
+    if cal := result.get("calibration"):
+        line += f"; calibrated, T {cal['temperature']:.3f}, ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}"
+    return line
