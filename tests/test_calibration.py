@@ -277,3 +277,13 @@ def test_serve_answers_with_the_calibrated_probabilities(calibrated, toy, tmp_pa
             r = client.post("/v1/predict", files={"image": ("x.png", f, "image/png")}, data={"text": row["text"]})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(list(r.json()["probabilities"].values()), expected.probs[0], atol=1e-6)
+
+
+def test_an_interrupted_predict_does_not_resume_across_a_new_temperature(calibrated, tmp_path):
+    from mmfuse.inference.stream import run_identity
+
+    run = with_temperature(calibrated, tmp_path / "none", None)
+    before = run_identity(run)
+    assert all("calibration" not in w[0] for w in before["weights"])  # an uncalibrated run's identity is as before
+    (run / CALIBRATION_FILE).write_text(json.dumps({"temperature": 2.0}))
+    assert run_identity(run) != before

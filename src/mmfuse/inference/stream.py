@@ -35,6 +35,7 @@ from mmfuse.distributed import gather_lists, launch_state, shard_bounds
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.report import input_row
 from mmfuse.progress import Progress
+from mmfuse.rundir.layout import CALIBRATION_FILE
 
 log = logging.getLogger(__name__)
 PROGRESS_FORMAT = 1
@@ -131,11 +132,12 @@ def rows_digest(records: list[Record]) -> str:
 
 
 def run_identity(run_dir: str | Path) -> dict:
-    """The run directory and its weights as they are now: retraining into the same directory changes them."""
+    """The run directory and its weights (and temperatures, ``--calibrate``) as they are now: retraining into the same
+    directory changes them."""
     run = Path(run_dir).resolve()
     weights = sorted(
         [str(p.relative_to(run)), p.stat().st_size, p.stat().st_mtime_ns]
-        for p in run.rglob("*.safetensors")
+        for p in (*run.rglob("*.safetensors"), *run.rglob(CALIBRATION_FILE))
         if "checkpoints" not in p.relative_to(run).parts
     )
     return {"path": str(run), "weights": weights}
