@@ -167,15 +167,8 @@ def _fit_bag(
     full = None
     if cfg.train.refit_full and not interrupted:
         epochs = int(statistics.median(m["best_epoch"] for m in members))
-        refit = {
-            "epochs": epochs,
-            "keep": "last",
-            "bag": 1,
-            "bag_groups": None,
-            "refit_full": False,
-            "calibrate": False,
-        }
-        full_cfg = cfg.updated({"train": refit})
+        refit = {"epochs": epochs, "keep": "last", "bag": 1, "bag_groups": None, "refit_full": False}
+        full_cfg = cfg.updated({"train": refit | {"calibrate": False}})  # the bag's temperature serves it
         log.info("refit on all %d rows for %d epoch(s), the members' median best epoch", len(records), epochs)
         result, _ = _train(full_cfg, out / "full", cache, towers, (records, [], labels), out / FROZEN_FILE)
         full = {"dir": "full", "epochs": epochs, **_brief(result)}
@@ -270,7 +263,7 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
     calibration = calibrate(oof[done], y[done], "out-of-fold") if cfg.train.calibrate else None
     if calibration is not None:
         result["calibration"] = calibration.report()
-    # The probabilities as the members gave them (what a temperature is fitted on), calibrated or not.
+    # oof_predictions.csv keeps the members' own probabilities: those a temperature is fitted on.
     header = ["row", "image", "label", "predicted", "confidence", "fold", *(f"p_{c}" for c in labels)]
     fold_of = {int(j): m["fold"] for m in members for j in held_out[m["fold"]]}
     rows = [
