@@ -141,7 +141,8 @@ class Predictor:
         return self.cfg.model.max_length * CHARS_PER_TOKEN
 
     def _clip(self, texts: list[str]) -> list[str]:
-        if long := sum(len(t) > self.max_chars for t in texts):
+        long = sum(len(t) > self.max_chars for t in texts)
+        if long:
             log.warning("%d text(s) over %d characters were cut to that length", long, self.max_chars)
         return [clip_text(t, self.max_chars) for t in texts]
 
@@ -450,7 +451,10 @@ def predict_file(
     if not os.access(existing, os.W_OK):
         raise MmfuseError(f"--out {out_csv}: the folder {existing} is not writable.")
     procs = processes()
-    predictor = load(procs.device) if load else Predictor(run_dir, device=procs.device, dtype=dtype, compile=compile)
+    if load is None:
+        predictor = Predictor(run_dir, device=procs.device, dtype=dtype, compile=compile)
+    else:
+        predictor = load(procs.device)
     backend = predictor.backend
     skipped = out_csv.with_name(out_csv.stem + ".skipped.csv")
     with procs.main_first():  # every process checks every row (the main one first, filling the check index)
