@@ -271,3 +271,21 @@ def test_an_unknown_class_in_class_weight_names_the_classes(toy_manifest, tmp_pa
     args = ["train", str(toy_manifest / "all.csv"), "--out", str(tmp_path / "run"), *FAST]
     err = error_of(capsys, [*args, "--class-weight", "red-apple=2,purple-pear=3"])
     assert "'purple-pear', not a class of the data; the classes are " + ", ".join(LABELS) in err
+
+
+def test_a_checkpoint_from_before_these_flags_still_resumes_but_a_changed_metric_does_not():
+    import hashlib
+    from dataclasses import asdict
+
+    from mmfuse.training.checkpoint import FREE_KEYS, config_fingerprint
+
+    cfg = RunConfig()
+    raw = asdict(cfg)  # the fingerprint as it was computed before the flags existed
+    raw.pop("asked")
+    for section in raw.values():
+        for key in FREE_KEYS | {"class_weight", "balanced_sampling", "metric"}:
+            section.pop(key, None)
+    before = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert config_fingerprint(cfg) == before
+    assert config_fingerprint(cfg.updated({"train": {"metric": "macro_f1"}})) != before
+    assert config_fingerprint(cfg.updated({"train": {"balanced_sampling": True}})) != before
