@@ -297,8 +297,8 @@ class TrainConfig:
     """Weigh each class in the cross-entropy loss: balanced (n / (classes * count), counted on the training rows) or
     per class, as cat=2,dog=0.5 (classes not named weigh 1). Default: every row weighs the same."""
     balanced_sampling: bool = False
-    """Draw training rows with replacement in inverse proportion to their class's count, as many a epoch as there are
-    rows, so every class is seen about equally often."""
+    """Draw training rows with replacement in inverse proportion to their class's count, as many each epoch as there
+    are rows, so every class is seen about equally often."""
     metric: str = "weighted_f1"
     """What to optimise: the kept epoch, the ensemble's greedy selection, a search's objective and a bag's headline
     score: weighted_f1, macro_f1 (every class counts the same: imbalanced data), accuracy or log_loss (ties in the

@@ -416,7 +416,7 @@ def run_epoch(tr: Trainer, epoch: int) -> dict:
         probs, y = validate(tr)
         row["val_loss"] = float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean())
         row.update({f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()})
-        if f"val_{metric}" not in row:  # log loss: val_loss is the training loss's definition, not the metric's
+        if f"val_{metric}" not in row:  # log_loss: the metric as selection computes it, beside val_loss
             row[f"val_{metric}"] = metrics.score(metric, y, probs)
     row.update({"samples_per_s": rate, "lr": tr.scheduler.get_last_lr()[0]})
     tr.history.append(row)
