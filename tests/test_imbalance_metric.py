@@ -289,3 +289,27 @@ def test_a_checkpoint_from_before_these_flags_still_resumes_but_a_changed_metric
     assert config_fingerprint(cfg) == before
     assert config_fingerprint(cfg.updated({"train": {"metric": "macro_f1"}})) != before
     assert config_fingerprint(cfg.updated({"train": {"balanced_sampling": True}})) != before
+
+
+@pytest.mark.parametrize("sampling", [[], ["--balanced-sampling"]], ids=["shuffled", "balanced"])
+def test_interrupted_mid_epoch_resumes_to_the_same_weights(toy_manifest, tmp_path, monkeypatch, sampling):
+    from safetensors.torch import load_file
+
+    data = imbalanced(toy_manifest)
+    args = [*FAST, "--batch-size", "4", *sampling, "--checkpoint-every", "1", "--val-split", "0.3", "--keep", "last"]
+    assert main(["train", data, "--out", str(tmp_path / "whole"), *args]) == 0
+    real, calls = loop.train_step, []
+
+    def ctrl_c_in_epoch_2(*a, **kw):  # the third step of epoch 2: its second step is checkpointed
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "train_step", ctrl_c_in_epoch_2)
+    assert main(["train", data, "--out", str(tmp_path / "run"), *args]) == 130
+    monkeypatch.setattr(loop, "train_step", real)
+    assert main(["train", data, "--out", str(tmp_path / "run"), *args, "--resume"]) == 0
+    whole, resumed = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("whole", "run"))
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6)

@@ -156,13 +156,12 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
         # that row sits the epoch out instead, a different one each epoch as batches are shuffled.
         log.info("the last batch would hold one row, which batch norm cannot train on: it is left out each epoch")
         drop_last = True
+    # The loader draws its workers' base seed from ``generator`` too: without it, from the global RNG, whose state a
+    # checkpoint saves mid-epoch, so a resumed epoch's dropout would be one draw off.
+    order = {"shuffle": True}
     if cfg.train.balanced_sampling:
-        sampler = balanced_sampler(y[0], len(labels), generator)
-        train_dl = DataLoader(train_ds, cfg.train.batch_size, sampler=sampler, drop_last=drop_last, **common)
-    else:
-        train_dl = DataLoader(
-            train_ds, cfg.train.batch_size, shuffle=True, drop_last=drop_last, generator=generator, **common
-        )
+        order = {"sampler": balanced_sampler(y[0], len(labels), generator)}
+    train_dl = DataLoader(train_ds, cfg.train.batch_size, drop_last=drop_last, generator=generator, **order, **common)
     val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common) if val_ds is not None else None
     return train_dl, val_dl, generator
 
