@@ -313,3 +313,23 @@ def test_interrupted_mid_epoch_resumes_to_the_same_weights(toy_manifest, tmp_pat
     whole, resumed = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("whole", "run"))
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=1e-6)
+
+
+def test_a_search_by_log_loss_minimises_it_and_ranks_its_trials_by_it(toy_manifest, tmp_path, capsys):
+    optuna = pytest.importorskip("optuna")
+    out = tmp_path / "search"
+    data = [str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv")]
+    args = ["search", *data, "--out", str(out), "--trials", "3", "--tune", "head", "--image-size", "32"]
+    assert main([*args, "--epochs", "2", "--metric", "log_loss"]) == 0
+    rows = read_csv(out / "leaderboard.csv")
+    losses = [float(r["val_log_loss"]) for r in rows if r["state"] == "complete"]
+    assert losses == sorted(losses) and "val_macro_f1" in rows[0]  # lowest first
+    study = optuna.load_study(study_name="mmfuse", storage=f"sqlite:///{out / 'study.sqlite'}")
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert study.best_value == pytest.approx(losses[0])
+    assert (
+        (out / "best.yaml")
+        .read_text()
+        .startswith(f"# mmfuse search {out}: trial {rows[0]['trial']}, validation log loss")
+    )
+    assert "log loss" in capsys.readouterr().out  # the printed leaderboard's column

@@ -10,7 +10,7 @@ from rich.table import Table
 TITLES = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1", "log_loss": "log loss"}
 
 
-def title(metric: str) -> str:
+def metric_title(metric: str) -> str:
     return TITLES.get(metric, metric.replace("_", " "))
 
 
@@ -35,7 +35,7 @@ def print_training(result: dict, out: str) -> None:
             result["predict_uses"], "the members averaged"
         )
         if metric:  # the headline: what --metric chose by
-            name = title(metric["name"])
+            name = metric_title(metric["name"])
             score = f"{name} {metric['value']:.4f}"
             spread = f"{metric['fold_mean']:.4f} ± {metric['fold_sd']:.4f}"
         else:  # a bag written before --metric
@@ -47,7 +47,7 @@ def print_training(result: dict, out: str) -> None:
     elif "val" in result:
         print_summary({"validation": result["val"]}, f"trained {out} (best epoch {result['best_epoch']})")
         if metric and metric["name"] not in ("accuracy", "weighted_f1", "macro_f1"):  # not in the table above
-            print(f"validation {title(metric['name'])} {metric['value']:.4f} (--metric)")
+            print(f"validation {metric_title(metric['name'])} {metric['value']:.4f} (--metric)")
     if interval:
         print(
             f"95% bootstrap interval of the weighted F1: {interval['weighted_f1_low']:.3f}-"
@@ -59,8 +59,9 @@ def print_leaderboard(rows: list[dict], title: str) -> None:
     table = Table(title=title, caption="* the default config")
     # The validation scores the rows hold: weighted F1, macro F1, accuracy and the objective if it is another.
     scores = [k for k in (rows[0] if rows else {}) if k.startswith("val_")]
-    short = {"val_weighted_f1": "val F1", "val_macro_f1": "val macro", "val_accuracy": "val acc"}
-    for col in ("trial", "state", *(short.get(k, k.replace("_", " ")) for k in scores), "epoch", "s"):
+    # Short headers: the parameters need what is left of 80 columns (a redirected log's width).
+    short = {"val_weighted_f1": "val F1", "val_macro_f1": "macro", "val_accuracy": "acc"}
+    for col in ("trial", "state", *(short.get(k, metric_title(k[4:])) for k in scores), "epoch", "s"):
         table.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
     table.add_column("parameters", overflow="fold")
     metrics = {"trial", "state", "default", *scores, "best_epoch", "seconds"}
