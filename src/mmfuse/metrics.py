@@ -210,7 +210,8 @@ def plot_history(history: list[dict], path: Path) -> None:
     a.legend()
     if validated:
         b.plot(epochs, [h["val_weighted_f1"] for h in history], label="weighted F1")
-        b.plot(epochs, [h["val_macro_f1"] for h in history], label="macro F1")
+        if "val_macro_f1" in history[0]:  # a history given by hand may hold only the two above
+            b.plot(epochs, [h["val_macro_f1"] for h in history], label="macro F1")
         b.plot(epochs, [h["val_accuracy"] for h in history], label="accuracy")
     b.set_xlabel("epoch")
     b.set_ylim(0, 1)
