@@ -118,7 +118,9 @@ def test_a_redirected_ablation_shows_a_line_per_arm_and_says_how_they_trained(to
     assert "\r" not in text["out"] + text["err"]
     assert not EPOCH_LINE.search(text["err"]), text["err"]
     done = re.findall(
-        r"^INFO (\w+) arm done: last epoch 3 of 3, validation weighted F1 [\d.]+, [\d.]+ s$", text["err"], re.M
+        r"^INFO (\w+) arm done: last epoch 3 of 3, validation weighted F1 [\d.]+, macro F1 [\d.]+, [\d.]+ s$",
+        text["err"],
+        re.M,
     )
     assert sorted(done) == ["fusion", "image", "text"], text["err"]
     lines = text["err"].splitlines()

@@ -277,8 +277,8 @@ def limited_run(toy, ens_home, tmp_path_factory):
     run = tmp_path_factory.mktemp("limited-run") / "run"
     real = selection.select
 
-    def fixed(oof, y, steps=selection.STEPS):
-        chosen = real(oof, y, steps)
+    def fixed(oof, y, steps=selection.STEPS, metric="weighted_f1"):
+        chosen = real(oof, y, steps, metric)
         chosen.weights = np.array([0.5, 0.3, 0.2])[: len(oof)]
         return chosen
 

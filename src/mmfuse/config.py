@@ -49,6 +49,9 @@ DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: pr
 PREDICT_CHUNK = 4096
 TUNES = ("head", "text", "image", "all")
 AUGMENTS = ("none", "light", "strong")  # augment.py says what each does
+# What --metric can optimise; metrics.py registers a function (labels, probabilities -> score) against each name. The
+# binary and multi-label work will add roc_auc, micro_f1 and map here.
+METRICS = ("weighted_f1", "macro_f1", "accuracy", "log_loss")
 MAX_IMAGE_SIZE = 1024
 # Accelerate's trackers, by the name --track takes, with the module each needs.
 TRACKERS = {
@@ -245,7 +248,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 turns clipping off)."""
     keep: str = "best"
-    """Which epoch's weights to keep: best (highest validation weighted F1) or last."""
+    """Which epoch's weights to keep: best (the best validation --metric, ties to the lower loss) or last."""
     seed: int = 0
     """Seed for the split, initialisation and shuffling."""
     mixed_precision: str = "auto"
@@ -294,6 +297,16 @@ class TrainConfig:
     """Fit a temperature (one scalar T) to the validation rows, or a bag's or ensemble's out-of-fold rows, so that the
     probabilities predict, evaluate and serve give match how often they are right; RUN/calibration.json holds T and
     metrics.json the calibration error (ECE) before and after."""
+    class_weight: str | None = None
+    """Weigh each class in the cross-entropy loss: balanced (n / (classes * count), counted on the training rows) or
+    per class, as cat=2,dog=0.5 (classes not named weigh 1). Default: every row weighs the same."""
+    balanced_sampling: bool = False
+    """Draw training rows with replacement in inverse proportion to their class's count, as many each epoch as there
+    are rows, so every class is seen about equally often."""
+    metric: str = "weighted_f1"
+    """What to optimise: the kept epoch, the ensemble's greedy selection, a search's objective and a bag's headline
+    score: weighted_f1, macro_f1 (every class counts the same: imbalanced data), accuracy or log_loss (ties in the
+    others go to the lower log loss)."""
 
     def __post_init__(self):
         if self.tune not in TUNES:
@@ -353,6 +366,10 @@ class TrainConfig:
             if not self.ensemble:
                 raise MmfuseError("--time-limit budgets an ensemble's members: pass it with --preset ensemble.")
             parse_duration(self.time_limit)
+        if self.class_weight is not None:
+            parse_class_weight(self.class_weight)
+        if self.metric not in METRICS:
+            raise MmfuseError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.lora_alpha is not None and not (self.lora and 0 < self.lora_alpha < math.inf):
             raise MmfuseError(
                 f"--lora-alpha must be a finite number > 0 and goes with --lora RANK, got {self.lora_alpha}"
@@ -506,6 +523,32 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if m.text_layer_mean is None:
         m.text_layer_mean = min(text.get("text_layer_mean", 1), m.text_layers or math.inf)
     return cfg
+
+
+def parse_class_weight(text: str) -> str | dict[str, float]:
+    """``balanced``, or ``cat=2,dog=0.5`` as ``{"cat": 2.0, "dog": 0.5}``; whether the classes exist is checked
+    against the data (``training.prep.class_weights``).
+
+    Raises:
+        MmfuseError: anything else, or a weight that is not a finite number > 0.
+    """
+    if text.strip() == "balanced":
+        return "balanced"
+    weights = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            weight = float(value) if sep and name.strip() else math.nan
+        except ValueError:
+            weight = math.nan
+        if not 0 < weight < math.inf:  # NaN fails too
+            raise MmfuseError(
+                f"--class-weight must be balanced or per class as cat=2,dog=0.5 (weights > 0), got {text!r}"
+            )
+        if name.strip() in weights:
+            raise MmfuseError(f"--class-weight names the class {name.strip()!r} twice")
+        weights[name.strip()] = weight
+    return weights
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)", re.IGNORECASE)

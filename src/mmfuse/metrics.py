@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,69 @@ def summary(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """Accuracy, weighted F1 and macro F1 of integer class ids: the numbers compared everywhere."""
     n = int(max(np.max(y_true, initial=0), np.max(y_pred, initial=0))) + 1
     return _summary(confusion(y_true, y_pred, n))
+
+
+def log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log probability of the true class (clipped at 1e-15, as scikit-learn does)."""
+    return float(-np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-15, 1.0)).mean())
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A score --metric can optimise: what selection, best-epoch choice and search compare."""
+
+    fn: Callable[[np.ndarray, np.ndarray], float]
+    """(class ids, (rows, classes) probabilities) -> the score."""
+    higher_is_better: bool
+    title: str
+    """How printed lines name it."""
+
+
+_METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, higher_is_better: bool, title: str):
+    """Registers ``fn(y_true, probs) -> float`` under ``name``, a name in ``config.METRICS`` (which --metric accepts;
+    this base module may not import config: tests/test_imbalance_metric.py checks the two agree)."""
+
+    def add(fn):
+        _METRICS[name] = Metric(fn, higher_is_better, title)
+        return fn
+
+    return add
+
+
+@register_metric("weighted_f1", True, "weighted F1")
+def weighted_f1(y_true: np.ndarray, probs: np.ndarray) -> float:
+    return summary(y_true, probs.argmax(1))["weighted_f1"]
+
+
+@register_metric("macro_f1", True, "macro F1")
+def macro_f1(y_true: np.ndarray, probs: np.ndarray) -> float:
+    return summary(y_true, probs.argmax(1))["macro_f1"]
+
+
+@register_metric("accuracy", True, "accuracy")
+def accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
+    return summary(y_true, probs.argmax(1))["accuracy"]
+
+
+register_metric("log_loss", False, "log loss")(log_loss)
+
+
+def metric(name: str) -> Metric:
+    """The registered metric ``name`` (``config.TrainConfig`` checks --metric against ``config.METRICS``)."""
+    return _METRICS[name]
+
+
+def score(name: str, y_true: np.ndarray, probs: np.ndarray) -> float:
+    """The metric ``name`` of ``probs`` against the class ids ``y_true``."""
+    return float(_METRICS[name].fn(np.asarray(y_true), np.asarray(probs)))
+
+
+def ranked(name: str, value: float) -> float:
+    """``value`` of the metric ``name`` turned so that higher is always better (a loss negated), for comparisons."""
+    return value if _METRICS[name].higher_is_better else -value
 
 
 def bootstrap_interval(
@@ -190,6 +255,8 @@ def plot_history(history: list[dict], path: Path) -> None:
     a.legend()
     if validated:
         b.plot(epochs, [h["val_weighted_f1"] for h in history], label="weighted F1")
+        if "val_macro_f1" in history[0]:  # a history given by hand may hold only the two above
+            b.plot(epochs, [h["val_macro_f1"] for h in history], label="macro F1")
         b.plot(epochs, [h["val_accuracy"] for h in history], label="accuracy")
     b.set_xlabel("epoch")
     b.set_ylim(0, 1)
@@ -205,12 +272,12 @@ def plot_history(history: list[dict], path: Path) -> None:
 def plot_bars(results: dict[str, dict], path: Path, title: str = "modality ablation") -> None:
     plt = _plt()
     names = list(results)
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    fig, ax = plt.subplots(figsize=(2.0 * len(names) + 2, 4))
     x = np.arange(len(names))
-    for k, metric in enumerate(("accuracy", "weighted_f1")):
+    for k, metric in enumerate(("accuracy", "weighted_f1", "macro_f1")):
         vals = [results[n][metric] for n in names]
-        bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=metric.replace("_", " "))
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        bars = ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=metric.replace("_", " "))
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(x, names)
     ax.set_ylim(0, 1.08)
     ax.set_title(title)

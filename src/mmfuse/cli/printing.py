@@ -5,6 +5,14 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+# How lines name the metrics (--metric's choices among them); mmfuse.metrics has the same titles, but importing it
+# here would import numpy with every verb's --help.
+TITLES = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1", "log_loss": "log loss"}
+
+
+def metric_title(metric: str) -> str:
+    return TITLES.get(metric, metric.replace("_", " "))
+
 
 def print_summary(results: dict[str, dict], title: str) -> None:
     table = Table(title=title)
@@ -19,16 +27,27 @@ def print_training(result: dict, out: str) -> None:
     """The validation summary and how far to trust it: a bootstrap interval, or for a bag the out-of-fold rows and
     the spread over folds."""
     interval = result.get("val_interval")
+    metric = result.get("metric")
     if "bag" in result:
-        title = f"trained {out}: {result['members_finished']} bagged members, out-of-fold validation"
-        print_summary({"out-of-fold": result["val"]}, title)
-        print(
-            f"out-of-fold weighted F1 over all {result['n_out_of_fold']} rows; per fold "
-            f"{result['fold_weighted_f1_mean']:.4f} ± {result['fold_weighted_f1_sd']:.4f}; predict uses "
-            f"{'the refit model' if result['predict_uses'] == 'full' else 'the members averaged'}"
+        heading = f"trained {out}: {result['members_finished']} bagged members, out-of-fold validation"
+        print_summary({"out-of-fold": result["val"]}, heading)
+        uses = {"full": "the refit model", "ensemble": "the weighted ensemble"}.get(
+            result["predict_uses"], "the members averaged"
         )
+        if metric:  # the headline: what --metric chose by
+            name = metric_title(metric["name"])
+            score = f"{name} {metric['value']:.4f}"
+            spread = f"{metric['fold_mean']:.4f} ± {metric['fold_sd']:.4f}"
+        else:  # a bag written before --metric
+            score, spread = (
+                "weighted F1",
+                f"{result['fold_weighted_f1_mean']:.4f} ± {result['fold_weighted_f1_sd']:.4f}",
+            )
+        print(f"out-of-fold {score} over all {result['n_out_of_fold']} rows; per fold {spread}; predict uses {uses}")
     elif "val" in result:
         print_summary({"validation": result["val"]}, f"trained {out} (best epoch {result['best_epoch']})")
+        if metric and metric["name"] not in ("accuracy", "weighted_f1", "macro_f1"):  # not in the table above
+            print(f"validation {metric_title(metric['name'])} {metric['value']:.4f} (--metric)")
     if interval:
         print(
             f"95% bootstrap interval of the weighted F1: {interval['weighted_f1_low']:.3f}-"
@@ -46,18 +65,20 @@ def print_training(result: dict, out: str) -> None:
 
 def print_leaderboard(rows: list[dict], title: str) -> None:
     table = Table(title=title, caption="* the default config")
-    for col in ("trial", "state", "val F1", "val acc", "epoch", "s"):
+    # The validation scores the rows hold: weighted F1, macro F1, accuracy and the objective if it is another.
+    scores = [k for k in (rows[0] if rows else {}) if k.startswith("val_")]
+    # Short headers: the parameters need what is left of 80 columns (a redirected log's width).
+    short = {"val_weighted_f1": "val F1", "val_macro_f1": "macro", "val_accuracy": "acc"}
+    for col in ("trial", "state", *(short.get(k, metric_title(k[4:])) for k in scores), "epoch", "s"):
         table.add_column(col, justify="left" if col == "state" else "right", no_wrap=True)
     table.add_column("parameters", overflow="fold")
-    metrics = {"trial", "state", "default", "val_weighted_f1", "val_accuracy", "best_epoch", "seconds"}
+    metrics = {"trial", "state", "default", *scores, "best_epoch", "seconds"}
     for r in rows:
         shown = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k not in metrics]
-        f1, acc = r["val_weighted_f1"], r["val_accuracy"]
         table.add_row(
             f"{r['trial']}{'*' * r['default']}",
             r["state"],
-            "" if f1 is None else f"{f1:.4f}",
-            "" if acc is None else f"{acc:.4f}",
+            *("" if r[k] is None else f"{r[k]:.4f}" for k in scores),
             str(r["best_epoch"] or ""),
             "" if r["seconds"] is None else f"{r['seconds']:.1f}",
             " ".join(shown),

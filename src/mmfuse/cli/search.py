@@ -20,11 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="search hyperparameters with Optuna (the mmfuse[search] extra)",
         formatter_class=HelpFormatter,
         description="Train many trials of one config, each a run directory under OUT/trials/, with Optuna's TPE "
-        "sampler and median pruning on validation weighted F1. Trial 0 is the default config. The study lives in "
-        "OUT/study.sqlite: the same command with --resume continues it (a trial a killed search left unfinished "
-        "runs again). Writes OUT/leaderboard.csv and OUT/best.yaml (mmfuse train --config OUT/best.yaml --out RUN). "
-        "Settings given as flags stay fixed; the others are searched over a default space for --tune, or the "
-        "--space file.",
+        "sampler and median pruning on the validation --metric (weighted F1 by default). Trial 0 is the default "
+        "config. The study lives in OUT/study.sqlite: the same command with --resume continues it (a trial a killed "
+        "search left unfinished runs again). Writes OUT/leaderboard.csv and OUT/best.yaml (mmfuse train --config "
+        "OUT/best.yaml --out RUN). Settings given as flags stay fixed; the others are searched over a default space "
+        "for --tune, or the --space file.",
     )
     p.add_argument("data", help="training data: folder ROOT/<label>/<images> or .csv/.jsonl/.parquet manifest")
     p.add_argument("--out", required=True, help="directory for the study, the trials, leaderboard.csv and best.yaml")

@@ -144,6 +144,9 @@ def summary_line(result: dict, out: str) -> str:
         return f"trained {out} (no validation rows)"
     kept = "out-of-fold" if "bag" in result else f"best epoch {result['best_epoch']}"
     names = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1"}
+    metric = result.get("metric", {}).get("name")
+    if metric and metric not in names:  # --metric log_loss: the score runs were chosen by
+        names[metric] = metric.replace("_", " ")
     scores = ", ".join(f"{name} {val[key]:.4f}" for key, name in names.items())
     line = f"trained {out} ({kept}): validation {scores}"
     if cal := result.get("calibration"):

@@ -210,12 +210,13 @@ def _finished(name: str, result: dict) -> dict:
     if main_process():
         kept = "last" if result["training"]["keep"] == "last" else "best"
         log.info(
-            "%s arm done: %s epoch %d of %d, validation weighted F1 %.4f, %.1f s",
+            "%s arm done: %s epoch %d of %d, validation weighted F1 %.4f, macro F1 %.4f, %.1f s",
             name,
             kept,
             result["best_epoch"],
             result["epochs_run"],
             result["val_weighted_f1"],
+            result["val_macro_f1"],
             result["seconds"],
         )
     return result
@@ -270,6 +271,7 @@ def _run_variant(job: tuple, threads: int | None = None) -> dict:
     result["evaluated_on"] = "test" if test is not None else "validation"
     result["best_epoch"], result["epochs_run"] = fitted["best_epoch"], fitted["epochs_run"]
     result["val_weighted_f1"] = fitted["val"]["weighted_f1"]
+    result["val_macro_f1"] = fitted["val"]["macro_f1"]
     result["seconds"] = round(time.perf_counter() - start, 2)
     result["training"] = training_of(run_cfg)
     result["run_dir"] = str(run_dir)

@@ -6,8 +6,9 @@
 
 ``DIR`` holds ``study.sqlite`` (the Optuna study: the same command run again continues it), ``trials/NNN/`` (one run
 directory per trial), ``leaderboard.csv`` and ``best.yaml``. A trial trains through the loop's ``setup``,
-``run_epochs`` and ``save``, so each epoch's validation weighted F1 reaches the pruner; frozen towers' features are
-embedded once for all trials (one ``FeatureCache`` in memory).
+``run_epochs`` and ``save``, so each epoch's validation ``--metric`` (weighted F1 unless asked) reaches the pruner, and
+the kept epoch's is the objective; frozen towers' features are embedded once for all trials (one ``FeatureCache`` in
+memory).
 
 A space maps config fields to ranges, ``key: {low: 0.0001, high: 0.01, log: true}``, or to choices, ``key: [a, b]``;
 ``SPACES`` holds the default per ``--tune`` mode. Optuna is the ``mmfuse[search]`` extra, imported only here.
@@ -24,11 +25,12 @@ import os
 import shutil
 import time
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
 
+from mmfuse import metrics
 from mmfuse.config import ModelConfig, RunConfig, TrainConfig, resolve
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache
@@ -64,6 +66,7 @@ NOT_SEARCHED = {
     "bag",
     "bag_groups",
     "refit_full",
+    "metric",  # the objective: trials scored by different metrics would not compare
 }
 SEARCHABLE = {
     f.name: section
@@ -103,7 +106,13 @@ SPACES = {
     "all": {**_TOWER_SPACE, "head_lr": {"low": 1e-4, "high": 5e-3, "log": True}},
 }
 ENTRY_KEYS = {"low", "high", "log", "choices", "when", "none"}
-METRICS = ("val_weighted_f1", "val_accuracy", "best_epoch", "seconds")
+SCORES = ("weighted_f1", "macro_f1", "accuracy")  # the kept epoch's validation scores every leaderboard row holds
+
+
+def columns(metric: str) -> tuple[str, ...]:
+    """The leaderboard's score columns: the validation scores, the objective's if it is another, and the cost."""
+    scores = SCORES if metric in SCORES else (*SCORES, metric)
+    return (*(f"val_{k}" for k in scores), "best_epoch", "seconds")
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -414,8 +423,8 @@ def _run(optuna, study, cfg: RunConfig, params: list[Param], out: Path, trials: 
             if len(failures) >= 3:  # the space leads nowhere (every rate diverges): stop rather than spin
                 raise MmfuseError(f"Three trials in a row failed; the last: {failures[-1]}")
     except KeyboardInterrupt:
-        raise SearchInterrupted(write_results(optuna, study, params, out)) from None
-    return write_results(optuna, study, params, out)
+        raise SearchInterrupted(write_results(optuna, study, params, out, cfg.train.metric)) from None
+    return write_results(optuna, study, params, out, cfg.train.metric)
 
 
 def open_study(optuna, storage, out: Path, cfg: RunConfig, params: list[Param]):
@@ -423,7 +432,7 @@ def open_study(optuna, storage, out: Path, cfg: RunConfig, params: list[Param]):
     study = optuna.create_study(
         study_name=STUDY,
         storage=storage,
-        direction="maximize",
+        direction="maximize" if metrics.metric(cfg.train.metric).higher_is_better else "minimize",
         load_if_exists=True,
         # Median pruning past the first epochs: a trial whose kept F1 so far is below the median of earlier trials at
         # the same epoch stops there. n_startup_trials: the median of fewer trials says too little.
@@ -436,6 +445,11 @@ def open_study(optuna, storage, out: Path, cfg: RunConfig, params: list[Param]):
     config = {s: asdict(getattr(cfg, s)) for s in ("data", "model", "train")}
     settings = json.loads(json.dumps({"config": config, "space": [asdict(p) for p in params]}))  # as stored: JSON
     stored = study.user_attrs.get("settings")
+    if stored is not None:  # a study begun before a setting existed ran with its default
+        for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+            for f in fields(cls):
+                if f.name not in stored["config"].get(section, {}) and f.default is not MISSING:
+                    stored["config"].setdefault(section, {})[f.name] = f.default
     if stored is None:
         study.set_user_attr("settings", settings)
     elif stored != settings:
@@ -508,18 +522,20 @@ def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, ca
         _retry_later(optuna, study, trial, run)
         raise
 
+    metric = base.train.metric
+
     def prune(epoch: int, row: dict) -> bool:
-        # The kept epoch's F1 so far (the best, or with --keep last the last): the trial's result if stopped.
-        trial.report(tr.best["val_weighted_f1"], epoch)
+        # The kept epoch's score so far (the best, or with --keep last the last): the trial's result if stopped.
+        trial.report(tr.best[f"val_{metric}"], epoch)
         return trial.should_prune()
 
     try:
         if not run_epochs(tr, prune):
-            epoch, f1 = len(tr.history), tr.best["val_weighted_f1"]
-            _finish(trial, tr.best, time.perf_counter() - start)
+            epoch = len(tr.history)
+            _finish(trial, tr.best, metric, time.perf_counter() - start)
             (run / "pruned.json").write_text(json.dumps({"pruned_after_epoch": epoch, "history": tr.history}))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            log.info("trial %d pruned after epoch %d (val weighted F1 %.4f)", trial.number, epoch, f1)
+            log.info("trial %d pruned after epoch %d (%s)", trial.number, epoch, _scores(tr.best, metric))
             return None
         result = save(tr, False, time.perf_counter() - start)
     except MmfuseError as e:  # a diverged loss: this trial's parameters fail
@@ -531,12 +547,22 @@ def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, ca
     except BaseException:  # Ctrl-C or a crash: the trial is not this search's result; the next run retries it
         _retry_later(optuna, study, trial, run)
         raise
-    val = result["val"]
-    best = {"epoch": result["best_epoch"], "val_weighted_f1": val["weighted_f1"], "val_accuracy": val["accuracy"]}
-    _finish(trial, best, result["train_seconds"])
-    study.tell(trial, val["weighted_f1"])
-    log.info("trial %d: val weighted F1 %.4f in %.1f s", trial.number, best["val_weighted_f1"], result["train_seconds"])
+    best = {
+        "epoch": result["best_epoch"],
+        **{f"val_{k}": v for k, v in result["val"].items() if k in {*SCORES, metric}},
+    }
+    _finish(trial, best, metric, result["train_seconds"])
+    study.tell(trial, result["metric"]["value"])
+    log.info("trial %d: %s in %.1f s", trial.number, _scores(best, metric), result["train_seconds"])
     return None
+
+
+def _scores(row: dict, metric: str) -> str:
+    """A trial's line: its validation weighted and macro F1, and the objective if it is another."""
+    shown = (
+        ("weighted_f1", "macro_f1") if metric in ("weighted_f1", "macro_f1") else ("weighted_f1", "macro_f1", metric)
+    )
+    return "val " + ", ".join(f"{metrics.metric(k).title} {row[f'val_{k}']:.4f}" for k in shown)
 
 
 def _retry_later(optuna, study, trial, run: Path) -> None:
@@ -547,9 +573,9 @@ def _retry_later(optuna, study, trial, run: Path) -> None:
     shutil.rmtree(run, ignore_errors=True)
 
 
-def _finish(trial, best: dict, seconds: float) -> None:
-    trial.set_user_attr("val_weighted_f1", best["val_weighted_f1"])
-    trial.set_user_attr("val_accuracy", best["val_accuracy"])
+def _finish(trial, best: dict, metric: str, seconds: float) -> None:
+    for key in columns(metric)[:-2]:
+        trial.set_user_attr(key, best[key])
     trial.set_user_attr("best_epoch", best["epoch"])
     trial.set_user_attr("seconds", round(seconds, 2))
 
@@ -558,26 +584,31 @@ def _finish(trial, best: dict, seconds: float) -> None:
 # Results
 
 
-def leaderboard(optuna, study, params: list[Param]) -> list[dict]:
+def leaderboard(optuna, study, params: list[Param], metric: str = "weighted_f1") -> list[dict]:
     """One row per finished trial (completed, pruned, or failed in training), best first: completed trials by
-    validation weighted F1, then pruned ones, then failures."""
+    validation ``metric``, then pruned ones, then failures."""
     S = optuna.trial.TrialState
     order = {S.COMPLETE: 0, S.PRUNED: 1, S.FAIL: 2}
     trials = [t for t in study.get_trials(deepcopy=False) if t.state in order and not t.user_attrs.get("requeued")]
     keys = [p.key for p in params]
     keys += sorted({k for t in trials for k in t.params} - set(keys))
     rows = []
-    for t in sorted(trials, key=lambda t: (order[t.state], -t.user_attrs.get("val_weighted_f1", -1), t.number)):
+
+    def rank(t) -> tuple:
+        value = t.user_attrs.get(f"val_{metric}")
+        return order[t.state], -metrics.ranked(metric, value) if value is not None else math.inf, t.number
+
+    for t in sorted(trials, key=rank):
         row = {"trial": t.number, "state": t.state.name.lower(), "default": bool(t.user_attrs.get("default"))}
         row.update({k: t.params.get(k) for k in keys})
-        row.update({k: t.user_attrs.get(k) for k in METRICS})
+        row.update({k: t.user_attrs.get(k) for k in columns(metric)})
         rows.append(row)
     return rows
 
 
-def write_results(optuna, study, params: list[Param], out: Path) -> list[dict]:
+def write_results(optuna, study, params: list[Param], out: Path, metric: str = "weighted_f1") -> list[dict]:
     """Writes ``leaderboard.csv`` and, once a trial has completed, ``best.yaml``; returns the leaderboard."""
-    rows = leaderboard(optuna, study, params)
+    rows = leaderboard(optuna, study, params, metric)
     if rows:
         with open(out / "leaderboard.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -587,7 +618,8 @@ def write_results(optuna, study, params: list[Param], out: Path) -> list[dict]:
         best = rows[0]
         config = (trial_dir(out, best["trial"]) / "config.yaml").read_text(encoding="utf-8")
         header = (
-            f"# mmfuse search {out}: trial {best['trial']}, validation weighted F1 {best['val_weighted_f1']:.4f}\n"
+            f"# mmfuse search {out}: trial {best['trial']}, validation {metrics.metric(metric).title} "
+            f"{best[f'val_{metric}']:.4f}\n"
             f"# train it again: mmfuse train --config {out}/best.yaml --out RUN\n"
         )
         (out / "best.yaml").write_text(header + config, encoding="utf-8")

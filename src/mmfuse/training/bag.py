@@ -48,7 +48,7 @@ from mmfuse.rundir.layout import BAG_FILE, FROZEN_FILE
 from mmfuse.rundir.weights import write_bag
 from mmfuse.training.fit import TrainingInterrupted, run_lock
 from mmfuse.training.loop import run_epochs, save, setup
-from mmfuse.training.prep import caption_missing, check_labels, check_out_dir, load_records
+from mmfuse.training.prep import caption_missing, check_labels, check_out_dir, class_weights, load_records
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +237,20 @@ def _brief(result: dict) -> dict:
     return brief
 
 
+def spread(fold_scores: list[float]) -> dict:
+    """A score per fold, with their mean and standard deviation."""
+    return {"folds": fold_scores, "fold_mean": float(np.mean(fold_scores)), "fold_sd": float(np.std(fold_scores))}
+
+
 def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interrupted: bool, seconds: float) -> dict:
     done = ~np.isnan(oof[:, 0])
     index = {c: i for i, c in enumerate(labels)}
     y = np.array([index[r.label] for r in records])
     pred = np.where(done, np.nan_to_num(oof).argmax(1), -1)
     fold_f1 = [m["val_weighted_f1"] for m in members]
+    name = cfg.train.metric
+    folds_done = [held_out[m["fold"]] for m in members]
+    fold_scores = [metrics.score(name, y[rows], oof[rows]) for rows in folds_done]
     result = {
         "bag": cfg.train.bag,
         "members_finished": len(members),
@@ -250,16 +258,23 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
         "n_rows": len(records),
         "n_out_of_fold": int(done.sum()),
         # The out-of-fold predictions: each row scored by the member that did not train on it.
-        "val": metrics.full_report(y[done], pred[done], labels),
+        "val": {
+            **metrics.full_report(y[done], pred[done], labels),
+            "log_loss": metrics.log_loss(y[done], oof[done]),
+        },
         "val_interval": metrics.bootstrap_interval(y[done], pred[done], seed=cfg.train.seed),
         "fold_weighted_f1": fold_f1,
         "fold_weighted_f1_mean": float(np.mean(fold_f1)),
         "fold_weighted_f1_sd": float(np.std(fold_f1)),
+        # The headline (--metric): what the members' epochs were chosen by, out of fold and per fold.
+        "metric": {"name": name, "value": metrics.score(name, y[done], oof[done]), **spread(fold_scores)},
         "members": members,
         "full": full,
         "predict_uses": "full" if full else "bag",
         "train_seconds": seconds,
     }
+    if cfg.train.class_weight is not None:  # over all the rows: each member's own, on its folds, is in its metrics.json
+        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records)
     calibration = calibrate(oof[done], y[done], "out-of-fold") if cfg.train.calibrate else None
     if calibration is not None:
         result["calibration"] = calibration.report()

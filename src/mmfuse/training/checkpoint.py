@@ -54,6 +54,9 @@ FREE_KEYS = {
     "captions",
     "val_captions",
 }
+# Settings added after checkpoints were first written, with their defaults: left out of the fingerprint at those, so a
+# checkpoint from before them still resumes.
+ADDED = {"class_weight": None, "balanced_sampling": False, "metric": "weighted_f1"}
 _NAME = re.compile(r"^e(\d{4})-s(\d{7})$")
 
 
@@ -63,6 +66,9 @@ def config_fingerprint(cfg: RunConfig) -> str:
     for section in raw.values():
         for key in FREE_KEYS & set(section):
             section.pop(key)
+        for key, default in ADDED.items():
+            if key in section and section[key] == default:
+                section.pop(key)
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

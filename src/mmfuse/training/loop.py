@@ -44,7 +44,7 @@ from mmfuse.progress import Progress
 from mmfuse.rundir.weights import write_run
 from mmfuse.training.augment import Augmenter, make_augmenter
 from mmfuse.training.checkpoint import EVERY_SECONDS, data_fingerprint, save_checkpoint
-from mmfuse.training.prep import check_out_dir, load_splits, loaders, tuned_batch_norm
+from mmfuse.training.prep import check_out_dir, class_weights, load_splits, loaders, tuned_batch_norm
 
 log = logging.getLogger(__name__)
 LOSS_EVERY = 25  # read the loss back to the host only this often: each read is a device sync
@@ -166,6 +166,10 @@ class Trainer:
     """The kept epoch's validation probabilities, once saved (a bag's out-of-fold predictions)."""
     frozen_weights: Path | None = None
     """Where frozen Hugging Face towers' weights are stored once for several runs (a bag's members)."""
+    class_weight: dict[str, float] | None = None
+    """Each class's weight in the loss (``--class-weight``), resolved on the training rows; None: all the same."""
+    loss_weight: torch.Tensor | None = None
+    """``class_weight`` as the loss takes it: one per class, in label order, on the device."""
     generator: torch.Generator | None = None
     """The training DataLoader's: its state when an epoch begins fixes that epoch's order of batches."""
     data_fingerprint: str = ""
@@ -253,6 +257,7 @@ def setup(
         )
     cache = cache if cache is not None else FeatureCache()
     train_dl, val_dl, generator = loaders(model, train, val, labels, cfg, acc, cache)
+    weights = class_weights(t.class_weight, labels, train)
     optimizer = make_optimizer(model, cfg.train)
     # Accelerate steps a prepared scheduler once per process for every optimizer step, and not at all on
     # accumulation-only steps; each process sees ceil(batches / processes) batches an epoch.
@@ -285,7 +290,9 @@ def setup(
     if t.track:
         acc.init_trackers(run_name, config=_flat(asdict(cfg)))
     tr = Trainer(cfg, out, acc, model, optimizer, scheduler, train_dl, val_dl, labels, len(train), len(val))
-    tr.generator, tr.checkpointing, tr.augment = generator, checkpointing, augment
+    tr.generator, tr.checkpointing, tr.augment, tr.class_weight = generator, checkpointing, augment, weights
+    if weights is not None:
+        tr.loss_weight = torch.tensor([weights[c] for c in labels], dtype=torch.float32, device=acc.device)
     if checkpointing:  # what a checkpoint was trained on: hashes every row's text and image once
         tr.data_fingerprint = data_fingerprint(train, val)
     return tr
@@ -301,15 +308,17 @@ def train_step(
     grad_clip: float,
     label_smoothing: float = 0.0,
     augment: Augmenter | None = None,
+    class_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One batch forward and backward; the optimizer and scheduler step, and gradients are zeroed, only every
-    ``grad_accum`` batches (Accelerate's ``accumulate``). ``augment`` changes its images first (training only).
+    ``grad_accum`` batches (Accelerate's ``accumulate``). ``augment`` changes its images first (training only);
+    ``class_weight`` (one per class) weighs the loss as torch's ``cross_entropy(weight=)`` does.
     Returns the batch's summed loss (on the device, unread: reading it is a sync) and its row count."""
     labels = batch.pop("labels")
     if augment is not None:
         batch = augment.batch(batch)
     with acc.accumulate(model):
-        loss = F.cross_entropy(model(**batch), labels, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(model(**batch), labels, weight=class_weight, label_smoothing=label_smoothing)
         acc.backward(loss)
         if grad_clip > 0 and acc.sync_gradients:
             acc.clip_grad_norm_(params, grad_clip)
@@ -347,7 +356,16 @@ def train_epoch(tr: Trainer, epoch: int) -> tuple[float, float]:
             if tr.augment is not None:
                 tr.augment.reseed(epoch, step)
             loss, n = train_step(
-                tr.model, batch, tr.optimizer, tr.scheduler, acc, params, t.grad_clip, t.label_smoothing, tr.augment
+                tr.model,
+                batch,
+                tr.optimizer,
+                tr.scheduler,
+                acc,
+                params,
+                t.grad_clip,
+                t.label_smoothing,
+                tr.augment,
+                tr.loss_weight,
             )
             total += loss
             seen += n
@@ -385,29 +403,39 @@ def validate(tr: Trainer) -> tuple[np.ndarray, np.ndarray]:
     return predict_loader(tr.model, tr.val_dl, tr.acc)
 
 
+def epoch_key(row: dict, metric: str) -> tuple[float, float]:
+    """What ranks an epoch's row (higher is better): its validation ``metric``, then its lower validation loss. Ties
+    in F1 (common on small validation sets) go to the lower loss: the first epoch to reach a score is rarely the best
+    trained, and a refit after bagging trains for the members' kept epochs."""
+    return metrics.ranked(metric, row[f"val_{metric}"]), -row["val_loss"]
+
+
 def run_epoch(tr: Trainer, epoch: int) -> dict:
     """Trains one epoch, validates, and keeps the weights when this epoch is the one to keep; returns its row."""
     train_loss, rate = train_epoch(tr, epoch)
     row = {"epoch": epoch, "train_loss": train_loss}
+    metric = tr.cfg.train.metric
     if tr.val_dl is not None:
         probs, y = validate(tr)
         row["val_loss"] = float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean())
         row.update({f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()})
+        if f"val_{metric}" not in row:  # log_loss: the metric as selection computes it, beside val_loss
+            row[f"val_{metric}"] = metrics.score(metric, y, probs)
     row.update({"samples_per_s": rate, "lr": tr.scheduler.get_last_lr()[0]})
     tr.history.append(row)
     log_epoch(tr, row)
     if tr.acc.is_main_process:
         scores = ""
         if "val_loss" in row:
-            scores = f", val loss {row['val_loss']:.4f}, val weighted F1 {row['val_weighted_f1']:.4f}"
+            scores = (
+                f", val loss {row['val_loss']:.4f}, val weighted F1 {row['val_weighted_f1']:.4f}, val macro F1 "
+                f"{row['val_macro_f1']:.4f}"
+            )
         log.info("%s epoch %d: train loss %.4f%s", tr.name, epoch, train_loss, scores)
     if tr.cfg.train.keep == "last" or tr.val_dl is None:
         better = True  # each finished epoch replaces the one before, so an interrupt keeps the last one
     else:
-        # Ties in F1 (common on small validation sets) go to the lower validation loss: the first epoch to reach a
-        # score is rarely the best trained, and a refit after bagging trains for the members' kept epochs.
-        key = (row["val_weighted_f1"], -row["val_loss"])
-        better = tr.best is None or key > (tr.best["val_weighted_f1"], -tr.best["val_loss"])
+        better = tr.best is None or epoch_key(row, metric) > epoch_key(tr.best, metric)
     if better:  # one assignment: an interrupt while the state is copied must not pair this row with the last
         tr.best, tr.best_state = row, kept_state(tr.unwrapped, tr.cfg.tuned)
     return row
@@ -473,10 +501,15 @@ def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
         "train_seconds": seconds,
         "num_processes": tr.acc.num_processes,
     }
+    if tr.class_weight is not None:
+        result["class_weight"] = tr.class_weight
     if tr.val_dl is not None:
         tr.val_probs, y = validate(tr)
         result["val"] = metrics.full_report(y, tr.val_probs.argmax(1), tr.labels)
+        result["val"]["log_loss"] = metrics.log_loss(y, tr.val_probs)
         result["val_interval"] = metrics.bootstrap_interval(y, tr.val_probs.argmax(1), seed=tr.cfg.train.seed)
+        metric = tr.cfg.train.metric
+        result["metric"] = {"name": metric, "value": result["val"][metric]}
     calibration = calibrate(tr.val_probs, y, "validation") if tr.cfg.train.calibrate else None
     if calibration is not None:
         result["calibration"] = calibration.report()

@@ -50,9 +50,9 @@ from mmfuse.rundir.layout import ENSEMBLE_FILE, FROZEN_FILE
 from mmfuse.rundir.weights import write_ensemble, write_run
 from mmfuse.training import selection
 from mmfuse.training.bag import _write as write_bag_files  # the bag's own files, written the one way
-from mmfuse.training.bag import fit_bag, folds, read_groups
+from mmfuse.training.bag import fit_bag, folds, read_groups, spread
 from mmfuse.training.fit import TrainingInterrupted, run_lock
-from mmfuse.training.prep import caption_missing, check_labels, check_out_dir, load_records
+from mmfuse.training.prep import caption_missing, check_labels, check_out_dir, class_weights, load_records
 
 log = logging.getLogger(__name__)
 PROBE_C = 4.0  # shared/QUALITY.md's probe: LogisticRegression(C=4) on L2-normalised features
@@ -211,11 +211,16 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
             break
         oof = _read_oof(folder, member.name, records, fold_of, len(labels))
         f1, loss = selection.score(y, oof)
-        macro = metrics.summary(y, oof.argmax(1))["macro_f1"]
+        scores = {**metrics.summary(y, oof.argmax(1)), "log_loss": loss}  # every metric --metric may name
         seconds = time.perf_counter() - t0
-        done.append({"member": member, "oof": oof, "weighted_f1": f1, "macro_f1": macro, "log_loss": loss})
-        done[-1]["seconds"] = seconds
-        log.info("ensemble member %s: out-of-fold weighted F1 %.4f (%.0f s)", member.name, f1, seconds)
+        done.append({"member": member, "oof": oof, **scores, "seconds": seconds})
+        log.info(
+            "ensemble member %s: out-of-fold weighted F1 %.4f, macro F1 %.4f (%.0f s)",
+            member.name,
+            f1,
+            scores["macro_f1"],
+            seconds,
+        )
     if skipped:
         log.warning(
             "--time-limit %s: did not start %d member(s) (%s), whose expected time would pass it",
@@ -223,7 +228,7 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
             len(skipped),
             ", ".join(skipped),
         )
-    chosen = selection.select([d["oof"] for d in done], y)
+    chosen = selection.select([d["oof"] for d in done], y, metric=cfg.train.metric)
     result = _write(out, cfg, labels, records, y, held_out, done, chosen, skipped, interrupted, start)
     log.info("ensemble: %s", result["modalities"])
     if interrupted:
@@ -268,7 +273,9 @@ def _fit_probes(
     for i, rows in enumerate(held_out):
         t0 = time.perf_counter()
         train = np.setdiff1d(np.arange(len(records)), rows)
-        fit = LogisticRegression(C=PROBE_C, max_iter=2000).fit(x[train], y[train])
+        weights = class_weights(cfg.train.class_weight, labels, [records[j] for j in train])
+        weights = {index[c]: w for c, w in weights.items()} if weights else None
+        fit = LogisticRegression(C=PROBE_C, max_iter=2000, class_weight=weights).fit(x[train], y[train])
         fold_cfg = cfg.updated({"train": {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None}})
         model = MultimodalClassifier(template.cards, len(labels), fold_cfg.model, towers)
         model.head.set_weights(fit.coef_, fit.intercept_, fit.classes_)
@@ -338,6 +345,10 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
     probs = selection.blend([d["oof"] for d in done], weights)
     pred = probs.argmax(1)
     fold_f1 = [metrics.summary(y[rows], pred[rows])["weighted_f1"] for rows in held_out]
+    name = cfg.train.metric
+    # The column of what selection maximised, when it is not one of the three every leaderboard has.
+    extra = f"oof_{name}" if name not in ("weighted_f1", "macro_f1", "log_loss") else None
+    fold_scores = [metrics.score(name, y[rows], probs[rows]) for rows in held_out]
     board = [
         {
             "name": d["member"].name,
@@ -347,6 +358,7 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
             "oof_weighted_f1": round(d["weighted_f1"], 6),
             "oof_macro_f1": round(d["macro_f1"], 6),
             "oof_log_loss": round(d["log_loss"], 6),
+            **({extra: round(d[name], 6)} if extra else {}),
             "weight": round(float(w), 6),
             "seconds": round(d["seconds"], 2),
         }
@@ -364,6 +376,7 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
             "oof_weighted_f1": round(report["weighted_f1"], 6),
             "oof_macro_f1": round(report["macro_f1"], 6),
             "oof_log_loss": round(chosen.log_loss, 6),
+            **({extra: round(chosen.score, 6)} if extra else {}),
             "weight": 1.0,
             "seconds": round(time.perf_counter() - start, 2),
         }
@@ -375,8 +388,9 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         "interrupted": interrupted,
         "n_rows": len(records),
         "n_out_of_fold": len(records),
-        "val": report,
+        "val": {**report, "log_loss": chosen.log_loss},
         "val_log_loss": chosen.log_loss,
+        "metric": {"name": name, "value": chosen.score, **spread(fold_scores)},
         "val_interval": metrics.bootstrap_interval(y, pred, seed=cfg.train.seed),
         "fold_weighted_f1": fold_f1,
         "fold_weighted_f1_mean": float(np.mean(fold_f1)),
@@ -388,6 +402,8 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         "predict_uses": "ensemble",
         "train_seconds": time.perf_counter() - start,
     }
+    if cfg.train.class_weight is not None:  # over all the rows; each member's own, on its folds, is in its metrics.json
+        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records)
     # An ensemble blends probabilities, not logits: its temperature acts on the blend's log-probabilities,
     # probs ** (1 / T) renormalised, fitted on the blended out-of-fold rows (Predictor applies it after blending).
     calibration = calibrate(probs, y, "out-of-fold") if cfg.train.calibrate else None
@@ -401,9 +417,10 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         for j, r in enumerate(records)
     ]
     ensemble = {
-        "metric": "weighted_f1",
+        "metric": name,
         "tie_break": "log_loss",
         "oof_weighted_f1": report["weighted_f1"],
+        **({f"oof_{name}": chosen.score} if name != "weighted_f1" else {}),
         "bag": cfg.train.bag,
         "members": [
             {"name": d["member"].name, "dir": f"members/{d['member'].name}", "weight": float(w)}

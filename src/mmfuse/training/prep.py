@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from mmfuse.captioning.pipeline import fill_missing_captions
-from mmfuse.config import RunConfig
+from mmfuse.config import RunConfig, parse_class_weight
 from mmfuse.data.checks import CHARS_PER_TOKEN, load_checked
 from mmfuse.data.records import Record
 from mmfuse.data.splits import label_list, stratified_split
@@ -98,6 +98,36 @@ def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], 
     return filled[: len(train)], filled[len(train) :], labels
 
 
+def class_weights(spec: str | None, labels: list[str], train: list[Record]) -> dict[str, float] | None:
+    """Each class's weight in the loss, by ``--class-weight``: ``balanced`` is scikit-learn's n / (classes * count)
+    over the training rows; named weights leave the classes not named at 1. None without the flag.
+
+    Raises:
+        MmfuseError: a class named that the data does not hold.
+    """
+    if spec is None:
+        return None
+    asked = parse_class_weight(spec)
+    if asked == "balanced":
+        counts = Counter(r.label for r in train)
+        # A class with no training row (a bag's fold can miss a rare one) gets no gradient either way: weight 1.
+        return {c: len(train) / (len(labels) * counts[c]) if counts[c] else 1.0 for c in labels}
+    unknown = [c for c in asked if c not in labels]
+    if unknown:
+        raise MmfuseError(
+            f"--class-weight names {', '.join(map(repr, unknown))}, not a class of the data; the classes are "
+            f"{', '.join(labels)}"
+        )
+    return {c: asked.get(c, 1.0) for c in labels}
+
+
+def balanced_sampler(y: torch.Tensor, n_classes: int, generator: torch.Generator) -> WeightedRandomSampler:
+    """Draws ``len(y)`` rows an epoch with replacement, each with probability inverse to its class's count, from
+    ``generator``: the loader's own, whose state a checkpoint saves, so a resumed epoch draws the same rows."""
+    counts = torch.bincount(y, minlength=n_classes).double()
+    return WeightedRandomSampler(1.0 / counts[y], len(y), replacement=True, generator=generator)
+
+
 def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: FeatureCache | None):
     tuned = cfg.tuned
     index = {name: i for i, name in enumerate(labels)}
@@ -126,9 +156,12 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
         # that row sits the epoch out instead, a different one each epoch as batches are shuffled.
         log.info("the last batch would hold one row, which batch norm cannot train on: it is left out each epoch")
         drop_last = True
-    train_dl = DataLoader(
-        train_ds, cfg.train.batch_size, shuffle=True, drop_last=drop_last, generator=generator, **common
-    )
+    # The loader draws its workers' base seed from ``generator`` too: without it, from the global RNG, whose state a
+    # checkpoint saves mid-epoch, so a resumed epoch's dropout would be one draw off.
+    order = {"shuffle": True}
+    if cfg.train.balanced_sampling:
+        order = {"sampler": balanced_sampler(y[0], len(labels), generator)}
+    train_dl = DataLoader(train_ds, cfg.train.batch_size, drop_last=drop_last, generator=generator, **order, **common)
     val_dl = DataLoader(val_ds, max(cfg.train.batch_size, 64), **common) if val_ds is not None else None
     return train_dl, val_dl, generator
 

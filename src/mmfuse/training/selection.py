@@ -3,11 +3,13 @@
 Greedy forward selection with replacement: start from the best single member; at each of up to ``steps`` steps add
 the member (again, if it is already in) whose addition scores best; the weights are the times each was picked over
 the picks. The ensemble kept is the best of all steps, so its out-of-fold score is never below its best member's.
-Scores compare weighted F1 first and log loss second; a tie goes to the member listed earlier (the portfolio lists
-them cheapest first). Pure numpy: no training, no torch.
+Scores compare the metric (``--metric``, a name in ``metrics``' registry; weighted F1 by default) first and log loss
+second; a tie goes to the member listed earlier (the portfolio lists them cheapest first). Pure numpy: no training, no
+torch.
 
     from mmfuse.training.selection import select, blend
     chosen = select([oof_a, oof_b, oof_c], y)       # each (rows, classes) out-of-fold probabilities
+    chosen = select([oof_a, oof_b, oof_c], y, metric="macro_f1")
     probs = blend([p_a, p_b, p_c], chosen.weights)
 """
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmfuse import metrics
+from mmfuse.metrics import log_loss
 
 STEPS = 50  # AutoGluon's default ensemble size; the best step is kept, so more only costs time
 
@@ -32,35 +35,37 @@ class Selection:
     log_loss: float
     """The ensemble's out-of-fold log loss (the tie-break)."""
     member_scores: list[tuple[float, float]]
-    """Each member's own (weighted F1, log loss) out of fold."""
+    """Each member's own (metric, log loss) out of fold."""
+    metric: str = "weighted_f1"
+    """What the selection maximised (then the lower log loss)."""
+    score: float = 0.0
+    """The ensemble's out-of-fold ``metric``."""
 
 
-def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
-    """Mean negative log probability of the true class (clipped at 1e-15, as scikit-learn does)."""
-    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-15, 1.0)).mean())
+def score(y: np.ndarray, probs: np.ndarray, metric: str = "weighted_f1") -> tuple[float, float]:
+    """(``metric``, log loss) of ``probs`` against the class ids ``y``."""
+    return metrics.score(metric, y, probs), log_loss(y, probs)
 
 
-def score(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """(weighted F1, log loss) of ``probs`` against the class ids ``y``."""
-    return metrics.summary(y, probs.argmax(1))["weighted_f1"], log_loss(y, probs)
+def _better(a: tuple[float, float], b: tuple[float, float] | None, metric: str = "weighted_f1") -> bool:
+    """Whether score ``a`` beats ``b``: a better ``metric``, then lower log loss; a tie is not better."""
+    if b is None:
+        return True
+    x, z = metrics.ranked(metric, a[0]), metrics.ranked(metric, b[0])
+    return x > z or (x == z and a[1] < b[1])
 
 
-def _better(a: tuple[float, float], b: tuple[float, float] | None) -> bool:
-    """Whether score ``a`` beats ``b``: higher weighted F1, then lower log loss; a tie is not better."""
-    return b is None or a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
-
-
-def select(oof: Sequence[np.ndarray], y: np.ndarray, steps: int = STEPS) -> Selection:
+def select(oof: Sequence[np.ndarray], y: np.ndarray, steps: int = STEPS, metric: str = "weighted_f1") -> Selection:
     """Weights for ``oof`` (one (rows, classes) array of out-of-fold probabilities per member, in the portfolio's
-    order) chosen greedily to score best on ``y``."""
+    order) chosen greedily to score best on ``y`` by ``metric`` (a name in ``metrics``' registry), then log loss."""
     if not oof:
         raise ValueError("ensemble selection needs at least one member")
     oof = [np.asarray(p, dtype=np.float64) for p in oof]
     y = np.asarray(y)
-    own = [score(y, p) for p in oof]
+    own = [score(y, p, metric) for p in oof]
     first = 0
     for i, s in enumerate(own):
-        if _better(s, own[first]):
+        if _better(s, own[first], metric):
             first = i
     counts = np.zeros(len(oof), dtype=np.int64)
     counts[first] = 1
@@ -70,14 +75,16 @@ def select(oof: Sequence[np.ndarray], y: np.ndarray, steps: int = STEPS) -> Sele
         n = counts.sum() + 1
         pick, pick_score = None, None
         for i, p in enumerate(oof):
-            s = score(y, (total + p) / n)
-            if _better(s, pick_score):
+            s = score(y, (total + p) / n, metric)
+            if _better(s, pick_score, metric):
                 pick, pick_score = i, s
         counts[pick] += 1
         total += oof[pick]
-        if _better(pick_score, best):
+        if _better(pick_score, best, metric):
             best_counts, best = counts.copy(), pick_score
-    return Selection(best_counts / best_counts.sum(), best[0], best[1], own)
+    weights = best_counts / best_counts.sum()
+    f1 = best[0] if metric == "weighted_f1" else metrics.score("weighted_f1", y, blend(oof, weights))
+    return Selection(weights, f1, best[1], own, metric, best[0])
 
 
 def blend(probs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
