@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_search(args) -> int:
-    from mmfuse.recipes.search import SearchInterrupted, load_space, search  # deferred: imports torch
+    from mmfuse.recipes.search import SearchInterrupted, search  # deferred: imports torch
+    from mmfuse.recipes.space import load_space
 
     if args.trials < 1:
         raise MmfuseError(f"--trials must be >= 1, got {args.trials}")
