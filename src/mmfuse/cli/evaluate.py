@@ -32,5 +32,8 @@ def cmd_evaluate(args) -> int:
     if not main_process():
         return 0  # under accelerate launch, the main process reports for all
     print_report(report)
+    if "threshold" in report:  # a binary run
+        print_binary(report)
+        print(f"wrote {out}/roc.png and pr.png")
     print(f"wrote {out}/metrics.json, confusion_matrix.csv and .png, errors.csv and errors.html (the misclassified)")
     return 0
