@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mmfuse.cli.checks import no_empty_folders, refuse_existing
 from mmfuse.cli.flags import HelpFormatter, scoring, scoring_flags, speed
-from mmfuse.cli.printing import print_report
+from mmfuse.cli.printing import print_binary, print_report
 from mmfuse.distributed import main_process
 from mmfuse.rundir.layout import is_run
 
