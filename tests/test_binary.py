@@ -115,8 +115,8 @@ def toy(tmp_path_factory):
     return binary_toy(tmp_path_factory.mktemp("binary-data") / "toy")
 
 
-def train(toy: Path, run: Path, *extra: str, home: Path | None = None) -> Path:
-    args = ["train", str(toy / "train.csv"), "--val", str(toy / "val.csv"), "--out", str(run), *FAST, *extra]
+def train(toy: Path, run: Path, *extra: str, home: Path | None = None, fast: list[str] = FAST) -> Path:
+    args = ["train", str(toy / "train.csv"), "--val", str(toy / "val.csv"), "--out", str(run), *fast, *extra]
     with pytest.MonkeyPatch.context() as mp:
         if home is not None:
             mp.setenv("MMFUSE_HOME", str(home))
@@ -250,3 +250,18 @@ def test_a_multiclass_run_is_unchanged(head_run, toy_data):
     predictor = mmfuse.load(head_run)
     got = predictor.predict(images, texts)
     assert predictor.decision is None and got.labels == [got.classes[i] for i in got.probs.argmax(1)]
+
+
+def test_the_onnx_backend_applies_the_stored_threshold(toy, tmp_path, tiny_vit_dir, tiny_roberta_dir):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "hf"
+    towers = ["--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir)]
+    train(toy, run, *towers, fast=[x for x in FAST if x not in ("--image-size", "32")])
+    assert main(["export", str(run), "--out", str(run / "export")]) == 0
+    moved = with_threshold(run, tmp_path / "moved", 0.98)  # far from the chosen one: most labels become no
+    torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
+    assert main(["predict", str(moved), str(toy / "test.csv"), "--out", str(torch_csv)]) == 0
+    assert main(["predict", str(moved), str(toy / "test.csv"), "--out", str(onnx_csv), "--backend", "onnx"]) == 0
+    got = read_csv(onnx_csv)
+    assert [r["label"] for r in got] == [r["label"] for r in read_csv(torch_csv)]
+    assert [r["label"] for r in got] == ["yes" if float(r["p_yes"]) >= 0.98 else "no" for r in got]
