@@ -265,3 +265,19 @@ def test_the_onnx_backend_applies_the_stored_threshold(toy, tmp_path, tiny_vit_d
     got = read_csv(onnx_csv)
     assert [r["label"] for r in got] == [r["label"] for r in read_csv(torch_csv)]
     assert [r["label"] for r in got] == ["yes" if float(r["p_yes"]) >= 0.98 else "no" for r in got]
+
+
+def test_the_default_ensemble_chooses_by_roc_auc_and_its_threshold_out_of_fold(toy, tmp_path):
+    out = tmp_path / "ens"
+    args = ["train", str(toy / "all.csv"), "--out", str(out), "--image-size", "32", "--bag", "2"]
+    assert main([*args, "--preset", "ensemble", "--time-limit", "1s", "--calibrate"]) == 0  # the probes alone
+    result = json.loads((out / "metrics.json").read_text())
+    assert (
+        result["metric"]["name"] == "roc_auc" and json.loads((out / "ensemble.json").read_text())["metric"] == "roc_auc"
+    )
+    assert {"roc_auc", "pr_auc", "positive_f1"} <= set(result["val"]) and result["positive"] == "yes"
+    saved = json.loads((out / binary.THRESHOLD_FILE).read_text())
+    assert saved["fitted_on"] == "out-of-fold" and saved["threshold"] == result["threshold"]
+    images, texts, _ = rows(toy)
+    got = mmfuse.load(out).predict(images, texts)  # calibrated probabilities, cut at the threshold
+    assert got.labels == ["yes" if p >= saved["threshold"] else "no" for p in got.probs[:, got.classes.index("yes")]]
