@@ -281,3 +281,13 @@ def test_the_default_ensemble_chooses_by_roc_auc_and_its_threshold_out_of_fold(t
     images, texts, _ = rows(toy)
     got = mmfuse.load(out).predict(images, texts)  # calibrated probabilities, cut at the threshold
     assert got.labels == ["yes" if p >= saved["threshold"] else "no" for p in got.probs[:, got.classes.index("yes")]]
+
+
+def test_serve_answers_with_the_threshold():
+    from mmfuse.inference.serve.requests import answer
+
+    probs, classes = np.array([0.7, 0.3], dtype=np.float32), ["no", "yes"]
+    got = answer(probs, classes, binary.Decision("yes", 0.25))
+    assert got["label"] == "yes" and got["confidence"] == pytest.approx(0.3)
+    assert got["probabilities"] == {"no": pytest.approx(0.7), "yes": pytest.approx(0.3)}
+    assert answer(probs, classes)["label"] == "no"  # a run without a threshold: the argmax
