@@ -291,3 +291,13 @@ def test_serve_answers_with_the_threshold():
     assert got["label"] == "yes" and got["confidence"] == pytest.approx(0.3)
     assert got["probabilities"] == {"no": pytest.approx(0.7), "yes": pytest.approx(0.3)}
     assert answer(probs, classes)["label"] == "no"  # a run without a threshold: the argmax
+
+
+def test_a_binary_runs_config_reused_on_more_classes_drops_its_positive_class(run, toy_manifest, tmp_path):
+    out = tmp_path / "multi"
+    args = ["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), "--out", str(out)]
+    assert main([*args, "--config", str(run / "config.yaml")]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["metric"]["name"] == "weighted_f1" and "threshold" not in result
+    assert not (out / binary.THRESHOLD_FILE).exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["positive"] is None
