@@ -256,7 +256,7 @@ def error_of(capsys, argv: list[str]) -> str:
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--metric", "roc"], "--metric must be one of weighted_f1, macro_f1, accuracy, log_loss, got 'roc'"),
+        (["--metric", "roc"], "--metric must be one of weighted_f1, macro_f1, accuracy, log_loss, roc_auc, pr_auc"),
         (["--class-weight", "heavy"], "--class-weight must be balanced or per class as cat=2,dog=0.5"),
         (["--class-weight", "red-apple=0"], "weights > 0"),
         (["--class-weight", "red-apple=1,red-apple=2"], "names the class 'red-apple' twice"),

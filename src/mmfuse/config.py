@@ -13,13 +13,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from mmfuse.errors import MmfuseError
+from mmfuse.parsing import parse_class_weight, parse_duration, parse_threshold
 
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
@@ -50,8 +50,9 @@ PREDICT_CHUNK = 4096
 TUNES = ("head", "text", "image", "all")
 AUGMENTS = ("none", "light", "strong")  # augment.py says what each does
 # What --metric can optimise; metrics.py registers a function (labels, probabilities -> score) against each name. The
-# binary and multi-label work will add roc_auc, micro_f1 and map here.
-METRICS = ("weighted_f1", "macro_f1", "accuracy", "log_loss")
+# multi-label work will add micro_f1 and map here.
+METRICS = ("weighted_f1", "macro_f1", "accuracy", "log_loss", "roc_auc", "pr_auc")
+BINARY_METRICS = ("roc_auc", "pr_auc")  # two classes only; a binary run's --metric defaults to roc_auc
 MAX_IMAGE_SIZE = 1024
 # Accelerate's trackers, by the name --track takes, with the module each needs.
 TRACKERS = {
@@ -305,8 +306,15 @@ class TrainConfig:
     are rows, so every class is seen about equally often."""
     metric: str = "weighted_f1"
     """What to optimise: the kept epoch, the ensemble's greedy selection, a search's objective and a bag's headline
-    score: weighted_f1, macro_f1 (every class counts the same: imbalanced data), accuracy or log_loss (ties in the
-    others go to the lower log loss)."""
+    score: weighted_f1, macro_f1 (every class counts the same: imbalanced data), accuracy, log_loss (ties in the
+    others go to the lower log loss), or for two classes roc_auc or pr_auc. Default: roc_auc for two classes,
+    weighted_f1 otherwise."""
+    positive: str | None = None
+    """With two classes: the label of the positive class, whose probability the threshold cuts and whose F1, ROC and
+    precision-recall curves are reported. Default: the minority class (on a tie, the second in sorted order)."""
+    threshold: str = "auto"
+    """With two classes: predict the positive class when its probability reaches this; auto chooses the one
+    maximising the positive class's F1 on the validation (or out-of-fold) probabilities; or a number in (0, 1)."""
 
     def __post_init__(self):
         if self.tune not in TUNES:
@@ -370,6 +378,7 @@ class TrainConfig:
             parse_class_weight(self.class_weight)
         if self.metric not in METRICS:
             raise MmfuseError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        parse_threshold(self.threshold)
         if self.lora_alpha is not None and not (self.lora and 0 < self.lora_alpha < math.inf):
             raise MmfuseError(
                 f"--lora-alpha must be a finite number > 0 and goes with --lora RANK, got {self.lora_alpha}"
@@ -523,56 +532,6 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if m.text_layer_mean is None:
         m.text_layer_mean = min(text.get("text_layer_mean", 1), m.text_layers or math.inf)
     return cfg
-
-
-def parse_class_weight(text: str) -> str | dict[str, float]:
-    """``balanced``, or ``cat=2,dog=0.5`` as ``{"cat": 2.0, "dog": 0.5}``; whether the classes exist is checked
-    against the data (``training.prep.class_weights``).
-
-    Raises:
-        MmfuseError: anything else, or a weight that is not a finite number > 0.
-    """
-    if text.strip() == "balanced":
-        return "balanced"
-    weights = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        try:
-            weight = float(value) if sep and name.strip() else math.nan
-        except ValueError:
-            weight = math.nan
-        if not 0 < weight < math.inf:  # NaN fails too
-            raise MmfuseError(
-                f"--class-weight must be balanced or per class as cat=2,dog=0.5 (weights > 0), got {text!r}"
-            )
-        if name.strip() in weights:
-            raise MmfuseError(f"--class-weight names the class {name.strip()!r} twice")
-        weights[name.strip()] = weight
-    return weights
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)", re.IGNORECASE)
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in a duration such as ``90``, ``90s``, ``5m``, ``1.5h`` or ``1h30m``.
-
-    Raises:
-        MmfuseError: text that is not a positive duration in that form.
-    """
-    text = str(text).strip()
-    try:
-        seconds = float(text)  # a bare number is seconds
-    except ValueError:
-        parts = _DURATION.findall(text)
-        if not parts or _DURATION.sub("", text).strip():
-            raise MmfuseError(
-                f"--time-limit {text!r} is not a duration: write it as 90s, 5m, 1h30m or a number of seconds."
-            ) from None
-        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u.lower()] for n, u in parts)
-    if not 0 < seconds < math.inf:
-        raise MmfuseError(f"--time-limit must be a positive duration (e.g. 90s, 5m), got {text!r}")
-    return seconds
 
 
 def _check_type(path, key: str, value, kind: str) -> None:

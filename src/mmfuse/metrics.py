@@ -94,13 +94,47 @@ def accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
 register_metric("log_loss", False, "log loss")(log_loss)
 
 
+def minority(y_true: np.ndarray) -> int:
+    """The class id (0 or 1) with fewer rows in ``y_true``; on a tie, 1 (the second label in sorted order)."""
+    counts = np.bincount(np.asarray(y_true), minlength=2)
+    return 0 if counts[0] < counts[1] else 1
+
+
+def _positive_scores(y_true: np.ndarray, probs: np.ndarray, positive: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if probs.shape[1] != 2:
+        raise ValueError(f"roc_auc and pr_auc score two classes, not {probs.shape[1]}")
+    positive = minority(y_true) if positive is None else positive
+    return (np.asarray(y_true) == positive).astype(int), probs[:, positive]
+
+
+@register_metric("roc_auc", True, "ROC AUC")
+def roc_auc(y_true: np.ndarray, probs: np.ndarray, positive: int | None = None) -> float:
+    """Area under the ROC curve of the positive class's probability (0.5, chance, when only one class is present)."""
+    from sklearn.metrics import roc_auc_score  # deferred: sklearn.metrics costs 2 s to import (module docstring)
+
+    hit, p = _positive_scores(y_true, probs, positive)
+    return float(roc_auc_score(hit, p)) if 0 < hit.sum() < len(hit) else 0.5
+
+
+@register_metric("pr_auc", True, "PR AUC")
+def pr_auc(y_true: np.ndarray, probs: np.ndarray, positive: int | None = None) -> float:
+    """Average precision of the positive class (default: the minority class of ``y_true``); 0 without a positive."""
+    from sklearn.metrics import average_precision_score  # deferred: as in roc_auc
+
+    hit, p = _positive_scores(y_true, probs, positive)
+    return float(average_precision_score(hit, p)) if hit.any() else 0.0
+
+
 def metric(name: str) -> Metric:
     """The registered metric ``name`` (``config.TrainConfig`` checks --metric against ``config.METRICS``)."""
     return _METRICS[name]
 
 
-def score(name: str, y_true: np.ndarray, probs: np.ndarray) -> float:
-    """The metric ``name`` of ``probs`` against the class ids ``y_true``."""
+def score(name: str, y_true: np.ndarray, probs: np.ndarray, positive: int | None = None) -> float:
+    """The metric ``name`` of ``probs`` against the class ids ``y_true``; ``positive``: a binary run's positive class
+    id, for the metrics of one class (roc_auc, pr_auc; default: the minority class of ``y_true``)."""
+    if name in ("roc_auc", "pr_auc"):
+        return float(_METRICS[name].fn(np.asarray(y_true), np.asarray(probs), positive))
     return float(_METRICS[name].fn(np.asarray(y_true), np.asarray(probs)))
 
 
@@ -283,4 +317,54 @@ def plot_bars(results: dict[str, dict], path: Path, title: str = "modality ablat
     ax.set_title(title)
     ax.legend(loc="lower right")
     fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_roc(hit: np.ndarray, p: np.ndarray, path: Path, positive: str) -> None:
+    """The ROC curve of the positive class's probability ``p`` against whether each row is positive (``hit``)."""
+    from sklearn.metrics import roc_curve  # deferred: as in roc_auc
+
+    fpr, tpr, _ = roc_curve(hit, p)
+    _curve(
+        fpr,
+        tpr,
+        path,
+        "false positive rate",
+        "true positive rate",
+        f"ROC of {positive} (AUC {roc_auc(hit, np.stack([1 - p, p], 1), 1):.3f})",
+        diagonal=True,
+    )
+
+
+def plot_pr(hit: np.ndarray, p: np.ndarray, path: Path, positive: str) -> None:
+    """The precision-recall curve of the positive class; the dotted line is the positive rate (a random ranking)."""
+    from sklearn.metrics import precision_recall_curve  # deferred: as in roc_auc
+
+    precision, recall, _ = precision_recall_curve(hit, p)
+    ap = pr_auc(hit, np.stack([1 - p, p], 1), 1)
+    _curve(
+        recall,
+        precision,
+        path,
+        "recall",
+        "precision",
+        f"precision-recall of {positive} (AP {ap:.3f})",
+        base=float(np.mean(hit)),
+    )
+
+
+def _curve(x, y, path: Path, xlabel: str, ylabel: str, title: str, diagonal=False, base=None) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if diagonal:
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    if base is not None:
+        ax.axhline(base, color="grey", linestyle=":")
+    ax.plot(x, y)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.93)
     _save(fig, path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mmfuse.cli.checks import no_empty_folders, refuse_existing
 from mmfuse.cli.flags import HelpFormatter, scoring, scoring_flags, speed
-from mmfuse.cli.printing import print_report
+from mmfuse.cli.printing import print_binary, print_report
 from mmfuse.distributed import main_process
 from mmfuse.rundir.layout import is_run
 
@@ -32,5 +32,8 @@ def cmd_evaluate(args) -> int:
     if not main_process():
         return 0  # under accelerate launch, the main process reports for all
     print_report(report)
+    if "threshold" in report:  # a binary run
+        print_binary(report)
+        print(f"wrote {out}/roc.png and pr.png")
     print(f"wrote {out}/metrics.json, confusion_matrix.csv and .png, errors.csv and errors.html (the misclassified)")
     return 0

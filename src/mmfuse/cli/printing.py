@@ -8,6 +8,7 @@ from rich.table import Table
 # How lines name the metrics (--metric's choices among them); mmfuse.metrics has the same titles, but importing it
 # here would import numpy with every verb's --help.
 TITLES = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1", "log_loss": "log loss"}
+TITLES |= {"roc_auc": "ROC AUC", "pr_auc": "PR AUC"}
 
 
 def metric_title(metric: str) -> str:
@@ -61,6 +62,16 @@ def print_training(result: dict, out: str) -> None:
             f"{calibration['ece_after']:.4f} (reliability.png); predict, evaluate and serve give the calibrated "
             "probabilities"
         )
+    if "threshold" in result:
+        print_binary(result["val"])
+
+
+def print_binary(scores: dict) -> None:
+    """A binary run's line: its positive class, the threshold on its probability, and the scores of that class."""
+    print(
+        f"positive class {scores['positive']}, predicted at probability >= {scores['threshold']:.4f}: F1 "
+        f"{scores['positive_f1']:.4f}, ROC AUC {scores['roc_auc']:.4f}, PR AUC {scores['pr_auc']:.4f}"
+    )
 
 
 def print_leaderboard(rows: list[dict], title: str) -> None:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmfuse import calibration, metrics
+from mmfuse import binary, calibration, metrics
 from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import DTYPES, RunConfig
 from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked, text_problem
@@ -105,6 +105,7 @@ class Predictor:
                 model.to(torch.bfloat16)  # a tower built later follows the model's dtype (build_tower)
         if compile:
             self.models = [compile_model(model) for model in self.models]
+        self.decision = binary.read_decision(self.run_dir, self.classes)  # a binary run's threshold; None: the argmax
 
     def _load_ensemble(self, dtype: str, compile: bool) -> None:
         run = check_run(self.run_dir)
@@ -121,6 +122,7 @@ class Predictor:
         self.dtype, self.weight_dtype = self.members[0][0].dtype, self.members[0][0].weight_dtype
         used = {m for member, _ in self.members for m in member.model.modalities}
         self._inputs = EnsembleInputs([m for m in ("image", "text") if m in used])
+        self.decision = binary.read_decision(run, self.classes)
 
     @property
     def model(self) -> MultimodalClassifier | EnsembleInputs:
@@ -201,7 +203,7 @@ class Predictor:
         records = [Record(im, t, None, i, str(i)) for i, (im, t) in enumerate(zip(images, texts))]
         ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=_open)
         probs = self.predict_dataset(ds, batch_size)
-        return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
+        return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
 
     def _predict_members(self, images, texts, batch_size: int) -> Prediction:
         """An ensemble's prediction: the members' probabilities summed with their weights, each member given the
@@ -213,7 +215,7 @@ class Predictor:
             for m, w in self.members
         ]
         probs = calibration.scale(sum(w * p.probs for p, w in parts), self.temperature)
-        return Prediction([self.classes[i] for i in probs.argmax(1)], probs, self.classes)
+        return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
 
     def predict_dataset(self, ds: MultimodalDataset, batch_size: int) -> np.ndarray:
         """Probabilities (N, classes) for every row of ``ds``, in order: the batch path of the API, predict and
@@ -521,11 +523,12 @@ def evaluate_file(
     probs = predict_all(predictor, records, chunk_size, procs, {"cache": cache})
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = np.array([index[r.label] for r in records])
-    report = metrics.full_report(y, probs.argmax(1), predictor.classes)
+    report = metrics.full_report(y, binary.predicted(probs, predictor.classes, predictor.decision), predictor.classes)
     report |= {"ece": metrics.expected_calibration_error(probs, y), "temperature": predictor.temperature}
+    report |= binary.evaluate(y, probs, predictor.classes, predictor.decision, out_dir if procs.is_main else None)
     if procs.is_main:
         metrics.write_report(report, out_dir)
-        write_errors(out_dir, records, probs, predictor.classes)
+        write_errors(out_dir, records, probs, predictor.classes, decision=predictor.decision)
     procs.barrier()  # the reports exist when any process returns
     return report
 

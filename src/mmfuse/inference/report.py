@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfuse.binary import Decision, predicted
 from mmfuse.data.images import load_image
 from mmfuse.data.records import Record
 
@@ -29,24 +30,30 @@ def input_row(record: Record) -> int:
     return record.row - 1
 
 
-def misclassified(records: list[Record], probs: np.ndarray, classes: list[str]) -> list[int]:
-    """Indices of the records whose predicted class is not their label, the most confident mistakes first."""
-    predicted = probs.argmax(1)
-    wrong = [i for i, r in enumerate(records) if r.label is not None and classes[predicted[i]] != r.label]
-    return sorted(wrong, key=lambda i: (-float(probs[i].max()), records[i].row))
+def misclassified(
+    records: list[Record], probs: np.ndarray, classes: list[str], decision: Decision | None = None
+) -> list[int]:
+    """Indices of the records whose predicted class (the argmax, or a binary run's ``decision``) is not their label,
+    the most confident mistakes first."""
+    pred = predicted(probs, classes, decision)
+    wrong = [i for i, r in enumerate(records) if r.label is not None and classes[pred[i]] != r.label]
+    return sorted(wrong, key=lambda i: (-float(probs[i, pred[i]]), records[i].row))
 
 
-def write_errors_csv(path: Path, records: list[Record], probs: np.ndarray, classes: list[str]) -> int:
+def write_errors_csv(
+    path: Path, records: list[Record], probs: np.ndarray, classes: list[str], decision: Decision | None = None
+) -> int:
     """One row per misclassified record (row, image, text, true_label, predicted_label, confidence), the most
     confident first; returns how many."""
-    wrong = misclassified(records, probs, classes)
+    wrong = misclassified(records, probs, classes, decision)
+    pred = predicted(probs, classes, decision)
     # A file name that is not UTF-8 (kept as surrogates) is written escaped rather than failing the report.
     with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         w = csv.writer(f)
         w.writerow(["row", "image", "text", "true_label", "predicted_label", "confidence"])
         for i in wrong:
-            r, p = records[i], probs[i]
-            w.writerow([input_row(r), r.source, r.text, r.label, classes[int(p.argmax())], f"{p.max():.6f}"])
+            r, k = records[i], int(pred[i])
+            w.writerow([input_row(r), r.source, r.text, r.label, classes[k], f"{probs[i, k]:.6f}"])
     return len(wrong)
 
 
@@ -86,11 +93,15 @@ def errors_html(
     confusion_png: Path | None = None,
     limit: int = MAX_HTML_ROWS,
     title: str = "misclassified rows",
+    decision: Decision | None = None,
+    curves: dict[str, Path] | None = None,
 ) -> str:
-    """A self-contained page: the confusion matrix, then one table row (``<tr class="error">``) per misclassified
-    record with its thumbnail, text, true and predicted labels and top-3 probabilities."""
+    """A self-contained page: the confusion matrix (and a binary run's ``curves``, title: PNG, where they exist),
+    then one table row (``<tr class="error">``) per misclassified record with its thumbnail, text, true and predicted
+    labels and top-3 probabilities."""
     e = html.escape
-    wrong = misclassified(records, probs, classes)
+    wrong = misclassified(records, probs, classes, decision)
+    pred = predicted(probs, classes, decision)
     shown = wrong[:limit]
     parts = [
         f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_STYLE}</style>",
@@ -103,6 +114,13 @@ def errors_html(
     matrix = _png(confusion_png)
     if matrix:
         parts.append(f"<h2>confusion matrix</h2><img alt='confusion matrix' src='{matrix}'>")
+    if decision is not None:
+        parts.append(
+            f"<p>positive class {e(decision.positive)}, predicted at probability >= {decision.threshold:.4f}</p>"
+        )
+    for name, png in (curves or {}).items():
+        if uri := _png(png):
+            parts.append(f"<h2>{e(name)}</h2><img alt='{e(name)}' src='{uri}'>")
     parts.append(
         "<h2>errors</h2><table><tr><th>row</th><th>image</th><th>text</th><th>true</th><th>predicted</th>"
         "<th>top 3</th></tr>"
@@ -116,18 +134,27 @@ def errors_html(
         parts.append(
             f"<tr class='error'><td>{input_row(r)}</td><td>{picture}<br><span class='note'>{e(r.source)}</span></td>"
             f"<td class='text'>{e(text)}</td><td class='true'>{e(r.label or '')}</td>"
-            f"<td class='pred'>{e(classes[int(p.argmax())])}</td><td>{top}</td></tr>"
+            f"<td class='pred'>{e(classes[int(pred[i])])}</td><td>{top}</td></tr>"
         )
     parts.append("</table></body></html>\n")
     return "\n".join(parts)
 
 
 def write_errors(
-    out_dir: Path, records: list[Record], probs: np.ndarray, classes: list[str], limit: int = MAX_HTML_ROWS
+    out_dir: Path,
+    records: list[Record],
+    probs: np.ndarray,
+    classes: list[str],
+    limit: int = MAX_HTML_ROWS,
+    decision: Decision | None = None,
 ) -> int:
-    """errors.csv and errors.html in ``out_dir`` (beside the confusion_matrix.png they embed); returns the count."""
+    """errors.csv and errors.html in ``out_dir`` (beside the confusion_matrix.png, and a binary run's roc.png and
+    pr.png, they embed); returns the count."""
     out_dir = Path(out_dir)
-    n = write_errors_csv(out_dir / "errors.csv", records, probs, classes)
-    page = errors_html(records, probs, classes, out_dir / "confusion_matrix.png", limit)
+    n = write_errors_csv(out_dir / "errors.csv", records, probs, classes, decision)
+    curves = {"ROC curve": out_dir / "roc.png", "precision-recall curve": out_dir / "pr.png"}
+    page = errors_html(
+        records, probs, classes, out_dir / "confusion_matrix.png", limit, decision=decision, curves=curves
+    )
     (out_dir / "errors.html").write_text(page, encoding="utf-8", errors="backslashreplace")
     return n

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfuse.binary import THRESHOLD_FILE, Decision, predicted
 from mmfuse.config import PREDICT_CHUNK as DEFAULT_CHUNK
 from mmfuse.data.records import Record
 from mmfuse.distributed import gather_lists, launch_state, shard_bounds
@@ -132,12 +133,12 @@ def rows_digest(records: list[Record]) -> str:
 
 
 def run_identity(run_dir: str | Path) -> dict:
-    """The run directory and its weights (and temperatures, ``--calibrate``) as they are now: retraining into the same
-    directory changes them."""
+    """The run directory and its weights (and temperatures, ``--calibrate``, and a binary run's threshold) as they are
+    now: retraining into the same directory changes them."""
     run = Path(run_dir).resolve()
     weights = sorted(
         [str(p.relative_to(run)), p.stat().st_size, p.stat().st_mtime_ns]
-        for p in (*run.rglob("*.safetensors"), *run.rglob(CALIBRATION_FILE))
+        for p in (*run.rglob("*.safetensors"), *run.rglob(CALIBRATION_FILE), *run.rglob(THRESHOLD_FILE))
         if "checkpoints" not in p.relative_to(run).parts
     )
     return {"path": str(run), "weights": weights}
@@ -293,13 +294,16 @@ def csv_bytes(rows: list[list]) -> bytes:
     return buf.getvalue().encode("utf-8", "backslashreplace")
 
 
-def prediction_rows(records: list[Record], probs: np.ndarray, classes: list[str], labelled: bool) -> list[list]:
-    """One CSV row per record: row, image, (true_label, correct,) label, confidence, p_<class>..."""
+def prediction_rows(
+    records: list[Record], probs: np.ndarray, classes: list[str], labelled: bool, decision: Decision | None = None
+) -> list[list]:
+    """One CSV row per record: row, image, (true_label, correct,) label, confidence (the label's probability),
+    p_<class>...; the label is the argmax, or a binary run's ``decision``."""
     rows = []
-    for rec, p in zip(records, probs):
-        label = classes[int(p.argmax())]
+    for rec, p, k in zip(records, probs, predicted(probs, classes, decision)):
+        label = classes[int(k)]
         truth = ([rec.label, rec.label == label] if rec.label is not None else ["", ""]) if labelled else []
-        rows.append([input_row(rec), rec.source, *truth, label, f"{p.max():.6f}", *(f"{x:.6f}" for x in p)])
+        rows.append([input_row(rec), rec.source, *truth, label, f"{p[k]:.6f}", *(f"{x:.6f}" for x in p)])
     return rows
 
 
@@ -346,7 +350,7 @@ def stream_predictions(
         f.seek(offset)
         for probs in predict_chunks(predictor, shard[done:], chunk_size, procs.is_main, options):
             rows = shard[done : done + len(probs)]
-            f.write(csv_bytes(prediction_rows(rows, probs, predictor.classes, labelled)))
+            f.write(csv_bytes(prediction_rows(rows, probs, predictor.classes, labelled, predictor.decision)))
             f.flush()
             os.fsync(f.fileno())
             done, offset = done + len(rows), f.tell()

@@ -234,6 +234,8 @@ def run_trial(optuna, study, base: RunConfig, params: list[Param], out: Path, ca
     start = time.perf_counter()
     try:
         # With --track, the trials are runs side by side under DIR/tracking/ (TensorBoard shows them as one study).
+        # The study's --metric, as asked or not: a binary run's own default (roc_auc) would score trials by another.
+        changes["train"] = {**changes.get("train", {}), "metric": base.train.metric}
         tr = setup(base.updated(changes), run, cache, tracking=(out / "tracking", f"trial-{run.name}"))
     except BaseException:  # not this trial's doing (the data, a tower, Ctrl-C): the next run retries it
         _retry_later(optuna, study, trial, run)

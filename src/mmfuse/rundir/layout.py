@@ -17,6 +17,7 @@ RUN_FILES = {
     "ensemble.json",
     "calibration.json",
     "reliability.png",
+    "threshold.json",
     "leaderboard.csv",
     "oof_predictions.csv",
     "frozen_towers.safetensors",

@@ -14,7 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmfuse import metrics
+from mmfuse import binary, metrics
+from mmfuse.binary import THRESHOLD_FILE
 from mmfuse.calibration import Calibration
 from mmfuse.config import RunConfig
 from mmfuse.errors import MmfuseError
@@ -38,6 +39,9 @@ def _write_common(
     if calibration is not None:
         (stage / CALIBRATION_FILE).write_text(json.dumps(calibration.report(), indent=2))
         calibration.plot(stage / "reliability.png")
+    if "threshold" in result:  # a binary run's decision (training.prep.decide), read back by binary.read_decision
+        decision = binary.Decision(result["positive"], result["threshold"])
+        binary.write_decision(stage / THRESHOLD_FILE, decision, **result["val"]["decision"])
     cfg.to_yaml(stage / "config.yaml")
     (stage / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
     if "val" in result:
@@ -59,7 +63,7 @@ def write_run(
     with ``calibration``, its temperature (``calibration.json``) and reliability diagram."""
     # The calibration files are marks, removed as the run is moved in: a run trained again without --calibrate must
     # not be scaled by the temperature fitted to the weights it replaced.
-    with staged(out, marks=(*CALIBRATION_FILES, FINISHED)) as stage:
+    with staged(out, marks=(*CALIBRATION_FILES, THRESHOLD_FILE, FINISHED)) as stage:
         save_model(model, stage, cfg.tuned, frozen_weights, base=out)
         with open(stage / "history.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(history[0]))
@@ -86,7 +90,7 @@ def write_bag(
         members: the members' folders; ``predict``: the folders of the models predict averages.
         calibration: the temperature fitted on the out-of-fold probabilities (``--calibrate``).
     """
-    with staged(out, marks=(BAG_FILE, *CALIBRATION_FILES, FINISHED)) as stage:
+    with staged(out, marks=(BAG_FILE, *CALIBRATION_FILES, THRESHOLD_FILE, FINISHED)) as stage:
         with open(stage / "oof_predictions.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(oof[0])
@@ -113,7 +117,7 @@ def write_ensemble(
         ensemble: what ``ensemble.json`` holds (the members that predict, with their weights).
         calibration: the temperature fitted on the blended out-of-fold probabilities (``--calibrate``).
     """
-    with staged(out, marks=(ENSEMBLE_FILE, *CALIBRATION_FILES, FINISHED)) as stage:
+    with staged(out, marks=(ENSEMBLE_FILE, *CALIBRATION_FILES, THRESHOLD_FILE, FINISHED)) as stage:
         for name, (header, rows) in (("oof_predictions.csv", oof), ("leaderboard.csv", _table(leaderboard))):
             with open(stage / name, "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)

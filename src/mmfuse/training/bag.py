@@ -48,7 +48,16 @@ from mmfuse.rundir.layout import BAG_FILE, FROZEN_FILE
 from mmfuse.rundir.weights import write_bag
 from mmfuse.training.fit import TrainingInterrupted, run_lock
 from mmfuse.training.loop import run_epochs, save, setup
-from mmfuse.training.prep import caption_missing, check_labels, check_out_dir, class_weights, load_records
+from mmfuse.training.prep import (
+    binary_task,
+    caption_missing,
+    check_labels,
+    check_out_dir,
+    class_weights,
+    decide,
+    load_records,
+    positive_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +146,7 @@ def _fit_bag(
     if records is None:
         records = caption_missing(cfg, load_records(cfg, out), out)
     labels = check_labels(label_list(records), cfg.data.train)
+    cfg = binary_task(cfg, labels, records)
     groups = read_groups(cfg.data.train, cfg.train.bag_groups, records) if cfg.train.bag_groups else None
     held_out = folds(records, k, cfg.train.seed, groups)
     # Members share what frozen towers compute: features read once from disk, towers built once.
@@ -152,6 +162,8 @@ def _fit_bag(
         # averaging them gains less.
         # --calibrate is the bag's: one temperature on its out-of-fold rows, for the average predict makes.
         member = {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None, "refit_full": False, "calibrate": False}
+        # The bag's positive class and metric, not ones a member would derive again from its share of the rows.
+        member |= {"positive": cfg.train.positive, "metric": cfg.train.metric}
         jobs.append((i, cfg.updated({"train": member}), out / "members" / str(i), (train, val, labels)))
     members, interrupted = [], False
     try:
@@ -250,7 +262,8 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
     fold_f1 = [m["val_weighted_f1"] for m in members]
     name = cfg.train.metric
     folds_done = [held_out[m["fold"]] for m in members]
-    fold_scores = [metrics.score(name, y[rows], oof[rows]) for rows in folds_done]
+    positive = positive_index(cfg, labels)
+    fold_scores = [metrics.score(name, y[rows], oof[rows], positive) for rows in folds_done]
     result = {
         "bag": cfg.train.bag,
         "members_finished": len(members),
@@ -267,7 +280,7 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
         "fold_weighted_f1_mean": float(np.mean(fold_f1)),
         "fold_weighted_f1_sd": float(np.std(fold_f1)),
         # The headline (--metric): what the members' epochs were chosen by, out of fold and per fold.
-        "metric": {"name": name, "value": metrics.score(name, y[done], oof[done]), **spread(fold_scores)},
+        "metric": {"name": name, "value": metrics.score(name, y[done], oof[done], positive), **spread(fold_scores)},
         "members": members,
         "full": full,
         "predict_uses": "full" if full else "bag",
@@ -278,6 +291,10 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
     calibration = calibrate(oof[done], y[done], "out-of-fold") if cfg.train.calibrate else None
     if calibration is not None:
         result["calibration"] = calibration.report()
+    decision, scores = decide(cfg, labels, oof[done], y[done], calibration, "out-of-fold")
+    if decision is not None:
+        result["val"] |= scores
+        result |= {"positive": decision.positive, "threshold": decision.threshold}
     # oof_predictions.csv keeps the members' own probabilities: those a temperature is fitted on.
     header = ["row", "image", "label", "predicted", "confidence", "fold", *(f"p_{c}" for c in labels)]
     fold_of = {int(j): m["fold"] for m in members for j in held_out[m["fold"]]}

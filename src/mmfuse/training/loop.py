@@ -44,7 +44,16 @@ from mmfuse.progress import Progress
 from mmfuse.rundir.weights import write_run
 from mmfuse.training.augment import Augmenter, make_augmenter
 from mmfuse.training.checkpoint import EVERY_SECONDS, data_fingerprint, save_checkpoint
-from mmfuse.training.prep import check_out_dir, class_weights, load_splits, loaders, tuned_batch_norm
+from mmfuse.training.prep import (
+    binary_task,
+    check_out_dir,
+    class_weights,
+    decide,
+    load_splits,
+    loaders,
+    positive_index,
+    tuned_batch_norm,
+)
 
 log = logging.getLogger(__name__)
 LOSS_EVERY = 25  # read the loss back to the host only this often: each read is a device sync
@@ -235,6 +244,7 @@ def setup(
         (out / "metrics.jsonl").unlink(missing_ok=True)  # a line per epoch from here on (a resume rewrites it)
     acc.wait_for_everyone()
     train, val, labels = splits if splits is not None else load_splits(cfg, out)
+    cfg = binary_task(cfg, labels, train)
     if t.calibrate and not val:  # found before training, not after it
         raise MmfuseError("--calibrate fits its temperature on validation rows, and this run has none: give --val.")
     # DDP checks that every process holds the same weights: build every tower everywhere, not only where one embeds.
@@ -419,8 +429,8 @@ def run_epoch(tr: Trainer, epoch: int) -> dict:
         probs, y = validate(tr)
         row["val_loss"] = float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean())
         row.update({f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()})
-        if f"val_{metric}" not in row:  # log_loss: the metric as selection computes it, beside val_loss
-            row[f"val_{metric}"] = metrics.score(metric, y, probs)
+        if f"val_{metric}" not in row:  # log_loss, roc_auc, pr_auc: the metric as selection computes it
+            row[f"val_{metric}"] = metrics.score(metric, y, probs, positive_index(tr.cfg, tr.labels))
     row.update({"samples_per_s": rate, "lr": tr.scheduler.get_last_lr()[0]})
     tr.history.append(row)
     log_epoch(tr, row)
@@ -508,11 +518,18 @@ def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
         result["val"] = metrics.full_report(y, tr.val_probs.argmax(1), tr.labels)
         result["val"]["log_loss"] = metrics.log_loss(y, tr.val_probs)
         result["val_interval"] = metrics.bootstrap_interval(y, tr.val_probs.argmax(1), seed=tr.cfg.train.seed)
-        metric = tr.cfg.train.metric
-        result["metric"] = {"name": metric, "value": result["val"][metric]}
     calibration = calibrate(tr.val_probs, y, "validation") if tr.cfg.train.calibrate else None
     if calibration is not None:
         result["calibration"] = calibration.report()
+    decision, scores = decide(
+        tr.cfg, tr.labels, tr.val_probs, y if tr.val_dl is not None else None, calibration, "validation"
+    )
+    if decision is not None:
+        result["val"] |= scores
+        result |= {"positive": decision.positive, "threshold": decision.threshold}
+    if tr.val_dl is not None:
+        metric = tr.cfg.train.metric
+        result["metric"] = {"name": metric, "value": result["val"][metric]}
     if tr.cfg.train.track:
         final = {f"final/val_{k}": result["val"][k] for k in ("accuracy", "weighted_f1", "macro_f1") if "val" in result}
         tr.acc.log({**final, "final/best_epoch": result["best_epoch"]}, step=len(tr.history))

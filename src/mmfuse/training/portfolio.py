@@ -39,7 +39,7 @@ import torch
 
 from mmfuse import metrics
 from mmfuse.calibration import calibrate
-from mmfuse.config import RunConfig, parse_duration, resolve
+from mmfuse.config import BINARY_METRICS, RunConfig, parse_duration, resolve
 from mmfuse.data.records import Record
 from mmfuse.data.splits import label_list
 from mmfuse.errors import MmfuseError
@@ -52,7 +52,16 @@ from mmfuse.training import selection
 from mmfuse.training.bag import _write as write_bag_files  # the bag's own files, written the one way
 from mmfuse.training.bag import fit_bag, folds, read_groups, spread
 from mmfuse.training.fit import TrainingInterrupted, run_lock
-from mmfuse.training.prep import caption_missing, check_labels, check_out_dir, class_weights, load_records
+from mmfuse.training.prep import (
+    binary_task,
+    caption_missing,
+    check_labels,
+    check_out_dir,
+    class_weights,
+    decide,
+    load_records,
+    positive_index,
+)
 
 log = logging.getLogger(__name__)
 PROBE_C = 4.0  # shared/QUALITY.md's probe: LogisticRegression(C=4) on L2-normalised features
@@ -178,6 +187,8 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
         )
         records = records + extra
     labels = check_labels(label_list(records), cfg.data.train)
+    cfg = binary_task(cfg, labels, records)
+    positive = positive_index(cfg, labels)
     records = caption_missing(cfg, records, out)
     groups = read_groups(cfg.data.train, cfg.train.bag_groups, records) if cfg.train.bag_groups else None
     held_out = folds(records, cfg.train.bag, cfg.train.seed, groups)
@@ -212,6 +223,8 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
         oof = _read_oof(folder, member.name, records, fold_of, len(labels))
         f1, loss = selection.score(y, oof)
         scores = {**metrics.summary(y, oof.argmax(1)), "log_loss": loss}  # every metric --metric may name
+        if positive is not None:
+            scores |= {m: metrics.score(m, y, oof, positive) for m in BINARY_METRICS}
         seconds = time.perf_counter() - t0
         done.append({"member": member, "oof": oof, **scores, "seconds": seconds})
         log.info(
@@ -228,7 +241,7 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
             len(skipped),
             ", ".join(skipped),
         )
-    chosen = selection.select([d["oof"] for d in done], y, metric=cfg.train.metric)
+    chosen = selection.select([d["oof"] for d in done], y, metric=cfg.train.metric, positive=positive)
     result = _write(out, cfg, labels, records, y, held_out, done, chosen, skipped, interrupted, start)
     log.info("ensemble: %s", result["modalities"])
     if interrupted:
@@ -348,7 +361,7 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
     name = cfg.train.metric
     # The column of what selection maximised, when it is not one of the three every leaderboard has.
     extra = f"oof_{name}" if name not in ("weighted_f1", "macro_f1", "log_loss") else None
-    fold_scores = [metrics.score(name, y[rows], probs[rows]) for rows in held_out]
+    fold_scores = [metrics.score(name, y[rows], probs[rows], positive_index(cfg, labels)) for rows in held_out]
     board = [
         {
             "name": d["member"].name,
@@ -409,6 +422,10 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
     calibration = calibrate(probs, y, "out-of-fold") if cfg.train.calibrate else None
     if calibration is not None:
         result["calibration"] = calibration.report()
+    decision, scores = decide(cfg, labels, probs, y, calibration, "out-of-fold")
+    if decision is not None:
+        result["val"] |= scores
+        result |= {"positive": decision.positive, "threshold": decision.threshold}
     header = ["row", "image", "label", "predicted", "confidence", "fold", *(f"p_{c}" for c in labels)]
     fold_of = {int(j): i for i, rows in enumerate(held_out) for j in rows}
     rows = [

@@ -3,6 +3,7 @@ DataLoaders over them (cached features, decoded pixels or image files, as the to
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from pathlib import Path
@@ -11,8 +12,10 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from mmfuse import binary
+from mmfuse.calibration import Calibration
 from mmfuse.captioning.pipeline import fill_missing_captions
-from mmfuse.config import RunConfig, parse_class_weight
+from mmfuse.config import BINARY_METRICS, RunConfig, parse_class_weight, parse_threshold
 from mmfuse.data.checks import CHARS_PER_TOKEN, load_checked
 from mmfuse.data.records import Record
 from mmfuse.data.splits import label_list, stratified_split
@@ -54,6 +57,53 @@ def check_labels(labels: list[str], data) -> list[str]:
     if len(labels) < 2:
         raise MmfuseError(f"Training needs at least 2 classes; found {labels} in {data}.")
     return labels
+
+
+def binary_task(cfg: RunConfig, labels: list[str], train: list[Record]) -> RunConfig:
+    """``cfg`` with what depends on the number of classes, known once the data is read, filled in: with two classes
+    the positive class (``--positive``, else the minority one) and ``--metric`` roc_auc unless asked; with more, no
+    positive class and weighted_f1 in place of a binary metric left over from a binary run's config.
+
+    Raises:
+        MmfuseError: ``--positive`` not a class, or given for more than two; ``--metric roc_auc/pr_auc`` for more.
+    """
+    t, asked = cfg.train, set(cfg.asked.get("train", ()))
+    positive = binary.resolve_positive(
+        labels, Counter(r.label for r in train), t.positive if "positive" in asked else None
+    )
+    metric = t.metric
+    if "metric" not in asked:
+        metric = "roc_auc" if positive is not None else ("weighted_f1" if metric in BINARY_METRICS else metric)
+    elif metric in BINARY_METRICS and positive is None:
+        raise MmfuseError(
+            f"--metric {metric} scores a binary task; this data has {len(labels)} classes: choose "
+            "weighted_f1, macro_f1, accuracy or log_loss."
+        )
+    if (positive, metric) == (t.positive, t.metric):
+        return cfg
+    cfg = copy.deepcopy(cfg)  # a derived default, not a setting the user asked for: ``asked`` stays as it was
+    cfg.train.positive, cfg.train.metric = positive, metric
+    return cfg
+
+
+def positive_index(cfg: RunConfig, labels: list[str]) -> int | None:
+    """The positive class's id in ``labels`` (None: not a binary run), for the metrics of one class."""
+    return labels.index(cfg.train.positive) if cfg.train.positive is not None else None
+
+
+def decide(
+    cfg: RunConfig, labels: list[str], probs, y, calibration: Calibration | None, fitted_on: str
+) -> tuple[binary.Decision | None, dict]:
+    """A binary run's decision on its held-out ``probs`` (calibrated first when ``calibration``: predict applies the
+    threshold to calibrated probabilities) and what metrics.json adds for it: roc_auc, pr_auc, positive_f1, positive,
+    threshold (and ``decision``: how and where it was chosen). (None, {}) for other runs."""
+    if cfg.train.positive is None or probs is None:
+        return None, {}
+    probs = calibration.calibrated if calibration is not None else probs
+    fixed = parse_threshold(cfg.train.threshold)
+    decision = binary.decide(probs, y, labels, cfg.train.positive, fixed)
+    how = {"chosen": "auto" if fixed is None else "fixed", "fitted_on": fitted_on}
+    return decision, {**binary.report(y, probs, labels, decision), "decision": how}
 
 
 def caption_missing(cfg: RunConfig, records: list[Record], out: Path) -> list[Record]:

@@ -42,9 +42,11 @@ class Selection:
     """The ensemble's out-of-fold ``metric``."""
 
 
-def score(y: np.ndarray, probs: np.ndarray, metric: str = "weighted_f1") -> tuple[float, float]:
-    """(``metric``, log loss) of ``probs`` against the class ids ``y``."""
-    return metrics.score(metric, y, probs), log_loss(y, probs)
+def score(
+    y: np.ndarray, probs: np.ndarray, metric: str = "weighted_f1", positive: int | None = None
+) -> tuple[float, float]:
+    """(``metric``, log loss) of ``probs`` against the class ids ``y`` (``positive``: a binary run's positive id)."""
+    return metrics.score(metric, y, probs, positive), log_loss(y, probs)
 
 
 def _better(a: tuple[float, float], b: tuple[float, float] | None, metric: str = "weighted_f1") -> bool:
@@ -55,14 +57,20 @@ def _better(a: tuple[float, float], b: tuple[float, float] | None, metric: str =
     return x > z or (x == z and a[1] < b[1])
 
 
-def select(oof: Sequence[np.ndarray], y: np.ndarray, steps: int = STEPS, metric: str = "weighted_f1") -> Selection:
+def select(
+    oof: Sequence[np.ndarray],
+    y: np.ndarray,
+    steps: int = STEPS,
+    metric: str = "weighted_f1",
+    positive: int | None = None,
+) -> Selection:
     """Weights for ``oof`` (one (rows, classes) array of out-of-fold probabilities per member, in the portfolio's
     order) chosen greedily to score best on ``y`` by ``metric`` (a name in ``metrics``' registry), then log loss."""
     if not oof:
         raise ValueError("ensemble selection needs at least one member")
     oof = [np.asarray(p, dtype=np.float64) for p in oof]
     y = np.asarray(y)
-    own = [score(y, p, metric) for p in oof]
+    own = [score(y, p, metric, positive) for p in oof]
     first = 0
     for i, s in enumerate(own):
         if _better(s, own[first], metric):
@@ -75,7 +83,7 @@ def select(oof: Sequence[np.ndarray], y: np.ndarray, steps: int = STEPS, metric:
         n = counts.sum() + 1
         pick, pick_score = None, None
         for i, p in enumerate(oof):
-            s = score(y, (total + p) / n, metric)
+            s = score(y, (total + p) / n, metric, positive)
             if _better(s, pick_score, metric):
                 pick, pick_score = i, s
         counts[pick] += 1

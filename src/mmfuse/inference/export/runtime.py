@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mmfuse.binary import read_decision
 from mmfuse.config import RunConfig
 from mmfuse.data.checks import CHARS_PER_TOKEN
 from mmfuse.data.images import load_image
@@ -93,8 +94,10 @@ class OnnxPredictor:
         elif "image" in pre:
             self.pixel_spec = PixelSpec.from_dict(pre["image"])
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.decision = None  # the graph gives probabilities; a binary run's threshold (the run's) makes the labels
         if self.run_dir is not None:
             self._check_run()
+            self.decision = read_decision(self.run_dir, self.classes)
 
     def _check_run(self) -> None:
         run = check_run(self.run_dir)

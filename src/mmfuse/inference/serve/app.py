@@ -189,7 +189,7 @@ def create_app(
             items, single = [await run_in_threadpool(parse_multipart, body, request.headers["content-type"])], True
         images, texts = await run_in_threadpool(prepare, items, predictor, limits)
         probs = await asyncio.wrap_future(state["batcher"].submit(images, texts))
-        rows = [answer(p, predictor.classes) for p in probs]
+        rows = [answer(p, predictor.classes, predictor.decision) for p in probs]
         return JSONResponse(rows[0] if single else {"items": rows})
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=ANSWERS)

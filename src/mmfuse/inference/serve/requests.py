@@ -17,6 +17,7 @@ from fastapi import Request
 from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from mmfuse.binary import Decision, predicted
 from mmfuse.data.images import MAX_PIXELS, check_size, to_rgb
 from mmfuse.inference.predictor import Predictor
 
@@ -325,8 +326,9 @@ def prepare(items: list[dict], predictor: Predictor, limits: Limits) -> tuple[li
     return (images if uses_images else None), texts
 
 
-def answer(probs: np.ndarray, classes: list[str]) -> dict:
-    top = int(probs.argmax())
+def answer(probs: np.ndarray, classes: list[str], decision: Decision | None = None) -> dict:
+    """One item's answer: its label (the argmax, or a binary run's ``decision``), that label's probability and all."""
+    top = int(predicted(probs[None], classes, decision)[0])
     return {
         "label": classes[top],
         "confidence": float(probs[top]),
