@@ -301,3 +301,13 @@ def test_a_binary_runs_config_reused_on_more_classes_drops_its_positive_class(ru
     assert result["metric"]["name"] == "weighted_f1" and "threshold" not in result
     assert not (out / binary.THRESHOLD_FILE).exists()
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["positive"] is None
+
+
+def test_a_config_file_may_write_the_threshold_as_a_number(tmp_path):
+    from mmfuse.config import RunConfig
+
+    (tmp_path / "c.yaml").write_text("train:\n  threshold: 0.3\n")
+    assert RunConfig.from_yaml(tmp_path / "c.yaml").train.threshold == "0.3"
+    (tmp_path / "c.yaml").write_text("train:\n  threshold: 1.5\n")
+    with pytest.raises(MmfuseError, match="threshold"):
+        RunConfig.from_yaml(tmp_path / "c.yaml")

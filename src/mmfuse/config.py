@@ -469,6 +469,8 @@ class RunConfig:
             unknown = set(sub) - set(part_fields)
             if unknown:
                 raise MmfuseError(f"{path}: unknown keys in '{f.name}': {sorted(map(str, unknown))}")
+            if f.name == "train" and type(sub.get("threshold")) in (int, float):
+                sub["threshold"] = str(sub["threshold"])  # text (auto or a number): threshold: 0.3 means the number
             for key, value in sub.items():
                 _check_type(path, f"{f.name}.{key}", value, str(part_fields[key].type))
             try:
