@@ -77,12 +77,15 @@ def drop_small(rows: list[dict], min_rows: int = MIN_ROWS) -> tuple[list[dict], 
     return [r for r in rows if r["label"] not in dropped], dropped
 
 
-def split(rows: list[dict], seed: int) -> dict[str, list[dict]]:
-    """Stratified 70/15/15 split in two stratified cuts, as `mmfuse datasets emoji` does; each part in input order."""
+def split(rows: list[dict], seed: int, stratum: str = "label") -> dict[str, list[dict]]:
+    """Stratified 70/15/15 split in two stratified cuts, as `mmfuse datasets emoji` does; each part in input order.
+
+    Rows are stratified by their `stratum` field (the label; a multi-label set passes a one-value stand-in).
+    """
     from sklearn.model_selection import train_test_split
 
     index = list(range(len(rows)))
-    labels = [r["label"] for r in rows]
+    labels = [r[stratum] for r in rows]
     rest_share = SPLITS["val"] + SPLITS["test"]
     train, rest = train_test_split(index, test_size=rest_share, stratify=labels, random_state=seed)
     val, test = train_test_split(
@@ -91,39 +94,58 @@ def split(rows: list[dict], seed: int) -> dict[str, list[dict]]:
     return {name: [rows[i] for i in sorted(part)] for name, part in {"train": train, "val": val, "test": test}.items()}
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
     import csv
 
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def finish(tmp: Path, out: Path, rows: list[dict], seed: int, info: dict) -> None:
-    """Write the manifests and info.json into the build folder `tmp`, then move it to `out` (replacing `out`)."""
-    parts = split(rows, seed)
-    write_csv(tmp / "all.csv", rows)
+def finish(
+    tmp: Path,
+    out: Path,
+    rows: list[dict],
+    seed: int,
+    info: dict,
+    columns: list[str] = COLUMNS,
+    multilabel: bool = False,
+) -> None:
+    """Write the manifests and info.json into the build folder `tmp`, then move it to `out` (replacing `out`).
+
+    `columns` are the manifests' columns. With `multilabel` each row has a `labels` field ("a|b|c") and a `stratum`
+    field to split by; info.json then counts each label's rows and gives the mean labels per row.
+    """
+    parts = split(rows, seed, "stratum" if multilabel else "label")
+    write_csv(tmp / "all.csv", rows, columns)
     for name, part in parts.items():
-        write_csv(tmp / f"{name}.csv", part)
-    labels = sorted({r["label"] for r in rows})
+        write_csv(tmp / f"{name}.csv", part, columns)
+
+    def labels_of(row: dict) -> list[str]:
+        return row["labels"].split("|") if multilabel else [row["label"]]
+
+    labels = sorted({label for r in rows for label in labels_of(r)})
     info = {
         **info,
         "seed": seed,
         "counts": {"all": len(rows), **{name: len(part) for name, part in parts.items()}},
         "labels": {
-            label: {"all": sum(r["label"] == label for r in rows)}
-            | {name: sum(r["label"] == label for r in part) for name, part in parts.items()}
+            label: {"all": sum(label in labels_of(r) for r in rows)}
+            | {name: sum(label in labels_of(r) for r in part) for name, part in parts.items()}
             for label in labels
         },
     }
+    if multilabel:
+        info["labels_per_row"] = round(sum(len(labels_of(r)) for r in rows) / len(rows), 4)
     (tmp / "info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "data")
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, out)
-    print(f"wrote {out}: {len(rows)} rows, {len(labels)} classes", flush=True)
+    kind = "labels" if multilabel else "classes"
+    print(f"wrote {out}: {len(rows)} rows, {len(labels)} {kind}", flush=True)
     for label in labels:
         print(f"  {label:<14} {info['labels'][label]['all']:>5}", flush=True)
 
