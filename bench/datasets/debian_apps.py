@@ -126,15 +126,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder (replaced)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
-    p.add_argument("--install", action="store_true", help="apt-get install appstream and fetch the DEP-11 files")
-    args = p.parse_args(argv)
-    versions = require_packages(PACKAGES, args.install)
+def sources(install: bool) -> tuple[dict[str, str], Path, Path]:
+    """The packages' versions, the DEP-11 catalogue and its 64x64 icon tarball (fetched first with `install`)."""
+    versions = require_packages(PACKAGES, install)
     found = find_catalogue(LISTS)
-    if found is None and args.install:
+    if found is None and install:
         run(UPDATE)
         found = find_catalogue(LISTS)
     if found is None:
@@ -142,7 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             f"no DEP-11 catalogue with 64x64 icons in {LISTS}; fetch it with:\n  sudo {' '.join(UPDATE)}\n"
             "(or run this script again with --install, as root)"
         )
-    catalogue, icon_tar = found
+    return versions, *found
+
+
+def applications(catalogue: Path, icon_tar: Path) -> tuple[dict, list[dict], dict[str, bytes], dict[str, int]]:
+    """The catalogue's header, one row per kept application, the icons by name, and the counts dropped.
+
+    A row holds id, icon, text and label (the set's columns) and the parts: package, name, summary, description
+    and keywords (the English ones, a list).
+    """
     header, apps = read_catalogue(catalogue)
     with tarfile.open(icon_tar, "r:gz") as tar:
         icons = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
@@ -166,42 +170,72 @@ def main(argv: list[str] | None = None) -> int:
         name, summary = english(app.get("Name")).strip(), english(app.get("Summary")).strip().rstrip(".")
         description = plain(english(app.get("Description")))
         text = " ".join(f"{name}: {summary}. {description}".split())
-        rows.append({"id": str(app["ID"]), "icon": cached[0], "text": text, "label": label})
+        keywords = app.get("Keywords")
+        keywords = (keywords.get("C") or keywords.get("en") or []) if isinstance(keywords, dict) else []
+        rows.append(
+            {
+                "id": str(app["ID"]),
+                "icon": cached[0],
+                "text": text,
+                "label": label,
+                "package": str(app.get("Package") or ""),
+                "name": name,
+                "summary": summary,
+                "description": description,
+                "keywords": [str(k) for k in keywords],
+            }
+        )
     print(
         f"{len(rows)} applications from {catalogue.name} (dropped: {no_icon} without a 64x64 icon, "
         f"{no_category} without a main category, {identical} with an icon identical to an earlier one)",
         flush=True,
     )
-    rows, dropped = drop_small(rows)
+    dropped = {"no_64px_icon": no_icon, "no_main_category": no_category, "identical_icon": identical}
+    return header, rows, icons, dropped
+
+
+def write_icons(tmp: Path, rows: list[dict], icons: dict[str, bytes]) -> None:
+    """Each row's icon flattened on white, at images/<label>/<id>.png (set as the row's image)."""
+    for row in rows:
+        row["image"] = f"images/{slug(row['label'])}/{slug(row['id'])}.png"
+        (tmp / row["image"]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / row["image"]).write_bytes(flatten(icons[row["icon"]]))
+
+
+def catalogue_info(header: dict, catalogue: Path, icon_tar: Path, versions: dict[str, str]) -> dict:
+    return {
+        "packages": versions,
+        "catalogue": {
+            "file": str(catalogue),
+            "sha256": sha256(catalogue),
+            "origin": header.get("Origin"),
+            "time": str(header.get("Time")),
+        },
+        "icons": {"file": str(icon_tar), "sha256": sha256(icon_tar)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder (replaced)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
+    p.add_argument("--install", action="store_true", help="apt-get install appstream and fetch the DEP-11 files")
+    args = p.parse_args(argv)
+    versions, catalogue, icon_tar = sources(args.install)
+    header, rows, icons, dropped = applications(catalogue, icon_tar)
+    rows, dropped["classes"] = drop_small(rows)
 
     out = Path(args.out)
     tmp = build_dir(out)
     try:
-        for row in rows:
-            row["image"] = f"images/{slug(row['label'])}/{slug(row['id'])}.png"
-            (tmp / row["image"]).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / row["image"]).write_bytes(flatten(icons[row["icon"]]))
+        write_icons(tmp, rows, icons)
         info = {
             "name": "debian-apps-v1",
             "image_size": [64, 64],
             "text": "name: summary. description (AppStream, English, HTML stripped)",
             "label": "first freedesktop main category (Audio, Video -> AudioVideo)",
-            "dropped": {
-                "no_64px_icon": no_icon,
-                "no_main_category": no_category,
-                "identical_icon": identical,
-                "classes": dropped,
-            },
-            "sources": {
-                "packages": versions,
-                "catalogue": {
-                    "file": str(catalogue),
-                    "sha256": sha256(catalogue),
-                    "origin": header.get("Origin"),
-                    "time": str(header.get("Time")),
-                },
-                "icons": {"file": str(icon_tar), "sha256": sha256(icon_tar)},
-            },
+            "dropped": dropped,
+            "sources": catalogue_info(header, catalogue, icon_tar, versions),
         }
         finish(tmp, out, rows, args.seed, info)
     except BaseException:
