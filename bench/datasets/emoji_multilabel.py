@@ -4,7 +4,7 @@
     python bench/datasets/emoji_multilabel.py --out data/emoji-multilabel --install   # as root: apt-get installs them
 
 Why: every other visible set has one label per row; this one tests multi-label training and metrics on real data
-with real co-occurrence (a "woman" emoji is often also a "person", a "hand" often a "gesture").
+with real co-occurrence (eye and face, japanese and button, arrow and button, hand and gesture go together).
 
 Source: the emoji of `mmfuse datasets emoji` (fully-qualified, no skin tones; `unicode-data`), drawn the same way
 with its own functions (Noto Color Emoji, `fonts-noto-color-emoji`, 136x128 on white), and the English CLDR keyword
