@@ -74,9 +74,9 @@ def test_train_evaluate_predict_and_reload(toy_manifest, tmp_path):
     assert result.labels == [r["label"] for r in out]
 
 
-@pytest.mark.slow  # MiniLM fine-tuned twice (train's default --tune text)
+@pytest.mark.slow  # MiniLM fine-tuned twice (--tune text: one model)
 def test_same_seed_same_metrics(toy_manifest, tmp_path):
-    args = ["train", str(toy_manifest / "train.csv"), "--epochs", "5"]
+    args = ["train", str(toy_manifest / "train.csv"), "--epochs", "5", "--tune", "text"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / x / "metrics.json").read_text())["val"] for x in "ab")
@@ -198,13 +198,13 @@ def test_fine_tune_hf_towers_and_reload(toy_manifest, tmp_path, tiny_vit_dir, ti
 
 @pytest.mark.slow  # MiniLM fine-tuned
 def test_tune_text_fine_tunes_only_the_text_tower_beside_cached_image_features(toy_manifest, tmp_path):
-    """--tune text (the default): MiniLM is fine-tuned and stored with the run; EfficientNet stays frozen, read from
+    """--tune text (one model's default): MiniLM is fine-tuned and stored with the run; EfficientNet stays frozen, read from
     the feature cache in training and in predict_file, and is rebuilt from its wheel; both predict paths agree."""
     run = tmp_path / "run"
     argv = ["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), "--out", str(run)]
-    assert main([*argv, "--epochs", "4", "--batch-size", "16"]) == 0
+    assert main([*argv, "--epochs", "4", "--batch-size", "16", "--fusion", "concat"]) == 0
     cfg = yaml.safe_load((run / "config.yaml").read_text())["train"]
-    assert (cfg["tune"], cfg["lr"], cfg["head_lr"]) == ("text", 5e-5, 2e-3)  # the default
+    assert (cfg["tune"], cfg["lr"], cfg["head_lr"]) == ("text", 5e-5, 2e-3)  # one model's default
     state = load_file(str(run / "model.safetensors"))
     assert not any(k.startswith("vision.") for k in state)  # frozen and packaged: rebuilt from the wheel
     tuned = {k: v for k, v in state.items() if k.startswith("text.")}
