@@ -32,7 +32,7 @@ from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.inference.predictor import evaluate_file
 from mmfuse.models.classifier import build_model
 from mmfuse.training.fit import fit
-from mmfuse.training.prep import load_splits
+from mmfuse.training.prep import load_splits, refuse_multilabel
 
 log = logging.getLogger(__name__)
 VARIANTS = {"image": ["image"], "text": ["text"], "fusion": ["image", "text"]}
@@ -65,6 +65,8 @@ def ablate(
     configs = variant_configs(cfg)  # bad settings stop here, before any data is read
     if test is not None:
         _check_test_data(cfg, test, test_captions)
+    elif cfg.data.multi_label or cfg.data.label_sep:
+        refuse_multilabel(cfg, [], "mmfuse ablate", "train each arm with mmfuse train --modalities image (or text).")
     frozen = not any(c.tuned for c in configs.values())
     if parallel is None:
         # Under accelerate launch the processes already share the cores, and each run's embedding pass is split over
@@ -226,10 +228,12 @@ def _check_test_data(cfg: RunConfig, test: str | Path, test_captions: str | None
     """--test is read (not yet checked row by row) before three models are trained: a missing or malformed file, or
     a label the training data lacks, would otherwise stop the ablation only at its end (and a rerun then needed
     --overwrite). Labels are compared from the files alone; with --skip-bad, rows of unknown labels are skipped."""
+    train = read_data(cfg.data.train, cfg.data.captions, need_label=True, label_sep=cfg.data.label_sep)[0]
+    refuse_multilabel(cfg, train, "mmfuse ablate", "train each arm with mmfuse train --modalities image (or text).")
     test_labels = {r.label for r in read_data(test, test_captions, need_label=True)[0]}
     if cfg.data.skip_bad:
         return
-    known = {r.label for r in read_data(cfg.data.train, cfg.data.captions, need_label=True)[0]}
+    known = {r.label for r in train}
     unknown = sorted(test_labels - known - {None, ""})
     if unknown:
         raise MmfuseError(

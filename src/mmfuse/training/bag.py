@@ -57,6 +57,7 @@ from mmfuse.training.prep import (
     decide,
     load_records,
     positive_index,
+    refuse_multilabel,
 )
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def _fit_bag(
         records = caption_missing(cfg, load_records(cfg, out), out)
     labels = check_labels(label_list(records), cfg.data.train)
     cfg = binary_task(cfg, labels, records)
+    refuse_multilabel(cfg, records, "--bag", "leave --bag out to train one model, its thresholds tuned on validation.")
     groups = read_groups(cfg.data.train, cfg.train.bag_groups, records) if cfg.train.bag_groups else None
     held_out = folds(records, k, cfg.train.seed, groups)
     # Members share what frozen towers compute: features read once from disk, towers built once.

@@ -61,6 +61,7 @@ from mmfuse.training.prep import (
     decide,
     load_records,
     positive_index,
+    refuse_multilabel,
 )
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,12 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
         records = records + extra
     labels = check_labels(label_list(records), cfg.data.train)
     cfg = binary_task(cfg, labels, records)
+    refuse_multilabel(
+        cfg,
+        records,
+        "The ensemble (train's default, and --preset ensemble or best)",
+        "pass --tune text (MiniLM fine-tuned) or --tune head (a head on frozen features) to train one model.",
+    )
     positive = positive_index(cfg, labels)
     records = caption_missing(cfg, records, out)
     groups = read_groups(cfg.data.train, cfg.train.bag_groups, records) if cfg.train.bag_groups else None

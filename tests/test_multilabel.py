@@ -1,0 +1,284 @@
+"""Multi-label targets: label sets read from a labels column (or label with --label-sep, or lists in JSONL and
+parquet), a sigmoid per label trained with a binary cross-entropy, per-label thresholds chosen on validation, the
+set scores, and the sets and probabilities through the API, predict and evaluate; what does not handle sets yet
+refuses them."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import TOY, read_csv, write_csv, write_toy
+
+import mmfuse
+from mmfuse import metrics, multilabel
+from mmfuse.cli import main
+from mmfuse.data.read import read_data
+from mmfuse.data.records import Record
+from mmfuse.data.splits import label_list, stratified_split
+from mmfuse.errors import MmfuseError
+from mmfuse.rundir.layout import RUN_FILES
+
+FAST = ["--tune", "head", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
+
+pytestmark = pytest.mark.usefixtures("warm")  # the toy rows' features, embedded once a session
+
+
+def label_set(label: str) -> str:
+    """The toy's class (red-apple) as a set: its colour and its thing; a red train is only a train."""
+    color, thing = label.split("-")
+    return thing if label == "red-train" else f"{color}|{thing}"
+
+
+def multilabel_toy(root: Path) -> Path:
+    toy = write_toy(root, **TOY)
+    for split in ("train", "val", "test", "all"):
+        rows = read_csv(toy / f"{split}.csv")
+        for r in rows:
+            r["labels"] = label_set(r["label"])
+        write_csv(toy / f"{split}.csv", rows, ("image", "text", "labels"))
+    return toy
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return multilabel_toy(tmp_path_factory.mktemp("multilabel-data") / "toy")
+
+
+@pytest.fixture(scope="module")
+def run(toy, shared_home, tmp_path_factory):
+    out = tmp_path_factory.mktemp("multilabel-run") / "run"
+    args = ["train", str(toy / "train.csv"), "--val", str(toy / "val.csv"), "--out", str(out), *FAST]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFUSE_HOME", str(shared_home))
+        assert main(args) == 0
+    return out
+
+
+def rows(toy: Path, split: str = "test") -> tuple[list[Path], list[str], list[str]]:
+    found = read_csv(toy / f"{split}.csv")
+    sets = ["|".join(sorted(r["labels"].split("|"))) for r in found]  # as mmfuse writes a set: sorted
+    return [toy / r["image"] for r in found], [r["text"] for r in found], sets
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The numbers
+
+
+def test_set_scores_match_scikit_learn(rng):
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score
+
+    y = (rng.random((60, 5)) < 0.3).astype(int)
+    y[:, 4] = 0  # a label no row holds: macro F1 counts it as 0, mAP leaves it out
+    probs = np.clip(rng.random((60, 5)) * 0.7 + 0.3 * y, 0, 1)
+    pred = probs >= 0.5
+    got = metrics.multilabel_summary(y, pred)
+    for avg in ("micro", "macro", "weighted", "samples"):
+        assert got[f"{avg}_f1"] == pytest.approx(f1_score(y, pred, average=avg, zero_division=0)), avg
+    assert got["accuracy"] == pytest.approx(accuracy_score(y, pred))  # the whole set right
+    expected_map = np.mean([average_precision_score(y[:, j], probs[:, j]) for j in range(4)])
+    assert metrics.mean_average_precision(y, probs) == pytest.approx(expected_map)
+    assert metrics.score("map", y, probs) == pytest.approx(expected_map)
+    assert metrics.score("micro_f1", y, probs) == pytest.approx(f1_score(y, pred, average="micro"))
+    ties = np.array([0.5, 0.5, 0.2, 0.9])  # tied scores count as one threshold, as scikit-learn does
+    assert metrics.average_precision(np.array([1, 0, 1, 0]), ties) == pytest.approx(
+        average_precision_score([1, 0, 1, 0], ties)
+    )
+    bce = -np.mean(y * np.log(probs.clip(1e-15)) + (1 - y) * np.log((1 - probs).clip(1e-15)))
+    assert metrics.log_loss(y, probs) == pytest.approx(bce)
+    with pytest.raises(ValueError, match="multi-label"):
+        metrics.score("micro_f1", np.array([0, 1]), np.array([[0.2, 0.8], [0.6, 0.4]]))
+
+
+def test_thresholds_are_chosen_per_label_and_round_trip(tmp_path, rng):
+    y = np.zeros((200, 2), dtype=bool)
+    y[:, 0] = rng.random(200) < 0.05  # rare, with low probabilities: wants a threshold under 0.5
+    y[:, 1] = rng.random(200) < 0.5
+    probs = np.stack([np.clip(0.1 + 0.25 * y[:, 0] + rng.normal(0, 0.05, 200), 0, 1), 0.2 + 0.6 * y[:, 1]], 1)
+    chosen = multilabel.choose_thresholds(probs, y)
+    assert chosen.values[0] < 0.5
+    assert (multilabel.predicted(probs, chosen)[:, 0] == y[:, 0]).mean() > (probs[:, 0] >= 0.5).__eq__(y[:, 0]).mean()
+    multilabel.write_thresholds(tmp_path / multilabel.THRESHOLDS_FILE, ["rare", "common"], chosen, "auto", "val")
+    assert multilabel.read_thresholds(tmp_path, ["rare", "common"]) == chosen
+    assert multilabel.read_thresholds(tmp_path / "none", ["a", "b"]).values == (0.5, 0.5)  # no file: 0.5 each
+    with pytest.raises(MmfuseError, match="does not predict"):
+        multilabel.read_thresholds(tmp_path, ["common", "other"])
+    (tmp_path / multilabel.THRESHOLDS_FILE).write_text("{")
+    with pytest.raises(MmfuseError, match="damaged"):
+        multilabel.read_thresholds(tmp_path, ["rare", "common"])
+    sets = multilabel.label_sets(np.array([[0.9, 0.1], [0.1, 0.05]]), ["a", "b"], None)
+    assert sets == [["a"], []]  # an empty set is a prediction too
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading sets
+
+
+def test_label_sets_from_a_labels_column_a_separator_and_lists(tmp_path):
+    img = tmp_path / "x.png"
+    img.write_bytes(b"")
+    write_csv(
+        tmp_path / "a.csv", [{"image": "x.png", "text": "t", "labels": "dog| cat |dog"}], ("image", "text", "labels")
+    )
+    (records, problems) = read_data(tmp_path / "a.csv")
+    assert not problems and records[0].labels == ("cat", "dog") and records[0].label == "cat|dog"
+    write_csv(tmp_path / "b.csv", [{"image": "x.png", "text": "t", "label": "dog;cat"}])
+    assert read_data(tmp_path / "b.csv")[0][0].labels is None  # a label column is one label a row ...
+    assert read_data(tmp_path / "b.csv", label_sep=";")[0][0].labels == ("cat", "dog")  # ... unless split
+    assert read_data(tmp_path / "b.csv", multi_label=True)[0][0].labels == ("dog;cat",)  # --multi-label splits on |
+    lines = [{"image": "x.png", "text": "t", "labels": ["cat", "dog"]}, {"image": "x.png", "text": "t", "label": ["a"]}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    records, problems = read_data(tmp_path / "c.jsonl", need_label=False)
+    assert records[0].labels == ("cat", "dog")
+    (tmp_path / "d.jsonl").write_text(json.dumps(lines[1]))
+    records, problems = read_data(tmp_path / "d.jsonl")
+    assert not records and "pass --multi-label" in problems[0].reason
+    assert read_data(tmp_path / "d.jsonl", multi_label=True)[0][0].labels == ("a",)
+    (tmp_path / "e.jsonl").write_text(json.dumps({"image": "x.png", "text": "t", "labels": ["a|b"]}))
+    assert "separates the labels" in read_data(tmp_path / "e.jsonl")[1][0].reason
+    # A single-label run reads its data as it always did: a labels column beside label is not read.
+    write_csv(
+        tmp_path / "f.csv",
+        [{"image": "x.png", "text": "t", "label": "dog", "labels": "a|b"}],
+        ("image", "text", "label", "labels"),
+    )
+    assert read_data(tmp_path / "f.csv", multi_label=False)[0][0].labels is None
+
+
+def test_parquet_list_cells_are_sets(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pd.DataFrame({"image": ["x.png", "y.png"], "text": ["a", "b"], "labels": [["cat", "dog"], ["dog"]]}).to_parquet(
+        tmp_path / "m.parquet"
+    )
+    records, _ = read_data(tmp_path / "m.parquet", need_label=True)
+    assert [r.labels for r in records] == [("cat", "dog"), ("dog",)]
+
+
+def test_a_folder_is_single_label(tmp_path):
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(MmfuseError, match="one label an image"):
+        read_data(tmp_path, multi_label=True)
+
+
+def test_the_split_holds_out_every_label_rare_ones_too():
+    def rec(i, names):
+        return Record(Path(f"{i}.png"), "t", "|".join(names), i + 1, f"{i}.png", tuple(names))
+
+    # "rare" always rides with "common": stratifying by the set's first label would keep it all in train.
+    records = [rec(i, ("common", "rare") if i % 10 == 0 else ("common",)) for i in range(100)]
+    train, val = stratified_split(records, 0.2, seed=0)
+    assert "rare" in label_list(val) and "rare" in label_list(train)
+    assert label_list(records) == ["common", "rare"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A trained run
+
+
+def test_a_run_records_its_task_thresholds_and_set_scores(run):
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["data"]["multi_label"] is True and cfg["train"]["metric"] == "micro_f1"
+    labels = json.loads((run / "labels.json").read_text())
+    assert labels == ["apple", "blue", "red", "train"]
+    saved = json.loads((run / multilabel.THRESHOLDS_FILE).read_text())
+    assert set(saved["thresholds"]) == set(labels) and saved["fitted_on"] == "validation"
+    assert multilabel.THRESHOLDS_FILE in RUN_FILES  # predict --out never writes over it
+    result = json.loads((run / "metrics.json").read_text())
+    val = result["val"]
+    assert {"micro_f1", "macro_f1", "samples_f1", "map", "per_label"} <= set(val)
+    assert set(val["per_label"]) == set(labels) and val["thresholds"] == saved["thresholds"]
+    assert result["metric"] == {"name": "micro_f1", "value": val["micro_f1"]}
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_micro_f1" in row and "val_map" in row for row in history)  # what the kept epoch was chosen by
+    assert not (run / "val_confusion_matrix.png").exists()
+
+
+def test_sets_and_probabilities_survive_reload_predict_and_evaluate(run, toy, tmp_path):
+    images, texts, truth = rows(toy)
+    moved = shutil.copytree(run, tmp_path / "moved")  # self-contained: loads from anywhere
+    got = mmfuse.load(moved).predict(images, texts)
+    thresholds = multilabel.read_thresholds(moved, got.classes)
+    assert got.probs.shape == (len(images), 4) and ((got.probs > 0) & (got.probs < 1)).all()
+    assert not np.allclose(got.probs.sum(1), 1)  # a sigmoid per label, not a softmax
+    expected = [[c for c, p, t in zip(got.classes, row, thresholds.values) if p >= t] for row in got.probs]
+    assert got.sets == expected and got.labels == ["|".join(s) for s in expected]
+    again = mmfuse.load(moved).predict(images, texts)
+    np.testing.assert_allclose(again.probs, got.probs, atol=1e-6)
+    assert again.sets == got.sets
+    # Thresholds moved by hand move the sets, not the probabilities.
+    (moved / multilabel.THRESHOLDS_FILE).write_text(json.dumps({"thresholds": dict.fromkeys(got.classes, 0.999)}))
+    assert mmfuse.load(moved).predict(images, texts).sets == [
+        [c for c, p in zip(got.classes, r) if p >= 0.999] for r in got.probs
+    ]
+    shutil.copy(run / multilabel.THRESHOLDS_FILE, moved / multilabel.THRESHOLDS_FILE)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(moved), str(toy / "test.csv"), "--out", str(out)]) == 0
+    written = read_csv(out)
+    assert list(written[0]) == [
+        "row",
+        "image",
+        "true_labels",
+        "correct",
+        "labels",
+        "p_apple",
+        "p_blue",
+        "p_red",
+        "p_train",
+    ]
+    assert [r["labels"] for r in written] == got.labels
+    assert [r["true_labels"] for r in written] == truth
+    np.testing.assert_allclose(
+        [[float(r[f"p_{c}"]) for c in got.classes] for r in written], got.probs, atol=1e-4
+    )  # cached features vs raw: ~2e-5
+    report_dir = tmp_path / "eval"
+    assert main(["evaluate", str(moved), str(toy / "test.csv"), "--out", str(report_dir)]) == 0
+    report = json.loads((report_dir / "metrics.json").read_text())
+    y = np.array([[c in t.split("|") for c in got.classes] for t in truth])
+    pred = np.array([[c in s for c in got.classes] for s in got.sets])
+    assert report["micro_f1"] == pytest.approx(metrics.multilabel_summary(y, pred)["micro_f1"], abs=1e-6)
+    assert report["accuracy"] == pytest.approx(np.mean([a == b for a, b in zip(got.labels, truth)]), abs=1e-6)
+    assert {"macro_f1", "samples_f1", "map", "per_label"} <= set(report)
+    assert [r["label"] for r in read_csv(report_dir / "per_label.csv")] == got.classes
+    wrong = sum(a != b for a, b in zip(got.labels, truth))
+    assert len(read_csv(report_dir / "errors.csv")) == wrong
+    assert (report_dir / "errors.html").read_text().count("<tr class='error'>") == wrong
+
+
+def test_a_multiclass_run_is_unchanged(head_run):
+    assert not (head_run / multilabel.THRESHOLDS_FILE).exists()
+    assert yaml.safe_load((head_run / "config.yaml").read_text())["data"]["multi_label"] is False
+    assert mmfuse.load(head_run).predict is not None and mmfuse.load(head_run).thresholds is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What does not apply, or does not handle sets yet
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        ([], "--tune text"),  # train's default, the ensemble: which flag trains one model
+        (["--tune", "head", "--bag", "2"], "leave --bag out"),
+        ([*FAST, "--metric", "roc_auc"], "scores a binary task"),
+        ([*FAST, "--calibrate"], "--calibrate"),
+        ([*FAST, "--class-weight", "balanced"], "--class-weight"),
+    ],
+)
+def test_what_does_not_handle_sets_says_so(toy, tmp_path, capsys, flags, says):
+    args = ["train", str(toy / "train.csv"), "--out", str(tmp_path / "r"), *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+def test_set_metrics_on_single_label_data_say_so(toy_manifest, tmp_path, capsys):
+    args = ["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), *FAST]
+    assert main([*args, "--out", str(tmp_path / "a"), "--metric", "map"]) == 2
+    assert "scores multi-label data" in capsys.readouterr().err
+
+
+def test_ablate_refuses_sets(toy, tmp_path, capsys):
+    assert main(["ablate", str(toy / "train.csv"), "--out", str(tmp_path / "a"), "--test", str(toy / "test.csv")]) == 2
+    assert "mmfuse ablate does not train multi-label" in capsys.readouterr().err
