@@ -3,8 +3,10 @@ parquet), a sigmoid per label trained with a binary cross-entropy, per-label thr
 set scores, and the sets and probabilities through the API, predict and evaluate; what does not handle sets yet
 refuses them."""
 
+import base64
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +246,62 @@ def test_sets_and_probabilities_survive_reload_predict_and_evaluate(run, toy, tm
     wrong = sum(a != b for a, b in zip(got.labels, truth))
     assert len(read_csv(report_dir / "errors.csv")) == wrong
     assert (report_dir / "errors.html").read_text().count("<tr class='error'>") == wrong
+
+
+def test_serve_answers_sets_and_its_page_shows_them(run, toy, shared_home, monkeypatch):
+    fastapi = pytest.importorskip("fastapi.testclient")
+    from mmfuse.inference.serve.app import create_app
+
+    monkeypatch.setenv("MMFUSE_HOME", str(shared_home))
+    images, texts, _ = rows(toy)
+    expected = mmfuse.load(run).predict(images[:4], texts[:4])
+    with fastapi.TestClient(create_app(run)) as client:
+        end = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < end, "the app never became ready"
+            time.sleep(0.05)
+        info = client.get("/v1/info").json()
+        assert info["multi_label"] is True and set(info["thresholds"]) == set(expected.classes)
+        with open(images[0], "rb") as f:
+            one = client.post("/v1/predict", files={"image": ("x.png", f, "image/png")}, data={"text": texts[0]})
+        assert one.status_code == 200, one.text
+        assert one.json()["labels"] == expected.sets[0] and one.json()["label"] == expected.labels[0]
+        items = [
+            {"image": base64.b64encode(Path(im).read_bytes()).decode(), "text": t}
+            for im, t in zip(images[:4], texts[:4])
+        ]
+        answers = client.post("/v1/predict", json={"items": items}).json()["items"]
+        assert [a["labels"] for a in answers] == expected.sets
+        for a, probs in zip(answers, expected.probs):
+            np.testing.assert_allclose([a["probabilities"][c] for c in expected.classes], probs, atol=1e-5)
+        page = client.get("/").text
+        assert "labels at their thresholds" in page and "out.labels" in page  # the page shows a set as a set
+
+
+@pytest.mark.slow  # trains tiny Hugging Face towers and exports them
+def test_export_gives_sigmoids_and_its_sets_match_torch(toy, tmp_path, tiny_vit_dir, tiny_roberta_dir):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "hf"
+    fast = [x for x in FAST if x not in ("--image-size", "32")]
+    towers = ["--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir)]
+    args = ["train", str(toy / "train.csv"), "--val", str(toy / "val.csv"), "--out", str(run), *fast, *towers]
+    assert main(args) == 0
+    assert main(["export", str(run), "--out", str(run / "export")]) == 0
+    info = json.loads((run / "export" / "export.json").read_text())
+    assert info["multi_label"] is True and info["parity"]["passed"]
+    assert info["thresholds"] == json.loads((run / multilabel.THRESHOLDS_FILE).read_text())["thresholds"]
+    moved = shutil.copytree(run, tmp_path / "moved")
+    torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
+    assert main(["predict", str(moved), str(toy / "test.csv"), "--out", str(torch_csv)]) == 0
+    assert main(["predict", str(moved), str(toy / "test.csv"), "--out", str(onnx_csv), "--backend", "onnx"]) == 0
+    got, want = read_csv(onnx_csv), read_csv(torch_csv)
+    assert [r["labels"] for r in got] == [r["labels"] for r in want]
+    names = [f"p_{c}" for c in info["classes"]]
+    np.testing.assert_allclose(
+        [[float(r[n]) for n in names] for r in got], [[float(r[n]) for n in names] for r in want], atol=1e-4
+    )
+    probs = np.array([[float(r[n]) for n in names] for r in got])
+    assert not np.allclose(probs.sum(1), 1)  # sigmoids, not a softmax
 
 
 def test_a_multiclass_run_is_unchanged(head_run):

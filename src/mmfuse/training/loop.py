@@ -451,7 +451,12 @@ def run_epoch(tr: Trainer, epoch: int) -> dict:
     log_epoch(tr, row)
     if tr.acc.is_main_process:
         scores = ""
-        if "val_loss" in row:
+        if "val_loss" in row and tr.cfg.data.multi_label:  # at a threshold of 0.5; the per-label ones come last
+            scores = (
+                f", val loss {row['val_loss']:.4f}, val micro F1 {row['val_micro_f1']:.4f}, val mAP "
+                f"{row['val_map']:.4f}"
+            )
+        elif "val_loss" in row:
             scores = (
                 f", val loss {row['val_loss']:.4f}, val weighted F1 {row['val_weighted_f1']:.4f}, val macro F1 "
                 f"{row['val_macro_f1']:.4f}"
