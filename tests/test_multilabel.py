@@ -334,7 +334,6 @@ def test_a_multiclass_run_is_unchanged(head_run):
 @pytest.mark.parametrize(
     ("flags", "says"),
     [
-        ([], "--tune text"),  # train's default, the ensemble: which flag trains one model
         ([*FAST, "--metric", "roc_auc"], "scores a binary task"),
         ([*FAST, "--calibrate"], "--calibrate"),
         ([*FAST, "--class-weight", "balanced"], "--class-weight"),
@@ -353,6 +352,43 @@ def test_set_metrics_on_single_label_data_say_so(toy_manifest, tmp_path, capsys)
     assert "scores multi-label data" in capsys.readouterr().err
 
 
-def test_ablate_refuses_sets(toy, tmp_path, capsys):
-    assert main(["ablate", str(toy / "train.csv"), "--out", str(tmp_path / "a"), "--test", str(toy / "test.csv")]) == 2
-    assert "mmfuse ablate does not train multi-label" in capsys.readouterr().err
+def test_the_default_ensemble_selects_on_out_of_fold_sets(toy, tmp_path):
+    out = tmp_path / "ens"
+    # The probes alone (--time-limit 1s): one-vs-rest logistic regressions, each a bag on the ensemble's folds.
+    args = ["train", str(toy / "all.csv"), "--out", str(out), "--image-size", "32", "--bag", "2", "--time-limit", "1s"]
+    assert main([*args, "--preset", "ensemble"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["ensemble"] and result["metric"]["name"] == "micro_f1"
+    saved = json.loads((out / multilabel.THRESHOLDS_FILE).read_text())
+    assert saved["fitted_on"] == "out-of-fold" and result["val"]["thresholds"] == saved["thresholds"]
+    board = read_csv(out / "leaderboard.csv")
+    assert {r["name"] for r in board} >= {"probe-image", "probe-text", "probe-both", "ensemble"}
+    assert "oof_micro_f1" in board[0]  # the column selection maximised
+    images, texts, truth = rows(toy)
+    got = mmfuse.load(out).predict(images, texts)
+    assert not np.allclose(got.probs.sum(1), 1)  # blended sigmoids
+    weights = json.loads((out / "ensemble.json").read_text())["members"]
+    parts = [w["weight"] * mmfuse.load(out / w["dir"]).predict(images, texts).probs for w in weights]
+    np.testing.assert_allclose(got.probs, np.sum(parts, 0), atol=1e-5)
+    cut = [saved["thresholds"][c] for c in got.classes]
+    assert got.sets == [[c for c, p, t in zip(got.classes, r, cut) if p >= t] for r in got.probs]
+    assert np.mean([a == b for a, b in zip(got.labels, truth)]) > 0.8  # the probes learn the toy sets
+
+
+def test_search_scores_trials_by_micro_f1(toy, tmp_path):
+    out = tmp_path / "search"
+    args = ["search", str(toy / "train.csv"), "--val", str(toy / "val.csv"), "--out", str(out), "--trials", "1"]
+    assert main([*args, *FAST]) == 0
+    board = read_csv(out / "leaderboard.csv")
+    assert "val_micro_f1" in board[0] and board[0]["state"] == "complete"
+    assert yaml.safe_load((out / "best.yaml").read_text())["train"]["metric"] == "micro_f1"
+
+
+def test_ablate_scores_each_arm_on_sets(toy, tmp_path):
+    args = ["ablate", str(toy / "train.csv"), "--val", str(toy / "val.csv"), "--out", str(tmp_path / "a")]
+    assert main([*args, "--test", str(toy / "test.csv"), "--image-size", "32", "--epochs", "2"]) == 0
+    results = json.loads((tmp_path / "a" / "ablation.json").read_text())
+    assert set(results) == {"image", "text", "fusion"}
+    for arm in results.values():
+        assert {"micro_f1", "samples_f1", "map", "macro_f1"} <= set(arm) and arm["evaluated_on"] == "test"
+        assert json.loads((Path(arm["run_dir"]) / "eval" / "metrics.json").read_text())["micro_f1"] == arm["micro_f1"]

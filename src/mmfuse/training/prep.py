@@ -17,6 +17,7 @@ from mmfuse.calibration import Calibration
 from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import BINARY_METRICS, MULTILABEL_METRICS, RunConfig, parse_class_weight, parse_threshold
 from mmfuse.data.checks import CHARS_PER_TOKEN, load_checked
+from mmfuse.data.read import read_data
 from mmfuse.data.records import Record, label_names
 from mmfuse.data.splits import label_list, stratified_split
 from mmfuse.errors import MmfuseError
@@ -60,6 +61,14 @@ def load_records(
 def is_multilabel(records: list[Record]) -> bool:
     """Whether ``records`` hold label sets (a labels column, --label-sep or --multi-label)."""
     return any(r.labels is not None for r in records)
+
+
+def data_is_multilabel(cfg: RunConfig) -> bool:
+    """Whether ``cfg``'s training data holds label sets, from the file alone (rows not checked): for what must know
+    the task before any training reads the data (a search's objective)."""
+    if cfg.data.multi_label or cfg.data.label_sep:
+        return True
+    return is_multilabel(read_data(cfg.data.train, cfg.data.captions, need_label=False)[0])
 
 
 def refuse_multilabel(cfg: RunConfig, records: list[Record], what: str, instead: str) -> None:
