@@ -290,6 +290,7 @@ def test_export_gives_sigmoids_and_its_sets_match_torch(toy, tmp_path, tiny_vit_
     info = json.loads((run / "export" / "export.json").read_text())
     assert info["multi_label"] is True and info["parity"]["passed"]
     assert info["thresholds"] == json.loads((run / multilabel.THRESHOLDS_FILE).read_text())["thresholds"]
+    assert 'info["thresholds"][c]' in (run / "export" / "README.md").read_text()  # its example prints sets
     moved = shutil.copytree(run, tmp_path / "moved")
     torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
     assert main(["predict", str(moved), str(toy / "test.csv"), "--out", str(torch_csv)]) == 0

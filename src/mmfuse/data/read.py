@@ -300,7 +300,7 @@ def read_manifest(
             parts = _caption_key(source).split("/")
             label = parts[0] if len(parts) > 1 else None
         if multi_label and names is None:
-            names = (label,) if label else ()
+            names = (label,) if label else None  # no label: an unlabeled row, as a single-label read has
         if names is not None:
             names = tuple(labels.setdefault(x, x) for x in names)
         label = labels.setdefault(label, label) if label else None  # one string per class, not one per row

@@ -501,7 +501,7 @@ def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a 
     parity = info["parity"]
     t = info.get("temperature", 1.0)
     calibrated = f"The logits are the model's divided by its temperature {t:.4g} (`--calibrate`).\n" if t != 1.0 else ""
-    return README.format(
+    readme = README.format(
         run=Path(info["run"]).name,
         exporter=info["exporter"]["name"],
         opset=info["exporter"]["opset"],
@@ -515,3 +515,12 @@ def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a 
         body=body,
         calibrated=calibrated,
     )
+    if info.get("multi_label"):  # a set per row: each label's sigmoid against its threshold
+        readme = readme.replace("no top-1 different", "no label set different").replace(
+            "`probs` (softmax)", "`probs` (a sigmoid per label: in the set when it reaches its entry in `thresholds`)"
+        )
+        readme = readme.replace(
+            'print([info["classes"][i] for i in probs.argmax(1)], probs.max(1))',
+            'print([[c for c, p in zip(info["classes"], row) if p >= info["thresholds"][c]] for row in probs])',
+        )
+    return readme
