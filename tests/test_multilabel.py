@@ -322,6 +322,14 @@ def test_a_bag_averages_sigmoids_and_tunes_its_thresholds_out_of_fold(toy, tmp_p
     assert bag.sets == [[c for c, p, t in zip(bag.classes, r, cut) if p >= t] for r in bag.probs]
 
 
+def test_a_checkpoint_of_one_task_does_not_resume_as_the_other():
+    from mmfuse.config import RunConfig
+    from mmfuse.training.checkpoint import config_fingerprint
+
+    cfg = RunConfig()  # at the defaults the new settings leave the fingerprint as it was (test_imbalance_metric)
+    assert config_fingerprint(cfg.updated({"data": {"multi_label": True}})) != config_fingerprint(cfg)
+
+
 def test_a_multiclass_run_is_unchanged(head_run):
     assert not (head_run / multilabel.THRESHOLDS_FILE).exists()
     assert yaml.safe_load((head_run / "config.yaml").read_text())["data"]["multi_label"] is False
