@@ -278,6 +278,37 @@ def test_serve_answers_sets_and_its_page_shows_them(run, toy, shared_home, monke
         assert "labels at their thresholds" in page and "out.labels" in page  # the page shows a set as a set
 
 
+@pytest.mark.slow  # the browser
+def test_the_page_shows_the_set_in_a_real_browser(run, toy, shared_home, monkeypatch):
+    from conftest import chrome
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_serve import Server
+
+    monkeypatch.setenv("MMFUSE_HOME", str(shared_home))
+    images, texts, _ = rows(toy)
+    expected = mmfuse.load(run).predict(images[:1], texts[:1])
+    server = Server(run)
+    driver = chrome(1000, 800)
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "submit").is_enabled())
+        assert "labels (multi-label)" in driver.find_element(By.ID, "status").text
+        driver.find_element(By.ID, "file").send_keys(str(images[0]))
+        driver.find_element(By.ID, "text").send_keys(texts[0])
+        driver.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
+        assert driver.find_element(By.ID, "label").text == (" · ".join(expected.sets[0]) or "(no label)")
+        assert "labels at their thresholds" in driver.find_element(By.ID, "confidence").text
+        marked = driver.find_elements(By.CSS_SELECTOR, "#fusion .bar.top .name")
+        assert [b.get_attribute("textContent") for b in marked] == expected.sets[0]  # every label of the set
+    finally:
+        driver.quit()
+        assert server.stop() == 0
+
+
 @pytest.mark.slow  # trains tiny Hugging Face towers and exports them
 def test_export_gives_sigmoids_and_its_sets_match_torch(toy, tmp_path, tiny_vit_dir, tiny_roberta_dir):
     pytest.importorskip("onnxruntime")
