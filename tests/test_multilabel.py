@@ -386,6 +386,16 @@ def test_what_does_not_handle_sets_says_so(toy, tmp_path, capsys, flags, says):
     assert says in err and "Traceback" not in err
 
 
+def test_every_metric_a_multi_label_run_takes_picks_its_epoch(toy, tmp_path):
+    args = ["train", str(toy / "train.csv"), "--val", str(toy / "val.csv"), *FAST]
+    for metric in ("map", "log_loss", "macro_f1"):
+        out = tmp_path / metric
+        assert main([*args, "--out", str(out), "--metric", metric]) == 0
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(f"val_{metric}" in row for row in history)
+        assert json.loads((out / "metrics.json").read_text())["metric"]["name"] == metric
+
+
 def test_set_metrics_on_single_label_data_say_so(toy_manifest, tmp_path, capsys):
     args = ["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), *FAST]
     assert main([*args, "--out", str(tmp_path / "a"), "--metric", "map"]) == 2

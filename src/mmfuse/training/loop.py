@@ -440,6 +440,8 @@ def run_epoch(tr: Trainer, epoch: int) -> dict:
         row["val_loss"] = metrics.log_loss(y, probs)
         row.update({f"val_{k}": v for k, v in metrics.multilabel_summary(y, probs >= 0.5).items()})
         row["val_map"] = metrics.mean_average_precision(y, probs)
+        if f"val_{metric}" not in row:  # log_loss: the binary cross-entropy, as selection computes it
+            row[f"val_{metric}"] = metrics.score(metric, y, probs)
     elif tr.val_dl is not None:
         probs, y = validate(tr)
         row["val_loss"] = float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean())
