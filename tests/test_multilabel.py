@@ -396,6 +396,19 @@ def test_every_metric_a_multi_label_run_takes_picks_its_epoch(toy, tmp_path):
         assert json.loads((out / "metrics.json").read_text())["metric"]["name"] == metric
 
 
+def test_the_task_follows_the_data_or_the_flag_not_a_reused_config(run, toy_manifest, tmp_path):
+    args = ["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), *FAST]
+    # A multi-label run's config.yaml on single-label data: the data decides, and it is single-label.
+    assert main([*args, "--out", str(tmp_path / "reused"), "--config", str(run / "config.yaml")]) == 0
+    cfg = yaml.safe_load((tmp_path / "reused" / "config.yaml").read_text())
+    assert cfg["data"]["multi_label"] is False and cfg["train"]["metric"] == "weighted_f1"
+    assert not (tmp_path / "reused" / multilabel.THRESHOLDS_FILE).exists()
+    # --multi-label reads the label column as sets (of one label here): a sigmoid per label.
+    assert main([*args, "--out", str(tmp_path / "forced"), "--multi-label"]) == 0
+    assert yaml.safe_load((tmp_path / "forced" / "config.yaml").read_text())["data"]["multi_label"] is True
+    assert (tmp_path / "forced" / multilabel.THRESHOLDS_FILE).exists()
+
+
 def test_set_metrics_on_single_label_data_say_so(toy_manifest, tmp_path, capsys):
     args = ["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), *FAST]
     assert main([*args, "--out", str(tmp_path / "a"), "--metric", "map"]) == 2

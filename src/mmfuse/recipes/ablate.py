@@ -33,7 +33,7 @@ from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.inference.predictor import evaluate_file
 from mmfuse.models.classifier import build_model
 from mmfuse.training.fit import fit
-from mmfuse.training.prep import load_splits
+from mmfuse.training.prep import forced_multilabel, load_splits
 
 log = logging.getLogger(__name__)
 VARIANTS = {"image": ["image"], "text": ["text"], "fusion": ["image", "text"]}
@@ -227,7 +227,7 @@ def _check_test_data(cfg: RunConfig, test: str | Path, test_captions: str | None
     """--test is read (not yet checked row by row) before three models are trained: a missing or malformed file, or
     a label the training data lacks, would otherwise stop the ablation only at its end (and a rerun then needed
     --overwrite). Labels are compared from the files alone; with --skip-bad, rows of unknown labels are skipped."""
-    sets = {"multi_label": cfg.data.multi_label or None, "label_sep": cfg.data.label_sep}  # read as training will
+    sets = {"multi_label": forced_multilabel(cfg), "label_sep": cfg.data.label_sep}  # read as training will
     test_labels = {x for r in read_data(test, test_captions, need_label=True, **sets)[0] for x in label_names(r)}
     if cfg.data.skip_bad:
         return

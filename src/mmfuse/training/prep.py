@@ -53,7 +53,7 @@ def load_records(
         skip_bad=d.skip_bad,
         skipped_csv=out / "skipped.csv",
         max_chars=cfg.model.max_length * CHARS_PER_TOKEN,
-        multi_label=multi_label or cfg.data.multi_label or None,
+        multi_label=multi_label or forced_multilabel(cfg),
         label_sep=d.label_sep,
     )
 
@@ -63,10 +63,16 @@ def is_multilabel(records: list[Record]) -> bool:
     return any(r.labels is not None for r in records)
 
 
+def forced_multilabel(cfg: RunConfig) -> bool | None:
+    """True when --multi-label was asked, else None (the data decides): a run's config.yaml records the task its own
+    data gave, which a config reused on other data must not impose."""
+    return True if cfg.data.multi_label and "multi_label" in cfg.asked.get("data", ()) else None
+
+
 def data_is_multilabel(cfg: RunConfig) -> bool:
     """Whether ``cfg``'s training data holds label sets, from the file alone (rows not checked): for what must know
     the task before any training reads the data (a search's objective)."""
-    if cfg.data.multi_label or cfg.data.label_sep:
+    if forced_multilabel(cfg) or cfg.data.label_sep:
         return True
     return is_multilabel(read_data(cfg.data.train, cfg.data.captions, need_label=False)[0])
 
