@@ -101,7 +101,11 @@ def test_thresholds_are_chosen_per_label_and_round_trip(tmp_path, rng):
     probs = np.stack([np.clip(0.1 + 0.25 * y[:, 0] + rng.normal(0, 0.05, 200), 0, 1), 0.2 + 0.6 * y[:, 1]], 1)
     chosen = multilabel.choose_thresholds(probs, y)
     assert chosen.values[0] < 0.5
-    assert (multilabel.predicted(probs, chosen)[:, 0] == y[:, 0]).mean() > (probs[:, 0] >= 0.5).__eq__(y[:, 0]).mean()
+    tuned, half = multilabel.predicted(probs, chosen)[:, 0], probs[:, 0] >= 0.5
+    assert (
+        metrics.multilabel_summary(y[:, :1], tuned[:, None])["micro_f1"]
+        > metrics.multilabel_summary(y[:, :1], half[:, None])["micro_f1"]
+    )  # the rare label's F1 gains from its own cut
     multilabel.write_thresholds(tmp_path / multilabel.THRESHOLDS_FILE, ["rare", "common"], chosen, "auto", "val")
     assert multilabel.read_thresholds(tmp_path, ["rare", "common"]) == chosen
     assert multilabel.read_thresholds(tmp_path / "none", ["a", "b"]).values == (0.5, 0.5)  # no file: 0.5 each
@@ -364,7 +368,10 @@ def test_a_checkpoint_of_one_task_does_not_resume_as_the_other():
 def test_a_multiclass_run_is_unchanged(head_run):
     assert not (head_run / multilabel.THRESHOLDS_FILE).exists()
     assert yaml.safe_load((head_run / "config.yaml").read_text())["data"]["multi_label"] is False
-    assert mmfuse.load(head_run).predict is not None and mmfuse.load(head_run).thresholds is None
+    loaded = mmfuse.load(head_run)
+    assert loaded.thresholds is None and not loaded.multi_label
+    got = loaded.predict([], [])  # no rows: still a single-label Prediction
+    assert got.sets is None and got.probs.shape == (0, len(loaded.classes))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
