@@ -49,10 +49,12 @@ DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: pr
 PREDICT_CHUNK = 4096
 TUNES = ("head", "text", "image", "all")
 AUGMENTS = ("none", "light", "strong")  # augment.py says what each does
-# What --metric can optimise; metrics.py registers a function (labels, probabilities -> score) against each name. The
-# multi-label work will add micro_f1 and map here.
-METRICS = ("weighted_f1", "macro_f1", "accuracy", "log_loss", "roc_auc", "pr_auc")
+# What --metric can optimise; metrics.py registers a function (labels, probabilities -> score) against each name.
+METRICS = ("weighted_f1", "macro_f1", "accuracy", "log_loss", "roc_auc", "pr_auc", "micro_f1", "map")
 BINARY_METRICS = ("roc_auc", "pr_auc")  # two classes only; a binary run's --metric defaults to roc_auc
+# Multi-label only; a multi-label run's --metric defaults to micro_f1. The others but BINARY_METRICS score it too
+# (accuracy: the exact-set match, F1s over its labels at a threshold of 0.5, log_loss: the binary cross-entropy).
+MULTILABEL_METRICS = ("micro_f1", "map")
 MAX_IMAGE_SIZE = 1024
 # Accelerate's trackers, by the name --track takes, with the module each needs.
 TRACKERS = {
@@ -133,10 +135,19 @@ class DataConfig:
     decode_each_epoch: bool = False
     """With --tune all, decode images every epoch instead of once into a uint8 cache ($MMFUSE_HOME/pixels)
     (towers whose preprocessing crops or pads always decode every epoch)."""
+    multi_label: bool = False
+    """Multi-label: each row holds a set of labels (a sigmoid per label, thresholds tuned on validation). A manifest's
+    labels column (cells such as cat|dog, or lists in JSONL and parquet) makes a run multi-label by itself; this
+    forces it for a label column. A trained run's config.yaml records it."""
+    label_sep: str | None = None
+    """Read the label column's cells as sets of labels split on this (e.g. ';'), which makes the run multi-label.
+    Default: a labels column's cells are split on |."""
 
     def __post_init__(self):
         if not 0.0 < self.val_split < 0.9:
             raise MmfuseError(f"--val-split must be between 0 and 0.9, got {self.val_split}")
+        if self.label_sep is not None and not self.label_sep.strip():
+            raise MmfuseError(f"--label-sep must be a character such as '|' or ';', got {self.label_sep!r}")
         if self.num_workers < 0:
             raise MmfuseError("--num-workers must be >= 0")
 
@@ -307,8 +318,9 @@ class TrainConfig:
     metric: str = "weighted_f1"
     """What to optimise: the kept epoch, the ensemble's greedy selection, a search's objective and a bag's headline
     score: weighted_f1, macro_f1 (every class counts the same: imbalanced data), accuracy, log_loss (ties in the
-    others go to the lower log loss), or for two classes roc_auc or pr_auc. Default: roc_auc for two classes,
-    weighted_f1 otherwise."""
+    others go to the lower log loss), for two classes roc_auc or pr_auc, for multi-label runs micro_f1 or map (mean
+    average precision over the labels). Default: roc_auc for two classes, micro_f1 for multi-label, weighted_f1
+    otherwise."""
     positive: str | None = None
     """With two classes: the label of the positive class, whose probability the threshold cuts and whose F1, ROC and
     precision-recall curves are reported. Default: the minority class (on a tie, the second in sorted order)."""

@@ -5,7 +5,9 @@ Three layouts:
 - a folder ``ROOT/<label>/<image files>`` (labels from sub-folder names; a flat folder of images is unlabeled),
   with text from a captions CSV (columns ``image``, ``text``) matched by relative path or unique file name;
 - a manifest ``.csv``, ``.jsonl`` or ``.parquet`` with columns ``image``, ``text`` and (optionally) ``label``,
-  image paths relative to the manifest's folder or absolute;
+  image paths relative to the manifest's folder or absolute; a ``labels`` column instead (or ``label`` with
+  ``--label-sep``, or ``--multi-label``) makes the data multi-label: each cell a set of labels joined by ``|`` (or a
+  list, in JSONL and parquet), read into ``Record.labels``;
 - a Hugging Face "imagefolder": a folder holding ``metadata.csv`` or ``metadata.jsonl``, a manifest whose image
   column is named ``file_name`` (as Hugging Face names it; ``image`` works too); without a ``label`` column, each
   image's class is its top folder, as in the folder layout.
@@ -26,14 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from mmfuse.data.images import IMAGE_SUFFIXES
-from mmfuse.data.records import Problem, Record, data_error
+from mmfuse.data.records import LABEL_SEP, Problem, Record, data_error
 from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 """The manifest of a Hugging Face imagefolder, found in the folder given as data."""
-COLUMNS = ("image", "text", "label")
+COLUMNS = ("image", "text", "label", "labels")
 _IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 # Names other tools give these columns: named in the error as renames to make, never read silently in their place.
 _ALIASES = {
@@ -196,18 +198,20 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _require_columns(columns: list[str], path: Path, needed: list[str], what: str = "") -> None:
+def _require_columns(columns: list[str], path: Path, needed: list[str], what: str = "", multi: bool = False) -> None:
     missing = [c for c in needed if c not in columns]
     if missing:
         what = what or (
             "Manifests need columns image, text and label (label is optional for predict; text for a model that "
             "uses no text, or was trained with --modality-dropout)."
         )
+        if multi:
+            what += " Multi-label data holds each row's labels in a labels column, joined by '|'."
         renames = [
             f"{found} to {want}"
             for want in missing
             for found in columns
-            if str(found).strip().lower() in _ALIASES[want]
+            if str(found).strip().lower() in _ALIASES.get(want, _ALIASES["label"])
         ]
         hint = f" Rename {', '.join(renames)}?" if renames else _header_hint(columns)
         raise MmfuseError(f"{path} is missing column(s) {missing}; it has {columns}.{hint} {what}")
@@ -225,10 +229,18 @@ def _header_hint(columns: list[str]) -> str:
 
 
 def read_manifest(
-    path: Path, need_label: bool, need_text: bool = False, imagefolder: bool = False
+    path: Path,
+    need_label: bool,
+    need_text: bool = False,
+    imagefolder: bool = False,
+    multi_label: bool | None = None,
+    label_sep: str | None = None,
 ) -> tuple[list[Record], list[Problem]]:
     """``need_text``: the text column must be there (captioning, an image-only model or one trained with modality
-    dropout can do without it). ``imagefolder``: ``path`` is an imagefolder's ``metadata.csv``/``.jsonl``."""
+    dropout can do without it). ``imagefolder``: ``path`` is an imagefolder's ``metadata.csv``/``.jsonl``.
+    ``multi_label``: True reads label sets (the ``labels`` column, else ``label``, split on ``label_sep`` or ``|``);
+    None decides by the data (a ``labels`` column, or ``label_sep`` given); False reads one label a row, as a
+    single-label run does (a ``labels`` column then is not read)."""
     columns, rows, problems = read_table(path)
     if not rows and not problems:
         raise MmfuseError(f"{path} has no data rows.")
@@ -236,15 +248,20 @@ def read_manifest(
         columns, rows = _imagefolder_columns(path, columns, rows)
         folder_labels = "label" not in columns  # the class is each image's top folder, as in the folder layout
         need_label = need_label and not folder_labels
+    if multi_label is None:
+        multi_label = "labels" in columns or label_sep is not None
+    label_col = "labels" if multi_label and "labels" in columns else "label"
     if rows or not problems:  # a .jsonl with no readable line has no columns to check: its lines are the error
-        _require_columns(columns, path, ["image"] + (["text"] if need_text else []) + (["label"] if need_label else []))
+        needed = ["image"] + (["text"] if need_text else []) + ([label_col] if need_label else [])
+        _require_columns(columns, path, needed, multi=multi_label)
     if rows and all(_embedded(r.get("image")) for r in rows):
         raise MmfuseError(
             f"{path}: column image holds the images themselves (bytes), as Hugging Face datasets export them, not "
             "paths to image files. Save each image to a file and list its path (relative to the manifest's folder, "
             "or absolute) in the image column."
         )
-    has_label = "label" in columns
+    has_label = label_col in columns
+    sep = label_sep or LABEL_SEP
     records = []
     folder, labels, text_cells = path.parent, {}, path.suffix.lower() == ".csv"
     for i, row in enumerate(rows):
@@ -255,21 +272,54 @@ def read_manifest(
             continue
         source = _cell(row.get("image")).strip()
         # A list or an object would otherwise be trained on as its Python repr, "['a', 'b']". (A CSV's cells are text.)
-        odd = [] if text_cells else [c for c in COLUMNS if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
+        read = COLUMNS if multi_label else COLUMNS[:3]  # a single-label read leaves a labels column alone
+        odd = [] if text_cells else [c for c in read if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
+        if multi_label and label_col in odd and not isinstance(row[label_col], dict):
+            odd.remove(label_col)  # a multi-label cell may hold its set as a list
         if odd:
             kind = {dict: "an object"}
-            problems += [Problem(n, source, f"{c} is {kind.get(type(row[c]), 'a list')}, not one value") for c in odd]
+            hint = {"label": " (a set of labels? pass --multi-label, or name the column labels)"}
+            problems += [
+                Problem(n, source, f"{c} is {kind.get(type(row[c]), 'a list')}, not one value{hint.get(c, '')}")
+                for c in odd
+            ]
             continue
         if "\x00" in source:  # no file name holds one, and the OS refuses to even look such a path up
             problems.append(Problem(n, source.replace("\x00", "\\x00"), "image path holds a NUL character (\\x00)"))
             continue
-        label = _cell(row.get("label")).strip() if has_label else None
+        names = None
+        if multi_label and has_label:
+            names, why = _label_set(row.get(label_col), sep)
+            if why:
+                problems.append(Problem(n, source, why))
+                continue
+            label = LABEL_SEP.join(names)
+        else:
+            label = _cell(row.get("label")).strip() if has_label else None
         if imagefolder and folder_labels:
             parts = _caption_key(source).split("/")
             label = parts[0] if len(parts) > 1 else None
+        if multi_label and names is None:
+            names = (label,) if label else None  # no label: an unlabeled row, as a single-label read has
+        if names is not None:
+            names = tuple(labels.setdefault(x, x) for x in names)
         label = labels.setdefault(label, label) if label else None  # one string per class, not one per row
-        records.append(Record(_image_path(source, folder), _cell(row.get("text")), label, n, source))
+        records.append(Record(_image_path(source, folder), _cell(row.get("text")), label, n, source, names))
     return records, problems
+
+
+def _label_set(value, sep: str) -> tuple[tuple[str, ...], str | None]:
+    """A multi-label cell's labels, sorted and each once: a list (JSONL, parquet) or text split on ``sep``; with the
+    reason the row is bad, or None."""
+    if isinstance(value, (list, tuple, set, np.ndarray)):
+        items = [_cell(v).strip() for v in value]
+    else:
+        items = [x.strip() for x in _cell(value).split(sep)]
+    names = tuple(sorted({x for x in items if x}))
+    joined = [x for x in names if LABEL_SEP in x]
+    if joined:  # the set is written joined by | in predictions and reports: a | inside a label would split it there
+        return names, f"label '{joined[0]}' holds '{LABEL_SEP}', which separates the labels of a set"
+    return names, None
 
 
 def _embedded(value) -> bool:
@@ -460,18 +510,27 @@ def _either(paths: list[Path]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def read_data(path: str | Path, captions: str | Path | None = None, need_label: bool = True, need_text: bool = False):
-    """Reads a folder or manifest into records, plus problems found while listing (empty classes)."""
+def read_data(
+    path: str | Path,
+    captions: str | Path | None = None,
+    need_label: bool = True,
+    need_text: bool = False,
+    multi_label: bool | None = None,
+    label_sep: str | None = None,
+):
+    """Reads a folder or manifest into records, plus problems found while listing (empty classes).
+    ``multi_label`` and ``label_sep``: how a manifest's labels are read (``read_manifest``)."""
     path = Path(path)
     if not path.exists():
         raise MmfuseError(f"Data not found: {path}{missing_hint(path)}")
+    ml = {"multi_label": multi_label, "label_sep": label_sep}
     if path.is_dir() and path.suffix.lower() == ".parquet":
-        return read_manifest(path, need_label, need_text)  # a partitioned parquet dataset is a folder of parts
+        return read_manifest(path, need_label, need_text, **ml)  # a partitioned parquet dataset is a folder of parts
     meta = metadata_file(path) if path.is_dir() else None
     if meta is not None:
         if captions:
             raise MmfuseError(f"--captions is for folders without text; {path} has its texts in {meta.name}.")
-        records, problems = read_manifest(meta, need_label, need_text, imagefolder=True)
+        records, problems = read_manifest(meta, need_label, need_text, imagefolder=True, **ml)
         if need_label and records and not any(r.label for r in records):
             raise MmfuseError(
                 f"{meta} has no label column and its images are not in class folders, so none has a label: add a "
@@ -479,7 +538,15 @@ def read_data(path: str | Path, captions: str | Path | None = None, need_label: 
             )
         return records, problems
     if path.is_dir():
-        return read_folder(path, read_captions(Path(captions)) if captions else None)
+        if (multi_label or label_sep is not None) and need_label:
+            raise MmfuseError(
+                f"{path} is a folder of class folders: one label an image. Multi-label data is a manifest "
+                "(.csv, .jsonl or .parquet) with a labels column holding each row's labels joined by '|'."
+            )
+        records, problems = read_folder(path, read_captions(Path(captions)) if captions else None)
+        for r in records if multi_label else ():  # a multi-label run predicting a folder: one label an image
+            r.labels = (r.label,) if r.label else None
+        return records, problems
     if captions:
         raise MmfuseError("--captions is for folder data; a manifest carries its own text column.")
     if path.suffix.lower() not in MANIFEST_SUFFIXES:
@@ -490,4 +557,4 @@ def read_data(path: str | Path, captions: str | Path | None = None, need_label: 
             ".xlsx": " Save the sheet as CSV.",
         }.get(path.suffix.lower(), "")
         raise MmfuseError(f"{path}: expected a folder or a manifest ending in {', '.join(MANIFEST_SUFFIXES)}.{hint}")
-    return read_manifest(path, need_label, need_text)
+    return read_manifest(path, need_label, need_text, **ml)

@@ -23,6 +23,19 @@ class Record:
     """Where the row came from: the manifest's 1-based data row, or the file's position in a folder listing."""
     source: str
     """The image as the user wrote it (relative path), for reports and predictions."""
+    labels: tuple[str, ...] | None = None
+    """A multi-label row's label set, sorted (``label`` then holds it joined by ``LABEL_SEP``); None: single-label."""
+
+
+LABEL_SEP = "|"
+"""How a label set is written as one string: in manifests' labels cells, predictions and reports."""
+
+
+def label_names(record: Record) -> tuple[str, ...]:
+    """The labels a row names: its set (multi-label), or its one label; () when it has none."""
+    if record.labels is not None:
+        return record.labels
+    return (record.label,) if record.label else ()
 
 
 @dataclass
