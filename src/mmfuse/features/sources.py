@@ -48,6 +48,7 @@ from mmfuse.features.cache import FeatureCache, PixelCache
 from mmfuse.features.cache_admin import describe_tower
 from mmfuse.models.pooling import TokenStates
 from mmfuse.models.towers.base import PixelSpec, Tower, image_pixels
+from mmfuse.models.towers.onnx_engine import engine
 from mmfuse.paths import mmfuse_home
 from mmfuse.progress import Progress
 
@@ -148,11 +149,12 @@ def _embedded(model, modality: str, records: list[Record], todo: list[int], batc
         return
     tower = model.build_tower(modality)
     tower.eval()
+    run = engine(tower, model.cfg.backend, device, len(todo))  # the tower itself, or its ONNX export on a CPU
     with Progress(len(todo), f"embedding {modality}s", unit=modality, show=show) as bar:
         for start in range(0, len(todo), batch_size):
             idx = todo[start : start + batch_size]
             inputs = tower.preprocess(_load_inputs([records[i] for i in idx], modality))
-            feats = tower(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy()
+            feats = run(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy()
             if model.cards[modality].sequence:  # keep only real tokens, in half precision: token states are 10-100x
                 lengths = inputs["attention_mask"].sum(1).tolist()
                 feats = [f[: int(n)].astype(np.float16) for f, n in zip(feats, lengths)]
