@@ -259,3 +259,22 @@ def test_packaged_towers_export_within_tolerance(name):
         real = batch["attention_mask"].bool()
         got, ref = got[real], ref[real]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_imagenet_tags_captioner_runs_lite0_in_onnxruntime(tmp_path):
+    from PIL import Image
+
+    from mmfuse.captioning.captioners import ImageNetTagsCaptioner
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)) for _ in range(4)]
+    ref = ImageNetTagsCaptioner(backend="torch")
+    assert ref(images) and onnx_engine._LOADED == {}
+    onnx = ImageNetTagsCaptioner(backend="onnx")
+    with torch.inference_mode():
+        pixels = onnx.tower.preprocess(images)["pixel_values"]
+        want = ref.tower.imagenet_logits(pixels)
+        got = onnx.tower.model._fc(engine(onnx.tower, "onnx")(pixel_values=pixels))
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+    assert onnx(images) == ref(images)

@@ -57,6 +57,7 @@ def create_app(
     max_items: int = MAX_ITEMS,
     max_pixels: int = MAX_PIXELS,
     device: str | None = None,
+    backend: str = "auto",
 ) -> FastAPI:
     """The serving app for one run directory; the model loads in the background once the app starts.
 
@@ -70,6 +71,8 @@ def create_app(
         max_items: most items in one JSON batch request.
         max_pixels: largest image in pixels (the training limit by default).
         device: torch device for the model (default: CUDA where available, else CPU).
+        backend: what runs the run's frozen towers (``Predictor``'s ``tower_backend``): auto (on a CPU, their ONNX
+            exports where already made, e.g. by training on this machine), torch, or onnx.
     """
     for name, value in (("max_batch", max_batch), ("queue_size", queue_size), ("max_items", max_items)):
         if value < 1:
@@ -87,7 +90,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(lambda: Predictor(run_dir, device=device), max_batch, max_wait_ms / 1000, queue_size, metrics)
+        load = lambda: Predictor(run_dir, device=device, tower_backend=backend)  # noqa: E731 (loaded in the model thread)
+        batcher = Batcher(load, max_batch, max_wait_ms / 1000, queue_size, metrics)
         state["batcher"] = batcher
         batcher.start()
         yield
