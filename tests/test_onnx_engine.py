@@ -16,6 +16,7 @@ from mmfuse.cli import main
 from mmfuse.config import ModelConfig
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import embed
+from mmfuse.inference.backends import run_towers
 from mmfuse.inference.predictor import Predictor
 from mmfuse.models.classifier import build_model
 from mmfuse.models.towers import build_text, build_vision, onnx_engine
@@ -213,11 +214,11 @@ def test_train_predict_and_evaluate_choose_the_engine_by_backend(tiny_vit_dir, t
 
     images = [str(p) for p in sorted(toy.rglob("*.png"))[:6]]
     texts = TEXTS + TEXTS[:2]
-    ref = Predictor(run, tower_backend="torch").predict(images, texts).probs
+    ref = run_towers(Predictor(run), "torch").predict(images, texts).probs
     auto = Predictor(run).predict(images, texts).probs  # auto, 6 inputs: not worth an export yet, so torch
     assert exports == [] and onnx_engine._LOADED == {}
     np.testing.assert_array_equal(auto, ref)
-    probs = Predictor(run, tower_backend="onnx").predict(images, texts).probs
+    probs = run_towers(Predictor(run), "onnx").predict(images, texts).probs
     assert len(exports) == 2 and len(list((mmfuse_home() / "onnx-towers").glob("*/tower.onnx"))) == 2
     np.testing.assert_allclose(probs, ref, atol=1e-4)
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from mmfuse import binary, calibration, metrics
 from mmfuse.captioning.pipeline import fill_missing_captions
-from mmfuse.config import DTYPES, TOWER_BACKENDS, RunConfig
+from mmfuse.config import DTYPES, RunConfig
 from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked, text_problem
 from mmfuse.data.images import load_image, to_rgb
 from mmfuse.data.read import read_data
@@ -80,36 +80,22 @@ class Predictor:
             probabilities in fp32; ``auto``: ``autocast`` on a GPU with bf16, else ``fp32``.
         compile: torch.compile the model (``mmfuse.models.compile.compile_model``: each encoder layer of the towers) for
             repeated large batches on a GPU; the first batch pays the compile.
-        tower_backend: what runs the run's frozen towers on inputs no feature cache holds (``ModelConfig.backend``):
-            auto (onnxruntime on a CPU, torch on a GPU), torch, or onnx (``models.towers.onnx_engine``). Tuned
-            towers run in torch.
     """
 
     backend = "torch"
 
-    def __init__(
-        self,
-        run_dir: str | Path,
-        device: str | None = None,
-        dtype: str = "auto",
-        compile: bool = False,
-        tower_backend: str = "auto",
-    ):
+    def __init__(self, run_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False):
         if dtype not in DTYPES:
             raise MmfuseError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if tower_backend not in TOWER_BACKENDS:
-            raise MmfuseError(f"tower_backend must be one of {list(TOWER_BACKENDS)}, got {tower_backend!r}")
         self.run_dir = Path(run_dir)
         self.device = check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.members: list[tuple[Predictor, float]] = []
         """An ensemble's members, each a predictor of its own, with their weights (empty for a run or a bag)."""
         self.temperature = temperature(self.run_dir)  # calibration.json's T, or 1.0: the model's own probabilities
         if (self.run_dir / ENSEMBLE_FILE).is_file():
-            self._load_ensemble(dtype, compile, tower_backend)
+            self._load_ensemble(dtype, compile)
             return
         self.models, self.cfg, self.classes = load_models(self.run_dir)
-        for model in self.models:  # how this process runs them, not how the run was trained
-            model.cfg = replace(model.cfg, backend=tower_backend)
         if dtype == "auto":
             dtype = "autocast" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.dtype = dtype
@@ -122,12 +108,12 @@ class Predictor:
             self.models = [compile_model(model) for model in self.models]
         self.decision = binary.read_decision(self.run_dir, self.classes)  # a binary run's threshold; None: the argmax
 
-    def _load_ensemble(self, dtype: str, compile: bool, tower_backend: str) -> None:
+    def _load_ensemble(self, dtype: str, compile: bool) -> None:
         run = check_run(self.run_dir)
         self.cfg = RunConfig.from_yaml(run / "config.yaml")
         self.classes = json.loads((run / "labels.json").read_text())
         for name, folder, weight in ensemble_members(run):
-            member = Predictor(folder, self.device, dtype, compile, tower_backend)
+            member = Predictor(folder, self.device, dtype, compile)
             if member.classes != self.classes:
                 raise MmfuseError(f"{run}: the member {name} predicts other classes than the ensemble's labels.json")
             self.members.append((member, weight))
@@ -298,18 +284,17 @@ class Predictor:
 
 
 def _encoded(model: MultimodalClassifier, batch: dict, memo: dict, tuned: Collection[str]) -> dict:
-    """``batch`` with the features of its raw inputs, each tower module run once (``memo``): a bag's models share
-    their frozen towers, so its K models cost one tower pass a batch, not K. A pooling keeps the raw input's mask.
-    The towers left frozen (not ``tuned``) run where ``model.cfg.backend`` says (``onnx_engine.engine``)."""
+    """``batch`` with the features of its raw inputs, each tower module run once (``memo``; the frozen ones, not
+    ``tuned``, where ``model.cfg.backend`` says: ``onnx_engine.engine``): a bag's models share their frozen towers, so
+    its K models cost one tower pass a batch, not K. A pooling keeps the raw input's mask."""
     out = dict(batch)
     for m in model.modalities:
         if batch.get(m) is not None and batch.get(f"{m}_feats") is None:
             tower = model.build_tower(m)
             if id(tower) not in memo:
-                device = model.missing[m].device
                 rows = len(next(iter(batch[m].values())))
-                run = tower if m in tuned else engine(tower, model.cfg.backend, device, rows)
-                memo[id(tower)] = run(**batch[m]).to(model.missing[m].device)
+                run = tower if m in tuned else engine(tower, model.cfg.backend, model.missing[m].device, rows)
+                memo[id(tower)] = run(**batch[m])
             out[f"{m}_feats"] = memo[id(tower)]
     return out
 
@@ -410,15 +395,9 @@ def _open(image: str | Path | Image.Image, i: int) -> Image.Image:
     return img
 
 
-def load(
-    run_dir: str | Path,
-    device: str | None = None,
-    dtype: str = "auto",
-    compile: bool = False,
-    tower_backend: str = "auto",
-) -> Predictor:
+def load(run_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False) -> Predictor:
     """Loads a run directory for prediction: ``mmfuse.load(RUN).predict(images, texts)``; options as ``Predictor``."""
-    return Predictor(run_dir, device, dtype, compile, tower_backend)
+    return Predictor(run_dir, device, dtype, compile)
 
 
 # Extensions of formats predict_file does not write (it writes CSV, whatever the name).
@@ -521,8 +500,7 @@ def evaluate_file(
     Rows are predicted ``chunk_size`` at a time. Under ``accelerate launch`` each process predicts one contiguous
     shard of whole chunks; the main process scores all rows, each once, and writes the reports one process writes.
     ``cache``: store what the feature caches miss (the default: a test set is scored again for every run trained,
-    unlike predict's one-off inputs). ``tower_backend``: what runs the frozen towers on rows the cache misses
-    (``Predictor``).
+    unlike predict's one-off inputs). ``tower_backend``: what runs its frozen towers (``ModelConfig.backend``).
     """
     check_chunk_size(chunk_size)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -536,7 +514,9 @@ def evaluate_file(
         # Its confusion_matrix.png would be read as an image of a class named after the folder next time.
         raise MmfuseError(f"--out {out_dir} is inside the data folder {data}; put the reports elsewhere.")
     procs = processes()
-    predictor = Predictor(run_dir, device=procs.device, dtype=dtype, compile=compile, tower_backend=tower_backend)
+    predictor = Predictor(run_dir, device=procs.device, dtype=dtype, compile=compile)
+    for model in predictor.models:  # how this process runs its frozen towers, not how the run was trained
+        model.cfg = replace(model.cfg, backend=tower_backend)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     skipped = out_dir / "skipped.csv"
     with procs.main_first():
