@@ -215,7 +215,8 @@ def test_train_predict_and_evaluate_choose_the_engine_by_backend(tiny_vit_dir, t
     images = [str(p) for p in sorted(toy.rglob("*.png"))[:6]]
     texts = TEXTS + TEXTS[:2]
     ref = run_towers(Predictor(run), "torch").predict(images, texts).probs
-    auto = Predictor(run).predict(images, texts).probs  # auto, 6 inputs: not worth an export yet, so torch
+    assert Predictor(run).models[0].cfg.backend == "torch"  # as trained, unless told otherwise
+    auto = run_towers(Predictor(run), "auto").predict(images, texts).probs  # 6 inputs: not worth an export yet
     assert exports == [] and onnx_engine._LOADED == {}
     np.testing.assert_array_equal(auto, ref)
     probs = run_towers(Predictor(run), "onnx").predict(images, texts).probs
@@ -223,7 +224,8 @@ def test_train_predict_and_evaluate_choose_the_engine_by_backend(tiny_vit_dir, t
     np.testing.assert_allclose(probs, ref, atol=1e-4)
 
     onnx_engine._LOADED.clear()  # a new process: auto now uses the exports made, for any number of inputs
-    np.testing.assert_allclose(Predictor(run).predict(images[:2], texts[:2]).probs, ref[:2], atol=1e-4)
+    two = run_towers(Predictor(run), "auto").predict(images[:2], texts[:2]).probs
+    np.testing.assert_allclose(two, ref[:2], atol=1e-4)
     assert len(onnx_engine._LOADED) == 2 and len(exports) == 2
     out = tmp_path / "eval"
     assert main(["evaluate", str(run), str(toy / "val.csv"), "--out", str(out), "--backend", "onnx"]) == 0
@@ -279,3 +281,13 @@ def test_the_imagenet_tags_captioner_runs_lite0_in_onnxruntime(tmp_path):
         got = onnx.tower.model._fc(engine(onnx.tower, "onnx")(pixel_values=pixels))
     torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
     assert onnx(images) == ref(images)
+
+
+def test_a_home_that_cannot_be_written_keeps_torch(text_tower, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MMFUSE_HOME", str(blocker))  # onnx-towers/ cannot be made under a file
+    assert engine(text_tower, "auto") is text_tower
+    with pytest.raises(MmfuseError, match="could not be written or read"):
+        onnx_engine._REFUSED.clear()
+        engine(text_tower, "onnx")

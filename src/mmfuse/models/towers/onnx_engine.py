@@ -156,7 +156,9 @@ def engine(
             log.debug("the %s tower %s runs in torch: %d inputs do not pay for its export", tower.modality, name, items)
             return tower
         run = OnnxTower(tower, path)
-    except Refused as e:
+    except (Refused, OSError) as e:
+        if isinstance(e, OSError):  # a home that cannot be written (read-only, full): nothing is recorded there
+            e = Refused(f"{folder(tower)} could not be written or read ({e})")
         if backend == "onnx":
             raise MmfuseError(
                 f"--backend onnx: the ONNX export of the {tower.modality} tower {name} was refused: {e}. Pass "
