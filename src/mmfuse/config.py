@@ -43,6 +43,8 @@ PACKAGED_TOWERS = {
 # the registry in captioners.py builds exactly these (tests/test_startup.py checks it).
 DEFAULT_CAPTIONER = "nlpconnect/vit-gpt2-image-captioning"
 PACKAGED_CAPTIONERS = ("imagenet-tags", "imagenet-tags-lite2")
+# What runs frozen towers (models.towers.onnx_engine): auto (onnxruntime on a CPU, torch on a GPU), torch or onnx.
+TOWER_BACKENDS = ("auto", "torch", "onnx")
 DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: predict.Predictor says which is which
 # Rows predict holds at a time (mmfuse.inference.stream): a few GPU batches; ~0.6 GB of 224-px pixels for a tuned
 # vision tower
@@ -187,6 +189,11 @@ class ModelConfig:
     """Probability of blanking one modality per training sample, so the model copes when one is missing."""
     trust_remote_code: bool = False
     """Allow hub models that ship their own code. Off unless asked: it runs code from the model repository."""
+    backend: str = "auto"
+    """What runs the frozen towers (the embedding pass, and inputs predict finds in no cache): auto (onnxruntime on a
+    CPU where it is installed, each tower exported to ONNX once, by the first pass of 256+ inputs, and checked against
+    torch; torch on a GPU), torch, or onnx (onnxruntime or an error). Features from either agree within 1e-4 and
+    share one cache."""
 
     def __post_init__(self):
         if self.vision_pooling not in POOLINGS:
@@ -222,6 +229,8 @@ class ModelConfig:
             raise MmfuseError("--dropout and --input-dropout must be in [0, 1)")
         if self.max_length < 2:
             raise MmfuseError("--max-length must be >= 2")
+        if self.backend not in TOWER_BACKENDS:
+            raise MmfuseError(f"--backend must be one of {list(TOWER_BACKENDS)}, got {self.backend!r}")
 
 
 @dataclass

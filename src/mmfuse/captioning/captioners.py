@@ -27,6 +27,7 @@ from mmfuse.data.images import load_image
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import cached_pixels, decode_resized, pixel_cache
 from mmfuse.models.towers import EfficientNetLiteTower, PixelSpec, _hf_load, normalize, packaged_towers
+from mmfuse.models.towers.onnx_engine import engine
 
 _CAPTIONERS: dict[str, Callable[..., Captioner]] = {}
 
@@ -87,10 +88,18 @@ def tags_caption(names: Sequence[str]) -> str:
 
 
 class ImageNetTagsCaptioner(Captioner):
-    """The packaged EfficientNet-Lite's top-k ImageNet labels as a caption; needs no network."""
+    """The packaged EfficientNet-Lite's top-k ImageNet labels as a caption; needs no network. The tower runs where
+    ``backend`` says (``onnx_engine.engine``: on a CPU, its ONNX export, which train's embedding pass shares), and
+    its ImageNet classifier layer in torch."""
 
-    def __init__(self, tower: str = "efficientnet-lite0", k: int = 3, device: str | torch.device | None = None):
-        self.name, self.k = tower, k
+    def __init__(
+        self,
+        tower: str = "efficientnet-lite0",
+        k: int = 3,
+        device: str | torch.device | None = None,
+        backend: str = "auto",
+    ):
+        self.name, self.k, self.backend = tower, k, backend
         self.device = default_device(device)
         self.tower = EfficientNetLiteTower(tower).to(self.device)
         self.tower.freeze()
@@ -100,7 +109,9 @@ class ImageNetTagsCaptioner(Captioner):
     def top_classes(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """ImageNet class indices, best first, shape (batch, k)."""
         pixels = self.tower.preprocess(images)["pixel_values"].to(self.device)
-        return self.tower.imagenet_logits(pixels).topk(self.k, dim=-1).indices.cpu()
+        run = engine(self.tower, self.backend, self.device, len(images))
+        logits = self.tower.model._fc(run(pixel_values=pixels).to(self.device))
+        return logits.topk(self.k, dim=-1).indices.cpu()
 
     def __call__(self, images: Sequence[Image.Image]) -> list[str]:
         return [tags_caption([self.names[i] for i in row]) for row in self.top_classes(images).tolist()]

@@ -28,7 +28,8 @@ def cmd_evaluate(args) -> int:
     if (out / "metrics.json").is_file() and not is_run(out):  # a run there is refused, with its own reason, below
         refuse_existing(out, "an earlier evaluation (metrics.json, the confusion matrix, errors.csv)", args.overwrite)
     with no_empty_folders(out):
-        report = evaluate_file(args.run, args.data, args.out, **scoring(args), **speed(args))
+        options = {**scoring(args), **speed(args), "tower_backend": args.backend}
+        report = evaluate_file(args.run, args.data, args.out, **options)
     if not main_process():
         return 0  # under accelerate launch, the main process reports for all
     print_report(report)

@@ -12,6 +12,7 @@ from mmfuse.config import (
     DTYPES,
     PREDICT_CHUNK,
     PRESETS,
+    TOWER_BACKENDS,
     DataConfig,
     ModelConfig,
     RunConfig,
@@ -147,6 +148,19 @@ def scoring_flags(p: argparse.ArgumentParser, verb: str) -> None:
         help="auto: bf16 autocast on a GPU, fp32 on CPU; bf16: weights cast to bf16 once (faster on a GPU)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile each encoder layer (GPU; pays a compile once)")
+    p.add_argument(
+        "--backend",
+        choices=TOWER_BACKENDS,
+        default="auto",
+        help="what runs the run's frozen towers on inputs no cache holds: auto (onnxruntime on a CPU, each tower "
+        "exported once and checked against torch; torch on a GPU), torch, or "
+        + (
+            "onnx (onnxruntime, or an error)"
+            if verb == "evaluate"
+            else "onnx: the whole run as the graph mmfuse export wrote (needs mmfuse[export]; --dtype and --compile do "
+            "not apply)"
+        ),
+    )
     p.add_argument(
         "--chunk-size",
         type=int,

@@ -18,12 +18,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="folder or manifest")
     p.add_argument("--out", required=True, help="predictions CSV to write")
     scoring_flags(p, "predict")
-    p.add_argument(
-        "--backend",
-        choices=("torch", "onnx"),
-        default="torch",
-        help="onnx: the graph mmfuse export wrote (needs mmfuse[export]; --dtype and --compile do not apply)",
-    )
     p.add_argument("--onnx", metavar="DIR", help="the export to run with --backend onnx (default RUN/export)")
     p.add_argument(
         "--resume",

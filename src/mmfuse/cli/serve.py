@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 
 from mmfuse.cli.flags import HelpFormatter
+from mmfuse.config import TOWER_BACKENDS
 from mmfuse.errors import MmfuseError
 from mmfuse.rundir.layout import check_run
 
@@ -26,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-size", type=int, default=1024, help="most rows waiting; more are answered 503")
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body (413 past it)")
     p.add_argument("--device", help="torch device, e.g. cuda:1 or cpu (None: cuda when available)")
+    p.add_argument(
+        "--backend",
+        choices=TOWER_BACKENDS,
+        default="auto",
+        help="what runs the run's frozen towers: auto (on a CPU, their ONNX exports where already made, e.g. by "
+        "training here; torch on a GPU), torch, or onnx (each exported once, or an error)",
+    )
     p.set_defaults(fn=cmd_serve)
 
 
@@ -47,4 +55,5 @@ def cmd_serve(args) -> int:
         queue_size=args.queue_size,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         device=args.device,
+        backend=args.backend,
     )

@@ -48,6 +48,7 @@ from mmfuse.features.cache import FeatureCache, PixelCache
 from mmfuse.features.cache_admin import describe_tower
 from mmfuse.models.pooling import TokenStates
 from mmfuse.models.towers.base import PixelSpec, Tower, image_pixels
+from mmfuse.models.towers.onnx_engine import engine
 from mmfuse.paths import mmfuse_home
 from mmfuse.progress import Progress
 
@@ -143,16 +144,30 @@ def embed(
 
 def _embedded(model, modality: str, records: list[Record], todo: list[int], batch_size: int, device, show: bool):
     """(rows, their features) for each batch of the rows ``todo``, embedded by the modality's tower (built only if
-    needed)."""
+    needed), where ``model.cfg.backend`` says (``onnx_engine.engine``).
+
+    Texts go in order of length, so each batch, padded to its longest, pads little (the rows say where each feature
+    goes). The next batch is decoded and preprocessed in a thread while the tower runs this one: PIL, the tokenizer
+    and onnxruntime all release the GIL."""
     if not todo:
         return
     tower = model.build_tower(modality)
     tower.eval()
-    with Progress(len(todo), f"embedding {modality}s", unit=modality, show=show) as bar:
-        for start in range(0, len(todo), batch_size):
-            idx = todo[start : start + batch_size]
-            inputs = tower.preprocess(_load_inputs([records[i] for i in idx], modality))
-            feats = tower(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy()
+    run = engine(tower, model.cfg.backend, device, len(todo))  # the tower itself, or its ONNX export on a CPU
+    if modality == "text":
+        todo = sorted(todo, key=lambda i: len(records[i].text))
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+
+    def prepare(idx: list[int]) -> dict:
+        return tower.preprocess(_load_inputs([records[i] for i in idx], modality))
+
+    with Progress(len(todo), f"embedding {modality}s", unit=modality, show=show) as bar, ThreadPoolExecutor(1) as ahead:
+        pending = ahead.submit(prepare, batches[0])
+        for n, idx in enumerate(batches):
+            inputs = pending.result()
+            if n + 1 < len(batches):
+                pending = ahead.submit(prepare, batches[n + 1])
+            feats = run(**{k: v.to(device) for k, v in inputs.items()}).float().cpu().numpy()
             if model.cards[modality].sequence:  # keep only real tokens, in half precision: token states are 10-100x
                 lengths = inputs["attention_mask"].sum(1).tolist()
                 feats = [f[: int(n)].astype(np.float16) for f, n in zip(feats, lengths)]

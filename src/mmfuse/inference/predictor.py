@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from mmfuse.inference.stream import (
 from mmfuse.inference.trained_on import warn_if_trained_on
 from mmfuse.models.classifier import MultimodalClassifier
 from mmfuse.models.compile import compile_model
+from mmfuse.models.towers.onnx_engine import engine
 from mmfuse.paths import mmfuse_home
 from mmfuse.rundir.layout import ENSEMBLE_FILE, RUN_FILES, check_run, ensemble_members, is_run, temperature
 from mmfuse.rundir.weights import load_models
@@ -267,7 +268,7 @@ class Predictor:
     def _outputs(self, batch: dict, models: list[MultimodalClassifier]) -> list[torch.Tensor]:
         batch, memo = {k: self._to_device(v) for k, v in batch.items()}, {}
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.dtype == "autocast"):
-            return [model(**_encoded(model, batch, memo)) for model in models]
+            return [model(**_encoded(model, batch, memo, self.cfg.tuned)) for model in models]
 
     def _to_device(self, v):
         if isinstance(v, dict):
@@ -302,15 +303,18 @@ class Predictor:
         return load_inputs(self, data, captions, need_label, skip_bad, skipped_csv)
 
 
-def _encoded(model: MultimodalClassifier, batch: dict, memo: dict) -> dict:
-    """``batch`` with the features of its raw inputs, each tower module run once (``memo``): a bag's models share
-    their frozen towers, so its K models cost one tower pass a batch, not K. A pooling keeps the raw input's mask."""
+def _encoded(model: MultimodalClassifier, batch: dict, memo: dict, tuned: Collection[str]) -> dict:
+    """``batch`` with the features of its raw inputs, each tower module run once (``memo``; the frozen ones, not
+    ``tuned``, where ``model.cfg.backend`` says: ``onnx_engine.engine``): a bag's models share their frozen towers, so
+    its K models cost one tower pass a batch, not K. A pooling keeps the raw input's mask."""
     out = dict(batch)
     for m in model.modalities:
         if batch.get(m) is not None and batch.get(f"{m}_feats") is None:
             tower = model.build_tower(m)
             if id(tower) not in memo:
-                memo[id(tower)] = model.encode(m, batch[m])
+                rows = len(next(iter(batch[m].values())))
+                run = tower if m in tuned else engine(tower, model.cfg.backend, model.missing[m].device, rows)
+                memo[id(tower)] = run(**batch[m])
             out[f"{m}_feats"] = memo[id(tower)]
     return out
 
@@ -511,6 +515,7 @@ def evaluate_file(
     compile=False,
     chunk_size: int = DEFAULT_CHUNK,
     cache: bool = True,
+    tower_backend: str = "auto",
 ) -> dict:
     """Scores a run on labelled data; writes metrics.json, the confusion matrix (CSV, PNG) and the misclassified rows
     (errors.csv, errors.html) to ``out_dir``.
@@ -518,7 +523,7 @@ def evaluate_file(
     Rows are predicted ``chunk_size`` at a time. Under ``accelerate launch`` each process predicts one contiguous
     shard of whole chunks; the main process scores all rows, each once, and writes the reports one process writes.
     ``cache``: store what the feature caches miss (the default: a test set is scored again for every run trained,
-    unlike predict's one-off inputs).
+    unlike predict's one-off inputs). ``tower_backend``: what runs its frozen towers (``ModelConfig.backend``).
     """
     check_chunk_size(chunk_size)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -533,6 +538,8 @@ def evaluate_file(
         raise MmfuseError(f"--out {out_dir} is inside the data folder {data}; put the reports elsewhere.")
     procs = processes()
     predictor = Predictor(run_dir, device=procs.device, dtype=dtype, compile=compile)
+    for model in predictor.models:  # how this process runs its frozen towers, not how the run was trained
+        model.cfg = replace(model.cfg, backend=tower_backend)
     out_dir = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     skipped = out_dir / "skipped.csv"
     with procs.main_first():

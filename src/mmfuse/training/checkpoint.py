@@ -48,6 +48,7 @@ FREE_KEYS = {
     "checkpoint_every",
     "keep_checkpoints",
     "num_workers",
+    "backend",
     "skip_bad",
     "train",
     "val",

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mmfuse import __version__
 from mmfuse.data.images import MAX_PIXELS
 from mmfuse.errors import MmfuseError
+from mmfuse.inference.backends import run_towers
 from mmfuse.inference.predictor import Predictor
 from mmfuse.inference.serve.batching import QUEUE_ROWS, Batcher, Metrics
 from mmfuse.inference.serve.requests import (
@@ -57,6 +58,7 @@ def create_app(
     max_items: int = MAX_ITEMS,
     max_pixels: int = MAX_PIXELS,
     device: str | None = None,
+    backend: str = "auto",
 ) -> FastAPI:
     """The serving app for one run directory; the model loads in the background once the app starts.
 
@@ -70,6 +72,8 @@ def create_app(
         max_items: most items in one JSON batch request.
         max_pixels: largest image in pixels (the training limit by default).
         device: torch device for the model (default: CUDA where available, else CPU).
+        backend: what runs the run's frozen towers (``backends.run_towers``): auto (on a CPU, their ONNX
+            exports where already made, e.g. by training on this machine), torch, or onnx.
     """
     for name, value in (("max_batch", max_batch), ("queue_size", queue_size), ("max_items", max_items)):
         if value < 1:
@@ -87,7 +91,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher = Batcher(lambda: Predictor(run_dir, device=device), max_batch, max_wait_ms / 1000, queue_size, metrics)
+        load = lambda: run_towers(Predictor(run_dir, device=device), backend)  # noqa: E731 (loaded in the model thread)
+        batcher = Batcher(load, max_batch, max_wait_ms / 1000, queue_size, metrics)
         state["batcher"] = batcher
         batcher.start()
         yield
