@@ -240,7 +240,7 @@ def test_auto_exports_for_a_pass_large_enough(tiny_vit_dir, tiny_roberta_dir, tm
     model = build_model(ModelConfig(vision=str(tiny_vit_dir), text=str(tiny_roberta_dir), text_pooling="mean"), 2)
     embed(model.eval(), "text", records, None, show=False)
     assert exports == []  # 12 texts: torch
-    monkeypatch.setattr(onnx_engine, "AUTO_EXPORT_ITEMS", 12)
+    monkeypatch.setitem(onnx_engine.AUTO_EXPORT_ITEMS, "text", 12)
     embed(model, "text", records, None, show=False)
     assert len(exports) == 1 and len(onnx_engine._LOADED) == 1
 

@@ -191,9 +191,9 @@ class ModelConfig:
     """Allow hub models that ship their own code. Off unless asked: it runs code from the model repository."""
     backend: str = "auto"
     """What runs the frozen towers (the embedding pass, and inputs predict finds in no cache): auto (onnxruntime on a
-    CPU where it is installed, each tower exported to ONNX once, by the first pass of 256+ inputs, and checked against
-    torch; torch on a GPU), torch, or onnx (onnxruntime or an error). Features from either agree within 1e-4 and
-    share one cache."""
+    CPU where it is installed, each tower exported to ONNX once, by the first pass of 256+ images or 2,000+ texts,
+    and checked against torch; torch on a GPU), torch, or onnx (onnxruntime or an error). Features from either agree
+    within 1e-4 and share one cache."""
 
     def __post_init__(self):
         if self.vision_pooling not in POOLINGS:

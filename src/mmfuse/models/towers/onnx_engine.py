@@ -53,10 +53,12 @@ PARITY_TEXTS = (
     "two dogs play in the park on a sunny afternoon, chasing a red ball across the wet grass",
     "x",
 )
-AUTO_EXPORT_ITEMS = 256
-"""Under auto, a tower with no export yet is exported only for a pass of at least this many inputs: the export costs
-5-40 s once (MiniLM 13 s, on 2 cores), which a few inputs do not win back (a pass of 256 images through Lite0 saves
-about 5 s). Smaller passes use an export already made, or torch."""
+AUTO_EXPORT_ITEMS = {"image": 256, "text": 2000}
+"""Under auto, a tower with no export yet is exported only for a pass of at least this many inputs of its modality:
+the export and its parity check cost 20-40 s once on 2 cores (measured at load 7: Lite0 24 s, MiniLM 20 s, mpnet
+41 s), which a pass must win back. onnxruntime runs Lite0 about 5x torch's speed, so 256 images pay for it; the text
+towers only 1.2-1.6x (bench/cpu.py), so a pass of 500 short texts (the default ensemble on 500 rows, cold) would lose
+time to the export. Smaller passes use an export already made, or torch."""
 _LOADED: dict[str, OnnxTower] = {}
 """Sessions already made in this process, by tower fingerprint: a bag's members and every batch share one."""
 _REFUSED: dict[str, str] = {}
@@ -129,8 +131,8 @@ def engine(
     """What runs the frozen ``tower`` (built from its card: its weights are the ones its fingerprint names): itself,
     or its checked ONNX export in onnxruntime.
 
-    ``items``: how many inputs the caller has for it; under auto, fewer than ``AUTO_EXPORT_ITEMS`` use an export only
-    where one is already made (None: enough).
+    ``items``: how many inputs the caller has for it; under auto, fewer than ``AUTO_EXPORT_ITEMS`` of its modality
+    use an export only where one is already made (None: enough).
 
     A tower in another precision than float32 (a bf16 predictor's) stays in torch: its features are kept apart
     from float32 ones, and the export computes in float32.
@@ -150,7 +152,7 @@ def engine(
     try:
         if fingerprint in _REFUSED:
             raise Refused(_REFUSED[fingerprint])
-        few = backend == "auto" and items is not None and items < AUTO_EXPORT_ITEMS
+        few = backend == "auto" and items is not None and items < AUTO_EXPORT_ITEMS[tower.modality]
         path = _checked(folder(tower)) if few else load_or_export(tower)
         if path is None:
             log.debug("the %s tower %s runs in torch: %d inputs do not pay for its export", tower.modality, name, items)
