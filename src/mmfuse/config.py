@@ -23,6 +23,9 @@ from mmfuse.parsing import parse_class_weight, parse_duration, parse_threshold
 
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
+# A model's inputs may also include tabular columns (``--tabular-columns``), a third input to the fusion head.
+INPUTS = (*MODALITIES, "tabular")
+TABULAR_KINDS = ("num", "cat")  # --tabular-columns size:num section:cat forces a column's kind
 POOLINGS = ("cls", "mean")
 # Text towers may also hand their token states to a pooling learned with the head (pooling.AttentionPool).
 TEXT_POOLINGS = (*POOLINGS, "attention")
@@ -171,7 +174,17 @@ class ModelConfig:
     input_dropout: float = 0.2
     """Dropout on each modality's normalised features as they enter the fusion head."""
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    """Which modalities the model uses: image, text or both (the ablation trains each)."""
+    """Which modalities the model uses: image, text or both, and tabular with --tabular-columns (the ablation trains
+    each)."""
+    image_columns: list[str] = field(default_factory=list)
+    """Manifest columns that each hold an image (e.g. image_front image_back), each through the one vision tower;
+    default: the column image. A cell may be empty."""
+    text_columns: list[str] = field(default_factory=list)
+    """Manifest columns that each hold a text (e.g. title description), each through the one text tower; default: the
+    column text. A cell may be empty."""
+    tabular_columns: list[str] = field(default_factory=list)
+    """Manifest columns of numbers (standardised, with a missing-value indicator) or categories (embedded), a third
+    input to the fusion head; each kind is inferred from the training rows, or forced as name:num or name:cat."""
     modality_dropout: float = 0.0
     """Probability of blanking one modality per training sample, so the model copes when one is missing."""
     trust_remote_code: bool = False
@@ -184,8 +197,11 @@ class ModelConfig:
             raise MmfuseError(f"--text-pooling must be one of {TEXT_POOLINGS}, got {self.text_pooling!r}")
         if self.fusion not in FUSION_HEADS:
             raise MmfuseError(f"--fusion must be one of {list(FUSION_HEADS)}, got {self.fusion!r}")
-        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
-            raise MmfuseError(f"--modalities must be image, text or both, got {self.modalities}")
+        if not self.modalities or any(m not in INPUTS for m in self.modalities):
+            raise MmfuseError(f"--modalities must be image, text or both (or tabular), got {self.modalities}")
+        if "tabular" in self.modalities and not self.tabular_columns:
+            raise MmfuseError("--modalities tabular needs the columns: pass --tabular-columns NAME [NAME ...]")
+        self._check_columns()
         if len(set(self.modalities)) != len(self.modalities):  # a repeat would feed one tower's features twice
             raise MmfuseError(f"--modalities names a modality twice: {self.modalities}")
         if not 0.0 <= self.modality_dropout < 1.0:
@@ -211,6 +227,50 @@ class ModelConfig:
             raise MmfuseError("--dropout and --input-dropout must be in [0, 1)")
         if self.max_length < 2:
             raise MmfuseError("--max-length must be >= 2")
+
+    def _check_columns(self) -> None:
+        named = [*self.image_columns, *self.text_columns, *(tabular_kind(c)[0] for c in self.tabular_columns)]
+        if any(not c.strip() for c in named):
+            raise MmfuseError("--image-columns, --text-columns and --tabular-columns take non-empty column names")
+        twice = sorted({c for c in named if named.count(c) > 1})
+        if twice:
+            raise MmfuseError(f"column(s) {twice} are named twice among --image/--text/--tabular-columns; name each once")
+        if "label" in named:
+            raise MmfuseError("label is the target column; it cannot also be an input column")
+
+    @property
+    def columns(self) -> bool:
+        """Whether the model reads named columns (--image-columns, --text-columns, --tabular-columns) rather than
+        the one image and one text of every other run."""
+        return bool(self.image_columns or self.text_columns or self.tabular_columns)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One input of the fusion head: a column through its modality's tower (or the tabular columns together)."""
+
+    name: str
+    """Its key in a batch and in the model's weights: the modality itself for a run of one image and one text;
+    image0, image1, text0..., tabular for a run with columns."""
+    modality: str
+    column: str
+    """The manifest column it reads ('' for tabular, which reads all of --tabular-columns)."""
+
+
+def input_slots(m: ModelConfig) -> list[Slot]:
+    """The fusion head's inputs, in order. One per modality for a run without columns (the names and weights of every
+    run before columns existed); with columns, one per image and text column (in the order given), then tabular."""
+    if not m.columns:
+        return [Slot(x, x, x) for x in m.modalities]
+    named = {"image": m.image_columns or ["image"], "text": m.text_columns or ["text"]}
+    slots = [Slot(f"{x}{i}", x, c) for x in MODALITIES if x in m.modalities for i, c in enumerate(named[x])]
+    return slots + [Slot("tabular", "tabular", "")] * ("tabular" in m.modalities)
+
+
+def tabular_kind(spec: str) -> tuple[str, str | None]:
+    """A --tabular-columns entry as (column, kind): size:num is (size, num); a plain name's kind is inferred (None)."""
+    name, _, kind = spec.rpartition(":")
+    return (name, kind) if name and kind in TABULAR_KINDS else (spec, None)
 
 
 @dataclass
@@ -412,7 +472,7 @@ class RunConfig:
     def tuned(self) -> list[str]:
         """The modalities whose towers are fine-tuned; the others' features are computed once and cached."""
         tune = self.train.tune
-        return [m for m in self.model.modalities if tune == "all" or tune == m]
+        return [m for m in self.model.modalities if m in MODALITIES and (tune == "all" or tune == m)]
 
     def updated(self, changes: dict[str, dict]) -> RunConfig:
         """This config with ``changes`` ({section: {key: value}}) applied and recorded as asked. A default that
@@ -515,6 +575,16 @@ def resolve(cfg: RunConfig) -> RunConfig:
     t.lr = (LORA_LR if t.lora else lr) if t.lr is None else t.lr
     t.lora_alpha = 2.0 * t.lora if t.lora and t.lora_alpha is None else t.lora_alpha
     t.head_lr = (head_lr or t.lr) if t.head_lr is None else t.head_lr
+    if m.image_columns and "image" in cfg.tuned:
+        raise MmfuseError(
+            f"--tune {t.tune} with --image-columns is not supported yet (an empty image cell has no pixels to tune "
+            "on): the columns' images go through the frozen vision tower with --tune head or --tune text."
+        )
+    if m.columns and cfg.data.caption_missing:
+        raise MmfuseError(
+            "--caption-missing is not supported yet with --image-columns, --text-columns or --tabular-columns: an "
+            "empty text cell is masked (pass --modality-dropout 0.1 or so to train for that)."
+        )
     image_tuned = "image" in cfg.tuned
     if t.augment not in (None, "none") and not image_tuned:
         # Without a vision tower (a text-only run of an ablation) there is nothing to refuse.
@@ -529,6 +599,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         t.augment = "light" if image_tuned else "none"
     if m.image_size is None:
         m.image_size = PACKAGED_TOWERS.get(m.vision, {}).get("image_size")
+    if m.tabular_columns and "tabular" not in m.modalities and "modalities" not in cfg.asked.get("model", ()):
+        m.modalities.append("tabular")  # the columns asked for are an input unless --modalities leaves them out
     text = PACKAGED_TOWERS.get(m.text, {})
     m.text_pooling = m.text_pooling or text.get("text_pooling", "cls")
     if m.text_layer_mean is None:

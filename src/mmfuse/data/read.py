@@ -21,12 +21,13 @@ import logging
 import os
 import sys
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 
 from mmfuse.data.images import IMAGE_SUFFIXES
-from mmfuse.data.records import Problem, Record, data_error
+from mmfuse.data.records import Columns, Problem, Record, data_error
 from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,12 @@ def _decode(path: Path) -> str:
     return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
 
-def read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
+def read_table(path: Path, extra: Collection[str] = ()) -> tuple[list[str], list[dict], list[Problem]]:
     """A manifest's columns, its rows (each with ``_row``: the data row, or the line of a .jsonl) and the rows that
     could not be read at all (a CSV row with more or fewer cells than the header, a line that is not JSON).
 
-    pandas only for parquet: importing it costs half a second of every command.
+    pandas only for parquet: importing it costs half a second of every command. ``extra``: columns read besides
+    image, text and label (a model's named columns), where a format reads only the columns it is asked for.
     """
     rows, problems = [], []
     suffix = path.suffix.lower()
@@ -142,7 +144,7 @@ def read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
 
             # Only the columns mmfuse reads: a wide table's other columns would cost memory for every row.
             names = _parquet_columns(path)
-            wanted = [c for c in names if _column(c) in COLUMNS] if names else None
+            wanted = [c for c in names if _column(c) in COLUMNS or c in extra] if names else None
             df = pd.read_parquet(path, columns=wanted) if wanted else pd.read_parquet(path)
             columns = _columns([str(c) for c in (names if names and not wanted else df.columns)], path)
             # Bytes are decoded per cell, not written back into the frame: pandas' Arrow-backed strings refuse the
@@ -207,7 +209,7 @@ def _require_columns(columns: list[str], path: Path, needed: list[str], what: st
             f"{found} to {want}"
             for want in missing
             for found in columns
-            if str(found).strip().lower() in _ALIASES[want]
+            if str(found).strip().lower() in _ALIASES.get(want, ())
         ]
         hint = f" Rename {', '.join(renames)}?" if renames else _header_hint(columns)
         raise MmfuseError(f"{path} is missing column(s) {missing}; it has {columns}.{hint} {what}")
@@ -225,13 +227,16 @@ def _header_hint(columns: list[str]) -> str:
 
 
 def read_manifest(
-    path: Path, need_label: bool, need_text: bool = False, imagefolder: bool = False
+    path: Path, need_label: bool, need_text: bool = False, imagefolder: bool = False, named: Columns | None = None
 ) -> tuple[list[Record], list[Problem]]:
     """``need_text``: the text column must be there (captioning, an image-only model or one trained with modality
-    dropout can do without it). ``imagefolder``: ``path`` is an imagefolder's ``metadata.csv``/``.jsonl``."""
-    columns, rows, problems = read_table(path)
+    dropout can do without it). ``imagefolder``: ``path`` is an imagefolder's ``metadata.csv``/``.jsonl``.
+    ``named``: a model's named columns, read into each record's ``cells`` (``_read_columns``)."""
+    columns, rows, problems = read_table(path, named.names if named else ())
     if not rows and not problems:
         raise MmfuseError(f"{path} has no data rows.")
+    if named is not None:
+        return _read_columns(path, named, need_label, columns, rows, problems)
     if imagefolder:
         columns, rows = _imagefolder_columns(path, columns, rows)
         folder_labels = "label" not in columns  # the class is each image's top folder, as in the folder layout
@@ -269,6 +274,48 @@ def read_manifest(
             label = parts[0] if len(parts) > 1 else None
         label = labels.setdefault(label, label) if label else None  # one string per class, not one per row
         records.append(Record(_image_path(source, folder), _cell(row.get("text")), label, n, source))
+    return records, problems
+
+
+def _read_columns(
+    path: Path, named: Columns, need_label: bool, columns: list[str], rows: list[dict], problems: list[Problem]
+) -> tuple[list[Record], list[Problem]]:
+    """Rows of a manifest read through a model's named columns: any cell may be empty (the model masks it)."""
+    if rows or not problems:
+        _require_columns(
+            columns,
+            path,
+            named.names + ["label"] * need_label,
+            what="A model trained with --image-columns, --text-columns or --tabular-columns reads those columns "
+            "(and label, to train or evaluate).",
+        )
+    has_label, text_cells = "label" in columns, path.suffix.lower() == ".csv"
+    records, folder, labels = [], path.parent, {}
+    for i, row in enumerate(rows):
+        rows[i] = None
+        n = row["_row"]
+        odd = [] if text_cells else [c for c in named.names if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
+        embedded = [c for c in named.image if _embedded(row.get(c))]
+        if odd or embedded:
+            problems += [Problem(n, "", f"{c} is a list or an object, not one value") for c in odd]
+            problems += [Problem(n, "", f"{c} holds embedded image data, not the path of an image file") for c in embedded]
+            continue
+        cells, sources = {}, []
+        for c in named.image:
+            source = _cell(row.get(c)).strip()
+            if "\x00" in source:
+                problems.append(Problem(n, source.replace("\x00", "\\x00"), f"{c}: image path holds a NUL character"))
+                break
+            cells[c] = _image_path(source, folder) if source else None
+            sources.append(source)
+        else:
+            cells.update((c, _cell(row.get(c))) for c in (*named.text, *named.tabular))
+            label = _cell(row.get("label")).strip() if has_label else None
+            label = labels.setdefault(label, label) if label else None
+            first = next((c for c in named.image if cells[c] is not None), None)
+            image = cells[first] if first else Path()
+            text = cells[named.text[0]] if named.text else ""
+            records.append(Record(image, text, label, n, next((s for s in sources if s), ""), cells))
     return records, problems
 
 
@@ -460,13 +507,26 @@ def _either(paths: list[Path]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def read_data(path: str | Path, captions: str | Path | None = None, need_label: bool = True, need_text: bool = False):
-    """Reads a folder or manifest into records, plus problems found while listing (empty classes)."""
+def read_data(
+    path: str | Path,
+    captions: str | Path | None = None,
+    need_label: bool = True,
+    need_text: bool = False,
+    named: Columns | None = None,
+):
+    """Reads a folder or manifest into records, plus problems found while listing (empty classes); ``named``: a
+    model's named columns (manifests only)."""
     path = Path(path)
     if not path.exists():
         raise MmfuseError(f"Data not found: {path}{missing_hint(path)}")
     if path.is_dir() and path.suffix.lower() == ".parquet":
-        return read_manifest(path, need_label, need_text)  # a partitioned parquet dataset is a folder of parts
+        return read_manifest(path, need_label, need_text, named=named)  # a partitioned parquet dataset: a folder
+    if named is not None and (path.is_dir() or captions):
+        raise MmfuseError(
+            f"{path}: --image-columns, --text-columns and --tabular-columns name the columns of a manifest (.csv, "
+            ".jsonl or .parquet); a folder of images (or --captions) has no such columns yet. List the rows in a "
+            "manifest instead."
+        )
     meta = metadata_file(path) if path.is_dir() else None
     if meta is not None:
         if captions:
@@ -490,4 +550,4 @@ def read_data(path: str | Path, captions: str | Path | None = None, need_label: 
             ".xlsx": " Save the sheet as CSV.",
         }.get(path.suffix.lower(), "")
         raise MmfuseError(f"{path}: expected a folder or a manifest ending in {', '.join(MANIFEST_SUFFIXES)}.{hint}")
-    return read_manifest(path, need_label, need_text)
+    return read_manifest(path, need_label, need_text, named=named)

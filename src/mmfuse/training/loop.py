@@ -35,6 +35,7 @@ from mmfuse import metrics
 from mmfuse.calibration import calibrate
 from mmfuse.config import TRACKERS, RunConfig, TrainConfig, resolve
 from mmfuse.data.records import Record
+from mmfuse.data.tabular import fit_tabular
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache
 from mmfuse.models.classifier import MultimodalClassifier, load_stored, stored_state, tower_cards
@@ -254,7 +255,8 @@ def setup(
         train_adapters(towers["text"], t.lora, t.lora_alpha, t.tune_layers)
         cards["text"] = towers["text"].card
     set_seed(cfg.train.seed)  # the head's initialisation must not depend on whether the towers were built just now
-    model = MultimodalClassifier(cards, len(labels), cfg.model, towers)
+    spec = fit_tabular(train, cfg.model.tabular_columns) if "tabular" in cfg.model.modalities else None
+    model = MultimodalClassifier(cards, len(labels), cfg.model, towers, spec)
     for m, tower in model.towers.items():
         if m not in tuned:
             tower.freeze()
@@ -289,7 +291,7 @@ def setup(
             len(train),
             len(val),
             len(labels),
-            " + ".join({"image": m.vision, "text": m.text}[x] for x in m.modalities),
+            " + ".join({"image": m.vision, "text": m.text, "tabular": "tabular columns"}[x] for x in m.modalities),
             "+".join(m.modalities),
             cfg.train.tune,
             f" --augment {t.augment}{'' if t.hflip else ' --no-hflip'}" if augment else "",

@@ -17,7 +17,7 @@ from mmfuse.calibration import Calibration
 from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import BINARY_METRICS, RunConfig, parse_class_weight, parse_threshold
 from mmfuse.data.checks import CHARS_PER_TOKEN, load_checked
-from mmfuse.data.records import Record
+from mmfuse.data.records import Columns, Record, column_records
 from mmfuse.data.splits import label_list, stratified_split
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, batch_collate, build_dataset, embed, present_mask
@@ -40,7 +40,9 @@ def load_records(cfg: RunConfig, out: Path, path: str | None = None, labels=None
     """The rows of ``path`` (default: the training data), checked; bad rows stop here, or are skipped into
     RUN/skipped.csv."""
     d = cfg.data
+    named = Columns.of(cfg.model)
     need_text = cfg.model.modality_dropout == 0 and "text" in cfg.model.modalities and not d.caption_missing
+    need_text = need_text and named is None  # a column's empty cells are masked
     captions = (d.val_captions or d.captions) if path is not None else d.captions
     return load_checked(
         path or d.train,
@@ -50,6 +52,7 @@ def load_records(cfg: RunConfig, out: Path, path: str | None = None, labels=None
         skip_bad=d.skip_bad,
         skipped_csv=out / "skipped.csv",
         max_chars=cfg.model.max_length * CHARS_PER_TOKEN,
+        named=named,
     )
 
 
@@ -219,11 +222,12 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
 def embed_frozen(model, records: list[Record], tuned, cache: FeatureCache | None, acc: Accelerator) -> None:
     """Under a launch, each process embeds a contiguous share of the frozen towers' cache misses (every item once
     across processes) into the feature cache, from which every process's datasets then read all of them."""
-    present = present_mask(records, model.modalities)
-    for col, m in enumerate(model.modalities):
-        have = [r for r, p in zip(records, present[:, col].tolist()) if p]
-        if m not in tuned and have:
-            embed(model, m, have, cache, device=acc.device, show=acc.is_main_process, shard=True)
+    present = present_mask(records, model.slots)
+    for col, s in enumerate(model.slots):
+        rows = column_records(records, s.modality, s.column)
+        have = [r for r, p in zip(rows, present[:, col].tolist()) if p]
+        if s.modality in model.cards and s.modality not in tuned and have:
+            embed(model, s.modality, have, cache, device=acc.device, show=acc.is_main_process, shard=True)
 
 
 def tuned_batch_norm(model: MultimodalClassifier, tuned: list[str]) -> list[str]:
