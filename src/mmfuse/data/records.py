@@ -57,11 +57,11 @@ class Columns:
 
 def column_records(records: list[Record], modality: str, column: str) -> list[Record]:
     """One column of rows with named columns as rows of one image or one text, which the feature path (cache keys,
-    towers) reads as it reads any row; ``records`` themselves when they have no columns. An empty image is Path()."""
+    towers) reads as it reads any row; ``records`` themselves when they have no columns. An empty image is None."""
     if not records or records[0].cells is None:
         return records
     if modality == "image":
-        return [Record(r.cells.get(column) or Path(), "", r.label, r.row, r.source) for r in records]
+        return [Record(r.cells.get(column), "", r.label, r.row, r.source) for r in records]
     return [Record(r.image, r.cells.get(column) or "", r.label, r.row, r.source) for r in records]
 
 

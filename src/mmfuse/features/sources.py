@@ -341,6 +341,9 @@ class PixelSource:
         return {self.key: {"pixel_values": self.pixels[idx]}}  # one gather, not one view per row stacked
 
 
+_BLANK = Image.new("RGB", (32, 32))
+
+
 def _load(image: str | Path, i: int) -> Image.Image:
     return load_image(image)
 
@@ -361,7 +364,9 @@ class ImageFileSource:
         self.paths, self.tower, self.open_image, self.key = list(paths), tower, open_image, key
 
     def batch(self, idx: torch.Tensor) -> dict:
-        return {self.key: self.tower.preprocess([self.open_image(self.paths[i], i) for i in idx.tolist()])}
+        # An empty image cell (a column's, None) still fills its place in the batch: the model masks its features.
+        images = [self.open_image(self.paths[i], i) if self.paths[i] is not None else _BLANK for i in idx.tolist()]
+        return {self.key: self.tower.preprocess(images)}
 
 
 class TokenizedTexts:

@@ -20,7 +20,7 @@ from mmfuse.config import DTYPES, RunConfig
 from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked, text_problem
 from mmfuse.data.images import load_image, to_rgb
 from mmfuse.data.read import read_data
-from mmfuse.data.records import Record, image_hashes
+from mmfuse.data.records import Columns, Record, image_hashes
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, MultimodalDataset, PixelCache, batch_collate, build_dataset
 from mmfuse.inference.report import write_errors
@@ -135,7 +135,8 @@ class Predictor:
         """Only a model trained with modality dropout has learned what to do when the text is absent."""
         if self.members:
             return all(member.accepts_missing_text for member, _ in self.members)
-        return "text" not in self.model.modalities or self.cfg.model.modality_dropout > 0
+        # A model with named columns masks each empty cell with the placeholder it learned for that column.
+        return "text" not in self.model.modalities or self.cfg.model.modality_dropout > 0 or self.cfg.model.columns
 
     @property
     def max_chars(self) -> int:
@@ -160,9 +161,11 @@ class Predictor:
     @torch.inference_mode()
     def predict(
         self,
-        images: Sequence[str | Path | Image.Image] | None,
+        images: Sequence[str | Path | Image.Image] | None = None,
         texts: Sequence[str] | None = None,
         batch_size: int = 32,
+        *,
+        rows: Sequence[dict] | None = None,
     ) -> Prediction:
         """Classifies image+text pairs, one result row per input, in input order.
 
@@ -170,7 +173,15 @@ class Predictor:
             images: a list (or any iterable) of file paths, PIL images or HxWx3 uint8 numpy arrays; None for a
                 text-only model (whose images are not read).
             texts: one string per image; empty strings, None or NaN only for models trained with modality dropout.
+            rows: for a model trained with named columns (--image-columns, --text-columns, --tabular-columns), in
+                place of images and texts: one dict per input with a value for each column (a pandas DataFrame
+                works too); an empty cell is None, "" or NaN.
         """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            # 0 failed inside range(); a negative one predicted nothing and returned an empty result
+            raise MmfuseError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if rows is not None or self.cfg.model.columns:
+            return self._predict_rows(images, texts, rows, batch_size)
         if self.members:
             return self._predict_members(images, texts, batch_size)
         uses_images = "image" in self.model.modalities
@@ -184,9 +195,6 @@ class Predictor:
         texts = _as_list(texts, "texts", "text") if texts is not None else [""] * len(images)
         if len(texts) != len(images):
             raise MmfuseError(f"got {len(images)} images but {len(texts)} texts")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            # 0 failed inside range(); a negative one predicted nothing and returned an empty result
-            raise MmfuseError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         texts = self._clip([_text(t, i) for i, t in enumerate(texts)])
         self._check_texts(texts)
         if uses_images:
@@ -204,6 +212,46 @@ class Predictor:
         ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=_open)
         probs = self.predict_dataset(ds, batch_size)
         return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
+
+    def _predict_rows(self, images, texts, rows, batch_size: int) -> Prediction:
+        """``predict`` for a model with named columns: each row's cells by column name."""
+        named = Columns.of(self.cfg.model)
+        if self.members or named is None:
+            what = "an ensemble" if self.members else "this model, trained without named columns,"
+            raise MmfuseError(f"predict(rows=...) is for a model trained with named columns; {what} takes predict(images, texts)")
+        if rows is None or images is not None or texts is not None:
+            raise MmfuseError(
+                f"this model reads the columns {named.names}: call predict(rows=[{{column: value, ...}}, ...]) "
+                "(or rows=a DataFrame), not predict(images, texts)"
+            )
+        if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
+            rows = rows.to_dict("records")
+        rows = _as_list(rows, "rows", "row")
+        records = [self._row_record(row, i, named) for i, row in enumerate(rows)]
+        ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=_open)
+        probs = self.predict_dataset(ds, batch_size)
+        return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
+
+    def _row_record(self, row, i: int, named: Columns) -> Record:
+        if not isinstance(row, dict):
+            raise MmfuseError(f"row #{i} is a {type(row).__name__}; give a dict of column: value")
+        absent = [c for c in named.names if c not in row]
+        if absent:
+            raise MmfuseError(f"row #{i} has no value for column(s) {absent}; give None for an empty cell")
+        cells = {}
+        for c in named.image:
+            v = row[c]
+            empty = v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
+            cells[c] = None if empty else _image(v, i)
+            if isinstance(cells[c], (str, Path)) and not Path(cells[c]).is_file():
+                raise MmfuseError(f"row #{i}: the {c} image file {cells[c]} is not found")
+        for c in named.text:
+            cells[c] = self._clip([_text(row[c], i)])[0]
+        for c in named.tabular:
+            v = row[c]
+            cells[c] = "" if v is None or (isinstance(v, float) and np.isnan(v)) else v
+        first = next((cells[c] for c in named.image if cells[c] is not None), None)
+        return Record(first, cells[named.text[0]] if named.text else "", None, i, str(i), cells)
 
     def _predict_members(self, images, texts, batch_size: int) -> Prediction:
         """An ensemble's prediction: the members' probabilities summed with their weights, each member given the
@@ -286,12 +334,12 @@ def _encoded(model: MultimodalClassifier, batch: dict, memo: dict) -> dict:
     """``batch`` with the features of its raw inputs, each tower module run once (``memo``): a bag's models share
     their frozen towers, so its K models cost one tower pass a batch, not K. A pooling keeps the raw input's mask."""
     out = dict(batch)
-    for m in model.modalities:
-        if batch.get(m) is not None and batch.get(f"{m}_feats") is None:
-            tower = model.build_tower(m)
-            if id(tower) not in memo:
-                memo[id(tower)] = model.encode(m, batch[m])
-            out[f"{m}_feats"] = memo[id(tower)]
+    for s in model.slots:
+        if s.modality in model.cards and batch.get(s.name) is not None and batch.get(f"{s.name}_feats") is None:
+            tower = model.build_tower(s.modality)
+            if (id(tower), s.name) not in memo:
+                memo[id(tower), s.name] = model.encode(s.modality, batch[s.name])
+            out[f"{s.name}_feats"] = memo[id(tower), s.name]
     return out
 
 
@@ -324,6 +372,7 @@ def load_inputs(
         skip_bad=skip_bad,
         skipped_csv=skipped_csv,
         max_chars=cfg.model.max_length * CHARS_PER_TOKEN,
+        named=Columns.of(cfg.model),
         no_text_reason="no text, and this model was trained without --modality-dropout so it needs text "
         "(give it text, caption the images, or retrain with --modality-dropout 0.2)",
     )

@@ -154,6 +154,12 @@ def fit_portfolio(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = 
     cfg = resolve(cfg)
     if not cfg.train.ensemble:
         raise MmfuseError("fit_portfolio trains --preset ensemble (train.ensemble: true).")
+    if cfg.model.columns:
+        raise MmfuseError(
+            "the ensemble (train's default, --preset ensemble or best) does not support --image-columns, "
+            "--text-columns or --tabular-columns yet: train one model with --tune head (a head on frozen features) "
+            "or --tune text, or a bag of them with --bag 5."
+        )
     if cfg.data.val and cfg.train.bag_groups:
         raise MmfuseError(
             "--bag-groups reads its groups from DATA, and the ensemble would fold the --val rows in beside them: put "

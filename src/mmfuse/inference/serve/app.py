@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmfuse import __version__
 from mmfuse.data.images import MAX_PIXELS
+from mmfuse.config import RunConfig
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.predictor import Predictor
 from mmfuse.inference.serve.batching import QUEUE_ROWS, Batcher, Metrics
@@ -81,6 +82,12 @@ def create_app(
     # A request bigger than the whole queue would be refused as "busy" forever.
     max_items = min(max_items, queue_size)
     run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").is_file() and RunConfig.from_yaml(run_dir / "config.yaml").model.columns:
+        # Requests carry one image and one text; the model would answer from its placeholders for the rest.
+        raise MmfuseError(
+            f"{run_dir} reads named columns (--image-columns, --text-columns or --tabular-columns), and serve does "
+            "not support them yet: predict with mmfuse predict RUN DATA, or mmfuse.load(RUN).predict(rows=...)."
+        )
     limits = Limits(max_upload_bytes, max_pixels, max_text_chars, max_items)
     metrics = Metrics()
     state: dict = {}

@@ -1,0 +1,229 @@
+"""Several image and text columns per row, and tabular columns (--image-columns, --text-columns, --tabular-columns):
+read from manifests, each column through its modality's one tower, masked when empty, tabular columns standardised
+or embedded with the training statistics kept in the run, through train, evaluate, predict, the Python API and the
+ablation; the verbs that do not support them yet refuse them."""
+
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+import yaml
+from conftest import COLORS, THINGS, make_image, make_text, read_csv, write_csv
+from safetensors.torch import load_file
+
+import mmfuse
+from mmfuse.cli import main
+from mmfuse.config import ModelConfig, RunConfig, input_slots, resolve
+from mmfuse.data.checks import load_checked
+from mmfuse.data.records import Columns
+from mmfuse.data.tabular import fit_tabular
+from mmfuse.errors import MmfuseError
+
+FIELDS = ("front", "back", "title", "desc", "size", "section", "label")
+COLUMNS = [
+    "--image-columns",
+    "front",
+    "back",
+    "--text-columns",
+    "title",
+    "desc",
+    "--tabular-columns",
+    "size",
+    "section",
+]
+FAST = ["--tune", "head", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
+
+
+def write_columns(root, per_class: int = 10, seed: int = 0):
+    """The toy task spread over columns: the colour is in the back image only (front is grey), the thing in the
+    texts; size is larger for red rows. Some cells are empty: a back image of every third row, a description of every
+    fourth, a size of every fifth."""
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for color in COLORS:
+        for thing in THINGS:
+            for i in range(per_class):
+                front, back = f"images/{color}_{thing}_{i}_front.png", f"images/{color}_{thing}_{i}_back.png"
+                make_image((128, 128, 128), rng, 32).save(root / front)
+                make_image(COLORS[color], rng, 32).save(root / back)
+                size = rng.random() * 10 + (5 if color == "red" else 0)
+                rows.append(
+                    {
+                        "front": front,
+                        "back": back if i % 3 else "",
+                        "title": make_text(thing, rng),
+                        "desc": make_text(thing, rng) if i % 4 else "",
+                        "size": f"{size:.3f}" if i % 5 else "",
+                        "section": rng.choice(["x", "y", "z"]),
+                        "label": f"{color}-{thing}",
+                    }
+                )
+    rng.shuffle(rows)
+    n = len(rows)
+    write_csv(root / "train.csv", rows[: n * 7 // 10], FIELDS)
+    write_csv(root / "val.csv", rows[n * 7 // 10 :], FIELDS)
+    write_csv(root / "all.csv", rows, FIELDS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_columns(tmp_path_factory.mktemp("columns") / "data")
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """A head on frozen features over two image columns, two text columns and two tabular columns."""
+    out = tmp_path_factory.mktemp("columns-run") / "run"
+    home = tmp_path_factory.mktemp("columns-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFUSE_HOME", str(home))
+        args = ["train", str(data / "train.csv"), "--val", str(data / "val.csv"), "--out", str(out)]
+        assert main([*args, *COLUMNS, *FAST]) == 0
+    return out
+
+
+def rows_of(path):
+    return [{k: v for k, v in r.items() if k != "label"} for r in read_csv(path)]
+
+
+def test_slots_name_each_column_and_leave_runs_without_columns_as_they_were():
+    assert [s.name for s in input_slots(ModelConfig())] == ["image", "text"]
+    m = resolve(RunConfig(model=ModelConfig(image_columns=["a", "b"], text_columns=["t"], tabular_columns=["x"]))).model
+    assert m.modalities == ["image", "text", "tabular"]
+    assert [(s.name, s.column) for s in input_slots(m)] == [
+        ("image0", "a"),
+        ("image1", "b"),
+        ("text0", "t"),
+        ("tabular", ""),
+    ]
+
+
+def test_the_run_records_its_columns_and_the_training_statistics(run, data):
+    cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert (cfg["image_columns"], cfg["text_columns"]) == (["front", "back"], ["title", "desc"])
+    assert cfg["tabular_columns"] == ["size", "section"] and "tabular" in cfg["modalities"]
+    spec = json.loads((run / "tabular.json").read_text())["columns"]
+    train = read_csv(data / "train.csv")
+    sizes = np.array([float(r["size"]) for r in train if r["size"]])
+    assert spec[0]["name"] == "size" and spec[0]["kind"] == "num"
+    assert spec[0]["mean"] == pytest.approx(sizes.mean()) and spec[0]["sd"] == pytest.approx(sizes.std())
+    assert spec[1]["kind"] == "cat" and sorted(spec[1]["vocab"]) == sorted({r["section"] for r in train})
+    # One placeholder per input, each column its own; the towers' weights are shared (packaged: none stored).
+    state = load_file(str(run / "model.safetensors"))
+    assert {k for k in state if k.startswith("missing.")} == {
+        f"missing.{n}" for n in ("image0", "image1", "text0", "text1", "tabular")
+    }
+    assert not any(k.startswith(("vision.", "text.")) for k in state)
+    assert set(json.loads((run / "towers.json").read_text())) == {"image", "text"}
+
+
+def test_evaluate_and_predict_read_the_columns_and_match_the_python_api(run, data, tmp_path):
+    assert main(["evaluate", str(run), str(data / "val.csv"), "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["accuracy"] > 0.25  # above chance for 4 classes
+    assert main(["predict", str(run), str(data / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    written = read_csv(tmp_path / "p.csv")
+    model = mmfuse.load(run, device="cpu")
+    rows = rows_of(data / "val.csv")
+    for r in rows:
+        for c in ("front", "back"):
+            r[c] = str(data / r[c]) if r[c] else None
+    pred = model.predict(rows=rows)
+    cols = [f"p_{c}" for c in pred.classes]
+    file_probs = np.array([[float(r[c]) for c in cols] for r in written])
+    np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)  # cached features vs the towers run now
+    assert pred.labels == [r["label"] for r in written]
+
+
+def test_empty_cells_are_masked_and_the_tabular_statistics_apply_to_new_rows(run, data):
+    model = mmfuse.load(run, device="cpu")
+    row = rows_of(data / "val.csv")[0]
+    row = {**row, "front": str(data / row["front"]), "back": None, "size": "3.0", "section": "x"}
+    p = lambda **change: model.predict(rows=[{**row, **change}]).probs[0]  # noqa: E731
+    # An empty text is the column's placeholder, whatever the spaces; a real text is something else.
+    np.testing.assert_array_equal(p(desc=""), p(desc="   "))
+    np.testing.assert_array_equal(p(desc=None), p(desc=""))
+    assert not np.allclose(p(desc=""), p(desc="a shiny train"))
+    # A category never seen in training reads as an empty one; a number moves the prediction.
+    np.testing.assert_array_equal(p(section="never-seen"), p(section=""))
+    assert not np.allclose(p(size="3.0"), p(size="30.0"))
+    assert not np.allclose(p(size="3.0"), p(size=None))  # a missing number has its own indicator
+
+
+def test_the_python_api_says_how_to_call_a_model_with_columns(run, data, head_run):
+    model = mmfuse.load(run, device="cpu")
+    with pytest.raises(MmfuseError, match=r"predict\(rows="):
+        model.predict([str(data / "images" / "red_apple_0_front.png")], ["an apple"])
+    with pytest.raises(MmfuseError, match=r"no value for column\(s\) \['section'\]"):
+        model.predict(rows=[{"front": None, "back": None, "title": "a", "desc": "", "size": 1}])
+    with pytest.raises(MmfuseError, match="trained without named columns"):
+        mmfuse.load(head_run, device="cpu").predict(rows=[{"image": "x.png", "text": "a"}])
+
+
+def test_the_ablation_trains_a_tabular_arm(data, tmp_path):
+    out = tmp_path / "ablate"
+    args = ["ablate", str(data / "train.csv"), "--val", str(data / "val.csv"), "--out", str(out), *COLUMNS, *FAST]
+    assert main(args) == 0
+    results = json.loads((out / "ablation.json").read_text())
+    assert list(results) == ["image", "text", "tabular", "fusion"]
+    tabular = yaml.safe_load((out / "tabular" / "config.yaml").read_text())["model"]
+    assert tabular["modalities"] == ["tabular"]
+    assert json.loads((out / "tabular" / "towers.json").read_text()) == {}
+    state = load_file(str(out / "tabular" / "model.safetensors"))
+    assert {k for k in state if k.startswith("missing.")} == {"missing.tabular"}
+    assert any(k.startswith("tabular.embeds.0") for k in state)  # the section column's embedding
+    assert results["tabular"]["training"]["tuned_towers"] == [] and results["tabular"]["evaluated_on"] == "validation"
+
+
+def test_tabular_kinds_are_inferred_or_forced(data):
+    named = Columns(tabular=("size", "section"))
+    records = load_checked(data / "train.csv", need_text=False, named=named)
+    kinds = [c.kind for c in fit_tabular(records, ["size", "section"]).columns]
+    assert kinds == ["num", "cat"]
+    forced = fit_tabular(records, ["size:cat", "section"]).columns[0]
+    assert forced.kind == "cat" and forced.name == "size" and len(forced.vocab) > 10
+    with pytest.raises(MmfuseError, match="none of the column's cells is a number"):
+        fit_tabular(records, ["section:num"])
+
+
+def refused(args: list[str], capsys, match: str) -> None:
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+
+
+def test_bad_column_input_is_refused_with_what_to_do(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train = str(data / "train.csv")
+    refused(
+        ["train", train, "--out", out, "--image-columns", "front", "--text-columns", "blurb", *FAST],
+        capsys,
+        r"missing column\(s\) \['blurb'\]",
+    )
+    refused(
+        ["train", str(data / "images"), "--out", out, "--text-columns", "title", *FAST],
+        capsys,
+        "name the columns of a manifest",
+    )
+    with pytest.raises(MmfuseError, match="named twice"):
+        ModelConfig(image_columns=["front"], text_columns=["front"])
+    refused(["train", train, "--out", out, *COLUMNS], capsys, "--tune head")  # the ensemble, train's default
+    refused(["train", train, "--out", out, *COLUMNS, "--tune", "all"], capsys, "not supported yet")
+    # An image file that is missing is a bad row naming its column.
+    rows = read_csv(data / "train.csv")
+    rows[0]["back"] = "images/nowhere.png"
+    write_csv(tmp_path / "bad.csv", rows, FIELDS)
+    (tmp_path / "images").symlink_to(data / "images")
+    refused(["train", str(tmp_path / "bad.csv"), "--out", out, *COLUMNS, *FAST], capsys, "back: image file not found")
+
+
+def test_export_and_serve_refuse_a_run_with_columns(run, tmp_path, capsys):
+    from mmfuse.inference.serve.app import create_app
+
+    refused(["export", str(run), "--out", str(tmp_path / "onnx")], capsys, "export does not support them yet")
+    with pytest.raises(MmfuseError, match="serve does not support them yet"):
+        create_app(run)
