@@ -127,12 +127,7 @@ def test_evaluate_and_predict_read_the_columns_and_match_the_python_api(run, dat
     assert report["accuracy"] > 0.25  # above chance for 4 classes
     assert main(["predict", str(run), str(data / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
     written = read_csv(tmp_path / "p.csv")
-    model = mmfuse.load(run, device="cpu")
-    rows = rows_of(data / "val.csv")
-    for r in rows:
-        for c in ("front", "back"):
-            r[c] = str(data / r[c]) if r[c] else None
-    pred = model.predict(rows=rows)
+    pred = mmfuse.load(run, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
     cols = [f"p_{c}" for c in pred.classes]
     file_probs = np.array([[float(r[c]) for c in cols] for r in written])
     np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)  # cached features vs the towers run now
@@ -227,3 +222,40 @@ def test_export_and_serve_refuse_a_run_with_columns(run, tmp_path, capsys):
     refused(["export", str(run), "--out", str(tmp_path / "onnx")], capsys, "export does not support them yet")
     with pytest.raises(MmfuseError, match="serve does not support them yet"):
         create_app(run)
+
+
+def api_rows(data, path):
+    rows = rows_of(path)
+    for r in rows:
+        for c in ("front", "back"):
+            r[c] = str(data / r[c]) if r[c] else None
+    return rows
+
+
+def test_a_bag_encodes_every_row_with_one_set_of_tabular_statistics(data, tmp_path):
+    out = tmp_path / "bag"
+    assert main(["train", str(data / "all.csv"), "--out", str(out), "--bag", "2", *COLUMNS, *FAST]) == 0
+    specs = [json.loads((out / "members" / m / "tabular.json").read_text()) for m in ("0", "1")]
+    assert specs[0] == specs[1]
+    sizes = np.array([float(r["size"]) for r in read_csv(data / "all.csv") if r["size"]])
+    assert specs[0]["columns"][0]["mean"] == pytest.approx(sizes.mean())
+    assert main(["predict", str(out), str(data / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    written = read_csv(tmp_path / "p.csv")
+    pred = mmfuse.load(out, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
+    file_probs = np.array([[float(r[f"p_{c}"]) for c in pred.classes] for r in written])
+    np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)
+
+
+@pytest.mark.slow
+def test_a_tuned_text_tower_reads_every_text_column(data, tmp_path):
+    out = tmp_path / "tuned"
+    args = ["train", str(data / "train.csv"), "--val", str(data / "val.csv"), "--out", str(out), *COLUMNS]
+    assert main([*args, "--tune", "text", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]) == 0
+    assert (out / "text_tower").is_dir()
+    state = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("text.") for k in state)  # the one tuned tower, shared by both text columns
+    assert main(["predict", str(out), str(data / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    written = read_csv(tmp_path / "p.csv")
+    pred = mmfuse.load(out, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
+    file_probs = np.array([[float(r[f"p_{c}"]) for c in pred.classes] for r in written])
+    np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)

@@ -234,7 +234,9 @@ class ModelConfig:
             raise MmfuseError("--image-columns, --text-columns and --tabular-columns take non-empty column names")
         twice = sorted({c for c in named if named.count(c) > 1})
         if twice:
-            raise MmfuseError(f"column(s) {twice} are named twice among --image/--text/--tabular-columns; name each once")
+            raise MmfuseError(
+                f"column(s) {twice} are named twice among --image/--text/--tabular-columns; name each once"
+            )
         if "label" in named:
             raise MmfuseError("label is the target column; it cannot also be an input column")
 

@@ -112,8 +112,6 @@ def check_data(cfg, data: str) -> None:
         load_checked(data, captions=cfg.data.captions, need_text=need_text, skip_bad=cfg.data.skip_bad, named=named)
         if cfg.data.val:
             captions = cfg.data.val_captions or cfg.data.captions
-            load_checked(
-                cfg.data.val, captions=captions, need_text=need_text, skip_bad=cfg.data.skip_bad, named=named
-            )
+            load_checked(cfg.data.val, captions=captions, need_text=need_text, skip_bad=cfg.data.skip_bad, named=named)
     finally:
         checks.setLevel(level)

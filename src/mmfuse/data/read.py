@@ -294,11 +294,17 @@ def _read_columns(
     for i, row in enumerate(rows):
         rows[i] = None
         n = row["_row"]
-        odd = [] if text_cells else [c for c in named.names if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
+        odd = (
+            []
+            if text_cells
+            else [c for c in named.names if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
+        )
         embedded = [c for c in named.image if _embedded(row.get(c))]
         if odd or embedded:
             problems += [Problem(n, "", f"{c} is a list or an object, not one value") for c in odd]
-            problems += [Problem(n, "", f"{c} holds embedded image data, not the path of an image file") for c in embedded]
+            problems += [
+                Problem(n, "", f"{c} holds embedded image data, not the path of an image file") for c in embedded
+            ]
             continue
         cells, sources = {}, []
         for c in named.image:

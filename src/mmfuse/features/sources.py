@@ -40,9 +40,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmfuse.config import Slot
 from mmfuse.data.filestats import file_index
 from mmfuse.data.images import load_image
-from mmfuse.config import Slot
 from mmfuse.data.records import Record, column_records, has_cell
 from mmfuse.distributed import gather_lists, launch_state, share
 from mmfuse.features.cache import FeatureCache, PixelCache

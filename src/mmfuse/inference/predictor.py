@@ -218,7 +218,9 @@ class Predictor:
         named = Columns.of(self.cfg.model)
         if self.members or named is None:
             what = "an ensemble" if self.members else "this model, trained without named columns,"
-            raise MmfuseError(f"predict(rows=...) is for a model trained with named columns; {what} takes predict(images, texts)")
+            raise MmfuseError(
+                f"predict(rows=...) is for a model trained with named columns; {what} takes predict(images, texts)"
+            )
         if rows is None or images is not None or texts is not None:
             raise MmfuseError(
                 f"this model reads the columns {named.names}: call predict(rows=[{{column: value, ...}}, ...]) "

@@ -19,7 +19,9 @@ class TabularEncoder(nn.Module):
 
     def __init__(self, spec: TabularSpec):
         super().__init__()
-        self.embeds = nn.ModuleList(nn.Embedding(len(c.vocab) + 1, embedding_dim(len(c.vocab) + 1)) for c in spec.categorical)
+        self.embeds = nn.ModuleList(
+            nn.Embedding(len(c.vocab) + 1, embedding_dim(len(c.vocab) + 1)) for c in spec.categorical
+        )
         self.dim = 2 * len(spec.numeric) + sum(e.embedding_dim for e in self.embeds)
 
     def forward(self, numeric: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -39,12 +39,19 @@ from mmfuse.training.prep import load_splits
 
 log = logging.getLogger(__name__)
 VARIANTS = {"image": ["image"], "text": ["text"], "fusion": ["image", "text"]}
-TABULAR_VARIANTS = {"image": ["image"], "text": ["text"], "tabular": ["tabular"], "fusion": ["image", "text", "tabular"]}
+TABULAR_VARIANTS = {
+    "image": ["image"],
+    "text": ["text"],
+    "tabular": ["tabular"],
+    "fusion": ["image", "text", "tabular"],
+}
 
 
 def variants(cfg: RunConfig) -> dict[str, list[str]]:
     """The arms and their modalities: a tabular arm, and tabular in fusion, when the data has tabular columns."""
     return TABULAR_VARIANTS if cfg.model.tabular_columns else VARIANTS
+
+
 # The tune modes an ablation can give every arm alike; each arm applies it to the towers it has.
 ABLATION_TUNES = ("head", "all")
 # The budget every arm shares: the fusion arm's, resolved for its tune mode and pinned in the others.

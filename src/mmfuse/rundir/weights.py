@@ -238,7 +238,9 @@ def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, li
     tabular = None
     if "tabular" in cfg.model.modalities:
         try:
-            tabular = TabularSpec.from_json(json.loads((run_dir / TABULAR_FILE).read_text()), str(run_dir / TABULAR_FILE))
+            tabular = TabularSpec.from_json(
+                json.loads((run_dir / TABULAR_FILE).read_text()), str(run_dir / TABULAR_FILE)
+            )
         except (ValueError, OSError) as e:
             raise MmfuseError(f"{run_dir}/{TABULAR_FILE} is missing or damaged ({e}); train the run again.") from None
     model = MultimodalClassifier(cards, len(labels), cfg.model, towers, tabular)

@@ -35,7 +35,7 @@ from mmfuse import metrics
 from mmfuse.calibration import calibrate
 from mmfuse.config import TRACKERS, RunConfig, TrainConfig, resolve
 from mmfuse.data.records import Record
-from mmfuse.data.tabular import fit_tabular
+from mmfuse.data.tabular import TabularSpec, fit_tabular
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache
 from mmfuse.models.classifier import MultimodalClassifier, load_stored, stored_state, tower_cards
@@ -216,6 +216,7 @@ def setup(
     splits: tuple[list[Record], list[Record], list[str]] | None = None,
     tracking: tuple[Path, str] | None = None,
     checkpointing: bool = False,
+    tabular: TabularSpec | None = None,
 ) -> Trainer:
     """Resolves the config, reads and checks the data, builds the model, its data and its optimizer, prepared by
     Accelerate.
@@ -226,6 +227,7 @@ def setup(
         splits: train rows, validation rows (may be empty: no validation) and class names, already read; by
             default read from ``cfg.data``.
         checkpointing: write checkpoints as it trains (``fit``; a bag's members and a search's trials do not).
+        tabular: the tabular columns' statistics, fitted on a bag's rows; default: fitted on the training rows.
         tracking: with ``--track``, the trackers' folder and this run's name in it (default ``out/tracking`` and
             ``out``'s name); a search puts its trials side by side in one.
     """
@@ -255,7 +257,9 @@ def setup(
         train_adapters(towers["text"], t.lora, t.lora_alpha, t.tune_layers)
         cards["text"] = towers["text"].card
     set_seed(cfg.train.seed)  # the head's initialisation must not depend on whether the towers were built just now
-    spec = fit_tabular(train, cfg.model.tabular_columns) if "tabular" in cfg.model.modalities else None
+    spec = tabular
+    if spec is None and "tabular" in cfg.model.modalities:
+        spec = fit_tabular(train, cfg.model.tabular_columns)
     model = MultimodalClassifier(cards, len(labels), cfg.model, towers, spec)
     for m, tower in model.towers.items():
         if m not in tuned:

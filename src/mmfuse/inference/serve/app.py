@@ -23,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmfuse import __version__
-from mmfuse.data.images import MAX_PIXELS
 from mmfuse.config import RunConfig
+from mmfuse.data.images import MAX_PIXELS
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.predictor import Predictor
 from mmfuse.inference.serve.batching import QUEUE_ROWS, Batcher, Metrics
