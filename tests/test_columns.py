@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 import mmfuse
 from mmfuse.cli import main
-from mmfuse.config import ModelConfig, RunConfig, input_slots, resolve
+from mmfuse.config import ModelConfig, RunConfig, resolve
 from mmfuse.data.checks import load_checked
-from mmfuse.data.records import Columns
+from mmfuse.data.columns import Columns, input_slots
 from mmfuse.data.tabular import fit_tabular
 from mmfuse.errors import MmfuseError
 

@@ -174,8 +174,7 @@ class ModelConfig:
     input_dropout: float = 0.2
     """Dropout on each modality's normalised features as they enter the fusion head."""
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    """Which modalities the model uses: image, text or both, and tabular with --tabular-columns (the ablation trains
-    each)."""
+    """Which modalities the model uses: image, text or both, and tabular (the ablation trains each)."""
     image_columns: list[str] = field(default_factory=list)
     """Manifest columns that each hold an image (e.g. image_front image_back), each through the one vision tower;
     default: the column image. A cell may be empty."""
@@ -232,41 +231,15 @@ class ModelConfig:
         named = [*self.image_columns, *self.text_columns, *(tabular_kind(c)[0] for c in self.tabular_columns)]
         if any(not c.strip() for c in named):
             raise MmfuseError("--image-columns, --text-columns and --tabular-columns take non-empty column names")
-        twice = sorted({c for c in named if named.count(c) > 1})
-        if twice:
-            raise MmfuseError(
-                f"column(s) {twice} are named twice among --image/--text/--tabular-columns; name each once"
-            )
+        if twice := sorted({c for c in named if named.count(c) > 1}):
+            raise MmfuseError(f"column(s) {twice} are named twice among --image/--text/--tabular-columns")
         if "label" in named:
             raise MmfuseError("label is the target column; it cannot also be an input column")
 
     @property
     def columns(self) -> bool:
-        """Whether the model reads named columns (--image-columns, --text-columns, --tabular-columns) rather than
-        the one image and one text of every other run."""
+        """Whether the model reads named columns rather than one image and one text."""
         return bool(self.image_columns or self.text_columns or self.tabular_columns)
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One input of the fusion head: a column through its modality's tower (or the tabular columns together)."""
-
-    name: str
-    """Its key in a batch and in the model's weights: the modality itself for a run of one image and one text;
-    image0, image1, text0..., tabular for a run with columns."""
-    modality: str
-    column: str
-    """The manifest column it reads ('' for tabular, which reads all of --tabular-columns)."""
-
-
-def input_slots(m: ModelConfig) -> list[Slot]:
-    """The fusion head's inputs, in order. One per modality for a run without columns (the names and weights of every
-    run before columns existed); with columns, one per image and text column (in the order given), then tabular."""
-    if not m.columns:
-        return [Slot(x, x, x) for x in m.modalities]
-    named = {"image": m.image_columns or ["image"], "text": m.text_columns or ["text"]}
-    slots = [Slot(f"{x}{i}", x, c) for x in MODALITIES if x in m.modalities for i, c in enumerate(named[x])]
-    return slots + [Slot("tabular", "tabular", "")] * ("tabular" in m.modalities)
 
 
 def tabular_kind(spec: str) -> tuple[str, str | None]:
@@ -577,16 +550,6 @@ def resolve(cfg: RunConfig) -> RunConfig:
     t.lr = (LORA_LR if t.lora else lr) if t.lr is None else t.lr
     t.lora_alpha = 2.0 * t.lora if t.lora and t.lora_alpha is None else t.lora_alpha
     t.head_lr = (head_lr or t.lr) if t.head_lr is None else t.head_lr
-    if m.image_columns and "image" in cfg.tuned:
-        raise MmfuseError(
-            f"--tune {t.tune} with --image-columns is not supported yet (an empty image cell has no pixels to tune "
-            "on): the columns' images go through the frozen vision tower with --tune head or --tune text."
-        )
-    if m.columns and cfg.data.caption_missing:
-        raise MmfuseError(
-            "--caption-missing is not supported yet with --image-columns, --text-columns or --tabular-columns: an "
-            "empty text cell is masked (pass --modality-dropout 0.1 or so to train for that)."
-        )
     image_tuned = "image" in cfg.tuned
     if t.augment not in (None, "none") and not image_tuned:
         # Without a vision tower (a text-only run of an ablation) there is nothing to refuse.

@@ -99,7 +99,7 @@ def check_data(cfg, data: str) -> None:
     stops here with the report, not in trial 0 with a study left behind. A warm check decodes nothing again."""
     from mmfuse.config import resolve
     from mmfuse.data.checks import load_checked  # deferred: imports numpy and PIL
-    from mmfuse.data.records import Columns
+    from mmfuse.data.columns import Columns
 
     named = Columns.of(resolve(cfg).model)
     need_text = cfg.model.modality_dropout == 0 and "text" in cfg.model.modalities and not cfg.data.caption_missing

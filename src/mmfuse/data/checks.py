@@ -13,10 +13,11 @@ import re
 import unicodedata
 from pathlib import Path
 
+from mmfuse.data.columns import Columns
 from mmfuse.data.filestats import default_workers, file_index
 from mmfuse.data.images import MAX_PIXELS, check_image
 from mmfuse.data.read import MANIFEST_SUFFIXES, metadata_file, read_data
-from mmfuse.data.records import Columns, Problem, Record, data_error
+from mmfuse.data.records import Problem, Record, data_error
 from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)

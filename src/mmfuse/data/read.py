@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfuse.data.columns import Columns
 from mmfuse.data.images import IMAGE_SUFFIXES
-from mmfuse.data.records import Columns, Problem, Record, data_error
+from mmfuse.data.records import Problem, Record, data_error
 from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)

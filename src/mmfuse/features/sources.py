@@ -40,10 +40,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmfuse.config import Slot
+from mmfuse.data.columns import Slot, column_records, has_cell
 from mmfuse.data.filestats import file_index
 from mmfuse.data.images import load_image
-from mmfuse.data.records import Record, column_records, has_cell
+from mmfuse.data.records import Record
 from mmfuse.distributed import gather_lists, launch_state, share
 from mmfuse.features.cache import FeatureCache, PixelCache
 from mmfuse.features.cache_admin import describe_tower

@@ -17,12 +17,13 @@ from torch.utils.data import DataLoader
 from mmfuse import binary, calibration, metrics
 from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import DTYPES, RunConfig
-from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked, text_problem
-from mmfuse.data.images import load_image, to_rgb
+from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked
+from mmfuse.data.columns import Columns
 from mmfuse.data.read import read_data
-from mmfuse.data.records import Columns, Record, image_hashes
+from mmfuse.data.records import Record, image_hashes
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, MultimodalDataset, PixelCache, batch_collate, build_dataset
+from mmfuse.inference.inputs import as_list, check_image, check_text, open_input, row_record
 from mmfuse.inference.report import write_errors
 from mmfuse.inference.stream import (
     DEFAULT_CHUNK,
@@ -189,16 +190,16 @@ class Predictor:
             # A text-only model reads no image: predict(None, texts) needs no files made up for it.
             if uses_images or texts is None:
                 raise MmfuseError("images is None; give one image per input (only a text-only model needs none)")
-            texts = _as_list(texts, "texts", "text")
+            texts = as_list(texts, "texts", "text")
             images = [None] * len(texts)
-        images = _as_list(images, "images", "image")
-        texts = _as_list(texts, "texts", "text") if texts is not None else [""] * len(images)
+        images = as_list(images, "images", "image")
+        texts = as_list(texts, "texts", "text") if texts is not None else [""] * len(images)
         if len(texts) != len(images):
             raise MmfuseError(f"got {len(images)} images but {len(texts)} texts")
-        texts = self._clip([_text(t, i) for i, t in enumerate(texts)])
+        texts = self._clip([check_text(t, i) for i, t in enumerate(texts)])
         self._check_texts(texts)
         if uses_images:
-            images = [_image(im, i) for i, im in enumerate(images)]
+            images = [check_image(im, i) for i, im in enumerate(images)]
             # Missing files are found before any batch runs: a long call should not fail at its end for one bad path.
             missing = [
                 f"#{i} {im}"
@@ -209,17 +210,17 @@ class Predictor:
                 raise MmfuseError(f"{len(missing)} image file(s) not found: {', '.join(missing[:5])}")
         # Inputs seen once go through every tower raw (no feature cache), on the one batch path below.
         records = [Record(im, t, None, i, str(i)) for i, (im, t) in enumerate(zip(images, texts))]
-        ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=_open)
+        ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=open_input)
         probs = self.predict_dataset(ds, batch_size)
         return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
 
     def _predict_rows(self, images, texts, rows, batch_size: int) -> Prediction:
         """``predict`` for a model with named columns: each row's cells by column name."""
         named = Columns.of(self.cfg.model)
-        if self.members or named is None:
-            what = "an ensemble" if self.members else "this model, trained without named columns,"
+        if named is None:
             raise MmfuseError(
-                f"predict(rows=...) is for a model trained with named columns; {what} takes predict(images, texts)"
+                "predict(rows=...) is for a model trained with named columns; this model, trained without them, "
+                "takes predict(images, texts)"
             )
         if rows is None or images is not None or texts is not None:
             raise MmfuseError(
@@ -228,38 +229,21 @@ class Predictor:
             )
         if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
             rows = rows.to_dict("records")
-        rows = _as_list(rows, "rows", "row")
-        records = [self._row_record(row, i, named) for i, row in enumerate(rows)]
-        ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=_open)
+        rows = as_list(rows, "rows", "row")
+        if self.members:  # each member reads the columns it was trained on
+            parts = [(m._predict_rows(None, None, rows, batch_size), w) for m, w in self.members]
+            probs = calibration.scale(sum(w * p.probs for p, w in parts), self.temperature)
+            return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
+        records = [row_record(row, i, named, self._clip) for i, row in enumerate(rows)]
+        ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=open_input)
         probs = self.predict_dataset(ds, batch_size)
         return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
-
-    def _row_record(self, row, i: int, named: Columns) -> Record:
-        if not isinstance(row, dict):
-            raise MmfuseError(f"row #{i} is a {type(row).__name__}; give a dict of column: value")
-        absent = [c for c in named.names if c not in row]
-        if absent:
-            raise MmfuseError(f"row #{i} has no value for column(s) {absent}; give None for an empty cell")
-        cells = {}
-        for c in named.image:
-            v = row[c]
-            empty = v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
-            cells[c] = None if empty else _image(v, i)
-            if isinstance(cells[c], (str, Path)) and not Path(cells[c]).is_file():
-                raise MmfuseError(f"row #{i}: the {c} image file {cells[c]} is not found")
-        for c in named.text:
-            cells[c] = self._clip([_text(row[c], i)])[0]
-        for c in named.tabular:
-            v = row[c]
-            cells[c] = "" if v is None or (isinstance(v, float) and np.isnan(v)) else v
-        first = next((cells[c] for c in named.image if cells[c] is not None), None)
-        return Record(first, cells[named.text[0]] if named.text else "", None, i, str(i), cells)
 
     def _predict_members(self, images, texts, batch_size: int) -> Prediction:
         """An ensemble's prediction: the members' probabilities summed with their weights, each member given the
         inputs it reads (a text-only one, the texts alone: no image file is opened for it)."""
-        images = None if images is None else _as_list(images, "images", "image")  # an iterable is read once
-        texts = None if texts is None else _as_list(texts, "texts", "text")
+        images = None if images is None else as_list(images, "images", "image")  # an iterable is read once
+        texts = None if texts is None else as_list(texts, "texts", "text")
         parts = [
             (m.predict(images if "image" in m.model.modalities or texts is None else None, texts, batch_size), w)
             for m, w in self.members
@@ -381,65 +365,6 @@ def load_inputs(
     if cfg.data.caption_missing and any(not r.text.strip() for r in records):
         records = fill_missing_captions(records, cfg.data.caption_missing, Path(run_dir) / "captions.csv")
     return records
-
-
-def _as_list(items, name: str, one: str) -> list:
-    """The inputs of ``predict`` as a list. A lone path or image is refused rather than iterated: a str is a
-    Sequence of characters, and would have been read as one image (or one text) per character."""
-    if isinstance(items, np.ndarray) and items.ndim in (1, 4):
-        return list(items)  # an array of paths or texts, or a batch of HxWxC images
-    if hasattr(items, "columns"):  # a DataFrame iterates over its column names
-        raise MmfuseError(f"{name} is a table; pass one of its columns, e.g. df[{one!r}]")
-    if isinstance(items, (str, bytes, Path, Image.Image, np.ndarray, torch.Tensor, dict)):
-        raise MmfuseError(
-            f"{name} must be a list with one {one} per input, got a {type(items).__name__}; "
-            f"wrap it in a list: predict([image], [text])."
-        )
-    try:
-        return list(items)  # a generator or any other iterable, read once
-    except TypeError:
-        raise MmfuseError(f"{name} must be a list, got {type(items).__name__}") from None
-
-
-def _text(text, i: int) -> str:
-    """A text as str: None and NaN (a missing value in a pandas column) are no text; other types, and text a
-    tokenizer cannot take (a lone surrogate), are refused."""
-    if text is None or (isinstance(text, float) and np.isnan(text)):
-        return ""
-    if not isinstance(text, str):
-        raise MmfuseError(f"text #{i} is {text!r} ({type(text).__name__}), not a str")
-    problem = text_problem(text)
-    if problem:
-        raise MmfuseError(f"text #{i}: {problem}")
-    return text
-
-
-def _image(image, i: int) -> str | Path | Image.Image:
-    """A path or PIL image; an HxW or HxWx3/4 uint8 numpy array becomes a PIL image."""
-    if isinstance(image, (str, Path, Image.Image)):
-        return image
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
-            raise MmfuseError(
-                f"image #{i} is a {image.dtype} array of shape {image.shape}; give an HxW or HxWx3 (RGB) uint8 "
-                "array, a PIL image or a file path."
-            )
-        return Image.fromarray(image)
-    hint = " (convert it with torchvision.transforms.functional.to_pil_image)" * isinstance(image, torch.Tensor)
-    raise MmfuseError(
-        f"image #{i} is of type {type(image).__name__}; give a file path, a PIL image or an HxWx3 uint8 numpy "
-        f"array{hint}."
-    )
-
-
-def _open(image: str | Path | Image.Image, i: int) -> Image.Image:
-    try:
-        img = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
-    except (OSError, ValueError) as e:
-        raise MmfuseError(f"image #{i} ({image}) cannot be read: {e}") from None
-    if 0 in img.size:  # an empty image would be resized into a made-up one and classified
-        raise MmfuseError(f"image #{i} is empty ({img.size[0]}x{img.size[1]} pixels)")
-    return img
 
 
 def load(run_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False) -> Predictor:

@@ -12,7 +12,8 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from mmfuse.config import MODALITIES, ModelConfig, input_slots
+from mmfuse.config import MODALITIES, ModelConfig
+from mmfuse.data.columns import input_slots
 from mmfuse.data.tabular import TabularSpec
 from mmfuse.errors import MmfuseError
 from mmfuse.models.fusion import build_head
@@ -139,7 +140,7 @@ class MultimodalClassifier(nn.Module):
         for s in self.slots:
             raw, pre = given.get(s.name), given.get(f"{s.name}_feats")
             if s.modality == "tabular":
-                feats.append(self.tabular(**raw))
+                feats.append(pre if pre is not None else self.tabular(**raw))
                 continue
             f = pre if pre is not None else self.encode(s.modality, raw)
             if s.modality in self.poolers:  # cached token states come as pooling.NormalisedTokens, with their mask

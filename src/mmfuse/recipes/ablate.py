@@ -26,8 +26,8 @@ import torch
 
 from mmfuse import metrics
 from mmfuse.config import RunConfig, resolve
+from mmfuse.data.columns import Columns
 from mmfuse.data.read import read_data
-from mmfuse.data.records import Columns
 from mmfuse.data.tabular import fit_tabular
 from mmfuse.distributed import launched, main_process
 from mmfuse.errors import MmfuseError

@@ -236,6 +236,7 @@ def setup(
     cfg = resolve(cfg)
     tuned = cfg.tuned
     t = cfg.train
+    check_columns(cfg)
     if t.lora:
         require_peft()  # before the data is read and the towers are loaded
     tracking_dir, run_name = tracking or (out / "tracking", out.name)
@@ -312,6 +313,21 @@ def setup(
     if checkpointing:  # what a checkpoint was trained on: hashes every row's text and image once
         tr.data_fingerprint = data_fingerprint(train, val)
     return tr
+
+
+def check_columns(cfg: RunConfig) -> None:
+    """Refuses what named columns do not support yet, before the data is read."""
+    m = cfg.model
+    if m.image_columns and "image" in cfg.tuned:
+        raise MmfuseError(
+            f"--tune {cfg.train.tune} with --image-columns is not supported yet (an empty image cell has no pixels to "
+            "tune on): the columns' images go through the frozen vision tower with --tune head or --tune text."
+        )
+    if m.columns and cfg.data.caption_missing:
+        raise MmfuseError(
+            "--caption-missing is not supported yet with --image-columns, --text-columns or --tabular-columns: an "
+            "empty text cell is masked (pass --modality-dropout 0.1 or so to train for that)."
+        )
 
 
 def train_step(

@@ -42,6 +42,7 @@ from mmfuse.calibration import calibrate
 from mmfuse.config import BINARY_METRICS, RunConfig, parse_duration, resolve
 from mmfuse.data.records import Record
 from mmfuse.data.splits import label_list
+from mmfuse.data.tabular import fit_tabular
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.models.classifier import MultimodalClassifier, build_model
@@ -103,14 +104,16 @@ def portfolio(cfg: RunConfig) -> list[Member]:
     probe = {"fusion": "linear"}
     if text_pooling == "attention":  # a probe fits pooled features: the sentence embedding, mean of the last layer
         probe |= {"text_pooling": "mean", "text_layer_mean": 1}
-    both = ["image", "text"]
+    # With --tabular-columns, "both" (every member that fuses) reads the tabular columns too, and they get a head of
+    # their own.
+    both = ["image", "text"] + ["tabular"] * bool(cfg.model.tabular_columns)
+    alone = ["image", "text"] + ["tabular"] * bool(cfg.model.tabular_columns)
     members = [
         Member(f"probe-{name}", "probe", base.updated({"model": {**probe, "modalities": mods}}))
         for name, mods in (("image", ["image"]), ("text", ["text"]), ("both", both))
     ]
     members += [
-        Member(f"head-{m}", "head", base.updated({"model": {"fusion": "concat", "modalities": [m]}}))
-        for m in ("image", "text")
+        Member(f"head-{m}", "head", base.updated({"model": {"fusion": "concat", "modalities": [m]}})) for m in alone
     ]
     members += [
         Member(f"fusion-{head}", "fusion", base.updated({"model": {"fusion": head, "modalities": both}}))
@@ -154,12 +157,6 @@ def fit_portfolio(cfg: RunConfig, out: str | Path, cache: FeatureCache | None = 
     cfg = resolve(cfg)
     if not cfg.train.ensemble:
         raise MmfuseError("fit_portfolio trains --preset ensemble (train.ensemble: true).")
-    if cfg.model.columns:
-        raise MmfuseError(
-            "the ensemble (train's default, --preset ensemble or best) does not support --image-columns, "
-            "--text-columns or --tabular-columns yet: train one model with --tune head (a head on frozen features) "
-            "or --tune text, or a bag of them with --bag 5."
-        )
     if cfg.data.val and cfg.train.bag_groups:
         raise MmfuseError(
             "--bag-groups reads its groups from DATA, and the ensemble would fold the --val rows in beside them: put "
@@ -280,11 +277,21 @@ def _fit_probes(
     out.mkdir(parents=True, exist_ok=True)
     cfg = resolve(cfg)
     towers: dict = {}
-    template = build_model(cfg.model, len(labels), towers, build=())
+    tabular = fit_tabular(records, cfg.model.tabular_columns) if "tabular" in cfg.model.modalities else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # the categories' embeddings the probe fits on, the same every run
+        template = build_model(cfg.model, len(labels), towers, build=(), tabular=tabular)
     template.freeze_towers()
     ds = build_dataset(template, records, None, [], cache)
-    feats = {m: ds.sources[m].feats for m in template.modalities}
-    x = probe_features([feats[m].numpy() for m in template.modalities])
+    feats = {}
+    for slot in template.slots:
+        source = ds.sources[slot.name]
+        if slot.modality == "tabular":  # the probe fits on the encoded columns (numbers, indicators, embeddings)
+            with torch.no_grad():
+                feats[slot.name] = template.tabular(source.numeric, source.codes)
+        else:
+            feats[slot.name] = source.feats
+    x = probe_features([feats[slot.name].numpy() for slot in template.slots])
     index = {c: i for i, c in enumerate(labels)}
     y = np.array([index[r.label] for r in records])
     oof = np.full((len(records), len(labels)), np.nan, dtype=np.float32)
@@ -296,7 +303,9 @@ def _fit_probes(
         weights = {index[c]: w for c, w in weights.items()} if weights else None
         fit = LogisticRegression(C=PROBE_C, max_iter=2000, class_weight=weights).fit(x[train], y[train])
         fold_cfg = cfg.updated({"train": {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None}})
-        model = MultimodalClassifier(template.cards, len(labels), fold_cfg.model, towers)
+        model = MultimodalClassifier(template.cards, len(labels), fold_cfg.model, towers, tabular)
+        if model.tabular is not None:
+            model.tabular.load_state_dict(template.tabular.state_dict())
         model.head.set_weights(fit.coef_, fit.intercept_, fit.classes_)
         model.eval()
         oof[rows] = probabilities(model, {m: f[rows] for m, f in feats.items()}, ds.present[rows])

@@ -17,7 +17,8 @@ from mmfuse.calibration import Calibration
 from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import BINARY_METRICS, RunConfig, parse_class_weight, parse_threshold
 from mmfuse.data.checks import CHARS_PER_TOKEN, load_checked
-from mmfuse.data.records import Columns, Record, column_records
+from mmfuse.data.columns import Columns, column_records
+from mmfuse.data.records import Record
 from mmfuse.data.splits import label_list, stratified_split
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, batch_collate, build_dataset, embed, present_mask
