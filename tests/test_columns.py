@@ -20,6 +20,7 @@ from mmfuse.data.checks import load_checked
 from mmfuse.data.columns import Columns, input_slots
 from mmfuse.data.tabular import fit_tabular
 from mmfuse.errors import MmfuseError
+from mmfuse.training.portfolio import portfolio
 
 FIELDS = ("front", "back", "title", "desc", "size", "section", "label")
 COLUMNS = [
@@ -155,7 +156,7 @@ def test_the_python_api_says_how_to_call_a_model_with_columns(run, data, head_ru
         model.predict([str(data / "images" / "red_apple_0_front.png")], ["an apple"])
     with pytest.raises(MmfuseError, match=r"no value for column\(s\) \['section'\]"):
         model.predict(rows=[{"front": None, "back": None, "title": "a", "desc": "", "size": 1}])
-    with pytest.raises(MmfuseError, match="trained without named columns"):
+    with pytest.raises(MmfuseError, match="trained without them"):
         mmfuse.load(head_run, device="cpu").predict(rows=[{"image": "x.png", "text": "a"}])
 
 
@@ -206,7 +207,6 @@ def test_bad_column_input_is_refused_with_what_to_do(data, tmp_path, capsys):
     )
     with pytest.raises(MmfuseError, match="named twice"):
         ModelConfig(image_columns=["front"], text_columns=["front"])
-    refused(["train", train, "--out", out, *COLUMNS], capsys, "--tune head")  # the ensemble, train's default
     refused(["train", train, "--out", out, *COLUMNS, "--tune", "all"], capsys, "not supported yet")
     # An image file that is missing is a bad row naming its column.
     rows = read_csv(data / "train.csv")
@@ -254,6 +254,31 @@ def test_a_tuned_text_tower_reads_every_text_column(data, tmp_path):
     assert (out / "text_tower").is_dir()
     state = load_file(str(out / "model.safetensors"))
     assert any(k.startswith("text.") for k in state)  # the one tuned tower, shared by both text columns
+    assert main(["predict", str(out), str(data / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    written = read_csv(tmp_path / "p.csv")
+    pred = mmfuse.load(out, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
+    file_probs = np.array([[float(r[f"p_{c}"]) for c in pred.classes] for r in written])
+    np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)
+
+
+def test_the_ensemble_fuses_the_tabular_columns_and_gives_them_a_head():
+    cfg = resolve(RunConfig(model=ModelConfig(image_columns=["a", "b"], text_columns=["t"], tabular_columns=["x"])))
+    members = {m.name: m.cfg.model.modalities for m in portfolio(cfg)}
+    assert members["head-tabular"] == ["tabular"] and members["probe-both"] == ["image", "text", "tabular"]
+    assert members["fusion-gated"] == ["image", "text", "tabular"]
+    without = resolve(RunConfig(model=ModelConfig(text_columns=["t", "u"])))
+    assert "head-tabular" not in {m.name for m in portfolio(without)}
+
+
+@pytest.mark.slow
+def test_the_ensemble_trains_and_predicts_on_columns(data, tmp_path):
+    out = tmp_path / "ensemble"
+    args = ["train", str(data / "all.csv"), "--out", str(out), "--preset", "ensemble", "--bag", "2", *COLUMNS]
+    assert main([*args, "--image-size", "32", "--epochs", "2"]) == 0
+    board = read_csv(out / "leaderboard.csv")
+    assert {"probe-both", "head-tabular", "fusion-attention"} <= {r["name"] for r in board}
+    tabular = json.loads((out / "members" / "probe-both" / "members" / "0" / "tabular.json").read_text())
+    assert [c["name"] for c in tabular["columns"]] == ["size", "section"]
     assert main(["predict", str(out), str(data / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
     written = read_csv(tmp_path / "p.csv")
     pred = mmfuse.load(out, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
