@@ -284,3 +284,30 @@ def test_the_ensemble_trains_and_predicts_on_columns(data, tmp_path):
     pred = mmfuse.load(out, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
     file_probs = np.array([[float(r[f"p_{c}"]) for c in pred.classes] for r in written])
     np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)
+
+
+def test_jsonl_and_parquet_manifests_give_the_same_cells_as_csv(data, tmp_path):
+    import pandas as pd
+
+    named = Columns(("front", "back"), ("title", "desc"), ("size", "section"))
+    frame = pd.read_csv(data / "train.csv", keep_default_na=False)
+    frame["size"] = pd.to_numeric(frame["size"]).astype("Float64")  # a number column with nulls, as parquet keeps it
+    frame["extra"] = "not read"
+    (tmp_path / "images").symlink_to(data / "images")
+    frame.to_json(tmp_path / "m.jsonl", orient="records", lines=True)
+    frame.to_parquet(tmp_path / "m.parquet")
+    base = load_checked(data / "train.csv", need_text=False, named=named)
+    for name in ("m.jsonl", "m.parquet"):
+        records = load_checked(tmp_path / name, need_text=False, named=named)
+        assert [r.label for r in records] == [r.label for r in base]
+        for r, b in zip(records, base):
+            assert [(v.name if v else None) for v in map(r.cells.get, named.image)] == [
+                (v.name if v else None) for v in map(b.cells.get, named.image)
+            ]
+            assert [r.cells[c] for c in ("title", "desc", "section")] == [
+                b.cells[c] for c in ("title", "desc", "section")
+            ]
+            assert (float(r.cells["size"]) if r.cells["size"] != "" else None) == (
+                float(b.cells["size"]) if b.cells["size"] else None
+            )
+            assert "extra" not in r.cells
