@@ -311,3 +311,36 @@ def test_jsonl_and_parquet_manifests_give_the_same_cells_as_csv(data, tmp_path):
                 float(b.cells["size"]) if b.cells["size"] else None
             )
             assert "extra" not in r.cells
+
+
+def test_the_head_masks_each_empty_column_and_dropout_never_blanks_a_whole_row():
+    import torch
+
+    from mmfuse.data.tabular import TabularColumn, TabularSpec
+    from mmfuse.models.classifier import build_model
+
+    cfg = ModelConfig(
+        image_columns=["a", "b"],
+        text_columns=["t"],
+        tabular_columns=["x", "c"],
+        text_pooling="mean",
+        modality_dropout=0.5,
+    )
+    cfg = resolve(RunConfig(model=cfg)).model
+    spec = TabularSpec([TabularColumn("x", "num", 2.0, 3.0), TabularColumn("c", "cat", vocab=["p", "q"])])
+    model = build_model(cfg, 3, build=(), tabular=spec).eval()  # packaged towers stay cards: nothing is built
+    b = 8
+    feats = {f"{s.name}_feats": torch.randn(b, model.cards[s.modality].dim) for s in model.slots if s.name != "tabular"}
+    tab = {"numeric": torch.randn(b, 2), "codes": torch.randint(0, 3, (b, 1))}
+    present = torch.ones(b, 4, dtype=torch.bool)
+    present[:4, 1] = False  # the second image column empty in the first four rows
+    out = model(**feats, tabular=tab, present=present)
+    other = {**feats, "image1_feats": torch.randn(b, model.cards["image"].dim)}
+    changed = model(**other, tabular=tab, present=present)
+    torch.testing.assert_close(out[:4], changed[:4])  # an empty cell's features are never read
+    assert not torch.allclose(out[4:], changed[4:])
+    model.train()
+    kept = model._drop_modalities(torch.ones(4000, 4, dtype=torch.bool), 4000)
+    assert kept.any(dim=1).all()
+    dropped = (~kept).sum(0)
+    assert (dropped > 0).all() and kept.float().mean() < 0.95  # every column, the tabular one too, is blanked
