@@ -9,7 +9,8 @@ Each modality of a model reads from one source, and the tune mode only chooses w
 - text, tower frozen: ``FeatureSource``, or ``TokenStateSource`` for a pooling learned with the head;
 - text, tower tuned: ``TokenSource``, each text tokenized once and padded per batch.
 
-``MultimodalDataset`` holds ``{modality: source}`` with the presence mask and the labels, and gathers a whole batch
+``MultimodalDataset`` holds ``{input: source}`` (an input is a modality, or with named columns one column of it, and
+the tabular columns: ``MultimodalClassifier.slots``) with the presence mask and the labels, and gathers a whole batch
 per call (``__getitems__``): each source fills its part of the model's keyword arguments. ``build_dataset`` makes one
 for a model, records and the tuned modalities; the DataLoader's collate is the identity (``batch_collate``).
 
