@@ -216,12 +216,51 @@ def test_bad_column_input_is_refused_with_what_to_do(data, tmp_path, capsys):
     refused(["train", str(tmp_path / "bad.csv"), "--out", out, *COLUMNS, *FAST], capsys, "back: image file not found")
 
 
-def test_export_and_serve_refuse_a_run_with_columns(run, tmp_path, capsys):
+def test_export_refuses_a_run_with_columns(run, tmp_path, capsys):
+    refused(["export", str(run), "--out", str(tmp_path / "onnx")], capsys, "export does not support them yet")
+
+
+def test_serve_takes_each_column_as_a_field_of_its_own(run, data):
+    import base64
+    import time
+
+    from fastapi.testclient import TestClient
+
     from mmfuse.inference.serve.app import create_app
 
-    refused(["export", str(run), "--out", str(tmp_path / "onnx")], capsys, "export does not support them yet")
-    with pytest.raises(MmfuseError, match="serve does not support them yet"):
-        create_app(run)
+    rows = api_rows(data, data / "val.csv")[:3]
+    expected = mmfuse.load(run, device="cpu").predict(rows=rows).probs
+
+    def item(row: dict) -> dict:
+        images = {
+            c: base64.b64encode(open(row[c], "rb").read()).decode() if row[c] else None for c in ("front", "back")
+        }
+        return {**row, **images, "size": float(row["size"]) if row["size"] else None}
+
+    with TestClient(create_app(run)) as client:
+        end = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < end, "the app never became ready"
+            time.sleep(0.05)
+        info = client.get("/v1/info").json()
+        assert info["columns"] == {
+            "image": ["front", "back"],
+            "text": ["title", "desc"],
+            "tabular": ["size", "section"],
+        }
+        answer = client.post("/v1/predict", json={"items": [item(r) for r in rows]}).json()["items"]
+        got = np.array([list(a["probabilities"].values()) for a in answer], dtype=np.float32)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        # multipart: an image column is a file, the others are form fields; absent fields are empty cells
+        r = rows[0]
+        files = {"front": ("f.png", open(r["front"], "rb").read(), "image/png")}
+        form = client.post("/v1/predict", files=files, data={"title": r["title"]}).json()
+        alone = mmfuse.load(run, device="cpu").predict(
+            rows=[{**dict.fromkeys(r), "front": r["front"], "title": r["title"]}]
+        )
+        np.testing.assert_allclose(list(form["probabilities"].values()), alone.probs[0], atol=1e-5)
+        bad = client.post("/v1/predict", json={"image": "", "text": "x"})
+        assert bad.status_code == 422 and "front" in bad.json()["message"]
 
 
 def api_rows(data, path):

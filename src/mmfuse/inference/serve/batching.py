@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from mmfuse.data.columns import Columns
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.predictor import Predictor
 from mmfuse.inference.serve.requests import RequestError
@@ -172,7 +173,9 @@ class Batcher:
     def _warm_up(predictor: Predictor) -> None:
         # The first call pays one-off costs (allocator, kernel choice, lazy weights): not a user's request.
         text = ["warm-up"]
-        if "image" in predictor.model.modalities:
+        if predictor.cfg.model.columns:  # every cell empty: each column's placeholder
+            predictor.predict(rows=[dict.fromkeys(Columns.of(predictor.cfg.model).names)])
+        elif "image" in predictor.model.modalities:
             predictor.predict([Image.new("RGB", (64, 64), (128, 128, 128))], text)
         else:
             predictor.predict(None, text)
@@ -223,6 +226,8 @@ class Batcher:
 
     def _call(self, batch: list[tuple[_Job, int, int]]) -> np.ndarray:
         texts = [t for job, first, end in batch for t in job.texts[first:end]]
+        if self.predictor.cfg.model.columns:  # a model with named columns: its jobs' "texts" are row dicts
+            return self.predictor.predict(rows=texts, batch_size=len(texts)).probs
         images = None
         if batch[0][0].images is not None:
             images = [im for job, first, end in batch for im in job.images[first:end]]
