@@ -383,3 +383,13 @@ def test_the_head_masks_each_empty_column_and_dropout_never_blanks_a_whole_row()
     assert kept.any(dim=1).all()
     dropped = (~kept).sum(0)
     assert (dropped > 0).all() and kept.float().mean() < 0.95  # every column, the tabular one too, is blanked
+
+
+@pytest.mark.slow
+def test_search_trials_read_the_columns(data, tmp_path):
+    out = tmp_path / "search"
+    args = ["search", str(data / "train.csv"), "--val", str(data / "val.csv"), "--out", str(out), "--trials", "2"]
+    assert main([*args, *COLUMNS, *FAST]) == 0
+    best = yaml.safe_load((out / "best.yaml").read_text())["model"]
+    assert best["tabular_columns"] == ["size", "section"] and best["image_columns"] == ["front", "back"]
+    assert (out / "trials" / "000" / "tabular.json").is_file()
