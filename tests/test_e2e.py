@@ -198,8 +198,8 @@ def test_fine_tune_hf_towers_and_reload(toy_manifest, tmp_path, tiny_vit_dir, ti
 
 @pytest.mark.slow  # MiniLM fine-tuned
 def test_tune_text_fine_tunes_only_the_text_tower_beside_cached_image_features(toy_manifest, tmp_path):
-    """--tune text (one model's default): MiniLM is fine-tuned and stored with the run; EfficientNet stays frozen, read from
-    the feature cache in training and in predict_file, and is rebuilt from its wheel; both predict paths agree."""
+    """--tune text (one model's default): MiniLM is fine-tuned and stored with the run; EfficientNet stays frozen, read
+    from the feature cache in training and in predict_file, and is rebuilt from its wheel; both predict paths agree."""
     run = tmp_path / "run"
     argv = ["train", str(toy_manifest / "train.csv"), "--val", str(toy_manifest / "val.csv"), "--out", str(run)]
     assert main([*argv, "--epochs", "4", "--batch-size", "16", "--fusion", "concat"]) == 0
