@@ -17,7 +17,12 @@ preset's settings (flags given beside it override them, as on the command line).
 a bag (``mmfuse.training.bag.fit_bag``), one with ``train.ensemble`` a portfolio
 (``mmfuse.training.portfolio.fit_portfolio``); ``"bag_parallel": false`` trains a bag's members one after another
 where they would otherwise train at once (frozen towers on a multi-core CPU). Prints mean ± sd over folds and seeds,
-and the seconds per fold.
+and the seconds per fold. ``--scores`` names what to report (any key of evaluate's metrics.json); on two classes
+the probe's ``positive_f1`` is at a threshold chosen on its own out-of-fold probabilities within the fold's train
+(``binary.choose_threshold``), as a run's ``--threshold auto`` is, with the 0.5 figure beside it.
+
+    python bench/cross_validate.py '{"fast": {"preset": "fast"}}' --data /tmp/sets26/emoji-binary \
+        --scores roc_auc,pr_auc,positive_f1
 """
 
 from __future__ import annotations
@@ -49,12 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         "--data",
         help="a folder holding all.csv, or train/val/test.csv, as bench/datasets/*.py write them (default: the emoji)",
     )
+    p.add_argument("--scores", default="weighted_f1", help="what to report, e.g. roc_auc,pr_auc,positive_f1")
     args = p.parse_args(argv)
+    keys = args.scores.split(",")
 
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+    from mmfuse import metrics
+    from mmfuse.binary import choose_threshold
     from mmfuse.config import PRESETS, ModelConfig, RunConfig
     from mmfuse.data.checks import load_checked
     from mmfuse.data.datasets.emoji import emoji_dataset
@@ -91,16 +100,33 @@ def main(argv: list[str] | None = None) -> int:
             feats = {
                 m: torch.nn.functional.normalize(ds.sources[m].feats.float(), dim=1).numpy() for m in model.modalities
             }
+            classes = sorted(set(y))
+            ids = np.array([classes.index(c) for c in y])
+            positive = metrics.minority(ids) if len(classes) == 2 else None
             for name, x in [*feats.items(), ("concat", np.hstack(list(feats.values())))]:
-                scores = []
+                scores: dict[str, list[float]] = {}
                 for k in chosen:
                     train, test = folds[k]
-                    clf = LogisticRegression(C=4, max_iter=3000).fit(x[train], y[train])
-                    scores.append(f1_score(y[test], clf.predict(x[test]), average="weighted"))
-                report(f"probe (LR C=4, {name})", scores, 0.0)  # one fit, no seed: the probe is deterministic
+                    clf = LogisticRegression(C=4, max_iter=3000)
+                    probs = clf.fit(x[train], ids[train]).predict_proba(x[test])
+                    for key in keys:
+                        if key == "positive_f1" and positive is not None:
+                            # --threshold auto's way: the cut maximising F1 on out-of-fold probabilities of the train
+                            inner = cross_val_predict(clf, x[train], ids[train], cv=5, method="predict_proba")
+                            cut = choose_threshold(inner[:, positive], ids[train] == positive)
+                            hit = ids[test] == positive
+                            for label, t in (("positive_f1", cut), ("positive_f1 at 0.5", 0.5)):
+                                scores.setdefault(label, []).append(f1_score(hit, probs[:, positive] >= t))
+                        elif key == "weighted_f1":
+                            scores.setdefault(key, []).append(f1_score(ids[test], probs.argmax(1), average="weighted"))
+                        else:
+                            scores.setdefault(key, []).append(metrics.score(key, ids[test], probs, positive))
+                for key, values in scores.items():  # one fit, no seed: the probe is deterministic
+                    report(f"probe (LR C=4, {name})", values, 0.0, key)
         seeds = [int(x) for x in args.seeds.split(",")]
         for name, overrides in json.loads(args.recipes).items():
-            scores, start = [], time.perf_counter()
+            per_key: dict[str, list[float]] = {key: [] for key in keys}
+            start = time.perf_counter()
             for seed in seeds:
                 for k in chosen:
                     changes: dict[str, dict] = {"data": {"train": str(root / f"train{k}.csv")}, "train": {"seed": seed}}
@@ -119,15 +145,20 @@ def main(argv: list[str] | None = None) -> int:
                         fit_bag(cfg, run, parallel=overrides.get("bag_parallel"))
                     else:
                         fit(cfg, run)
-                    scores.append(evaluate_file(run, root / f"test{k}.csv", run / "test")["weighted_f1"])
-            report(name, scores, (time.perf_counter() - start) / len(scores))
+                    result = evaluate_file(run, root / f"test{k}.csv", run / "test")
+                    for key in keys:
+                        per_key[key].append(result[key])
+            seconds = (time.perf_counter() - start) / (len(seeds) * len(chosen))
+            for key, values in per_key.items():
+                report(name, values, seconds, key)
     return 0
 
 
-def report(name: str, scores: list[float], seconds: float) -> None:
+def report(name: str, scores: list[float], seconds: float, key: str = "weighted_f1") -> None:
     folds = ", ".join(f"{s:.3f}" for s in scores)
     mean, sd = np.mean(scores), np.std(scores)
-    print(f"{name:<28} weighted F1 {mean:.4f} ± {sd:.4f}  [{folds}]  {seconds:.0f} s/fold", flush=True)
+    title = "weighted F1" if key == "weighted_f1" else key
+    print(f"{name:<28} {title} {mean:.4f} ± {sd:.4f}  [{folds}]  {seconds:.0f} s/fold", flush=True)
 
 
 if __name__ == "__main__":

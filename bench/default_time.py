@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - start
             load = os.getloadavg()[0]
             print(f"{label:<26} {seconds:6.1f} s  ({seconds * 1000 / n:.0f} s per 1,000 rows; load {load:.1f})")
+            board = root / "run" / "leaderboard.csv"
+            if board.is_file():  # where the time went, member by member (an ensemble run writes one)
+                with open(board, newline="", encoding="utf-8") as f:
+                    print("   " + ", ".join(f"{r['name']} {float(r['seconds']):.0f} s" for r in csv.DictReader(f)))
     return 0
 
 

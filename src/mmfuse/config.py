@@ -19,13 +19,12 @@ from pathlib import Path
 import yaml
 
 from mmfuse.errors import MmfuseError
-from mmfuse.parsing import parse_class_weight, parse_duration, parse_threshold
+from mmfuse.parsing import check_type, parse_class_weight, parse_duration, parse_threshold, tabular_kind
 
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
 # A model's inputs may also include tabular columns (``--tabular-columns``), a third input to the fusion head.
 INPUTS = (*MODALITIES, "tabular")
-TABULAR_KINDS = ("num", "cat")  # --tabular-columns size:num section:cat forces a column's kind
 POOLINGS = ("cls", "mean")
 # Text towers may also hand their token states to a pooling learned with the head (pooling.AttentionPool).
 TEXT_POOLINGS = (*POOLINGS, "attention")
@@ -52,10 +51,12 @@ DTYPES = ("auto", "fp32", "autocast", "bf16")  # how a loaded model predicts: pr
 PREDICT_CHUNK = 4096
 TUNES = ("head", "text", "image", "all")
 AUGMENTS = ("none", "light", "strong")  # augment.py says what each does
-# What --metric can optimise; metrics.py registers a function (labels, probabilities -> score) against each name. The
-# multi-label work will add micro_f1 and map here.
-METRICS = ("weighted_f1", "macro_f1", "accuracy", "log_loss", "roc_auc", "pr_auc")
+# What --metric can optimise; metrics.py registers a function (labels, probabilities -> score) against each name.
+METRICS = ("weighted_f1", "macro_f1", "accuracy", "log_loss", "roc_auc", "pr_auc", "micro_f1", "map")
 BINARY_METRICS = ("roc_auc", "pr_auc")  # two classes only; a binary run's --metric defaults to roc_auc
+# Multi-label only; a multi-label run's --metric defaults to micro_f1. The others but BINARY_METRICS score it too
+# (accuracy: the exact-set match, F1s over its labels at a threshold of 0.5, log_loss: the binary cross-entropy).
+MULTILABEL_METRICS = ("micro_f1", "map")
 MAX_IMAGE_SIZE = 1024
 # Accelerate's trackers, by the name --track takes, with the module each needs.
 TRACKERS = {
@@ -136,10 +137,19 @@ class DataConfig:
     decode_each_epoch: bool = False
     """With --tune all, decode images every epoch instead of once into a uint8 cache ($MMFUSE_HOME/pixels)
     (towers whose preprocessing crops or pads always decode every epoch)."""
+    multi_label: bool = False
+    """Multi-label: each row holds a set of labels (a sigmoid per label, thresholds tuned on validation). A manifest's
+    labels column (cells such as cat|dog, or lists in JSONL and parquet) makes a run multi-label by itself; this
+    forces it for a label column. A trained run's config.yaml records it."""
+    label_sep: str | None = None
+    """Read the label column's cells as sets of labels split on this (e.g. ';'), which makes the run multi-label.
+    Default: a labels column's cells are split on |."""
 
     def __post_init__(self):
         if not 0.0 < self.val_split < 0.9:
             raise MmfuseError(f"--val-split must be between 0 and 0.9, got {self.val_split}")
+        if self.label_sep is not None and not self.label_sep.strip():
+            raise MmfuseError(f"--label-sep must be a character such as '|' or ';', got {self.label_sep!r}")
         if self.num_workers < 0:
             raise MmfuseError("--num-workers must be >= 0")
 
@@ -242,12 +252,6 @@ class ModelConfig:
         return bool(self.image_columns or self.text_columns or self.tabular_columns)
 
 
-def tabular_kind(spec: str) -> tuple[str, str | None]:
-    """A --tabular-columns entry as (column, kind): size:num is (size, num); a plain name's kind is inferred (None)."""
-    name, _, kind = spec.rpartition(":")
-    return (name, kind) if name and kind in TABULAR_KINDS else (spec, None)
-
-
 @dataclass
 class TrainConfig:
     tune: str = "text"
@@ -342,8 +346,9 @@ class TrainConfig:
     metric: str = "weighted_f1"
     """What to optimise: the kept epoch, the ensemble's greedy selection, a search's objective and a bag's headline
     score: weighted_f1, macro_f1 (every class counts the same: imbalanced data), accuracy, log_loss (ties in the
-    others go to the lower log loss), or for two classes roc_auc or pr_auc. Default: roc_auc for two classes,
-    weighted_f1 otherwise."""
+    others go to the lower log loss), for two classes roc_auc or pr_auc, for multi-label runs micro_f1 or map (mean
+    average precision over the labels). Default: roc_auc for two classes, micro_f1 for multi-label, weighted_f1
+    otherwise."""
     positive: str | None = None
     """With two classes: the label of the positive class, whose probability the threshold cuts and whose F1, ROC and
     precision-recall curves are reported. Default: the minority class (on a tie, the second in sorted order)."""
@@ -507,7 +512,7 @@ class RunConfig:
             if f.name == "train" and type(sub.get("threshold")) in (int, float):
                 sub["threshold"] = str(sub["threshold"])  # text (auto or a number): threshold: 0.3 means the number
             for key, value in sub.items():
-                _check_type(path, f"{f.name}.{key}", value, str(part_fields[key].type))
+                check_type(path, f"{f.name}.{key}", value, str(part_fields[key].type))
             try:
                 parts[f.name] = type(f.default_factory())(**sub)
             except MmfuseError as e:  # the checks name flags: say which file the value came from
@@ -571,28 +576,3 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if m.text_layer_mean is None:
         m.text_layer_mean = min(text.get("text_layer_mean", 1), m.text_layers or math.inf)
     return cfg
-
-
-def _check_type(path, key: str, value, kind: str) -> None:
-    """A YAML value against its field's annotation (``int | None``, ``list[str]``...): a wrong type would otherwise
-    fail later inside torch, with no word of which setting it was."""
-    if value is None:
-        ok = "None" in kind
-    elif kind.startswith("list"):
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    else:
-        base = kind.split(" |")[0]
-        ok = {
-            "bool": isinstance(value, bool),
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-            "str": isinstance(value, str),
-        }.get(base, True)
-    if not ok:
-        hint = ""
-        if isinstance(value, str) and "float" in kind:
-            hint = " (YAML reads 1e-3 as text: write 0.001 or 1.0e-3)"
-        names = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}
-        want = "a list of names, as [a, b]" if kind.startswith("list") else names.get(kind.split(" |")[0], kind)
-        want += " (or null)" * ("None" in kind)
-        raise MmfuseError(f"{path}: a value has the wrong type: {key} must be {want}, got {value!r}{hint}")

@@ -47,8 +47,105 @@ def summary(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
 
 
 def log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Mean negative log probability of the true class (clipped at 1e-15, as scikit-learn does)."""
+    """Mean negative log probability of the true class (clipped at 1e-15, as scikit-learn does); for multi-label
+    targets ((rows, labels) of 0/1), the binary cross-entropy averaged over every row and label."""
+    if np.ndim(y_true) == 2:
+        p, y = np.clip(np.asarray(probs, dtype=np.float64), 1e-15, 1 - 1e-15), np.asarray(y_true, dtype=bool)
+        return float(-np.where(y, np.log(p), np.log1p(-p)).mean())
     return float(-np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-15, 1.0)).mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-label: targets and predictions are (rows, labels) arrays of 0/1; scikit-learn's definitions, zero_division=0
+
+
+def multilabel_per_label(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per label: precision, recall, F1, support, and the true positives and predicted counts behind them."""
+    y, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+    tp, support, called = (y & p).sum(0).astype(float), y.sum(0), p.sum(0)
+    zeros = np.zeros(y.shape[1])
+    precision = np.divide(tp, called, out=zeros.copy(), where=called > 0)
+    recall = np.divide(tp, support, out=zeros.copy(), where=support > 0)
+    f1 = np.divide(2 * tp, support + called, out=zeros.copy(), where=support + called > 0)
+    return precision, recall, f1, support, tp, called
+
+
+def multilabel_summary(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """micro, macro (every label the same), weighted (by support) and samples (per row) F1, and accuracy (the whole
+    set right) of 0/1 multi-label predictions."""
+    y, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+    _, _, f1, support, tp, called = multilabel_per_label(y, p)
+    row_tp, row_n = (y & p).sum(1), y.sum(1) + p.sum(1)
+    return {
+        "micro_f1": float(2 * tp.sum() / max(support.sum() + called.sum(), 1)),
+        "macro_f1": float(f1.mean()) if len(f1) else 0.0,
+        "weighted_f1": float((f1 * support).sum() / max(support.sum(), 1)),
+        "samples_f1": float(np.divide(2 * row_tp, row_n, out=np.zeros(len(y)), where=row_n > 0).mean())
+        if len(y)
+        else 0.0,
+        "accuracy": float((y == p).all(1).mean()) if len(y) else 0.0,
+    }
+
+
+def average_precision(hit: np.ndarray, score: np.ndarray) -> float:
+    """scikit-learn's average_precision_score of one label (0 without a positive): precision at each distinct score,
+    weighted by the recall it adds."""
+    hit, score = np.asarray(hit, dtype=bool), np.asarray(score, dtype=np.float64)
+    if not hit.any():
+        return 0.0
+    order = np.argsort(-score, kind="stable")
+    hit, score = hit[order], score[order]
+    last = np.r_[score[1:] != score[:-1], True]  # a threshold takes every row of equal score at once
+    tp, k = np.cumsum(hit)[last], np.arange(1, len(hit) + 1)[last]
+    recall_gain = np.diff(np.r_[0, tp]) / hit.sum()
+    return float((recall_gain * tp / k).sum())
+
+
+def mean_average_precision(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """The mean over labels with at least one positive row of each label's average precision (0 without any)."""
+    y, probs = np.asarray(y_true, dtype=bool), np.asarray(probs)
+    aps = [average_precision(y[:, j], probs[:, j]) for j in range(y.shape[1]) if y[:, j].any()]
+    return float(np.mean(aps)) if aps else 0.0
+
+
+def multilabel_report(y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
+    """``multilabel_summary``, map, and per label its precision, recall, F1, support and average precision."""
+    y = np.asarray(y_true, dtype=bool)
+    precision, recall, f1, support, _, _ = multilabel_per_label(y, y_pred)
+    report = multilabel_summary(y, y_pred)
+    report["map"] = mean_average_precision(y, probs)
+    report["n"] = int(len(y))
+    report["per_label"] = {
+        name: {
+            "precision": float(precision[j]),
+            "recall": float(recall[j]),
+            "f1": float(f1[j]),
+            "support": int(support[j]),
+            "average_precision": average_precision(y[:, j], np.asarray(probs)[:, j]),
+        }
+        for j, name in enumerate(labels)
+    }
+    report["labels"] = labels
+    return report
+
+
+def write_multilabel_report(report: dict, out_dir: Path) -> None:
+    """metrics.json and per_label.csv (precision, recall, F1, support, average precision, threshold per label)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    thresholds = report.get("thresholds", {})
+    with open(out_dir / "per_label.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "precision", "recall", "f1", "support", "average_precision", "threshold"])
+        for name, r in report["per_label"].items():
+            cells = [r["precision"], r["recall"], r["f1"], r["support"], r["average_precision"]]
+            w.writerow([name, *cells, thresholds.get(name, "")])
+
+
+def _half(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """A multi-label summary at the fixed threshold 0.5: what --metric compares across epochs and members, before
+    the per-label thresholds are chosen."""
+    return multilabel_summary(y_true, np.asarray(probs) >= 0.5)
 
 
 @dataclass(frozen=True)
@@ -76,19 +173,42 @@ def register_metric(name: str, higher_is_better: bool, title: str):
     return add
 
 
+# Multi-label targets ((rows, labels) of 0/1) are scored at a threshold of 0.5 on each label's probability.
 @register_metric("weighted_f1", True, "weighted F1")
 def weighted_f1(y_true: np.ndarray, probs: np.ndarray) -> float:
+    if np.ndim(y_true) == 2:
+        return _half(y_true, probs)["weighted_f1"]
     return summary(y_true, probs.argmax(1))["weighted_f1"]
 
 
 @register_metric("macro_f1", True, "macro F1")
 def macro_f1(y_true: np.ndarray, probs: np.ndarray) -> float:
+    if np.ndim(y_true) == 2:
+        return _half(y_true, probs)["macro_f1"]
     return summary(y_true, probs.argmax(1))["macro_f1"]
 
 
 @register_metric("accuracy", True, "accuracy")
 def accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
+    if np.ndim(y_true) == 2:
+        return _half(y_true, probs)["accuracy"]
     return summary(y_true, probs.argmax(1))["accuracy"]
+
+
+@register_metric("micro_f1", True, "micro F1")
+def micro_f1(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Multi-label: F1 over every (row, label) decision at once, at a threshold of 0.5."""
+    if np.ndim(y_true) != 2:
+        raise ValueError("micro_f1 scores multi-label targets, (rows, labels) of 0/1")
+    return _half(y_true, probs)["micro_f1"]
+
+
+@register_metric("map", True, "mAP")
+def map_score(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Multi-label: the mean over labels of their average precision (``mean_average_precision``)."""
+    if np.ndim(y_true) != 2:
+        raise ValueError("map scores multi-label targets, (rows, labels) of 0/1")
+    return mean_average_precision(y_true, probs)
 
 
 register_metric("log_loss", False, "log loss")(log_loss)

@@ -35,5 +35,8 @@ def cmd_evaluate(args) -> int:
     if "threshold" in report:  # a binary run
         print_binary(report)
         print(f"wrote {out}/roc.png and pr.png")
+    if "per_label" in report:  # a multi-label run
+        print(f"wrote {out}/metrics.json, per_label.csv, errors.csv and errors.html (the rows whose set is wrong)")
+        return 0
     print(f"wrote {out}/metrics.json, confusion_matrix.csv and .png, errors.csv and errors.html (the misclassified)")
     return 0

@@ -8,7 +8,7 @@ from rich.table import Table
 # How lines name the metrics (--metric's choices among them); mmfuse.metrics has the same titles, but importing it
 # here would import numpy with every verb's --help.
 TITLES = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1", "log_loss": "log loss"}
-TITLES |= {"roc_auc": "ROC AUC", "pr_auc": "PR AUC"}
+TITLES |= {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "micro_f1": "micro F1", "map": "mAP", "samples_f1": "samples F1"}
 
 
 def metric_title(metric: str) -> str:
@@ -64,6 +64,17 @@ def print_training(result: dict, out: str) -> None:
         )
     if "threshold" in result:
         print_binary(result["val"])
+    if "thresholds" in result.get("val", {}):
+        print_multilabel(result["val"])
+
+
+def print_multilabel(scores: dict) -> None:
+    """A multi-label run's line: its set scores at the per-label thresholds (chosen on the same rows)."""
+    print(
+        f"multi-label, {len(scores['thresholds'])} labels at their thresholds (thresholds.json): micro F1 "
+        f"{scores['micro_f1']:.4f}, macro F1 {scores['macro_f1']:.4f}, samples F1 {scores['samples_f1']:.4f}, "
+        f"mAP {scores['map']:.4f}"
+    )
 
 
 def print_binary(scores: dict) -> None:
@@ -98,12 +109,15 @@ def print_leaderboard(rows: list[dict], title: str) -> None:
 
 
 def print_report(report: dict) -> None:
+    multi = "per_label" in report  # a multi-label run's: per label, at its threshold
     table = Table(title=f"evaluation on {report['n']} rows")
-    for col in ("class", "precision", "recall", "F1", "support"):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    for name, r in report["per_class"].items():
+    for col in ("label" if multi else "class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="left" if col in ("class", "label") else "right")
+    for name, r in report["per_label" if multi else "per_class"].items():
         table.add_row(name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"]))
     table.add_section()
-    for key in ("accuracy", "weighted_f1", "macro_f1"):
-        table.add_row(key.replace("_", " "), "", "", f"{report[key]:.4f}", "")
+    keys = ("micro_f1", "macro_f1", "weighted_f1", "samples_f1", "map", "accuracy") if multi else ()
+    for key in keys or ("accuracy", "weighted_f1", "macro_f1"):
+        name = "accuracy (whole set)" if multi and key == "accuracy" else metric_title(key)
+        table.add_row(name, "", "", f"{report[key]:.4f}", "")
     Console().print(table)

@@ -17,7 +17,7 @@ from mmfuse.data.columns import Columns
 from mmfuse.data.filestats import default_workers, file_index
 from mmfuse.data.images import MAX_PIXELS, check_image
 from mmfuse.data.read import MANIFEST_SUFFIXES, metadata_file, read_data
-from mmfuse.data.records import Problem, Record, data_error
+from mmfuse.data.records import Problem, Record, data_error, label_names
 from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)
@@ -159,12 +159,12 @@ def _label_problems(records: list[Record], need_label: bool, known: set[str] | N
             problems.append(Problem(rec.row, rec.source, "no label"))
         elif rec.label and (_is_not_utf8(rec.label) or _ANY_SURROGATE.search(rec.label)):
             problems.append(Problem(rec.row, rec.source, "label is not valid UTF-8 (or holds a lone surrogate)"))
-        elif rec.label and known is not None and rec.label not in known:
+        elif rec.label and known is not None and (unknown := [x for x in label_names(rec) if x not in known]):
             # The label is the reason's one quoted value: many rows of unknown labels are reported as one line that
             # counts each label (errors.bad_rows_report).
             problems.append(
                 Problem(
-                    rec.row, rec.source, f"unknown label '{rec.label}'; the model knows: {', '.join(sorted(known))}"
+                    rec.row, rec.source, f"unknown label '{unknown[0]}'; the model knows: {', '.join(sorted(known))}"
                 )
             )
     return problems
@@ -201,14 +201,17 @@ def load_checked(
     skipped_csv: Path | None = None,
     no_text_reason: str = "no text",
     max_chars: int = MAX_TEXT_CHARS,
+    multi_label: bool | None = None,
+    label_sep: str | None = None,
     named: Columns | None = None,
 ) -> list[Record]:
     """Reads and checks data; raises one DataError listing every bad row, or skips and records them.
 
-    Texts longer than ``max_chars`` characters are cut (``clip_text``), with one warning. ``named``: a model's named
-    columns (``records.Columns``), whose cells may be empty.
+    Texts longer than ``max_chars`` characters are cut (``clip_text``), with one warning. ``multi_label`` and
+    ``label_sep``: how labels are read (``read.read_manifest``). ``named``: a model's named columns
+    (``records.Columns``), whose cells may be empty.
     """
-    records, problems = read_data(path, captions, need_label, need_text, named)
+    records, problems = read_data(path, captions, need_label, need_text, multi_label, label_sep, named=named)
     clip_texts(records, max_chars, path)
     folder = Path(path).is_dir() and Path(path).suffix.lower() != ".parquet" and metadata_file(Path(path)) is None
     if folder and need_label and records and not any(r.label for r in records):
@@ -241,8 +244,8 @@ def load_checked(
         raise data_error(problems, path)
     folded: dict[str, set[str]] = {}
     for r in records:
-        if r.label:
-            folded.setdefault(r.label.casefold(), set()).add(r.label)
+        for name in label_names(r):
+            folded.setdefault(name.casefold(), set()).add(name)
     clashes = [sorted(v) for v in folded.values() if len(v) > 1]
     if clashes:  # almost always a typo, and each spelling would become a class of its own
         log.warning("labels that differ only in case are separate classes in %s: %s", path, clashes[:5])

@@ -63,8 +63,8 @@ def column_records(records: list[Record], modality: str, column: str) -> list[Re
     if not records or records[0].cells is None:
         return records
     if modality == "image":
-        return [Record(r.cells.get(column), "", r.label, r.row, r.source) for r in records]
-    return [Record(r.image, r.cells.get(column) or "", r.label, r.row, r.source) for r in records]
+        return [Record(r.cells.get(column), "", r.label, r.row, r.source, labels=r.labels) for r in records]
+    return [Record(r.image, r.cells.get(column) or "", r.label, r.row, r.source, labels=r.labels) for r in records]
 
 
 def has_cell(record: Record, modality: str, column: str) -> bool:

@@ -96,4 +96,4 @@ def row_record(row, i: int, named: Columns, clip: Callable[[list[str]], list[str
         v = row[c]
         cells[c] = "" if v is None or (isinstance(v, float) and np.isnan(v)) else v
     first = next((cells[c] for c in named.image if cells[c] is not None), None)
-    return Record(first, cells[named.text[0]] if named.text else "", None, i, str(i), cells)
+    return Record(first, cells[named.text[0]] if named.text else "", None, i, str(i), cells=cells)

@@ -14,13 +14,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mmfuse import binary, calibration, metrics
+from mmfuse import binary, calibration, metrics, multilabel
 from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import DTYPES, RunConfig
 from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked
 from mmfuse.data.columns import Columns
-from mmfuse.data.read import read_data
-from mmfuse.data.records import Record, image_hashes
+from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, MultimodalDataset, PixelCache, batch_collate, build_dataset
 from mmfuse.inference.inputs import as_list, check_image, check_text, open_input, row_record
@@ -34,6 +33,7 @@ from mmfuse.inference.stream import (
     run_identity,
     stream_predictions,
 )
+from mmfuse.inference.trained_on import warn_if_trained_on
 from mmfuse.models.classifier import MultimodalClassifier
 from mmfuse.models.compile import compile_model
 from mmfuse.paths import mmfuse_home
@@ -46,10 +46,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class Prediction:
     labels: list[str]
-    """The predicted class of each input."""
+    """The predicted class of each input; for a multi-label run, its set joined by | (empty when no label reaches
+    its threshold)."""
     probs: np.ndarray
-    """(N, classes) softmax probabilities (calibrated, for a run trained with --calibrate), in ``classes`` order."""
+    """(N, classes) softmax probabilities (calibrated, for a run trained with --calibrate), in ``classes`` order; for
+    a multi-label run, one sigmoid probability per label."""
     classes: list[str]
+    sets: list[list[str]] | None = None
+    """A multi-label run's predicted set of each input, in label order; None for a single-label run."""
 
     @property
     def confidence(self) -> np.ndarray:
@@ -96,6 +100,7 @@ class Predictor:
             self._load_ensemble(dtype, compile)
             return
         self.models, self.cfg, self.classes = load_models(self.run_dir)
+        self._read_decision(self.run_dir)
         if dtype == "auto":
             dtype = "autocast" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.dtype = dtype
@@ -106,7 +111,20 @@ class Predictor:
                 model.to(torch.bfloat16)  # a tower built later follows the model's dtype (build_tower)
         if compile:
             self.models = [compile_model(model) for model in self.models]
-        self.decision = binary.read_decision(self.run_dir, self.classes)  # a binary run's threshold; None: the argmax
+
+    def _read_decision(self, run: Path) -> None:
+        """How probabilities become labels: a binary run's threshold (``decision``; None: the argmax), a multi-label
+        run's per-label thresholds (``thresholds``; None for other runs)."""
+        self.multi_label = self.cfg.data.multi_label
+        self.decision = None if self.multi_label else binary.read_decision(run, self.classes)
+        self.thresholds = multilabel.read_thresholds(run, self.classes) if self.multi_label else None
+
+    def prediction(self, probs: np.ndarray) -> Prediction:
+        """``probs`` with the labels they decide: the argmax, a binary run's threshold, or a multi-label run's sets."""
+        if self.multi_label:
+            sets = multilabel.label_sets(probs, self.classes, self.thresholds)
+            return Prediction([multilabel.joined(s) for s in sets], probs, self.classes, sets)
+        return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
 
     def _load_ensemble(self, dtype: str, compile: bool) -> None:
         run = check_run(self.run_dir)
@@ -123,7 +141,7 @@ class Predictor:
         self.dtype, self.weight_dtype = self.members[0][0].dtype, self.members[0][0].weight_dtype
         used = {m for member, _ in self.members for m in member.model.modalities}
         self._inputs = EnsembleInputs([m for m in ("image", "text") if m in used])
-        self.decision = binary.read_decision(run, self.classes)
+        self._read_decision(run)
 
     @property
     def model(self) -> MultimodalClassifier | EnsembleInputs:
@@ -211,8 +229,7 @@ class Predictor:
         # Inputs seen once go through every tower raw (no feature cache), on the one batch path below.
         records = [Record(im, t, None, i, str(i)) for i, (im, t) in enumerate(zip(images, texts))]
         ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=open_input)
-        probs = self.predict_dataset(ds, batch_size)
-        return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
+        return self.prediction(self.predict_dataset(ds, batch_size))
 
     def _predict_rows(self, images, texts, rows, batch_size: int) -> Prediction:
         """``predict`` for a model with named columns: each row's cells by column name."""
@@ -231,13 +248,11 @@ class Predictor:
             rows = rows.to_dict("records")
         rows = as_list(rows, "rows", "row")
         if self.members:  # each member reads the columns it was trained on
-            parts = [(m._predict_rows(None, None, rows, batch_size), w) for m, w in self.members]
-            probs = calibration.scale(sum(w * p.probs for p, w in parts), self.temperature)
-            return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
+            probs = sum(w * m._predict_rows(None, None, rows, batch_size).probs for m, w in self.members)
+            return self.prediction(probs if self.multi_label else calibration.scale(probs, self.temperature))
         records = [row_record(row, i, named, self._clip) for i, row in enumerate(rows)]
         ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=open_input)
-        probs = self.predict_dataset(ds, batch_size)
-        return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
+        return self.prediction(self.predict_dataset(ds, batch_size))
 
     def _predict_members(self, images, texts, batch_size: int) -> Prediction:
         """An ensemble's prediction: the members' probabilities summed with their weights, each member given the
@@ -248,8 +263,8 @@ class Predictor:
             (m.predict(images if "image" in m.model.modalities or texts is None else None, texts, batch_size), w)
             for m, w in self.members
         ]
-        probs = calibration.scale(sum(w * p.probs for p, w in parts), self.temperature)
-        return Prediction(binary.labels(probs, self.classes, self.decision), probs, self.classes)
+        probs = sum(w * p.probs for p, w in parts)
+        return self.prediction(probs if self.multi_label else calibration.scale(probs, self.temperature))
 
     def predict_dataset(self, ds: MultimodalDataset, batch_size: int) -> np.ndarray:
         """Probabilities (N, classes) for every row of ``ds``, in order: the batch path of the API, predict and
@@ -270,10 +285,13 @@ class Predictor:
     @torch.inference_mode()
     def probs(self, batch: dict) -> np.ndarray:
         """Calibrated softmax probabilities (N, classes) for one batch, in fp32 on the host; a bag's members' are
-        averaged first. An ensemble's members take different inputs: use ``predict`` or ``predict_records``."""
+        averaged first. A multi-label run's are a sigmoid per label (averaged over a bag's members). An ensemble's
+        members take different inputs: use ``predict`` or ``predict_records``."""
         if self.members:
             raise MmfuseError("an ensemble's members take different inputs: use predict or predict_records")
         outs = [o.float() for o in self._outputs(batch, self.models)]
+        if self.multi_label:
+            return torch.stack([o.sigmoid() for o in outs]).mean(0).cpu().numpy()
         if len(outs) == 1:  # softmax(logits / T): T = 1 leaves an uncalibrated run's bit for bit
             return (outs[0] / self.temperature).softmax(-1).cpu().numpy()
         return calibration.scale(torch.stack([o.softmax(-1) for o in outs]).mean(0).cpu().numpy(), self.temperature)
@@ -303,7 +321,7 @@ class Predictor:
         self._check_texts([r.text for r in records])
         if self.members:
             probs = sum(w * m.predict_records(records, batch_size, show, cache) for m, w in self.members)
-            return calibration.scale(probs, self.temperature)
+            return probs if self.multi_label else calibration.scale(probs, self.temperature)
         # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
         root = mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None
         features = FeatureCache(root, write=cache)
@@ -349,6 +367,7 @@ def load_inputs(
             takes rows without text: trained with modality dropout).
     """
     cfg, run_dir = run.cfg, run.run_dir
+    multi = cfg.data.multi_label
     records = load_checked(
         data,
         captions=captions,
@@ -361,6 +380,8 @@ def load_inputs(
         named=Columns.of(cfg.model),
         no_text_reason="no text, and this model was trained without --modality-dropout so it needs text "
         "(give it text, caption the images, or retrain with --modality-dropout 0.2)",
+        multi_label=multi,  # a single-label run reads one label a row, as it always did
+        label_sep=cfg.data.label_sep if multi else None,
     )
     if cfg.data.caption_missing and any(not r.text.strip() for r in records):
         records = fill_missing_captions(records, cfg.data.caption_missing, Path(run_dir) / "captions.csv")
@@ -495,8 +516,17 @@ def evaluate_file(
             data, captions, need_label=True, skip_bad=skip_bad, skipped_csv=skipped if procs.is_main else None
         )
     if procs.is_main:
-        warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records)
+        warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records, Columns.of(predictor.cfg.model))
     probs = predict_all(predictor, records, chunk_size, procs, {"cache": cache})
+    if getattr(predictor, "multi_label", False):
+        y = multilabel.targets(records, predictor.classes)
+        report = multilabel.report(y, probs, predictor.classes, predictor.thresholds)
+        report["log_loss"] = metrics.log_loss(y, probs)
+        if procs.is_main:
+            metrics.write_multilabel_report(report, out_dir)
+            write_errors(out_dir, records, probs, predictor.classes, thresholds=predictor.thresholds)
+        procs.barrier()
+        return report
     index = {c: i for i, c in enumerate(predictor.classes)}
     y = np.array([index[r.label] for r in records])
     report = metrics.full_report(y, binary.predicted(probs, predictor.classes, predictor.decision), predictor.classes)
@@ -507,61 +537,3 @@ def evaluate_file(
         write_errors(out_dir, records, probs, predictor.classes, decision=predictor.decision)
     procs.barrier()  # the reports exist when any process returns
     return report
-
-
-SAME_DATA_SAMPLE = 500  # rows of the evaluated data whose images are looked for among the training images
-
-
-def warn_if_trained_on(data_cfg, run_dir: Path, data, records: list[Record]) -> bool:
-    """Warns when ``data`` is what the run was trained on: the same file as its config's data.train, or over half
-    of its images (by content) among the training images. Scores on training data flatter the model.
-
-    Only training files of the same size as an evaluated image are hashed, so a large training set costs a stat
-    per file, not a read.
-    """
-    train = getattr(data_cfg, "train", None)
-    if not train or not records:
-        return False
-    # A config may hold the path as given at training time (relative to where train ran) or relative to the run.
-    places = [Path(train), run_dir / train]
-    where = next((p for p in places if p.exists()), None)
-    if where is not None and where.resolve() == Path(data).resolve():
-        log.warning(
-            "%s is the data this run was trained on (data.train in %s): the scores will flatter the model; "
-            "evaluate on held-out data.",
-            data,
-            run_dir / "config.yaml",
-        )
-        return True
-    if where is None:
-        return False
-    try:
-        trained, _ = read_data(where, getattr(data_cfg, "captions", None), need_label=False)
-    except (MmfuseError, OSError):
-        return False  # the training data changed or moved since: nothing to compare with
-    step = max(1, len(records) // SAME_DATA_SAMPLE)
-    sample = records[::step][:SAME_DATA_SAMPLE]
-    sizes = {_size(r.image) for r in sample} - {None}
-    candidates = [r for r in trained if _size(r.image) in sizes]
-    if not candidates:
-        return False
-    seen = set(image_hashes(candidates)) - {None}
-    same = sum(h in seen for h in image_hashes(sample))
-    if same * 2 > len(sample):
-        log.warning(
-            "%d of %d image(s) checked in %s are images this run was trained on (%s, by content): the scores "
-            "will flatter the model; evaluate on held-out data.",
-            same,
-            len(sample),
-            data,
-            where,
-        )
-        return True
-    return False
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_size
-    except (OSError, ValueError):
-        return None

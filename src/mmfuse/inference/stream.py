@@ -29,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mmfuse import multilabel
 from mmfuse.binary import THRESHOLD_FILE, Decision, predicted
 from mmfuse.config import PREDICT_CHUNK as DEFAULT_CHUNK
 from mmfuse.data.records import Record
 from mmfuse.distributed import gather_lists, launch_state, shard_bounds
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.report import input_row
+from mmfuse.multilabel import THRESHOLDS_FILE, Thresholds
 from mmfuse.progress import Progress
 from mmfuse.rundir.layout import CALIBRATION_FILE
 
@@ -138,7 +140,12 @@ def run_identity(run_dir: str | Path) -> dict:
     run = Path(run_dir).resolve()
     weights = sorted(
         [str(p.relative_to(run)), p.stat().st_size, p.stat().st_mtime_ns]
-        for p in (*run.rglob("*.safetensors"), *run.rglob(CALIBRATION_FILE), *run.rglob(THRESHOLD_FILE))
+        for p in (
+            *run.rglob("*.safetensors"),
+            *run.rglob(CALIBRATION_FILE),
+            *run.rglob(THRESHOLD_FILE),
+            *run.rglob(THRESHOLDS_FILE),
+        )
         if "checkpoints" not in p.relative_to(run).parts
     )
     return {"path": str(run), "weights": weights}
@@ -295,11 +302,23 @@ def csv_bytes(rows: list[list]) -> bytes:
 
 
 def prediction_rows(
-    records: list[Record], probs: np.ndarray, classes: list[str], labelled: bool, decision: Decision | None = None
+    records: list[Record],
+    probs: np.ndarray,
+    classes: list[str],
+    labelled: bool,
+    decision: Decision | None = None,
+    thresholds: Thresholds | None = None,
 ) -> list[list]:
     """One CSV row per record: row, image, (true_label, correct,) label, confidence (the label's probability),
-    p_<class>...; the label is the argmax, or a binary run's ``decision``."""
+    p_<class>...; the label is the argmax, or a binary run's ``decision``. With a multi-label run's ``thresholds``:
+    row, image, (true_labels, correct,) labels (the set joined by |), p_<label>..."""
     rows = []
+    if thresholds is not None:  # a multi-label run: the set joined by |, then every label's probability
+        for rec, p, names in zip(records, probs, multilabel.label_sets(probs, classes, thresholds)):
+            guess = multilabel.joined(names)
+            truth = ([rec.label, rec.label == guess] if rec.label is not None else ["", ""]) if labelled else []
+            rows.append([input_row(rec), rec.source, *truth, guess, *(f"{x:.6f}" for x in p)])
+        return rows
     for rec, p, k in zip(records, probs, predicted(probs, classes, decision)):
         label = classes[int(k)]
         truth = ([rec.label, rec.label == label] if rec.label is not None else ["", ""]) if labelled else []
@@ -330,6 +349,7 @@ def stream_predictions(
     procs.barrier()  # no process writes a progress file before every process has checked the old ones
     # true_label and correct make a labelled input's predictions their own error list; decided over all rows.
     labelled = any(r.label is not None for r in records)
+    thresholds = getattr(predictor, "thresholds", None)  # a multi-label run's (the ONNX backend's too)
     start, end = my_shard(len(records), chunk_size, procs)
     shard = records[start:end]
     files = shard_files(out_csv, procs.rank, procs.world)
@@ -339,8 +359,13 @@ def stream_predictions(
         done, offset = int(saved["rows_done"]), int(saved["bytes"])
         log.info("resuming %s after row %d of %d (this process's shard)", files.part, done, len(shard))
     else:
-        truth = ["true_label", "correct"] if labelled else []
-        header = [["row", "image", *truth, "label", "confidence", *(f"p_{c}" for c in predictor.classes)]]
+        probs_header = [f"p_{c}" for c in predictor.classes]
+        if thresholds is not None:
+            truth = ["true_labels", "correct"] if labelled else []
+            header = [["row", "image", *truth, "labels", *probs_header]]
+        else:
+            truth = ["true_label", "correct"] if labelled else []
+            header = [["row", "image", *truth, "label", "confidence", *probs_header]]
         with open(files.part, "wb") as f:
             f.write(csv_bytes(header) if procs.is_main else b"")  # the first shard carries the one header
         done, offset = 0, files.part.stat().st_size
@@ -350,7 +375,8 @@ def stream_predictions(
         f.seek(offset)
         for probs in predict_chunks(predictor, shard[done:], chunk_size, procs.is_main, options):
             rows = shard[done : done + len(probs)]
-            f.write(csv_bytes(prediction_rows(rows, probs, predictor.classes, labelled, predictor.decision)))
+            decided = prediction_rows(rows, probs, predictor.classes, labelled, predictor.decision, thresholds)
+            f.write(csv_bytes(decided))
             f.flush()
             os.fsync(f.fileno())
             done, offset = done + len(rows), f.tell()

@@ -28,6 +28,7 @@ from mmfuse import metrics
 from mmfuse.config import RunConfig, resolve
 from mmfuse.data.columns import Columns
 from mmfuse.data.read import read_data
+from mmfuse.data.records import label_names
 from mmfuse.data.tabular import fit_tabular
 from mmfuse.distributed import launched, main_process
 from mmfuse.errors import MmfuseError
@@ -35,7 +36,7 @@ from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.inference.predictor import evaluate_file
 from mmfuse.models.classifier import build_model
 from mmfuse.training.fit import fit
-from mmfuse.training.prep import load_splits
+from mmfuse.training.prep import forced_multilabel, load_splits
 
 log = logging.getLogger(__name__)
 VARIANTS = {"image": ["image"], "text": ["text"], "fusion": ["image", "text"]}
@@ -247,10 +248,13 @@ def _check_test_data(cfg: RunConfig, test: str | Path, test_captions: str | None
     a label the training data lacks, would otherwise stop the ablation only at its end (and a rerun then needed
     --overwrite). Labels are compared from the files alone; with --skip-bad, rows of unknown labels are skipped."""
     named = Columns.of(cfg.model)
-    test_labels = {r.label for r in read_data(test, test_captions, need_label=True, named=named)[0]}
+    sets = {"multi_label": forced_multilabel(cfg), "label_sep": cfg.data.label_sep}  # read as training will
+    rows = read_data(test, test_captions, need_label=True, **sets, named=named)[0]
+    test_labels = {x for r in rows for x in label_names(r)}
     if cfg.data.skip_bad:
         return
-    known = {r.label for r in read_data(cfg.data.train, cfg.data.captions, need_label=True, named=named)[0]}
+    train = read_data(cfg.data.train, cfg.data.captions, need_label=True, **sets, named=named)[0]
+    known = {x for r in train for x in label_names(r)}
     unknown = sorted(test_labels - known - {None, ""})
     if unknown:
         raise MmfuseError(
@@ -289,6 +293,7 @@ def _run_variant(job: tuple, threads: int | None = None) -> dict:
     else:
         report = fitted["val"]
     result = {k: report[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
+    result |= {k: report[k] for k in ("micro_f1", "samples_f1", "map") if k in report}  # a multi-label run's
     result["evaluated_on"] = "test" if test is not None else "validation"
     result["best_epoch"], result["epochs_run"] = fitted["best_epoch"], fitted["epochs_run"]
     result["val_weighted_f1"] = fitted["val"]["weighted_f1"]

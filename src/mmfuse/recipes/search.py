@@ -34,7 +34,7 @@ from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache
 from mmfuse.recipes.space import SPACES, Param, default_values, search_space
 from mmfuse.training.loop import run_epochs, save, setup
-from mmfuse.training.prep import check_out_dir
+from mmfuse.training.prep import check_out_dir, data_is_multilabel
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ def search(
     out = Path(out)
     check_out_dir(out, cfg.data.train)
     cfg = absolute_paths(cfg)
+    if "metric" not in cfg.asked.get("train", ()) and data_is_multilabel(cfg):
+        cfg = cfg.updated({"train": {"metric": "micro_f1"}})  # the study's objective for label sets
     source = f"--space {space_source}" if space_source else "the default space"
     params = search_space(space if space is not None else SPACES[cfg.train.tune], cfg, fixed, source)
     out.mkdir(parents=True, exist_ok=True)

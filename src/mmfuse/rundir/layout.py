@@ -18,6 +18,7 @@ RUN_FILES = {
     "calibration.json",
     "reliability.png",
     "threshold.json",
+    "thresholds.json",
     "leaderboard.csv",
     "oof_predictions.csv",
     "frozen_towers.safetensors",

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mmfuse import binary, metrics
+from mmfuse import binary, metrics, multilabel
 from mmfuse.binary import THRESHOLD_FILE
 from mmfuse.calibration import Calibration
 from mmfuse.config import RunConfig
@@ -23,6 +23,7 @@ from mmfuse.errors import MmfuseError
 from mmfuse.models.classifier import PREFIXES, MultimodalClassifier, load_stored, stored_frozen, stored_state
 from mmfuse.models.lora import is_adapter
 from mmfuse.models.towers import build_tower, packaged_card, packaged_towers
+from mmfuse.multilabel import THRESHOLDS_FILE
 from mmfuse.rundir.layout import (
     BAG_FILE,
     CALIBRATION_FILE,
@@ -43,9 +44,12 @@ def _write_common(
     if "threshold" in result:  # a binary run's decision (training.prep.decide), read back by binary.read_decision
         decision = binary.Decision(result["positive"], result["threshold"])
         binary.write_decision(stage / THRESHOLD_FILE, decision, **result["val"]["decision"])
+    if "thresholds" in result.get("val", {}):  # a multi-label run's, read back by multilabel.read_thresholds
+        chosen = multilabel.Thresholds(tuple(result["val"]["thresholds"][c] for c in labels))
+        multilabel.write_thresholds(stage / THRESHOLDS_FILE, labels, chosen, **result["val"]["decision"])
     cfg.to_yaml(stage / "config.yaml")
     (stage / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False))
-    if "val" in result:
+    if "confusion_matrix" in result.get("val", {}):  # a multi-label run has none
         metrics.plot_confusion(np.array(result["val"]["confusion_matrix"]), labels, stage / "val_confusion_matrix.png")
     (stage / FINISHED).write_text(json.dumps(result, indent=2))
 
@@ -64,7 +68,7 @@ def write_run(
     with ``calibration``, its temperature (``calibration.json``) and reliability diagram."""
     # The calibration files are marks, removed as the run is moved in: a run trained again without --calibrate must
     # not be scaled by the temperature fitted to the weights it replaced.
-    with staged(out, marks=(*CALIBRATION_FILES, THRESHOLD_FILE, FINISHED)) as stage:
+    with staged(out, marks=(*CALIBRATION_FILES, THRESHOLD_FILE, THRESHOLDS_FILE, FINISHED)) as stage:
         save_model(model, stage, cfg.tuned, frozen_weights, base=out)
         with open(stage / "history.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(history[0]))
@@ -91,7 +95,7 @@ def write_bag(
         members: the members' folders; ``predict``: the folders of the models predict averages.
         calibration: the temperature fitted on the out-of-fold probabilities (``--calibrate``).
     """
-    with staged(out, marks=(BAG_FILE, *CALIBRATION_FILES, THRESHOLD_FILE, FINISHED)) as stage:
+    with staged(out, marks=(BAG_FILE, *CALIBRATION_FILES, THRESHOLD_FILE, THRESHOLDS_FILE, FINISHED)) as stage:
         with open(stage / "oof_predictions.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(oof[0])
@@ -118,7 +122,7 @@ def write_ensemble(
         ensemble: what ``ensemble.json`` holds (the members that predict, with their weights).
         calibration: the temperature fitted on the blended out-of-fold probabilities (``--calibrate``).
     """
-    with staged(out, marks=(ENSEMBLE_FILE, *CALIBRATION_FILES, THRESHOLD_FILE, FINISHED)) as stage:
+    with staged(out, marks=(ENSEMBLE_FILE, *CALIBRATION_FILES, THRESHOLD_FILE, THRESHOLDS_FILE, FINISHED)) as stage:
         for name, (header, rows) in (("oof_predictions.csv", oof), ("leaderboard.csv", _table(leaderboard))):
             with open(stage / name, "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)

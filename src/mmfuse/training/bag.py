@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfuse import metrics
+from mmfuse import metrics, multilabel
 from mmfuse.calibration import calibrate
-from mmfuse.config import RunConfig, resolve
+from mmfuse.config import RunConfig, parse_threshold, resolve
 from mmfuse.data.read import read_table
 from mmfuse.data.records import Record
-from mmfuse.data.splits import label_list
+from mmfuse.data.splits import label_list, strata
 from mmfuse.data.tabular import TabularSpec, fit_tabular
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset
@@ -64,10 +64,11 @@ log = logging.getLogger(__name__)
 
 
 def folds(records: list[Record], k: int, seed: int, groups: list[str] | None = None) -> list[np.ndarray]:
-    """The rows each fold holds out: stratified by label, and with ``groups`` never splitting a group."""
+    """The rows each fold holds out: stratified by label (a multi-label row by its rarest label: ``splits.strata``),
+    and with ``groups`` never splitting a group."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold  # deferred: sklearn takes 0.5 s
 
-    y = np.array([r.label for r in records])
+    y = np.array(strata(records))
     counts = np.unique(y, return_counts=True)[1]
     if len(records) < k:
         raise MmfuseError(f"--bag {k} needs at least {k} rows; the data has {len(records)}.")
@@ -261,6 +262,8 @@ def spread(fold_scores: list[float]) -> dict:
 
 
 def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interrupted: bool, seconds: float) -> dict:
+    if cfg.data.multi_label:
+        return _write_multilabel(out, cfg, labels, records, oof, held_out, members, full, interrupted, seconds)
     done = ~np.isnan(oof[:, 0])
     index = {c: i for i, c in enumerate(labels)}
     y = np.array([index[r.label] for r in records])
@@ -312,4 +315,52 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
     ]
     models = [full["dir"]] if full else [m["dir"] for m in members]
     write_bag(out, cfg, labels, result, (header, rows), [m["dir"] for m in members], models, calibration)
+    return result
+
+
+def _write_multilabel(
+    out: Path, cfg, labels, records, oof, held_out, members, full, interrupted: bool, seconds: float
+) -> dict:
+    """A multi-label bag's result: the members' averaged sigmoids, per-label thresholds chosen on the out-of-fold
+    probabilities (each row scored by the member that did not train on it), and the set scores there."""
+    done = ~np.isnan(oof[:, 0])
+    y = multilabel.targets(records, labels)
+    name = cfg.train.metric
+    fold_scores = [metrics.score(name, y[held_out[m["fold"]]], oof[held_out[m["fold"]]]) for m in members]
+    fixed = parse_threshold(cfg.train.threshold)
+    thresholds = (
+        multilabel.choose_thresholds(oof[done], y[done])
+        if fixed is None
+        else multilabel.Thresholds((fixed,) * len(labels))
+    )
+    val = multilabel.report(y[done], oof[done], labels, thresholds)
+    val |= {"log_loss": metrics.log_loss(y[done], oof[done])}
+    val["decision"] = {"chosen": "auto" if fixed is None else "fixed", "fitted_on": "out-of-fold"}
+    fold_f1 = [m["val_weighted_f1"] for m in members]
+    result = {
+        "bag": cfg.train.bag,
+        "members_finished": len(members),
+        "interrupted": interrupted,
+        "n_rows": len(records),
+        "n_out_of_fold": int(done.sum()),
+        "val": val,
+        "fold_weighted_f1": fold_f1,
+        "fold_weighted_f1_mean": float(np.mean(fold_f1)),
+        "fold_weighted_f1_sd": float(np.std(fold_f1)),
+        "metric": {"name": name, "value": metrics.score(name, y[done], oof[done]), **spread(fold_scores)},
+        "members": members,
+        "full": full,
+        "predict_uses": "full" if full else "bag",
+        "train_seconds": seconds,
+    }
+    header = ["row", "image", "labels", "predicted", "fold", *(f"p_{c}" for c in labels)]
+    fold_of = {int(j): m["fold"] for m in members for j in held_out[m["fold"]]}
+    sets = multilabel.label_sets(np.nan_to_num(oof), labels, thresholds)
+    rows = [
+        [r.row, r.source, r.label, multilabel.joined(sets[j]), fold_of[j], *(f"{x:.6f}" for x in oof[j])]
+        for j, r in enumerate(records)
+        if done[j]
+    ]
+    models = [full["dir"]] if full else [m["dir"] for m in members]
+    write_bag(out, cfg, labels, result, (header, rows), [m["dir"] for m in members], models)
     return result

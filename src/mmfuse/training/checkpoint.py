@@ -56,7 +56,13 @@ FREE_KEYS = {
 }
 # Settings added after checkpoints were first written, with their defaults: left out of the fingerprint at those, so a
 # checkpoint from before them still resumes.
-ADDED = {"class_weight": None, "balanced_sampling": False, "metric": "weighted_f1"}
+ADDED = {
+    "class_weight": None,
+    "balanced_sampling": False,
+    "metric": "weighted_f1",
+    "multi_label": False,
+    "label_sep": None,
+}
 _NAME = re.compile(r"^e(\d{4})-s(\d{7})$")
 
 

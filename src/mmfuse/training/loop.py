@@ -31,9 +31,9 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from mmfuse import metrics
+from mmfuse import metrics, multilabel
 from mmfuse.calibration import calibrate
-from mmfuse.config import TRACKERS, RunConfig, TrainConfig, resolve
+from mmfuse.config import TRACKERS, RunConfig, TrainConfig, parse_threshold, resolve
 from mmfuse.data.records import Record
 from mmfuse.data.tabular import TabularSpec, fit_tabular
 from mmfuse.errors import MmfuseError
@@ -105,15 +105,20 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
     return LambdaLR(optimizer, factor)
 
 
+def activate(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Probabilities from logits: a softmax over the classes, or for a multi-label run a sigmoid per label."""
+    return logits.sigmoid() if multi_label else logits.softmax(-1)
+
+
 @torch.no_grad()
-def predict_loader(model, loader, acc: Accelerator) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_loader(model, loader, acc: Accelerator, multi_label: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Probabilities (and labels) for every row exactly once: gather_for_metrics drops the padding that evens
     out the last batch across processes."""
     model.eval()
     probs, ys = [], []
     for batch in loader:
         labels = batch.pop("labels", None)
-        p = model(**batch).float().softmax(-1)
+        p = activate(model(**batch).float(), multi_label)
         probs.append(acc.gather_for_metrics(p).cpu())
         if labels is not None:
             ys.append(acc.gather_for_metrics(labels).cpu())
@@ -291,11 +296,12 @@ def setup(
     if acc.is_main_process:
         m = cfg.model
         log.info(
-            "%s: %d training rows, %d validation rows, %d classes; %s on %s, --tune %s%s, %d epochs of batch %d on %s",
+            "%s: %d training rows, %d validation rows, %d %s; %s on %s, --tune %s%s, %d epochs of batch %d on %s",
             out.name,
             len(train),
             len(val),
             len(labels),
+            "labels (multi-label)" if cfg.data.multi_label else "classes",
             " + ".join({"image": m.vision, "text": m.text, "tabular": "tabular columns"}[x] for x in m.modalities),
             "+".join(m.modalities),
             cfg.train.tune,
@@ -344,13 +350,17 @@ def train_step(
 ) -> tuple[torch.Tensor, int]:
     """One batch forward and backward; the optimizer and scheduler step, and gradients are zeroed, only every
     ``grad_accum`` batches (Accelerate's ``accumulate``). ``augment`` changes its images first (training only);
-    ``class_weight`` (one per class) weighs the loss as torch's ``cross_entropy(weight=)`` does.
+    ``class_weight`` (one per class) weighs the loss as torch's ``cross_entropy(weight=)`` does. Multi-label targets
+    ((rows, labels) of 0/1) train a binary cross-entropy per label instead, averaged over the labels.
     Returns the batch's summed loss (on the device, unread: reading it is a sync) and its row count."""
     labels = batch.pop("labels")
     if augment is not None:
         batch = augment.batch(batch)
     with acc.accumulate(model):
-        loss = F.cross_entropy(model(**batch), labels, weight=class_weight, label_smoothing=label_smoothing)
+        if labels.ndim == 2:
+            loss = F.binary_cross_entropy_with_logits(model(**batch).float(), labels)
+        else:
+            loss = F.cross_entropy(model(**batch), labels, weight=class_weight, label_smoothing=label_smoothing)
         acc.backward(loss)
         if grad_clip > 0 and acc.sync_gradients:
             acc.clip_grad_norm_(params, grad_clip)
@@ -432,7 +442,7 @@ def checkpoint_due(tr: Trainer, step: int) -> bool:
 
 def validate(tr: Trainer) -> tuple[np.ndarray, np.ndarray]:
     """Validation probabilities and labels, every row exactly once."""
-    return predict_loader(tr.model, tr.val_dl, tr.acc)
+    return predict_loader(tr.model, tr.val_dl, tr.acc, tr.cfg.data.multi_label)
 
 
 def epoch_key(row: dict, metric: str) -> tuple[float, float]:
@@ -447,7 +457,14 @@ def run_epoch(tr: Trainer, epoch: int) -> dict:
     train_loss, rate = train_epoch(tr, epoch)
     row = {"epoch": epoch, "train_loss": train_loss}
     metric = tr.cfg.train.metric
-    if tr.val_dl is not None:
+    if tr.val_dl is not None and tr.cfg.data.multi_label:
+        probs, y = validate(tr)
+        row["val_loss"] = metrics.log_loss(y, probs)
+        row.update({f"val_{k}": v for k, v in metrics.multilabel_summary(y, probs >= 0.5).items()})
+        row["val_map"] = metrics.mean_average_precision(y, probs)
+        if f"val_{metric}" not in row:  # log_loss: the binary cross-entropy, as selection computes it
+            row[f"val_{metric}"] = metrics.score(metric, y, probs)
+    elif tr.val_dl is not None:
         probs, y = validate(tr)
         row["val_loss"] = float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean())
         row.update({f"val_{k}": v for k, v in metrics.summary(y, probs.argmax(1)).items()})
@@ -458,7 +475,12 @@ def run_epoch(tr: Trainer, epoch: int) -> dict:
     log_epoch(tr, row)
     if tr.acc.is_main_process:
         scores = ""
-        if "val_loss" in row:
+        if "val_loss" in row and tr.cfg.data.multi_label:  # at a threshold of 0.5; the per-label ones come last
+            scores = (
+                f", val loss {row['val_loss']:.4f}, val micro F1 {row['val_micro_f1']:.4f}, val mAP "
+                f"{row['val_map']:.4f}"
+            )
+        elif "val_loss" in row:
             scores = (
                 f", val loss {row['val_loss']:.4f}, val weighted F1 {row['val_weighted_f1']:.4f}, val macro F1 "
                 f"{row['val_macro_f1']:.4f}"
@@ -535,7 +557,18 @@ def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
     }
     if tr.class_weight is not None:
         result["class_weight"] = tr.class_weight
-    if tr.val_dl is not None:
+    if tr.val_dl is not None and tr.cfg.data.multi_label:
+        tr.val_probs, y = validate(tr)
+        fixed = parse_threshold(tr.cfg.train.threshold)
+        thresholds = (
+            multilabel.choose_thresholds(tr.val_probs, y)
+            if fixed is None
+            else multilabel.Thresholds((fixed,) * len(tr.labels))
+        )
+        result["val"] = multilabel.report(y, tr.val_probs, tr.labels, thresholds)
+        result["val"]["log_loss"] = metrics.log_loss(y, tr.val_probs)
+        result["val"]["decision"] = {"chosen": "auto" if fixed is None else "fixed", "fitted_on": "validation"}
+    elif tr.val_dl is not None:
         tr.val_probs, y = validate(tr)
         result["val"] = metrics.full_report(y, tr.val_probs.argmax(1), tr.labels)
         result["val"]["log_loss"] = metrics.log_loss(y, tr.val_probs)

@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfuse import metrics
+from mmfuse import metrics, multilabel
 from mmfuse.calibration import calibrate
-from mmfuse.config import BINARY_METRICS, RunConfig, parse_duration, resolve
+from mmfuse.config import BINARY_METRICS, RunConfig, parse_duration, parse_threshold, resolve
 from mmfuse.data.records import Record
 from mmfuse.data.splits import label_list
 from mmfuse.data.tabular import fit_tabular
@@ -195,8 +195,7 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
     records = caption_missing(cfg, records, out)
     groups = read_groups(cfg.data.train, cfg.train.bag_groups, records) if cfg.train.bag_groups else None
     held_out = folds(records, cfg.train.bag, cfg.train.seed, groups)
-    index = {c: i for i, c in enumerate(labels)}
-    y = np.array([index[r.label] for r in records])
+    y = targets(records, labels, cfg.data.multi_label)
     fold_of = np.empty(len(records), dtype=np.int64)
     for i, rows in enumerate(held_out):
         fold_of[rows] = i
@@ -225,7 +224,11 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
             break
         oof = _read_oof(folder, member.name, records, fold_of, len(labels))
         f1, loss = selection.score(y, oof)
-        scores = {**metrics.summary(y, oof.argmax(1)), "log_loss": loss}  # every metric --metric may name
+        if cfg.data.multi_label:  # at a threshold of 0.5: the ensemble's own thresholds are chosen on its blend
+            scores = {**metrics.multilabel_summary(y, oof >= 0.5), "log_loss": loss}
+            scores["map"] = metrics.mean_average_precision(y, oof)
+        else:
+            scores = {**metrics.summary(y, oof.argmax(1)), "log_loss": loss}  # every metric --metric may name
         if positive is not None:
             scores |= {m: metrics.score(m, y, oof, positive) for m in BINARY_METRICS}
         seconds = time.perf_counter() - t0
@@ -293,7 +296,8 @@ def _fit_probes(
             feats[slot.name] = source.feats
     x = probe_features([feats[slot.name].numpy() for slot in template.slots])
     index = {c: i for i, c in enumerate(labels)}
-    y = np.array([index[r.label] for r in records])
+    multi = cfg.data.multi_label
+    y = targets(records, labels, multi)
     oof = np.full((len(records), len(labels)), np.nan, dtype=np.float32)
     members = []
     for i, rows in enumerate(held_out):
@@ -301,16 +305,24 @@ def _fit_probes(
         train = np.setdiff1d(np.arange(len(records)), rows)
         weights = class_weights(cfg.train.class_weight, labels, [records[j] for j in train])
         weights = {index[c]: w for c, w in weights.items()} if weights else None
-        fit = LogisticRegression(C=PROBE_C, max_iter=2000, class_weight=weights).fit(x[train], y[train])
         fold_cfg = cfg.updated({"train": {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None}})
         model = MultimodalClassifier(template.cards, len(labels), fold_cfg.model, towers, tabular)
         if model.tabular is not None:
             model.tabular.load_state_dict(template.tabular.state_dict())
-        model.head.set_weights(fit.coef_, fit.intercept_, fit.classes_)
+        if multi:  # one-vs-rest: a logistic regression per label, whose sigmoid the head's logit then gives
+            coef, intercept, iterations = one_vs_rest(x[train], y[train])
+            model.head.set_weights(coef, intercept, range(len(labels)))
+        else:
+            fit = LogisticRegression(C=PROBE_C, max_iter=2000, class_weight=weights).fit(x[train], y[train])
+            model.head.set_weights(fit.coef_, fit.intercept_, fit.classes_)
+            iterations = int(np.max(fit.n_iter_))
         model.eval()
-        oof[rows] = probabilities(model, {m: f[rows] for m, f in feats.items()}, ds.present[rows])
-        train_probs = probabilities(model, {m: f[train] for m, f in feats.items()}, ds.present[train])
-        val = metrics.full_report(y[rows], oof[rows].argmax(1), labels)
+        oof[rows] = probabilities(model, {m: f[rows] for m, f in feats.items()}, ds.present[rows], multi)
+        train_probs = probabilities(model, {m: f[train] for m, f in feats.items()}, ds.present[train], multi)
+        if multi:  # at 0.5: a member of an ensemble keeps no thresholds of its own
+            val = metrics.multilabel_report(y[rows], oof[rows] >= 0.5, oof[rows], labels)
+        else:
+            val = metrics.full_report(y[rows], oof[rows].argmax(1), labels)
         history = [
             {
                 "epoch": 1,
@@ -328,9 +340,10 @@ def _fit_probes(
             "train_seconds": time.perf_counter() - t0,
             "num_processes": 1,
             "val": val,
-            "val_interval": metrics.bootstrap_interval(y[rows], oof[rows].argmax(1), seed=fold_cfg.train.seed),
-            "probe": {"C": PROBE_C, "iterations": int(np.max(fit.n_iter_))},
+            "probe": {"C": PROBE_C, "iterations": iterations},
         }
+        if not multi:
+            result["val_interval"] = metrics.bootstrap_interval(y[rows], oof[rows].argmax(1), seed=fold_cfg.train.seed)
         write_run(out / "members" / str(i), fold_cfg, labels, model, history, result, out / FROZEN_FILE)
         brief = {"best_epoch": 1, "train_seconds": round(result["train_seconds"], 2)}
         members.append(
@@ -344,11 +357,38 @@ def probe_features(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12) for p in parts], axis=1)
 
 
+def targets(records: list[Record], labels: list[str], multi_label: bool) -> np.ndarray:
+    """What the members are scored against: class ids, or a multi-label run's (rows, labels) of 0/1."""
+    if multi_label:
+        return multilabel.targets(records, labels)
+    index = {c: i for i, c in enumerate(labels)}
+    return np.array([index[r.label] for r in records])
+
+
+def one_vs_rest(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The probe for multi-label targets ``y`` ((rows, labels) of 0/1): a logistic regression per label, as
+    (coef (labels, dim), intercept (labels,), most iterations). A label all or none of the rows hold gets no slope and
+    the log-odds of its (clipped) rate."""
+    from sklearn.linear_model import LogisticRegression  # deferred: sklearn takes 0.5 s to import
+
+    coef, intercept, iterations = np.zeros((y.shape[1], x.shape[1])), np.zeros(y.shape[1]), 0
+    for j in range(y.shape[1]):
+        if 0 < y[:, j].sum() < len(y):
+            fit = LogisticRegression(C=PROBE_C, max_iter=2000).fit(x, y[:, j])
+            coef[j], intercept[j], iterations = fit.coef_[0], fit.intercept_[0], max(iterations, int(fit.n_iter_[0]))
+        else:
+            rate = np.clip(y[:, j].mean(), 1e-3, 1 - 1e-3)
+            intercept[j] = np.log(rate / (1 - rate))
+    return coef, intercept, iterations
+
+
 @torch.no_grad()
-def probabilities(model: MultimodalClassifier, feats: dict[str, torch.Tensor], present: torch.Tensor) -> np.ndarray:
-    """The model's softmax probabilities on cached pooled features."""
-    logits = model(**{f"{m}_feats": f for m, f in feats.items()}, present=present)
-    return logits.float().softmax(-1).numpy()
+def probabilities(
+    model: MultimodalClassifier, feats: dict[str, torch.Tensor], present: torch.Tensor, multi_label: bool = False
+) -> np.ndarray:
+    """The model's softmax probabilities on cached pooled features (a sigmoid per label for a multi-label run)."""
+    logits = model(**{f"{m}_feats": f for m, f in feats.items()}, present=present).float()
+    return (logits.sigmoid() if multi_label else logits.softmax(-1)).numpy()
 
 
 def _read_oof(folder: Path, name: str, records: list[Record], fold_of: np.ndarray, n_classes: int) -> np.ndarray:
@@ -372,7 +412,7 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
     weights = chosen.weights
     probs = selection.blend([d["oof"] for d in done], weights)
     pred = probs.argmax(1)
-    fold_f1 = [metrics.summary(y[rows], pred[rows])["weighted_f1"] for rows in held_out]
+    fold_f1 = [metrics.score("weighted_f1", y[rows], probs[rows]) for rows in held_out]
     name = cfg.train.metric
     # The column of what selection maximised, when it is not one of the three every leaderboard has.
     extra = f"oof_{name}" if name not in ("weighted_f1", "macro_f1", "log_loss") else None
@@ -392,7 +432,13 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         }
         for d, w in zip(done, weights)
     ]
-    report = metrics.full_report(y, pred, labels)
+    if cfg.data.multi_label:  # per-label thresholds chosen on the blended out-of-fold probabilities
+        fixed = parse_threshold(cfg.train.threshold)
+        cut = multilabel.choose_thresholds(probs, y) if fixed is None else multilabel.Thresholds((fixed,) * len(labels))
+        report = multilabel.report(y, probs, labels, cut)
+        report["decision"] = {"chosen": "auto" if fixed is None else "fixed", "fitted_on": "out-of-fold"}
+    else:
+        report = metrics.full_report(y, pred, labels)
     board.append(
         {
             "name": "ensemble",
@@ -419,7 +465,6 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         "val": {**report, "log_loss": chosen.log_loss},
         "val_log_loss": chosen.log_loss,
         "metric": {"name": name, "value": chosen.score, **spread(fold_scores)},
-        "val_interval": metrics.bootstrap_interval(y, pred, seed=cfg.train.seed),
         "fold_weighted_f1": fold_f1,
         "fold_weighted_f1_mean": float(np.mean(fold_f1)),
         "fold_weighted_f1_sd": float(np.std(fold_f1)),
@@ -430,6 +475,8 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         "predict_uses": "ensemble",
         "train_seconds": time.perf_counter() - start,
     }
+    if not cfg.data.multi_label:
+        result["val_interval"] = metrics.bootstrap_interval(y, pred, seed=cfg.train.seed)
     if cfg.train.class_weight is not None:  # over all the rows; each member's own, on its folds, is in its metrics.json
         result["class_weight"] = class_weights(cfg.train.class_weight, labels, records)
     # An ensemble blends probabilities, not logits: its temperature acts on the blend's log-probabilities,
@@ -448,6 +495,13 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         + [f"{x:.6f}" for x in probs[j]]
         for j, r in enumerate(records)
     ]
+    if cfg.data.multi_label:  # the set at the ensemble's thresholds, and every label's probability
+        header = ["row", "image", "labels", "predicted", "fold", *(f"p_{c}" for c in labels)]
+        sets = multilabel.label_sets(probs, labels, cut)
+        rows = [
+            [r.row, r.source, r.label, multilabel.joined(sets[j]), fold_of[j], *(f"{x:.6f}" for x in probs[j])]
+            for j, r in enumerate(records)
+        ]
     ensemble = {
         "metric": name,
         "tie_break": "log_loss",

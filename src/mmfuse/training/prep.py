@@ -12,13 +12,14 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from mmfuse import binary
+from mmfuse import binary, multilabel
 from mmfuse.calibration import Calibration
 from mmfuse.captioning.pipeline import fill_missing_captions
-from mmfuse.config import BINARY_METRICS, RunConfig, parse_class_weight, parse_threshold
+from mmfuse.config import BINARY_METRICS, MULTILABEL_METRICS, RunConfig, parse_class_weight, parse_threshold
 from mmfuse.data.checks import CHARS_PER_TOKEN, load_checked
 from mmfuse.data.columns import Columns, column_records
-from mmfuse.data.records import Record
+from mmfuse.data.read import read_data
+from mmfuse.data.records import Record, label_names
 from mmfuse.data.splits import label_list, stratified_split
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, batch_collate, build_dataset, embed, present_mask
@@ -37,9 +38,11 @@ def check_out_dir(out: Path, data: str | None) -> None:
         )
 
 
-def load_records(cfg: RunConfig, out: Path, path: str | None = None, labels=None) -> list[Record]:
+def load_records(
+    cfg: RunConfig, out: Path, path: str | None = None, labels=None, multi_label: bool | None = None
+) -> list[Record]:
     """The rows of ``path`` (default: the training data), checked; bad rows stop here, or are skipped into
-    RUN/skipped.csv."""
+    RUN/skipped.csv. ``multi_label``: read label sets (default: as ``--multi-label`` says, else as the data says)."""
     d = cfg.data
     named = Columns.of(cfg.model)
     need_text = cfg.model.modality_dropout == 0 and "text" in cfg.model.modalities and not d.caption_missing
@@ -53,8 +56,87 @@ def load_records(cfg: RunConfig, out: Path, path: str | None = None, labels=None
         skip_bad=d.skip_bad,
         skipped_csv=out / "skipped.csv",
         max_chars=cfg.model.max_length * CHARS_PER_TOKEN,
+        multi_label=multi_label or forced_multilabel(cfg),
+        label_sep=d.label_sep,
         named=named,
     )
+
+
+def is_multilabel(records: list[Record]) -> bool:
+    """Whether ``records`` hold label sets (a labels column, --label-sep or --multi-label)."""
+    return any(r.labels is not None for r in records)
+
+
+def forced_multilabel(cfg: RunConfig) -> bool | None:
+    """True when --multi-label was asked, else None (the data decides): a run's config.yaml records the task its own
+    data gave, which a config reused on other data must not impose."""
+    return True if cfg.data.multi_label and "multi_label" in cfg.asked.get("data", ()) else None
+
+
+def data_is_multilabel(cfg: RunConfig) -> bool:
+    """Whether ``cfg``'s training data holds label sets, from the file alone (rows not checked): for what must know
+    the task before any training reads the data (a search's objective)."""
+    if forced_multilabel(cfg) or cfg.data.label_sep:
+        return True
+    named = Columns.of(cfg.model)
+    return is_multilabel(read_data(cfg.data.train, cfg.data.captions, need_label=False, named=named)[0])
+
+
+def refuse_multilabel(cfg: RunConfig, records: list[Record], what: str, instead: str) -> None:
+    """Stops ``what`` (a way of training that does not handle label sets yet) on multi-label data, saying ``instead``.
+
+    Raises:
+        MmfuseError: the data or the config is multi-label.
+    """
+    if cfg.data.multi_label or is_multilabel(records):
+        raise MmfuseError(f"{what} does not train multi-label data (each row a set of labels) yet: {instead}")
+
+
+def multilabel_task(cfg: RunConfig, train: list[Record]) -> RunConfig:
+    """``cfg`` with the task the data gives recorded: ``data.multi_label`` (config.yaml then says so) and, for
+    multi-label data, ``--metric`` micro_f1 unless asked; a single-label run's metric left over from a multi-label
+    config goes back to weighted_f1.
+
+    Raises:
+        MmfuseError: a setting that has no meaning for the task (--metric roc_auc with label sets, micro_f1 with
+            one label a row; --positive, --calibrate, --class-weight, --balanced-sampling, --label-smoothing with
+            label sets).
+    """
+    t, asked = cfg.train, set(cfg.asked.get("train", ()))
+    multi = is_multilabel(train)
+    metric = t.metric
+    if multi:
+        if metric in BINARY_METRICS and "metric" in asked:
+            raise MmfuseError(
+                f"--metric {metric} scores a binary task; this data is multi-label: choose micro_f1, map, macro_f1, "
+                "weighted_f1, accuracy (the whole set right) or log_loss."
+            )
+        unsupported = {
+            "positive": "--positive (a binary task's class)",
+            "calibrate": "--calibrate (one temperature over a softmax)",
+            "class_weight": "--class-weight",
+            "balanced_sampling": "--balanced-sampling",
+        }
+        used = [flag for key, flag in unsupported.items() if key in asked and getattr(t, key)]
+        used += ["--label-smoothing"] * (t.label_smoothing > 0)
+        if used:
+            raise MmfuseError(
+                f"{', '.join(used)}: not available for multi-label data (each row a set of labels) yet; leave "
+                f"{'it' if len(used) == 1 else 'them'} out."
+            )
+        metric = metric if "metric" in asked else "micro_f1"
+    elif metric in MULTILABEL_METRICS:
+        if "metric" in asked:
+            raise MmfuseError(
+                f"--metric {metric} scores multi-label data (a labels column, or --label-sep); this data has one "
+                "label a row: choose weighted_f1, macro_f1, accuracy or log_loss (roc_auc or pr_auc for two classes)."
+            )
+        metric = "weighted_f1"
+    if (multi, metric) == (cfg.data.multi_label, t.metric):
+        return cfg
+    cfg = copy.deepcopy(cfg)  # derived from the data, not asked: ``asked`` stays as it was
+    cfg.data.multi_label, cfg.train.metric = multi, metric
+    return cfg
 
 
 def check_labels(labels: list[str], data) -> list[str]:
@@ -71,6 +153,9 @@ def binary_task(cfg: RunConfig, labels: list[str], train: list[Record]) -> RunCo
     Raises:
         MmfuseError: ``--positive`` not a class, or given for more than two; ``--metric roc_auc/pr_auc`` for more.
     """
+    cfg = multilabel_task(cfg, train)
+    if cfg.data.multi_label:
+        return cfg
     t, asked = cfg.train, set(cfg.asked.get("train", ()))
     positive = binary.resolve_positive(
         labels, Counter(r.label for r in train), t.positive if "positive" in asked else None
@@ -122,7 +207,7 @@ FEW_VAL_ROWS, FEW_PER_CLASS = 30, 3
 
 def warn_few(val: list[Record]) -> None:
     """Too few validation rows make the best-epoch choice and the validation score chance: say so."""
-    counts = Counter(r.label for r in val)
+    counts = Counter(x for r in val for x in label_names(r))
     if len(val) < FEW_VAL_ROWS or min(counts.values()) < FEW_PER_CLASS:
         log.warning(
             "only %d validation rows (%d for the rarest class): the best-epoch choice and the validation score are "
@@ -137,7 +222,7 @@ def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], 
     d = cfg.data
     records = load_records(cfg, out)
     if d.val:
-        val = load_records(cfg, out, d.val, labels=label_list(records))
+        val = load_records(cfg, out, d.val, labels=label_list(records), multi_label=is_multilabel(records) or None)
         train = records
     else:
         train, val = stratified_split(records, d.val_split, cfg.train.seed)
@@ -185,7 +270,10 @@ def balanced_sampler(y: torch.Tensor, n_classes: int, generator: torch.Generator
 def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: FeatureCache | None):
     tuned = cfg.tuned
     index = {name: i for i, name in enumerate(labels)}
-    y = [torch.tensor([index[r.label] for r in recs]) for recs in (train, val)]
+    if cfg.data.multi_label:  # (rows, labels) of 0/1, for a binary cross-entropy per label
+        y = [torch.from_numpy(multilabel.targets(recs, labels)) for recs in (train, val)]
+    else:
+        y = [torch.tensor([index[r.label] for r in recs]) for recs in (train, val)]
     if acc.num_processes > 1 and cache is not None:
         embed_frozen(model, train + val, tuned, cache, acc)
     with acc.main_process_first():  # the main process fills the caches; the others then read them

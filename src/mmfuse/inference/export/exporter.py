@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmfuse import __version__
+from mmfuse import __version__, multilabel
 from mmfuse.data.checks import load_checked
 from mmfuse.data.images import load_image
 from mmfuse.errors import MmfuseError
@@ -62,9 +62,9 @@ class ExportWrapper(nn.Module):
     A calibrated run's temperature is baked in: the graph's logits are the model's divided by T, so its probabilities
     are the calibrated ones ``Predictor`` gives, and the parity gate compares like with like."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str], temperature: float = 1.0):
+    def __init__(self, model: nn.Module, names: Sequence[str], temperature: float = 1.0, multi_label: bool = False):
         super().__init__()
-        self.model, self.names, self.temperature = model, list(names), temperature
+        self.model, self.names, self.temperature, self.multi_label = model, list(names), temperature, multi_label
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = dict(zip(self.names, tensors))
@@ -73,7 +73,23 @@ class ExportWrapper(nn.Module):
         logits = self.model(image=image, text=text, present=x.get("present"))
         if self.temperature != 1.0:  # no division in the graph of an uncalibrated run: its graph is as before
             logits = logits / self.temperature
+        if self.multi_label:  # a probability per label, as Predictor gives them
+            return logits, logits.float().sigmoid()
         return logits, logits.float().softmax(-1)
+
+
+def _multilabel_info(predictor) -> dict:
+    """What export.json says of a multi-label graph: its probabilities are sigmoids, and the run's thresholds make
+    the sets (a label is in a row's set when its probability reaches its threshold)."""
+    return {
+        "multi_label": True,
+        "thresholds": dict(zip(predictor.classes, predictor.thresholds.values)),
+        "outputs": {
+            "logits": "float32 (batch, labels)",
+            "probs": "float32 (batch, labels), a sigmoid of each logit: a label is in the set when its probability "
+            "reaches its threshold (thresholds)",
+        },
+    }
 
 
 def graph_inputs(modalities: Sequence[str], accepts_missing: bool) -> list[str]:
@@ -243,7 +259,11 @@ def parity_gate(predictor, onnx_predictor: OnnxPredictor, images, texts) -> dict
             ref = predictor.predict(ims, these[:b], batch_size=b).probs
             got = onnx_predictor.predict(ims, these[:b])
             diff = float(np.abs(ref - got).max())
-            top1 = int((ref.argmax(1) != got.argmax(1)).sum())
+            if predictor.multi_label:  # the rows whose label set differs, at the run's thresholds
+                sets = multilabel.predicted(ref, predictor.thresholds), multilabel.predicted(got, predictor.thresholds)
+                top1 = int((sets[0] != sets[1]).any(1).sum())
+            else:
+                top1 = int((ref.argmax(1) != got.argmax(1)).sum())
             tokens = int(onnx_predictor.feeds(ims, these[:b])["attention_mask"].sum(1).max()) if tokenizer else None
             cases.append({"batch": b, "texts": kind, "tokens": tokens, "max_abs_diff": diff, "top1_differs": top1})
             worst, mismatched, checked = max(worst, diff), mismatched + top1, checked + b
@@ -324,7 +344,7 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
             model.vision.processor.save_pretrained(out / "image_processor")
 
     example = _example(model, names, preprocess)
-    wrapper = ExportWrapper(model, names, predictor.temperature).eval()
+    wrapper = ExportWrapper(model, names, predictor.temperature, predictor.multi_label).eval()
     with torch.inference_mode(False), torch.no_grad():
         exporter = export_graph(wrapper, example, out / "model.onnx", preprocess.get("text", {}).get("max_length"))
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -344,6 +364,7 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
             + (f", the model's divided by its temperature {predictor.temperature:.6g}" if calibrated else ""),
             "probs": "float32 (batch, classes), softmax of logits" + (" (calibrated)" if calibrated else ""),
         },
+        **(_multilabel_info(predictor) if predictor.multi_label else {}),
         "temperature": predictor.temperature,
         "accepts_missing_text": accepts_missing,
         "present": "an input: False marks a missing text"
@@ -485,7 +506,7 @@ def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a 
     parity = info["parity"]
     t = info.get("temperature", 1.0)
     calibrated = f"The logits are the model's divided by its temperature {t:.4g} (`--calibrate`).\n" if t != 1.0 else ""
-    return README.format(
+    readme = README.format(
         run=Path(info["run"]).name,
         exporter=info["exporter"]["name"],
         opset=info["exporter"]["opset"],
@@ -499,3 +520,12 @@ def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a 
         body=body,
         calibrated=calibrated,
     )
+    if info.get("multi_label"):  # a set per row: each label's sigmoid against its threshold
+        readme = readme.replace("no top-1 different", "no label set different").replace(
+            "`probs` (softmax)", "`probs` (a sigmoid per label: in the set when it reaches its entry in `thresholds`)"
+        )
+        readme = readme.replace(
+            'print([info["classes"][i] for i in probs.argmax(1)], probs.max(1))',
+            'print([[c for c, p in zip(info["classes"], row) if p >= info["thresholds"][c]] for row in probs])',
+        )
+    return readme

@@ -26,6 +26,7 @@ from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.predictor import load_inputs
 from mmfuse.models.towers.base import PixelSpec, tower_pixels
+from mmfuse.multilabel import Thresholds, read_thresholds
 from mmfuse.rundir.layout import check_run, temperature
 
 INSTALL = "pip install 'mmfuse[export]'"
@@ -95,9 +96,15 @@ class OnnxPredictor:
             self.pixel_spec = PixelSpec.from_dict(pre["image"])
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.decision = None  # the graph gives probabilities; a binary run's threshold (the run's) makes the labels
+        # A multi-label graph gives a sigmoid per label; the run's thresholds make the sets (export.json's without it).
+        self.multi_label = bool(self.info.get("multi_label", False))
+        self.thresholds = None
+        if self.multi_label:
+            self.thresholds = Thresholds(tuple(float(self.info["thresholds"][c]) for c in self.classes))
         if self.run_dir is not None:
             self._check_run()
-            self.decision = read_decision(self.run_dir, self.classes)
+            self.decision = None if self.multi_label else read_decision(self.run_dir, self.classes)
+            self.thresholds = read_thresholds(self.run_dir, self.classes) if self.multi_label else None
 
     def _check_run(self) -> None:
         run = check_run(self.run_dir)

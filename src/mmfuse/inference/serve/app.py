@@ -137,9 +137,12 @@ def create_app(
     async def info() -> dict:
         predictor = ready_predictor()
         modalities = list(predictor.model.modalities)
+        thresholds = predictor.thresholds  # a multi-label run's
         return {
             "run": run_dir.name,
             "classes": list(predictor.classes),
+            "multi_label": predictor.multi_label,
+            **({"thresholds": dict(zip(predictor.classes, thresholds.values))} if thresholds is not None else {}),
             "modalities": modalities,
             "towers": _read_json(run_dir / "towers.json"),
             "fusion": predictor.cfg.model.fusion,
@@ -195,7 +198,7 @@ def create_app(
             items, single = [await run_in_threadpool(parse_multipart, body, content_type, fields)], True
         images, texts = await run_in_threadpool(prepare, items, predictor, limits)
         probs = await asyncio.wrap_future(state["batcher"].submit(images, texts))
-        rows = [answer(p, predictor.classes, predictor.decision) for p in probs]
+        rows = [answer(p, predictor.classes, predictor.decision, predictor.thresholds) for p in probs]
         return JSONResponse(rows[0] if single else {"items": rows})
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=ANSWERS)

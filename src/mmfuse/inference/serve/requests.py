@@ -17,10 +17,12 @@ from fastapi import Request
 from PIL import Image, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from mmfuse import multilabel
 from mmfuse.binary import Decision, predicted
 from mmfuse.data.columns import Columns
 from mmfuse.data.images import MAX_PIXELS, check_size, to_rgb
 from mmfuse.inference.predictor import Predictor
+from mmfuse.multilabel import Thresholds
 
 MAX_UPLOAD_BYTES = 16 * 2**20
 MAX_TEXT_CHARS = 10_000  # far past any text tower's max_length; only a bound on what a request may make us tokenize
@@ -377,8 +379,19 @@ def prepare(items: list[dict], predictor: Predictor, limits: Limits) -> tuple[li
     return (images if uses_images else None), texts
 
 
-def answer(probs: np.ndarray, classes: list[str], decision: Decision | None = None) -> dict:
-    """One item's answer: its label (the argmax, or a binary run's ``decision``), that label's probability and all."""
+def answer(
+    probs: np.ndarray, classes: list[str], decision: Decision | None = None, thresholds: Thresholds | None = None
+) -> dict:
+    """One item's answer: its label (the argmax, or a binary run's ``decision``), that label's probability and all.
+    With a multi-label run's ``thresholds``: its set (``labels``, in label order; ``label``, joined by |) and every
+    label's probability."""
+    if thresholds is not None:
+        names = multilabel.label_sets(probs[None], classes, thresholds)[0]
+        return {
+            "labels": names,
+            "label": multilabel.joined(names),
+            "probabilities": {c: float(p) for c, p in zip(classes, probs)},
+        }
     top = int(predicted(probs[None], classes, decision)[0])
     return {
         "label": classes[top],
