@@ -132,7 +132,7 @@ def test_evaluate_and_predict_read_the_columns_and_match_the_python_api(run, dat
     cols = [f"p_{c}" for c in pred.classes]
     file_probs = np.array([[float(r[c]) for c in cols] for r in written])
     np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)  # cached features vs the towers run now
-    assert pred.labels == [r["label"] for r in written]
+    assert pred.labels == [r["labels"] for r in written]
 
 
 def test_empty_cells_are_masked_and_the_tabular_statistics_apply_to_new_rows(run, data):
@@ -283,6 +283,54 @@ def test_a_bag_encodes_every_row_with_one_set_of_tabular_statistics(data, tmp_pa
     pred = mmfuse.load(out, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
     file_probs = np.array([[float(r[f"p_{c}"]) for c in pred.classes] for r in written])
     np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)
+
+
+def test_a_multi_label_run_reads_its_label_sets_through_the_columns(data, tmp_path):
+    """Multi-label (a labels column) and named columns together: train, evaluate, predict and the Python API give
+    sets at the run's thresholds; a bag tunes its thresholds out of fold with one set of tabular statistics."""
+    fields = [f for f in FIELDS if f != "label"] + ["labels"]
+    for name in ("train", "val"):
+        rows = read_csv(data / f"{name}.csv")
+        for r in rows:
+            color, thing = r["label"].split("-")
+            r["labels"] = f"{color}|{thing}"
+        write_csv(tmp_path / f"{name}.csv", rows, fields)
+    for r in [*read_csv(data / "train.csv"), *read_csv(data / "val.csv")]:  # the images the manifests name
+        for c in ("front", "back"):
+            if r[c] and not (tmp_path / r[c]).exists():
+                (tmp_path / r[c]).parent.mkdir(exist_ok=True)
+                (tmp_path / r[c]).symlink_to(data / r[c])
+    out = tmp_path / "run"
+    args = ["train", str(tmp_path / "train.csv"), "--val", str(tmp_path / "val.csv"), "--out", str(out)]
+    assert main([*args, *COLUMNS, *FAST]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["multi_label"] is True
+    assert (out / "thresholds.json").is_file() and (out / "tabular.json").is_file()
+    assert sorted(json.loads((out / "labels.json").read_text())) == sorted([*COLORS, *THINGS])
+    assert main(["evaluate", str(out), str(tmp_path / "val.csv"), "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "micro_f1" in report
+    assert main(["predict", str(out), str(tmp_path / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    written = read_csv(tmp_path / "p.csv")
+    rows = [{k: v for k, v in r.items() if k != "labels"} for r in read_csv(tmp_path / "val.csv")]
+    for r in rows:
+        for c in ("front", "back"):
+            r[c] = str(tmp_path / r[c]) if r[c] else None
+    pred = mmfuse.load(out, device="cpu").predict(rows=rows)
+    assert pred.sets is not None and len(pred.sets) == len(rows)
+    assert pred.labels == ["|".join(s) for s in pred.sets]
+    file_probs = np.array([[float(r[f"p_{c}"]) for c in pred.classes] for r in written])
+    np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)  # cached features vs the towers run now
+    # A set may differ only where a probability is at its threshold (a threshold is cut at a validation row's).
+    cuts = json.loads((out / "thresholds.json").read_text())["thresholds"]
+    for got, want, p in zip(pred.labels, (r["labels"] for r in written), pred.probs):
+        near = {c for c, x in zip(pred.classes, p) if abs(x - cuts[c]) < 1e-3}
+        assert set(filter(None, got.split("|"))) ^ set(filter(None, want.split("|"))) <= near
+    assert ((pred.probs >= 0) & (pred.probs <= 1)).all() and not np.allclose(pred.probs.sum(1), 1)
+    bag = tmp_path / "bag"
+    assert main(["train", str(tmp_path / "train.csv"), "--out", str(bag), "--bag", "2", *COLUMNS, *FAST]) == 0
+    assert (bag / "thresholds.json").is_file()
+    specs = [json.loads((bag / "members" / m / "tabular.json").read_text()) for m in ("0", "1")]
+    assert specs[0] == specs[1]
 
 
 @pytest.mark.slow
