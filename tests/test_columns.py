@@ -132,7 +132,7 @@ def test_evaluate_and_predict_read_the_columns_and_match_the_python_api(run, dat
     cols = [f"p_{c}" for c in pred.classes]
     file_probs = np.array([[float(r[c]) for c in cols] for r in written])
     np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)  # cached features vs the towers run now
-    assert pred.labels == [r["labels"] for r in written]
+    assert pred.labels == [r["label"] for r in written]
 
 
 def test_empty_cells_are_masked_and_the_tabular_statistics_apply_to_new_rows(run, data):
