@@ -170,7 +170,7 @@ def test_a_folder_is_single_label(tmp_path):
 
 def test_the_split_holds_out_every_label_rare_ones_too():
     def rec(i, names):
-        return Record(Path(f"{i}.png"), "t", "|".join(names), i + 1, f"{i}.png", tuple(names))
+        return Record(Path(f"{i}.png"), "t", "|".join(names), i + 1, f"{i}.png", labels=tuple(names))
 
     # "rare" always rides with "common": stratifying by the set's first label would keep it all in train.
     records = [rec(i, ("common", "rare") if i % 10 == 0 else ("common",)) for i in range(100)]

@@ -19,10 +19,12 @@ from pathlib import Path
 import yaml
 
 from mmfuse.errors import MmfuseError
-from mmfuse.parsing import parse_class_weight, parse_duration, parse_threshold
+from mmfuse.parsing import check_type, parse_class_weight, parse_duration, parse_threshold, tabular_kind
 
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
+# A model's inputs may also include tabular columns (``--tabular-columns``), a third input to the fusion head.
+INPUTS = (*MODALITIES, "tabular")
 POOLINGS = ("cls", "mean")
 # Text towers may also hand their token states to a pooling learned with the head (pooling.AttentionPool).
 TEXT_POOLINGS = (*POOLINGS, "attention")
@@ -184,7 +186,16 @@ class ModelConfig:
     input_dropout: float = 0.2
     """Dropout on each modality's normalised features as they enter the fusion head."""
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    """Which modalities the model uses: image, text or both (the ablation trains each)."""
+    """Which modalities the model uses: image, text or both, and tabular (the ablation trains each)."""
+    image_columns: list[str] = field(default_factory=list)
+    """Manifest columns that each hold an image (e.g. image_front image_back), each through the one vision tower;
+    default: the column image. A cell may be empty."""
+    text_columns: list[str] = field(default_factory=list)
+    """Manifest columns that each hold a text (e.g. title description), each through the one text tower; default: the
+    column text. A cell may be empty."""
+    tabular_columns: list[str] = field(default_factory=list)
+    """Manifest columns of numbers (standardised, with a missing-value indicator) or categories (embedded), a third
+    input to the fusion head; each kind is inferred from the training rows, or forced as name:num or name:cat."""
     modality_dropout: float = 0.0
     """Probability of blanking one modality per training sample, so the model copes when one is missing."""
     trust_remote_code: bool = False
@@ -202,8 +213,11 @@ class ModelConfig:
             raise MmfuseError(f"--text-pooling must be one of {TEXT_POOLINGS}, got {self.text_pooling!r}")
         if self.fusion not in FUSION_HEADS:
             raise MmfuseError(f"--fusion must be one of {list(FUSION_HEADS)}, got {self.fusion!r}")
-        if not self.modalities or any(m not in MODALITIES for m in self.modalities):
-            raise MmfuseError(f"--modalities must be image, text or both, got {self.modalities}")
+        if not self.modalities or any(m not in INPUTS for m in self.modalities):
+            raise MmfuseError(f"--modalities must be image, text or both (or tabular), got {self.modalities}")
+        if "tabular" in self.modalities and not self.tabular_columns:
+            raise MmfuseError("--modalities tabular needs the columns: pass --tabular-columns NAME [NAME ...]")
+        self._check_columns()
         if len(set(self.modalities)) != len(self.modalities):  # a repeat would feed one tower's features twice
             raise MmfuseError(f"--modalities names a modality twice: {self.modalities}")
         if not 0.0 <= self.modality_dropout < 1.0:
@@ -231,6 +245,20 @@ class ModelConfig:
             raise MmfuseError("--max-length must be >= 2")
         if self.backend not in TOWER_BACKENDS:
             raise MmfuseError(f"--backend must be one of {list(TOWER_BACKENDS)}, got {self.backend!r}")
+
+    def _check_columns(self) -> None:
+        named = [*self.image_columns, *self.text_columns, *(tabular_kind(c)[0] for c in self.tabular_columns)]
+        if any(not c.strip() for c in named):
+            raise MmfuseError("--image-columns, --text-columns and --tabular-columns take non-empty column names")
+        if twice := sorted({c for c in named if named.count(c) > 1}):
+            raise MmfuseError(f"column(s) {twice} are named twice among --image/--text/--tabular-columns")
+        if "label" in named:
+            raise MmfuseError("label is the target column; it cannot also be an input column")
+
+    @property
+    def columns(self) -> bool:
+        """Whether the model reads named columns rather than one image and one text."""
+        return bool(self.image_columns or self.text_columns or self.tabular_columns)
 
 
 @dataclass
@@ -433,7 +461,7 @@ class RunConfig:
     def tuned(self) -> list[str]:
         """The modalities whose towers are fine-tuned; the others' features are computed once and cached."""
         tune = self.train.tune
-        return [m for m in self.model.modalities if tune == "all" or tune == m]
+        return [m for m in self.model.modalities if m in MODALITIES and (tune == "all" or tune == m)]
 
     def updated(self, changes: dict[str, dict]) -> RunConfig:
         """This config with ``changes`` ({section: {key: value}}) applied and recorded as asked. A default that
@@ -493,7 +521,7 @@ class RunConfig:
             if f.name == "train" and type(sub.get("threshold")) in (int, float):
                 sub["threshold"] = str(sub["threshold"])  # text (auto or a number): threshold: 0.3 means the number
             for key, value in sub.items():
-                _check_type(path, f"{f.name}.{key}", value, str(part_fields[key].type))
+                check_type(path, f"{f.name}.{key}", value, str(part_fields[key].type))
             try:
                 parts[f.name] = type(f.default_factory())(**sub)
             except MmfuseError as e:  # the checks name flags: say which file the value came from
@@ -550,33 +578,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
         t.augment = "light" if image_tuned else "none"
     if m.image_size is None:
         m.image_size = PACKAGED_TOWERS.get(m.vision, {}).get("image_size")
+    if m.tabular_columns and "tabular" not in m.modalities and "modalities" not in cfg.asked.get("model", ()):
+        m.modalities.append("tabular")  # the columns asked for are an input unless --modalities leaves them out
     text = PACKAGED_TOWERS.get(m.text, {})
     m.text_pooling = m.text_pooling or text.get("text_pooling", "cls")
     if m.text_layer_mean is None:
         m.text_layer_mean = min(text.get("text_layer_mean", 1), m.text_layers or math.inf)
     return cfg
-
-
-def _check_type(path, key: str, value, kind: str) -> None:
-    """A YAML value against its field's annotation (``int | None``, ``list[str]``...): a wrong type would otherwise
-    fail later inside torch, with no word of which setting it was."""
-    if value is None:
-        ok = "None" in kind
-    elif kind.startswith("list"):
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    else:
-        base = kind.split(" |")[0]
-        ok = {
-            "bool": isinstance(value, bool),
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-            "str": isinstance(value, str),
-        }.get(base, True)
-    if not ok:
-        hint = ""
-        if isinstance(value, str) and "float" in kind:
-            hint = " (YAML reads 1e-3 as text: write 0.001 or 1.0e-3)"
-        names = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}
-        want = "a list of names, as [a, b]" if kind.startswith("list") else names.get(kind.split(" |")[0], kind)
-        want += " (or null)" * ("None" in kind)
-        raise MmfuseError(f"{path}: a value has the wrong type: {key} must be {want}, got {value!r}{hint}")

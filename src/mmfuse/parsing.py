@@ -1,4 +1,5 @@
-"""The text forms of flag values that are more than one number or name: durations, class weights, thresholds.
+"""The text forms of flag values that are more than one number or name: durations, class weights, thresholds,
+tabular columns' kinds; and a config.yaml value's type against its field's annotation (``check_type``).
 
 Below ``config`` (which checks flags with them); standard library only.
 """
@@ -9,6 +10,8 @@ import math
 import re
 
 from mmfuse.errors import MmfuseError
+
+TABULAR_KINDS = ("num", "cat")  # --tabular-columns size:num section:cat forces a column's kind
 
 
 def parse_class_weight(text: str) -> str | dict[str, float]:
@@ -76,3 +79,34 @@ def parse_threshold(text: str) -> float | None:
     if not 0.0 < value < 1.0:  # NaN fails too
         raise MmfuseError(f"--threshold must be auto or a probability between 0 and 1 (exclusive), got {text!r}")
     return value
+
+
+def tabular_kind(spec: str) -> tuple[str, str | None]:
+    """A --tabular-columns entry as (column, kind): size:num is (size, num); a plain name's kind is inferred (None)."""
+    name, _, kind = spec.rpartition(":")
+    return (name, kind) if name and kind in TABULAR_KINDS else (spec, None)
+
+
+def check_type(path, key: str, value, kind: str) -> None:
+    """A YAML value against its field's annotation (``int | None``, ``list[str]``...): a wrong type would otherwise
+    fail later inside torch, with no word of which setting it was."""
+    if value is None:
+        ok = "None" in kind
+    elif kind.startswith("list"):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        base = kind.split(" |")[0]
+        ok = {
+            "bool": isinstance(value, bool),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "str": isinstance(value, str),
+        }.get(base, True)
+    if not ok:
+        hint = ""
+        if isinstance(value, str) and "float" in kind:
+            hint = " (YAML reads 1e-3 as text: write 0.001 or 1.0e-3)"
+        names = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}
+        want = "a list of names, as [a, b]" if kind.startswith("list") else names.get(kind.split(" |")[0], kind)
+        want += " (or null)" * ("None" in kind)
+        raise MmfuseError(f"{path}: a value has the wrong type: {key} must be {want}, got {value!r}{hint}")

@@ -97,17 +97,21 @@ def cmd_search(args) -> int:
 def check_data(cfg, data: str) -> None:
     """The training (and validation) rows checked as a trial will check them, before the study is made: bad input
     stops here with the report, not in trial 0 with a study left behind. A warm check decodes nothing again."""
+    from mmfuse.config import resolve
     from mmfuse.data.checks import load_checked  # deferred: imports numpy and PIL
+    from mmfuse.data.columns import Columns
 
+    named = Columns.of(resolve(cfg).model)
     need_text = cfg.model.modality_dropout == 0 and "text" in cfg.model.modalities and not cfg.data.caption_missing
+    need_text = need_text and named is None  # a column's empty cells are masked
     checks = logging.getLogger("mmfuse.data")
     level = checks.level
     if cfg.data.skip_bad:  # each trial warns of the rows it skips: once is enough
         checks.setLevel(logging.ERROR)
     try:
-        load_checked(data, captions=cfg.data.captions, need_text=need_text, skip_bad=cfg.data.skip_bad)
+        load_checked(data, captions=cfg.data.captions, need_text=need_text, skip_bad=cfg.data.skip_bad, named=named)
         if cfg.data.val:
             captions = cfg.data.val_captions or cfg.data.captions
-            load_checked(cfg.data.val, captions=captions, need_text=need_text, skip_bad=cfg.data.skip_bad)
+            load_checked(cfg.data.val, captions=captions, need_text=need_text, skip_bad=cfg.data.skip_bad, named=named)
     finally:
         checks.setLevel(level)

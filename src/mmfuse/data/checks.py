@@ -13,6 +13,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+from mmfuse.data.columns import Columns
 from mmfuse.data.filestats import default_workers, file_index
 from mmfuse.data.images import MAX_PIXELS, check_image
 from mmfuse.data.read import MANIFEST_SUFFIXES, metadata_file, read_data
@@ -72,6 +73,10 @@ def clip_texts(records: list[Record], max_chars: int, source) -> None:
         if len(r.text) > max_chars:
             r.text = clip_text(r.text, max_chars)
             cut += 1
+        for c, v in (r.cells or {}).items():
+            if isinstance(v, str) and len(v) > max_chars:
+                r.cells[c] = clip_text(v, max_chars)
+                cut += 1
     if cut:
         log.warning(
             "cut %d text(s) of %s to their first %d characters before tokenizing (the text tower reads far fewer)",
@@ -106,6 +111,8 @@ def find_problems(
     result is remembered across runs while its size and mtime hold, so a warm run decodes nothing.
     """
     known = set(labels) if labels is not None else None
+    if records and records[0].cells is not None:
+        return _cell_problems(records, max_pixels, workers) + _label_problems(records, need_label, known)
     problems = []
     image_reasons = file_index().values(
         f"check-v1:{max_pixels}",
@@ -141,6 +148,13 @@ def find_problems(
             dropped = "holds only control, format or combining characters, which the tokenizer drops"
             why = f"{no_text_reason} (its text {dropped})" if need_text else f"text {dropped}; leave it empty instead"
             problems.append(Problem(rec.row, rec.source, why))
+        problems += _label_problems([rec], need_label, known)
+    return problems
+
+
+def _label_problems(records: list[Record], need_label: bool, known: set[str] | None) -> list[Problem]:
+    problems = []
+    for rec in records:
         if need_label and not rec.label:
             problems.append(Problem(rec.row, rec.source, "no label"))
         elif rec.label and (_is_not_utf8(rec.label) or _ANY_SURROGATE.search(rec.label)):
@@ -153,6 +167,26 @@ def find_problems(
                     rec.row, rec.source, f"unknown label '{unknown[0]}'; the model knows: {', '.join(sorted(known))}"
                 )
             )
+    return problems
+
+
+def _cell_problems(records: list[Record], max_pixels: int, workers: int | None) -> list[Problem]:
+    """The checks of rows with named columns: every image given readable, every text cell UTF-8. Empty cells are no
+    problem (the model masks them)."""
+    images = [(r, c, v) for r in records for c, v in r.cells.items() if isinstance(v, Path)]
+    reasons = file_index().values(
+        f"check-v1:{max_pixels}",
+        [str(v) for _, _, v in images],
+        lambda p: _check_image(p, max_pixels),
+        workers or default_workers(),
+        desc="checking images",
+    )
+    problems = [Problem(r.row, str(v), f"{c}: {why}") for (r, c, v), why in zip(images, reasons) if why]
+    for r in records:
+        for c, v in r.cells.items():
+            bad = text_problem(v) if isinstance(v, str) else None
+            if bad:
+                problems.append(Problem(r.row, r.source, f"{c}: {bad}"))
     return problems
 
 
@@ -169,13 +203,15 @@ def load_checked(
     max_chars: int = MAX_TEXT_CHARS,
     multi_label: bool | None = None,
     label_sep: str | None = None,
+    named: Columns | None = None,
 ) -> list[Record]:
     """Reads and checks data; raises one DataError listing every bad row, or skips and records them.
 
     Texts longer than ``max_chars`` characters are cut (``clip_text``), with one warning. ``multi_label`` and
-    ``label_sep``: how labels are read (``read.read_manifest``).
+    ``label_sep``: how labels are read (``read.read_manifest``). ``named``: a model's named columns
+    (``records.Columns``), whose cells may be empty.
     """
-    records, problems = read_data(path, captions, need_label, need_text, multi_label, label_sep)
+    records, problems = read_data(path, captions, need_label, need_text, multi_label, label_sep, named=named)
     clip_texts(records, max_chars, path)
     folder = Path(path).is_dir() and Path(path).suffix.lower() != ".parquet" and metadata_file(Path(path)) is None
     if folder and need_label and records and not any(r.label for r in records):
@@ -213,7 +249,7 @@ def load_checked(
     clashes = [sorted(v) for v in folded.values() if len(v) > 1]
     if clashes:  # almost always a typo, and each spelling would become a class of its own
         log.warning("labels that differ only in case are separate classes in %s: %s", path, clashes[:5])
-    repeats = len(records) - len({r.image for r in records})
+    repeats = len(records) - len({r.image for r in records}) if named is None else 0
     if repeats:
         log.warning("%d row(s) of %s list an image that an earlier row lists too", repeats, path)
     if problems:

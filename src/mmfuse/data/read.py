@@ -15,27 +15,23 @@ Three layouts:
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
-import json
 import logging
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from mmfuse.data.columns import Columns
 from mmfuse.data.images import IMAGE_SUFFIXES
 from mmfuse.data.records import LABEL_SEP, Problem, Record, data_error
+from mmfuse.data.table import COLUMNS, MANIFEST_SUFFIXES, cell_text, read_table
 from mmfuse.errors import MmfuseError
 
 log = logging.getLogger(__name__)
-MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 """The manifest of a Hugging Face imagefolder, found in the folder given as data."""
-COLUMNS = ("image", "text", "label", "labels")
 _IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 # Names other tools give these columns: named in the error as renames to make, never read silently in their place.
 _ALIASES = {
@@ -43,159 +39,6 @@ _ALIASES = {
     "text": {"caption", "captions", "description", "sentence", "prompt", "title", "txt"},
     "label": {"labels", "class", "category", "target", "y", "class_name", "label_name"},
 }
-# A long product description or scraped page is one valid cell; csv's default refuses any over 128 KB. Python's
-# limit is a C long, which is 32 bits on Windows, so sys.maxsize would overflow there.
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-
-
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise MmfuseError(f"{path} is UTF-16 text; save it as UTF-8 (most editors and pandas' to_csv write UTF-8).")
-    # Files that are not text at all would otherwise be parsed into a header of garbage.
-    head = raw[:400]
-    if len(head) >= 8 and head[1::2].count(0) > len(head) // 4 and head[::2].count(0) == 0:
-        raise MmfuseError(f"{path} is UTF-16 text (without a byte-order mark); save it as UTF-8.")
-    if raw.startswith(b"PAR1"):
-        raise MmfuseError(f"{path} is a parquet file; name it with the .parquet suffix.")
-    if raw.startswith(b"PK\x03\x04"):
-        raise MmfuseError(f"{path} is a zip archive (an Excel workbook?), not text; export it as CSV (UTF-8).")
-    # Undecodable bytes survive as surrogates, so the rows holding them can be reported one by one.
-    return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-
-
-def read_table(path: Path) -> tuple[list[str], list[dict], list[Problem]]:
-    """A manifest's columns, its rows (each with ``_row``: the data row, or the line of a .jsonl) and the rows that
-    could not be read at all (a CSV row with more or fewer cells than the header, a line that is not JSON).
-
-    pandas only for parquet: importing it costs half a second of every command.
-    """
-    rows, problems = [], []
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            # The csv module, unlike pandas' C parser, keeps undecodable bytes as surrogates we can report per row.
-            reader = csv.reader(io.StringIO(_decode(path), newline=""))
-            header = next(reader, [])
-            if header and header[0].startswith("sep=") and not any(c.strip() for c in header[1:]):
-                header = next(reader, [])  # Excel's "sep=," delimiter hint, not the header
-            header = _columns(header, path)
-            n, widths = 0, set()
-            for row in reader:
-                if not row:
-                    continue
-                n += 1
-                if len(row) != len(header):
-                    widths.add(len(row))
-                    at = header.index("image") if "image" in header else len(row)
-                    why = f"has {len(row)} cell(s) but the header names {len(header)} columns"
-                    if any("\n" in cell for cell in row):
-                        why += " (a quote left open, running on over the following lines?)"
-                    elif len(row) > len(header):
-                        why += " (a text with an unquoted comma?)"
-                    problems.append(Problem(n, row[at] if at < len(row) else "", why))
-                    continue
-                cells = dict(zip(header, row))
-                cells["_row"] = n
-                rows.append(cells)
-            if not rows and n > 1 and len(widths) == 1:
-                # Every row disagrees with the header the same way: the header is what is wrong, not the rows.
-                raise MmfuseError(
-                    f"{path}: its header names {len(header)} column(s) {header} but every row has {widths.pop()} "
-                    "cells; fix the header line (image,text,label)."
-                )
-            return header, rows, problems
-        if suffix == ".jsonl":
-            text = _decode(path)
-            if text.lstrip().startswith("["):
-                # One JSON array of objects (pandas' to_json default, or a .json renamed) is not JSON Lines: every
-                # line would be reported as broken, which hides what is wrong with the file as a whole.
-                try:
-                    whole = json.loads(text)
-                except json.JSONDecodeError:
-                    whole = None
-                if isinstance(whole, list):
-                    raise MmfuseError(
-                        f"{path} is one JSON array, not JSON Lines: write one JSON object per line "
-                        "(pandas: df.to_json(path, orient='records', lines=True))."
-                    )
-            # Lines end at \n only (a \r before it is JSON whitespace): splitlines() also broke a line at U+2028,
-            # U+0085 and the like, which JSON writes raw inside strings, so a valid row read as two broken ones.
-            for n, line in enumerate(text.split("\n"), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    problems.append(Problem(n, "", f"line {n} is not valid JSON ({e.msg})"))
-                    continue
-                if not isinstance(row, dict):
-                    problems.append(Problem(n, "", f"line {n} is not a JSON object with image, text and label keys"))
-                    continue
-                keys = [_column(k) for k in row]
-                if len(set(keys)) < len(keys):
-                    twice = sorted({k for k in keys if keys.count(k) > 1})
-                    problems.append(Problem(n, "", f"line {n} gives key(s) {twice} twice, in different spellings"))
-                    continue
-                rows.append({**dict(zip(keys, row.values())), "_row": n})
-            return list(dict.fromkeys(k for row in rows for k in row if k != "_row")), rows, problems
-        if suffix == ".parquet":
-            import pandas as pd  # deferred: half a second of every command otherwise (see above)
-
-            # Only the columns mmfuse reads: a wide table's other columns would cost memory for every row.
-            names = _parquet_columns(path)
-            wanted = [c for c in names if _column(c) in COLUMNS] if names else None
-            df = pd.read_parquet(path, columns=wanted) if wanted else pd.read_parquet(path)
-            columns = _columns([str(c) for c in (names if names and not wanted else df.columns)], path)
-            # Bytes are decoded per cell, not written back into the frame: pandas' Arrow-backed strings refuse the
-            # surrogates that mark undecodable bytes, which made one bad cell fail the whole file.
-            for i, values in enumerate(df.itertuples(index=False, name=None), 1):
-                rows.append({**dict(zip(columns, values)), "_row": i})
-            return columns, rows, problems
-    except (csv.Error, OSError, ValueError, ImportError) as e:
-        raise MmfuseError(f"Could not read manifest {path}: {e}") from None
-    raise MmfuseError(f"{path}: manifests must be {', '.join(MANIFEST_SUFFIXES)}")
-
-
-def _parquet_columns(path: Path) -> list[str] | None:
-    """A parquet file's (or partitioned folder's) column names from its schema, without reading its rows; None if
-    the schema cannot be read this way (the full read then says what is wrong)."""
-    try:
-        import pyarrow.parquet as pq
-
-        return [str(c) for c in pq.ParquetDataset(path).schema.names]
-    except Exception:  # pyarrow's errors for damaged files vary; the read that follows reports them
-        return None
-
-
-def _columns(header: list[str], path: Path) -> list[str]:
-    """The header with the columns mmfuse reads spelled its way (' Image' is image); a column named twice is an
-    error rather than one of the two being read and the other silently ignored."""
-    columns = [_column(c) for c in header]
-    twice = sorted({c for c in columns if c and columns.count(c) > 1})
-    if twice:
-        raise MmfuseError(
-            f"{path}: column(s) {twice} appear more than once in the header {header}; keep one of each "
-            "(mmfuse would not know which to read)."
-        )
-    return columns
-
-
-def _column(name) -> str:
-    name = str(name)
-    return name.strip().lower() if name.strip().lower() in COLUMNS else name
-
-
-def _cell(value) -> str:
-    if type(value) is str:
-        return value  # every CSV cell: the common case first
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="surrogateescape")  # parquet binary columns
-    if value is None or (isinstance(value, float) and np.isnan(value)) or type(value).__name__ in ("NAType", "NaTType"):
-        return ""  # pandas' own missing values (nullable Int64, string columns) read as "<NA>" otherwise
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # an integer column with a null in it comes back from parquet as floats: 1.0 is 1
-    return str(value)
 
 
 def _require_columns(columns: list[str], path: Path, needed: list[str], what: str = "", multi: bool = False) -> None:
@@ -211,7 +54,7 @@ def _require_columns(columns: list[str], path: Path, needed: list[str], what: st
             f"{found} to {want}"
             for want in missing
             for found in columns
-            if str(found).strip().lower() in _ALIASES.get(want, _ALIASES["label"])
+            if str(found).strip().lower() in _ALIASES.get(want, _ALIASES["label"] if want == "labels" else ())
         ]
         hint = f" Rename {', '.join(renames)}?" if renames else _header_hint(columns)
         raise MmfuseError(f"{path} is missing column(s) {missing}; it has {columns}.{hint} {what}")
@@ -235,15 +78,19 @@ def read_manifest(
     imagefolder: bool = False,
     multi_label: bool | None = None,
     label_sep: str | None = None,
+    named: Columns | None = None,
 ) -> tuple[list[Record], list[Problem]]:
     """``need_text``: the text column must be there (captioning, an image-only model or one trained with modality
     dropout can do without it). ``imagefolder``: ``path`` is an imagefolder's ``metadata.csv``/``.jsonl``.
     ``multi_label``: True reads label sets (the ``labels`` column, else ``label``, split on ``label_sep`` or ``|``);
     None decides by the data (a ``labels`` column, or ``label_sep`` given); False reads one label a row, as a
-    single-label run does (a ``labels`` column then is not read)."""
-    columns, rows, problems = read_table(path)
+    single-label run does (a ``labels`` column then is not read).
+    ``named``: a model's named columns, read into each record's ``cells`` (``_read_columns``)."""
+    columns, rows, problems = read_table(path, named.names if named else ())
     if not rows and not problems:
         raise MmfuseError(f"{path} has no data rows.")
+    if named is not None:
+        return _read_columns(path, named, need_label, columns, rows, problems, multi_label, label_sep)
     if imagefolder:
         columns, rows = _imagefolder_columns(path, columns, rows)
         folder_labels = "label" not in columns  # the class is each image's top folder, as in the folder layout
@@ -270,7 +117,7 @@ def read_manifest(
         if _embedded(row.get("image")):
             problems.append(Problem(n, "", "image holds embedded image data, not the path of an image file"))
             continue
-        source = _cell(row.get("image")).strip()
+        source = cell_text(row.get("image")).strip()
         # A list or an object would otherwise be trained on as its Python repr, "['a', 'b']". (A CSV's cells are text.)
         read = COLUMNS if multi_label else COLUMNS[:3]  # a single-label read leaves a labels column alone
         odd = [] if text_cells else [c for c in read if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
@@ -295,7 +142,7 @@ def read_manifest(
                 continue
             label = LABEL_SEP.join(names)
         else:
-            label = _cell(row.get("label")).strip() if has_label else None
+            label = cell_text(row.get("label")).strip() if has_label else None
         if imagefolder and folder_labels:
             parts = _caption_key(source).split("/")
             label = parts[0] if len(parts) > 1 else None
@@ -304,7 +151,79 @@ def read_manifest(
         if names is not None:
             names = tuple(labels.setdefault(x, x) for x in names)
         label = labels.setdefault(label, label) if label else None  # one string per class, not one per row
-        records.append(Record(_image_path(source, folder), _cell(row.get("text")), label, n, source, names))
+        records.append(Record(_image_path(source, folder), cell_text(row.get("text")), label, n, source, labels=names))
+    return records, problems
+
+
+def _read_columns(
+    path: Path,
+    named: Columns,
+    need_label: bool,
+    columns: list[str],
+    rows: list[dict],
+    problems: list[Problem],
+    multi_label: bool | None = None,
+    label_sep: str | None = None,
+) -> tuple[list[Record], list[Problem]]:
+    """Rows of a manifest read through a model's named columns: any cell may be empty (the model masks it).
+    ``multi_label`` and ``label_sep``: as ``read_manifest`` reads a row's labels."""
+    if multi_label is None:
+        multi_label = "labels" in columns or label_sep is not None
+    label_col = "labels" if multi_label and "labels" in columns else "label"
+    if rows or not problems:
+        _require_columns(
+            columns,
+            path,
+            named.names + [label_col] * need_label,
+            what="A model trained with --image-columns, --text-columns or --tabular-columns reads those columns "
+            "(and label, to train or evaluate).",
+            multi=multi_label,
+        )
+    has_label, text_cells = label_col in columns, path.suffix.lower() == ".csv"
+    sep = label_sep or LABEL_SEP
+    records, folder, labels = [], path.parent, {}
+    for i, row in enumerate(rows):
+        rows[i] = None
+        n = row["_row"]
+        read = [*named.names, label_col] if has_label else named.names
+        odd = [] if text_cells else [c for c in read if isinstance(row.get(c), (list, tuple, dict, set, np.ndarray))]
+        if multi_label and label_col in odd and not isinstance(row[label_col], dict):
+            odd.remove(label_col)  # a multi-label cell may hold its set as a list
+        embedded = [c for c in named.image if _embedded(row.get(c))]
+        if odd or embedded:
+            problems += [Problem(n, "", f"{c} is a list or an object, not one value") for c in odd]
+            problems += [
+                Problem(n, "", f"{c} holds embedded image data, not the path of an image file") for c in embedded
+            ]
+            continue
+        names = None
+        if multi_label and has_label:
+            names, why = _label_set(row.get(label_col), sep)
+            if why:
+                problems.append(Problem(n, "", why))
+                continue
+            names = tuple(labels.setdefault(x, x) for x in names)
+        cells, sources = {}, []
+        for c in named.image:
+            source = cell_text(row.get(c)).strip()
+            if "\x00" in source:
+                problems.append(Problem(n, source.replace("\x00", "\\x00"), f"{c}: image path holds a NUL character"))
+                break
+            cells[c] = _image_path(source, folder) if source else None
+            sources.append(source)
+        else:
+            cells.update((c, cell_text(row.get(c))) for c in (*named.text, *named.tabular))
+            if names is not None:
+                label = LABEL_SEP.join(names)
+            else:
+                label = cell_text(row.get("label")).strip() if has_label else None
+                names = ((label,) if label else None) if multi_label else None
+            label = labels.setdefault(label, label) if label else None
+            first = next((c for c in named.image if cells[c] is not None), None)
+            image = cells[first] if first else Path()
+            text = cells[named.text[0]] if named.text else ""
+            source = next((s for s in sources if s), "")
+            records.append(Record(image, text, label, n, source, cells=cells, labels=names))
     return records, problems
 
 
@@ -312,9 +231,9 @@ def _label_set(value, sep: str) -> tuple[tuple[str, ...], str | None]:
     """A multi-label cell's labels, sorted and each once: a list (JSONL, parquet) or text split on ``sep``; with the
     reason the row is bad, or None."""
     if isinstance(value, (list, tuple, set, np.ndarray)):
-        items = [_cell(v).strip() for v in value]
+        items = [cell_text(v).strip() for v in value]
     else:
-        items = [x.strip() for x in _cell(value).split(sep)]
+        items = [x.strip() for x in cell_text(value).split(sep)]
     names = tuple(sorted({x for x in items if x}))
     joined = [x for x in names if LABEL_SEP in x]
     if joined:  # the set is written joined by | in predictions and reports: a | inside a label would split it there
@@ -392,10 +311,10 @@ def read_captions(path: Path) -> dict[str, str]:
     _require_columns(columns, path, ["image", "text"], what="A captions file needs columns image and text.")
     captions = {}
     for r in rows:
-        key = _caption_key(_cell(r.get("image")))
-        if key in captions and captions[key] != _cell(r.get("text")):
+        key = _caption_key(cell_text(r.get("image")))
+        if key in captions and captions[key] != cell_text(r.get("text")):
             raise MmfuseError(f"{path}: '{key}' has two different captions (rows {r['_row']} and an earlier one).")
-        captions[key] = _cell(r.get("text"))
+        captions[key] = cell_text(r.get("text"))
     return captions
 
 
@@ -517,15 +436,23 @@ def read_data(
     need_text: bool = False,
     multi_label: bool | None = None,
     label_sep: str | None = None,
+    named: Columns | None = None,
 ):
     """Reads a folder or manifest into records, plus problems found while listing (empty classes).
-    ``multi_label`` and ``label_sep``: how a manifest's labels are read (``read_manifest``)."""
+    ``multi_label`` and ``label_sep``: how a manifest's labels are read (``read_manifest``); ``named``: a model's
+    named columns (manifests only)."""
     path = Path(path)
     if not path.exists():
         raise MmfuseError(f"Data not found: {path}{missing_hint(path)}")
     ml = {"multi_label": multi_label, "label_sep": label_sep}
     if path.is_dir() and path.suffix.lower() == ".parquet":
-        return read_manifest(path, need_label, need_text, **ml)  # a partitioned parquet dataset is a folder of parts
+        return read_manifest(path, need_label, need_text, **ml, named=named)  # a partitioned parquet dataset: a folder
+    if named is not None and (path.is_dir() or captions):
+        raise MmfuseError(
+            f"{path}: --image-columns, --text-columns and --tabular-columns name the columns of a manifest (.csv, "
+            ".jsonl or .parquet); a folder of images (or --captions) has no such columns yet. List the rows in a "
+            "manifest instead."
+        )
     meta = metadata_file(path) if path.is_dir() else None
     if meta is not None:
         if captions:
@@ -557,4 +484,4 @@ def read_data(
             ".xlsx": " Save the sheet as CSV.",
         }.get(path.suffix.lower(), "")
         raise MmfuseError(f"{path}: expected a folder or a manifest ending in {', '.join(MANIFEST_SUFFIXES)}.{hint}")
-    return read_manifest(path, need_label, need_text, **ml)
+    return read_manifest(path, need_label, need_text, **ml, named=named)

@@ -7,7 +7,7 @@ Reading folders and manifests into records is ``data.read``; checking them is ``
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmfuse.data.filestats import default_workers, file_index
@@ -23,7 +23,11 @@ class Record:
     """Where the row came from: the manifest's 1-based data row, or the file's position in a folder listing."""
     source: str
     """The image as the user wrote it (relative path), for reports and predictions."""
-    labels: tuple[str, ...] | None = None
+    cells: dict | None = field(default=None, kw_only=True)
+    """For a model with named columns (``data.columns.Columns``): each column's cell by name, an image as its path
+    (or a PIL image given to the Python API; None when empty), a text or tabular cell as text ('' when empty).
+    ``image`` and ``text`` then hold the first image and text column's, for reports. None for one image and one text."""
+    labels: tuple[str, ...] | None = field(default=None, kw_only=True)
     """A multi-label row's label set, sorted (``label`` then holds it joined by ``LABEL_SEP``); None: single-label."""
 
 

@@ -9,7 +9,8 @@ Each modality of a model reads from one source, and the tune mode only chooses w
 - text, tower frozen: ``FeatureSource``, or ``TokenStateSource`` for a pooling learned with the head;
 - text, tower tuned: ``TokenSource``, each text tokenized once and padded per batch.
 
-``MultimodalDataset`` holds ``{modality: source}`` with the presence mask and the labels, and gathers a whole batch
+``MultimodalDataset`` holds ``{input: source}`` (an input is a modality, or with named columns one column of it, and
+the tabular columns: ``MultimodalClassifier.slots``) with the presence mask and the labels, and gathers a whole batch
 per call (``__getitems__``): each source fills its part of the model's keyword arguments. ``build_dataset`` makes one
 for a model, records and the tuned modalities; the DataLoader's collate is the identity (``batch_collate``).
 
@@ -40,6 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmfuse.data.columns import Slot, column_records, has_cell
 from mmfuse.data.filestats import file_index
 from mmfuse.data.images import load_image
 from mmfuse.data.records import Record
@@ -328,21 +330,34 @@ class FeatureSource:
 class TokenStateSource:
     """Token states of a frozen text tower, stored normalised (``pooling.TokenStates``)."""
 
-    def __init__(self, states: TokenStates):
-        self.states = states
+    def __init__(self, states: TokenStates, key: str = "text"):
+        self.states, self.key = states, f"{key}_feats"
 
     def batch(self, idx: torch.Tensor) -> dict:
-        return {"text_feats": self.states.batch(idx)}
+        return {self.key: self.states.batch(idx)}
+
+
+class TabularSource:
+    """Tabular columns encoded with the training statistics (``data.tabular.TabularSpec.encode``)."""
+
+    def __init__(self, numeric, codes):
+        self.numeric, self.codes = torch.from_numpy(numeric), torch.from_numpy(codes)
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        return {"tabular": {"numeric": self.numeric[idx], "codes": self.codes[idx]}}
 
 
 class PixelSource:
     """uint8 images decoded once, (N, 3, H, W): the tuned tower normalises them on the device (``float_pixels``)."""
 
-    def __init__(self, pixels: torch.Tensor):
-        self.pixels = pixels
+    def __init__(self, pixels: torch.Tensor, key: str = "image"):
+        self.pixels, self.key = pixels, key
 
     def batch(self, idx: torch.Tensor) -> dict:
-        return {"image": {"pixel_values": self.pixels[idx]}}  # one gather, not one view per row stacked
+        return {self.key: {"pixel_values": self.pixels[idx]}}  # one gather, not one view per row stacked
+
+
+_BLANK = Image.new("RGB", (32, 32))
 
 
 def _load(image: str | Path, i: int) -> Image.Image:
@@ -355,11 +370,19 @@ class ImageFileSource:
     ``open_image(image, row)`` opens one; the Python API passes one that also takes PIL images and names bad ones.
     """
 
-    def __init__(self, paths: Sequence, tower: Tower, open_image: Callable[[object, int], Image.Image] = _load):
-        self.paths, self.tower, self.open_image = list(paths), tower, open_image
+    def __init__(
+        self,
+        paths: Sequence,
+        tower: Tower,
+        open_image: Callable[[object, int], Image.Image] = _load,
+        key: str = "image",
+    ):
+        self.paths, self.tower, self.open_image, self.key = list(paths), tower, open_image, key
 
     def batch(self, idx: torch.Tensor) -> dict:
-        return {"image": self.tower.preprocess([self.open_image(self.paths[i], i) for i in idx.tolist()])}
+        # An empty image cell (a column's, None) still fills its place in the batch: the model masks its features.
+        images = [self.open_image(self.paths[i], i) if self.paths[i] is not None else _BLANK for i in idx.tolist()]
+        return {self.key: self.tower.preprocess(images)}
 
 
 class TokenizedTexts:
@@ -388,11 +411,11 @@ class TokenizedTexts:
 class TokenSource:
     """Texts for a tuned text tower: each distinct text tokenized once, a batch only padded."""
 
-    def __init__(self, texts: Sequence[str], tokens: TokenizedTexts):
-        self.texts, self.tokens = list(texts), tokens
+    def __init__(self, texts: Sequence[str], tokens: TokenizedTexts, key: str = "text"):
+        self.texts, self.tokens, self.key = list(texts), tokens, key
 
     def batch(self, idx: torch.Tensor) -> dict:
-        return {"text": self.tokens([self.texts[i] for i in idx.tolist()])}
+        return {self.key: self.tokens([self.texts[i] for i in idx.tolist()])}
 
 
 class MultimodalDataset(Dataset):
@@ -428,10 +451,13 @@ def batch_collate(batch: dict) -> dict:
     return batch
 
 
-def present_mask(records: list[Record], modalities: list[str]) -> torch.Tensor:
-    """Which modalities each record has: images always, text only when non-empty."""
-    cols = [[True] * len(records) if m == "image" else [bool(r.text.strip()) for r in records] for m in modalities]
-    return torch.tensor(cols, dtype=torch.bool).T.contiguous()
+def present_mask(records: list[Record], slots: Sequence[str | Slot]) -> torch.Tensor:
+    """Which inputs each record has (a modality name stands for its one slot): an image always (with named columns,
+    when its cell is not empty), a text only when non-empty, the tabular columns always (each cell's absence is an
+    input of their own)."""
+    slots = [Slot(s, s, s) if isinstance(s, str) else s for s in slots]
+    cols = [[s.modality == "tabular" or has_cell(r, s.modality, s.column) for r in records] for s in slots]
+    return torch.tensor(cols, dtype=torch.bool).reshape(len(slots), len(records)).T.contiguous()
 
 
 def build_dataset(
@@ -452,21 +478,27 @@ def build_dataset(
     images decoded once to uint8, unless they would take over half the free memory (from this ``PixelCache``, if one
     is given, else ``$MMFUSE_HOME/pixels``). ``open_image`` opens images read raw.
     """
-    present = present_mask(records, model.modalities)
+    present = present_mask(records, model.slots)
     pad_to = 8 if torch.device(device).type == "cuda" else 1  # on a CPU, padding is only more work
-    sources = {}
-    for col, m in enumerate(model.modalities):
-        if m not in tuned:
-            sources[m] = _feature_source(model, m, records, present[:, col], cache, device, show)
-        elif m == "text":
-            texts = [r.text for r in records]
-            sources[m] = TokenSource(texts, TokenizedTexts(model.build_tower("text"), texts, pad_to))
+    sources, tokens = {}, None
+    for col, s in enumerate(model.slots):
+        if s.modality == "tabular":
+            sources[s.name] = TabularSource(*model.tabular_spec.encode(records))
+            continue
+        rows = column_records(records, s.modality, s.column)  # one column's cells, keyed by content as any row's
+        if s.modality not in tuned:
+            sources[s.name] = _feature_source(model, s.modality, rows, present[:, col], cache, device, show, s.name)
+        elif s.modality == "text":
+            texts = [r.text for r in rows]
+            tokens = tokens or TokenizedTexts(model.build_tower("text"), (), pad_to)  # one for every text column
+            tokens.add(texts)
+            sources[s.name] = TokenSource(texts, tokens, s.name)
         else:
-            sources[m] = _image_source(model.build_tower("image"), records, pixel_cache, open_image)
+            sources[s.name] = _image_source(model.build_tower("image"), rows, pixel_cache, open_image, s.name)
     return MultimodalDataset(sources, present, labels)
 
 
-def _feature_source(model, modality: str, records, present: torch.Tensor, cache, device, show):
+def _feature_source(model, modality: str, records, present: torch.Tensor, cache, device, show, key: str = ""):
     # Rows missing a modality are not embedded (an empty string is not a caption): they get zeros (no tokens), and
     # the model swaps in its learned placeholder.
     have = present.nonzero().flatten().tolist()
@@ -476,21 +508,21 @@ def _feature_source(model, modality: str, records, present: torch.Tensor, cache,
         items = [torch.zeros(0, card.dim, dtype=torch.float16)] * len(records)
         for i, f in zip(have, got):
             items[i] = f
-        return TokenStateSource(TokenStates(items, card.dim))
+        return TokenStateSource(TokenStates(items, card.dim), key or modality)
     full = torch.zeros(len(records), card.dim)
     if have:
         full[have] = got
-    return FeatureSource(modality, full)
+    return FeatureSource(key or modality, full)
 
 
-def _image_source(tower: Tower, records: list[Record], pixel_cache: bool | PixelCache, open_image):
+def _image_source(tower: Tower, records: list[Record], pixel_cache: bool | PixelCache, open_image, key: str = "image"):
     paths = [r.image for r in records]
     if not pixel_cache:
-        return ImageFileSource(paths, tower, open_image)
+        return ImageFileSource(paths, tower, open_image, key)
     spec = tower.pixel_spec
     if spec is None:
         log.info("decoding images every epoch: %s", getattr(tower, "pixel_spec_problem", "no pixel spec"))
-        return ImageFileSource(paths, tower)
+        return ImageFileSource(paths, tower, key=key)
     # The decoded images are held in memory whole: a dataset too large for that decodes every epoch instead.
     need, free = len(records) * 3 * spec.height * spec.width, available_memory()
     if free is not None and need > free // 2:
@@ -501,5 +533,5 @@ def _image_source(tower: Tower, records: list[Record], pixel_cache: bool | Pixel
             need / 1e9,
             free / 1e9,
         )
-        return ImageFileSource(paths, tower)
-    return PixelSource(load_pixels(paths, spec, pixel_cache if isinstance(pixel_cache, PixelCache) else None))
+        return ImageFileSource(paths, tower, key=key)
+    return PixelSource(load_pixels(paths, spec, pixel_cache if isinstance(pixel_cache, PixelCache) else None), key)

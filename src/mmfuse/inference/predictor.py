@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader
 from mmfuse import binary, calibration, metrics, multilabel
 from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import DTYPES, RunConfig
-from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked, text_problem
-from mmfuse.data.images import load_image, to_rgb
+from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text, load_checked
+from mmfuse.data.columns import Columns
 from mmfuse.data.records import Record
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, MultimodalDataset, PixelCache, batch_collate, build_dataset
+from mmfuse.inference.inputs import as_list, check_image, check_text, open_input, row_record
 from mmfuse.inference.report import write_errors
 from mmfuse.inference.stream import (
     DEFAULT_CHUNK,
@@ -154,7 +155,8 @@ class Predictor:
         """Only a model trained with modality dropout has learned what to do when the text is absent."""
         if self.members:
             return all(member.accepts_missing_text for member, _ in self.members)
-        return "text" not in self.model.modalities or self.cfg.model.modality_dropout > 0
+        # A model with named columns masks each empty cell with the placeholder it learned for that column.
+        return "text" not in self.model.modalities or self.cfg.model.modality_dropout > 0 or self.cfg.model.columns
 
     @property
     def max_chars(self) -> int:
@@ -179,9 +181,11 @@ class Predictor:
     @torch.inference_mode()
     def predict(
         self,
-        images: Sequence[str | Path | Image.Image] | None,
+        images: Sequence[str | Path | Image.Image] | None = None,
         texts: Sequence[str] | None = None,
         batch_size: int = 32,
+        *,
+        rows: Sequence[dict] | None = None,
     ) -> Prediction:
         """Classifies image+text pairs, one result row per input, in input order.
 
@@ -189,7 +193,15 @@ class Predictor:
             images: a list (or any iterable) of file paths, PIL images or HxWx3 uint8 numpy arrays; None for a
                 text-only model (whose images are not read).
             texts: one string per image; empty strings, None or NaN only for models trained with modality dropout.
+            rows: for a model trained with named columns (--image-columns, --text-columns, --tabular-columns), in
+                place of images and texts: one dict per input with a value for each column (a pandas DataFrame
+                works too); an empty cell is None, "" or NaN.
         """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            # 0 failed inside range(); a negative one predicted nothing and returned an empty result
+            raise MmfuseError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if rows is not None or self.cfg.model.columns:
+            return self._predict_rows(images, texts, rows, batch_size)
         if self.members:
             return self._predict_members(images, texts, batch_size)
         uses_images = "image" in self.model.modalities
@@ -197,19 +209,16 @@ class Predictor:
             # A text-only model reads no image: predict(None, texts) needs no files made up for it.
             if uses_images or texts is None:
                 raise MmfuseError("images is None; give one image per input (only a text-only model needs none)")
-            texts = _as_list(texts, "texts", "text")
+            texts = as_list(texts, "texts", "text")
             images = [None] * len(texts)
-        images = _as_list(images, "images", "image")
-        texts = _as_list(texts, "texts", "text") if texts is not None else [""] * len(images)
+        images = as_list(images, "images", "image")
+        texts = as_list(texts, "texts", "text") if texts is not None else [""] * len(images)
         if len(texts) != len(images):
             raise MmfuseError(f"got {len(images)} images but {len(texts)} texts")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            # 0 failed inside range(); a negative one predicted nothing and returned an empty result
-            raise MmfuseError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        texts = self._clip([_text(t, i) for i, t in enumerate(texts)])
+        texts = self._clip([check_text(t, i) for i, t in enumerate(texts)])
         self._check_texts(texts)
         if uses_images:
-            images = [_image(im, i) for i, im in enumerate(images)]
+            images = [check_image(im, i) for i, im in enumerate(images)]
             # Missing files are found before any batch runs: a long call should not fail at its end for one bad path.
             missing = [
                 f"#{i} {im}"
@@ -220,14 +229,37 @@ class Predictor:
                 raise MmfuseError(f"{len(missing)} image file(s) not found: {', '.join(missing[:5])}")
         # Inputs seen once go through every tower raw (no feature cache), on the one batch path below.
         records = [Record(im, t, None, i, str(i)) for i, (im, t) in enumerate(zip(images, texts))]
-        ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=_open)
+        ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=open_input)
+        return self.prediction(self.predict_dataset(ds, batch_size))
+
+    def _predict_rows(self, images, texts, rows, batch_size: int) -> Prediction:
+        """``predict`` for a model with named columns: each row's cells by column name."""
+        named = Columns.of(self.cfg.model)
+        if named is None:
+            raise MmfuseError(
+                "predict(rows=...) is for a model trained with named columns; this model, trained without them, "
+                "takes predict(images, texts)"
+            )
+        if rows is None or images is not None or texts is not None:
+            raise MmfuseError(
+                f"this model reads the columns {named.names}: call predict(rows=[{{column: value, ...}}, ...]) "
+                "(or rows=a DataFrame), not predict(images, texts)"
+            )
+        if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
+            rows = rows.to_dict("records")
+        rows = as_list(rows, "rows", "row")
+        if self.members:  # each member reads the columns it was trained on
+            probs = sum(w * m._predict_rows(None, None, rows, batch_size).probs for m, w in self.members)
+            return self.prediction(probs if self.multi_label else calibration.scale(probs, self.temperature))
+        records = [row_record(row, i, named, self._clip) for i, row in enumerate(rows)]
+        ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=open_input)
         return self.prediction(self.predict_dataset(ds, batch_size))
 
     def _predict_members(self, images, texts, batch_size: int) -> Prediction:
         """An ensemble's prediction: the members' probabilities summed with their weights, each member given the
         inputs it reads (a text-only one, the texts alone: no image file is opened for it)."""
-        images = None if images is None else _as_list(images, "images", "image")  # an iterable is read once
-        texts = None if texts is None else _as_list(texts, "texts", "text")
+        images = None if images is None else as_list(images, "images", "image")  # an iterable is read once
+        texts = None if texts is None else as_list(texts, "texts", "text")
         parts = [
             (m.predict(images if "image" in m.model.modalities or texts is None else None, texts, batch_size), w)
             for m, w in self.members
@@ -308,14 +340,15 @@ def _encoded(model: MultimodalClassifier, batch: dict, memo: dict, tuned: Collec
     ``tuned``, where ``model.cfg.backend`` says: ``onnx_engine.engine``): a bag's models share their frozen towers, so
     its K models cost one tower pass a batch, not K. A pooling keeps the raw input's mask."""
     out = dict(batch)
-    for m in model.modalities:
-        if batch.get(m) is not None and batch.get(f"{m}_feats") is None:
-            tower = model.build_tower(m)
-            if id(tower) not in memo:
-                rows = len(next(iter(batch[m].values())))
-                run = tower if m in tuned else engine(tower, model.cfg.backend, model.missing[m].device, rows)
-                memo[id(tower)] = run(**batch[m])
-            out[f"{m}_feats"] = memo[id(tower)]
+    for s in model.slots:
+        if s.modality in model.cards and batch.get(s.name) is not None and batch.get(f"{s.name}_feats") is None:
+            tower = model.build_tower(s.modality)
+            if (id(tower), s.name) not in memo:
+                rows = len(next(iter(batch[s.name].values())))
+                device = model.missing[s.name].device
+                run = tower if s.modality in tuned else engine(tower, model.cfg.backend, device, rows)
+                memo[id(tower), s.name] = run(**batch[s.name])
+            out[f"{s.name}_feats"] = memo[id(tower), s.name]
     return out
 
 
@@ -349,6 +382,7 @@ def load_inputs(
         skip_bad=skip_bad,
         skipped_csv=skipped_csv,
         max_chars=cfg.model.max_length * CHARS_PER_TOKEN,
+        named=Columns.of(cfg.model),
         no_text_reason="no text, and this model was trained without --modality-dropout so it needs text "
         "(give it text, caption the images, or retrain with --modality-dropout 0.2)",
         multi_label=multi,  # a single-label run reads one label a row, as it always did
@@ -357,65 +391,6 @@ def load_inputs(
     if cfg.data.caption_missing and any(not r.text.strip() for r in records):
         records = fill_missing_captions(records, cfg.data.caption_missing, Path(run_dir) / "captions.csv")
     return records
-
-
-def _as_list(items, name: str, one: str) -> list:
-    """The inputs of ``predict`` as a list. A lone path or image is refused rather than iterated: a str is a
-    Sequence of characters, and would have been read as one image (or one text) per character."""
-    if isinstance(items, np.ndarray) and items.ndim in (1, 4):
-        return list(items)  # an array of paths or texts, or a batch of HxWxC images
-    if hasattr(items, "columns"):  # a DataFrame iterates over its column names
-        raise MmfuseError(f"{name} is a table; pass one of its columns, e.g. df[{one!r}]")
-    if isinstance(items, (str, bytes, Path, Image.Image, np.ndarray, torch.Tensor, dict)):
-        raise MmfuseError(
-            f"{name} must be a list with one {one} per input, got a {type(items).__name__}; "
-            f"wrap it in a list: predict([image], [text])."
-        )
-    try:
-        return list(items)  # a generator or any other iterable, read once
-    except TypeError:
-        raise MmfuseError(f"{name} must be a list, got {type(items).__name__}") from None
-
-
-def _text(text, i: int) -> str:
-    """A text as str: None and NaN (a missing value in a pandas column) are no text; other types, and text a
-    tokenizer cannot take (a lone surrogate), are refused."""
-    if text is None or (isinstance(text, float) and np.isnan(text)):
-        return ""
-    if not isinstance(text, str):
-        raise MmfuseError(f"text #{i} is {text!r} ({type(text).__name__}), not a str")
-    problem = text_problem(text)
-    if problem:
-        raise MmfuseError(f"text #{i}: {problem}")
-    return text
-
-
-def _image(image, i: int) -> str | Path | Image.Image:
-    """A path or PIL image; an HxW or HxWx3/4 uint8 numpy array becomes a PIL image."""
-    if isinstance(image, (str, Path, Image.Image)):
-        return image
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
-            raise MmfuseError(
-                f"image #{i} is a {image.dtype} array of shape {image.shape}; give an HxW or HxWx3 (RGB) uint8 "
-                "array, a PIL image or a file path."
-            )
-        return Image.fromarray(image)
-    hint = " (convert it with torchvision.transforms.functional.to_pil_image)" * isinstance(image, torch.Tensor)
-    raise MmfuseError(
-        f"image #{i} is of type {type(image).__name__}; give a file path, a PIL image or an HxWx3 uint8 numpy "
-        f"array{hint}."
-    )
-
-
-def _open(image: str | Path | Image.Image, i: int) -> Image.Image:
-    try:
-        img = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
-    except (OSError, ValueError) as e:
-        raise MmfuseError(f"image #{i} ({image}) cannot be read: {e}") from None
-    if 0 in img.size:  # an empty image would be resized into a made-up one and classified
-        raise MmfuseError(f"image #{i} is empty ({img.size[0]}x{img.size[1]} pixels)")
-    return img
 
 
 def load(run_dir: str | Path, device: str | None = None, dtype: str = "auto", compile: bool = False) -> Predictor:
@@ -549,7 +524,7 @@ def evaluate_file(
             data, captions, need_label=True, skip_bad=skip_bad, skipped_csv=skipped if procs.is_main else None
         )
     if procs.is_main:
-        warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records)
+        warn_if_trained_on(predictor.cfg.data, Path(run_dir), data, records, Columns.of(predictor.cfg.model))
     probs = predict_all(predictor, records, chunk_size, procs, {"cache": cache})
     if getattr(predictor, "multi_label", False):
         y = multilabel.targets(records, predictor.classes)

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from mmfuse.data.columns import Columns
 from mmfuse.data.read import read_data
 from mmfuse.data.records import Record, image_hashes
 from mmfuse.errors import MmfuseError
@@ -15,12 +16,13 @@ log = logging.getLogger(__name__)
 SAME_DATA_SAMPLE = 500  # rows of the evaluated data whose images are looked for among the training images
 
 
-def warn_if_trained_on(data_cfg, run_dir: Path, data, records: list[Record]) -> bool:
+def warn_if_trained_on(data_cfg, run_dir: Path, data, records: list[Record], named: Columns | None = None) -> bool:
     """Warns when ``data`` is what the run was trained on: the same file as its config's data.train, or over half
     of its images (by content) among the training images. Scores on training data flatter the model.
 
     Only training files of the same size as an evaluated image are hashed, so a large training set costs a stat
-    per file, not a read.
+    per file, not a read. ``named``: the model's named columns, as its training data is read (its rows' ``image``
+    is then their first image column's).
     """
     train = getattr(data_cfg, "train", None)
     if not train or not records:
@@ -39,13 +41,13 @@ def warn_if_trained_on(data_cfg, run_dir: Path, data, records: list[Record]) -> 
     if where is None:
         return False
     try:
-        trained, _ = read_data(where, getattr(data_cfg, "captions", None), need_label=False)
+        trained, _ = read_data(where, getattr(data_cfg, "captions", None), need_label=False, named=named)
     except (MmfuseError, OSError):
         return False  # the training data changed or moved since: nothing to compare with
     step = max(1, len(records) // SAME_DATA_SAMPLE)
     sample = records[::step][:SAME_DATA_SAMPLE]
-    sizes = {_size(r.image) for r in sample} - {None}
-    candidates = [r for r in trained if _size(r.image) in sizes]
+    sizes = {_size(r.image) for r in sample if r.image != Path()} - {None}  # Path(): a row of no image
+    candidates = [r for r in trained if r.image != Path() and _size(r.image) in sizes]
     if not candidates:
         return False
     seen = set(image_hashes(candidates)) - {None}

@@ -13,9 +13,13 @@ import torch
 from torch import nn
 
 from mmfuse.config import MODALITIES, ModelConfig
+from mmfuse.data.columns import input_slots
+from mmfuse.data.tabular import TabularSpec
+from mmfuse.errors import MmfuseError
 from mmfuse.models.fusion import build_head
 from mmfuse.models.lora import is_adapter
 from mmfuse.models.pooling import AttentionPool
+from mmfuse.models.tabular import TabularEncoder
 from mmfuse.models.towers import Tower, TowerCard, build_tower, packaged_card, requested_spec
 
 
@@ -23,21 +27,39 @@ class MultimodalClassifier(nn.Module):
     """Vision tower + text tower + fusion head.
 
     ``forward`` takes either raw tower inputs or precomputed features (the frozen-feature fast path), and a
-    per-sample mask of which modalities are present. A missing modality is replaced by a learned placeholder,
-    which only means something when the model was trained with modality dropout.
+    per-sample mask of which inputs are present. A missing input is replaced by a learned placeholder of its own,
+    which only means something when the model was trained with modality dropout (or on rows with empty cells).
+
+    The head's inputs are its ``slots`` (``config.input_slots``): one per modality, or with named columns one per
+    column, every column of a modality through that modality's one tower (and pooling), then the tabular vector. The
+    head fuses N inputs as it fuses two: each has its own normalisation and place in the concatenation (its own
+    projection and learned position embedding in the attention head), and its own placeholder when empty.
 
     Args:
         cards: each modality's tower card (what sizes the head).
         towers: the tower modules built so far; the others are built by ``build_tower`` when needed.
+        tabular: the tabular columns' training statistics, for a model with tabular columns.
     """
 
     def __init__(
-        self, cards: dict[str, TowerCard], num_classes: int, cfg: ModelConfig, towers: dict[str, Tower] | None = None
+        self,
+        cards: dict[str, TowerCard],
+        num_classes: int,
+        cfg: ModelConfig,
+        towers: dict[str, Tower] | None = None,
+        tabular: TabularSpec | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.modalities = list(cfg.modalities)
-        self.cards = {m: cards[m] for m in self.modalities}
+        self.slots = input_slots(cfg)
+        self.cards = {m: cards[m] for m in self.modalities if m in MODALITIES}
+        self.tabular_spec = tabular
+        self.tabular: TabularEncoder | None = None
+        if "tabular" in self.modalities:
+            if tabular is None:
+                raise MmfuseError("a model with tabular columns needs their training statistics (tabular.json)")
+            self.tabular = TabularEncoder(tabular)
         self.vision: Tower | None = None
         self.text: Tower | None = None
         self.shared_towers: dict[str, Tower] | None = None
@@ -47,9 +69,14 @@ class MultimodalClassifier(nn.Module):
                 self._attach(m, tower)
         # Towers that give token states get a pooling learned with the head.
         self.poolers = nn.ModuleDict({m: AttentionPool(c.dim) for m, c in self.cards.items() if c.sequence})
-        dims = [self.poolers[m].dim if m in self.poolers else self.cards[m].dim for m in self.modalities]
+        dims = [self._dim(s.modality) for s in self.slots]
         self.head = build_head(cfg.fusion, dims, num_classes, cfg.hidden, cfg.dropout, cfg.input_dropout)
-        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(d)) for m, d in zip(self.modalities, dims)})
+        self.missing = nn.ParameterDict({s.name: nn.Parameter(torch.zeros(d)) for s, d in zip(self.slots, dims)})
+
+    def _dim(self, modality: str) -> int:
+        if modality == "tabular":
+            return self.tabular.dim
+        return self.poolers[modality].dim if modality in self.poolers else self.cards[modality].dim
 
     def _attach(self, modality: str, tower: Tower) -> None:
         setattr(self, "vision" if modality == "image" else "text", tower)
@@ -58,7 +85,7 @@ class MultimodalClassifier(nn.Module):
     def towers(self) -> dict[str, Tower]:
         """The tower modules built so far, by modality."""
         pairs = (("image", self.vision), ("text", self.text))
-        return {m: t for m, t in pairs if m in self.modalities and t is not None}
+        return {m: t for m, t in pairs if m in self.cards and t is not None}
 
     def build_tower(self, modality: str) -> Tower:
         """The tower of ``modality``, built now from its card if it was not (a frozen packaged tower): frozen, on the
@@ -74,7 +101,7 @@ class MultimodalClassifier(nn.Module):
             with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
                 tower = build_tower(self.cards[modality].spec)
                 tower.freeze()
-                ref = self.missing[modality]
+                ref = self.missing[self.slots[0].name]
                 tower.to(device=ref.device, dtype=ref.dtype)
             self._attach(modality, tower)
             shared[self.cards[modality].fingerprint] = tower
@@ -95,40 +122,49 @@ class MultimodalClassifier(nn.Module):
         image_feats: torch.Tensor | None = None,
         text_feats: torch.Tensor | None = None,
         present: torch.Tensor | None = None,
+        **columns,
     ) -> torch.Tensor:
         """Logits for a batch.
 
         Args:
             image: the vision tower's inputs (from its ``preprocess``), unless ``image_feats`` are given.
             text: the text tower's inputs, unless ``text_feats`` are given.
-            present: (B, len(modalities)) booleans; False marks a modality missing for that sample.
+            present: (B, len(slots)) booleans; False marks an input missing for that sample.
             text_feats: pooled text features, or ``pooling.NormalisedTokens`` (cached token states and their mask)
                 for a model that pools them.
+            columns: with named columns, each slot's inputs by its name (``text1``, ``image0``...), or its features
+                as ``<name>_feats``; ``tabular``: {"numeric", "codes"} (``data.tabular.TabularSpec.encode``).
         """
+        given = {"image": image, "text": text, "image_feats": image_feats, "text_feats": text_feats, **columns}
         feats = []
-        for m in self.modalities:
-            raw, pre = (image, image_feats) if m == "image" else (text, text_feats)
-            f = pre if pre is not None else self.encode(m, raw)
-            if m in self.poolers:  # cached token states come as pooling.NormalisedTokens, which carry their mask
-                f = self.poolers[m](f, (raw or {}).get("attention_mask"))
+        for s in self.slots:
+            raw, pre = given.get(s.name), given.get(f"{s.name}_feats")
+            if s.modality == "tabular":
+                feats.append(pre if pre is not None else self.tabular(**raw))
+                continue
+            f = pre if pre is not None else self.encode(s.modality, raw)
+            if s.modality in self.poolers:  # cached token states come as pooling.NormalisedTokens, with their mask
+                f = self.poolers[s.modality](f, (raw or {}).get("attention_mask"))
             feats.append(f)
-        if self.training and self.cfg.modality_dropout > 0 and len(self.modalities) > 1:
+        if self.training and self.cfg.modality_dropout > 0 and len(self.slots) > 1:
             present = self._drop_modalities(present, feats[0].shape[0])
         if present is not None:
             feats = [
-                torch.where(present[:, i : i + 1], f, self.missing[m].to(f.dtype))
-                for i, (m, f) in enumerate(zip(self.modalities, feats))
+                torch.where(present[:, i : i + 1], f, self.missing[s.name].to(f.dtype))
+                for i, (s, f) in enumerate(zip(self.slots, feats))
             ]
         return self.head(feats)
 
     def _drop_modalities(self, present: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Blanks one randomly chosen modality for a random subset of samples (never all of a sample's)."""
-        device = self.missing[self.modalities[0]].device
+        """Blanks one randomly chosen input (a modality, or a column) for a random subset of samples (never all of a
+        sample's)."""
+        n = len(self.slots)
+        device = self.missing[self.slots[0].name].device
         if present is None:
-            present = torch.ones(batch, len(self.modalities), dtype=torch.bool, device=device)
+            present = torch.ones(batch, n, dtype=torch.bool, device=device)
         drop = torch.rand(batch, device=device) < self.cfg.modality_dropout
-        which = torch.randint(len(self.modalities), (batch,), device=device)
-        blank = torch.nn.functional.one_hot(which, len(self.modalities)).bool() & drop[:, None]
+        which = torch.randint(n, (batch,), device=device)
+        blank = torch.nn.functional.one_hot(which, n).bool() & drop[:, None]
         # Only blank where the other modality is actually there, so no sample ends up with nothing.
         keeps_other = (present & ~blank).any(dim=1, keepdim=True)
         return present & ~(blank & keeps_other)
@@ -151,6 +187,8 @@ def tower_cards(
     built only if an input misses the feature cache (``MultimodalClassifier.build_tower``)."""
     cards = {}
     for m in cfg.modalities:
+        if m not in MODALITIES:  # tabular columns go through no tower
+            continue
         spec = requested_spec(m, cfg)
         card = packaged_card(m, spec)
         if m not in towers and (card is None or m in build):
@@ -160,12 +198,16 @@ def tower_cards(
 
 
 def build_model(
-    cfg: ModelConfig, num_classes: int, towers: dict[str, Tower] | None = None, build: Collection[str] = MODALITIES
+    cfg: ModelConfig,
+    num_classes: int,
+    towers: dict[str, Tower] | None = None,
+    build: Collection[str] = MODALITIES,
+    tabular: TabularSpec | None = None,
 ) -> MultimodalClassifier:
     """A new classifier for ``cfg``; ``towers`` shares towers already built for this config (the ablation's runs),
     and receives those built now."""
     towers = towers if towers is not None else {}
-    return MultimodalClassifier(tower_cards(cfg, towers, build), num_classes, cfg, towers)
+    return MultimodalClassifier(tower_cards(cfg, towers, build), num_classes, cfg, towers, tabular)
 
 
 PREFIXES = {"image": "vision.", "text": "text."}

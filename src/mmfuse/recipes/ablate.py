@@ -1,4 +1,5 @@
-"""The modality ablation: image-only, text-only and fusion arms trained alike on the same split, then scored.
+"""The modality ablation: image-only, text-only and fusion arms trained alike on the same split, then scored; with
+--tabular-columns, a tabular arm too (a head on the tabular columns alone), and fusion of all three.
 
     mmfuse ablate DATA --out OUT [--test TEST]         # every arm a head on frozen features (--tune head)
     mmfuse ablate DATA --out OUT --tune all            # every arm fine-tunes the towers it has (wants a GPU)
@@ -25,8 +26,10 @@ import torch
 
 from mmfuse import metrics
 from mmfuse.config import RunConfig, resolve
+from mmfuse.data.columns import Columns
 from mmfuse.data.read import read_data
 from mmfuse.data.records import label_names
+from mmfuse.data.tabular import fit_tabular
 from mmfuse.distributed import launched, main_process
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset
@@ -37,6 +40,19 @@ from mmfuse.training.prep import forced_multilabel, load_splits
 
 log = logging.getLogger(__name__)
 VARIANTS = {"image": ["image"], "text": ["text"], "fusion": ["image", "text"]}
+TABULAR_VARIANTS = {
+    "image": ["image"],
+    "text": ["text"],
+    "tabular": ["tabular"],
+    "fusion": ["image", "text", "tabular"],
+}
+
+
+def variants(cfg: RunConfig) -> dict[str, list[str]]:
+    """The arms and their modalities: a tabular arm, and tabular in fusion, when the data has tabular columns."""
+    return TABULAR_VARIANTS if cfg.model.tabular_columns else VARIANTS
+
+
 # The tune modes an ablation can give every arm alike; each arm applies it to the towers it has.
 ABLATION_TUNES = ("head", "all")
 # The budget every arm shares: the fusion arm's, resolved for its tune mode and pinned in the others.
@@ -88,7 +104,9 @@ def ablate(
         fusion_out.mkdir(parents=True, exist_ok=True)
         train, val, labels = load_splits(fusion_cfg, fusion_out)
         # Towers are built only for features missing from the cache (a warm run builds none).
-        model = build_model(resolve(fusion_cfg).model, len(labels), _SHARED_TOWERS, build=())
+        resolved = resolve(fusion_cfg).model
+        spec = fit_tabular(train, resolved.tabular_columns) if "tabular" in resolved.modalities else None
+        model = build_model(resolved, len(labels), _SHARED_TOWERS, build=(), tabular=spec)
         model.freeze_towers()
         build_dataset(model, train + val, None, [], cache)
     results = {}
@@ -107,7 +125,7 @@ def ablate(
         for job in jobs:
             results[job[0]] = _finished(job[0], _run_variant(job))
     _SHARED_TOWERS = None
-    results = {name: results[name] for name in VARIANTS}
+    results = {name: results[name] for name in configs}
     if main_process():  # under accelerate launch, once
         write_ablation(results, out)
     return results
@@ -148,16 +166,18 @@ def variant_configs(cfg: RunConfig) -> dict[str, RunConfig]:
     base = cfg.updated({"train": {"tune": tune}}) if tune != t.tune else cfg
     if tune != t.tune:
         base.asked["train"].remove("tune")  # the ablation's default, not the user's: --config re-derives from it
-    fusion = base.updated({"model": {"modalities": VARIANTS["fusion"]}})
+    arms = variants(cfg)
+    fusion = base.updated({"model": {"modalities": arms["fusion"]}})
     budget = {key: getattr(resolve(fusion).train, key) for key in BUDGET}
     out = {}
-    for name, modalities in VARIANTS.items():
+    for name, modalities in arms.items():
         changes = {"model": {"modalities": modalities}}
         if len(modalities) == 1:
             changes["model"]["modality_dropout"] = 0.0  # dropping the only modality leaves nothing to learn from
             if tune == "all":
                 # Tune mode all on one tower is that tower's mode, whose own defaults differ from all's: pin the budget.
-                changes["train"] = {"tune": modalities[0], **budget}
+                # The tabular arm has no tower: a head, on the same budget.
+                changes["train"] = {"tune": modalities[0] if modalities[0] != "tabular" else "head", **budget}
         out[name] = base.updated(changes)
     return out
 
@@ -227,11 +247,13 @@ def _check_test_data(cfg: RunConfig, test: str | Path, test_captions: str | None
     """--test is read (not yet checked row by row) before three models are trained: a missing or malformed file, or
     a label the training data lacks, would otherwise stop the ablation only at its end (and a rerun then needed
     --overwrite). Labels are compared from the files alone; with --skip-bad, rows of unknown labels are skipped."""
+    named = Columns.of(cfg.model)
     sets = {"multi_label": forced_multilabel(cfg), "label_sep": cfg.data.label_sep}  # read as training will
-    test_labels = {x for r in read_data(test, test_captions, need_label=True, **sets)[0] for x in label_names(r)}
+    rows = read_data(test, test_captions, need_label=True, **sets, named=named)[0]
+    test_labels = {x for r in rows for x in label_names(r)}
     if cfg.data.skip_bad:
         return
-    train = read_data(cfg.data.train, cfg.data.captions, need_label=True, **sets)[0]
+    train = read_data(cfg.data.train, cfg.data.captions, need_label=True, **sets, named=named)[0]
     known = {x for r in train for x in label_names(r)}
     unknown = sorted(test_labels - known - {None, ""})
     if unknown:

@@ -270,6 +270,8 @@ def _check_value(cfg: RunConfig, param: Param, value, source: str) -> None:
     try:
         trial_cfg = resolve(cfg.updated({param.section: {param.key: value}}))
         for m in trial_cfg.model.modalities:
+            if m == "tabular":  # no tower
+                continue
             requested_spec(m, trial_cfg.model)  # the tower's own limits (--text-layer-mean past its layers)
     except MmfuseError as e:
         raise MmfuseError(f"{source}: {param.key} = {value!r} is not a valid setting: {e}") from None

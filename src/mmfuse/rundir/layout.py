@@ -26,6 +26,7 @@ RUN_FILES = {
     "labels.json",
     "model.safetensors",
     "towers.json",
+    "tabular.json",
     "metrics.json",
     "metrics.jsonl",
     "history.csv",

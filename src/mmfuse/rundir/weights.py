@@ -18,6 +18,7 @@ from mmfuse import binary, metrics, multilabel
 from mmfuse.binary import THRESHOLD_FILE
 from mmfuse.calibration import Calibration
 from mmfuse.config import RunConfig
+from mmfuse.data.tabular import TABULAR_FILE, TabularSpec
 from mmfuse.errors import MmfuseError
 from mmfuse.models.classifier import PREFIXES, MultimodalClassifier, load_stored, stored_frozen, stored_state
 from mmfuse.models.lora import is_adapter
@@ -168,6 +169,8 @@ def save_model(
             for k in [k for k in state if k.startswith(prefix) and not is_adapter(k)]:
                 shared[k] = state.pop(k)
     (run_dir / "towers.json").write_text(json.dumps(specs, indent=2, default=str))
+    if model.tabular_spec is not None:  # the training statistics that predict and serve encode new rows with
+        (run_dir / TABULAR_FILE).write_text(json.dumps(model.tabular_spec.to_json(), indent=2, ensure_ascii=False))
     _save(state, run_dir / "model.safetensors")
     if shared and not frozen_weights.exists():
         _save(shared, frozen_weights)
@@ -205,7 +208,7 @@ def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, li
     # Checked for shape: a hand-edited or damaged file would otherwise fail deep inside with a KeyError.
     if not (
         isinstance(specs, dict)
-        and specs
+        and (specs or cfg.model.modalities == ["tabular"])
         and set(specs) <= {"image", "text"}
         and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in specs.values())
     ):
@@ -236,7 +239,15 @@ def load_model(run_dir: str | Path) -> tuple[MultimodalClassifier, RunConfig, li
         if card is None or any(k.startswith(PREFIXES[modality]) for k in state):
             towers[modality] = build_tower(spec, run_dir / f"{modality}_tower", cfg.model.trust_remote_code)
         cards[modality] = card or towers[modality].card
-    model = MultimodalClassifier(cards, len(labels), cfg.model, towers)
+    tabular = None
+    if "tabular" in cfg.model.modalities:
+        try:
+            tabular = TabularSpec.from_json(
+                json.loads((run_dir / TABULAR_FILE).read_text()), str(run_dir / TABULAR_FILE)
+            )
+        except (ValueError, OSError) as e:
+            raise MmfuseError(f"{run_dir}/{TABULAR_FILE} is missing or damaged ({e}); train the run again.") from None
+    model = MultimodalClassifier(cards, len(labels), cfg.model, towers, tabular)
     try:
         missing, unexpected = load_stored(model, state, cfg.tuned)
     except RuntimeError as e:  # shapes differ: e.g. labels.json lists another number of classes than were trained

@@ -41,6 +41,7 @@ from mmfuse.config import RunConfig, parse_threshold, resolve
 from mmfuse.data.read import read_table
 from mmfuse.data.records import Record
 from mmfuse.data.splits import label_list, strata
+from mmfuse.data.tabular import TabularSpec, fit_tabular
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.models.classifier import build_model
@@ -150,6 +151,9 @@ def _fit_bag(
     cfg = binary_task(cfg, labels, records)
     groups = read_groups(cfg.data.train, cfg.train.bag_groups, records) if cfg.train.bag_groups else None
     held_out = folds(records, k, cfg.train.seed, groups)
+    # Tabular statistics fitted once on every row: the members' averaged probabilities need each row encoded alike.
+    resolved = resolve(cfg).model
+    tabular = fit_tabular(records, resolved.tabular_columns) if "tabular" in resolved.modalities else None
     # Members share what frozen towers compute: features read once from disk, towers built once.
     cache = cache if cache is not None else FeatureCache(memory=True)
     towers: dict | None = {} if not cfg.tuned else None
@@ -165,7 +169,7 @@ def _fit_bag(
         member = {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None, "refit_full": False, "calibrate": False}
         # The bag's positive class and metric, not ones a member would derive again from its share of the rows.
         member |= {"positive": cfg.train.positive, "metric": cfg.train.metric}
-        jobs.append((i, cfg.updated({"train": member}), out / "members" / str(i), (train, val, labels)))
+        jobs.append((i, cfg.updated({"train": member}), out / "members" / str(i), (train, val, labels), tabular))
     members, interrupted = [], False
     try:
         for i, result, probs in _run_members(jobs, cache, towers, out / FROZEN_FILE, parallel and k > 1, records):
@@ -183,7 +187,7 @@ def _fit_bag(
         refit = {"epochs": epochs, "keep": "last", "bag": 1, "bag_groups": None, "refit_full": False}
         full_cfg = cfg.updated({"train": refit | {"calibrate": False}})  # the bag's temperature serves it
         log.info("refit on all %d rows for %d epoch(s), the members' median best epoch", len(records), epochs)
-        result, _ = _train(full_cfg, out / "full", cache, towers, (records, [], labels), out / FROZEN_FILE)
+        result, _ = _train(full_cfg, out / "full", cache, towers, (records, [], labels), out / FROZEN_FILE, tabular)
         full = {"dir": "full", "epochs": epochs, **_brief(result)}
     seconds = time.perf_counter() - start
     result = _write(out, cfg, labels, records, oof, held_out, members, full, interrupted, seconds)
@@ -195,13 +199,13 @@ def _fit_bag(
 def _run_members(jobs: list, cache, towers, frozen_weights: Path, parallel: bool, records: list[Record]):
     """Yields ``(fold, result, out-of-fold probabilities)`` for each member as it finishes."""
     if not parallel:
-        for i, cfg, out, splits in jobs:
+        for i, cfg, out, splits, tabular in jobs:
             log.info("bag member %d/%d: %d training rows, %d held out", i + 1, len(jobs), *map(len, splits[:2]))
-            yield (i, *_train(cfg, out, cache, towers, splits, frozen_weights))
+            yield (i, *_train(cfg, out, cache, towers, splits, frozen_weights, tabular))
         return
     # Embed every row once here, with every core and the towers built once: the forked members then only read the
     # in-memory cache they inherit.
-    model = build_model(jobs[0][1].model, len(jobs[0][3][2]), towers, build=())
+    model = build_model(resolve(jobs[0][1]).model, len(jobs[0][3][2]), towers, build=(), tabular=jobs[0][4])
     model.freeze_towers()
     build_dataset(model, records, None, [], cache)
     # What every member would import on its first step (torch._dynamo through torch.optim: 2 s of CPU), imported
@@ -227,17 +231,19 @@ _SHARED: tuple | None = None  # the cache, towers and frozen-weights path the fo
 
 
 def _member_process(job: tuple) -> tuple[int, dict, np.ndarray | None]:
-    i, cfg, out, splits = job
+    i, cfg, out, splits, tabular = job
     cache, towers, frozen_weights = _SHARED
     torch.set_num_threads(1)
     log.info("bag member %d: %d training rows, %d held out", i + 1, *map(len, splits[:2]))
-    return (i, *_train(cfg, out, cache, towers, splits, frozen_weights))
+    return (i, *_train(cfg, out, cache, towers, splits, frozen_weights, tabular))
 
 
-def _train(cfg: RunConfig, out: Path, cache, towers, splits, frozen_weights: Path) -> tuple[dict, np.ndarray | None]:
+def _train(
+    cfg: RunConfig, out: Path, cache, towers, splits, frozen_weights: Path, tabular: TabularSpec | None = None
+) -> tuple[dict, np.ndarray | None]:
     """One member through the loop's steps; its kept epoch's validation probabilities come back with its result."""
     start = time.perf_counter()
-    tr = setup(cfg, out, cache, towers, splits=splits)
+    tr = setup(cfg, out, cache, towers, splits=splits, tabular=tabular)
     tr.frozen_weights = frozen_weights
     run_epochs(tr)
     return save(tr, False, time.perf_counter() - start), tr.val_probs

@@ -83,6 +83,13 @@ def data_fingerprint(train: list[Record], val: list[Record]) -> str:
     """Texts, labels and image contents of both splits, in order (file hashes are remembered across runs)."""
     h = hashlib.sha256()
     for part in (train, val):
+        if part and part[0].cells is not None:
+            # Rows with named columns: their cells as written (image paths, not contents), which is what a resumed
+            # run must read again.
+            for r in part:
+                h.update(json.dumps([{k: str(v) for k, v in r.cells.items()}, r.label]).encode())
+            h.update(b"|")
+            continue
         images = content_keys(part, "image") if part else []
         for r, key in zip(part, images):
             h.update(json.dumps([key, r.text, r.label]).encode())

@@ -35,6 +35,7 @@ from mmfuse import metrics, multilabel
 from mmfuse.calibration import calibrate
 from mmfuse.config import TRACKERS, RunConfig, TrainConfig, parse_threshold, resolve
 from mmfuse.data.records import Record
+from mmfuse.data.tabular import TabularSpec, fit_tabular
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache
 from mmfuse.models.classifier import MultimodalClassifier, load_stored, stored_state, tower_cards
@@ -220,6 +221,7 @@ def setup(
     splits: tuple[list[Record], list[Record], list[str]] | None = None,
     tracking: tuple[Path, str] | None = None,
     checkpointing: bool = False,
+    tabular: TabularSpec | None = None,
 ) -> Trainer:
     """Resolves the config, reads and checks the data, builds the model, its data and its optimizer, prepared by
     Accelerate.
@@ -230,6 +232,7 @@ def setup(
         splits: train rows, validation rows (may be empty: no validation) and class names, already read; by
             default read from ``cfg.data``.
         checkpointing: write checkpoints as it trains (``fit``; a bag's members and a search's trials do not).
+        tabular: the tabular columns' statistics, fitted on a bag's rows; default: fitted on the training rows.
         tracking: with ``--track``, the trackers' folder and this run's name in it (default ``out/tracking`` and
             ``out``'s name); a search puts its trials side by side in one.
     """
@@ -238,6 +241,7 @@ def setup(
     cfg = resolve(cfg)
     tuned = cfg.tuned
     t = cfg.train
+    check_columns(cfg)
     if t.lora:
         require_peft()  # before the data is read and the towers are loaded
     tracking_dir, run_name = tracking or (out / "tracking", out.name)
@@ -259,7 +263,10 @@ def setup(
         train_adapters(towers["text"], t.lora, t.lora_alpha, t.tune_layers)
         cards["text"] = towers["text"].card
     set_seed(cfg.train.seed)  # the head's initialisation must not depend on whether the towers were built just now
-    model = MultimodalClassifier(cards, len(labels), cfg.model, towers)
+    spec = tabular
+    if spec is None and "tabular" in cfg.model.modalities:
+        spec = fit_tabular(train, cfg.model.tabular_columns)
+    model = MultimodalClassifier(cards, len(labels), cfg.model, towers, spec)
     for m, tower in model.towers.items():
         if m not in tuned:
             tower.freeze()
@@ -295,7 +302,7 @@ def setup(
             len(val),
             len(labels),
             "labels (multi-label)" if cfg.data.multi_label else "classes",
-            " + ".join({"image": m.vision, "text": m.text}[x] for x in m.modalities),
+            " + ".join({"image": m.vision, "text": m.text, "tabular": "tabular columns"}[x] for x in m.modalities),
             "+".join(m.modalities),
             cfg.train.tune,
             f" --augment {t.augment}{'' if t.hflip else ' --no-hflip'}" if augment else "",
@@ -312,6 +319,21 @@ def setup(
     if checkpointing:  # what a checkpoint was trained on: hashes every row's text and image once
         tr.data_fingerprint = data_fingerprint(train, val)
     return tr
+
+
+def check_columns(cfg: RunConfig) -> None:
+    """Refuses what named columns do not support yet, before the data is read."""
+    m = cfg.model
+    if m.image_columns and "image" in cfg.tuned:
+        raise MmfuseError(
+            f"--tune {cfg.train.tune} with --image-columns is not supported yet (an empty image cell has no pixels to "
+            "tune on): the columns' images go through the frozen vision tower with --tune head or --tune text."
+        )
+    if m.columns and cfg.data.caption_missing:
+        raise MmfuseError(
+            "--caption-missing is not supported yet with --image-columns, --text-columns or --tabular-columns: an "
+            "empty text cell is masked (pass --modality-dropout 0.1 or so to train for that)."
+        )
 
 
 def train_step(

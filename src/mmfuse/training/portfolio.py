@@ -42,6 +42,7 @@ from mmfuse.calibration import calibrate
 from mmfuse.config import BINARY_METRICS, RunConfig, parse_duration, parse_threshold, resolve
 from mmfuse.data.records import Record
 from mmfuse.data.splits import label_list
+from mmfuse.data.tabular import fit_tabular
 from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.models.classifier import MultimodalClassifier, build_model
@@ -103,14 +104,16 @@ def portfolio(cfg: RunConfig) -> list[Member]:
     probe = {"fusion": "linear"}
     if text_pooling == "attention":  # a probe fits pooled features: the sentence embedding, mean of the last layer
         probe |= {"text_pooling": "mean", "text_layer_mean": 1}
-    both = ["image", "text"]
+    # With --tabular-columns, "both" (every member that fuses) reads the tabular columns too, and they get a head of
+    # their own.
+    both = ["image", "text"] + ["tabular"] * bool(cfg.model.tabular_columns)
+    alone = ["image", "text"] + ["tabular"] * bool(cfg.model.tabular_columns)
     members = [
         Member(f"probe-{name}", "probe", base.updated({"model": {**probe, "modalities": mods}}))
         for name, mods in (("image", ["image"]), ("text", ["text"]), ("both", both))
     ]
     members += [
-        Member(f"head-{m}", "head", base.updated({"model": {"fusion": "concat", "modalities": [m]}}))
-        for m in ("image", "text")
+        Member(f"head-{m}", "head", base.updated({"model": {"fusion": "concat", "modalities": [m]}})) for m in alone
     ]
     members += [
         Member(f"fusion-{head}", "fusion", base.updated({"model": {"fusion": head, "modalities": both}}))
@@ -277,11 +280,21 @@ def _fit_probes(
     out.mkdir(parents=True, exist_ok=True)
     cfg = resolve(cfg)
     towers: dict = {}
-    template = build_model(cfg.model, len(labels), towers, build=())
+    tabular = fit_tabular(records, cfg.model.tabular_columns) if "tabular" in cfg.model.modalities else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # the categories' embeddings the probe fits on, the same every run
+        template = build_model(cfg.model, len(labels), towers, build=(), tabular=tabular)
     template.freeze_towers()
     ds = build_dataset(template, records, None, [], cache)
-    feats = {m: ds.sources[m].feats for m in template.modalities}
-    x = probe_features([feats[m].numpy() for m in template.modalities])
+    feats = {}
+    for slot in template.slots:
+        source = ds.sources[slot.name]
+        if slot.modality == "tabular":  # the probe fits on the encoded columns (numbers, indicators, embeddings)
+            with torch.no_grad():
+                feats[slot.name] = template.tabular(source.numeric, source.codes)
+        else:
+            feats[slot.name] = source.feats
+    x = probe_features([feats[slot.name].numpy() for slot in template.slots])
     index = {c: i for i, c in enumerate(labels)}
     multi = cfg.data.multi_label
     y = targets(records, labels, multi)
@@ -293,7 +306,9 @@ def _fit_probes(
         weights = class_weights(cfg.train.class_weight, labels, [records[j] for j in train])
         weights = {index[c]: w for c, w in weights.items()} if weights else None
         fold_cfg = cfg.updated({"train": {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None}})
-        model = MultimodalClassifier(template.cards, len(labels), fold_cfg.model, towers)
+        model = MultimodalClassifier(template.cards, len(labels), fold_cfg.model, towers, tabular)
+        if model.tabular is not None:
+            model.tabular.load_state_dict(template.tabular.state_dict())
         if multi:  # one-vs-rest: a logistic regression per label, whose sigmoid the head's logit then gives
             coef, intercept, iterations = one_vs_rest(x[train], y[train])
             model.head.set_weights(coef, intercept, range(len(labels)))

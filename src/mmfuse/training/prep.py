@@ -17,6 +17,7 @@ from mmfuse.calibration import Calibration
 from mmfuse.captioning.pipeline import fill_missing_captions
 from mmfuse.config import BINARY_METRICS, MULTILABEL_METRICS, RunConfig, parse_class_weight, parse_threshold
 from mmfuse.data.checks import CHARS_PER_TOKEN, load_checked
+from mmfuse.data.columns import Columns, column_records
 from mmfuse.data.read import read_data
 from mmfuse.data.records import Record, label_names
 from mmfuse.data.splits import label_list, stratified_split
@@ -43,7 +44,9 @@ def load_records(
     """The rows of ``path`` (default: the training data), checked; bad rows stop here, or are skipped into
     RUN/skipped.csv. ``multi_label``: read label sets (default: as ``--multi-label`` says, else as the data says)."""
     d = cfg.data
+    named = Columns.of(cfg.model)
     need_text = cfg.model.modality_dropout == 0 and "text" in cfg.model.modalities and not d.caption_missing
+    need_text = need_text and named is None  # a column's empty cells are masked
     captions = (d.val_captions or d.captions) if path is not None else d.captions
     return load_checked(
         path or d.train,
@@ -55,6 +58,7 @@ def load_records(
         max_chars=cfg.model.max_length * CHARS_PER_TOKEN,
         multi_label=multi_label or forced_multilabel(cfg),
         label_sep=d.label_sep,
+        named=named,
     )
 
 
@@ -74,7 +78,8 @@ def data_is_multilabel(cfg: RunConfig) -> bool:
     the task before any training reads the data (a search's objective)."""
     if forced_multilabel(cfg) or cfg.data.label_sep:
         return True
-    return is_multilabel(read_data(cfg.data.train, cfg.data.captions, need_label=False)[0])
+    named = Columns.of(cfg.model)
+    return is_multilabel(read_data(cfg.data.train, cfg.data.captions, need_label=False, named=named)[0])
 
 
 def refuse_multilabel(cfg: RunConfig, records: list[Record], what: str, instead: str) -> None:
@@ -306,11 +311,12 @@ def loaders(model, train, val, labels, cfg: RunConfig, acc: Accelerator, cache: 
 def embed_frozen(model, records: list[Record], tuned, cache: FeatureCache | None, acc: Accelerator) -> None:
     """Under a launch, each process embeds a contiguous share of the frozen towers' cache misses (every item once
     across processes) into the feature cache, from which every process's datasets then read all of them."""
-    present = present_mask(records, model.modalities)
-    for col, m in enumerate(model.modalities):
-        have = [r for r, p in zip(records, present[:, col].tolist()) if p]
-        if m not in tuned and have:
-            embed(model, m, have, cache, device=acc.device, show=acc.is_main_process, shard=True)
+    present = present_mask(records, model.slots)
+    for col, s in enumerate(model.slots):
+        rows = column_records(records, s.modality, s.column)
+        have = [r for r, p in zip(rows, present[:, col].tolist()) if p]
+        if s.modality in model.cards and s.modality not in tuned and have:
+            embed(model, s.modality, have, cache, device=acc.device, show=acc.is_main_process, shard=True)
 
 
 def tuned_batch_norm(model: MultimodalClassifier, tuned: list[str]) -> list[str]:

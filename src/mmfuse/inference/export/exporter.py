@@ -307,6 +307,11 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
     onnx, ort = require_onnx()
     _check_out(run_dir, out)
     predictor = Predictor(run_dir, device="cpu", dtype="fp32")  # errors for a directory that is not a run
+    if predictor.cfg.model.columns:  # the graph's inputs are one image and one text
+        raise MmfuseError(
+            f"{run_dir} reads named columns (--image-columns, --text-columns or --tabular-columns), and export does "
+            "not support them yet: serve it from the run directory with mmfuse.load(RUN).predict(rows=...)."
+        )
     if len(predictor.models) > 1:  # one graph holds one model: the members' average is not that
         raise MmfuseError(
             f"{run_dir} is a bag of {len(predictor.models)} models, and an export holds one: export one of its "

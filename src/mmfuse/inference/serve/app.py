@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmfuse import __version__
+from mmfuse.data.columns import Columns
 from mmfuse.data.images import MAX_PIXELS
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.backends import run_towers
@@ -35,6 +36,7 @@ from mmfuse.inference.serve.requests import (
     MAX_UPLOAD_BYTES,
     NOT_READY,
     PREDICT_ERRORS,
+    Fields,
     Limits,
     RequestError,
     answer,
@@ -151,6 +153,8 @@ def create_app(
             "fusion": predictor.cfg.model.fusion,
             "modality_dropout": predictor.cfg.model.modality_dropout,
             "metrics": _read_json(run_dir / "metrics.json"),
+            # A model with named columns: each is a field of its own (an image column's a file, or base64 in JSON).
+            "columns": vars(Columns.of(predictor.cfg.model)) if predictor.cfg.model.columns else None,
             "inputs": {
                 "image": {"required": "image" in modalities, "max_pixels": limits.max_pixels},
                 "text": {
@@ -191,10 +195,12 @@ def create_app(
             )
         predictor = ready_predictor()
         body = await read_body(request, limits.max_upload_bytes)
+        fields = Fields.of(predictor)
         if kind == "application/json":
-            items, single = await run_in_threadpool(parse_json, body, limits)
+            items, single = await run_in_threadpool(parse_json, body, limits, fields)
         else:
-            items, single = [await run_in_threadpool(parse_multipart, body, request.headers["content-type"])], True
+            content_type = request.headers["content-type"]
+            items, single = [await run_in_threadpool(parse_multipart, body, content_type, fields)], True
         images, texts = await run_in_threadpool(prepare, items, predictor, limits)
         probs = await asyncio.wrap_future(state["batcher"].submit(images, texts))
         rows = [answer(p, predictor.classes, predictor.decision, predictor.thresholds) for p in probs]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from mmfuse.data.columns import Columns
 from mmfuse.errors import MmfuseError
 from mmfuse.inference.predictor import Predictor
 from mmfuse.inference.serve.requests import RequestError
@@ -172,7 +173,10 @@ class Batcher:
     def _warm_up(predictor: Predictor) -> None:
         # The first call pays one-off costs (allocator, kernel choice, lazy weights): not a user's request.
         text = ["warm-up"]
-        if "image" in predictor.model.modalities:
+        named = Columns.of(predictor.cfg.model) if hasattr(predictor, "cfg") else None  # stand-ins have no config
+        if named is not None:  # every cell empty: each column's placeholder
+            predictor.predict(rows=[dict.fromkeys(named.names)])
+        elif "image" in predictor.model.modalities:
             predictor.predict([Image.new("RGB", (64, 64), (128, 128, 128))], text)
         else:
             predictor.predict(None, text)
@@ -223,6 +227,8 @@ class Batcher:
 
     def _call(self, batch: list[tuple[_Job, int, int]]) -> np.ndarray:
         texts = [t for job, first, end in batch for t in job.texts[first:end]]
+        if texts and isinstance(texts[0], dict):  # a model with named columns: its jobs' "texts" are row dicts
+            return self.predictor.predict(rows=texts, batch_size=len(texts)).probs
         images = None
         if batch[0][0].images is not None:
             images = [im for job, first, end in batch for im in job.images[first:end]]

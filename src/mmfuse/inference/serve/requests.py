@@ -19,6 +19,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from mmfuse import multilabel
 from mmfuse.binary import Decision, predicted
+from mmfuse.data.columns import Columns
 from mmfuse.data.images import MAX_PIXELS, check_size, to_rgb
 from mmfuse.inference.predictor import Predictor
 from mmfuse.multilabel import Thresholds
@@ -26,7 +27,26 @@ from mmfuse.multilabel import Thresholds
 MAX_UPLOAD_BYTES = 16 * 2**20
 MAX_TEXT_CHARS = 10_000  # far past any text tower's max_length; only a bound on what a request may make us tokenize
 MAX_ITEMS = 256
-INPUT_FIELDS = {"image", "text"}
+
+
+@dataclass(frozen=True)
+class Fields:
+    """What an item of a request holds: an image and a text, or a model's named columns (``data.columns.Columns``),
+    each a field of its own: an image column's a file (or base64 in JSON), a text or tabular column's a value."""
+
+    images: tuple[str, ...] = ("image",)
+    texts: tuple[str, ...] = ("text",)
+    tabular: tuple[str, ...] = ()
+    columns: bool = False
+
+    @classmethod
+    def of(cls, predictor: Predictor) -> Fields:
+        named = Columns.of(predictor.cfg.model)
+        return cls() if named is None else cls(named.image, named.text, named.tabular, True)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.images, *self.texts, *self.tabular)
 
 
 class RequestError(Exception):
@@ -164,7 +184,7 @@ def _too_large(size: int | None, limit: int) -> str:
     return f"the upload is {what}; the limit is {limit:,} bytes ({limit / 2**20:.0f} MB, set by --max-upload-mb)"
 
 
-def parse_json(body: bytes, limits: Limits) -> tuple[list[dict], bool]:
+def parse_json(body: bytes, limits: Limits, fields: Fields = Fields()) -> tuple[list[dict], bool]:
     """Items of a JSON body ``{"image": base64, "text": str}`` or ``{"items": [...]}``, and whether it was one item."""
     try:
         doc = json.loads(body)
@@ -175,7 +195,7 @@ def parse_json(body: bytes, limits: Limits) -> tuple[list[dict], bool]:
     if not isinstance(doc, dict):
         raise RequestError(422, "bad_json", f"the body must be a JSON object, not {_json_type(doc)}")
     if "items" not in doc:
-        return [_item(doc, None)], True
+        return [_item(doc, None, fields)], True
     if set(doc) != {"items"}:
         raise RequestError(
             422, "bad_json", f"a batch body holds only 'items'; also found {sorted(set(doc) - {'items'})}"
@@ -187,29 +207,41 @@ def parse_json(body: bytes, limits: Limits) -> tuple[list[dict], bool]:
         raise RequestError(422, "bad_json", "'items' is empty")
     if len(items) > limits.max_items:
         raise RequestError(413, "too_many_items", f"{len(items)} items; one request may hold {limits.max_items}")
-    return [_item(item, i) for i, item in enumerate(items)], False
+    return [_item(item, i, fields) for i, item in enumerate(items)], False
 
 
-def _item(item, i: int | None) -> dict:
+def _item(item, i: int | None, fields: Fields) -> dict:
     where = "" if i is None else f"item #{i}: "
     if not isinstance(item, dict):
-        raise RequestError(422, "bad_json", f"{where}must be an object with 'image' and 'text', not {_json_type(item)}")
-    unknown = set(item) - INPUT_FIELDS
+        what = "'image' and 'text'" if not fields.columns else f"the fields {list(fields.names)}"
+        raise RequestError(422, "bad_json", f"{where}must be an object with {what}, not {_json_type(item)}")
+    unknown = set(item) - set(fields.names)
     if unknown:
-        raise RequestError(422, "bad_json", f"{where}unknown field(s) {sorted(unknown)}; an item has image and text")
-    image, text = item.get("image"), item.get("text")
-    if image is not None:
+        has = "image and text" if not fields.columns else f"the model's columns {list(fields.names)}"
+        raise RequestError(422, "bad_json", f"{where}unknown field(s) {sorted(unknown)}; an item has {has}")
+    out = {name: item.get(name) for name in fields.names}
+    for name in fields.images:
+        image = out[name]
+        if image is None:
+            continue
         if not isinstance(image, str):
-            raise RequestError(422, "bad_json", f"{where}'image' must be a base64 string, not {_json_type(image)}")
+            raise RequestError(422, "bad_json", f"{where}'{name}' must be a base64 string, not {_json_type(image)}")
         if image.startswith("data:") and "," in image:  # a data URL, as a browser's FileReader gives
             image = image.split(",", 1)[1]
         try:
-            image = base64.b64decode(image, validate=True)
+            out[name] = base64.b64decode(image, validate=True)
         except (binascii.Error, ValueError):
-            raise RequestError(422, "bad_image", f"{where}'image' is not valid base64") from None
-    if text is not None and not isinstance(text, str):
-        raise RequestError(422, "bad_json", f"{where}'text' must be a string, not {_json_type(text)}")
-    return {"image": image, "text": text, "index": i}
+            raise RequestError(422, "bad_image", f"{where}'{name}' is not valid base64") from None
+    for name in fields.texts:
+        if out[name] is not None and not isinstance(out[name], str):
+            raise RequestError(422, "bad_json", f"{where}'{name}' must be a string, not {_json_type(out[name])}")
+    for name in fields.tabular:
+        value = out[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise RequestError(
+                422, "bad_json", f"{where}'{name}' must be a number or a string, not {_json_type(value)}"
+            )
+    return {**out, "index": i}
 
 
 def _json_type(value) -> str:
@@ -217,7 +249,7 @@ def _json_type(value) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def parse_multipart(body: bytes, content_type: str) -> dict:
+def parse_multipart(body: bytes, content_type: str, fields: Fields = Fields()) -> dict:
     """The ``image`` and ``text`` parts of a multipart/form-data body, as raw bytes.
 
     Parsed here rather than by Starlette's form reader, which decodes a field that is not UTF-8 as Latin-1 (so the
@@ -252,22 +284,28 @@ def parse_multipart(body: bytes, content_type: str) -> dict:
         raise RequestError(400, "bad_multipart", f"the multipart body is malformed: {e}") from None
     if not ended:
         raise RequestError(400, "bad_multipart", "the multipart body ends before its closing boundary")
-    fields: dict[str, bytes] = {}
+    given: dict[str, bytes] = {}
     for part in parts:
         _, options = parse_options_header(part["headers"].get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if name not in INPUT_FIELDS:
-            raise RequestError(422, "bad_form", f"unknown form field {name!r}; send 'image' (a file) and 'text'")
-        if name in fields:
+        if name not in fields.names:
+            send = "'image' (a file) and 'text'" if not fields.columns else f"the model's columns {list(fields.names)}"
+            raise RequestError(422, "bad_form", f"unknown form field {name!r}; send {send}")
+        if name in given:
             raise RequestError(422, "bad_form", f"form field {name!r} given twice; send one item per request")
-        fields[name] = bytes(part["data"])
-    text = fields.get("text")
-    if text is not None:
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise RequestError(422, "bad_text", f"'text' is not UTF-8 (byte {e.start})") from None
-    return {"image": fields.get("image"), "text": text, "index": None}
+        given[name] = bytes(part["data"])
+    out: dict = {"index": None}
+    for name in fields.names:
+        value = given.get(name)
+        if value is not None and name not in fields.images:
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RequestError(422, "bad_text", f"'{name}' is not UTF-8 (byte {e.start})") from None
+        elif fields.columns and value == b"":  # a file input left empty: an empty cell
+            value = None
+        out[name] = value
+    return out
 
 
 def decode_image(data: bytes | None, max_pixels: int, where: str = "") -> Image.Image:
@@ -297,16 +335,16 @@ def decode_image(data: bytes | None, max_pixels: int, where: str = "") -> Image.
     return rgb
 
 
-def check_text(text: str | None, predictor: Predictor, limits: Limits, where: str = "") -> str:
+def check_text(text: str | None, predictor: Predictor, limits: Limits, where: str = "", name: str = "text") -> str:
     text = text or ""
     if len(text) > limits.max_text_chars:
         raise RequestError(
-            422, "text_too_long", f"{where}'text' is {len(text):,} characters; the limit is {limits.max_text_chars:,}"
+            422, "text_too_long", f"{where}'{name}' is {len(text):,} characters; the limit is {limits.max_text_chars:,}"
         )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as "\ud800"
-        raise RequestError(422, "bad_text", f"{where}'text' is not valid Unicode (a lone surrogate)") from None
+        raise RequestError(422, "bad_text", f"{where}'{name}' is not valid Unicode (a lone surrogate)") from None
     if not text.strip() and "text" in predictor.model.modalities and not predictor.accepts_missing_text:
         raise RequestError(
             422,
@@ -316,8 +354,21 @@ def check_text(text: str | None, predictor: Predictor, limits: Limits, where: st
     return text
 
 
-def prepare(items: list[dict], predictor: Predictor, limits: Limits) -> tuple[list[Image.Image] | None, list[str]]:
-    """Checks every item and decodes its image: a bad item is refused before any row is queued."""
+def prepare(items: list[dict], predictor: Predictor, limits: Limits) -> tuple[list[Image.Image] | None, list]:
+    """Checks every item and decodes its image: a bad item is refused before any row is queued. For a model with
+    named columns: (None, one row dict per item, as ``Predictor.predict(rows=...)`` takes them)."""
+    fields = Fields.of(predictor)
+    if fields.columns:
+        rows = []
+        for item in items:
+            where = "" if item["index"] is None else f"item #{item['index']}: "
+            row = {
+                c: decode_image(item[c], limits.max_pixels, f"{where}'{c}': ") if item[c] else None
+                for c in fields.images
+            }
+            row |= {c: check_text(item[c], predictor, limits, where, c) for c in fields.texts}
+            rows.append(row | {c: item[c] for c in fields.tabular})
+        return None, rows
     uses_images = "image" in predictor.model.modalities
     images, texts = [], []
     for item in items:
