@@ -165,9 +165,9 @@ def test_ctrl_c_saves_the_kept_epoch_so_far(toy_manifest, tmp_path, capsys, monk
     epoch_states = []  # the weights each finished epoch ended with: its validation is the first thing after it
     real_predict_loader = mmfuse.training.loop.predict_loader
 
-    def recording_predict_loader(model, loader, acc):
+    def recording_predict_loader(model, loader, acc, *args):
         epoch_states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return real_predict_loader(model, loader, acc)
+        return real_predict_loader(model, loader, acc, *args)
 
     class InterruptingProgress(Progress):
         def update(self, n=1):
