@@ -261,6 +261,28 @@ def spread(fold_scores: list[float]) -> dict:
     return {"folds": fold_scores, "fold_mean": float(np.mean(fold_scores)), "fold_sd": float(np.std(fold_scores))}
 
 
+def _result(cfg, records, done, members, full, interrupted: bool, seconds: float, val: dict, metric: dict) -> dict:
+    """What metrics.json says of any bag: its members, the out-of-fold scores ``val`` and the headline ``metric``."""
+    fold_f1 = [m["val_weighted_f1"] for m in members]
+    return {
+        "bag": cfg.train.bag,
+        "members_finished": len(members),
+        "interrupted": interrupted,
+        "n_rows": len(records),
+        "n_out_of_fold": int(done.sum()),
+        # The out-of-fold predictions: each row scored by the member that did not train on it.
+        "val": val,
+        "fold_weighted_f1": fold_f1,
+        "fold_weighted_f1_mean": float(np.mean(fold_f1)),
+        "fold_weighted_f1_sd": float(np.std(fold_f1)),
+        "metric": metric,
+        "members": members,
+        "full": full,
+        "predict_uses": "full" if full else "bag",
+        "train_seconds": seconds,
+    }
+
+
 def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interrupted: bool, seconds: float) -> dict:
     if cfg.data.multi_label:
         return _write_multilabel(out, cfg, labels, records, oof, held_out, members, full, interrupted, seconds)
@@ -268,33 +290,18 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
     index = {c: i for i, c in enumerate(labels)}
     y = np.array([index[r.label] for r in records])
     pred = np.where(done, np.nan_to_num(oof).argmax(1), -1)
-    fold_f1 = [m["val_weighted_f1"] for m in members]
     name = cfg.train.metric
     folds_done = [held_out[m["fold"]] for m in members]
     positive = positive_index(cfg, labels)
     fold_scores = [metrics.score(name, y[rows], oof[rows], positive) for rows in folds_done]
-    result = {
-        "bag": cfg.train.bag,
-        "members_finished": len(members),
-        "interrupted": interrupted,
-        "n_rows": len(records),
-        "n_out_of_fold": int(done.sum()),
-        # The out-of-fold predictions: each row scored by the member that did not train on it.
-        "val": {
-            **metrics.full_report(y[done], pred[done], labels),
-            "log_loss": metrics.log_loss(y[done], oof[done]),
-        },
-        "val_interval": metrics.bootstrap_interval(y[done], pred[done], seed=cfg.train.seed),
-        "fold_weighted_f1": fold_f1,
-        "fold_weighted_f1_mean": float(np.mean(fold_f1)),
-        "fold_weighted_f1_sd": float(np.std(fold_f1)),
-        # The headline (--metric): what the members' epochs were chosen by, out of fold and per fold.
-        "metric": {"name": name, "value": metrics.score(name, y[done], oof[done], positive), **spread(fold_scores)},
-        "members": members,
-        "full": full,
-        "predict_uses": "full" if full else "bag",
-        "train_seconds": seconds,
+    val = {
+        **metrics.full_report(y[done], pred[done], labels),
+        "log_loss": metrics.log_loss(y[done], oof[done]),
     }
+    # The headline (--metric): what the members' epochs were chosen by, out of fold and per fold.
+    metric = {"name": name, "value": metrics.score(name, y[done], oof[done], positive), **spread(fold_scores)}
+    result = _result(cfg, records, done, members, full, interrupted, seconds, val, metric)
+    result["val_interval"] = metrics.bootstrap_interval(y[done], pred[done], seed=cfg.train.seed)
     if cfg.train.class_weight is not None:  # over all the rows: each member's own, on its folds, is in its metrics.json
         result["class_weight"] = class_weights(cfg.train.class_weight, labels, records)
     calibration = calibrate(oof[done], y[done], "out-of-fold") if cfg.train.calibrate else None
@@ -336,23 +343,8 @@ def _write_multilabel(
     val = multilabel.report(y[done], oof[done], labels, thresholds)
     val |= {"log_loss": metrics.log_loss(y[done], oof[done])}
     val["decision"] = {"chosen": "auto" if fixed is None else "fixed", "fitted_on": "out-of-fold"}
-    fold_f1 = [m["val_weighted_f1"] for m in members]
-    result = {
-        "bag": cfg.train.bag,
-        "members_finished": len(members),
-        "interrupted": interrupted,
-        "n_rows": len(records),
-        "n_out_of_fold": int(done.sum()),
-        "val": val,
-        "fold_weighted_f1": fold_f1,
-        "fold_weighted_f1_mean": float(np.mean(fold_f1)),
-        "fold_weighted_f1_sd": float(np.std(fold_f1)),
-        "metric": {"name": name, "value": metrics.score(name, y[done], oof[done]), **spread(fold_scores)},
-        "members": members,
-        "full": full,
-        "predict_uses": "full" if full else "bag",
-        "train_seconds": seconds,
-    }
+    metric = {"name": name, "value": metrics.score(name, y[done], oof[done]), **spread(fold_scores)}
+    result = _result(cfg, records, done, members, full, interrupted, seconds, val, metric)
     header = ["row", "image", "labels", "predicted", "fold", *(f"p_{c}" for c in labels)]
     fold_of = {int(j): m["fold"] for m in members for j in held_out[m["fold"]]}
     sets = multilabel.label_sets(np.nan_to_num(oof), labels, thresholds)
