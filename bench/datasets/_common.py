@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SPLITS = {"train": 0.70, "val": 0.15, "test": 0.15}
@@ -150,7 +152,14 @@ def finish(
         print(f"  {label:<14} {info['labels'][label]['all']:>5}", flush=True)
 
 
-def build_dir(out: Path) -> Path:
-    """A fresh hidden build folder beside `out`, renamed into place by `finish`."""
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A fresh hidden build folder beside `out`, renamed into place by `finish`; removed if the build fails, so a
+    failed or interrupted build leaves `out` as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

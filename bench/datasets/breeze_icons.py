@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import build_dir, drop_small, finish, require_packages, words  # noqa: E402
+from _common import building, drop_small, finish, require_packages, words  # noqa: E402
 
 PACKAGES = ["breeze-icon-theme", "librsvg2-bin"]
 THEME = Path("/usr/share/icons/breeze")
@@ -97,12 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rows)} distinct icon files in {THEME} ({identical_files} identical copies dropped)", flush=True)
     rows = cap_rows(rows, args.cap)
     out = Path(args.out)
-    tmp = build_dir(out)
-    try:
+    with building(out) as tmp:
         build(rows, tmp, out, args, versions, identical_files)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return 0
 
 

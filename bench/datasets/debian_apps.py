@@ -30,7 +30,6 @@ import hashlib
 import html
 import io
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -38,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import build_dir, drop_small, finish, require_packages, run, slug  # noqa: E402
+from _common import building, drop_small, finish, require_packages, run, slug  # noqa: E402
 
 PACKAGES = ["appstream"]
 LISTS = Path("/var/lib/apt/lists")
@@ -226,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, dropped["classes"] = drop_small(rows)
 
     out = Path(args.out)
-    tmp = build_dir(out)
-    try:
+    with building(out) as tmp:
         write_icons(tmp, rows, icons)
         info = {
             "name": "debian-apps-v1",
@@ -238,9 +236,6 @@ def main(argv: list[str] | None = None) -> int:
             "sources": catalogue_info(header, catalogue, icon_tar, versions),
         }
         finish(tmp, out, rows, args.seed, info)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return 0
 
 

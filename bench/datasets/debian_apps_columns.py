@@ -26,14 +26,13 @@ Packages list leaves size_kb and section empty (counted in info.json).
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import build_dir, drop_small, finish  # noqa: E402
+from _common import building, drop_small, finish  # noqa: E402
 from debian_apps import applications, architecture, catalogue_info, sha256, sources, write_icons  # noqa: E402
 
 COLUMNS = ["image", "title", "summary", "description", "size_kb", "n_keywords", "section", "label"]
@@ -87,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(packages)} packages in {listing.name}; {not_listed} applications' packages not among them", flush=True)
 
     out = Path(args.out)
-    tmp = build_dir(out)
-    try:
+    with building(out) as tmp:
         write_icons(tmp, rows, icons)
         info = {
             "name": "debian-apps-columns-v1",
@@ -109,9 +107,6 @@ def main(argv: list[str] | None = None) -> int:
             | {"packages_list": {"file": str(listing), "sha256": sha256(listing)}},
         }
         finish(tmp, out, rows, args.seed, info, columns=COLUMNS)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return 0
 
 

@@ -19,27 +19,24 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import build_dir, finish, require_packages, slug  # noqa: E402
+from _common import building, finish, require_packages, slug  # noqa: E402
+from _emoji import PACKAGES, draw, sources  # noqa: E402
 
 from mmfuse.data.datasets.emoji import (  # noqa: E402
     CANVAS,
     CLDR_ANNOTATIONS,
     EMOJI_TEST,
-    NOTO_EMOJI_FONT,
     _emoji_version,
-    _render_all,
     emoji_text,
     parse_cldr_annotations,
     parse_emoji_test,
 )
 
-PACKAGES = ["unicode-data", "unicode-cldr-core", "fonts-noto-color-emoji"]
 POSITIVES = r"^food-"
 
 
@@ -60,13 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     labels = [args.positive_label if positive.search(e.subgroup) else "other" for e in entries]
 
     out = Path(args.out)
-    tmp = build_dir(out)
-    try:
+    with building(out) as tmp:
         paths = [f"images/{slug(label)}/{e.codepoints}.png" for e, label in zip(entries, labels)]
-        for folder in {Path(p).parent for p in paths}:
-            (tmp / folder).mkdir(parents=True, exist_ok=True)
-        jobs = [(e.char, str(tmp / p), str(NOTO_EMOJI_FONT)) for e, p in zip(entries, paths)]
-        reasons = _render_all(jobs, args.processes)
+        reasons = draw(tmp, entries, paths, args.processes)
         rows = [
             {"image": path, "text": emoji_text(entry, annotations), "label": label}
             for entry, path, label, reason in zip(entries, paths, labels, reasons)
@@ -88,17 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             "positive_subgroups": subgroups,
             "positive_rate": round(positives / len(rows), 4),
             "dropped": {"not_drawn": len(entries) - len(rows)},
-            "sources": {
-                "emoji_test": str(EMOJI_TEST),
-                "annotations": str(CLDR_ANNOTATIONS),
-                "font": str(NOTO_EMOJI_FONT),
-                "packages": versions,
-            },
+            "sources": sources(versions),
         }
         finish(tmp, out, rows, args.seed, info)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return 0
 
 

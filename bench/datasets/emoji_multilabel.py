@@ -26,28 +26,25 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import build_dir, finish, require_packages, slug  # noqa: E402
+from _common import building, finish, require_packages, slug  # noqa: E402
+from _emoji import PACKAGES, draw, sources  # noqa: E402
 
 from mmfuse.data.datasets.emoji import (  # noqa: E402
     CANVAS,
     CLDR_ANNOTATIONS,
     EMOJI_TEST,
-    NOTO_EMOJI_FONT,
     _emoji_version,
-    _render_all,
     keywords_for,
     parse_cldr_annotations,
     parse_emoji_test,
 )
 
-PACKAGES = ["unicode-data", "unicode-cldr-core", "fonts-noto-color-emoji"]
 COLUMNS = ["image", "text", "labels"]
 MIN_COUNT = 20
 # Function words of multi-word keywords ("face with tears of joy"); "o" is the o of "o'clock".
@@ -107,13 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     entries = [e for e in entries if words[e.char]]
 
     out = Path(args.out)
-    tmp = build_dir(out)
-    try:
+    with building(out) as tmp:
         paths = [f"images/{slug(e.group)}/{e.codepoints}.png" for e in entries]
-        for folder in {Path(p).parent for p in paths}:
-            (tmp / folder).mkdir(parents=True, exist_ok=True)
-        jobs = [(e.char, str(tmp / p), str(NOTO_EMOJI_FONT)) for e, p in zip(entries, paths)]
-        reasons = _render_all(jobs, args.processes)
+        reasons = draw(tmp, entries, paths, args.processes)
         drawn = [(e, p) for e, p, reason in zip(entries, paths, reasons) if reason is None]
         counts = Counter(w for e, _ in drawn for w in words[e.char])
         labels = sorted(w for w, n in counts.items() if n >= args.min_count)
@@ -156,17 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 "no_label": no_label,
                 "empty_text": empty_text,
             },
-            "sources": {
-                "emoji_test": str(EMOJI_TEST),
-                "annotations": str(CLDR_ANNOTATIONS),
-                "font": str(NOTO_EMOJI_FONT),
-                "packages": versions,
-            },
+            "sources": sources(versions),
         }
         finish(tmp, out, rows, args.seed, info, columns=COLUMNS, multilabel=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return 0
 
 
