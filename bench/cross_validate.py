@@ -65,12 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     keys = args.scores.split(",")
 
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import StratifiedKFold
 
-    from mmfuse import metrics, multilabel
-    from mmfuse.binary import choose_threshold
+    from mmfuse import multilabel
     from mmfuse.config import PRESETS, ModelConfig, RunConfig
     from mmfuse.data.checks import load_checked
     from mmfuse.data.datasets.emoji import emoji_dataset
@@ -114,30 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             if multi:
                 probe_multilabel(feats, folds, chosen, multilabel.targets(recs, label_list(recs)), keys)
-                feats = {}  # the single-label probe below has nothing to do
-            classes = sorted(set(y))
-            ids = np.array([classes.index(c) for c in y])
-            positive = metrics.minority(ids) if len(classes) == 2 else None
-            for name, x in [*feats.items(), *([("concat", np.hstack(list(feats.values())))] if feats else [])]:
-                scores: dict[str, list[float]] = {}
-                for k in chosen:
-                    train, test = folds[k]
-                    clf = LogisticRegression(C=4, max_iter=3000)
-                    probs = clf.fit(x[train], ids[train]).predict_proba(x[test])
-                    for key in keys:
-                        if key == "positive_f1" and positive is not None:
-                            # --threshold auto's way: the cut maximising F1 on out-of-fold probabilities of the train
-                            inner = cross_val_predict(clf, x[train], ids[train], cv=5, method="predict_proba")
-                            cut = choose_threshold(inner[:, positive], ids[train] == positive)
-                            hit = ids[test] == positive
-                            for label, t in (("positive_f1", cut), ("positive_f1 at 0.5", 0.5)):
-                                scores.setdefault(label, []).append(f1_score(hit, probs[:, positive] >= t))
-                        elif key == "weighted_f1":
-                            scores.setdefault(key, []).append(f1_score(ids[test], probs.argmax(1), average="weighted"))
-                        else:
-                            scores.setdefault(key, []).append(metrics.score(key, ids[test], probs, positive))
-                for key, values in scores.items():  # one fit, no seed: the probe is deterministic
-                    report(f"probe (LR C=4, {name})", values, 0.0, key)
+            else:
+                probe_single(feats, folds, chosen, y, keys)
         seeds = [int(x) for x in args.seeds.split(",")]
         for name, overrides in json.loads(args.recipes).items():
             per_key: dict[str, list[float]] = {key: [] for key in keys}
@@ -167,6 +142,40 @@ def main(argv: list[str] | None = None) -> int:
             for key, values in per_key.items():
                 report(name, values, seconds, key)
     return 0
+
+
+def probe_single(feats: dict, folds: list, chosen: list[int], y: np.ndarray, keys: list[str]) -> None:
+    """Logistic regression (C=4) per modality and on both; on two classes, positive F1 at a threshold chosen on its
+    own out-of-fold probabilities within each fold's train (as --threshold auto does), and at 0.5."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import cross_val_predict
+
+    from mmfuse import metrics
+    from mmfuse.binary import choose_threshold
+
+    classes = sorted(set(y))
+    ids = np.array([classes.index(c) for c in y])
+    positive = metrics.minority(ids) if len(classes) == 2 else None
+    for name, x in [*feats.items(), ("concat", np.hstack(list(feats.values())))]:
+        scores: dict[str, list[float]] = {}
+        for k in chosen:
+            train, test = folds[k]
+            clf = LogisticRegression(C=4, max_iter=3000)
+            probs = clf.fit(x[train], ids[train]).predict_proba(x[test])
+            for key in keys:
+                if key == "positive_f1" and positive is not None:
+                    inner = cross_val_predict(clf, x[train], ids[train], cv=5, method="predict_proba")
+                    cut = choose_threshold(inner[:, positive], ids[train] == positive)
+                    hit = ids[test] == positive
+                    for label, t in (("positive_f1", cut), ("positive_f1 at 0.5", 0.5)):
+                        scores.setdefault(label, []).append(f1_score(hit, probs[:, positive] >= t))
+                elif key == "weighted_f1":
+                    scores.setdefault(key, []).append(f1_score(ids[test], probs.argmax(1), average="weighted"))
+                else:
+                    scores.setdefault(key, []).append(metrics.score(key, ids[test], probs, positive))
+        for key, values in scores.items():  # one fit, no seed: the probe is deterministic
+            report(f"probe (LR C=4, {name})", values, 0.0, key)
 
 
 def probe_multilabel(feats: dict, folds: list, chosen: list[int], y: np.ndarray, keys: list[str]) -> None:
