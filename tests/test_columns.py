@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 import mmfuse
 from mmfuse.cli import main
-from mmfuse.config import ModelConfig, RunConfig, resolve
+from mmfuse.config import PRESETS, ModelConfig, RunConfig, resolve
 from mmfuse.data.checks import load_checked
 from mmfuse.data.columns import Columns, input_slots
 from mmfuse.data.tabular import fit_tabular
 from mmfuse.errors import MmfuseError
+from mmfuse.training import portfolio as portfolio_module
 from mmfuse.training.portfolio import portfolio
 
 FIELDS = ("front", "back", "title", "desc", "size", "section", "label")
@@ -348,12 +349,17 @@ def test_a_tuned_text_tower_reads_every_text_column(data, tmp_path):
     np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)
 
 
-def test_the_ensemble_fuses_the_tabular_columns_and_gives_them_a_head():
-    cfg = resolve(RunConfig(model=ModelConfig(image_columns=["a", "b"], text_columns=["t"], tabular_columns=["x"])))
+@pytest.mark.parametrize("mpnet", [False, True])
+def test_the_ensemble_fuses_the_tabular_columns_and_gives_them_a_head(monkeypatch, mpnet):
+    # The members must not depend on this machine: CI installs no mpnet, a developer's venv may.
+    monkeypatch.setattr(portfolio_module, "mpnet_installed", lambda: mpnet)
+    columns = ModelConfig(image_columns=["a", "b"], text_columns=["t"], tabular_columns=["x"])
+    cfg = resolve(RunConfig(model=columns).updated(PRESETS["ensemble"]))
     members = {m.name: m.cfg.model.modalities for m in portfolio(cfg)}
     assert members["head-tabular"] == ["tabular"] and members["probe-both"] == ["image", "text", "tabular"]
     assert members["fusion-gated"] == ["image", "text", "tabular"]
-    without = resolve(RunConfig(model=ModelConfig(text_columns=["t", "u"])))
+    assert ("mpnet-fusion-gated" in members) == mpnet
+    without = resolve(RunConfig(model=ModelConfig(text_columns=["t", "u"])).updated(PRESETS["ensemble"]))
     assert "head-tabular" not in {m.name for m in portfolio(without)}
 
 
