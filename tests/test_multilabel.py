@@ -22,6 +22,7 @@ from mmfuse.data.records import Record
 from mmfuse.data.splits import label_list, stratified_split
 from mmfuse.errors import MmfuseError
 from mmfuse.rundir.layout import RUN_FILES
+from mmfuse.training import selection
 
 FAST = ["--tune", "head", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
 
@@ -434,6 +435,8 @@ def test_the_default_ensemble_selects_on_out_of_fold_sets(toy, tmp_path):
     board = read_csv(out / "leaderboard.csv")
     assert {r["name"] for r in board} >= {"probe-image", "probe-text", "probe-both", "ensemble"}
     assert "oof_micro_f1" in board[0]  # the column selection maximised
+    # Members and blend are scored alike, at thresholds chosen on their own out-of-fold rows: never below the best.
+    assert float(board[-1]["oof_micro_f1"]) >= max(float(r["oof_micro_f1"]) for r in board[:-1])
     images, texts, truth = rows(toy)
     got = mmfuse.load(out).predict(images, texts)
     assert not np.allclose(got.probs.sum(1), 1)  # blended sigmoids
@@ -462,3 +465,17 @@ def test_ablate_scores_each_arm_on_sets(toy, tmp_path):
     for arm in results.values():
         assert {"micro_f1", "samples_f1", "map", "macro_f1"} <= set(arm) and arm["evaluated_on"] == "test"
         assert json.loads((Path(arm["run_dir"]) / "eval" / "metrics.json").read_text())["micro_f1"] == arm["micro_f1"]
+
+
+def test_selection_scores_a_blend_at_the_thresholds_the_ensemble_will_use(rng):
+    y = (rng.random((200, 3)) < 0.3).astype(np.float32)
+    # A ranks every label perfectly, its probabilities all below 0.5; B is right on 80% of decisions, cut at 0.5.
+    ranks = 0.1 + 0.3 * y + 0.05 * rng.random(y.shape)
+    noisy = np.where(rng.random(y.shape) < 0.8, y, 1 - y) * 0.6 + 0.2
+    at_half = selection.select([ranks, noisy], y, metric="micro_f1")
+    assert at_half.member_scores[0][0] == 0.0 and at_half.score < 1.0  # at 0.5, A alone calls nothing
+    tuned = selection.select([ranks, noisy], y, metric="micro_f1", cut="auto")
+    assert tuned.weights.tolist() == [1.0, 0.0] and tuned.score == 1.0
+    assert tuned.member_scores[0][0] == 1.0 > tuned.member_scores[1][0]
+    fixed = selection.select([ranks, noisy], y, metric="micro_f1", cut=0.3)  # a fixed --threshold, as set
+    assert fixed.score == 1.0 and fixed.weights[0] == 1.0

@@ -58,6 +58,14 @@ def choose_thresholds(probs: np.ndarray, y: np.ndarray) -> Thresholds:
     return Thresholds(tuple(choose_threshold(probs[:, j], y[:, j]) for j in range(probs.shape[1])))
 
 
+def thresholds_at(probs: np.ndarray, y: np.ndarray, cut: str | float) -> Thresholds:
+    """The thresholds a --threshold value ``cut`` gives: chosen on ``probs`` against ``y`` ("auto"), or one fixed
+    probability for every label."""
+    if cut == "auto":
+        return choose_thresholds(probs, y)
+    return Thresholds((float(cut),) * np.shape(probs)[1])
+
+
 def predicted(probs: np.ndarray, thresholds: Thresholds | None) -> np.ndarray:
     """(rows, labels) bool: each label's probability against its threshold (0.5 without thresholds)."""
     probs = np.asarray(probs)

@@ -196,6 +196,7 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
     groups = read_groups(cfg.data.train, cfg.train.bag_groups, records) if cfg.train.bag_groups else None
     held_out = folds(records, cfg.train.bag, cfg.train.seed, groups)
     y = targets(records, labels, cfg.data.multi_label)
+    cut = _cut(cfg)
     fold_of = np.empty(len(records), dtype=np.int64)
     for i, rows in enumerate(held_out):
         fold_of[rows] = i
@@ -223,20 +224,13 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
             log.warning("interrupted: keeping the %d finished member(s)", len(done))
             break
         oof = _read_oof(folder, member.name, records, fold_of, len(labels))
-        f1, loss = selection.score(y, oof)
-        if cfg.data.multi_label:  # at a threshold of 0.5: the ensemble's own thresholds are chosen on its blend
-            scores = {**metrics.multilabel_summary(y, oof >= 0.5), "log_loss": loss}
-            scores["map"] = metrics.mean_average_precision(y, oof)
-        else:
-            scores = {**metrics.summary(y, oof.argmax(1)), "log_loss": loss}  # every metric --metric may name
-        if positive is not None:
-            scores |= {m: metrics.score(m, y, oof, positive) for m in BINARY_METRICS}
+        scores = _member_scores(y, oof, positive, cut)
         seconds = time.perf_counter() - t0
         done.append({"member": member, "oof": oof, **scores, "seconds": seconds})
         log.info(
             "ensemble member %s: out-of-fold weighted F1 %.4f, macro F1 %.4f (%.0f s)",
             member.name,
-            f1,
+            scores["weighted_f1"],
             scores["macro_f1"],
             seconds,
         )
@@ -247,12 +241,34 @@ def _fit_portfolio(cfg: RunConfig, out: Path, cache: FeatureCache) -> dict:
             len(skipped),
             ", ".join(skipped),
         )
-    chosen = selection.select([d["oof"] for d in done], y, metric=cfg.train.metric, positive=positive)
+    chosen = selection.select([d["oof"] for d in done], y, metric=cfg.train.metric, positive=positive, cut=cut)
     result = _write(out, cfg, labels, records, y, held_out, done, chosen, skipped, interrupted, start)
     log.info("ensemble: %s", result["modalities"])
     if interrupted:
         raise TrainingInterrupted(result)
     return result
+
+
+def _cut(cfg: RunConfig) -> str | float | None:
+    """How a multi-label member or blend becomes sets when it is scored, as the ensemble will turn its own blend into
+    sets: per-label thresholds chosen on its out-of-fold probabilities ("auto"), or the fixed --threshold; None for a
+    single-label run."""
+    if not cfg.data.multi_label:
+        return None
+    fixed = parse_threshold(cfg.train.threshold)
+    return "auto" if fixed is None else fixed
+
+
+def _member_scores(y: np.ndarray, oof: np.ndarray, positive: int | None, cut: str | float | None) -> dict:
+    """Every score --metric may name of a member's out-of-fold probabilities, a multi-label member's at ``cut``."""
+    loss = selection.score(y, oof)[1]
+    if cut is not None:
+        sets = selection.label_sets(y, oof, cut)
+        return {**metrics.multilabel_summary(y, sets), "log_loss": loss, "map": metrics.mean_average_precision(y, oof)}
+    scores = {**metrics.summary(y, oof.argmax(1)), "log_loss": loss}
+    if positive is not None:
+        scores |= {m: metrics.score(m, y, oof, positive) for m in BINARY_METRICS}
+    return scores
 
 
 def _expected(member: Member, done: list[dict]) -> float:
@@ -412,11 +428,22 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
     weights = chosen.weights
     probs = selection.blend([d["oof"] for d in done], weights)
     pred = probs.argmax(1)
-    fold_f1 = [metrics.score("weighted_f1", y[rows], probs[rows]) for rows in held_out]
     name = cfg.train.metric
+    if cfg.data.multi_label:  # per-label thresholds chosen on the blended out-of-fold probabilities
+        cut = multilabel.thresholds_at(probs, y, _cut(cfg))
+        sets = multilabel.predicted(probs, cut)
+        fold_f1 = [metrics.multilabel_summary(y[rows], sets[rows])["weighted_f1"] for rows in held_out]
+        fold_scores = [
+            metrics.multilabel_summary(y[rows], sets[rows])[name]
+            if name in selection.SET_METRICS
+            else metrics.score(name, y[rows], probs[rows])
+            for rows in held_out
+        ]
+    else:
+        fold_f1 = [metrics.score("weighted_f1", y[rows], probs[rows]) for rows in held_out]
+        fold_scores = [metrics.score(name, y[rows], probs[rows], positive_index(cfg, labels)) for rows in held_out]
     # The column of what selection maximised, when it is not one of the three every leaderboard has.
     extra = f"oof_{name}" if name not in ("weighted_f1", "macro_f1", "log_loss") else None
-    fold_scores = [metrics.score(name, y[rows], probs[rows], positive_index(cfg, labels)) for rows in held_out]
     board = [
         {
             "name": d["member"].name,
@@ -432,11 +459,9 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         }
         for d, w in zip(done, weights)
     ]
-    if cfg.data.multi_label:  # per-label thresholds chosen on the blended out-of-fold probabilities
-        fixed = parse_threshold(cfg.train.threshold)
-        cut = multilabel.choose_thresholds(probs, y) if fixed is None else multilabel.Thresholds((fixed,) * len(labels))
+    if cfg.data.multi_label:
         report = multilabel.report(y, probs, labels, cut)
-        report["decision"] = {"chosen": "auto" if fixed is None else "fixed", "fitted_on": "out-of-fold"}
+        report["decision"] = {"chosen": "auto" if _cut(cfg) == "auto" else "fixed", "fitted_on": "out-of-fold"}
     else:
         report = metrics.full_report(y, pred, labels)
     board.append(

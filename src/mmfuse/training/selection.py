@@ -7,6 +7,11 @@ Scores compare the metric (``--metric``, a name in ``metrics``' registry; weight
 second; a tie goes to the member listed earlier (the portfolio lists them cheapest first). Pure numpy: no training, no
 torch.
 
+Multi-label (``cut``): a blend's per-label probabilities are turned into sets the way the finished ensemble will turn
+them, at per-label thresholds chosen on the blend itself ("auto") or at a fixed one, before its F1 is scored. Scored at
+0.5 instead, selection favoured the blends whose probabilities happened to suit 0.5, not the ones that rank best, and
+the ensemble lost to the logistic-regression probe on the visible multi-label set (bench/RESULTS.md).
+
     from mmfuse.training.selection import select, blend
     chosen = select([oof_a, oof_b, oof_c], y)       # each (rows, classes) out-of-fold probabilities
     chosen = select([oof_a, oof_b, oof_c], y, metric="macro_f1")
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmfuse import metrics
+from mmfuse import metrics, multilabel
 from mmfuse.metrics import log_loss
 
 STEPS = 50  # AutoGluon's default ensemble size; the best step is kept, so more only costs time
@@ -42,11 +47,29 @@ class Selection:
     """The ensemble's out-of-fold ``metric``."""
 
 
+# Multi-label metrics of the predicted sets, which a cut decides; map and log_loss read the probabilities alone.
+SET_METRICS = ("micro_f1", "macro_f1", "weighted_f1", "accuracy")
+
+
 def score(
-    y: np.ndarray, probs: np.ndarray, metric: str = "weighted_f1", positive: int | None = None
+    y: np.ndarray,
+    probs: np.ndarray,
+    metric: str = "weighted_f1",
+    positive: int | None = None,
+    cut: str | float | None = None,
 ) -> tuple[float, float]:
-    """(``metric``, log loss) of ``probs`` against the class ids ``y`` (``positive``: a binary run's positive id)."""
-    return metrics.score(metric, y, probs, positive), log_loss(y, probs)
+    """(``metric``, log loss) of ``probs`` against the class ids ``y`` (``positive``: a binary run's positive id).
+
+    ``cut``, multi-label only: the sets are the labels whose probability reaches per-label thresholds chosen on
+    ``probs`` against ``y`` ("auto") or a fixed threshold (a float); None scores at 0.5."""
+    if cut is None or metric not in SET_METRICS:
+        return metrics.score(metric, y, probs, positive), log_loss(y, probs)
+    return metrics.multilabel_summary(y, label_sets(y, probs, cut))[metric], log_loss(y, probs)
+
+
+def label_sets(y: np.ndarray, probs: np.ndarray, cut: str | float) -> np.ndarray:
+    """(rows, labels) bool: multi-label ``probs`` as sets at ``cut`` (``score``), thresholds chosen against ``y``."""
+    return multilabel.predicted(probs, multilabel.thresholds_at(probs, y, cut))
 
 
 def _better(a: tuple[float, float], b: tuple[float, float] | None, metric: str = "weighted_f1") -> bool:
@@ -63,14 +86,16 @@ def select(
     steps: int = STEPS,
     metric: str = "weighted_f1",
     positive: int | None = None,
+    cut: str | float | None = None,
 ) -> Selection:
     """Weights for ``oof`` (one (rows, classes) array of out-of-fold probabilities per member, in the portfolio's
-    order) chosen greedily to score best on ``y`` by ``metric`` (a name in ``metrics``' registry), then log loss."""
+    order) chosen greedily to score best on ``y`` by ``metric`` (a name in ``metrics``' registry), then log loss;
+    ``cut``: how a multi-label blend becomes sets before it is scored (``score``)."""
     if not oof:
         raise ValueError("ensemble selection needs at least one member")
     oof = [np.asarray(p, dtype=np.float64) for p in oof]
     y = np.asarray(y)
-    own = [score(y, p, metric, positive) for p in oof]
+    own = [score(y, p, metric, positive, cut) for p in oof]
     first = 0
     for i, s in enumerate(own):
         if _better(s, own[first], metric):
@@ -83,7 +108,7 @@ def select(
         n = counts.sum() + 1
         pick, pick_score = None, None
         for i, p in enumerate(oof):
-            s = score(y, (total + p) / n, metric, positive)
+            s = score(y, (total + p) / n, metric, positive, cut)
             if _better(s, pick_score, metric):
                 pick, pick_score = i, s
         counts[pick] += 1
@@ -91,7 +116,7 @@ def select(
         if _better(pick_score, best, metric):
             best_counts, best = counts.copy(), pick_score
     weights = best_counts / best_counts.sum()
-    f1 = best[0] if metric == "weighted_f1" else metrics.score("weighted_f1", y, blend(oof, weights))
+    f1 = best[0] if metric == "weighted_f1" else score(y, blend(oof, weights), "weighted_f1", positive, cut)[0]
     return Selection(weights, f1, best[1], own, metric, best[0])
 
 
