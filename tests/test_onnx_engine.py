@@ -20,6 +20,7 @@ from mmfuse.inference.backends import run_towers
 from mmfuse.inference.predictor import Predictor
 from mmfuse.models.classifier import build_model
 from mmfuse.models.towers import build_text, build_vision, onnx_engine
+from mmfuse.models.towers.factory import build_tower, requested_spec
 from mmfuse.models.towers.onnx_engine import OnnxTower, engine, resolve
 from mmfuse.paths import mmfuse_home
 
@@ -49,8 +50,8 @@ def exports(monkeypatch, prebuilt):
 
     def counted(tower, example, path):
         calls.append(tower.spec()["name"])
-        if tower.fingerprint in prebuilt:
-            return shutil.copyfile(prebuilt[tower.fingerprint], path)
+        if onnx_engine.folder(tower).name in prebuilt:  # an int8 tower's float32 export too
+            return shutil.copyfile(prebuilt[onnx_engine.folder(tower).name], path)
         return real(tower, example, path)
 
     monkeypatch.setattr(onnx_engine, "_write_onnx", counted)
@@ -291,3 +292,69 @@ def test_a_home_that_cannot_be_written_keeps_torch(text_tower, monkeypatch, tmp_
     with pytest.raises(MmfuseError, match="could not be written or read"):
         onnx_engine._REFUSED.clear()
         engine(text_tower, "onnx")
+
+
+def int8_tower(tiny_roberta_dir, pooling="mean"):
+    tower = build_tower(
+        {**requested_spec("text", ModelConfig(text=str(tiny_roberta_dir), text_pooling=pooling)), "quantize": "int8"}
+    )
+    tower.freeze()
+    return tower
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_int8_runs_a_quantised_export_beside_the_float32_one(tiny_roberta_dir, text_tower, exports, pooling):
+    tower = int8_tower(tiny_roberta_dir, pooling)
+    fp32 = build_text(str(tiny_roberta_dir), pooling=pooling)
+    assert tower.fingerprint != fp32.fingerprint  # int8 features are cached apart
+    assert onnx_engine.folder(tower) == onnx_engine.folder(fp32)  # made from the one float32 export
+    run = engine(tower, "auto", items=1)  # int8 always runs in onnxruntime, however few the inputs
+    assert isinstance(run, OnnxTower) and run.path.name == "int8.onnx"
+    meta = json.loads((onnx_engine.folder(tower) / "int8.json").read_text())
+    assert meta["status"] == "passed" and meta["min_cosine"] >= onnx_engine.INT8_MIN_COSINE
+    got, ref = features(run, tower, TEXTS), features(fp32, fp32, TEXTS)
+    assert not torch.allclose(got, ref, atol=1e-5)  # quantised: not the float32 features
+    if pooling == "mean":
+        assert float(torch.nn.functional.cosine_similarity(got, ref).min()) >= onnx_engine.INT8_MIN_COSINE
+    onnx_engine._LOADED.clear()  # a new process reuses both files
+    assert engine(tower, "onnx").path == run.path and exports == [tower.spec()["name"]]
+
+
+def test_int8_that_disagrees_with_float32_is_refused_and_never_falls_back(tiny_roberta_dir, exports, monkeypatch):
+    tower = int8_tower(tiny_roberta_dir)
+    monkeypatch.setattr(onnx_engine, "INT8_MIN_COSINE", 1.01)
+    with pytest.raises(MmfuseError, match="int8 export of the text tower .* was refused: its features agree"):
+        engine(tower, "auto")
+    assert json.loads((onnx_engine.folder(tower) / "int8.json").read_text())["status"] == "refused"
+    with pytest.raises(MmfuseError, match="would run in torch"):
+        engine(tower, "auto", device="meta")  # a GPU (any device but the CPU) keeps torch: int8 cannot run there
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [(["--backend", "torch"], "--backend torch keeps it in torch"), (["--tune", "text"], "--tune text fine-tunes")],
+)
+def test_int8_with_what_cannot_run_it_says_so(toy_manifest, tmp_path, capsys, flags, says):
+    args = ["train", str(toy_manifest), "--out", str(tmp_path / "r"), "--quantize", "int8", *flags]
+    assert main(args) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_run_trained_in_int8_predicts_in_int8_and_export_refuses_it(tiny_vit_dir, tiny_roberta_dir, tmp_path):
+    toy = write_toy(tmp_path / "toy", **TOY)
+    towers = ["--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir), "--text-pooling", "mean"]
+    run, plain = tmp_path / "int8", tmp_path / "fp32"
+    args = ["train", str(toy / "train.csv"), "--tune", "head", "--epochs", "1", "--seed", "0", *towers]
+    assert main([*args, "--out", str(plain)]) == 0
+    assert main([*args, "--out", str(run), "--quantize", "int8"]) == 0
+    images = [str(p) for p in sorted(toy.rglob("*.png"))[:6]]
+    loaded = Predictor(run)
+    assert loaded.models[0].cards["text"].spec["quantize"] == "int8"
+    probs = loaded.predict(images, TEXTS + TEXTS[:2]).probs
+    onnx_engine._LOADED.clear()
+    again = run_towers(Predictor(run), "onnx").predict(images, TEXTS + TEXTS[:2]).probs
+    np.testing.assert_allclose(probs, again, atol=1e-5)  # int8 wherever it runs
+    with pytest.raises(MmfuseError, match="--backend torch keeps it in torch"):
+        run_towers(Predictor(run), "torch").predict(images[:1], TEXTS[:1])
+    assert main(["export", str(run), "--out", str(tmp_path / "onnx")]) == 2
+    assert main(["export", str(plain), "--out", str(tmp_path / "onnx-fp32")]) == 0

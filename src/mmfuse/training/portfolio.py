@@ -140,7 +140,10 @@ def portfolio(cfg: RunConfig) -> list[Member]:
             Member(
                 "tuned-text-concat",
                 "tuned",
-                base.updated({"train": {"tune": "text"}, "model": {"fusion": "concat", "modalities": both}}),
+                # --quantize runs frozen text towers in int8; this member tunes its own, in float32.
+                base.updated(
+                    {"train": {"tune": "text"}, "model": {"fusion": "concat", "modalities": both, "quantize": "none"}}
+                ),
             )
         )
     # --modalities text (or image) asks for a model of that modality alone: members that read the other are left out.

@@ -307,6 +307,12 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
     onnx, ort = require_onnx()
     _check_out(run_dir, out)
     predictor = Predictor(run_dir, device="cpu", dtype="fp32")  # errors for a directory that is not a run
+    if predictor.cfg.model.quantize != "none":  # the graph holds the towers as torch runs them, in float32
+        raise MmfuseError(
+            f"{run_dir} was trained on int8 text features (--quantize {predictor.cfg.model.quantize}), and an export "
+            "holds float32 towers, whose features its head was not trained on: predict or serve the run itself "
+            "(both run the int8 tower), or train without --quantize to export."
+        )
     if predictor.cfg.model.columns:  # the graph's inputs are one image and one text
         raise MmfuseError(
             f"{run_dir} reads named columns (--image-columns, --text-columns or --tabular-columns), and export does "

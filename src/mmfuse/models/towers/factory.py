@@ -34,7 +34,7 @@ def requested_spec(modality: str, cfg: ModelConfig) -> dict:
                 f"'{name}' is a {PACKAGED_TOWERS[name]['modality'].replace('image', 'vision')} tower; pass it with "
                 f"{other_flag}, not {flag}."
             )
-        return _TOWERS[name].spec_for(name, cfg)
+        return _quantized(_TOWERS[name].spec_for(name, cfg), modality, cfg)
     if modality == "image":
         if cfg.image_size is not None:
             cnns = [n for n in packaged_towers() if n.startswith("efficientnet")]
@@ -43,7 +43,7 @@ def requested_spec(modality: str, cfg: ModelConfig) -> dict:
                 "image processor says."
             )
         return {"type": "hf-vision", "name": name, "pooling": cfg.vision_pooling}
-    return {
+    spec = {
         "type": "hf-text",
         "name": name,
         "pooling": cfg.text_pooling or "cls",
@@ -51,6 +51,15 @@ def requested_spec(modality: str, cfg: ModelConfig) -> dict:
         "layers": cfg.text_layers,
         "layer_mean": cfg.text_layer_mean or 1,
     }
+    return _quantized(spec, modality, cfg)
+
+
+def _quantized(spec: dict, modality: str, cfg: ModelConfig) -> dict:
+    """A text tower's spec with --quantize in it: int8 features differ from float32 ones, so the spec, which the
+    feature cache's key hashes, must differ too. Without --quantize the spec (and every existing key) is unchanged."""
+    if modality != "text" or cfg.quantize == "none":
+        return spec
+    return {**spec, "quantize": cfg.quantize}
 
 
 def build_tower(spec: dict, assets: Path | None = None, trust_remote_code: bool = False) -> Tower:
@@ -66,6 +75,8 @@ def build_tower(spec: dict, assets: Path | None = None, trust_remote_code: bool 
             tower = _TOWERS[spec["name"]].from_spec(spec)
         else:
             tower = builders[spec["type"]].from_spec(spec, assets, trust_remote_code)
+    if spec.get("quantize"):  # run in int8 by the CPU engine (onnx_engine.engine), which reads it from the tower
+        tower.quantize = spec["quantize"]
     if spec.get("lora"):  # a LoRA run's adapters, into which its weights are loaded next (PEFT imported only then)
         add_adapters(tower, spec["lora"])
     return tower

@@ -275,6 +275,8 @@ class HFTextTower(Tower):
     modality = "text"
     lora: dict | None = None
     """Its LoRA adapters (``lora.add_adapters``): rank, alpha and the adapted modules; None without."""
+    quantize: str | None = None
+    """int8 where --quantize asked for it: the CPU engine runs its frozen forward quantised (``onnx_engine``)."""
 
     def __init__(
         self,
@@ -399,6 +401,8 @@ class HFTextTower(Tower):
             "layers": self.layers,
             "layer_mean": self.layer_mean,
         }
+        if self.quantize:
+            spec["quantize"] = self.quantize
         return {**spec, "lora": self.lora} if self.lora else spec
 
     def save_assets(self, directory: Path) -> None:

@@ -16,10 +16,16 @@ refused with the reason (recorded, so it is not tried again with the same torch 
 in torch with a warning, or, where onnx was asked for explicitly, stops with an error.
 
 onnxruntime is the optional extra ``mmfuse[export]``: without it, ``auto`` quietly keeps torch. GPUs keep torch.
+
+A text tower built with ``--quantize int8`` (its spec says ``quantize``) runs ``int8.onnx``: the float32 export above,
+its matrix multiplications with constant weights quantised dynamically (onnxruntime.quantization, weights per
+channel), kept beside it once its features agree with the float32 ones (cosine at least ``INT8_MIN_COSINE`` on every
+parity item). It never falls back to torch: the run's head was trained on int8 features.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,7 +43,7 @@ from torch import nn
 
 from mmfuse.config import TOWER_BACKENDS
 from mmfuse.errors import MmfuseError
-from mmfuse.models.towers.base import Tower
+from mmfuse.models.towers.base import Tower, TowerCard
 from mmfuse.paths import mmfuse_home
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,11 @@ the export and its parity check cost 20-40 s once on 2 cores (measured at load 7
 41 s), which a pass must win back. onnxruntime runs Lite0 about 5x torch's speed, so 256 images pay for it; the text
 towers only 1.2-1.6x (bench/cpu.py), so a pass of 500 short texts (the default ensemble on 500 rows, cold) would lose
 time to the export. Smaller passes use an export already made, or torch."""
+INT8_MIN_COSINE = 0.95
+"""The least cosine similarity between an int8 export's features and the float32 ones, per parity item (a pooled
+vector, or each real token's state), for the int8 export to be kept. MiniLM measures 0.977 per token and 0.985 pooled
+with weights per channel; per-tensor weights with a reduced range fell to 0.64: a floor that catches a broken
+quantisation, not a measure of quality (bench/int8.py measures that)."""
 _LOADED: dict[str, OnnxTower] = {}
 """Sessions already made in this process, by tower fingerprint: a bag's members and every batch share one."""
 _REFUSED: dict[str, str] = {}
@@ -140,6 +151,14 @@ def engine(
     Raises:
         MmfuseError: ``backend`` is onnx and the export was refused.
     """
+    int8 = getattr(tower, "quantize", None) == "int8"
+    if int8 and (resolve(backend, device) == "torch" or any(p.dtype != torch.float32 for p in tower.parameters())):
+        raise MmfuseError(
+            f"this run's text tower runs in int8 (--quantize int8), in onnxruntime on a CPU in float32, and here it "
+            f"would run in torch (device {device}, --backend {backend}, onnxruntime "
+            f"{'installed' if onnxruntime_module() else f'not installed: {INSTALL}'}): predict on a CPU with "
+            "onnxruntime, or train without --quantize."
+        )
     if resolve(backend, device) == "torch":
         return tower
     if any(p.dtype != torch.float32 for p in tower.parameters()):
@@ -152,15 +171,19 @@ def engine(
     try:
         if fingerprint in _REFUSED:
             raise Refused(_REFUSED[fingerprint])
-        few = backend == "auto" and items is not None and items < AUTO_EXPORT_ITEMS[tower.modality]
+        few = backend == "auto" and not int8 and items is not None and items < AUTO_EXPORT_ITEMS[tower.modality]
         path = _checked(folder(tower)) if few else load_or_export(tower)
         if path is None:
             log.debug("the %s tower %s runs in torch: %d inputs do not pay for its export", tower.modality, name, items)
             return tower
-        run = OnnxTower(tower, path)
+        run = OnnxTower(tower, quantized(tower, path) if int8 else path)
     except (Refused, OSError) as e:
         if isinstance(e, OSError):  # a home that cannot be written (read-only, full): nothing is recorded there
             e = Refused(f"{folder(tower)} could not be written or read ({e})")
+        if int8:  # no fallback: float32 features are not what the run's head was trained on
+            raise MmfuseError(
+                f"--quantize int8: the int8 export of the text tower {name} was refused: {e}. Train without --quantize."
+            ) from None
         if backend == "onnx":
             raise MmfuseError(
                 f"--backend onnx: the ONNX export of the {tower.modality} tower {name} was refused: {e}. Pass "
@@ -201,8 +224,10 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(uint8)
 
 
 def folder(tower: Tower) -> Path:
-    """Where ``tower``'s export is kept: by its fingerprint, the feature cache's key."""
-    return mmfuse_home() / FOLDER / tower.fingerprint
+    """Where ``tower``'s export is kept: by its fingerprint, the feature cache's key, less ``quantize`` (an int8
+    export is made from the float32 one and kept beside it)."""
+    spec = {k: v for k, v in tower.spec().items() if k != "quantize"}
+    return mmfuse_home() / FOLDER / TowerCard(tower.modality, spec, tower.dim, tower.sequence).fingerprint
 
 
 def load_or_export(tower: Tower) -> Path:
@@ -227,22 +252,103 @@ def _versions() -> dict:
     return {"engine": VERSION, "torch": torch.__version__, "onnxruntime": onnxruntime_module().__version__}
 
 
-def _checked(where: Path) -> Path | None:
-    """The export in ``where`` if ``tower.json`` vouches for it (same versions, same sha256); None if there is none
-    or it is damaged (then it is made again).
+def quantized(tower: Tower, source: Path) -> Path:
+    """The path of the checked int8 export beside the float32 one at ``source``, quantising it first where there is
+    none, or a damaged or stale one.
+
+    Raises:
+        Refused: quantisation failed, or its features fall below ``INT8_MIN_COSINE`` (now or when first tried).
+    """
+    where = source.parent
+    found = _checked(where, "int8")
+    if found is not None:
+        return found
+    with FileLock(str(where / ".lock")):
+        found = _checked(where, "int8")
+        if found is not None:
+            return found
+        return _quantize(tower, source, where)
+
+
+def _quantize(tower: Tower, source: Path, where: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # deferred: as onnxruntime itself
+
+    name = tower.spec()["name"]
+    log.info("quantising the ONNX export of the text tower %s to int8 once (%s)", name, where)
+    fd, tmp = tempfile.mkstemp(prefix=".int8.", suffix=".onnx.tmp", dir=where)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        try:
+            with _root_quiet():
+                quantize_dynamic(
+                    source,
+                    tmp,
+                    weight_type=QuantType.QInt8,
+                    per_channel=True,  # per tensor lost 0.03 of cosine on MiniLM's token states
+                    op_types_to_quantize=["MatMul", "Gemm"],
+                    extra_options={"MatMulConstBOnly": True},  # the attention's activation products stay float32
+                )
+            agreement = cosine_agreement(tower, source, tmp, parity_batches(tower))
+        except Exception as e:  # the quantiser's or the runtime's failure
+            reason = f"quantisation failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
+            _write_meta(where, {"status": "refused", "reason": reason}, "int8")
+            raise Refused(reason) from None
+        if not agreement >= INT8_MIN_COSINE:
+            reason = f"its features agree with float32 at a cosine of {agreement:.3f}, under {INT8_MIN_COSINE}"
+            _write_meta(where, {"status": "refused", "reason": reason, "min_cosine": float(agreement)}, "int8")
+            raise Refused(reason)
+        digest = _sha256(tmp)
+        os.replace(tmp, where / "int8.onnx")
+        _write_meta(where, {"status": "passed", "sha256": digest, "min_cosine": float(agreement)}, "int8")
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("the int8 export of %s agrees with float32 at a cosine of %.3f or more", name, agreement)
+    return where / "int8.onnx"
+
+
+@contextlib.contextmanager
+def _root_quiet():
+    """The quantiser logs "Please consider to run pre-processing before quantization" on the root logger: shape
+    inference adds nothing to the dynamic quantisation of MatMuls with constant weights, and the line alarms."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def cosine_agreement(tower: Tower, reference: Path, path: Path, batches: list[dict[str, torch.Tensor]]) -> float:
+    """The least cosine similarity, over ``batches``' items (their real tokens' states, for a tower of token
+    states), between the features of the export at ``path`` and those of the one at ``reference``."""
+    ref_run, run, worst = OnnxTower(tower, reference), OnnxTower(tower, path), 1.0
+    for inputs in batches:
+        ref, got = ref_run(**inputs), run(**inputs)
+        if tower.sequence:
+            keep = inputs["attention_mask"].bool()
+            ref, got = ref[keep], got[keep]
+        worst = min(worst, float(torch.nn.functional.cosine_similarity(ref, got, dim=-1).min()))
+    return worst
+
+
+def _checked(where: Path, stem: str = "tower") -> Path | None:
+    """The export ``stem``.onnx in ``where`` if ``stem``.json vouches for it (same versions, same sha256); None if
+    there is none or it is damaged (then it is made again).
 
     Raises:
         Refused: the same versions refused it before.
     """
     try:
-        meta = json.loads((where / "tower.json").read_text())
+        meta = json.loads((where / f"{stem}.json").read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or meta.get("versions") != _versions():
         return None
     if meta.get("status") == "refused":
         raise Refused(meta.get("reason", "refused"))
-    path = where / "tower.onnx"
+    path = where / f"{stem}.onnx"
     try:
         if meta.get("status") != "passed" or _sha256(path) != meta.get("sha256"):
             log.warning("the ONNX export in %s is damaged or incomplete: it is not used", where)
@@ -283,12 +389,12 @@ def _export(tower: Tower, where: Path) -> Path:
     return where / "tower.onnx"
 
 
-def _write_meta(where: Path, meta: dict) -> None:
-    """tower.json, written whole or not at all, after the model it vouches for."""
-    fd, tmp = tempfile.mkstemp(prefix=".tower.", suffix=".json.tmp", dir=where)
+def _write_meta(where: Path, meta: dict, stem: str = "tower") -> None:
+    """``stem``.json (tower.json, int8.json), written whole or not at all, after the model it vouches for."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".json.tmp", dir=where)
     with os.fdopen(fd, "w") as f:
         json.dump({**meta, "versions": _versions()}, f, indent=1, default=str)
-    os.replace(tmp, where / "tower.json")
+    os.replace(tmp, where / f"{stem}.json")
 
 
 def _sha256(path: Path) -> str:
