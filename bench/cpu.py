@@ -1,12 +1,14 @@
-"""Frozen towers on the CPU: images/s and texts/s of each packaged tower's embedding pass, torch against onnxruntime.
+"""Frozen towers on the CPU: images/s and texts/s of each packaged tower's embedding pass, torch against onnxruntime
+(and onnxruntime in int8, ``--quantize int8``, for the text towers).
 
     python bench/cpu.py                                           # every packaged tower, 3 rounds
     python bench/cpu.py --towers efficientnet-lite0 minilm --rounds 5 --images 256 --texts 1024
 
 Runs the real embedding pass (``features.sources.embed``, no feature cache: decoding or tokenizing, batching and the
 tower) in a temporary ``$MMFUSE_HOME`` on synthetic JPEGs (320x240) and texts of 3 to 60 words, once with the tower in
-torch (``--backend torch``) and once in onnxruntime (``--backend onnx``, ``models.towers.onnx_engine``) per round,
-the order swapped each round so that a load changing over the run falls on both. Each tower's export is made and
+torch (``--backend torch``), once in onnxruntime (``--backend onnx``, ``models.towers.onnx_engine``) and, for a text
+tower, once in int8 (``--quantize int8``) per round, the order rotated each round so that a load changing over the run
+falls on each. Each tower's export is made and
 checked, and both backends run once, before the timed rounds. Prints the load average, the threads each backend uses,
 the machine's fp32 matmul GFLOP/s (torch, 2048x2048, the best of a measurement at the start and one after each
 tower) as the ceiling, and per tower: the median items/s of each
@@ -83,7 +85,10 @@ def bench_tower(name: str, records: list, rounds: int, batch_size: int) -> tuple
 
     modality = "image" if name in IMAGE_TOWERS else "text"
     kw = {"vision": name} if modality == "image" else {"text": name}
-    models = {b: build_model(ModelConfig(**kw, modalities=[modality], backend=b), 2).eval() for b in ("torch", "onnx")}
+    settings = {"torch": {"backend": "torch"}, "onnx": {"backend": "onnx"}}
+    if modality == "text":
+        settings["int8"] = {"backend": "onnx", "quantize": "int8"}
+    models = {b: build_model(ModelConfig(**kw, modalities=[modality], **c), 2).eval() for b, c in settings.items()}
 
     def run(backend: str) -> float:
         return _timed(lambda: embed(models[backend], modality, records, None, batch_size, show=False))
@@ -93,9 +98,10 @@ def bench_tower(name: str, records: list, rounds: int, batch_size: int) -> tuple
     assert isinstance(engine(models["onnx"].build_tower(modality), "onnx"), OnnxTower), f"{name} is not in onnxruntime"
     with FlopCounterMode(display=False) as flops:
         embed(models["torch"], modality, records, None, batch_size, show=False)
-    times = {"torch": [], "onnx": []}
+    order = list(models)
+    times = {b: [] for b in order}
     for r in range(rounds):
-        for backend in ("torch", "onnx") if r % 2 == 0 else ("onnx", "torch"):
+        for backend in order[r % len(order) :] + order[: r % len(order)]:
             times[backend].append(run(backend))
     return times, {"modality": modality, "items": len(records)}, flops.get_total_flops() / len(records)
 
@@ -133,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}: torch {speed['torch']:.1f}, onnxruntime {speed['onnx']:.1f} {what['modality']}s/s "
                 f"(x{ratio:.2f})"
             )
-            print(f"  rounds: torch {_fmt(times['torch'])}; onnxruntime {_fmt(times['onnx'])}")
+            if "int8" in speed:
+                print(f"  int8 (onnxruntime): {speed['int8']:.1f} texts/s (x{speed['int8'] / speed['torch']:.2f})")
+            print("  rounds: " + "; ".join(f"{b} {_fmt(t)}" for b, t in times.items()))
             ceilings.append(matmul_gflops())
         load = os.getloadavg()
         ceiling = max(ceilings)
@@ -144,15 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             "| tower | items | torch /s | onnxruntime /s | onnxruntime / torch | GFLOP per item | torch GFLOP/s "
-            "| onnxruntime GFLOP/s (% of matmul) |"
+            "| onnxruntime GFLOP/s (% of matmul) | int8 /s | int8 / torch |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name, what, speed, per_item in rows:
             g = {b: per_item * s / 1e9 for b, s in speed.items()}
             print(
                 f"| {name} | {what['items']} {what['modality']}s | {speed['torch']:.1f} | {speed['onnx']:.1f} | "
                 f"{speed['onnx'] / speed['torch']:.2f}x | {per_item / 1e9:.2f} | {g['torch']:.1f} | "
-                f"{g['onnx']:.1f} ({100 * g['onnx'] / ceiling:.0f}%) |"
+                f"{g['onnx']:.1f} ({100 * g['onnx'] / ceiling:.0f}%) | "
+                + (f"{speed['int8']:.1f} | {speed['int8'] / speed['torch']:.2f}x |" if "int8" in speed else "- | - |")
             )
     return 0
 

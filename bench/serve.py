@@ -2,6 +2,7 @@
 
     python bench/serve.py runs/quickstart             # 32 clients x 1,000 requests, batched and --max-batch 1
     python bench/serve.py runs/quickstart --small     # 32 clients x 10 requests: a check that it all works
+    python bench/serve.py runs/quickstart --backends torch,onnx --requests 20   # 1, 8 and 32 clients per backend
 
 For each of ``--max-batch 64`` (the default) and ``--max-batch 1`` it starts ``mmfuse serve RUN --port 0`` in a
 subprocess, waits for /readyz, and has 32 concurrent clients send single-row multipart requests (image + text, the
@@ -11,6 +12,11 @@ p50/p99 latency, 5xx count, dropped connections (transport errors) and wrong ans
 batched server also gets the fixed bad-request list (truncated JPEG, 0-byte upload, 50 MB upload, 20k x 20k PNG,
 non-UTF-8 text, missing fields, wrong JSON types): each must be a 4xx, and a correct answer must follow. Each server
 is stopped with SIGTERM and must exit 0. Exit code 1 when any check fails.
+
+With ``--backends``, it compares what runs the frozen towers instead (``mmfuse serve --backend``): for each backend,
+alternating their order over ``--rounds``, one batched server takes 1, 8 and 32 clients (``--client-counts``) in
+turn, with the same checks; printed per backend and client count: the median requests/s and p50/p99 over the rounds,
+and each client count's ratio of requests/s to the first backend's.
 """
 
 from __future__ import annotations
@@ -208,8 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=256, help="distinct rows to cycle through")
     p.add_argument("--max-batch", type=int, default=64, help="--max-batch of the batched server")
     p.add_argument("--time-limit", type=float, default=3600, help="seconds each load phase may take at most")
+    p.add_argument("--backends", help="compare these --backend values (e.g. torch,onnx) at --client-counts")
+    p.add_argument("--client-counts", default="1,8,32", help="with --backends: the numbers of concurrent clients")
+    p.add_argument("--rounds", type=int, default=2, help="with --backends: rounds, the backends' order alternating")
     args = p.parse_args(argv)
     per_client = 10 if args.small else args.requests
+    if args.backends:
+        return compare_backends(args, per_client)
 
     rows, expected, classes = rows_of(args.run, args.data, args.rows)
     print(f"{len(rows)} rows of {args.run}, {args.clients} clients x {per_client} requests, {os.cpu_count()} CPUs")
@@ -238,6 +249,48 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) == 2:
         ratio = results[args.max_batch]["rps"] / results[1]["rps"]
         print(f"\nmicro-batching: {ratio:.2f}x the requests/s of --max-batch 1")
+    print("all checks passed" if ok else "SOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
+def compare_backends(args, per_client: int) -> int:
+    """Requests/s and latency of one batched server per ``--backend``, at each client count."""
+    backends = args.backends.split(",")
+    counts = [int(c) for c in args.client_counts.split(",")]
+    rows, expected, classes = rows_of(args.run, args.data, args.rows)
+    load_avg = os.getloadavg()
+    print(
+        f"{len(rows)} rows of {args.run}, {per_client} requests per client, {os.cpu_count()} CPUs, "
+        f"load {load_avg[0]:.2f}"
+    )
+    got: dict[tuple[str, int], list[dict]] = {}
+    ok = True
+    for r in range(args.rounds):
+        for backend in backends if r % 2 == 0 else backends[::-1]:
+            server = Server(args.run, "--max-batch", str(args.max_batch), "--backend", backend)
+            try:
+                asyncio.run(load(server.url, rows, expected, classes, 1, 2, time.monotonic() + 300))  # warm-up
+                for clients in counts:
+                    deadline = time.monotonic() + args.time_limit
+                    res = asyncio.run(load(server.url, rows, expected, classes, clients, per_client, deadline))
+                    got.setdefault((backend, clients), []).append(res)
+                    ok &= res["5xx"] == 0 and res["dropped"] == 0 and res["wrong"] == 0 and not res["other"]
+                    print(f"round {r + 1} {backend} {clients} clients: {res['rps']:.1f} requests/s", flush=True)
+            finally:
+                ok &= server.stop() == 0
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    print("\n| backend | clients | requests | requests/s (median) | p50 ms | p99 ms | wrong | / first backend |")
+    print("|---|---|---|---|---|---|---|---|")
+    for clients in counts:
+        base = np.median([x["rps"] for x in got[(backends[0], clients)]])
+        for backend in backends:
+            runs = got[(backend, clients)]
+            rps = float(np.median([x["rps"] for x in runs]))
+            print(
+                f"| {backend} | {clients} | {sum(x['requests'] for x in runs):,} | {rps:.1f} | "
+                f"{np.median([x['p50'] for x in runs]):.0f} | {np.median([x['p99'] for x in runs]):.0f} | "
+                f"{sum(x['wrong'] for x in runs)} | {rps / base:.2f}x |"
+            )
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1
 
