@@ -15,7 +15,8 @@ torch on fixed batches of two shapes; one that differs by more than ``TOLERANCE`
 refused with the reason (recorded, so it is not tried again with the same torch and onnxruntime), and the tower runs
 in torch with a warning, or, where onnx was asked for explicitly, stops with an error.
 
-onnxruntime is the optional extra ``mmfuse[export]``: without it, ``auto`` quietly keeps torch. GPUs keep torch.
+onnxruntime comes with the extras ``mmfuse[cpu]`` and ``mmfuse[export]``: without it, ``auto`` quietly keeps torch. GPUs
+keep torch.
 
 A text tower built with ``--quantize int8`` (its spec says ``quantize``) runs ``int8.onnx``: the float32 export above,
 its matrix multiplications with constant weights quantised dynamically (onnxruntime.quantization, weights per
