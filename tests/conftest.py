@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import random
 import shutil
@@ -52,6 +53,23 @@ def _as_in_ci():
         # By its dotted name: importing mmfuse here would load huggingface_hub before HF_HUB_OFFLINE is set below.
         mp.setattr("mmfuse.training.portfolio.mpnet_installed", lambda: False)
         yield
+
+
+def _mmfuse_levels() -> dict[str, int]:
+    loggers = logging.root.manager.loggerDict.items()
+    found = {n: g.level for n, g in loggers if n.startswith("mmfuse") and isinstance(g, logging.Logger)}
+    return {**found, "": logging.root.level}
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_as_found():
+    """A verb run in-process (the tests, the Python API) leaves the logging as it found it: `mmfuse search` once left
+    mmfuse.training at WARNING, and a later test in the same process saw no INFO lines."""
+    before = _mmfuse_levels()
+    yield
+    after = _mmfuse_levels()
+    changed = {n: (logging.getLevelName(v), logging.getLevelName(after[n])) for n, v in before.items() if after[n] != v}
+    assert not changed, f"logger levels changed by this test (name: (before, after)): {changed}"
 
 
 @pytest.fixture(autouse=True)

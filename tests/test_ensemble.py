@@ -277,8 +277,8 @@ def limited_run(toy, ens_home, tmp_path_factory):
     run = tmp_path_factory.mktemp("limited-run") / "run"
     real = selection.select
 
-    def fixed(oof, y, steps=selection.STEPS, metric="weighted_f1", positive=None):
-        chosen = real(oof, y, steps, metric, positive)
+    def fixed(oof, y, steps=selection.STEPS, metric="weighted_f1", positive=None, cut=None):
+        chosen = real(oof, y, steps, metric, positive, cut)
         chosen.weights = np.array([0.5, 0.3, 0.2])[: len(oof)]
         return chosen
 

@@ -75,8 +75,10 @@ def cmd_search(args) -> int:
     # What the user set with flags (or a preset) stays as set: the default space leaves those keys out.
     preset = PRESETS.get(args.preset or "", {})
     fixed = {*given(args, ModelConfig), *given(args, TrainConfig), *(k for sec in preset.values() for k in sec)}
+    training = logging.getLogger("mmfuse.training")
+    level = training.level
     if not args.verbose:  # a line per trial, not per epoch of every trial
-        logging.getLogger("mmfuse.training").setLevel(logging.WARNING)
+        training.setLevel(logging.WARNING)
     try:
         with no_empty_folders(args.out):
             rows = search(cfg, args.out, args.trials, space, args.space, args.timeout, fixed, args.overwrite)
@@ -84,6 +86,8 @@ def cmd_search(args) -> int:
         print_leaderboard(e.rows[:5], f"top 5 of {len(e.rows)} trials")
         print(f"interrupted; continue the search in {args.out} with: {continue_command(args)}", file=sys.stderr)
         return 130
+    finally:
+        training.setLevel(level)  # an in-process caller (the tests, the Python API) gets its logging back
     print_leaderboard(rows[:5], f"top 5 of {len(rows)} trials")
     if rows and rows[0]["state"] == "complete":
         print(
