@@ -1,7 +1,10 @@
 """Binary tasks: the positive class (the minority one, or --positive), roc_auc and pr_auc, and the threshold on the
 positive probability, chosen on held-out rows (or fixed) and applied wherever probabilities become labels."""
 
+import contextlib
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -296,6 +299,13 @@ def test_the_onnx_backend_applies_the_stored_threshold(toy, tmp_path, tiny_vit_d
     probs = alone.predict_records(records)
     want = ["yes" if p >= saved["threshold"] else "no" for p in probs[:, alone.classes.index("yes")]]
     assert [r[2] for r in prediction_rows(records, probs, alone.classes, False, alone.decision)] == want
+    # The README's example prints the labels at the threshold too: its last lines, run on these probabilities.
+    code = re.search(r"```python\n(import json\n.*?)```", (run / "export" / "README.md").read_text(), re.S).group(1)
+    compile(code, "README.md", "exec")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code[code.index("pos = ") :], {"info": info, "probs": probs})
+    assert printed.getvalue().startswith(repr(want))
     moved = with_threshold(run, tmp_path / "moved", 0.98)  # far from the chosen one: most labels become no
     torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
     assert main(["predict", str(moved), str(toy / "test.csv"), "--out", str(torch_csv)]) == 0

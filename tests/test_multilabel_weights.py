@@ -68,12 +68,19 @@ def test_balanced_pos_weights_are_negatives_over_positives_capped_and_named_ones
     labels = ["common", "rare", "everywhere", "nowhere"]
     rows = [("common", "everywhere")] * 6 + [("common", "rare", "everywhere")] + [("everywhere",)] * 3
     records = [Record("", "", "|".join(s), i, "", labels=s) for i, s in enumerate(rows)]
-    got = class_weights("balanced", labels, records)
+    got = class_weights("balanced", labels, records, multi_label=True)
     # common: 7 of 10 rows; rare: 1 of 10; every row and no row hold the last two: nothing to balance.
     assert got == {"common": pytest.approx(3 / 7), "rare": pytest.approx(9.0), "everywhere": 1.0, "nowhere": 1.0}
     many = [Record("", "", "x", i, "", labels=("common",) if i else ("common", "rare")) for i in range(1000)]
-    assert class_weights("balanced", ["common", "rare"], many)["rare"] == MAX_POS_WEIGHT  # 999 without the cap
-    assert class_weights("rare=4", labels, records) == {"common": 1.0, "rare": 4.0, "everywhere": 1.0, "nowhere": 1.0}
+    assert (
+        class_weights("balanced", ["common", "rare"], many, multi_label=True)["rare"] == MAX_POS_WEIGHT
+    )  # 999 without the cap
+    assert class_weights("rare=4", labels, records, multi_label=True) == {
+        "common": 1.0,
+        "rare": 4.0,
+        "everywhere": 1.0,
+        "nowhere": 1.0,
+    }
 
 
 def test_the_probe_gives_each_label_its_class_weight(rng):
@@ -209,3 +216,27 @@ def test_a_bag_and_an_ensemble_calibrate_their_sigmoids_out_of_fold(toy, tmp_pat
     np.testing.assert_allclose(
         mmfuse.load(ens).predict(images, texts).probs, scale_sigmoids(blend, cal["temperature"]), atol=1e-5
     )
+
+
+@pytest.mark.slow  # trains tiny Hugging Face towers and exports them
+def test_the_export_of_a_calibrated_multi_label_run_gives_its_calibrated_sigmoids(
+    toy, tmp_path, tiny_vit_dir, tiny_roberta_dir
+):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "hf"
+    towers = ["--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir)]
+    args = ["train", str(toy / "train.csv"), "--val", str(toy / "val.csv"), "--out", str(run), "--tune", "head"]
+    assert main([*args, "--epochs", "2", "--batch-size", "8", *towers, "--calibrate"]) == 0
+    assert main(["export", str(run), "--out", str(run / "export")]) == 0
+    info = json.loads((run / "export" / "export.json").read_text())
+    t = json.loads((run / CALIBRATION_FILE).read_text())["temperature"]
+    assert info["temperature"] == t != 1.0 and info["multi_label"] and info["parity"]["passed"]
+    torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
+    assert main(["predict", str(run), str(toy / "test.csv"), "--out", str(torch_csv)]) == 0
+    assert main(["predict", str(run), str(toy / "test.csv"), "--out", str(onnx_csv), "--backend", "onnx"]) == 0
+    got, want = read_csv(onnx_csv), read_csv(torch_csv)
+    names = [f"p_{c}" for c in info["classes"]]
+    np.testing.assert_allclose(
+        [[float(r[n]) for n in names] for r in got], [[float(r[n]) for n in names] for r in want], atol=1e-4
+    )
+    assert [r["labels"] for r in got] == [r["labels"] for r in want]

@@ -307,7 +307,7 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
     result = _result(cfg, records, done, members, full, interrupted, seconds, val, metric)
     result["val_interval"] = metrics.bootstrap_interval(y[done], pred[done], seed=cfg.train.seed)
     if cfg.train.class_weight is not None:  # over all the rows: each member's own, on its folds, is in its metrics.json
-        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records)
+        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records, cfg.data.multi_label)
     if calibration is not None:
         result["calibration"] = calibration.report()
     if decision is not None:
@@ -348,7 +348,7 @@ def _write_multilabel(
     metric = {"name": name, "value": metrics.score(name, y[done], oof[done]), **spread(fold_scores)}
     result = _result(cfg, records, done, members, full, interrupted, seconds, val, metric)
     if cfg.train.class_weight is not None:  # over all the rows: each member's own, on its folds, is in its metrics.json
-        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records)
+        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records, cfg.data.multi_label)
     if calibration is not None:
         result["calibration"] = calibration.report()
     # The members' own probabilities (those a temperature is fitted on), and the sets predict would give.

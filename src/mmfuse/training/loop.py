@@ -279,7 +279,7 @@ def setup(
         )
     cache = cache if cache is not None else FeatureCache()
     train_dl, val_dl, generator = loaders(model, train, val, labels, cfg, acc, cache)
-    weights = class_weights(t.class_weight, labels, train)
+    weights = class_weights(t.class_weight, labels, train, cfg.data.multi_label)
     optimizer = make_optimizer(model, cfg.train)
     # Accelerate steps a prepared scheduler once per process for every optimizer step, and not at all on
     # accumulation-only steps; each process sees ceil(batches / processes) batches an epoch.

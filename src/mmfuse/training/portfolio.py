@@ -319,7 +319,7 @@ def _fit_probes(
     for i, rows in enumerate(held_out):
         t0 = time.perf_counter()
         train = np.setdiff1d(np.arange(len(records)), rows)
-        weights = class_weights(cfg.train.class_weight, labels, [records[j] for j in train])
+        weights = class_weights(cfg.train.class_weight, labels, [records[j] for j in train], multi)
         # Per label: scikit-learn's own balanced weights (uncapped: a convex fit has no steps for one row to swing),
         # or the label's named weight on its positives.
         if multi:
@@ -526,7 +526,7 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
     if not cfg.data.multi_label:
         result["val_interval"] = metrics.bootstrap_interval(y, pred, seed=cfg.train.seed)
     if cfg.train.class_weight is not None:  # over all the rows; each member's own, on its folds, is in its metrics.json
-        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records)
+        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records, cfg.data.multi_label)
     if calibration is not None:
         result["calibration"] = calibration.report()
     if decision is not None:

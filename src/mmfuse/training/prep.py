@@ -239,13 +239,16 @@ MAX_POS_WEIGHT = 100.0
 its one row 1,999 times, and the steps that hold it would swing the shared head as far as a whole epoch of others."""
 
 
-def class_weights(spec: str | None, labels: list[str], train: list[Record]) -> dict[str, float] | None:
+def class_weights(
+    spec: str | None, labels: list[str], train: list[Record], multi_label: bool = False
+) -> dict[str, float] | None:
     """Each class's weight in the loss, by ``--class-weight``: ``balanced`` is scikit-learn's n / (classes * count)
     over the training rows; named weights leave the classes not named at 1. None without the flag.
 
-    For multi-label rows (label sets) each label's weight is the ``pos_weight`` of its binary cross-entropy, how much
-    a row holding the label counts against one without it: ``balanced`` is negatives / positives on the training rows
-    (at most ``MAX_POS_WEIGHT``; 1 for a label no row or every row holds), a named weight is that label's pos_weight.
+    With ``multi_label`` (rows of label sets) each label's weight is the ``pos_weight`` of its binary cross-entropy,
+    how much a row holding the label counts against one without it: ``balanced`` is negatives / positives on the
+    training rows (at most ``MAX_POS_WEIGHT``; 1 for a label no row or every row holds), a named weight is that
+    label's pos_weight.
 
     Raises:
         MmfuseError: a class named that the data does not hold.
@@ -253,7 +256,7 @@ def class_weights(spec: str | None, labels: list[str], train: list[Record]) -> d
     if spec is None:
         return None
     asked = parse_class_weight(spec)
-    if asked == "balanced" and is_multilabel(train):
+    if asked == "balanced" and multi_label:
         counts = Counter(x for r in train for x in label_names(r))
         n = len(train)
         return {c: min((n - counts[c]) / counts[c], MAX_POS_WEIGHT) if 0 < counts[c] < n else 1.0 for c in labels}
