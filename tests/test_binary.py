@@ -1,7 +1,10 @@
 """Binary tasks: the positive class (the minority one, or --positive), roc_auc and pr_auc, and the threshold on the
 positive probability, chosen on held-out rows (or fixed) and applied wherever probabilities become labels."""
 
+import contextlib
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import mmfuse
 from mmfuse import binary, metrics
 from mmfuse.cli import main
 from mmfuse.errors import MmfuseError
+from mmfuse.inference.export.runtime import OnnxPredictor
+from mmfuse.inference.stream import prediction_rows
 from mmfuse.parsing import parse_threshold
 from mmfuse.rundir.layout import RUN_FILES
 
@@ -219,6 +224,32 @@ def test_a_bag_chooses_its_threshold_out_of_fold(toy, tmp_path):
     assert got.labels == ["yes" if p >= saved["threshold"] else "no" for p in got.probs[:, got.classes.index("yes")]]
 
 
+def test_the_validation_report_and_the_out_of_fold_labels_are_at_the_threshold(toy, tmp_path):
+    # A fixed cut far above one half: a report at the argmax would call more rows yes than the run predicts.
+    run = train(toy, tmp_path / "run", "--threshold", "0.95")
+    result = json.loads((run / "metrics.json").read_text())
+    val = read_csv(toy / "val.csv")
+    got = mmfuse.load(run).predict([toy / r["image"] for r in val], [r["text"] for r in val])
+    classes = got.classes
+    y = np.array([classes.index(r["label"]) for r in val])
+    at_threshold = metrics.full_report(y, np.array([classes.index(x) for x in got.labels]), classes)
+    argmax = metrics.full_report(y, got.probs.argmax(1), classes)
+    assert at_threshold["confusion_matrix"] != argmax["confusion_matrix"]  # the cut moves some rows here
+    assert result["val"]["confusion_matrix"] == at_threshold["confusion_matrix"]
+    assert result["val"]["weighted_f1"] == pytest.approx(at_threshold["weighted_f1"])
+    cm, pos = np.array(result["val"]["confusion_matrix"]), classes.index("yes")
+    assert result["val"]["positive_f1"] == pytest.approx(2 * cm[pos, pos] / (cm[pos].sum() + cm[:, pos].sum()))
+    bag = tmp_path / "bag"
+    assert main(["train", str(toy / "all.csv"), "--out", str(bag), *FAST, "--bag", "2", "--threshold", "0.95"]) == 0
+    oof = read_csv(bag / "oof_predictions.csv")
+    assert [r["predicted"] for r in oof] == ["yes" if float(r["p_yes"]) >= 0.95 else "no" for r in oof]
+    hit, called = [r["label"] == "yes" for r in oof], [r["predicted"] == "yes" for r in oof]
+    tp = sum(a and b for a, b in zip(hit, called))
+    bagged = json.loads((bag / "metrics.json").read_text())["val"]
+    assert bagged["positive_f1"] == pytest.approx(2 * tp / (sum(hit) + sum(called)))
+    assert np.array(bagged["confusion_matrix"])[:, pos].sum() == sum(called)
+
+
 @pytest.mark.parametrize(
     ("flags", "says"),
     [
@@ -258,6 +289,23 @@ def test_the_onnx_backend_applies_the_stored_threshold(toy, tmp_path, tiny_vit_d
     towers = ["--vision", str(tiny_vit_dir), "--text", str(tiny_roberta_dir)]
     train(toy, run, *towers, fast=[x for x in FAST if x not in ("--image-size", "32")])
     assert main(["export", str(run), "--out", str(run / "export")]) == 0
+    # export.json records the positive class and the threshold; the graph alone (no run given) cuts there too.
+    info = json.loads((run / "export" / "export.json").read_text())
+    saved = json.loads((run / binary.THRESHOLD_FILE).read_text())
+    assert info["positive"] == saved["positive"] == "yes" and info["threshold"] == saved["threshold"]
+    alone = OnnxPredictor(run / "export")
+    assert alone.decision == binary.Decision("yes", saved["threshold"])
+    records = mmfuse.load(run).load_data(toy / "test.csv")
+    probs = alone.predict_records(records)
+    want = ["yes" if p >= saved["threshold"] else "no" for p in probs[:, alone.classes.index("yes")]]
+    assert [r[2] for r in prediction_rows(records, probs, alone.classes, False, alone.decision)] == want
+    # The README's example prints the labels at the threshold too: its last lines, run on these probabilities.
+    code = re.search(r"```python\n(import json\n.*?)```", (run / "export" / "README.md").read_text(), re.S).group(1)
+    compile(code, "README.md", "exec")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code[code.index("pos = ") :], {"info": info, "probs": probs})
+    assert printed.getvalue().startswith(repr(want))
     moved = with_threshold(run, tmp_path / "moved", 0.98)  # far from the chosen one: most labels become no
     torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
     assert main(["predict", str(moved), str(toy / "test.csv"), "--out", str(torch_csv)]) == 0

@@ -433,3 +433,29 @@ def test_train_without_a_preset_fits_the_ensemble_and_folds_the_val_rows_in(toy,
     rows = len(read_csv(toy / "train.csv")) + len(read_csv(toy / "val.csv"))
     assert len(read_csv(run / "oof_predictions.csv")) == rows
     assert "ensemble: true" in (run / "config.yaml").read_text()
+
+
+def test_the_modality_summary_ranks_by_the_runs_metric_and_names_it():
+    def row(modalities: str, f1: float, loss: float, roc: float) -> dict:
+        return {
+            "modalities": modalities,
+            "oof_weighted_f1": f1,
+            "oof_macro_f1": f1,
+            "oof_log_loss": loss,
+            "oof_roc_auc": roc,
+        }
+
+    # By weighted F1 the text alone leads and fusing adds nothing; by ROC AUC and by log loss fusing does best.
+    board = [row("text", 0.90, 0.40, 0.80), row("image", 0.60, 0.60, 0.70), row("image+text", 0.88, 0.30, 0.95)]
+    assert portfolio.modality_summary(board) == (
+        "text alone 0.900, image alone 0.600, both 0.880 (out-of-fold weighted F1): the image adds little here: the "
+        "text alone does as well as both"
+    )
+    by_roc = portfolio.modality_summary(board, "roc_auc")
+    assert by_roc.startswith("text alone 0.800, image alone 0.700, both 0.950 (out-of-fold ROC AUC): fusing both adds")
+    # Lower is better for log loss: the best of each kind is its lowest, and fusing gains 0.100 over the text.
+    by_loss = portfolio.modality_summary([*board, row("text", 0.5, 0.90, 0.5)], "log_loss")
+    assert by_loss == (
+        "text alone 0.400, image alone 0.600, both 0.300 (out-of-fold log loss): fusing both adds 0.100 over the text "
+        "alone: both modalities carry signal"
+    )

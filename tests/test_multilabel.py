@@ -383,8 +383,8 @@ def test_a_multiclass_run_is_unchanged(head_run):
     ("flags", "says"),
     [
         ([*FAST, "--metric", "roc_auc"], "scores a binary task"),
-        ([*FAST, "--calibrate"], "--calibrate"),
-        ([*FAST, "--class-weight", "balanced"], "--class-weight"),
+        ([*FAST, "--balanced-sampling"], "--balanced-sampling"),
+        ([*FAST, "--label-smoothing", "0.1"], "--label-smoothing"),
     ],
 )
 def test_what_does_not_handle_sets_says_so(toy, tmp_path, capsys, flags, says):

@@ -300,9 +300,17 @@ def reliability(
     probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width bin of the top-1 confidence (bin i holds (i/bins, (i+1)/bins]): the mean confidence, the
-    accuracy and the row count (empty bins hold 0, 0, 0)."""
+    accuracy and the row count (empty bins hold 0, 0, 0).
+
+    For multi-label targets ((rows, labels) of 0/1) every (row, label) pair is one binary prediction: binned by the
+    label's probability, its "accuracy" the share of the bin's pairs whose label is in the row's set. Pooled over the
+    labels rather than averaged per label: a rare label's few held-out positives would leave its own bins nearly
+    empty, and its ECE noise."""
     probs, y_true = np.asarray(probs, dtype=np.float64), np.asarray(y_true)
-    confidence, correct = probs.max(1), (probs.argmax(1) == y_true).astype(np.float64)
+    if y_true.ndim == 2:
+        confidence, correct = probs.ravel(), y_true.ravel().astype(np.float64)
+    else:
+        confidence, correct = probs.max(1), (probs.argmax(1) == y_true).astype(np.float64)
     which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
     count = np.bincount(which, minlength=bins)
     mean_conf = np.bincount(which, confidence, minlength=bins) / np.maximum(count, 1)
@@ -330,9 +338,14 @@ def plot_reliability(curves: dict[str, np.ndarray], y_true: np.ndarray, path: Pa
         ax.plot(mean_conf[seen], accuracy[seen], marker="o", label=f"{name} (ECE {ece:.3f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (top-1 probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{len(y_true)} rows, {bins} bins of confidence", fontsize=9)
+    if np.ndim(y_true) == 2:  # multi-label: every (row, label) pair, by the label's probability
+        ax.set_xlabel("a label's probability")
+        ax.set_ylabel("share of (row, label) pairs with the label")
+        ax.set_title(f"{len(y_true)} rows x {np.shape(y_true)[1]} labels, {bins} bins of probability", fontsize=9)
+    else:
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{len(y_true)} rows, {bins} bins of confidence", fontsize=9)
     ax.legend(loc="best", fontsize=8)  # away from the curves: over-confident ones run low right, unsure ones high left
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.93)
     _save(fig, path)

@@ -250,7 +250,7 @@ class Predictor:
         rows = as_list(rows, "rows", "row")
         if self.members:  # each member reads the columns it was trained on
             probs = sum(w * m._predict_rows(None, None, rows, batch_size).probs for m, w in self.members)
-            return self.prediction(probs if self.multi_label else calibration.scale(probs, self.temperature))
+            return self.prediction(calibration.scaled(probs, self.temperature, self.multi_label))
         records = [row_record(row, i, named, self._clip) for i, row in enumerate(rows)]
         ds = build_dataset(self.model, records, None, self.model.modalities, None, self.device, open_image=open_input)
         return self.prediction(self.predict_dataset(ds, batch_size))
@@ -265,7 +265,7 @@ class Predictor:
             for m, w in self.members
         ]
         probs = sum(w * p.probs for p, w in parts)
-        return self.prediction(probs if self.multi_label else calibration.scale(probs, self.temperature))
+        return self.prediction(calibration.scaled(probs, self.temperature, self.multi_label))
 
     def predict_dataset(self, ds: MultimodalDataset, batch_size: int) -> np.ndarray:
         """Probabilities (N, classes) for every row of ``ds``, in order: the batch path of the API, predict and
@@ -286,13 +286,17 @@ class Predictor:
     @torch.inference_mode()
     def probs(self, batch: dict) -> np.ndarray:
         """Calibrated softmax probabilities (N, classes) for one batch, in fp32 on the host; a bag's members' are
-        averaged first. A multi-label run's are a sigmoid per label (averaged over a bag's members). An ensemble's
+        averaged first. A multi-label run's are a sigmoid per label (averaged over a bag's members, then calibrated
+        as a whole: ``calibration.scale_sigmoids``). An ensemble's
         members take different inputs: use ``predict`` or ``predict_records``."""
         if self.members:
             raise MmfuseError("an ensemble's members take different inputs: use predict or predict_records")
         outs = [o.float() for o in self._outputs(batch, self.models)]
-        if self.multi_label:
-            return torch.stack([o.sigmoid() for o in outs]).mean(0).cpu().numpy()
+        if self.multi_label:  # one model: sigmoid(logits / T); a bag: its averaged sigmoids at T, as T was fitted
+            if len(outs) == 1:
+                return (outs[0] / self.temperature).sigmoid().cpu().numpy()
+            mean = torch.stack([o.sigmoid() for o in outs]).mean(0).cpu().numpy()
+            return calibration.scale_sigmoids(mean, self.temperature)
         if len(outs) == 1:  # softmax(logits / T): T = 1 leaves an uncalibrated run's bit for bit
             return (outs[0] / self.temperature).softmax(-1).cpu().numpy()
         return calibration.scale(torch.stack([o.softmax(-1) for o in outs]).mean(0).cpu().numpy(), self.temperature)
@@ -322,7 +326,7 @@ class Predictor:
         self._check_texts([r.text for r in records])
         if self.members:
             probs = sum(w * m.predict_records(records, batch_size, show, cache) for m, w in self.members)
-            return probs if self.multi_label else calibration.scale(probs, self.temperature)
+            return calibration.scaled(probs, self.temperature, self.multi_label)
         # Features from bf16 towers are kept apart: training on them would not be training on the fp32 features.
         root = mmfuse_home() / "features-bf16" if self.weight_dtype == torch.bfloat16 else None
         features = FeatureCache(root, write=cache)
@@ -530,6 +534,7 @@ def evaluate_file(
         y = multilabel.targets(records, predictor.classes)
         report = multilabel.report(y, probs, predictor.classes, predictor.thresholds)
         report["log_loss"] = metrics.log_loss(y, probs)
+        report |= {"ece": metrics.expected_calibration_error(probs, y), "temperature": predictor.temperature}
         if procs.is_main:
             metrics.write_multilabel_report(report, out_dir)
             write_errors(out_dir, records, probs, predictor.classes, thresholds=predictor.thresholds)

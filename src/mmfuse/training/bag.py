@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfuse import metrics, multilabel
-from mmfuse.calibration import calibrate
+from mmfuse import binary, metrics, multilabel
+from mmfuse.calibration import Calibration, calibrate, scaled
 from mmfuse.config import RunConfig, parse_threshold, resolve
 from mmfuse.data.read import read_table
 from mmfuse.data.records import Record
@@ -289,11 +289,15 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
     done = ~np.isnan(oof[:, 0])
     index = {c: i for i, c in enumerate(labels)}
     y = np.array([index[r.label] for r in records])
-    pred = np.where(done, np.nan_to_num(oof).argmax(1), -1)
     name = cfg.train.metric
     folds_done = [held_out[m["fold"]] for m in members]
     positive = positive_index(cfg, labels)
     fold_scores = [metrics.score(name, y[rows], oof[rows], positive) for rows in folds_done]
+    calibration = calibrate(oof[done], y[done], "out-of-fold") if cfg.train.calibrate else None
+    decision, scores = decide(cfg, labels, oof[done], y[done], calibration, "out-of-fold")
+    # The labels predict gives: a binary bag's at its threshold (on the calibrated probabilities), else the argmax.
+    served = np.nan_to_num(oof) if calibration is None else calibrate_all(oof, calibration)
+    pred = np.where(done, binary.predicted(served, labels, decision), -1)
     val = {
         **metrics.full_report(y[done], pred[done], labels),
         "log_loss": metrics.log_loss(y[done], oof[done]),
@@ -303,11 +307,9 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
     result = _result(cfg, records, done, members, full, interrupted, seconds, val, metric)
     result["val_interval"] = metrics.bootstrap_interval(y[done], pred[done], seed=cfg.train.seed)
     if cfg.train.class_weight is not None:  # over all the rows: each member's own, on its folds, is in its metrics.json
-        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records)
-    calibration = calibrate(oof[done], y[done], "out-of-fold") if cfg.train.calibrate else None
+        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records, cfg.data.multi_label)
     if calibration is not None:
         result["calibration"] = calibration.report()
-    decision, scores = decide(cfg, labels, oof[done], y[done], calibration, "out-of-fold")
     if decision is not None:
         result["val"] |= scores
         result |= {"positive": decision.positive, "threshold": decision.threshold}
@@ -315,7 +317,7 @@ def _write(out: Path, cfg, labels, records, oof, held_out, members, full, interr
     header = ["row", "image", "label", "predicted", "confidence", "fold", *(f"p_{c}" for c in labels)]
     fold_of = {int(j): m["fold"] for m in members for j in held_out[m["fold"]]}
     rows = [
-        [r.row, r.source, r.label, labels[int(oof[j].argmax())], f"{oof[j].max():.6f}", fold_of[j]]
+        [r.row, r.source, r.label, labels[int(pred[j])], f"{oof[j].max():.6f}", fold_of[j]]
         + [f"{x:.6f}" for x in oof[j]]
         for j, r in enumerate(records)
         if done[j]
@@ -334,25 +336,35 @@ def _write_multilabel(
     y = multilabel.targets(records, labels)
     name = cfg.train.metric
     fold_scores = [metrics.score(name, y[held_out[m["fold"]]], oof[held_out[m["fold"]]]) for m in members]
+    # With --calibrate, one temperature on the averaged out-of-fold sigmoids; the thresholds and the set scores are
+    # those of the calibrated probabilities, which predict serves.
+    calibration = calibrate(oof[done], y[done], "out-of-fold") if cfg.train.calibrate else None
+    served = np.nan_to_num(oof) if calibration is None else calibrate_all(oof, calibration)
     fixed = parse_threshold(cfg.train.threshold)
-    thresholds = (
-        multilabel.choose_thresholds(oof[done], y[done])
-        if fixed is None
-        else multilabel.Thresholds((fixed,) * len(labels))
-    )
-    val = multilabel.report(y[done], oof[done], labels, thresholds)
-    val |= {"log_loss": metrics.log_loss(y[done], oof[done])}
+    thresholds = multilabel.thresholds_at(served[done], y[done], "auto" if fixed is None else fixed)
+    val = multilabel.report(y[done], served[done], labels, thresholds)
+    val |= {"log_loss": metrics.log_loss(y[done], served[done])}
     val["decision"] = {"chosen": "auto" if fixed is None else "fixed", "fitted_on": "out-of-fold"}
     metric = {"name": name, "value": metrics.score(name, y[done], oof[done]), **spread(fold_scores)}
     result = _result(cfg, records, done, members, full, interrupted, seconds, val, metric)
+    if cfg.train.class_weight is not None:  # over all the rows: each member's own, on its folds, is in its metrics.json
+        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records, cfg.data.multi_label)
+    if calibration is not None:
+        result["calibration"] = calibration.report()
+    # The members' own probabilities (those a temperature is fitted on), and the sets predict would give.
     header = ["row", "image", "labels", "predicted", "fold", *(f"p_{c}" for c in labels)]
     fold_of = {int(j): m["fold"] for m in members for j in held_out[m["fold"]]}
-    sets = multilabel.label_sets(np.nan_to_num(oof), labels, thresholds)
+    sets = multilabel.label_sets(served, labels, thresholds)
     rows = [
         [r.row, r.source, r.label, multilabel.joined(sets[j]), fold_of[j], *(f"{x:.6f}" for x in oof[j])]
         for j, r in enumerate(records)
         if done[j]
     ]
     models = [full["dir"]] if full else [m["dir"] for m in members]
-    write_bag(out, cfg, labels, result, (header, rows), [m["dir"] for m in members], models)
+    write_bag(out, cfg, labels, result, (header, rows), [m["dir"] for m in members], models, calibration)
     return result
+
+
+def calibrate_all(oof: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """Every row of ``oof`` at the fitted temperature (the rows no finished member scored stay 0)."""
+    return scaled(np.nan_to_num(oof), calibration.temperature, calibration.multi_label)

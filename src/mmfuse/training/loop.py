@@ -31,7 +31,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from mmfuse import metrics, multilabel
+from mmfuse import binary, metrics, multilabel
 from mmfuse.calibration import calibrate
 from mmfuse.config import TRACKERS, RunConfig, TrainConfig, parse_threshold, resolve
 from mmfuse.data.records import Record
@@ -279,7 +279,7 @@ def setup(
         )
     cache = cache if cache is not None else FeatureCache()
     train_dl, val_dl, generator = loaders(model, train, val, labels, cfg, acc, cache)
-    weights = class_weights(t.class_weight, labels, train)
+    weights = class_weights(t.class_weight, labels, train, cfg.data.multi_label)
     optimizer = make_optimizer(model, cfg.train)
     # Accelerate steps a prepared scheduler once per process for every optimizer step, and not at all on
     # accumulation-only steps; each process sees ceil(batches / processes) batches an epoch.
@@ -351,14 +351,15 @@ def train_step(
     """One batch forward and backward; the optimizer and scheduler step, and gradients are zeroed, only every
     ``grad_accum`` batches (Accelerate's ``accumulate``). ``augment`` changes its images first (training only);
     ``class_weight`` (one per class) weighs the loss as torch's ``cross_entropy(weight=)`` does. Multi-label targets
-    ((rows, labels) of 0/1) train a binary cross-entropy per label instead, averaged over the labels.
+    ((rows, labels) of 0/1) train a binary cross-entropy per label instead, averaged over the labels, where
+    ``class_weight`` is each label's ``pos_weight`` (how much its positive rows count).
     Returns the batch's summed loss (on the device, unread: reading it is a sync) and its row count."""
     labels = batch.pop("labels")
     if augment is not None:
         batch = augment.batch(batch)
     with acc.accumulate(model):
         if labels.ndim == 2:
-            loss = F.binary_cross_entropy_with_logits(model(**batch).float(), labels)
+            loss = F.binary_cross_entropy_with_logits(model(**batch).float(), labels, pos_weight=class_weight)
         else:
             loss = F.cross_entropy(model(**batch), labels, weight=class_weight, label_smoothing=label_smoothing)
         acc.backward(loss)
@@ -557,28 +558,28 @@ def save(tr: Trainer, interrupted: bool, seconds: float) -> dict:
     }
     if tr.class_weight is not None:
         result["class_weight"] = tr.class_weight
-    if tr.val_dl is not None and tr.cfg.data.multi_label:
+    y = None
+    if tr.val_dl is not None:
         tr.val_probs, y = validate(tr)
-        fixed = parse_threshold(tr.cfg.train.threshold)
-        thresholds = (
-            multilabel.choose_thresholds(tr.val_probs, y)
-            if fixed is None
-            else multilabel.Thresholds((fixed,) * len(tr.labels))
-        )
-        result["val"] = multilabel.report(y, tr.val_probs, tr.labels, thresholds)
-        result["val"]["log_loss"] = metrics.log_loss(y, tr.val_probs)
-        result["val"]["decision"] = {"chosen": "auto" if fixed is None else "fixed", "fitted_on": "validation"}
-    elif tr.val_dl is not None:
-        tr.val_probs, y = validate(tr)
-        result["val"] = metrics.full_report(y, tr.val_probs.argmax(1), tr.labels)
-        result["val"]["log_loss"] = metrics.log_loss(y, tr.val_probs)
-        result["val_interval"] = metrics.bootstrap_interval(y, tr.val_probs.argmax(1), seed=tr.cfg.train.seed)
     calibration = calibrate(tr.val_probs, y, "validation") if tr.cfg.train.calibrate else None
     if calibration is not None:
         result["calibration"] = calibration.report()
-    decision, scores = decide(
-        tr.cfg, tr.labels, tr.val_probs, y if tr.val_dl is not None else None, calibration, "validation"
-    )
+    if tr.val_dl is not None and tr.cfg.data.multi_label:
+        # The thresholds and the set scores are those of the probabilities predict serves: calibrated, with --calibrate.
+        served = calibration.calibrated if calibration is not None else tr.val_probs
+        fixed = parse_threshold(tr.cfg.train.threshold)
+        thresholds = multilabel.thresholds_at(served, y, "auto" if fixed is None else fixed)
+        result["val"] = multilabel.report(y, served, tr.labels, thresholds)
+        result["val"]["log_loss"] = metrics.log_loss(y, served)
+        result["val"]["decision"] = {"chosen": "auto" if fixed is None else "fixed", "fitted_on": "validation"}
+    decision, scores = decide(tr.cfg, tr.labels, tr.val_probs, y, calibration, "validation")
+    if tr.val_dl is not None and not tr.cfg.data.multi_label:
+        # The labels predict gives: a binary run's at its threshold (on the calibrated probabilities), else the argmax.
+        served = calibration.calibrated if calibration is not None else tr.val_probs
+        pred = binary.predicted(served, tr.labels, decision)
+        result["val"] = metrics.full_report(y, pred, tr.labels)
+        result["val"]["log_loss"] = metrics.log_loss(y, tr.val_probs)
+        result["val_interval"] = metrics.bootstrap_interval(y, pred, seed=tr.cfg.train.seed)
     if decision is not None:
         result["val"] |= scores
         result |= {"positive": decision.positive, "threshold": decision.threshold}

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfuse import metrics, multilabel
+from mmfuse import binary, metrics, multilabel
 from mmfuse.calibration import calibrate
 from mmfuse.config import BINARY_METRICS, RunConfig, parse_duration, parse_threshold, resolve
 from mmfuse.data.records import Record
@@ -322,14 +322,19 @@ def _fit_probes(
     for i, rows in enumerate(held_out):
         t0 = time.perf_counter()
         train = np.setdiff1d(np.arange(len(records)), rows)
-        weights = class_weights(cfg.train.class_weight, labels, [records[j] for j in train])
-        weights = {index[c]: w for c, w in weights.items()} if weights else None
+        weights = class_weights(cfg.train.class_weight, labels, [records[j] for j in train], multi)
+        # Per label: scikit-learn's own balanced weights (uncapped: a convex fit has no steps for one row to swing),
+        # or the label's named weight on its positives.
+        if multi:
+            weights = per_label_weights(cfg.train.class_weight, labels, weights)
+        else:
+            weights = {index[c]: w for c, w in weights.items()} if weights else None
         fold_cfg = cfg.updated({"train": {"seed": cfg.train.seed + i, "bag": 1, "bag_groups": None}})
         model = MultimodalClassifier(template.cards, len(labels), fold_cfg.model, towers, tabular)
         if model.tabular is not None:
             model.tabular.load_state_dict(template.tabular.state_dict())
         if multi:  # one-vs-rest: a logistic regression per label, whose sigmoid the head's logit then gives
-            coef, intercept, iterations = one_vs_rest(x[train], y[train])
+            coef, intercept, iterations = one_vs_rest(x[train], y[train], weights)
             model.head.set_weights(coef, intercept, range(len(labels)))
         else:
             fit = LogisticRegression(C=PROBE_C, max_iter=2000, class_weight=weights).fit(x[train], y[train])
@@ -384,16 +389,27 @@ def targets(records: list[Record], labels: list[str], multi_label: bool) -> np.n
     return np.array([index[r.label] for r in records])
 
 
-def one_vs_rest(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """The probe for multi-label targets ``y`` ((rows, labels) of 0/1): a logistic regression per label, as
-    (coef (labels, dim), intercept (labels,), most iterations). A label all or none of the rows hold gets no slope and
-    the log-odds of its (clipped) rate."""
+def per_label_weights(spec: str | None, labels: list[str], weights: dict[str, float] | None) -> list | None:
+    """A multi-label probe's scikit-learn ``class_weight`` for each label's logistic regression: "balanced" for
+    ``--class-weight balanced``, else {0: 1, 1: the label's pos_weight} (``prep.class_weights``); None without it."""
+    if weights is None:
+        return None
+    if spec is not None and spec.strip() == "balanced":
+        return ["balanced"] * len(labels)
+    return [{0: 1.0, 1: weights[c]} for c in labels]
+
+
+def one_vs_rest(x: np.ndarray, y: np.ndarray, weights: list | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The probe for multi-label targets ``y`` ((rows, labels) of 0/1): a logistic regression per label (with
+    ``weights[j]`` its scikit-learn ``class_weight``), as (coef (labels, dim), intercept (labels,), most iterations).
+    A label all or none of the rows hold gets no slope and the log-odds of its (clipped) rate."""
     from sklearn.linear_model import LogisticRegression  # deferred: sklearn takes 0.5 s to import
 
     coef, intercept, iterations = np.zeros((y.shape[1], x.shape[1])), np.zeros(y.shape[1]), 0
     for j in range(y.shape[1]):
         if 0 < y[:, j].sum() < len(y):
-            fit = LogisticRegression(C=PROBE_C, max_iter=2000).fit(x, y[:, j])
+            weight = weights[j] if weights is not None else None
+            fit = LogisticRegression(C=PROBE_C, max_iter=2000, class_weight=weight).fit(x, y[:, j])
             coef[j], intercept[j], iterations = fit.coef_[0], fit.intercept_[0], max(iterations, int(fit.n_iter_[0]))
         else:
             rate = np.clip(y[:, j].mean(), 1e-3, 1 - 1e-3)
@@ -430,11 +446,18 @@ def _read_oof(folder: Path, name: str, records: list[Record], fold_of: np.ndarra
 def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, interrupted, start) -> dict:
     weights = chosen.weights
     probs = selection.blend([d["oof"] for d in done], weights)
-    pred = probs.argmax(1)
+    # An ensemble blends probabilities, not logits: its temperature acts on the blend's log-probabilities,
+    # probs ** (1 / T) renormalised (a multi-label blend's: sigmoid(logit p / T)), fitted on the blended out-of-fold
+    # rows (Predictor applies it after blending).
+    calibration = calibrate(probs, y, "out-of-fold") if cfg.train.calibrate else None
+    served = calibration.calibrated if calibration is not None else probs
+    decision, scores = decide(cfg, labels, probs, y, calibration, "out-of-fold")
+    # The labels predict gives: a binary ensemble's at its threshold (on the calibrated blend), else the argmax.
+    pred = None if cfg.data.multi_label else binary.predicted(served, labels, decision)
     name = cfg.train.metric
-    if cfg.data.multi_label:  # per-label thresholds chosen on the blended out-of-fold probabilities
-        cut = multilabel.thresholds_at(probs, y, _cut(cfg))
-        sets = multilabel.predicted(probs, cut)
+    if cfg.data.multi_label:  # per-label thresholds chosen on the blended (and calibrated) out-of-fold probabilities
+        cut = multilabel.thresholds_at(served, y, _cut(cfg))
+        sets = multilabel.predicted(served, cut)
         fold_f1 = [metrics.multilabel_summary(y[rows], sets[rows])["weighted_f1"] for rows in held_out]
         fold_scores = [
             metrics.multilabel_summary(y[rows], sets[rows])[name]
@@ -463,7 +486,7 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         for d, w in zip(done, weights)
     ]
     if cfg.data.multi_label:
-        report = multilabel.report(y, probs, labels, cut)
+        report = multilabel.report(y, served, labels, cut)
         report["decision"] = {"chosen": "auto" if _cut(cfg) == "auto" else "fixed", "fitted_on": "out-of-fold"}
     else:
         report = metrics.full_report(y, pred, labels)
@@ -499,35 +522,32 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
         "members": board[:-1],
         "weights": {row["name"]: row["weight"] for row in board[:-1]},
         "not_started": skipped,
-        "modalities": modality_summary(board[:-1]),
+        "modalities": modality_summary(board[:-1], name),
         "predict_uses": "ensemble",
         "train_seconds": time.perf_counter() - start,
     }
     if not cfg.data.multi_label:
         result["val_interval"] = metrics.bootstrap_interval(y, pred, seed=cfg.train.seed)
     if cfg.train.class_weight is not None:  # over all the rows; each member's own, on its folds, is in its metrics.json
-        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records)
-    # An ensemble blends probabilities, not logits: its temperature acts on the blend's log-probabilities,
-    # probs ** (1 / T) renormalised, fitted on the blended out-of-fold rows (Predictor applies it after blending).
-    calibration = calibrate(probs, y, "out-of-fold") if cfg.train.calibrate else None
+        result["class_weight"] = class_weights(cfg.train.class_weight, labels, records, cfg.data.multi_label)
     if calibration is not None:
         result["calibration"] = calibration.report()
-    decision, scores = decide(cfg, labels, probs, y, calibration, "out-of-fold")
     if decision is not None:
         result["val"] |= scores
         result |= {"positive": decision.positive, "threshold": decision.threshold}
-    header = ["row", "image", "label", "predicted", "confidence", "fold", *(f"p_{c}" for c in labels)]
     fold_of = {int(j): i for i, rows in enumerate(held_out) for j in rows}
-    rows = [
-        [r.row, r.source, r.label, labels[int(probs[j].argmax())], f"{probs[j].max():.6f}", fold_of[j]]
-        + [f"{x:.6f}" for x in probs[j]]
-        for j, r in enumerate(records)
-    ]
     if cfg.data.multi_label:  # the set at the ensemble's thresholds, and every label's probability
         header = ["row", "image", "labels", "predicted", "fold", *(f"p_{c}" for c in labels)]
-        sets = multilabel.label_sets(probs, labels, cut)
+        sets = multilabel.label_sets(served, labels, cut)
         rows = [
             [r.row, r.source, r.label, multilabel.joined(sets[j]), fold_of[j], *(f"{x:.6f}" for x in probs[j])]
+            for j, r in enumerate(records)
+        ]
+    else:
+        header = ["row", "image", "label", "predicted", "confidence", "fold", *(f"p_{c}" for c in labels)]
+        rows = [
+            [r.row, r.source, r.label, labels[int(pred[j])], f"{probs[j].max():.6f}", fold_of[j]]
+            + [f"{x:.6f}" for x in probs[j]]
             for j, r in enumerate(records)
         ]
     ensemble = {
@@ -549,24 +569,29 @@ def _write(out: Path, cfg, labels, records, y, held_out, done, chosen, skipped, 
     return result
 
 
-def modality_summary(board: list[dict]) -> str:
-    """Which modality carries the signal, in plain words, from the best out-of-fold member of each kind: e.g. "text
-    alone 0.947, image alone 0.590, both 0.930: the image adds little here"."""
+def modality_summary(board: list[dict], metric: str = "weighted_f1") -> str:
+    """Which modality carries the signal, in plain words, from the best out-of-fold member of each kind by the run's
+    ``metric`` (its leaderboard column; lower is better for log_loss): e.g. "text alone 0.947, image alone 0.590,
+    both 0.930 (out-of-fold weighted F1): the image adds little here"."""
+    column = f"oof_{metric}"
+    higher = metrics.metric(metric).higher_is_better
     best = {}
     for row in board:
         key = {"image": "image alone", "text": "text alone"}.get(row["modalities"], "both")
-        best[key] = max(best.get(key, 0.0), row["oof_weighted_f1"])
+        value = row[column]
+        best[key] = value if key not in best else (max if higher else min)(best[key], value)
     figures = ", ".join(f"{k} {best[k]:.3f}" for k in ("text alone", "image alone", "both") if k in best)
+    title = f"out-of-fold {metrics.metric(metric).title}"
     single = {k.split()[0]: v for k, v in best.items() if k != "both"}
     if not single or "both" not in best:
-        return f"{figures} (out-of-fold weighted F1)"
-    top = max(single, key=single.get)
+        return f"{figures} ({title})"
+    top = (max if higher else min)(single, key=single.get)
     other = "image" if top == "text" else "text"
-    gain = best["both"] - single[top]
+    gain = (best["both"] - single[top]) * (1 if higher else -1)  # > 0: fusing does better, whichever way is better
     if gain > 0.005:
         verdict = f"fusing both adds {gain:.3f} over the {top} alone: both modalities carry signal"
     elif other in single:
         verdict = f"the {other} adds little here: the {top} alone does as well as both"
     else:
         verdict = f"adding the {other} to the {top} gains {gain:.3f}"
-    return f"{figures} (out-of-fold weighted F1): {verdict}"
+    return f"{figures} ({title}): {verdict}"

@@ -99,8 +99,7 @@ def multilabel_task(cfg: RunConfig, train: list[Record]) -> RunConfig:
 
     Raises:
         MmfuseError: a setting that has no meaning for the task (--metric roc_auc with label sets, micro_f1 with
-            one label a row; --positive, --calibrate, --class-weight, --balanced-sampling, --label-smoothing with
-            label sets).
+            one label a row; --positive, --balanced-sampling, --label-smoothing with label sets).
     """
     t, asked = cfg.train, set(cfg.asked.get("train", ()))
     multi = is_multilabel(train)
@@ -113,8 +112,6 @@ def multilabel_task(cfg: RunConfig, train: list[Record]) -> RunConfig:
             )
         unsupported = {
             "positive": "--positive (a binary task's class)",
-            "calibrate": "--calibrate (one temperature over a softmax)",
-            "class_weight": "--class-weight",
             "balanced_sampling": "--balanced-sampling",
         }
         used = [flag for key, flag in unsupported.items() if key in asked and getattr(t, key)]
@@ -237,9 +234,21 @@ def load_splits(cfg: RunConfig, out: Path) -> tuple[list[Record], list[Record], 
     return filled[: len(train)], filled[len(train) :], labels
 
 
-def class_weights(spec: str | None, labels: list[str], train: list[Record]) -> dict[str, float] | None:
+MAX_POS_WEIGHT = 100.0
+"""The most a balanced multi-label run weighs a label's positives: a label on 1 row of 2,000 would otherwise weigh
+its one row 1,999 times, and the steps that hold it would swing the shared head as far as a whole epoch of others."""
+
+
+def class_weights(
+    spec: str | None, labels: list[str], train: list[Record], multi_label: bool = False
+) -> dict[str, float] | None:
     """Each class's weight in the loss, by ``--class-weight``: ``balanced`` is scikit-learn's n / (classes * count)
     over the training rows; named weights leave the classes not named at 1. None without the flag.
+
+    With ``multi_label`` (rows of label sets) each label's weight is the ``pos_weight`` of its binary cross-entropy,
+    how much a row holding the label counts against one without it: ``balanced`` is negatives / positives on the
+    training rows (at most ``MAX_POS_WEIGHT``; 1 for a label no row or every row holds), a named weight is that
+    label's pos_weight.
 
     Raises:
         MmfuseError: a class named that the data does not hold.
@@ -247,6 +256,10 @@ def class_weights(spec: str | None, labels: list[str], train: list[Record]) -> d
     if spec is None:
         return None
     asked = parse_class_weight(spec)
+    if asked == "balanced" and multi_label:
+        counts = Counter(x for r in train for x in label_names(r))
+        n = len(train)
+        return {c: min((n - counts[c]) / counts[c], MAX_POS_WEIGHT) if 0 < counts[c] < n else 1.0 for c in labels}
     if asked == "balanced":
         counts = Counter(r.label for r in train)
         # A class with no training row (a bag's fold can miss a rare one) gets no gradient either way: weight 1.

@@ -371,6 +371,12 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
             "probs": "float32 (batch, classes), softmax of logits" + (" (calibrated)" if calibrated else ""),
         },
         **(_multilabel_info(predictor) if predictor.multi_label else {}),
+        # A binary run's labels: the positive class where its probability reaches the threshold (threshold.json).
+        **(
+            {"positive": predictor.decision.positive, "threshold": predictor.decision.threshold}
+            if predictor.decision is not None
+            else {}
+        ),
         "temperature": predictor.temperature,
         "accepts_missing_text": accepts_missing,
         "present": "an input: False marks a missing text"
@@ -533,5 +539,11 @@ def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a 
         readme = readme.replace(
             'print([info["classes"][i] for i in probs.argmax(1)], probs.max(1))',
             'print([[c for c, p in zip(info["classes"], row) if p >= info["thresholds"][c]] for row in probs])',
+        )
+    if "threshold" in info:  # a binary run: the positive class at its threshold, not the argmax
+        readme = readme.replace(
+            'print([info["classes"][i] for i in probs.argmax(1)], probs.max(1))',
+            'pos = info["classes"].index(info["positive"])\n'
+            'print([info["classes"][pos if p[pos] >= info["threshold"] else 1 - pos] for p in probs], probs[:, pos])',
         )
     return readme

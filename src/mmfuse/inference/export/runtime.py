@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmfuse.binary import read_decision
+from mmfuse.binary import Decision, read_decision
 from mmfuse.config import RunConfig
 from mmfuse.data.checks import CHARS_PER_TOKEN
 from mmfuse.data.images import load_image
@@ -95,7 +95,10 @@ class OnnxPredictor:
         elif "image" in pre:
             self.pixel_spec = PixelSpec.from_dict(pre["image"])
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.decision = None  # the graph gives probabilities; a binary run's threshold (the run's) makes the labels
+        # The graph gives probabilities; a binary run's threshold makes the labels (the run's, else export.json's).
+        self.decision = None
+        if "threshold" in self.info:
+            self.decision = Decision(str(self.info["positive"]), float(self.info["threshold"]))
         # A multi-label graph gives a sigmoid per label; the run's thresholds make the sets (export.json's without it).
         self.multi_label = bool(self.info.get("multi_label", False))
         self.thresholds = None
