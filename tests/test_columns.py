@@ -1,7 +1,7 @@
 """Several image and text columns per row, and tabular columns (--image-columns, --text-columns, --tabular-columns):
 read from manifests, each column through its modality's one tower, masked when empty, tabular columns standardised
 or embedded with the training statistics kept in the run, through train, evaluate, predict, the Python API and the
-ablation; the verbs that do not support them yet refuse them."""
+ablation; the verbs that do not support them yet refuse them. Export: test_columns_export.py."""
 
 import json
 import random
@@ -215,10 +215,6 @@ def test_bad_column_input_is_refused_with_what_to_do(data, tmp_path, capsys):
     write_csv(tmp_path / "bad.csv", rows, FIELDS)
     (tmp_path / "images").symlink_to(data / "images")
     refused(["train", str(tmp_path / "bad.csv"), "--out", out, *COLUMNS, *FAST], capsys, "back: image file not found")
-
-
-def test_export_refuses_a_run_with_columns(run, tmp_path, capsys):
-    refused(["export", str(run), "--out", str(tmp_path / "onnx")], capsys, "export does not support them yet")
 
 
 def test_serve_takes_each_column_as_a_field_of_its_own(run, data):
