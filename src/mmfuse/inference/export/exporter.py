@@ -12,6 +12,9 @@ it better than a graph would, and a deployment can batch and cache around it.
 ones that learned what a missing text means; every other graph treats all modalities as present, as ``Predictor``
 does (it refuses rows without text for such models).
 
+A run with named columns has an input group per column and the tabular inputs, and always ``present`` (one per input:
+an empty cell takes its column's placeholder); ``columns`` says which, and its gate runs on rows with empty cells.
+
 The parity gate runs the graph in onnxruntime, through the preprocessing written beside it (``runtime.OnnxPredictor``),
 against ``Predictor.predict`` on the same raw rows (batch sizes 1, 2 and 7; short texts and texts at max_length
 tokens; images of several sizes) and refuses the export when any probability differs by more than 1e-4 or any top-1
@@ -685,7 +688,7 @@ def _columns_readme(out: Path, info: dict) -> str:
         **{c: "a grinning cat face" for c in cols["text"]},
         **dict.fromkeys(cols["tabular"]),
     }
-    return COLUMNS_README.format(
+    readme = COLUMNS_README.format(
         run=Path(info["run"]).name,
         exporter=info["exporter"]["name"],
         opset=info["exporter"]["opset"],
@@ -698,3 +701,8 @@ def _columns_readme(out: Path, info: dict) -> str:
         row=repr(example),
         calibrated=calibrated,
     )
+    if info.get("multi_label"):  # a set per row: each label's sigmoid against its threshold
+        readme = readme.replace("no top-1 different", "no label set different").replace(
+            "`probs`,", "`probs` (a sigmoid per label: in the set when it reaches its entry in `thresholds`),"
+        )
+    return readme
