@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import read_csv
+from conftest import read_csv, write_csv
 from test_columns import api_rows, write_columns
 
 pytest.importorskip("onnxruntime")
@@ -125,3 +125,36 @@ def test_the_runtime_says_how_to_call_each_kind_of_graph(run, tmp_path):
         onnx.predict(
             rows=[{"front": None, "back": str(tmp_path / "none.png"), "title": "a", "size": 1, "section": "x"}]
         )
+
+
+def test_a_multi_label_text_and_numbers_run_exports_its_sigmoids(run, tiny_roberta_dir, tmp_path):
+    """A multi-label run with no image column and no categorical column: the graph has no pixel or code input, gives
+    a sigmoid per label, and predict --backend onnx gives torch's sets."""
+    data = run.parent / "data"
+    fields = ["title", "size", "labels"]
+    for name in ("train", "val"):
+        rows = read_csv(data / f"{name}.csv")
+        for r in rows:
+            r["labels"] = r["label"].replace("-", "|")
+        write_csv(tmp_path / f"{name}.csv", [{f: r[f] for f in fields} for r in rows], fields)
+    out = tmp_path / "run"
+    args = ["train", str(tmp_path / "train.csv"), "--val", str(tmp_path / "val.csv"), "--out", str(out)]
+    cols = ["--modalities", "text", "tabular", "--text-columns", "title", "--tabular-columns", "size"]
+    fast = ["--text", str(tiny_roberta_dir), "--tune", "head", "--epochs", "1", "--batch-size", "8"]
+    assert main([*args, *cols, *fast]) == 0
+    assert main(["export", str(out), "--out", str(out / "export"), "--data", str(tmp_path / "val.csv")]) == 0
+    info = json.loads((out / "export" / "export.json").read_text())
+    assert info["multi_label"] is True and info["parity"]["passed"]
+    assert list(info["inputs"]) == ["text0_input_ids", "text0_attention_mask", "tabular_numeric", "present"]
+    assert "no label set different" in (out / "export" / "README.md").read_text()
+    torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
+    assert main(["predict", str(out), str(tmp_path / "val.csv"), "--out", str(torch_csv)]) == 0
+    assert main(["predict", str(out), str(tmp_path / "val.csv"), "--out", str(onnx_csv), "--backend", "onnx"]) == 0
+    got, want = read_csv(onnx_csv), read_csv(torch_csv)
+    assert [r["labels"] for r in got] == [r["labels"] for r in want]
+    names = [c for c in want[0] if c.startswith("p_")]
+    np.testing.assert_allclose(
+        [[float(r[n]) for n in names] for r in got], [[float(r[n]) for n in names] for r in want], atol=1e-4
+    )
+    probs = OnnxPredictor(out / "export").predict(rows=[{"title": "a red apple", "size": None}])
+    assert probs.shape == (1, len(info["classes"])) and not np.isclose(probs.sum(), 1.0)  # sigmoids, not a softmax
