@@ -46,6 +46,7 @@ from mmfuse.inference.export.columns import (
     TOKEN_INPUTS,
     column_example,
     column_inputs,
+    columns_readme,
     describe,
     sequence_axis,
     sequence_dims,
@@ -619,7 +620,7 @@ def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a 
     """The export's README: what it holds, how it was checked, and a complete onnxruntime example for this graph's
     inputs."""
     if "columns" in info:
-        return _columns_readme(out, info)
+        return columns_readme(out, info)
     body = ""
     if "input_ids" in info["inputs"]:
         body += TEXT_FEEDS
@@ -651,58 +652,5 @@ def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a 
         readme = readme.replace(
             'print([info["classes"][i] for i in probs.argmax(1)], probs.max(1))',
             'print([[c for c, p in zip(info["classes"], row) if p >= info["thresholds"][c]] for row in probs])',
-        )
-    return readme
-
-
-COLUMNS_README = """# ONNX export of {run}
-
-`model.onnx` is the whole classifier (its towers, each run once per column, and the fusion head) of a run with named
-columns, exported by `mmfuse export` with the {exporter} exporter (opset {opset}) and checked against the torch model
-before it was written as passed: largest probability difference {diff}, no top-1 different, over {rows} rows (some
-cells empty) at batch sizes {batches} (see `export.json`).
-
-Columns: {columns}. Inputs: {inputs}; `export.json` says what each holds. Outputs: `logits` and `probs`, columns in
-the order of `classes` in `export.json`.
-{calibrated}Preprocessing is not in the graph; it is written here: `tokenizer/`, the image preprocessing under
-`preprocess` in `export.json`, and the tabular columns' training statistics in `tabular.json`. mmfuse's runtime
-applies them to rows of cells (an empty cell: None or ""):
-
-```python
-from mmfuse.inference.export import OnnxPredictor
-
-onnx = OnnxPredictor("{out}")
-probs = onnx.predict(rows=[{row}])
-print([onnx.classes[i] for i in probs.argmax(1)], probs.max(1))
-```
-"""
-
-
-def _columns_readme(out: Path, info: dict) -> str:
-    parity = info["parity"]
-    t = info.get("temperature", 1.0)
-    calibrated = f"The logits are the model's divided by its temperature {t:.4g} (`--calibrate`).\n" if t != 1.0 else ""
-    cols = info["columns"]
-    example = {
-        **{c: "front.png" for c in cols["image"]},
-        **{c: "a grinning cat face" for c in cols["text"]},
-        **dict.fromkeys(cols["tabular"]),
-    }
-    readme = COLUMNS_README.format(
-        run=Path(info["run"]).name,
-        exporter=info["exporter"]["name"],
-        opset=info["exporter"]["opset"],
-        diff=f"{parity['max_abs_diff']:.1e}",
-        rows=parity["rows_checked"],
-        batches=", ".join(map(str, parity["batch_sizes"])),
-        columns=", ".join(f"`{c}` ({kind})" for kind, names in cols.items() for c in names),
-        inputs=", ".join(f"`{n}`" for n in info["inputs"]),
-        out=out.as_posix(),
-        row=repr(example),
-        calibrated=calibrated,
-    )
-    if info.get("multi_label"):  # a set per row: each label's sigmoid against its threshold
-        readme = readme.replace("no top-1 different", "no label set different").replace(
-            "`probs`,", "`probs` (a sigmoid per label: in the set when it reaches its entry in `thresholds`),"
         )
     return readme
