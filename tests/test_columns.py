@@ -1,7 +1,7 @@
 """Several image and text columns per row, and tabular columns (--image-columns, --text-columns, --tabular-columns):
 read from manifests, each column through its modality's one tower, masked when empty, tabular columns standardised
 or embedded with the training statistics kept in the run, through train, evaluate, predict, the Python API and the
-ablation; the verbs that do not support them yet refuse them."""
+ablation; the verbs that do not support them yet refuse them. Export: test_columns_export.py."""
 
 import json
 import random
@@ -215,10 +215,6 @@ def test_bad_column_input_is_refused_with_what_to_do(data, tmp_path, capsys):
     write_csv(tmp_path / "bad.csv", rows, FIELDS)
     (tmp_path / "images").symlink_to(data / "images")
     refused(["train", str(tmp_path / "bad.csv"), "--out", out, *COLUMNS, *FAST], capsys, "back: image file not found")
-
-
-def test_export_refuses_a_run_with_columns(run, tmp_path, capsys):
-    refused(["export", str(run), "--out", str(tmp_path / "onnx")], capsys, "export does not support them yet")
 
 
 def test_serve_takes_each_column_as_a_field_of_its_own(run, data):
@@ -447,3 +443,66 @@ def test_search_trials_read_the_columns(data, tmp_path):
     best = yaml.safe_load((out / "best.yaml").read_text())["model"]
     assert best["tabular_columns"] == ["size", "section"] and best["image_columns"] == ["front", "back"]
     assert (out / "trials" / "000" / "tabular.json").is_file()
+
+
+@pytest.mark.slow  # the browser
+def test_the_page_has_a_field_per_column_in_a_real_browser(run, data, shared_home, monkeypatch, tmp_path):
+    from conftest import chrome
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_serve import Server
+
+    monkeypatch.setenv("MMFUSE_HOME", str(shared_home))
+    row = api_rows(data, data / "val.csv")[0]
+    filled = {"front": row["front"], "title": row["title"], "desc": "", "size": "13.5", "section": "y"}
+    model = mmfuse.load(run, device="cpu")
+    expected = model.predict(rows=[{**dict.fromkeys(row), **filled, "desc": None}])
+    server = Server(run)
+    driver = chrome(390, 844)  # a phone: every field stacked, nothing wider than the window
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "submit").is_enabled())
+        assert not driver.find_element(By.ID, "image-field").is_displayed()
+        assert not driver.find_element(By.ID, "text-field").is_displayed()
+        fields = {
+            e.get_attribute("data-column"): e for e in driver.find_elements(By.CSS_SELECTOR, "#columns [data-column]")
+        }
+        assert list(fields) == ["front", "back", "title", "desc", "size", "section"]
+        assert [fields[c].get_attribute("type") for c in ("front", "back")] == ["file", "file"]
+        assert [fields[c].tag_name for c in ("title", "desc", "size", "section")] == ["textarea"] * 2 + ["input"] * 2
+        labels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#columns label.field")]
+        assert labels == [
+            "front (image)",
+            "back (image)",
+            "title (text)",
+            "desc (text)",
+            "size (tabular)",
+            "section (tabular)",
+        ]
+        fields["front"].send_keys(str(filled["front"]))
+        for c in ("title", "size", "section"):
+            fields[c].send_keys(filled[c])
+        driver.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", driver.find_element(
+            By.ID, "error"
+        ).text
+        assert driver.find_element(By.ID, "label").text == expected.labels[0]
+        bars = driver.find_elements(By.CSS_SELECTOR, "#fusion .bar")
+        assert [b.find_element(By.CSS_SELECTOR, ".name").get_attribute("textContent") for b in bars] == expected.classes
+        shown = np.array([float(b.get_attribute("data-p")) for b in bars])
+        np.testing.assert_allclose(shown, expected.probs[0], atol=1e-5)
+        # Every filled field was sent: without the size (or the front image) the model answers otherwise.
+        for empty in ("size", "front"):
+            other = model.predict(rows=[{**dict.fromkeys(row), **filled, "desc": None, empty: None}]).probs[0]
+            assert not np.allclose(shown, other, atol=1e-5), empty
+        assert not driver.find_element(By.ID, "image-only").is_displayed()
+        inner, client, scroll = driver.execute_script(
+            "const e = document.documentElement; return [window.innerWidth, e.clientWidth, e.scrollWidth]"
+        )
+        assert scroll <= client
+        driver.save_screenshot(str(tmp_path / "columns-page.png"))
+    finally:
+        driver.quit()
+        assert server.stop() == 0

@@ -12,6 +12,9 @@ it better than a graph would, and a deployment can batch and cache around it.
 ones that learned what a missing text means; every other graph treats all modalities as present, as ``Predictor``
 does (it refuses rows without text for such models).
 
+A run with named columns has an input group per column and the tabular inputs, and always ``present`` (one per input:
+an empty cell takes its column's placeholder); ``columns`` says which, and its gate runs on rows with empty cells.
+
 The parity gate runs the graph in onnxruntime, through the preprocessing written beside it (``runtime.OnnxPredictor``),
 against ``Predictor.predict`` on the same raw rows (batch sizes 1, 2 and 7; short texts and texts at max_length
 tokens; images of several sizes) and refuses the export when any probability differs by more than 1e-4 or any top-1
@@ -35,8 +38,20 @@ from torch import nn
 
 from mmfuse import __version__, multilabel
 from mmfuse.data.checks import load_checked
+from mmfuse.data.columns import Columns
 from mmfuse.data.images import load_image
+from mmfuse.data.tabular import TABULAR_FILE
 from mmfuse.errors import MmfuseError
+from mmfuse.inference.export.columns import (
+    TOKEN_INPUTS,
+    column_example,
+    column_inputs,
+    columns_readme,
+    describe,
+    sequence_axis,
+    sequence_dims,
+    slot_inputs,
+)
 from mmfuse.inference.export.runtime import OnnxPredictor, require_onnx, sha256
 from mmfuse.inference.predictor import Predictor
 from mmfuse.models.lora import merge_adapters
@@ -51,7 +66,7 @@ PARITY_SEED = 0
 # Odd shapes on purpose: the resize to the tower's size must agree for any input, not only square ones.
 SYNTHETIC_SIZES = [(64, 64), (37, 23), (300, 200), (20, 500), (128, 96), (33, 33), (640, 480)]
 # What an export directory holds: replaced as a whole by the next export, nothing else in it is touched.
-EXPORT_FILES = ("model.onnx", "model.onnx.data", "model.failed.onnx", "export.json", "README.md")
+EXPORT_FILES = ("model.onnx", "model.onnx.data", "model.failed.onnx", "export.json", "README.md", TABULAR_FILE)
 EXPORT_DIRS = ("tokenizer", "image_processor")
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -70,12 +85,23 @@ class ExportWrapper(nn.Module):
         x = dict(zip(self.names, tensors))
         image = {"pixel_values": x["pixel_values"]} if "pixel_values" in x else None
         text = {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]} if "input_ids" in x else None
-        logits = self.model(image=image, text=text, present=x.get("present"))
+        return self.finish(self.model(image=image, text=text, present=x.get("present")))
+
+    def finish(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits as the graph's outputs: divided by the temperature, and their probabilities."""
         if self.temperature != 1.0:  # no division in the graph of an uncalibrated run: its graph is as before
             logits = logits / self.temperature
         if self.multi_label:  # a probability per label, as Predictor gives them
             return logits, logits.float().sigmoid()
         return logits, logits.float().softmax(-1)
+
+
+class ColumnsWrapper(ExportWrapper):
+    """The graph of a model with named columns: each input slot's tensors by name (``columns.column_inputs``)."""
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = dict(zip(self.names, tensors))
+        return self.finish(self.model(present=x["present"], **slot_inputs(self.model.slots, x)))
 
 
 def _multilabel_info(predictor) -> dict:
@@ -162,6 +188,7 @@ def export_graph(wrapper: ExportWrapper, example: dict[str, torch.Tensor], path:
     if "input_ids" in example:
         seq = torch.export.Dim("sequence", min=1, max=max(2, max_length or 512))
         dims["input_ids"] = dims["attention_mask"] = {0: batch, 1: seq}
+    dims.update(sequence_dims([n for n in names if n not in dims], batch, max_length))  # a model with columns
     # Under 2 GB the weights stay inside model.onnx: one file to copy, as the README shows it.
     small = sum(p.numel() * p.element_size() for p in wrapper.parameters()) < 1.8e9
     quiet_exporter()
@@ -185,7 +212,7 @@ def export_graph(wrapper: ExportWrapper, example: dict[str, torch.Tensor], path:
     except Exception as e:  # any failure of torch.export's tracing; the classic exporter may still manage
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         log.warning("the dynamo exporter failed (%s); using the TorchScript exporter", reason)
-    dynamic = {n: {0: "batch", 1: "sequence"} if n in ("input_ids", "attention_mask") else {0: "batch"} for n in names}
+    dynamic = {n: {0: "batch", 1: sequence_axis(n)} if n.endswith(TOKEN_INPUTS) else {0: "batch"} for n in names}
     export(dynamo=False, dynamic_axes={**dynamic, "logits": {0: "batch"}, "probs": {0: "batch"}}, opset_version=17)
     return {"name": "torchscript", "why": f"the dynamo exporter failed: {reason}"}
 
@@ -252,28 +279,91 @@ def parity_gate(predictor, onnx_predictor: OnnxPredictor, images, texts) -> dict
     variants = {"short": texts}
     if tokenizer is not None:
         variants["long"] = [long_text(tokenizer, t, max_length) if t else t for t in texts]
-    cases, worst, mismatched, checked = [], 0.0, 0, 0
+    cases = []
     for kind, these in variants.items():
         for b in PARITY_BATCHES:
             ims = images[:b] if images is not None else None
             ref = predictor.predict(ims, these[:b], batch_size=b).probs
             got = onnx_predictor.predict(ims, these[:b])
-            diff = float(np.abs(ref - got).max())
-            if predictor.multi_label:  # the rows whose label set differs, at the run's thresholds
-                sets = multilabel.predicted(ref, predictor.thresholds), multilabel.predicted(got, predictor.thresholds)
-                top1 = int((sets[0] != sets[1]).any(1).sum())
-            else:
-                top1 = int((ref.argmax(1) != got.argmax(1)).sum())
             tokens = int(onnx_predictor.feeds(ims, these[:b])["attention_mask"].sum(1).max()) if tokenizer else None
-            cases.append({"batch": b, "texts": kind, "tokens": tokens, "max_abs_diff": diff, "top1_differs": top1})
-            worst, mismatched, checked = max(worst, diff), mismatched + top1, checked + b
+            cases.append({"batch": b, "texts": kind, "tokens": tokens, **_differences(predictor, ref, got)})
+    return _verdict(cases, list(variants))
+
+
+def column_parity_rows(predictor, named: Columns, data: str | Path | None, n: int) -> tuple[list[dict], str]:
+    """``n`` rows of a model with columns for the parity gate, from ``data`` (cycled if shorter) or made up (random
+    images and words, numbers about the training mean, categories from the training vocabulary and one unseen); then
+    each column's cell emptied in one row (a different row for each), as rows come with empty cells."""
+    model = predictor.model
+    tokenizer = model.text.tokenizer if "text" in model.modalities else None
+    if data is None:
+        rng = np.random.default_rng(PARITY_SEED)
+        made = [synthetic_rows(tokenizer, n, PARITY_SEED + k) for k in range(max(len(named.image), len(named.text)))]
+        rows = [
+            {
+                **{c: made[k][0][i] for k, c in enumerate(named.image)},
+                **{c: made[k][1][i] for k, c in enumerate(named.text)},
+            }
+            for i in range(n)
+        ]
+        for c in model.tabular_spec.columns if model.tabular_spec is not None else []:
+            for row in rows:
+                choices = [*c.vocab, "never seen in training"]
+                row[c.name] = f"{c.mean + c.sd * rng.normal():.4f}" if c.kind == "num" else str(rng.choice(choices))
+        source = f"synthetic: {n} rows of random images, vocabulary words, numbers and categories (seed 0)"
+    else:
+        records = load_checked(data, need_label=False, need_text=False, max_chars=predictor.max_chars, named=named)
+        if not records:
+            raise MmfuseError(f"--data {data} has no rows to check the export on.")
+        rows = [dict(r.cells) for r in records[:n]]
+        source = f"{data}: the first {len(rows)} row(s)" + (", cycled" if len(rows) < n else "")
+        rows = [dict(r) for r in (rows * n)[:n]]
+    for k, c in enumerate(named.names):  # row 0 keeps every cell: the batch of 1 checks a full row
+        rows[1 + k % (n - 1)][c] = None
+    return rows, source
+
+
+def column_parity_gate(predictor, onnx_predictor: OnnxPredictor, rows: list[dict]) -> dict:
+    """``parity_gate`` for a model with columns: ``Predictor.predict(rows=...)`` against the graph on the same rows
+    (through ``OnnxPredictor.predict(rows=...)``), with the rows' texts and with every text at max_length tokens."""
+    model = predictor.model
+    named = Columns.of(predictor.cfg.model)
+    variants = {"short": rows}
+    if named.text:
+        tok, n = model.text.tokenizer, model.text.max_length
+        variants["long"] = [{**r, **{c: long_text(tok, r[c], n) if r[c] else r[c] for c in named.text}} for r in rows]
+    cases = []
+    for kind, these in variants.items():
+        for b in PARITY_BATCHES:
+            ref = predictor.predict(rows=these[:b], batch_size=b).probs
+            feeds = onnx_predictor.row_feeds(these[:b])
+            got = onnx_predictor.run(feeds)
+            masks = [v for k, v in feeds.items() if k.endswith("_attention_mask")]
+            tokens = max(int(m.sum(1).max()) for m in masks) if masks else None
+            cases.append({"batch": b, "texts": kind, "tokens": tokens, **_differences(predictor, ref, got)})
+    return _verdict(cases, list(variants))
+
+
+def _differences(predictor, ref: np.ndarray, got: np.ndarray) -> dict:
+    """The largest probability difference and the rows whose decision differs (top-1, or a multi-label set)."""
+    if predictor.multi_label:
+        sets = multilabel.predicted(ref, predictor.thresholds), multilabel.predicted(got, predictor.thresholds)
+        top1 = int((sets[0] != sets[1]).any(1).sum())
+    else:
+        top1 = int((ref.argmax(1) != got.argmax(1)).sum())
+    return {"max_abs_diff": float(np.abs(ref - got).max()), "top1_differs": top1}
+
+
+def _verdict(cases: list[dict], texts: list[str]) -> dict:
+    worst = max(c["max_abs_diff"] for c in cases)
+    mismatched = sum(c["top1_differs"] for c in cases)
     return {
         "max_abs_diff": worst,
         "top1_differs": mismatched,
-        "rows_checked": checked,
+        "rows_checked": sum(c["batch"] for c in cases),
         "tolerance": TOLERANCE,
         "batch_sizes": list(PARITY_BATCHES),
-        "texts": list(variants),
+        "texts": texts,
         "passed": worst <= TOLERANCE and mismatched == 0,
         "cases": cases,
     }
@@ -313,28 +403,30 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
             "holds float32 towers, whose features its head was not trained on: predict or serve the run itself "
             "(both run the int8 tower), or train without --quantize to export."
         )
-    if predictor.cfg.model.columns:  # the graph's inputs are one image and one text
-        raise MmfuseError(
-            f"{run_dir} reads named columns (--image-columns, --text-columns or --tabular-columns), and export does "
-            "not support them yet: serve it from the run directory with mmfuse.load(RUN).predict(rows=...)."
-        )
+    named = Columns.of(predictor.cfg.model)  # a model with columns: one input group per column
     if len(predictor.models) > 1:  # one graph holds one model: the members' average is not that
         raise MmfuseError(
             f"{run_dir} is a bag of {len(predictor.models)} models, and an export holds one: export one of its "
             f"members ({run_dir}/members/0), or train it with --refit-full and export the bag (its refit is used)."
         )
     model = predictor.model
-    for m in model.modalities:  # frozen packaged towers are built only when needed: the graph needs them all
+    for m in model.cards:  # frozen packaged towers are built only when needed: the graph needs them all
         model.build_tower(m)
     model.eval()
     if getattr(model.text, "lora", None):  # the adapters folded into the weights: a graph as fast as full tuning's
         merge_adapters(model.text)
-    images, texts, source = parity_rows(predictor, data, max(PARITY_BATCHES))
+    if named is None:
+        images, texts, source = parity_rows(predictor, data, max(PARITY_BATCHES))
+    else:
+        rows, source = column_parity_rows(predictor, named, data, max(PARITY_BATCHES))
 
     out.mkdir(parents=True, exist_ok=True)
     _clear(out)
-    accepts_missing = predictor.accepts_missing_text
-    names = graph_inputs(model.modalities, accepts_missing)
+    accepts_missing = bool(predictor.accepts_missing_text)
+    if named is None:
+        names = graph_inputs(model.modalities, accepts_missing)
+    else:
+        names = column_inputs(model.slots, model.tabular_spec)
     preprocess = {}
     if "text" in model.modalities:
         model.text.tokenizer.save_pretrained(out / "tokenizer")
@@ -349,8 +441,15 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
         if "processor" in preprocess["image"]:
             model.vision.processor.save_pretrained(out / "image_processor")
 
-    example = _example(model, names, preprocess)
-    wrapper = ExportWrapper(model, names, predictor.temperature, predictor.multi_label).eval()
+    if "tabular" in model.modalities:  # the training statistics that encode new rows, beside the graph
+        (out / TABULAR_FILE).write_text(json.dumps(model.tabular_spec.to_json(), indent=2), encoding="utf-8")
+        preprocess["tabular"] = {"statistics": TABULAR_FILE, "columns": list(named.tabular)}
+    if named is None:
+        example = _example(model, names, preprocess)
+        wrapper = ExportWrapper(model, names, predictor.temperature, predictor.multi_label).eval()
+    else:
+        example = column_example(model, names, _pixel_size(model) if "image" in model.modalities else None)
+        wrapper = ColumnsWrapper(model, names, predictor.temperature, predictor.multi_label).eval()
     with torch.inference_mode(False), torch.no_grad():
         exporter = export_graph(wrapper, example, out / "model.onnx", preprocess.get("text", {}).get("max_length"))
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -364,7 +463,13 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
         "run_weights_sha256": sha256(run_dir / "model.safetensors"),
         "classes": predictor.classes,
         "modalities": model.modalities,
-        "inputs": {n: _describe(n, preprocess, len(model.modalities)) for n in names},
+        "inputs": {
+            n: _describe(n, preprocess, len(model.modalities))
+            if named is None
+            else describe(n, model.slots, preprocess, model.tabular_spec)
+            for n in names
+        },
+        **(_columns_info(model, named) if named is not None else {}),
         "outputs": {
             "logits": "float32 (batch, classes)"
             + (f", the model's divided by its temperature {predictor.temperature:.6g}" if calibrated else ""),
@@ -379,9 +484,7 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
         ),
         "temperature": predictor.temperature,
         "accepts_missing_text": accepts_missing,
-        "present": "an input: False marks a missing text"
-        if "present" in names
-        else "not an input: every modality is taken as present (the model was not trained with modality dropout)",
+        "present": _present_words(names, named),
         "preprocess": preprocess,
         "exporter": exporter,
         "versions": {
@@ -395,7 +498,10 @@ def export_run(run_dir: str | Path, out: str | Path, data: str | Path | None = N
     # The gate reads the graph and the preprocessing back from the files, exactly as a user of the export will.
     (out / "export.json").write_text(json.dumps({**info, "status": "passed"}, indent=2), encoding="utf-8")
     try:
-        report = parity_gate(predictor, OnnxPredictor(out), images, texts)
+        if named is None:
+            report = parity_gate(predictor, OnnxPredictor(out), images, texts)
+        else:
+            report = column_parity_gate(predictor, OnnxPredictor(out), rows)
     except BaseException:
         (out / "export.json").unlink(missing_ok=True)
         raise
@@ -428,12 +534,29 @@ def _example(model, names: list[str], preprocess: dict) -> dict[str, torch.Tenso
         ids = torch.full((b, t), tok.unk_token_id if tok.unk_token_id is not None else 1, dtype=torch.long)
         out["input_ids"], out["attention_mask"] = ids, torch.ones(b, t, dtype=torch.long)
     if "pixel_values" in names:
-        spec = model.vision.pixel_spec
-        h, w = (spec.height, spec.width) if spec is not None else _processor_size(model.vision.processor)
-        out["pixel_values"] = torch.zeros(b, 3, h, w)
+        out["pixel_values"] = torch.zeros(b, 3, *_pixel_size(model))
     if "present" in names:
         out["present"] = torch.ones(b, len(model.modalities), dtype=torch.bool)
     return out
+
+
+def _pixel_size(model) -> tuple[int, int]:
+    spec = model.vision.pixel_spec
+    return (spec.height, spec.width) if spec is not None else _processor_size(model.vision.processor)
+
+
+def _columns_info(model, named: Columns) -> dict:
+    """What export.json says of a graph with columns: the columns, and which graph input reads which."""
+    slots = [{"name": s.name, "modality": s.modality, "column": s.column} for s in model.slots]
+    return {"columns": {k: list(v) for k, v in vars(named).items()}, "slots": slots}
+
+
+def _present_words(names: list[str], named: Columns | None) -> str:
+    if named is not None:
+        return "an input: one column per slot (see slots), False marks an empty cell"
+    if "present" in names:
+        return "an input: False marks a missing text"
+    return "not an input: every modality is taken as present (the model was not trained with modality dropout)"
 
 
 def _processor_size(processor) -> tuple[int, int]:
@@ -508,6 +631,8 @@ feeds["present"] = np.stack([has_text if m == "text" else has_text | True for m 
 def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a grinning cat face") -> str:
     """The export's README: what it holds, how it was checked, and a complete onnxruntime example for this graph's
     inputs."""
+    if "columns" in info:
+        return columns_readme(out, info)
     body = ""
     if "input_ids" in info["inputs"]:
         body += TEXT_FEEDS

@@ -20,10 +20,14 @@ from PIL import Image
 
 from mmfuse.binary import Decision, read_decision
 from mmfuse.config import RunConfig
-from mmfuse.data.checks import CHARS_PER_TOKEN
+from mmfuse.data.checks import CHARS_PER_TOKEN, clip_text
+from mmfuse.data.columns import Columns, Slot
 from mmfuse.data.images import load_image
 from mmfuse.data.records import Record
+from mmfuse.data.tabular import TabularSpec
 from mmfuse.errors import MmfuseError
+from mmfuse.inference.export.columns import column_feeds
+from mmfuse.inference.inputs import as_list, open_input, row_record
 from mmfuse.inference.predictor import load_inputs
 from mmfuse.models.towers.base import PixelSpec, tower_pixels
 from mmfuse.multilabel import Thresholds, read_thresholds
@@ -94,6 +98,19 @@ class OnnxPredictor:
             self.processor = AutoImageProcessor.from_pretrained(self.dir / pre["image"]["processor"])
         elif "image" in pre:
             self.pixel_spec = PixelSpec.from_dict(pre["image"])
+        # A run with named columns: which graph input reads which column, and the tabular statistics (tabular.json).
+        self.columns: Columns | None = None
+        self.slots: list[Slot] = []
+        self.tabular: TabularSpec | None = None
+        if "columns" in self.info:
+            self.columns = Columns(**{k: tuple(v) for k, v in self.info["columns"].items()})
+            self.slots = [Slot(**s) for s in self.info["slots"]]
+        if "tabular" in pre:
+            where = self.dir / pre["tabular"]["statistics"]
+            try:
+                self.tabular = TabularSpec.from_json(json.loads(where.read_text(encoding="utf-8")), str(where))
+            except (OSError, ValueError) as e:
+                raise MmfuseError(f"{where} cannot be read ({e}); export again.") from None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # The graph gives probabilities; a binary run's threshold makes the labels (the run's, else export.json's).
         self.decision = None
@@ -143,13 +160,14 @@ class OnnxPredictor:
 
     def feeds(self, images: Sequence[Image.Image] | None, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The graph's inputs for RGB images and texts (an empty text: missing, where the model allows it)."""
+        if self.columns is not None:
+            raise MmfuseError(
+                f"this graph reads the columns {self.columns.names}: build its inputs with row_feeds(rows), or "
+                "predict(rows=[{column: value, ...}, ...])"
+            )
         out = {}
         if "input_ids" in self.input_names:
-            enc = self.tokenizer(
-                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
-            )
-            out["input_ids"] = enc["input_ids"].astype(np.int64)
-            out["attention_mask"] = enc["attention_mask"].astype(np.int64)
+            out |= self.tokenize(texts)
         if "pixel_values" in self.input_names:
             out["pixel_values"] = self.pixels(images)
         if "present" in self.input_names:
@@ -158,16 +176,57 @@ class OnnxPredictor:
             out["present"] = np.stack(cols, 1)
         return out
 
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """``input_ids`` and ``attention_mask`` (int64) of texts, padded to the longest, cut at max_length."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        return {
+            "input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+        }
+
+    def row_feeds(self, rows) -> dict[str, np.ndarray]:
+        """The inputs of a graph with columns for rows as ``Predictor.predict(rows=...)`` takes them: one dict per
+        input with a value for each column (a DataFrame works too), each checked as torch checks it."""
+        if self.columns is None:
+            raise MmfuseError("rows=... is for a graph of a run with named columns; this one takes images and texts")
+        if hasattr(rows, "to_dict") and hasattr(rows, "columns"):
+            rows = rows.to_dict("records")
+        rows = as_list(rows, "rows", "row")
+        limit = int(self.info["preprocess"]["text"]["max_length"]) * CHARS_PER_TOKEN if self.tokenizer else 0
+        records = [
+            row_record(row, i, self.columns, lambda t: [clip_text(x, limit) for x in t]) for i, row in enumerate(rows)
+        ]
+        return self.record_feeds(records)
+
+    def record_feeds(self, records: list[Record]) -> dict[str, np.ndarray]:
+        """The inputs of a graph with columns for checked rows with cells (``load_data``'s, or ``row_feeds``')."""
+        return column_feeds(records, self.slots, self.tabular, self.tokenize, self.pixels, open_input, self.input_names)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph's probabilities for its inputs."""
+        return self.session.run(["probs"], feeds)[0]
+
     def pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, 3, H, W) float32: the tower's pixels normalised, by the function training and torch prediction use."""
         if self.processor is not None:
             return np.asarray(self.processor(list(images), return_tensors="np")["pixel_values"], dtype=np.float32)
         return tower_pixels(images, self.pixel_spec, normalised=True).numpy()
 
-    def predict(self, images: Sequence[Image.Image] | None, texts: Sequence[str]) -> np.ndarray:
-        """Probabilities (N, classes) for one batch of RGB images and texts, columns in ``classes`` order."""
-        feeds = self.feeds(images, texts)
-        return self.session.run(["probs"], feeds)[0]
+    def predict(
+        self, images: Sequence[Image.Image] | None = None, texts: Sequence[str] | None = None, *, rows=None
+    ) -> np.ndarray:
+        """Probabilities (N, classes) for one batch of RGB images and texts, columns in ``classes`` order; for a
+        graph with columns, of ``rows`` (``row_feeds``) in their place."""
+        if rows is not None or self.columns is not None:
+            if images is not None or texts is not None or rows is None:
+                raise MmfuseError(
+                    "a graph of a run with named columns takes predict(rows=[{column: value, ...}, ...]); "
+                    "a graph of one image and one text takes predict(images, texts)"
+                )
+            return self.run(self.row_feeds(rows))
+        return self.run(self.feeds(images, texts))
 
     def predict_records(self, records: list[Record], batch_size: int | None = None, show: bool = True) -> np.ndarray:
         """Probabilities for checked records, as ``Predictor.predict_records`` gives them."""
@@ -176,6 +235,9 @@ class OnnxPredictor:
         out = []
         for start in range(0, len(records), batch_size):
             rows = records[start : start + batch_size]
+            if self.columns is not None:
+                out.append(self.run(self.record_feeds(rows)))
+                continue
             images = [load_image(r.image) for r in rows] if uses_images else None
             out.append(self.predict(images, [r.text for r in rows]))
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), dtype=np.float32)
