@@ -141,12 +141,10 @@ class DataConfig:
     """With --tune all, decode images every epoch instead of once into a uint8 cache ($MMFUSE_HOME/pixels)
     (towers whose preprocessing crops or pads always decode every epoch)."""
     multi_label: bool = False
-    """Multi-label: each row holds a set of labels (a sigmoid per label, thresholds tuned on validation). A manifest's
-    labels column (cells such as cat|dog, or lists in JSONL and parquet) makes a run multi-label by itself; this
-    forces it for a label column. A trained run's config.yaml records it."""
+    """Multi-label: each row a set of labels (a sigmoid per label, thresholds tuned on held-out rows). A labels column
+    (cat|dog, or lists in JSONL and parquet) makes a run multi-label by itself; this forces it for a label column."""
     label_sep: str | None = None
-    """Read the label column's cells as sets of labels split on this (e.g. ';'), which makes the run multi-label.
-    Default: a labels column's cells are split on |."""
+    """Split the label column's cells into sets on this (e.g. ';'), making the run multi-label (labels: on |)."""
 
     def __post_init__(self):
         if not 0.0 < self.val_split < 0.9:
@@ -207,11 +205,9 @@ class ModelConfig:
     and checked against torch; torch on a GPU), torch, or onnx (onnxruntime or an error). Features from either agree
     within 1e-4 and share one cache."""
     quantize: str = "none"
-    """int8: the frozen text tower runs in onnxruntime with its matrix multiplications dynamically quantised to int8
-    (weights per channel), 2-4x faster on a CPU. Its features differ from float32 ones (cached apart), so a run
-    trained with it predicts with it; the change in quality is measured per packaged tower (bench/int8.py), and a
-    tower whose change exceeds 0.005 weighted F1 is refused. The image towers stay float32 (convolutions do not
-    quantise dynamically). Needs onnxruntime (mmfuse[export]) and a frozen text tower."""
+    """int8: the frozen text tower runs in onnxruntime, its matrix multiplications quantised (onnx_engine): faster on
+    a CPU, features cached apart, and a run trained so predicts so. Refused for a tower whose CV weighted F1 fell by
+    over 0.005 (bench/RESULTS.md). Image towers stay float32."""
 
     def __post_init__(self):
         if self.vision_pooling not in POOLINGS:
@@ -278,12 +274,10 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     tune: str = "text"
-    """text or image: fine-tune that tower, the other stays frozen with its features cached; head: both frozen and
-    cached, only the head trains (seconds on CPU); all: fine-tune both towers (the reference; wants a GPU). Given on
-    its own, it trains one model (train's default is the ensemble, whose members keep the towers frozen); text is a
-    CPU-sized fine-tune of MiniLM (about 100 s per 1,300 rows on 2 cores): in 5-fold cross-validation on the emoji
-    data, over two seeds, it beat a linear probe on frozen features by 0.010-0.015 weighted F1 and the frozen head
-    by 0.003-0.015."""
+    """text or image: fine-tune that tower, the other frozen with its features cached; head: both frozen, only the
+    head trains (seconds on CPU); all: both tuned (the reference; wants a GPU). Given alone, it trains one model
+    (train's default is the ensemble). text fine-tunes MiniLM (about 100 s per 1,300 rows on 2 cores; 5-fold CV on
+    the emoji: +0.010-0.015 weighted F1 over a probe on frozen features)."""
     epochs: int | None = None
     """Epochs; default 15 with --tune head (each epoch costs milliseconds), 4 with --tune text, 8 with --tune image
     or all (the reference)."""
