@@ -136,6 +136,8 @@ def test_the_portfolio_lists_cheap_members_first_and_skips_mpnet_when_missing(mo
     monkeypatch.setattr(portfolio, "mpnet_installed", lambda: True)
     members = portfolio.portfolio(cfg)
     assert [m.name for m in members][8:] == ["mpnet-fusion-concat", "mpnet-fusion-gated", "mpnet-fusion-attention"]
+    int8 = [m.name for m in portfolio.portfolio(cfg.updated({"model": {"quantize": "int8"}}))]
+    assert int8 == names and "--quantize int8 is refused for mpnet" in caplog.text  # not an ensemble that fails
     probe = members[1].cfg
     assert (probe.model.fusion, probe.model.text_pooling, probe.model.modalities) == ("linear", "mean", ["text"])
     assert all(not m.cfg.train.ensemble and m.cfg.train.bag == 5 and m.cfg.train.tune == "head" for m in members)

@@ -358,3 +358,12 @@ def test_a_run_trained_in_int8_predicts_in_int8_and_export_refuses_it(tiny_vit_d
         run_towers(Predictor(run), "torch").predict(images[:1], TEXTS[:1])
     assert main(["export", str(run), "--out", str(tmp_path / "onnx")]) == 2
     assert main(["export", str(plain), "--out", str(tmp_path / "onnx-fp32")]) == 0
+
+
+def test_int8_is_refused_up_front_for_a_packaged_tower_measured_to_lose(monkeypatch):
+    with pytest.raises(MmfuseError, match="refused for the text tower mpnet: its int8 features agree .* 0.866"):
+        requested_spec("text", ModelConfig(text="mpnet", quantize="int8"))
+    monkeypatch.setitem(onnx_engine.INT8_MEASURED, "minilm", 0.02)  # a loss over the 0.005 allowed
+    with pytest.raises(MmfuseError, match="lost 0.020 weighted F1 in cross-validation"):
+        requested_spec("text", ModelConfig(text="minilm", quantize="int8"))
+    assert onnx_engine.int8_refusal("some/hub-model") is None  # unmeasured: the cosine floor checks it

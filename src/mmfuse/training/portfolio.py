@@ -47,6 +47,7 @@ from mmfuse.errors import MmfuseError
 from mmfuse.features.sources import FeatureCache, build_dataset
 from mmfuse.models.classifier import MultimodalClassifier, build_model
 from mmfuse.models.mpnet import find_parts
+from mmfuse.models.towers.onnx_engine import int8_refusal
 from mmfuse.rundir.layout import ENSEMBLE_FILE, FROZEN_FILE
 from mmfuse.rundir.weights import write_ensemble, write_run
 from mmfuse.training import selection
@@ -119,7 +120,10 @@ def portfolio(cfg: RunConfig) -> list[Member]:
         Member(f"fusion-{head}", "fusion", base.updated({"model": {"fusion": head, "modalities": both}}))
         for head in ("concat", "gated", "attention")
     ]
-    if base.model.text == "minilm":
+    int8_off = int8_refusal("mpnet") if cfg.model.quantize != "none" else None
+    if base.model.text == "minilm" and int8_off:
+        log.info("ensemble: skipping the mpnet members: --quantize int8 is refused for mpnet (%s)", int8_off)
+    elif base.model.text == "minilm":
         if mpnet_installed():
             mpnet = {"text": "mpnet", "text_pooling": "attention", "modalities": both}
             members += [

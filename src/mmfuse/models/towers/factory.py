@@ -15,6 +15,7 @@ from mmfuse.errors import MmfuseError
 from mmfuse.models.lora import add_adapters
 from mmfuse.models.towers.base import _TOWERS, Tower, TowerCard, packaged_towers
 from mmfuse.models.towers.hf import HFTextTower, HFVisionTower, quiet_loading
+from mmfuse.models.towers.onnx_engine import int8_refusal
 from mmfuse.models.towers.packaged import EfficientNetLiteTower  # noqa: F401 (registers the packaged towers)
 
 
@@ -59,6 +60,9 @@ def _quantized(spec: dict, modality: str, cfg: ModelConfig) -> dict:
     feature cache's key hashes, must differ too. Without --quantize the spec (and every existing key) is unchanged."""
     if modality != "text" or cfg.quantize == "none":
         return spec
+    refused = int8_refusal(spec["name"])
+    if refused:  # before anything is embedded or exported
+        raise MmfuseError(f"--quantize int8 is refused for the text tower {spec['name']}: {refused}. Leave it out.")
     return {**spec, "quantize": cfg.quantize}
 
 

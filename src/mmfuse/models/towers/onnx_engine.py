@@ -71,6 +71,14 @@ INT8_MIN_COSINE = 0.95
 vector, or each real token's state), for the int8 export to be kept. MiniLM measures 0.977 per token and 0.985 pooled
 with weights per channel; per-tensor weights with a reduced range fell to 0.64: a floor that catches a broken
 quantisation, not a measure of quality (bench/int8.py measures that)."""
+INT8_MAX_LOSS = 0.005
+"""The most weighted F1 a packaged text tower may lose in int8 for --quantize int8 to be allowed for it."""
+INT8_MEASURED = {
+    # The packaged towers' int8 against float32 in 5-fold x 2-seed CV of --preset fast on the visible sets
+    # (bench/RESULTS.md, "int8 text towers"): the largest fall of mean weighted F1 over the sets, or why refused.
+    "minilm": 0.001,
+    "mpnet": "its int8 features agree with float32 at a cosine of only 0.866 on the parity texts (the floor is 0.95)",
+}
 _LOADED: dict[str, OnnxTower] = {}
 """Sessions already made in this process, by tower fingerprint: a bag's members and every batch share one."""
 _REFUSED: dict[str, str] = {}
@@ -251,6 +259,17 @@ def load_or_export(tower: Tower) -> Path:
 
 def _versions() -> dict:
     return {"engine": VERSION, "torch": torch.__version__, "onnxruntime": onnxruntime_module().__version__}
+
+
+def int8_refusal(name: str) -> str | None:
+    """Why --quantize int8 is refused for the packaged tower ``name`` (``INT8_MEASURED``); None where it is allowed,
+    or not measured (any Hugging Face tower: only the cosine floor then checks it, when it is first quantised)."""
+    measured = INT8_MEASURED.get(name)
+    if isinstance(measured, str):
+        return measured
+    if measured is not None and measured > INT8_MAX_LOSS:
+        return f"it lost {measured:.3f} weighted F1 in cross-validation, over the {INT8_MAX_LOSS} allowed"
+    return None
 
 
 def quantized(tower: Tower, source: Path) -> Path:
