@@ -30,6 +30,18 @@ out-of-fold probabilities within the fold's train (``multilabel.choose_threshold
 
     python bench/cross_validate.py '{"fast": {"preset": "fast"}}' --data /tmp/sets26/emoji-multilabel \
         --scores micro_f1,macro_f1,map
+
+A set with named columns (several images or texts, tabular columns: ``--image-columns`` ...) keeps every column in
+its fold files (image paths made absolute); recipes name theirs as ``model.image_columns``, ``model.text_columns``,
+``model.tabular_columns`` overrides. ``--columns`` names the probe's: each image and text column's features as above,
+L2-normalised and concatenated per modality (and each column alone where a modality has several), and the tabular
+columns as a run encodes them (numbers standardised on each fold's train, with missing indicators), categories
+one-hot where a run embeds them (the probe has no embedding to learn); arms image, text, tabular and all together.
+
+    python bench/cross_validate.py '{"fast, +tabular": {"preset": "fast", "model.image_columns": ["image"],
+        "model.text_columns": ["title", "summary"], "model.tabular_columns": ["size_kb", "section"]}}' \
+        --data /tmp/sets26/debian-apps-columns --columns '{"image_columns": ["image"],
+        "text_columns": ["title", "summary"], "tabular_columns": ["size_kb", "section"]}'
 """
 
 from __future__ import annotations
