@@ -178,11 +178,27 @@ print([onnx.classes[i] for i in probs.argmax(1)], probs.max(1))
 """
 
 
-def columns_readme(out: Path, info: dict) -> str:
-    """The README of a graph with columns: what it holds, how it was checked, and mmfuse's runtime on a row."""
+def readme_fields(out: Path, info: dict) -> dict:
+    """What every export README says of its graph: the run, the exporter, the parity gate's figures, the inputs."""
     parity = info["parity"]
     t = info.get("temperature", 1.0)
-    calibrated = f"The logits are the model's divided by its temperature {t:.4g} (`--calibrate`).\n" if t != 1.0 else ""
+    return {
+        "run": Path(info["run"]).name,
+        "exporter": info["exporter"]["name"],
+        "opset": info["exporter"]["opset"],
+        "diff": f"{parity['max_abs_diff']:.1e}",
+        "rows": parity["rows_checked"],
+        "batches": ", ".join(map(str, parity["batch_sizes"])),
+        "inputs": ", ".join(f"`{n}`" for n in info["inputs"]),
+        "out": out.as_posix(),
+        "calibrated": f"The logits are the model's divided by its temperature {t:.4g} (`--calibrate`).\n"
+        if t != 1.0
+        else "",
+    }
+
+
+def columns_readme(out: Path, info: dict) -> str:
+    """The README of a graph with columns: what it holds, how it was checked, and mmfuse's runtime on a row."""
     cols = info["columns"]
     example = {
         **{c: "front.png" for c in cols["image"]},
@@ -190,17 +206,9 @@ def columns_readme(out: Path, info: dict) -> str:
         **dict.fromkeys(cols["tabular"]),
     }
     readme = COLUMNS_README.format(
-        run=Path(info["run"]).name,
-        exporter=info["exporter"]["name"],
-        opset=info["exporter"]["opset"],
-        diff=f"{parity['max_abs_diff']:.1e}",
-        rows=parity["rows_checked"],
-        batches=", ".join(map(str, parity["batch_sizes"])),
+        **readme_fields(out, info),
         columns=", ".join(f"`{c}` ({kind})" for kind, names in cols.items() for c in names),
-        inputs=", ".join(f"`{n}`" for n in info["inputs"]),
-        out=out.as_posix(),
         row=repr(example),
-        calibrated=calibrated,
     )
     if info.get("multi_label"):  # a set per row: each label's sigmoid against its threshold
         readme = readme.replace("no top-1 different", "no label set different").replace(

@@ -44,6 +44,7 @@ from mmfuse.inference.export.columns import (
     column_inputs,
     columns_readme,
     describe,
+    readme_fields,
     sequence_axis,
     sequence_dims,
     slot_inputs,
@@ -486,23 +487,7 @@ def export_readme(out: Path, info: dict, image: str = "cat.png", text: str = "a 
         body += PROCESSOR_FEEDS if "processor" in info["preprocess"]["image"] else IMAGE_FEEDS
     if "present" in info["inputs"]:
         body += PRESENT_FEEDS
-    parity = info["parity"]
-    t = info.get("temperature", 1.0)
-    calibrated = f"The logits are the model's divided by its temperature {t:.4g} (`--calibrate`).\n" if t != 1.0 else ""
-    readme = README.format(
-        run=Path(info["run"]).name,
-        exporter=info["exporter"]["name"],
-        opset=info["exporter"]["opset"],
-        diff=f"{parity['max_abs_diff']:.1e}",
-        rows=parity["rows_checked"],
-        batches=", ".join(map(str, parity["batch_sizes"])),
-        inputs=", ".join(f"`{n}`" for n in info["inputs"]),
-        out=out.as_posix(),
-        image=image,
-        text=text,
-        body=body,
-        calibrated=calibrated,
-    )
+    readme = README.format(**readme_fields(out, info), image=image, text=text, body=body)
     if info.get("multi_label"):  # a set per row: each label's sigmoid against its threshold
         readme = readme.replace("no top-1 different", "no label set different").replace(
             "`probs` (softmax)", "`probs` (a sigmoid per label: in the set when it reaches its entry in `thresholds`)"
