@@ -105,16 +105,15 @@ def portfolio(cfg: RunConfig) -> list[Member]:
     probe = {"fusion": "linear"}
     if text_pooling == "attention":  # a probe fits pooled features: the sentence embedding, mean of the last layer
         probe |= {"text_pooling": "mean", "text_layer_mean": 1}
-    # With --tabular-columns, "both" (every member that fuses) reads the tabular columns too, and they get a head of
-    # their own.
+    # With --tabular-columns, "both" (every member that fuses) reads the tabular columns too, and each of its inputs
+    # gets a head of its own.
     both = ["image", "text"] + ["tabular"] * bool(cfg.model.tabular_columns)
-    alone = ["image", "text"] + ["tabular"] * bool(cfg.model.tabular_columns)
     members = [
         Member(f"probe-{name}", "probe", base.updated({"model": {**probe, "modalities": mods}}))
         for name, mods in (("image", ["image"]), ("text", ["text"]), ("both", both))
     ]
     members += [
-        Member(f"head-{m}", "head", base.updated({"model": {"fusion": "concat", "modalities": [m]}})) for m in alone
+        Member(f"head-{m}", "head", base.updated({"model": {"fusion": "concat", "modalities": [m]}})) for m in both
     ]
     members += [
         Member(f"fusion-{head}", "fusion", base.updated({"model": {"fusion": head, "modalities": both}}))
