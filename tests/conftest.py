@@ -271,3 +271,13 @@ def chrome(width: int, height: int):
     metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600}
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
     return driver
+
+
+def submit_page(driver, wait) -> None:
+    """Presses the served page's submit button and waits for its answer, which must not be an error."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.ID, "submit").click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+    state = driver.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+    assert state == "done", driver.find_element(By.ID, "error").text

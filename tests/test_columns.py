@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import yaml
-from conftest import COLORS, THINGS, make_image, make_text, read_csv, write_csv
+from conftest import COLORS, THINGS, make_image, make_text, read_csv, submit_page, write_csv
 from safetensors.torch import load_file
 
 import mmfuse
@@ -483,11 +483,7 @@ def test_the_page_has_a_field_per_column_in_a_real_browser(run, data, shared_hom
         fields["front"].send_keys(str(filled["front"]))
         for c in ("title", "size", "section"):
             fields[c].send_keys(filled[c])
-        driver.find_element(By.ID, "submit").click()
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", driver.find_element(
-            By.ID, "error"
-        ).text
+        submit_page(driver, wait)
         assert driver.find_element(By.ID, "label").text == expected.labels[0]
         bars = driver.find_elements(By.CSS_SELECTOR, "#fusion .bar")
         assert [b.find_element(By.CSS_SELECTOR, ".name").get_attribute("textContent") for b in bars] == expected.classes

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TOY, read_csv, write_csv, write_toy
+from conftest import TOY, read_csv, submit_page, write_csv, write_toy
 
 import mmfuse
 from mmfuse import metrics, multilabel
@@ -302,9 +302,7 @@ def test_the_page_shows_the_set_in_a_real_browser(run, toy, shared_home, monkeyp
         assert "labels (multi-label)" in driver.find_element(By.ID, "status").text
         driver.find_element(By.ID, "file").send_keys(str(images[0]))
         driver.find_element(By.ID, "text").send_keys(texts[0])
-        driver.find_element(By.ID, "submit").click()
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
+        submit_page(driver, wait)
         assert driver.find_element(By.ID, "label").text == (" · ".join(expected.sets[0]) or "(no label)")
         assert "labels at their thresholds" in driver.find_element(By.ID, "confidence").text
         marked = driver.find_elements(By.CSS_SELECTOR, "#fusion .bar.top .name")
