@@ -267,7 +267,7 @@ def _cut(cfg: RunConfig) -> str | float | None:
 
 def _member_scores(y: np.ndarray, oof: np.ndarray, positive: int | None, cut: str | float | None) -> dict:
     """Every score --metric may name of a member's out-of-fold probabilities, a multi-label member's at ``cut``."""
-    loss = selection.score(y, oof)[1]
+    loss = selection.log_loss(y, oof)
     if cut is not None:
         sets = selection.label_sets(y, oof, cut)
         return {**metrics.multilabel_summary(y, sets), "log_loss": loss, "map": metrics.mean_average_precision(y, oof)}

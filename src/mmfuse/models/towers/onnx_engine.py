@@ -161,16 +161,18 @@ def engine(
         MmfuseError: ``backend`` is onnx and the export was refused.
     """
     int8 = getattr(tower, "quantize", None) == "int8"
-    if int8 and (resolve(backend, device) == "torch" or any(p.dtype != torch.float32 for p in tower.parameters())):
+    in_torch = resolve(backend, device) == "torch"
+    fp32 = all(p.dtype == torch.float32 for p in tower.parameters())
+    if int8 and (in_torch or not fp32):
         raise MmfuseError(
             f"this run's text tower runs in int8 (--quantize int8), in onnxruntime on a CPU in float32, and here it "
             f"would run in torch (device {device}, --backend {backend}, onnxruntime "
             f"{'installed' if onnxruntime_module() else f'not installed: {INSTALL}'}): predict on a CPU with "
             "onnxruntime, or train without --quantize."
         )
-    if resolve(backend, device) == "torch":
+    if in_torch:
         return tower
-    if any(p.dtype != torch.float32 for p in tower.parameters()):
+    if not fp32:
         if backend == "onnx":
             raise MmfuseError("--backend onnx runs float32 towers; this one is not (pass --dtype fp32)")
         return tower
