@@ -268,6 +268,15 @@ def api_rows(data, path):
     return rows
 
 
+def assert_predict_file_matches_the_api(out, data, tmp_path):
+    """`mmfuse predict` of the run on val.csv writes the probabilities the Python API gives for the same rows."""
+    assert main(["predict", str(out), str(data / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    written = read_csv(tmp_path / "p.csv")
+    pred = mmfuse.load(out, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
+    file_probs = np.array([[float(r[f"p_{c}"]) for c in pred.classes] for r in written])
+    np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)
+
+
 def test_a_bag_encodes_every_row_with_one_set_of_tabular_statistics(data, tmp_path):
     out = tmp_path / "bag"
     assert main(["train", str(data / "all.csv"), "--out", str(out), "--bag", "2", *COLUMNS, *FAST]) == 0
@@ -275,11 +284,7 @@ def test_a_bag_encodes_every_row_with_one_set_of_tabular_statistics(data, tmp_pa
     assert specs[0] == specs[1]
     sizes = np.array([float(r["size"]) for r in read_csv(data / "all.csv") if r["size"]])
     assert specs[0]["columns"][0]["mean"] == pytest.approx(sizes.mean())
-    assert main(["predict", str(out), str(data / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
-    written = read_csv(tmp_path / "p.csv")
-    pred = mmfuse.load(out, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
-    file_probs = np.array([[float(r[f"p_{c}"]) for c in pred.classes] for r in written])
-    np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)
+    assert_predict_file_matches_the_api(out, data, tmp_path)
 
 
 def test_a_multi_label_run_reads_its_label_sets_through_the_columns(data, tmp_path):
@@ -338,11 +343,7 @@ def test_a_tuned_text_tower_reads_every_text_column(data, tmp_path):
     assert (out / "text_tower").is_dir()
     state = load_file(str(out / "model.safetensors"))
     assert any(k.startswith("text.") for k in state)  # the one tuned tower, shared by both text columns
-    assert main(["predict", str(out), str(data / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
-    written = read_csv(tmp_path / "p.csv")
-    pred = mmfuse.load(out, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
-    file_probs = np.array([[float(r[f"p_{c}"]) for c in pred.classes] for r in written])
-    np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)
+    assert_predict_file_matches_the_api(out, data, tmp_path)
 
 
 @pytest.mark.parametrize("mpnet", [False, True])
@@ -368,11 +369,7 @@ def test_the_ensemble_trains_and_predicts_on_columns(data, tmp_path):
     assert {"probe-both", "head-tabular", "fusion-attention"} <= {r["name"] for r in board}
     tabular = json.loads((out / "members" / "probe-both" / "members" / "0" / "tabular.json").read_text())
     assert [c["name"] for c in tabular["columns"]] == ["size", "section"]
-    assert main(["predict", str(out), str(data / "val.csv"), "--out", str(tmp_path / "p.csv")]) == 0
-    written = read_csv(tmp_path / "p.csv")
-    pred = mmfuse.load(out, device="cpu").predict(rows=api_rows(data, data / "val.csv"))
-    file_probs = np.array([[float(r[f"p_{c}"]) for c in pred.classes] for r in written])
-    np.testing.assert_allclose(pred.probs, file_probs, atol=2e-4)
+    assert_predict_file_matches_the_api(out, data, tmp_path)
 
 
 def test_jsonl_and_parquet_manifests_give_the_same_cells_as_csv(data, tmp_path):
