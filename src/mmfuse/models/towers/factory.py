@@ -29,6 +29,9 @@ def requested_spec(modality: str, cfg: ModelConfig) -> dict:
     without building it; a Hugging Face tower's gains its dimension when built."""
     name = _expand(cfg.vision if modality == "image" else cfg.text)
     flag, other_flag = {"image": ("--vision", "--text"), "text": ("--text", "--vision")}[modality]
+    refused = int8_refusal(name) if modality == "text" and cfg.quantize != "none" else None
+    if refused:  # before anything is built, embedded or exported, and before a packaged tower's weights are looked for
+        raise MmfuseError(f"--quantize int8 is refused for the text tower {name}: {refused}. Leave it out.")
     if name in _TOWERS:
         if PACKAGED_TOWERS[name]["modality"] != modality:
             raise MmfuseError(
@@ -60,9 +63,6 @@ def _quantized(spec: dict, modality: str, cfg: ModelConfig) -> dict:
     feature cache's key hashes, must differ too. Without --quantize the spec (and every existing key) is unchanged."""
     if modality != "text" or cfg.quantize == "none":
         return spec
-    refused = int8_refusal(spec["name"])
-    if refused:  # before anything is embedded or exported
-        raise MmfuseError(f"--quantize int8 is refused for the text tower {spec['name']}: {refused}. Leave it out.")
     return {**spec, "quantize": cfg.quantize}
 
 
