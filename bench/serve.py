@@ -75,6 +75,16 @@ class Server:
                 raise SystemExit("the server never became ready:\n" + "".join(self.log))
             time.sleep(0.2)
 
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far, all its threads (Linux /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def model_seconds(self) -> float:
+        """The model thread's time in batches so far, from /metrics."""
+        text = httpx.get(self.url + "/metrics").text
+        return float(re.search(r"^mmfuse_batch_seconds_sum (\S+)$", text, re.M).group(1))
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -272,24 +282,39 @@ def compare_backends(args, per_client: int) -> int:
                 asyncio.run(load(server.url, rows, expected, classes, 1, 2, time.monotonic() + 300))  # warm-up
                 for clients in counts:
                     deadline = time.monotonic() + args.time_limit
+                    before = server.cpu_seconds(), server.model_seconds(), time.process_time()
                     res = asyncio.run(load(server.url, rows, expected, classes, clients, per_client, deadline))
+                    # Where a request's time goes: the model thread's share of the wall time, and the CPU the
+                    # server and this client (on the same cores) spent per request.
+                    n = max(res["requests"], 1)
+                    res["model_share"] = (server.model_seconds() - before[1]) / res["seconds"]
+                    res["server_ms"] = (server.cpu_seconds() - before[0]) / n * 1000
+                    res["client_ms"] = (time.process_time() - before[2]) / n * 1000
                     got.setdefault((backend, clients), []).append(res)
                     ok &= res["5xx"] == 0 and res["dropped"] == 0 and res["wrong"] == 0 and not res["other"]
                     print(f"round {r + 1} {backend} {clients} clients: {res['rps']:.1f} requests/s", flush=True)
             finally:
                 ok &= server.stop() == 0
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
-    print("\n| backend | clients | requests | requests/s (median) | p50 ms | p99 ms | wrong | / first backend |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| backend | clients | requests | requests/s (median) | p50 ms | p99 ms | wrong | / first backend "
+        "| model thread busy | server CPU ms/request | client CPU ms/request |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for clients in counts:
         base = np.median([x["rps"] for x in got[(backends[0], clients)]])
         for backend in backends:
             runs = got[(backend, clients)]
+
+            def med(key: str, runs=runs) -> float:
+                return float(np.median([x[key] for x in runs]))
+
             rps = float(np.median([x["rps"] for x in runs]))
             print(
                 f"| {backend} | {clients} | {sum(x['requests'] for x in runs):,} | {rps:.1f} | "
                 f"{np.median([x['p50'] for x in runs]):.0f} | {np.median([x['p99'] for x in runs]):.0f} | "
-                f"{sum(x['wrong'] for x in runs)} | {rps / base:.2f}x |"
+                f"{sum(x['wrong'] for x in runs)} | {rps / base:.2f}x | "
+                f"{med('model_share'):.0%} | {med('server_ms'):.1f} | {med('client_ms'):.1f} |"
             )
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1

@@ -218,6 +218,9 @@ class OnnxTower:
         # One process, its cores: more threads than cores only contend (2 on a 2-core machine beat 4).
         options.intra_op_num_threads = available_cores()
         options.inter_op_num_threads = 1
+        # Idle threads otherwise spin after each call, taking the cores from what runs between calls (the server's
+        # request parsing and decoding, the next batch's tokenizing), as the exported runtime found (runtime.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
         self.dtypes = {i.name: _NUMPY[i.type] for i in self.session.get_inputs()}
