@@ -240,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         help="largest difference from predict's probabilities that counts as the same answer (int8 runs' answers "
         "depend slightly on their batch mates)",
     )
-    p.add_argument("--backends", help="compare these --backend values (e.g. torch,onnx) at --client-counts")
+    p.add_argument(
+        "--backends",
+        help="compare these --backend values (e.g. torch,onnx) at --client-counts; onnx=OTHER_RUN serves another run "
+        "(the same recipe trained with --quantize int8, say) beside them",
+    )
     p.add_argument("--client-counts", default="1,8,32", help="with --backends: the numbers of concurrent clients")
     p.add_argument("--rounds", type=int, default=2, help="with --backends: rounds, the backends' order alternating")
     args = p.parse_args(argv)
@@ -285,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare_backends(args, per_client: int) -> int:
-    """Requests/s and latency of one batched server per ``--backend``, at each client count."""
+    """Requests/s and latency of one batched server per ``--backend``, at each client count. An entry
+    ``BACKEND=RUN`` serves another run (e.g. the same recipe trained with ``--quantize int8``), its answers checked
+    against that run's own ``predict``."""
     backends = args.backends.split(",")
     counts = [int(c) for c in args.client_counts.split(",")]
-    rows, expected, classes = rows_of(args.run, args.data, args.rows)
+    runs = {b: Path(b.split("=", 1)[1]) if "=" in b else args.run for b in backends}
+    answers = {run: rows_of(run, args.data, args.rows) for run in set(runs.values())}
+    rows = answers[args.run][0]
     load_avg = os.getloadavg()
     print(
         f"{len(rows)} rows of {args.run}, {per_client} requests per client, {os.cpu_count()} CPUs, "
@@ -298,7 +306,9 @@ def compare_backends(args, per_client: int) -> int:
     ok = True
     for r in range(args.rounds):
         for backend in backends if r % 2 == 0 else backends[::-1]:
-            server = Server(args.run, "--max-batch", str(args.max_batch), "--backend", backend)
+            run = runs[backend]
+            rows, expected, classes = answers[run]
+            server = Server(run, "--max-batch", str(args.max_batch), "--backend", backend.split("=")[0])
             try:
                 asyncio.run(load(server.url, rows, expected, classes, 1, 2, time.monotonic() + 300))  # warm-up
                 for clients in counts:
