@@ -76,6 +76,8 @@ def features(run, tower, items):
 def test_export_matches_torch_and_is_made_once(text_tower, exports):
     run = engine(text_tower, "onnx")
     assert isinstance(run, OnnxTower)
+    # Idle threads must not spin between calls: in a server they took the cores from request handling.
+    assert run.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     torch.testing.assert_close(
         features(run, text_tower, TEXTS), features(text_tower, text_tower, TEXTS), atol=1e-4, rtol=0
     )
