@@ -16,7 +16,10 @@ is stopped with SIGTERM and must exit 0. Exit code 1 when any check fails.
 With ``--backends``, it compares what runs the frozen towers instead (``mmfuse serve --backend``): for each backend,
 alternating their order over ``--rounds``, one batched server takes 1, 8 and 32 clients (``--client-counts``) in
 turn, with the same checks; printed per backend and client count: the median requests/s and p50/p99 over the rounds,
-and each client count's ratio of requests/s to the first backend's.
+each client count's ratio of requests/s to the first backend's, and where the time went: the model thread's busy
+share (from /metrics) and the CPU time per request of the server and of these clients (they share the cores). An
+entry ``onnx=OTHER_RUN`` serves another run beside the first (the same recipe trained with ``--quantize int8``, say),
+its answers checked against its own ``predict``; ``--tolerance`` sets how far a probability may be from it.
 """
 
 from __future__ import annotations
