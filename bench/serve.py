@@ -111,6 +111,11 @@ def rows_of(run: Path, data: str | None, limit: int) -> tuple[list[tuple[bytes, 
     return [(r.image.read_bytes(), r.image.name, r.text) for r in records], expected, predictor.classes
 
 
+def clean(res: dict) -> bool:
+    """No 5xx, no dropped connection, no wrong or off answer, no other status."""
+    return res["5xx"] == res["dropped"] == res["wrong"] == res["off"] == 0 and not res["other"]
+
+
 async def load(
     url: str, rows, expected, classes, clients: int, per_client: int, deadline: float, tolerance: float = 1e-4
 ) -> dict:
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             code = server.stop()
         r["exit"] = code
-        ok &= r["5xx"] == 0 and r["dropped"] == 0 and r["wrong"] == r["off"] == 0 and not r["other"] and code == 0
+        ok &= clean(r) and code == 0
         if r["dropped_first"]:
             print("  dropped:", *r["dropped_first"], sep="\n    ")
     print(
@@ -297,9 +302,10 @@ def compare_backends(args, per_client: int) -> int:
     against that run's own ``predict``."""
     backends = args.backends.split(",")
     counts = [int(c) for c in args.client_counts.split(",")]
-    runs = {b: Path(b.split("=", 1)[1]) if "=" in b else args.run for b in backends}
-    answers = {run: rows_of(run, args.data, args.rows) for run in set(runs.values())}
-    rows = answers[args.run][0]
+    # backend entry -> (the --backend flag, the run it serves)
+    served = {b: (b.split("=", 1)[0], Path(b.split("=", 1)[1]) if "=" in b else args.run) for b in backends}
+    answers = {run: rows_of(run, args.data, args.rows) for _, run in served.values()}
+    rows = answers[served[backends[0]][1]][0]
     load_avg = os.getloadavg()
     print(
         f"{len(rows)} rows of {args.run}, {per_client} requests per client, {os.cpu_count()} CPUs, "
@@ -309,9 +315,9 @@ def compare_backends(args, per_client: int) -> int:
     ok = True
     for r in range(args.rounds):
         for backend in backends if r % 2 == 0 else backends[::-1]:
-            run = runs[backend]
+            flag, run = served[backend]
             rows, expected, classes = answers[run]
-            server = Server(run, "--max-batch", str(args.max_batch), "--backend", backend.split("=")[0])
+            server = Server(run, "--max-batch", str(args.max_batch), "--backend", flag)
             try:
                 asyncio.run(load(server.url, rows, expected, classes, 1, 2, time.monotonic() + 300))  # warm-up
                 for clients in counts:
@@ -327,8 +333,7 @@ def compare_backends(args, per_client: int) -> int:
                     res["server_ms"] = (server.cpu_seconds() - before[0]) / n * 1000
                     res["client_ms"] = (time.process_time() - before[2]) / n * 1000
                     got.setdefault((backend, clients), []).append(res)
-                    ok &= res["5xx"] == 0 and res["dropped"] == 0 and res["wrong"] == res["off"] == 0
-                    ok &= not res["other"]
+                    ok &= clean(res)
                     print(f"round {r + 1} {backend} {clients} clients: {res['rps']:.1f} requests/s", flush=True)
             finally:
                 ok &= server.stop() == 0
@@ -347,10 +352,10 @@ def compare_backends(args, per_client: int) -> int:
             def med(key: str, runs=runs) -> float:
                 return float(np.median([x[key] for x in runs]))
 
-            rps = float(np.median([x["rps"] for x in runs]))
+            rps = med("rps")
             print(
                 f"| {backend} | {clients} | {sum(x['requests'] for x in runs):,} | {rps:.1f} | "
-                f"{np.median([x['p50'] for x in runs]):.0f} | {np.median([x['p99'] for x in runs]):.0f} | "
+                f"{med('p50'):.0f} | {med('p99'):.0f} | "
                 f"{sum(x['wrong'] for x in runs)} | {sum(x['off'] for x in runs)} "
                 f"({max(x['max_diff'] for x in runs):.0e}) | {rps / base:.2f}x | "
                 f"{med('model_share'):.0%} | {med('server_ms'):.1f} | {med('client_ms'):.1f} |"

