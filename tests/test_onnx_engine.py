@@ -322,6 +322,19 @@ def test_int8_runs_a_quantised_export_beside_the_float32_one(tiny_roberta_dir, t
     assert engine(tower, "onnx").path == run.path and exports == [tower.spec()["name"]]
 
 
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_an_int8_text_has_the_same_features_alone_and_in_any_batch(tiny_roberta_dir, pooling):
+    """One activation scale per token (models.towers.int8): the server batches a request with others, and its answer
+    must be predict's on the same row. With one scale per tensor the long texts changed the short one's features."""
+    tower = int8_tower(tiny_roberta_dir, pooling)
+    run = engine(tower, "onnx")
+    alone = features(run, tower, TEXTS[:1])[0]
+    beside = features(run, tower, [TEXTS[3], TEXTS[0], TEXTS[3] * 3])[1]
+    if tower.sequence:  # token states: the real tokens' (the batch pads the short text)
+        beside = beside[: len(alone)]
+    torch.testing.assert_close(beside, alone, atol=1e-5, rtol=0)
+
+
 def test_int8_that_disagrees_with_float32_is_refused_and_never_falls_back(tiny_roberta_dir, exports, monkeypatch):
     tower = int8_tower(tiny_roberta_dir)
     monkeypatch.setattr(onnx_engine, "INT8_MIN_COSINE", 1.01)

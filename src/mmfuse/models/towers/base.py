@@ -24,6 +24,7 @@ from torch import nn
 from mmfuse.config import PACKAGED_TOWERS
 from mmfuse.data.images import load_image, to_rgb
 from mmfuse.errors import MmfuseError
+from mmfuse.models.towers import int8
 
 _TOWERS: dict[str, type[Tower]] = {}
 
@@ -187,6 +188,8 @@ class TowerCard:
         local = Path(ident["name"])
         if local.is_dir():  # a local checkpoint can be overwritten in place: include its files' sizes and times
             ident["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in local.iterdir())
+        if ident.get("quantize") == "int8":  # int8 features made another way (one scale per tensor) are not these
+            ident["int8"] = int8.SCHEME
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,129 @@
+"""int8 text towers: onnxruntime's dynamic quantisation, with one activation scale per row instead of per tensor.
+
+``quantize(source, dest)`` writes the int8 model of the float32 export at ``source``: its MatMuls with constant
+weights quantised by ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, one scale per output channel),
+then each ``DynamicQuantizeLinear`` (which scales a whole activation tensor by its largest value) replaced by a
+quantisation with one scale per row of its last axis: per token, for a text tower.
+
+Why per row (measured, bench/RESULTS.md "int8 text towers"):
+- **Batch mates.** One scale per tensor is set by the batch's largest activation, padding included, so a text's int8
+  features changed with the texts batched beside it (up to 0.36 in MiniLM's token states): the server, which batches
+  requests together, gave 6-12 labels in 1,280 other than ``predict`` on the same rows. Per row, a text's features
+  are the same alone or in any batch (the integer products are exact).
+- **Outliers.** A few tokens with large activations coarsen every other token's steps. mpnet's int8 features agreed
+  with float32 at a cosine of 0.866 per tensor (refused); per row, 0.995. MiniLM's token states: 0.967 to 0.994.
+
+The rewrite keeps the quantiser's graph: the scale the MatMul's output is multiplied by becomes 1, and the row scale
+multiplies that product after it. onnxruntime fuses ``MatMulInteger -> Cast -> Mul`` into one kernel that reads the
+activation scale as a single number, so a per-row scale must not reach that ``Mul``: multiplying after it keeps the
+fusion correct (a per-row scale inside it gave cosines of 0.54).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SCHEME = "per-row activation scales, symmetric uint8 around 128"
+"""Recorded with an int8 export (and in an int8 tower's fingerprint): an export or cached features made another way
+are made again."""
+
+
+def quantize(source: Path, dest: Path) -> None:
+    """Writes to ``dest`` the int8 model of the float32 ONNX model at ``source`` (see the module's docstring)."""
+    import onnx  # deferred, as onnxruntime: the optional extra mmfuse[cpu]
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        source,
+        dest,
+        weight_type=QuantType.QInt8,
+        per_channel=True,  # per tensor lost 0.03 of cosine on MiniLM's token states
+        op_types_to_quantize=["MatMul", "Gemm"],
+        extra_options={"MatMulConstBOnly": True},  # the attention's activation products stay float32
+    )
+    model = per_row(onnx.load(dest))
+    onnx.save(model, dest)
+
+
+def per_row(model):
+    """``model`` (an onnx ModelProto from ``quantize_dynamic``) with each activation quantised per row of its last
+    axis: scale = max |x| / 127 over the row, q = round(x / scale) + 128 as uint8, zero point 128.
+
+    Raises:
+        ValueError: the graph is not the shape ``quantize_dynamic`` makes (an activation scale used otherwise than
+            as ``Mul(scale, weight scale)`` feeding ``Mul``s), or its opset is older than 13.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 13:  # QuantizeLinear with one scale per row (per-axis) needs opset 13
+        raise ValueError(f"int8 per row needs ONNX opset 13 or newer; this export has {opset}")
+    quantizers = [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
+    row_scale = {n.output[1]: f"{n.name}_row_scale" for n in quantizers}
+    users: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    # Mul(tensor scale, weight scale) -> the MatMul output's scale; that output's Mul is then followed by the row's
+    after: dict[str, str] = {}
+    for scale, row in row_scale.items():
+        for mul in users.get(scale, []):
+            if mul.op_type != "Mul" or any(u.op_type != "Mul" for u in users.get(mul.output[0], [])):
+                raise ValueError(f"an activation scale ({scale}) is used by {mul.op_type}, not the quantiser's Mul")
+            after[mul.output[0]] = row
+
+    constants = {
+        "int8row_axis": np.array([-1], np.int64),
+        "int8row_eps": np.array(1e-8, np.float32),  # an all-zero row: any scale gives zeros
+        "int8row_127": np.array(127.0, np.float32),
+        "int8row_one": np.array(1.0, np.float32),
+        "int8row_zero_point": np.array(128, np.uint8),
+    }
+    nodes = []
+    for n in graph.node:
+        if n.op_type == "DynamicQuantizeLinear":
+            nodes += _row_quantizer(n, row_scale[n.output[1]], opset, helper, numpy_helper, TensorProto)
+            continue
+        nodes.append(n)
+        scaled = [name for name in n.input if name in after] if n.op_type == "Mul" else []
+        if scaled:  # the MatMul output times its (now weight-only) scale: then times the row scale
+            out = n.output[0]
+            n.output[0] = f"{out}_before_row_scale"
+            nodes.append(helper.make_node("Mul", [n.output[0], after[scaled[0]]], [out], name=f"{n.name}_row_scale"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
+    return model
+
+
+def _row_quantizer(node, scale: str, opset: int, helper, numpy_helper, TensorProto) -> list:
+    """The nodes that replace one ``DynamicQuantizeLinear``: the same three outputs, its scale output now 1 (the row
+    scale, ``scale``, is applied after the MatMul) and its zero point 128."""
+    x, (quantized, tensor_scale, zero_point) = node.input[0], node.output
+    p = f"{node.name}_row"
+    if opset >= 18:  # the reduction's axes became an input in opset 18
+        reduce = helper.make_node("ReduceMax", [f"{p}_abs", "int8row_axis"], [f"{p}_max"], keepdims=1, name=f"{p}_max")
+    else:
+        reduce = helper.make_node("ReduceMax", [f"{p}_abs"], [f"{p}_max"], axes=[-1], keepdims=1, name=f"{p}_max")
+    fill = numpy_helper.from_array(np.array([128], np.uint8))
+    return [
+        helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}_abs"),
+        reduce,
+        helper.make_node("Max", [f"{p}_max", "int8row_eps"], [f"{p}_max_eps"], name=f"{p}_max_eps"),
+        helper.make_node("Div", [f"{p}_max_eps", "int8row_127"], [scale], name=f"{p}_scale"),
+        # QuantizeLinear takes one scale per index of one axis: rows flattened to [rows, width], scales to [rows]
+        helper.make_node("Reshape", [scale, "int8row_axis"], [f"{p}_scales"], name=f"{p}_scales"),
+        helper.make_node("Shape", [f"{p}_scales"], [f"{p}_rows"], name=f"{p}_rows"),
+        helper.make_node("ConstantOfShape", [f"{p}_rows"], [f"{p}_points"], value=fill, name=f"{p}_points"),
+        helper.make_node("Flatten", [x], [f"{p}_flat"], axis=-1, name=f"{p}_flat"),
+        helper.make_node(
+            "QuantizeLinear", [f"{p}_flat", f"{p}_scales", f"{p}_points"], [f"{p}_q"], axis=0, name=f"{p}_q"
+        ),
+        helper.make_node("Shape", [x], [f"{p}_shape"], name=f"{p}_shape"),
+        helper.make_node("Reshape", [f"{p}_q", f"{p}_shape"], [quantized], name=f"{p}_quantized"),
+        helper.make_node("Identity", ["int8row_zero_point"], [zero_point], name=f"{p}_zero_point"),
+        helper.make_node("Identity", ["int8row_one"], [tensor_scale], name=f"{p}_unit"),
+    ]
