@@ -62,6 +62,8 @@ def test_the_quantised_matmul_is_per_row_quantisation(models):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     exact = x @ weight + np.linspace(-1, 1, OUT, dtype=np.float32)
     assert np.abs(got - exact).max() < 0.05 * np.abs(exact).max()
+    ops = {n.op_type for n in onnx.load(path / "row.onnx").graph.node}
+    assert "MatMulIntegerToFloat" in ops and not ops & {"DynamicQuantizeLinear", "MatMulInteger"}  # one fused kernel
 
 
 def test_a_row_gives_the_same_answer_whatever_rows_are_beside_it(models):
