@@ -395,6 +395,19 @@ def test_serve_without_fastapi_says_what_to_install(run, monkeypatch, capsys):
     assert "pip install 'mmfuse[serve]'" in capsys.readouterr().err
 
 
+def test_serve_keeps_torchs_idle_threads_from_spinning_unless_told(run, monkeypatch):
+    """OMP_WAIT_POLICY is read when torch loads: serve sets it before its import (a user's own value wins)."""
+    import mmfuse.inference.serve.app as app
+
+    seen = []
+    monkeypatch.setattr(app, "serve", lambda *a, **k: seen.append(os.environ.get("OMP_WAIT_POLICY")) or 0)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["serve", str(run)]) == 0
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(["serve", str(run)]) == 0
+    assert seen == ["PASSIVE", "ACTIVE"]
+
+
 def test_serve_refuses_a_folder_that_is_no_run_and_a_busy_port(run, tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert "not an mmfuse run directory" in capsys.readouterr().err
