@@ -84,16 +84,17 @@ def per_row(model):
         "int8row_zero_point": np.array(128, np.uint8),
     }
     producer = {out: n for n in graph.node for out in n.output}
-    nodes, fused = [], set()
+    chains = {}  # a scale Mul's output -> the MatMulInteger and Cast before it, which one fused kernel replaces
     for n in graph.node:
         scaled = [name for name in n.input if name in after] if n.op_type == "Mul" else []
-        if scaled:
-            chain = _matmul_chain(n, scaled[0], producer, users)
-            if chain is not None:  # MatMulInteger -> Cast -> Mul: written as the one kernel onnxruntime fuses them to
-                matmul, cast, weight_scale = chain
-                fused.update(m.output[0] for m in (matmul, cast, producer[scaled[0]]))
+        if scaled and (chain := _matmul_chain(n, scaled[0], producer, users)) is not None:
+            chains[n.output[0]] = (scaled[0], *chain)
+    # By output name: protobuf hands out new wrappers on each pass over the nodes.
+    fused = {node.output[0] for product, matmul, cast, _ in chains.values() for node in (matmul, cast)}
+    fused |= {product for product, *_ in chains.values()}
+    nodes = []
     for n in graph.node:
-        if n.output and n.output[0] in fused:  # by output name: protobuf gives new wrappers per iteration
+        if n.output and n.output[0] in fused:
             continue
         if n.op_type == "DynamicQuantizeLinear":
             nodes += _row_quantizer(n, row_scale[n.output[1]], opset, helper, numpy_helper, TensorProto)
@@ -103,22 +104,20 @@ def per_row(model):
             nodes.append(n)
             continue
         out, before = n.output[0], f"{n.output[0]}_before_row_scale"
-        chain = _matmul_chain(n, scaled[0], producer, users)
-        if chain is None:  # the MatMul output times its (now weight-only) scale, then times the row scale
+        if out in chains:  # MatMulInteger -> Cast -> Mul, written as the kernel onnxruntime fuses them to
+            _, matmul, _, weight_scale = chains[out]
+            a, b, a_zero, b_zero = matmul.input
+            fused_kernel = helper.make_node(
+                "MatMulIntegerToFloat",
+                [a, b, "int8row_one", weight_scale, a_zero, b_zero],
+                [before],
+                domain="com.microsoft",
+                name=f"{matmul.name}_to_float",
+            )
+            nodes.append(fused_kernel)
+        else:  # the MatMul output times its (now weight-only) scale, then times the row scale
             n.output[0] = before
             nodes.append(n)
-        else:
-            matmul, _, weight_scale = chain
-            a, b, a_zero, b_zero = matmul.input
-            nodes.append(
-                helper.make_node(
-                    "MatMulIntegerToFloat",
-                    [a, b, "int8row_one", weight_scale, a_zero, b_zero],
-                    [before],
-                    domain="com.microsoft",
-                    name=f"{matmul.name}_to_float",
-                )
-            )
         nodes.append(helper.make_node("Mul", [before, after[scaled[0]]], [out], name=f"{n.name}_row_scale"))
     if fused and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
