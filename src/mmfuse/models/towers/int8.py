@@ -56,7 +56,7 @@ def per_row(model):
         ValueError: the graph is not the shape ``quantize_dynamic`` makes (an activation scale used otherwise than
             as ``Mul(scale, weight scale)`` feeding ``Mul``s), or its opset is older than 13.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     graph = model.graph
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
@@ -84,11 +84,14 @@ def per_row(model):
         "int8row_zero_point": np.array(128, np.uint8),
     }
     producer = {out: n for n in graph.node for out in n.output}
-    chains = {}  # a scale Mul's output -> the MatMulInteger and Cast before it, which one fused kernel replaces
+    # The Muls that scale a MatMul's output, by output name -> the scale product they read
+    scaled = {n.output[0]: i for n in graph.node if n.op_type == "Mul" for i in n.input if i in after}
+    chains = {}  # such a Mul's output -> the MatMulInteger and Cast before it, which one fused kernel replaces
     for n in graph.node:
-        scaled = [name for name in n.input if name in after] if n.op_type == "Mul" else []
-        if scaled and (chain := _matmul_chain(n, scaled[0], producer, users)) is not None:
-            chains[n.output[0]] = (scaled[0], *chain)
+        if n.output and n.output[0] in scaled:
+            chain = _matmul_chain(n, scaled[n.output[0]], producer, users)
+            if chain is not None:
+                chains[n.output[0]] = (scaled[n.output[0]], *chain)
     # By output name: protobuf hands out new wrappers on each pass over the nodes.
     fused = {node.output[0] for product, matmul, cast, _ in chains.values() for node in (matmul, cast)}
     fused |= {product for product, *_ in chains.values()}
@@ -97,10 +100,9 @@ def per_row(model):
         if n.output and n.output[0] in fused:
             continue
         if n.op_type == "DynamicQuantizeLinear":
-            nodes += _row_quantizer(n, row_scale[n.output[1]], opset, helper, numpy_helper, TensorProto)
+            nodes += _row_quantizer(n, row_scale[n.output[1]], opset, helper, numpy_helper)
             continue
-        scaled = [name for name in n.input if name in after] if n.op_type == "Mul" else []
-        if not scaled:
+        if not n.output or n.output[0] not in scaled:
             nodes.append(n)
             continue
         out, before = n.output[0], f"{n.output[0]}_before_row_scale"
@@ -118,7 +120,7 @@ def per_row(model):
         else:  # the MatMul output times its (now weight-only) scale, then times the row scale
             n.output[0] = before
             nodes.append(n)
-        nodes.append(helper.make_node("Mul", [before, after[scaled[0]]], [out], name=f"{n.name}_row_scale"))
+        nodes.append(helper.make_node("Mul", [before, after[scaled[out]]], [out], name=f"{n.name}_row_scale"))
     if fused and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     del graph.node[:]
@@ -143,7 +145,7 @@ def _matmul_chain(mul, product: str, producer: dict, users: dict):
     return (matmul, cast, weight_scale[0]) if len(weight_scale) == 1 else None
 
 
-def _row_quantizer(node, scale: str, opset: int, helper, numpy_helper, TensorProto) -> list:
+def _row_quantizer(node, scale: str, opset: int, helper, numpy_helper) -> list:
     """The nodes that replace one ``DynamicQuantizeLinear``: the same three outputs, its scale output now 1 (the row
     scale, ``scale``, is applied after the MatMul) and its zero point 128."""
     x, (quantized, tensor_scale, zero_point) = node.input[0], node.output
